@@ -1,0 +1,90 @@
+from clusteracme.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PresentTokensRequest(_message.Message):
+    __slots__ = ("order_id", "tokens", "ttl_seconds")
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    order_id: str
+    tokens: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChallengeToken]
+    ttl_seconds: int
+    def __init__(self, order_id: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[_common_pb2.ChallengeToken, _Mapping]]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class PresentTokensResponse(_message.Message):
+    __slots__ = ("open_tokens",)
+    OPEN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    open_tokens: int
+    def __init__(self, open_tokens: _Optional[int] = ...) -> None: ...
+
+class RemoveTokensRequest(_message.Message):
+    __slots__ = ("order_id", "tokens")
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    order_id: str
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, order_id: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RemoveTokensResponse(_message.Message):
+    __slots__ = ("open_tokens",)
+    OPEN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    open_tokens: int
+    def __init__(self, open_tokens: _Optional[int] = ...) -> None: ...
+
+class GenerateCSRRequest(_message.Message):
+    __slots__ = ("slot", "common_name", "sans", "key_type")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    COMMON_NAME_FIELD_NUMBER: _ClassVar[int]
+    SANS_FIELD_NUMBER: _ClassVar[int]
+    KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    slot: _common_pb2.Slot
+    common_name: str
+    sans: _containers.RepeatedScalarFieldContainer[str]
+    key_type: _common_pb2.KeyType
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., common_name: _Optional[str] = ..., sans: _Optional[_Iterable[str]] = ..., key_type: _Optional[_Union[_common_pb2.KeyType, str]] = ...) -> None: ...
+
+class GenerateCSRResponse(_message.Message):
+    __slots__ = ("csr_pem", "public_key_sha256")
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: str
+    public_key_sha256: str
+    def __init__(self, csr_pem: _Optional[str] = ..., public_key_sha256: _Optional[str] = ...) -> None: ...
+
+class AgentStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SlotKey(_message.Message):
+    __slots__ = ("slot", "public_key_sha256", "key_type")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    slot: _common_pb2.Slot
+    public_key_sha256: str
+    key_type: _common_pb2.KeyType
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., public_key_sha256: _Optional[str] = ..., key_type: _Optional[_Union[_common_pb2.KeyType, str]] = ...) -> None: ...
+
+class AgentStatusResponse(_message.Message):
+    __slots__ = ("peer_id", "version", "front_mode", "front_listening", "open_tokens", "challenge_server_listening", "keys")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FRONT_MODE_FIELD_NUMBER: _ClassVar[int]
+    FRONT_LISTENING_FIELD_NUMBER: _ClassVar[int]
+    OPEN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_SERVER_LISTENING_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    version: str
+    front_mode: str
+    front_listening: bool
+    open_tokens: int
+    challenge_server_listening: bool
+    keys: _containers.RepeatedCompositeFieldContainer[SlotKey]
+    def __init__(self, peer_id: _Optional[str] = ..., version: _Optional[str] = ..., front_mode: _Optional[str] = ..., front_listening: _Optional[bool] = ..., open_tokens: _Optional[int] = ..., challenge_server_listening: _Optional[bool] = ..., keys: _Optional[_Iterable[_Union[SlotKey, _Mapping]]] = ...) -> None: ...

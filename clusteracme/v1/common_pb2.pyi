@@ -1,0 +1,61 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class KeyType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEY_TYPE_UNSPECIFIED: _ClassVar[KeyType]
+    KEY_TYPE_EC_P256: _ClassVar[KeyType]
+    KEY_TYPE_EC_P384: _ClassVar[KeyType]
+    KEY_TYPE_RSA_2048: _ClassVar[KeyType]
+    KEY_TYPE_RSA_3072: _ClassVar[KeyType]
+    KEY_TYPE_RSA_4096: _ClassVar[KeyType]
+KEY_TYPE_UNSPECIFIED: KeyType
+KEY_TYPE_EC_P256: KeyType
+KEY_TYPE_EC_P384: KeyType
+KEY_TYPE_RSA_2048: KeyType
+KEY_TYPE_RSA_3072: KeyType
+KEY_TYPE_RSA_4096: KeyType
+
+class Slot(_message.Message):
+    __slots__ = ("domain",)
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    def __init__(self, domain: _Optional[str] = ...) -> None: ...
+
+class ChallengeToken(_message.Message):
+    __slots__ = ("token", "key_authorization")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    KEY_AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    key_authorization: str
+    def __init__(self, token: _Optional[str] = ..., key_authorization: _Optional[str] = ...) -> None: ...
+
+class CertificateSummary(_message.Message):
+    __slots__ = ("subject", "sans", "issuer", "serial_hex", "not_before", "not_after", "key_type", "matches_peer_key", "key_check", "sha256_fingerprint")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    SANS_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MATCHES_PEER_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_CHECK_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    sans: _containers.RepeatedScalarFieldContainer[str]
+    issuer: str
+    serial_hex: str
+    not_before: str
+    not_after: str
+    key_type: str
+    matches_peer_key: bool
+    key_check: str
+    sha256_fingerprint: str
+    def __init__(self, subject: _Optional[str] = ..., sans: _Optional[_Iterable[str]] = ..., issuer: _Optional[str] = ..., serial_hex: _Optional[str] = ..., not_before: _Optional[str] = ..., not_after: _Optional[str] = ..., key_type: _Optional[str] = ..., matches_peer_key: _Optional[bool] = ..., key_check: _Optional[str] = ..., sha256_fingerprint: _Optional[str] = ...) -> None: ...

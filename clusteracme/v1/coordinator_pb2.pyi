@@ -1,0 +1,328 @@
+from clusteracme.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterPeerRequest(_message.Message):
+    __slots__ = ("peer_id", "addresses", "grpc_endpoint", "http_front", "front_mode", "version")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    HTTP_FRONT_FIELD_NUMBER: _ClassVar[int]
+    FRONT_MODE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    grpc_endpoint: str
+    http_front: str
+    front_mode: str
+    version: str
+    def __init__(self, peer_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_endpoint: _Optional[str] = ..., http_front: _Optional[str] = ..., front_mode: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class RegisterPeerResponse(_message.Message):
+    __slots__ = ("heartbeat_interval_seconds", "lease_ttl_seconds")
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval_seconds: int
+    lease_ttl_seconds: int
+    def __init__(self, heartbeat_interval_seconds: _Optional[int] = ..., lease_ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("peer_id",)
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Provider(_message.Message):
+    __slots__ = ("name", "directory_url", "terms_of_service", "account_url", "account_status", "contact", "has_ca_bundle")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_URL_FIELD_NUMBER: _ClassVar[int]
+    TERMS_OF_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_URL_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_STATUS_FIELD_NUMBER: _ClassVar[int]
+    CONTACT_FIELD_NUMBER: _ClassVar[int]
+    HAS_CA_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    directory_url: str
+    terms_of_service: str
+    account_url: str
+    account_status: str
+    contact: str
+    has_ca_bundle: bool
+    def __init__(self, name: _Optional[str] = ..., directory_url: _Optional[str] = ..., terms_of_service: _Optional[str] = ..., account_url: _Optional[str] = ..., account_status: _Optional[str] = ..., contact: _Optional[str] = ..., has_ca_bundle: _Optional[bool] = ...) -> None: ...
+
+class AddProviderRequest(_message.Message):
+    __slots__ = ("name", "directory_url", "ca_bundle_pem")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_URL_FIELD_NUMBER: _ClassVar[int]
+    CA_BUNDLE_PEM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    directory_url: str
+    ca_bundle_pem: str
+    def __init__(self, name: _Optional[str] = ..., directory_url: _Optional[str] = ..., ca_bundle_pem: _Optional[str] = ...) -> None: ...
+
+class ListProvidersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListProvidersResponse(_message.Message):
+    __slots__ = ("providers",)
+    PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    providers: _containers.RepeatedCompositeFieldContainer[Provider]
+    def __init__(self, providers: _Optional[_Iterable[_Union[Provider, _Mapping]]] = ...) -> None: ...
+
+class RegisterAccountRequest(_message.Message):
+    __slots__ = ("provider", "email", "agree_tos")
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    EMAIL_FIELD_NUMBER: _ClassVar[int]
+    AGREE_TOS_FIELD_NUMBER: _ClassVar[int]
+    provider: str
+    email: str
+    agree_tos: bool
+    def __init__(self, provider: _Optional[str] = ..., email: _Optional[str] = ..., agree_tos: _Optional[bool] = ...) -> None: ...
+
+class Peer(_message.Message):
+    __slots__ = ("peer_id", "addresses", "grpc_endpoint", "http_front", "front_mode", "version", "enabled", "alive", "registered_at")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    HTTP_FRONT_FIELD_NUMBER: _ClassVar[int]
+    FRONT_MODE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    grpc_endpoint: str
+    http_front: str
+    front_mode: str
+    version: str
+    enabled: bool
+    alive: bool
+    registered_at: str
+    def __init__(self, peer_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_endpoint: _Optional[str] = ..., http_front: _Optional[str] = ..., front_mode: _Optional[str] = ..., version: _Optional[str] = ..., enabled: _Optional[bool] = ..., alive: _Optional[bool] = ..., registered_at: _Optional[str] = ...) -> None: ...
+
+class ListPeersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPeersResponse(_message.Message):
+    __slots__ = ("peers",)
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedCompositeFieldContainer[Peer]
+    def __init__(self, peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
+
+class SetPeerEnabledRequest(_message.Message):
+    __slots__ = ("peer_id", "enabled")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    enabled: bool
+    def __init__(self, peer_id: _Optional[str] = ..., enabled: _Optional[bool] = ...) -> None: ...
+
+class RemovePeerRequest(_message.Message):
+    __slots__ = ("peer_id",)
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
+
+class RemovePeerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CreateCSRRequest(_message.Message):
+    __slots__ = ("peer_id", "slot", "common_name", "sans", "key_type")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    COMMON_NAME_FIELD_NUMBER: _ClassVar[int]
+    SANS_FIELD_NUMBER: _ClassVar[int]
+    KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    common_name: str
+    sans: _containers.RepeatedScalarFieldContainer[str]
+    key_type: _common_pb2.KeyType
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., common_name: _Optional[str] = ..., sans: _Optional[_Iterable[str]] = ..., key_type: _Optional[_Union[_common_pb2.KeyType, str]] = ...) -> None: ...
+
+class CSRInfo(_message.Message):
+    __slots__ = ("peer_id", "slot", "common_name", "names", "key_type", "csr_pem", "created_at")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    COMMON_NAME_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    common_name: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    key_type: str
+    csr_pem: str
+    created_at: str
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., common_name: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., key_type: _Optional[str] = ..., csr_pem: _Optional[str] = ..., created_at: _Optional[str] = ...) -> None: ...
+
+class SignRequest(_message.Message):
+    __slots__ = ("peer_id", "slot", "wait", "force", "provider")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    wait: bool
+    force: bool
+    provider: str
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., wait: _Optional[bool] = ..., force: _Optional[bool] = ..., provider: _Optional[str] = ...) -> None: ...
+
+class AuthorizationProgress(_message.Message):
+    __slots__ = ("name", "status", "url")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    status: str
+    url: str
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
+
+class PeerAck(_message.Message):
+    __slots__ = ("peer_id", "acknowledged", "self_checked", "error")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
+    SELF_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    acknowledged: bool
+    self_checked: bool
+    error: str
+    def __init__(self, peer_id: _Optional[str] = ..., acknowledged: _Optional[bool] = ..., self_checked: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class OrderInfo(_message.Message):
+    __slots__ = ("order_id", "peer_id", "slot", "phase", "order_url", "names", "authorizations", "peers", "error", "created_at", "updated_at", "done", "succeeded", "provider")
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ORDER_URL_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZATIONS_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    order_id: str
+    peer_id: str
+    slot: _common_pb2.Slot
+    phase: str
+    order_url: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    authorizations: _containers.RepeatedCompositeFieldContainer[AuthorizationProgress]
+    peers: _containers.RepeatedCompositeFieldContainer[PeerAck]
+    error: str
+    created_at: str
+    updated_at: str
+    done: bool
+    succeeded: bool
+    provider: str
+    def __init__(self, order_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., phase: _Optional[str] = ..., order_url: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., authorizations: _Optional[_Iterable[_Union[AuthorizationProgress, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[PeerAck, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., done: _Optional[bool] = ..., succeeded: _Optional[bool] = ..., provider: _Optional[str] = ...) -> None: ...
+
+class GetOrderRequest(_message.Message):
+    __slots__ = ("order_id", "refresh")
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_FIELD_NUMBER: _ClassVar[int]
+    order_id: str
+    refresh: bool
+    def __init__(self, order_id: _Optional[str] = ..., refresh: _Optional[bool] = ...) -> None: ...
+
+class GetPendingRequest(_message.Message):
+    __slots__ = ("peer_id", "slot")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ...) -> None: ...
+
+class PendingCertificate(_message.Message):
+    __slots__ = ("peer_id", "slot", "certificate", "chain_pem", "provider", "order_url", "signed_at")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    ORDER_URL_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_AT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    certificate: _common_pb2.CertificateSummary
+    chain_pem: str
+    provider: str
+    order_url: str
+    signed_at: str
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., certificate: _Optional[_Union[_common_pb2.CertificateSummary, _Mapping]] = ..., chain_pem: _Optional[str] = ..., provider: _Optional[str] = ..., order_url: _Optional[str] = ..., signed_at: _Optional[str] = ...) -> None: ...
+
+class DiscardPendingRequest(_message.Message):
+    __slots__ = ("peer_id", "slot")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ...) -> None: ...
+
+class DiscardPendingResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ("peer_id",)
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
+
+class SlotStatus(_message.Message):
+    __slots__ = ("slot", "csr_names", "csr_created_at", "pending_serial", "pending_not_after", "last_sign_status", "last_sign_at", "last_sign_error", "current_order")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    CSR_NAMES_FIELD_NUMBER: _ClassVar[int]
+    CSR_CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PENDING_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    PENDING_NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    LAST_SIGN_STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SIGN_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SIGN_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ORDER_FIELD_NUMBER: _ClassVar[int]
+    slot: _common_pb2.Slot
+    csr_names: str
+    csr_created_at: str
+    pending_serial: str
+    pending_not_after: str
+    last_sign_status: str
+    last_sign_at: str
+    last_sign_error: str
+    current_order: str
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., csr_names: _Optional[str] = ..., csr_created_at: _Optional[str] = ..., pending_serial: _Optional[str] = ..., pending_not_after: _Optional[str] = ..., last_sign_status: _Optional[str] = ..., last_sign_at: _Optional[str] = ..., last_sign_error: _Optional[str] = ..., current_order: _Optional[str] = ...) -> None: ...
+
+class PeerStatus(_message.Message):
+    __slots__ = ("peer", "slots")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    peer: Peer
+    slots: _containers.RepeatedCompositeFieldContainer[SlotStatus]
+    def __init__(self, peer: _Optional[_Union[Peer, _Mapping]] = ..., slots: _Optional[_Iterable[_Union[SlotStatus, _Mapping]]] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("peers",)
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
+    def __init__(self, peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...

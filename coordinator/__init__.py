@@ -1,0 +1,2 @@
+"""The coordinator: ACME account and orders, peer registry, etcd state, the
+operator API (acmectl)."""
