@@ -1,0 +1,109 @@
+"""What both daemons share at run time: logging, signals, supervised tasks.
+
+Every long-running loop is a named task under the :class:`Supervisor`; when
+one dies unexpectedly the supervisor logs it and stops the process cleanly
+(systemd restarts it), instead of leaving a half-working daemon behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from clusteracme.config import apply_overrides, build, load_toml
+
+log = logging.getLogger(__name__)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (+ exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def daemon_args(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting (repeatable), e.g. --set front.port=8080")
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    return parser
+
+
+def load_settings(cls: type, args: argparse.Namespace) -> Any:
+    return build(cls, apply_overrides(load_toml(args.config), args.set))
+
+
+class Supervisor:
+    def __init__(self) -> None:
+        self.stopping = asyncio.Event()
+        self.failed = False
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._reap)
+        self._tasks.append(task)
+        return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or self.stopping.is_set():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("task %s died: %r; stopping", task.get_name(), exc, exc_info=exc)
+        else:
+            log.error("task %s ended unexpectedly; stopping", task.get_name())
+        self.failed = True
+        self.stopping.set()
+
+    def stop(self, reason: str) -> None:
+        if not self.stopping.is_set():
+            log.info("stopping: %s", reason)
+            self.stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop, sig.name)
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def add_health(server: Any) -> HealthServicer:
+    """Standard gRPC health checking; the overall service starts NOT_SERVING."""
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    return health

@@ -1,0 +1,1 @@
+"""Local-cluster launcher: etcd, pebble, pebble-challtestsrv, coordinator and agents on loopback."""

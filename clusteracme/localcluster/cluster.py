@@ -1,0 +1,235 @@
+"""A whole local cluster on loopback: infrastructure, PKI, a coordinator and N agents.
+
+The one launcher behind ``make demo`` and the integration tests. Peer ``i``
+(1-based) lives on ``127.0.0.(i+1)``; every agent's port-80 front listens on
+the same port (pebble's ``httpPort``) on its own address, exactly like real
+nodes that all listen on port 80. Every process is started by this object and
+stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clusteracme import pki
+from clusteracme.localcluster.infra import Infra, InfraError, Process, free_port, tcp_check
+
+COORDINATOR_HOST = "127.0.0.1"
+
+
+def peer_address(index: int) -> str:
+    return f"127.0.0.{index + 1}"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_toml(path: Path, data: Mapping[str, Any]) -> None:
+    lines = [f"{k} = {_toml(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    for section, values in data.items():
+        if isinstance(values, Mapping):
+            lines.append(f"\n[{section}]")
+            lines.extend(f"{k} = {_toml(v)}" for k, v in values.items())
+    path.write_text("\n".join(lines) + "\n")
+
+
+@dataclass
+class Agent:
+    index: int
+    peer_id: str
+    address: str
+    grpc_port: int
+    config: Path
+    state_dir: Path
+    process: Process | None = None
+
+
+@dataclass
+class LocalCluster:
+    run_dir: Path
+    peers: int = 3
+    front_mode: str = "closed"
+    pebble_config: Mapping[str, Any] = field(default_factory=dict)
+    pebble_env: Mapping[str, str | None] = field(default_factory=dict)
+    coordinator_timing: Mapping[str, Any] = field(default_factory=dict)
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.pki_dir = self.run_dir / "pki"
+        self.front_port = free_port()
+        self.coordinator_port = free_port()
+        self.infra: Infra | None = None
+        self.coordinator: Process | None = None
+        self.agents: list[Agent] = []
+
+    # --- lifecycle ---------------------------------------------------------
+    def start(self) -> LocalCluster:
+        try:
+            self.infra = Infra(self.run_dir, http01_port=self.front_port, pebble_config=self.pebble_config,
+                               pebble_env=self.pebble_env).start()
+            self._make_pki()
+            self._write_coordinator_config()
+            self.start_coordinator()
+            for i in range(1, self.peers + 1):
+                self.agents.append(self._make_agent(i))
+                self.start_agent(i)
+            self.wait_peers_alive()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for agent in self.agents:
+            if agent.process is not None:
+                agent.process.stop()
+        if self.coordinator is not None:
+            self.coordinator.stop(timeout=10)
+        if self.infra is not None:
+            self.infra.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- PKI and configuration ---------------------------------------------------
+    def _make_pki(self) -> None:
+        if not (self.pki_dir / pki.CA_CERT).exists():
+            pki.init_ca(self.pki_dir, cluster="localcluster")
+            pki.issue(self.pki_dir, pki.Identity(pki.Role.COORDINATOR, "c1"), out_dir=self.pki_dir,
+                      ips=[COORDINATOR_HOST], dns_names=["localhost"])
+            pki.issue(self.pki_dir, pki.Identity(pki.Role.OPERATOR, "admin"), out_dir=self.pki_dir)
+            pki.create_secret(self.run_dir / "account-key.secret")
+
+    @property
+    def coordinator_endpoint(self) -> str:
+        return f"{COORDINATOR_HOST}:{self.coordinator_port}"
+
+    def _write_coordinator_config(self) -> None:
+        assert self.infra is not None
+        write_toml(self.run_dir / "coordinator.toml", {
+            "name": "c1",
+            "listen": self.coordinator_endpoint,
+            "account_key_file": str(self.run_dir / "account-key.secret"),
+            "dns_resolvers": [self.infra.challtestsrv.dns_address],
+            "tls": {"ca": str(self.pki_dir / "ca.pem"), "cert": str(self.pki_dir / "coordinator-c1.pem"),
+                    "key": str(self.pki_dir / "coordinator-c1.key")},
+            "etcd": {"endpoints": [self.infra.etcd.endpoint], "prefix": "/clusteracme/local/"},
+            "timing": dict(self.coordinator_timing),
+        })
+
+    def _make_agent(self, index: int) -> Agent:
+        peer_id, address = f"peer{index}", peer_address(index)
+        cert, key = pki.issue(self.pki_dir, pki.Identity(pki.Role.AGENT, peer_id), out_dir=self.pki_dir, ips=[address])
+        agent = Agent(index, peer_id, address, free_port(), self.run_dir / f"agent-{peer_id}.toml",
+                      self.run_dir / "agents" / peer_id)
+        write_toml(agent.config, {
+            "peer_id": peer_id,
+            "listen": f"{address}:{agent.grpc_port}",
+            "addresses": [address],
+            "coordinators": [self.coordinator_endpoint],
+            "state_dir": str(agent.state_dir),
+            "tls": {"ca": str(self.pki_dir / "ca.pem"), "cert": str(cert), "key": str(key)},
+            "front": {"host": address, "port": self.front_port, "mode": self.front_mode},
+            "challenge": {"host": "127.0.0.1", "port": 0},
+        })
+        return agent
+
+    # --- processes ------------------------------------------------------------
+    def _python(self, module: str, config: Path) -> list[str]:
+        return [sys.executable, "-m", module, "--config", str(config), "--log-level", self.log_level]
+
+    def start_coordinator(self) -> None:
+        self.coordinator = Process("coordinator", self._python("coordinator.app", self.run_dir / "coordinator.toml"),
+                                   log_path=self.run_dir / "coordinator.log", env=self._env())
+        # Serving means leader and listening; after a crash that takes up to the leader TTL.
+        self.coordinator.wait_ready(tcp_check(COORDINATOR_HOST, self.coordinator_port), timeout=60)
+
+    def kill_coordinator(self) -> None:
+        assert self.coordinator is not None
+        self.coordinator.kill()
+
+    def agent(self, index: int) -> Agent:
+        return self.agents[index - 1]
+
+    def start_agent(self, index: int) -> None:
+        agent = self.agent(index)
+        agent.process = Process(agent.peer_id, self._python("peer_agent.app", agent.config),
+                                log_path=self.run_dir / f"agent-{agent.peer_id}.log", env=self._env())
+        agent.process.wait_ready(tcp_check(agent.address, agent.grpc_port), timeout=30)
+
+    def stop_agent(self, index: int) -> None:
+        agent = self.agent(index)
+        if agent.process is not None:
+            agent.process.stop()
+            agent.process = None
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ACMECTL_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    # --- operating it -----------------------------------------------------------
+    def ctl_env(self) -> dict[str, str]:
+        return {
+            **self._env(),
+            "ACMECTL_COORDINATOR": self.coordinator_endpoint,
+            "ACMECTL_CA": str(self.pki_dir / "ca.pem"),
+            "ACMECTL_CERT": str(self.pki_dir / "operator-admin.pem"),
+            "ACMECTL_KEY": str(self.pki_dir / "operator-admin.key"),
+        }
+
+    def ctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run acmectl against this cluster (a real subprocess)."""
+        result = subprocess.run([sys.executable, "-m", "coordinator.ctl", *args], env=self.ctl_env(),
+                                capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise InfraError(f"acmectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+        return result
+
+    def wait_peers_alive(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        want = {a.peer_id for a in self.agents if a.process is not None}
+        while True:
+            out = self.ctl("--json", "peer", "list", check=False)
+            if out.returncode == 0:
+                alive = {p["peer_id"] for p in json.loads(out.stdout)["peers"] if p["alive"]}
+                if want <= alive:
+                    return
+            if time.monotonic() > deadline:
+                raise InfraError(f"peers not alive after {timeout}s: {sorted(want)}; last: {out.stdout or out.stderr}")
+            time.sleep(0.2)
+
+    def set_dns(self, name: str, peer_indexes: Sequence[int]) -> None:
+        """Point ``name`` at the given peers, in this order (pebble uses the first)."""
+        assert self.infra is not None
+        self.infra.challtestsrv.set_a(name, [peer_address(i) for i in peer_indexes])
+
+    @property
+    def ca_bundle(self) -> Path:
+        assert self.infra is not None
+        return self.infra.pebble.ca_bundle_path
+
+    @property
+    def directory_url(self) -> str:
+        assert self.infra is not None
+        return self.infra.pebble.directory_url

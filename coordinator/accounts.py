@@ -1,0 +1,168 @@
+"""ACME providers and accounts (SPEC R1).
+
+A provider is a directory URL with a name (and optionally the CA bundle that
+verifies the directory's TLS). Its account key is generated once, sealed with
+the coordinator's key file and stored in ``providers/<name>`` so every replica
+can sign as the account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography import x509
+
+from clusteracme import errors
+from coordinator import records
+from coordinator.acme_client import AcmeClient, generate_account_key
+from coordinator.secretbox import SecretBox
+from coordinator.store.base import Store
+from coordinator.store.keys import Keys
+
+_PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# A pragmatic address check: RFC 5322 in full is not what CAs accept either
+# (Let's Encrypt refuses quoted local parts, IP literals and unknown TLDs).
+_EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+
+PRESETS = {
+    "letsencrypt": "https://acme-v02.api.letsencrypt.org/directory",
+    "letsencrypt-staging": "https://acme-staging-v02.api.letsencrypt.org/directory",
+}
+
+
+@dataclass(frozen=True)
+class ProviderView:
+    name: str
+    directory_url: str
+    terms_of_service: str
+    account_url: str
+    account_status: str
+    contact: str
+    has_ca_bundle: bool
+
+
+def _view(data: dict[str, Any]) -> ProviderView:
+    return ProviderView(
+        data["name"], data["directory_url"], data.get("terms_of_service", ""), data.get("account_url", ""),
+        data.get("account_status", ""), data.get("contact", ""), bool(data.get("ca_bundle_pem")),
+    )
+
+
+def check_ca_bundle(pem: str) -> None:
+    try:
+        certs = x509.load_pem_x509_certificates(pem.encode())
+    except ValueError:
+        certs = []
+    if not certs:
+        raise errors.InvalidArgument("the CA bundle holds no PEM certificate")
+
+
+class Accounts:
+    def __init__(self, store: Store, keys: Keys, box: SecretBox, *, acme_timeout: float) -> None:
+        self._store = store
+        self._keys = keys
+        self._box = box
+        self._timeout = acme_timeout
+        self._bundle_dir = Path(tempfile.mkdtemp(prefix="clusteracme-ca-"))
+
+    def _bundle_path(self, pem: str) -> str | None:
+        """The CA bundle as a file for ``requests`` (written once per content)."""
+        if not pem:
+            return None
+        path = self._bundle_dir / (hashlib.sha256(pem.encode()).hexdigest()[:16] + ".pem")
+        if not path.exists():
+            path.write_text(pem)
+        return str(path)
+
+    async def add_provider(self, name: str, directory_url: str, ca_bundle_pem: str) -> ProviderView:
+        if not _PROVIDER_NAME.match(name):
+            raise errors.InvalidArgument(
+                f"{name!r} is not a valid provider name (lowercase letters, digits, '-' and '_', up to 63)"
+            )
+        directory_url = directory_url or PRESETS.get(name, "")
+        parts = urlsplit(directory_url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise errors.InvalidArgument(f"{directory_url!r} is not an https:// URL (ACME requires HTTPS)")
+        if ca_bundle_pem:
+            check_ca_bundle(ca_bundle_pem)
+        if await self._store.get(self._keys.provider(name)) is not None:
+            raise errors.AlreadyExists(f"provider {name!r} already exists")
+        # Fetch the directory before storing anything: a URL that is not an
+        # ACME directory is refused and leaves etcd untouched.
+        client = AcmeClient(directory_url, ca_bundle=self._bundle_path(ca_bundle_pem), timeout=self._timeout)
+        info = await asyncio.to_thread(client.directory)
+        record = {
+            "name": name, "directory_url": directory_url, "ca_bundle_pem": ca_bundle_pem,
+            "terms_of_service": info.terms_of_service, "external_account_required": info.external_account_required,
+        }
+        await self._store.put_if(self._keys.provider(name), records.encode(record), expect_mod_revision=0)
+        return _view(record)
+
+    async def list(self) -> list[ProviderView]:
+        entries = await self._store.range(self._keys.providers())
+        return [_view(records.decode(e.value)) for e in entries]
+
+    async def _get(self, name: str) -> tuple[dict[str, Any], int]:
+        data, rev = await records.read(self._store, self._keys.provider(name))
+        if data is None:
+            raise errors.NotFound(f"no provider named {name!r} (acmectl provider add {name} --directory URL)")
+        return data, rev
+
+    async def register(self, name: str, email: str, agree_tos: bool) -> ProviderView:
+        data, rev = await self._get(name)
+        if not agree_tos:
+            tos = data.get("terms_of_service") or "(the CA publishes no terms URL)"
+            raise errors.FailedPrecondition(
+                f"registering with {name} requires accepting its terms of service: {tos} "
+                "-- read them, then repeat with --agree-tos"
+            )
+        if not _EMAIL.match(email or ""):
+            raise errors.InvalidArgument(f"{email!r} is not a valid contact e-mail address")
+        if data.get("account_url"):
+            raise errors.AlreadyExists(f"provider {name} already has an account: {data['account_url']}")
+        if data.get("external_account_required"):
+            raise errors.FailedPrecondition(f"provider {name} requires External Account Binding, not supported yet")
+        key_pem = generate_account_key()
+        client = AcmeClient(data["directory_url"], ca_bundle=self._bundle_path(data.get("ca_bundle_pem", "")),
+                            key_pem=key_pem, timeout=self._timeout)
+        account_url, status = await asyncio.to_thread(client.register, email)
+        record = {
+            **data, "account_url": account_url, "account_status": status, "contact": email,
+            "account_key": self._box.seal(key_pem, f"provider/{name}"),
+        }
+        await self._store.put_if(self._keys.provider(name), records.encode(record), expect_mod_revision=rev)
+        return _view(record)
+
+    async def resolve(self, name: str) -> str:
+        """The provider to sign with: the named one, or the only one with an account."""
+        if name:
+            data, _ = await self._get(name)
+            if not data.get("account_url"):
+                raise errors.FailedPrecondition(f"provider {name} has no account yet (acmectl account register)")
+            return name
+        with_account = [p.name for p in await self.list() if p.account_url]
+        if not with_account:
+            raise errors.FailedPrecondition(
+                "no ACME account registered yet (acmectl provider add, then acmectl account register)"
+            )
+        if len(with_account) > 1:
+            raise errors.FailedPrecondition(
+                "several providers have accounts (" + ", ".join(with_account) + "); choose one with --provider"
+            )
+        return with_account[0]
+
+    async def client(self, name: str) -> AcmeClient:
+        """A fresh ACME session as the provider's account (one per order)."""
+        data, _ = await self._get(name)
+        if not data.get("account_url"):
+            raise errors.FailedPrecondition(f"provider {name} has no account yet (acmectl account register)")
+        key_pem = self._box.open(data["account_key"], f"provider/{name}")
+        return AcmeClient(data["directory_url"], ca_bundle=self._bundle_path(data.get("ca_bundle_pem", "")),
+                          key_pem=key_pem, account_url=data["account_url"], timeout=self._timeout)

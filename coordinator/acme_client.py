@@ -1,0 +1,232 @@
+"""The only module that imports certbot's ``acme`` library.
+
+``AcmeClient`` is one ACME session: a directory, an account key and the nonce
+state of one ``ClientV2``. Its methods are blocking (the library uses
+``requests``); callers run them with ``asyncio.to_thread``, one client per
+order. Every method does one protocol step, retries ``badNonce`` (pebble
+rejects 5 % of good nonces on purpose; the library retries only once) and
+translates the library's exceptions into our error tree here, with
+``raise ... from``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import josepy as jose
+import requests
+from acme import challenges, client, errors as acme_errors, messages
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from clusteracme import __version__
+from coordinator.errors import CAError, InvalidArgument, RateLimited, Unavailable
+from coordinator.orders import AcmeStatus, Authz
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+BAD_NONCE_ATTEMPTS = 6
+USER_AGENT = f"clusteracme/{__version__}"
+
+
+@dataclass(frozen=True)
+class DirectoryInfo:
+    url: str
+    terms_of_service: str
+    external_account_required: bool
+
+
+@dataclass(frozen=True)
+class OrderView:
+    url: str
+    status: AcmeStatus
+    authorization_urls: tuple[str, ...]
+    finalize_url: str
+    certificate_url: str
+    error: str
+    retry_after: float | None
+
+
+def generate_account_key() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _retry_after(response: requests.Response | None) -> float | None:
+    value = response.headers.get("Retry-After") if response is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(int(value)))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value) if value else None
+        if when is None:
+            return None
+        return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+def describe_problem(problem: messages.Error) -> str:
+    text = problem.detail or problem.description or str(problem.typ)
+    code = problem.code or str(problem.typ).rsplit(":", 1)[-1]
+    subs = "; ".join(f"{s.identifier.value if s.identifier else ''}: {s.detail}" for s in (problem.subproblems or ()))
+    return f"{code}: {text}" + (f" ({subs})" if subs else "")
+
+
+class AcmeClient:
+    def __init__(
+        self,
+        directory_url: str,
+        *,
+        ca_bundle: str | None = None,
+        key_pem: bytes | None = None,
+        account_url: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self._url = directory_url
+        verify: bool | str = ca_bundle or True
+        jwk = alg = None
+        if key_pem is not None:
+            key = serialization.load_pem_private_key(key_pem, None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise InvalidArgument("the account key must be an EC P-256 key")
+            jwk, alg = jose.JWKEC(key=key), jose.ES256
+        self._net = client.ClientNetwork(
+            key=jwk, alg=alg or jose.ES256, verify_ssl=verify, user_agent=USER_AGENT, timeout=int(timeout)
+        )
+        if account_url:
+            self._net.account = messages.RegistrationResource(body=messages.Registration(), uri=account_url)
+        self._client: client.ClientV2 | None = None
+
+    # --- plumbing ----------------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one protocol step, retrying badNonce, translating failures."""
+        for attempt in range(1, BAD_NONCE_ATTEMPTS + 1):
+            try:
+                return fn()
+            except messages.Error as problem:
+                if problem.code == "badNonce" and attempt < BAD_NONCE_ATTEMPTS:
+                    continue
+                if problem.code == "rateLimited":
+                    raise RateLimited(f"{what}: the CA answered {describe_problem(problem)}",
+                                      retry_after=_retry_after(getattr(problem, "response", None)) or 3600.0) from problem
+                raise CAError(f"{what}: the CA answered {describe_problem(problem)}", problem=problem.code or "") from problem
+            except requests.exceptions.SSLError as exc:
+                raise Unavailable(f"{what}: TLS verification of {self._url} failed ({exc.__class__.__name__}); "
+                                  "give the CA bundle with --ca-bundle") from exc
+            except requests.exceptions.RequestException as exc:
+                raise Unavailable(f"{what}: cannot reach the CA at {self._url} ({exc.__class__.__name__})") from exc
+            except acme_errors.ConflictError as exc:
+                raise CAError(f"{what}: the CA reports a conflict with {exc}", problem="conflict") from exc
+            except (acme_errors.Error, jose.DeserializationError, ValueError, KeyError) as exc:
+                raise CAError(f"{what}: unexpected answer from the CA ({exc})", problem="malformed") from exc
+        raise AssertionError("unreachable")
+
+    @property
+    def acme(self) -> client.ClientV2:
+        if self._client is None:
+            def fetch() -> client.ClientV2:
+                try:
+                    directory = client.ClientV2.get_directory(self._url, self._net)
+                except (jose.DeserializationError, ValueError, acme_errors.ClientError) as exc:
+                    raise InvalidArgument(f"{self._url} is not an ACME directory ({exc.__class__.__name__})") from exc
+                for field in ("newNonce", "newAccount", "newOrder"):
+                    try:
+                        directory[field]
+                    except KeyError:
+                        raise InvalidArgument(f"{self._url} is not an ACME directory (no {field})") from None
+                return client.ClientV2(directory, self._net)
+
+            self._client = self._call("fetching the ACME directory", fetch)
+        return self._client
+
+    # --- steps -------------------------------------------------------------
+    def directory(self) -> DirectoryInfo:
+        d = self.acme.directory
+        meta = getattr(d, "meta", None)
+        tos = getattr(meta, "terms_of_service", None) or ""
+        return DirectoryInfo(self._url, tos, bool(getattr(meta, "external_account_required", False)))
+
+    def register(self, email_address: str) -> tuple[str, str]:
+        """Create (or find again, for the same key) the account; returns (url, status)."""
+        new = messages.NewRegistration.from_data(email=email_address, terms_of_service_agreed=True)
+
+        def do() -> messages.RegistrationResource:
+            try:
+                return self.acme.new_account(new)
+            except acme_errors.ConflictError as exc:
+                # Same key registered before: RFC 8555 returns the existing account.
+                return messages.RegistrationResource(body=messages.Registration(), uri=str(exc))
+
+        regr = self._call("registering the account", do)
+        return regr.uri, str(regr.body.status or "valid")
+
+    def new_order(self, names: tuple[str, ...]) -> OrderView:
+        order = messages.NewOrder(identifiers=[messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in names])
+
+        def do() -> OrderView:
+            response = self.acme._post(self.acme.directory["newOrder"], order)
+            return self._order_view(response, response.headers.get("Location", ""))
+
+        view = self._call("creating the order", do)
+        if not view.url:
+            raise CAError("creating the order: the CA sent no order URL", problem="malformed")
+        return view
+
+    def get_order(self, url: str) -> OrderView:
+        return self._call("reading the order", lambda: self._order_view(self.acme._post_as_get(url), url))
+
+    def get_authorization(self, url: str) -> tuple[Authz, float | None]:
+        def do() -> tuple[Authz, float | None]:
+            response = self.acme._post_as_get(url)
+            body = messages.Authorization.from_json(response.json())
+            name = body.identifier.value
+            status = AcmeStatus(body.status.name)
+            token = key_auth = challenge_url = error = ""
+            for challb in body.challenges:
+                if isinstance(challb.chall, challenges.HTTP01):
+                    challenge_url = challb.uri
+                    token = challb.chall.encode("token")
+                    _, key_auth = challb.chall.response_and_validation(self._net.key)
+                    if challb.error is not None:
+                        error = describe_problem(challb.error)
+            return Authz(name, url, status, challenge_url, token, key_auth, error), _retry_after(response)
+
+        return self._call("reading an authorization", do)
+
+    def answer(self, challenge_url: str) -> None:
+        self._call("answering a challenge", lambda: self.acme._post(challenge_url, challenges.HTTP01Response()))
+
+    def finalize(self, finalize_url: str, order_url: str, csr_pem: str) -> OrderView:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+
+        def do() -> OrderView:
+            response = self.acme._post(finalize_url, messages.CertificateRequest(csr=csr))
+            return self._order_view(response, order_url)
+
+        return self._call("finalizing the order", do)
+
+    def download(self, certificate_url: str) -> str:
+        def do() -> str:
+            return self.acme._post_as_get(certificate_url).text
+
+        return self._call("downloading the certificate", do)
+
+    @staticmethod
+    def _order_view(response: requests.Response, url: str) -> OrderView:
+        body = messages.Order.from_json(response.json())
+        return OrderView(
+            url=url,
+            status=AcmeStatus(body.status.name),
+            authorization_urls=tuple(body.authorizations or ()),
+            finalize_url=body.finalize or "",
+            certificate_url=body.certificate or "",
+            error=describe_problem(body.error) if body.error else "",
+            retry_after=_retry_after(response),
+        )
+

@@ -1,0 +1,117 @@
+"""acme-coordinator: the coordinator daemon.
+
+Connects to etcd, campaigns for leadership, and once leader serves the
+operator and agent API over mTLS gRPC and resumes every order a previous
+leader left unfinished. Losing leadership stops the process (the supervisor
+restarts it as a candidate): a coordinator that might no longer be the
+leader must not act.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from grpc_health.v1 import health_pb2
+
+from clusteracme import errors
+from clusteracme.daemon import Supervisor, add_health, daemon_args, load_settings, setup_logging
+from clusteracme.rpcutil import server
+from clusteracme.v1 import coordinator_pb2_grpc
+from coordinator.accounts import Accounts
+from coordinator.election import Election
+from coordinator.issuance import Issuance
+from coordinator.peers import AgentPool, Registry
+from coordinator.preflight import DnsResolver
+from coordinator.rpc.servicer import CoordinatorServicer
+from coordinator.secretbox import SecretBox
+from coordinator.settings import CoordinatorSettings
+from coordinator.store.etcd import EtcdStore
+from coordinator.store.keys import Keys
+
+log = logging.getLogger("acme-coordinator")
+
+
+def etcd_store(settings: CoordinatorSettings) -> EtcdStore:
+    e = settings.etcd
+    password = e.password_file.read_text().strip() if e.password_file else None
+    return EtcdStore(list(e.endpoints), ca=e.ca, cert=e.cert, key=e.key, user=e.user or None, password=password)
+
+
+async def run(settings: CoordinatorSettings) -> int:
+    sup = Supervisor()
+    sup.install_signal_handlers()
+    box = SecretBox.from_file(settings.account_key_file)  # refuse to start without a usable key file
+    try:
+        resolver = DnsResolver(settings.dns_resolvers)
+    except ValueError as exc:
+        raise errors.InvalidArgument(f"dns_resolvers: {exc}") from exc
+    keys = Keys(settings.etcd.prefix)
+    store = etcd_store(settings)
+    await store.connect()
+    t = settings.timing
+
+    election = Election(store, keys.leader(), settings.name, ttl=t.leader_ttl)
+    log.info("coordinator %s campaigning for leadership", settings.name)
+    campaign = asyncio.ensure_future(election.campaign())
+    stop_wait = asyncio.ensure_future(sup.stopping.wait())
+    await asyncio.wait({campaign, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if not campaign.done():
+        campaign.cancel()
+        await store.close()
+        return 0
+    stop_wait.cancel()
+    leadership = campaign.result()
+    log.info("coordinator %s is the leader (fence revision %d)", settings.name, leadership.revision)
+
+    fenced = store.fenced(keys.leader(), leadership.revision)
+    registry = Registry(fenced, keys, lease_ttl=t.lease_ttl)
+    accounts = Accounts(fenced, keys, box, acme_timeout=t.acme_timeout)
+    pool = AgentPool(settings.tls.files(), timeout=t.agent_call_timeout)
+    issuance = Issuance(fenced, keys, registry, accounts, pool, resolver, t)
+
+    srv, port = server(settings.tls.files(), settings.listen)
+    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
+        CoordinatorServicer(registry, accounts, issuance, pool, heartbeat_interval=t.heartbeat_interval,
+                            lease_ttl=t.lease_ttl),
+        srv,
+    )
+    health = await add_health(srv)
+    await srv.start()
+    resumed = await issuance.resume_all()
+    if resumed:
+        log.info("resumed %d unfinished order(s): %s", len(resumed), ", ".join(resumed))
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("coordinator %s serving on %s (port %d)", settings.name, settings.listen, port)
+
+    async def watch_leadership() -> None:
+        await leadership.lost.wait()
+        raise errors.Aborted("leadership lost")
+
+    sup.spawn("leadership-watch", watch_leadership())
+    await sup.stopping.wait()
+    await health.enter_graceful_shutdown()
+    await srv.stop(grace=2)
+    await issuance.close()
+    await sup.shutdown()
+    await pool.close()
+    if not sup.failed:
+        await election.resign()
+    await store.close()
+    return 1 if sup.failed else 0
+
+
+def main() -> None:
+    args = daemon_args("acme-coordinator", "clusteracme coordinator").parse_args()
+    setup_logging(args.log_level, args.log_format)
+    try:
+        settings = load_settings(CoordinatorSettings, args)
+        sys.exit(asyncio.run(run(settings)))
+    except errors.ClusterAcmeError as exc:
+        log.error("%s", exc.message)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""acmectl: the operator CLI. Thin: parse, call the CoordinatorService, print.
+
+Connection settings come from flags or the environment (ACMECTL_COORDINATOR,
+ACMECTL_CA, ACMECTL_CERT, ACMECTL_KEY). Every call has a deadline. Errors
+print one human sentence on stderr and exit non-zero; ``--json`` prints
+machine-readable output instead of tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf.json_format import MessageToDict
+
+from clusteracme import errors, pki
+from clusteracme.rpcutil import TLSFiles, channel, error_from_rpc
+from clusteracme.v1 import common_pb2, coordinator_pb2 as pb, coordinator_pb2_grpc
+
+KEY_TYPES = {
+    "ec-p256": common_pb2.KEY_TYPE_EC_P256,
+    "ec-p384": common_pb2.KEY_TYPE_EC_P384,
+    "rsa-2048": common_pb2.KEY_TYPE_RSA_2048,
+    "rsa-3072": common_pb2.KEY_TYPE_RSA_3072,
+    "rsa-4096": common_pb2.KEY_TYPE_RSA_4096,
+}
+EXIT_CODES = {errors.InvalidArgument: 2, errors.NotFound: 3, errors.FailedPrecondition: 4, errors.Unavailable: 5}
+
+
+class CtlError(Exception):
+    pass
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _dict(msg: Any) -> dict[str, Any]:
+    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+class Ctl:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def stub(self) -> coordinator_pb2_grpc.CoordinatorServiceStub:
+        if self._channel is None:
+            a = self.args
+            missing = [n for n, v in (("--ca", a.ca), ("--cert", a.cert), ("--key", a.key)) if not v]
+            if missing:
+                raise CtlError("missing " + ", ".join(missing) + " (or ACMECTL_CA/ACMECTL_CERT/ACMECTL_KEY)")
+            self._channel = channel(TLSFiles(Path(a.ca), Path(a.cert), Path(a.key)), a.coordinator)
+        return coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
+
+    async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await getattr(self.stub, method)(request, timeout=timeout or self.args.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"coordinator {self.args.coordinator}") from None
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    def out(self, msg: Any, human: Callable[[], None]) -> None:
+        if self.args.json:
+            print(json.dumps(_dict(msg), indent=2))
+        else:
+            human()
+
+
+# --- pki (local files; no coordinator involved) ------------------------------
+def cmd_pki(ctl: Ctl, a: argparse.Namespace) -> None:
+    if a.pki_cmd == "init":
+        path = pki.init_ca(Path(a.dir), cluster=a.cluster)
+        print(f"cluster CA written to {path} (key {Path(a.dir) / pki.CA_KEY}, mode 0600)")
+    elif a.pki_cmd == "issue":
+        identity = pki.Identity.parse(f"{a.role}:{a.name}")
+        cert, key = pki.issue(Path(a.dir), identity, out_dir=Path(a.out or a.dir), ips=a.ip, dns_names=a.dns)
+        print(f"{identity.common_name}: certificate {cert}, key {key}")
+    elif a.pki_cmd == "secret":
+        pki.create_secret(Path(a.file))
+        print(f"account-key encryption key written to {a.file} (mode 0600); keep a copy: without it the "
+              "stored ACME account keys cannot be opened")
+
+
+# --- providers and accounts -----------------------------------------------------
+def _provider_rows(providers: list[Any]) -> None:
+    _print_table([[p.name, p.directory_url, p.account_url or "-", p.account_status or "no account"] for p in providers],
+                 ["PROVIDER", "DIRECTORY", "ACCOUNT", "STATUS"])
+
+
+async def cmd_provider(ctl: Ctl, a: argparse.Namespace) -> None:
+    if a.provider_cmd == "add":
+        bundle = ""
+        if a.ca_bundle:
+            try:
+                bundle = Path(a.ca_bundle).read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CtlError(f"cannot read the CA bundle {a.ca_bundle}: {exc}") from None
+        p = await ctl.call("AddProvider", pb.AddProviderRequest(name=a.name, directory_url=a.directory or "",
+                                                                 ca_bundle_pem=bundle))
+        ctl.out(p, lambda: print(f"provider {p.name} added: {p.directory_url}\n"
+                                 f"terms of service: {p.terms_of_service or '(none published)'}"))
+    else:
+        r = await ctl.call("ListProviders", pb.ListProvidersRequest())
+        ctl.out(r, lambda: _provider_rows(list(r.providers)))
+
+
+async def cmd_account(ctl: Ctl, a: argparse.Namespace) -> None:
+    p = await ctl.call("RegisterAccount", pb.RegisterAccountRequest(provider=a.provider, email=a.email,
+                                                                     agree_tos=a.agree_tos))
+    ctl.out(p, lambda: print(f"account registered with {p.name}: {p.account_url} ({p.account_status})"))
+
+
+# --- peers ------------------------------------------------------------------------
+async def cmd_peer(ctl: Ctl, a: argparse.Namespace) -> None:
+    if a.peer_cmd == "list":
+        r = await ctl.call("ListPeers", pb.ListPeersRequest())
+        ctl.out(r, lambda: _print_table(
+            [[p.peer_id, "alive" if p.alive else "DEAD", "enabled" if p.enabled else "disabled", ",".join(p.addresses),
+              p.http_front, p.front_mode, p.grpc_endpoint, p.version] for p in r.peers],
+            ["PEER", "LIVENESS", "ACME", "ADDRESSES", "FRONT", "MODE", "GRPC", "VERSION"]))
+    elif a.peer_cmd in ("enable", "disable"):
+        p = await ctl.call("SetPeerEnabled", pb.SetPeerEnabledRequest(peer_id=a.peer, enabled=a.peer_cmd == "enable"))
+        ctl.out(p, lambda: print(f"ACME {'enabled' if p.enabled else 'disabled'} on peer {p.peer_id}"))
+    else:
+        r = await ctl.call("RemovePeer", pb.RemovePeerRequest(peer_id=a.peer))
+        ctl.out(r, lambda: print(f"peer {a.peer} removed"))
+
+
+# --- CSR, sign, orders, pending -----------------------------------------------------
+def _slot(a: argparse.Namespace) -> common_pb2.Slot:
+    return common_pb2.Slot(domain=getattr(a, "domain", "") or "")
+
+
+async def cmd_csr(ctl: Ctl, a: argparse.Namespace) -> None:
+    if a.key_type not in KEY_TYPES:
+        raise errors.InvalidArgument(f"unknown key type {a.key_type!r}; choose one of {', '.join(KEY_TYPES)}")
+    r = await ctl.call("CreateCSR", pb.CreateCSRRequest(peer_id=a.peer, slot=_slot(a), common_name=a.cn,
+                                                        sans=a.san, key_type=KEY_TYPES[a.key_type]), timeout=60)
+    ctl.out(r, lambda: print(f"CSR created on peer {r.peer_id} ({r.key_type}, key kept on the peer) for "
+                             f"{', '.join(r.names)}\n{r.csr_pem}", end=""))
+
+
+def _order_lines(o: Any) -> list[str]:
+    lines = [f"order {o.order_id} for peer {o.peer_id}: {o.phase}" + (f" - {o.error}" if o.error else "")]
+    for z in o.authorizations:
+        if z.name:
+            lines.append(f"  authorization {z.name}: {z.status}")
+    for p in o.peers:
+        state = "served+checked" if p.self_checked else ("acknowledged" if p.acknowledged else "not acknowledged")
+        lines.append(f"  peer {p.peer_id}: {state}" + (f" ({p.error})" if p.error else ""))
+    return lines
+
+
+async def cmd_sign(ctl: Ctl, a: argparse.Namespace) -> None:
+    o = await ctl.call("Sign", pb.SignRequest(peer_id=a.peer, slot=_slot(a), force=a.force, provider=a.provider or ""))
+    if not a.wait:
+        ctl.out(o, lambda: print(f"order {o.order_id} started for peer {o.peer_id} "
+                                 f"(acmectl order show {o.order_id})"))
+        return
+    seen = ""
+    deadline = time.monotonic() + a.wait_timeout
+    while not o.done:
+        if not a.json and o.phase != seen:
+            print(f"  {o.phase}...", flush=True)
+            seen = o.phase
+        if time.monotonic() > deadline:
+            raise errors.DeadlineExceeded(f"order {o.order_id} still running after {a.wait_timeout:g}s ({o.phase})")
+        await asyncio.sleep(0.2)
+        o = await ctl.call("GetOrder", pb.GetOrderRequest(order_id=o.order_id))
+    ctl.out(o, lambda: print("\n".join(_order_lines(o))))
+    if not o.succeeded:
+        raise errors.FailedPrecondition(f"signing failed: {o.error}")
+
+
+async def cmd_order(ctl: Ctl, a: argparse.Namespace) -> None:
+    o = await ctl.call("GetOrder", pb.GetOrderRequest(order_id=a.order_id, refresh=a.refresh))
+    ctl.out(o, lambda: print("\n".join([*_order_lines(o), f"  order URL: {o.order_url or '-'}"])))
+
+
+async def cmd_pending(ctl: Ctl, a: argparse.Namespace) -> None:
+    if a.pending_cmd == "discard":
+        r = await ctl.call("DiscardPending", pb.DiscardPendingRequest(peer_id=a.peer, slot=_slot(a)))
+        ctl.out(r, lambda: print(f"pending certificate of {a.peer} discarded"))
+        return
+    p = await ctl.call("GetPending", pb.GetPendingRequest(peer_id=a.peer, slot=_slot(a)))
+    c = p.certificate
+
+    def human() -> None:
+        print(f"pending certificate of peer {p.peer_id}" + (f" (domain {p.slot.domain})" if p.slot.domain else ""))
+        for label, value in (("subject", c.subject), ("names", ", ".join(c.sans)), ("issuer", c.issuer),
+                             ("serial", c.serial_hex), ("valid from", c.not_before), ("valid until", c.not_after),
+                             ("key type", c.key_type),
+                             ("peer's key", ("MATCHES" if c.matches_peer_key else "DOES NOT MATCH") + f" ({c.key_check})"),
+                             ("sha256", c.sha256_fingerprint), ("provider", p.provider), ("signed at", p.signed_at)):
+            print(f"  {label + ':':13} {value}")
+        if a.pem:
+            print(p.chain_pem, end="")
+
+    ctl.out(p, human)
+
+
+async def cmd_status(ctl: Ctl, a: argparse.Namespace) -> None:
+    r = await ctl.call("Status", pb.StatusRequest(peer_id=a.peer or ""))
+
+    def human() -> None:
+        rows = []
+        for ps in r.peers:
+            p = ps.peer
+            base = [p.peer_id, "alive" if p.alive else "DEAD", "enabled" if p.enabled else "disabled"]
+            if not ps.slots:
+                rows.append([*base, "-", "-", "-", "-"])
+            for s in ps.slots:
+                last = f"{s.last_sign_status} {s.last_sign_at}" if s.last_sign_status else "-"
+                pending = f"{s.pending_serial} until {s.pending_not_after}" if s.pending_serial else "-"
+                rows.append([*base, s.slot.domain or "server", s.csr_names or "-", pending, last])
+        _print_table(rows, ["PEER", "LIVENESS", "ACME", "SLOT", "CSR NAMES", "PENDING", "LAST SIGN"])
+        for ps in r.peers:
+            for s in ps.slots:
+                if s.last_sign_error:
+                    print(f"{ps.peer.peer_id} {s.slot.domain or 'server'}: last sign failed: {s.last_sign_error}")
+
+    ctl.out(r, human)
+
+
+def parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="acmectl", description="Operate a clusteracme cluster.")
+    p.add_argument("--coordinator", default=env("ACMECTL_COORDINATOR", "127.0.0.1:7443"), help="host:port")
+    p.add_argument("--ca", default=env("ACMECTL_CA"), help="cluster CA certificate (PEM)")
+    p.add_argument("--cert", default=env("ACMECTL_CERT"), help="operator certificate (PEM)")
+    p.add_argument("--key", default=env("ACMECTL_KEY"), help="operator key (PEM)")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("pki", help="cluster CA and mTLS certificates").add_subparsers(dest="pki_cmd", required=True)
+    x = s.add_parser("init", help="create the cluster CA")
+    x.add_argument("dir")
+    x.add_argument("--cluster", default="clusteracme")
+    x = s.add_parser("issue", help="issue a certificate for a coordinator, agent or operator")
+    x.add_argument("dir", help="directory of the cluster CA")
+    x.add_argument("--role", required=True, choices=[r.value for r in pki.Role])
+    x.add_argument("--name", required=True)
+    x.add_argument("--ip", action="append", default=[], help="IP address SAN (repeatable)")
+    x.add_argument("--dns", action="append", default=[], help="DNS name SAN (repeatable)")
+    x.add_argument("--out", help="output directory (default: the CA directory)")
+    x = s.add_parser("secret", help="create the account-key encryption key file")
+    x.add_argument("file")
+
+    s = sub.add_parser("provider", help="ACME providers").add_subparsers(dest="provider_cmd", required=True)
+    x = s.add_parser("add")
+    x.add_argument("name", help="a name, or a preset: letsencrypt, letsencrypt-staging")
+    x.add_argument("--directory", help="ACME directory URL (optional for presets)")
+    x.add_argument("--ca-bundle", help="PEM file of CAs that verify the directory's TLS")
+    s.add_parser("list")
+
+    s = sub.add_parser("account", help="ACME accounts").add_subparsers(dest="account_cmd", required=True)
+    x = s.add_parser("register")
+    x.add_argument("--provider", required=True)
+    x.add_argument("--email", required=True)
+    x.add_argument("--agree-tos", action="store_true", help="accept the provider's terms of service")
+
+    s = sub.add_parser("peer", help="peers").add_subparsers(dest="peer_cmd", required=True)
+    s.add_parser("list")
+    for name in ("enable", "disable", "remove"):
+        s.add_parser(name).add_argument("peer")
+
+    s = sub.add_parser("csr", help="certificate signing requests").add_subparsers(dest="csr_cmd", required=True)
+    x = s.add_parser("create", help="have the peer generate a key and a CSR")
+    x.add_argument("peer")
+    x.add_argument("--cn", required=True)
+    x.add_argument("--san", action="append", default=[])
+    x.add_argument("--key-type", default="ec-p256", help=", ".join(KEY_TYPES))
+    x.add_argument("--domain", help="a domain (SNI) slot instead of the server certificate")
+
+    x = sub.add_parser("sign", help="sign the peer's CSR through ACME")
+    x.add_argument("peer")
+    x.add_argument("--wait", action="store_true", help="follow the order until it ends")
+    x.add_argument("--wait-timeout", type=float, default=600.0)
+    x.add_argument("--force", action="store_true", help="skip the DNS part of the preflight")
+    x.add_argument("--provider")
+    x.add_argument("--domain")
+
+    s = sub.add_parser("order", help="orders").add_subparsers(dest="order_cmd", required=True)
+    x = s.add_parser("show")
+    x.add_argument("order_id")
+    x.add_argument("--refresh", action="store_true", help="ask the CA for the live authorization statuses")
+
+    s = sub.add_parser("pending", help="pending certificates").add_subparsers(dest="pending_cmd", required=True)
+    for name in ("show", "discard"):
+        x = s.add_parser(name)
+        x.add_argument("peer")
+        x.add_argument("--domain")
+        if name == "show":
+            x.add_argument("--pem", action="store_true", help="also print the chain")
+
+    x = sub.add_parser("status", help="per-peer status")
+    x.add_argument("peer", nargs="?")
+    return p
+
+
+COMMANDS = {"provider": cmd_provider, "account": cmd_account, "peer": cmd_peer, "csr": cmd_csr, "sign": cmd_sign,
+            "order": cmd_order, "pending": cmd_pending, "status": cmd_status}
+
+
+async def _run(args: argparse.Namespace) -> None:
+    ctl = Ctl(args)
+    try:
+        if args.cmd == "pki":
+            cmd_pki(ctl, args)
+        else:
+            await COMMANDS[args.cmd](ctl, args)
+    finally:
+        await ctl.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        asyncio.run(_run(args))
+    except errors.ClusterAcmeError as exc:
+        print(f"acmectl: {exc.message}", file=sys.stderr)
+        sys.exit(next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1))
+    except CtlError as exc:
+        print(f"acmectl: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

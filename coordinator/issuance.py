@@ -1,0 +1,467 @@
+"""CSRs, signing and pending certificates (SPEC R3-R5, R7): the order driver.
+
+The driver is thin: it asks ``orders.next_step`` what to do, performs the I/O
+(ACME through ``AcmeClient`` in a thread, gRPC fan-out to the agents, HTTP
+self-checks, etcd writes) and folds the result back with the pure functions
+of ``coordinator.orders``. The order record is saved before each external
+step, so a coordinator started after a crash resumes the same order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from clusteracme import errors
+from clusteracme.v1 import agent_pb2, common_pb2
+from clusteracme import certinfo
+from coordinator import orders, preflight, records
+from coordinator.accounts import Accounts
+from coordinator.errors import RateLimited
+from coordinator.names import normalize_names
+from coordinator.acme_client import AcmeClient
+from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase, Step
+from coordinator.peers import AgentPool, PeerInfo, Registry
+from coordinator.settings import TimingSettings
+from coordinator.store.base import Check, Conflict, Op, Put, Store
+from coordinator.store.keys import Keys
+
+log = logging.getLogger(__name__)
+
+KEY_TYPE_LABELS = {
+    common_pb2.KEY_TYPE_EC_P256: "ec-p256",
+    common_pb2.KEY_TYPE_EC_P384: "ec-p384",
+    common_pb2.KEY_TYPE_RSA_2048: "rsa-2048",
+    common_pb2.KEY_TYPE_RSA_3072: "rsa-3072",
+    common_pb2.KEY_TYPE_RSA_4096: "rsa-4096",
+}
+CHALLENGE_PATH = "/.well-known/acme-challenge/"
+
+
+def utcnow() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def slot_name(domain: str) -> str:
+    return f"domain/{domain}" if domain else "server"
+
+
+def _peer_label(domain: str) -> str:
+    return f" (domain {domain})" if domain else ""
+
+
+class Issuance:
+    def __init__(
+        self,
+        store: Store,
+        keys: Keys,
+        registry: Registry,
+        accounts: Accounts,
+        pool: AgentPool,
+        resolver: preflight.DnsResolver,
+        timing: TimingSettings,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._keys = keys
+        self._registry = registry
+        self._accounts = accounts
+        self._pool = pool
+        self._resolver = resolver
+        self._timing = timing
+        self._monotonic = monotonic
+        self._tasks: dict[str, asyncio.Task[OrderRecord]] = {}
+        self._http: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+
+    # --- slots -------------------------------------------------------------
+    async def _slot(self, peer_id: str, domain: str) -> tuple[dict[str, Any] | None, int]:
+        return await records.read(self._store, self._keys.cert(peer_id, slot_name(domain)))
+
+    # --- CSR (R3) ----------------------------------------------------------
+    async def create_csr(self, peer_id: str, domain: str, common_name: str, sans: list[str], key_type: int) -> dict[str, Any]:
+        if key_type not in KEY_TYPE_LABELS:
+            raise errors.InvalidArgument(
+                f"unknown key type {key_type}; choose one of " + ", ".join(KEY_TYPE_LABELS.values())
+            )
+        names = normalize_names(common_name, sans)
+        if domain:
+            domain = normalize_names(domain, [])[0]
+            if domain not in names:
+                raise errors.InvalidArgument(f"the domain slot {domain} must be one of the certificate's names")
+        peer = await self._registry.get(peer_id)
+        slot, _ = await self._slot(peer_id, domain)
+        if slot and slot.get("current_order"):
+            running = await self._load_order(slot["current_order"])
+            if running is not None and not running.done:
+                raise errors.FailedPrecondition(
+                    f"order {running.order_id} for {peer_id}{_peer_label(domain)} is still running; "
+                    "wait for it before replacing the CSR"
+                )
+        reply = await self._pool.call(
+            peer, "generating the key and CSR",
+            lambda stub, t: stub.GenerateCSR(
+                agent_pb2.GenerateCSRRequest(
+                    slot=common_pb2.Slot(domain=domain), common_name=names[0], sans=names[1:], key_type=key_type
+                ),
+                timeout=t,
+            ),
+        )
+        csr = certinfo.load_csr(reply.csr_pem)
+        if sorted(certinfo.csr_names(csr)) != sorted(names) or certinfo.spki_sha256(csr.public_key()) != reply.public_key_sha256:
+            raise errors.Unavailable(f"peer {peer_id} returned a CSR that does not match the request")
+        csr_record = {
+            "pem": reply.csr_pem, "names": names, "key_type": KEY_TYPE_LABELS[key_type],
+            "public_key_sha256": reply.public_key_sha256, "created_at": utcnow(),
+        }
+
+        def change(current: dict[str, Any] | None) -> dict[str, Any]:
+            base = current or {"peer_id": peer_id, "domain": domain, "pending": None, "last_sign": None,
+                               "current_order": None}
+            return {**base, "csr": csr_record}
+
+        await records.update(self._store, self._keys.cert(peer_id, slot_name(domain)), change)
+        return csr_record
+
+    # --- sign (R4, R5) -----------------------------------------------------
+    async def start_sign(self, peer_id: str, domain: str, provider: str, force: bool) -> OrderRecord:
+        """Check everything, save the new order record, start its driver."""
+        peer = await self._registry.get(peer_id)
+        if not peer.enabled:
+            raise errors.FailedPrecondition(f"ACME is disabled on peer {peer_id} (acmectl peer enable {peer_id})")
+        provider = await self._accounts.resolve(provider)
+        slot, slot_rev = await self._slot(peer_id, domain)
+        if not slot or not slot.get("csr"):
+            raise errors.FailedPrecondition(
+                f"peer {peer_id}{_peer_label(domain)} has no CSR yet (acmectl csr create {peer_id} --cn NAME)"
+            )
+        if slot.get("current_order"):
+            running = await self._load_order(slot["current_order"])
+            if running is not None and not running.done:
+                raise errors.FailedPrecondition(
+                    f"order {running.order_id} for {peer_id}{_peer_label(domain)} is already running ({running.phase.value})"
+                )
+        names = tuple(slot["csr"]["names"])
+        if not force:
+            peers = await self._registry.list()
+            await preflight.preflight(names[0], list(names[1:]), {p.peer_id: p.addresses for p in peers},
+                                      self._resolver, force=False)
+        now = utcnow()
+        rec = OrderRecord(
+            order_id=uuid.uuid4().hex[:16], peer_id=peer_id, domain=domain, provider=provider, names=names,
+            csr_pem=slot["csr"]["pem"], created_at=now, updated_at=now,
+        )
+        new_slot = {**slot, "current_order": rec.order_id,
+                    "last_sign": {"status": "running", "at": now, "error": "", "order_id": rec.order_id}}
+        # Order record and slot pointer in one transaction: two concurrent
+        # `sign` calls for one slot cannot both start an order.
+        try:
+            await self._store.txn(
+                checks=[Check(self._keys.cert(peer_id, slot_name(domain)), slot_rev), Check(self._keys.order(rec.order_id), 0)],
+                ops=[Put(self._keys.order(rec.order_id), records.encode(rec.to_json())),
+                     Put(self._keys.cert(peer_id, slot_name(domain)), records.encode(new_slot))],
+            )
+        except Conflict:
+            raise errors.Aborted(f"peer {peer_id}{_peer_label(domain)} changed while starting the order; try again") from None
+        self.spawn(rec.order_id)
+        return rec
+
+    def spawn(self, order_id: str) -> asyncio.Task[OrderRecord]:
+        task = self._tasks.get(order_id)
+        if task is None or task.done():
+            task = asyncio.create_task(self._drive(order_id), name=f"order-{order_id}")
+            self._tasks[order_id] = task
+            task.add_done_callback(lambda _t: self._tasks.pop(order_id, None))
+        return task
+
+    async def wait(self, order_id: str) -> OrderRecord:
+        task = self._tasks.get(order_id)
+        if task is not None:
+            return await asyncio.shield(task)
+        rec = await self.get_order(order_id)
+        return rec
+
+    async def resume_all(self) -> list[str]:
+        """Drive every order a previous leader left unfinished."""
+        resumed = []
+        for entry in await self._store.range(self._keys.orders()):
+            rec = OrderRecord.from_json(records.decode(entry.value))
+            if not rec.done:
+                log.info("resuming order %s for %s in phase %s", rec.order_id, rec.peer_id, rec.phase.value)
+                self.spawn(rec.order_id)
+                resumed.append(rec.order_id)
+        return resumed
+
+    async def _load_order(self, order_id: str) -> OrderRecord | None:
+        data, _ = await records.read(self._store, self._keys.order(order_id))
+        return OrderRecord.from_json(data) if data else None
+
+    async def get_order(self, order_id: str) -> OrderRecord:
+        rec = await self._load_order(order_id)
+        if rec is None:
+            raise errors.NotFound(f"no order {order_id!r}")
+        return rec
+
+    async def refresh_authorizations(self, rec: OrderRecord) -> OrderRecord:
+        """The live authorization statuses at the CA (for `acmectl order show --refresh`)."""
+        client = await self._accounts.client(rec.provider)
+        fresh = []
+        for authz in rec.authorizations:
+            current, _ = await asyncio.to_thread(client.get_authorization, authz.url)
+            fresh.append(current)
+        return dataclasses.replace(rec, authorizations=tuple(fresh))
+
+    # --- the driver --------------------------------------------------------
+    async def _drive(self, order_id: str) -> OrderRecord:
+        rec = await self.get_order(order_id)
+        _, revision = await records.read(self._store, self._keys.order(order_id))
+        client: AcmeClient | None = None
+        deadline = self._monotonic() + self._timing.order_timeout
+        while True:
+            step = orders.next_step(rec)
+            if step is Step.NOTHING:
+                return rec
+            try:
+                if client is None and step is not Step.CLEANUP:
+                    client = await self._accounts.client(rec.provider)
+                new = await self._perform(step, rec, client, deadline)
+            except errors.ClusterAcmeError as exc:
+                # Transient trouble (CA or etcd unreachable) is retried until the
+                # order's deadline; a rate limit ends the order: retrying sooner
+                # than the CA asks only burns more of the limit.
+                if (exc.retryable and not isinstance(exc, RateLimited) and self._monotonic() < deadline
+                        and step is not Step.CLEANUP):
+                    delay = min(max(exc.retry_after or 1.0, 0.5), 10.0)
+                    log.warning("order %s: %s failed (%s); retrying in %.1fs", order_id, step.value, exc.message, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                new = orders.advance(rec, Phase.FAILED, error=exc.message)
+            except Exception as exc:  # a bug or an unexpected library error: fail the order, keep the process
+                log.exception("order %s: %s crashed", order_id, step.value)
+                new = orders.advance(rec, Phase.FAILED, error=f"internal error during {step.value}: {exc}")
+            rec, revision = await self._save(rec, new, revision)
+
+    async def _save(self, old: OrderRecord, new: OrderRecord, revision: int) -> tuple[OrderRecord, int]:
+        new = dataclasses.replace(new, updated_at=utcnow())
+        ops: list[Op] = [Put(self._keys.order(new.order_id), records.encode(new.to_json()))]
+        checks = [Check(self._keys.order(new.order_id), revision)]
+        slot_key = self._keys.cert(new.peer_id, slot_name(new.domain))
+        issued = new.phase is Phase.ISSUED and old.phase is not Phase.ISSUED
+        failed = new.phase is Phase.FAILED and old.phase is not Phase.FAILED
+        ended = new.done and not old.done
+        if issued or failed or ended:
+            # The certificate (or the failure) lands on the slot in the same
+            # transaction as the phase: a crash cannot store it twice or lose it.
+            slot, slot_rev = await records.read(self._store, slot_key)
+            slot = dict(slot or {})
+            if issued:
+                slot["pending"] = self._pending_from(new)
+            if issued or failed:
+                slot["last_sign"] = {"status": "valid" if issued else "failed", "at": new.updated_at,
+                                     "error": new.error, "order_id": new.order_id}
+            if ended and slot.get("current_order") == new.order_id:
+                slot["current_order"] = None
+            checks.append(Check(slot_key, slot_rev))
+            ops.append(Put(slot_key, records.encode(slot)))
+        rev = await self._store.txn(checks=checks, ops=ops)
+        return new, rev
+
+    def _pending_from(self, rec: OrderRecord) -> dict[str, Any]:
+        cert = certinfo.leaf(rec.chain_pem)
+        return {
+            "chain_pem": rec.chain_pem, "serial_hex": format(cert.serial_number, "x"),
+            "not_after": cert.not_valid_after_utc.isoformat(), "provider": rec.provider,
+            "order_url": rec.order_url, "signed_at": utcnow(),
+        }
+
+    async def _perform(self, step: Step, rec: OrderRecord, client: AcmeClient | None, deadline: float) -> OrderRecord:
+        assert client is not None or step is Step.CLEANUP
+        if step is Step.CREATE_ORDER:
+            view = await asyncio.to_thread(client.new_order, rec.names)  # type: ignore[union-attr]
+            if view.status is AcmeStatus.INVALID:
+                return orders.advance(rec, Phase.FAILED, order_url=view.url, error=f"the CA opened an invalid order ({view.error})")
+            placeholders = tuple(Authz(name="", url=u, status=AcmeStatus.PENDING) for u in view.authorization_urls)
+            return orders.advance(rec, Phase.ORDERED, order_url=view.url, finalize_url=view.finalize_url,
+                                  authorizations=placeholders)
+        if step is Step.FETCH_AUTHORIZATIONS:
+            authzs = []
+            for placeholder in rec.authorizations:
+                authz, _ = await asyncio.to_thread(client.get_authorization, placeholder.url)  # type: ignore[union-attr]
+                authzs.append(authz)
+            return orders.after_authorizations(rec, tuple(authzs))
+        if step is Step.PUSH_TOKENS:
+            return orders.after_push(rec, await self._push(rec))
+        if step is Step.SELF_CHECK:
+            return orders.after_self_check(rec, await self._self_check(rec))
+        if step is Step.ANSWER_CHALLENGES:
+            for authz in rec.open_challenges:
+                try:
+                    await asyncio.to_thread(client.answer, authz.challenge_url)  # type: ignore[union-attr]
+                except errors.ClusterAcmeError:
+                    # Answered before a crash: the CA may refuse a second answer;
+                    # polling tells the truth either way.
+                    current, _ = await asyncio.to_thread(client.get_authorization, authz.url)  # type: ignore[union-attr]
+                    if current.status is AcmeStatus.PENDING:
+                        raise
+            return orders.advance(rec, Phase.ANSWERED)
+        if step is Step.POLL_AUTHORIZATIONS:
+            return await self._poll_authorizations(rec, client, deadline)  # type: ignore[arg-type]
+        if step is Step.FINALIZE:
+            return orders.advance(rec, Phase.FINALIZING)  # saved before the finalize request is sent
+        if step is Step.POLL_ORDER:
+            return await self._finish(rec, client, deadline)  # type: ignore[arg-type]
+        if step is Step.CLEANUP:
+            await self._cleanup(rec)
+            to = Phase.DONE if rec.phase is Phase.ISSUED else Phase.FAILED
+            return orders.advance(rec, to, cleaned=True)
+        raise orders.IllegalTransition(f"no handler for {step}")
+
+    async def _serving_peers(self) -> list[PeerInfo]:
+        # Every registered peer serves, enabled or not, alive or not: DNS may
+        # point at any of them, and a dead one must fail the self-check rather
+        # than a validation at the CA (SPEC R2, R15).
+        return await self._registry.list()
+
+    async def _push(self, rec: OrderRecord) -> tuple[PeerProgress, ...]:
+        peers = await self._serving_peers()
+        if not peers:
+            raise errors.FailedPrecondition("no peer is registered to serve the challenges")
+        tokens = [common_pb2.ChallengeToken(token=a.token, key_authorization=a.key_authorization)
+                  for a in rec.open_challenges]
+        request = agent_pb2.PresentTokensRequest(order_id=rec.order_id, tokens=tokens, ttl_seconds=self._timing.token_ttl)
+        results = await self._pool.fan_out(peers, "presenting tokens", lambda stub, t: stub.PresentTokens(request, timeout=t))
+        return tuple(
+            PeerProgress(pid, acknowledged=not isinstance(r, Exception), error=r.message if isinstance(r, errors.ClusterAcmeError) else "")
+            for pid, r in results.items()
+        )
+
+    async def _self_check(self, rec: OrderRecord) -> tuple[PeerProgress, ...]:
+        peers = {p.peer_id: p for p in await self._serving_peers()}
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timing.self_check_timeout))
+        http = self._http
+
+        async def fetch(peer: PeerInfo, authz: Authz) -> str:
+            url = f"http://{peer.http_front}{CHALLENGE_PATH}{authz.token}"
+            try:
+                # Exactly what a validator sends: the name (with port) as Host.
+                async with http.get(url, headers={"Host": f"{authz.name}:80"}, allow_redirects=False) as resp:
+                    body = await resp.text()
+                    if resp.status != 200:
+                        return f"{url} (Host {authz.name}) answered HTTP {resp.status}"
+                    if body.strip() != authz.key_authorization:
+                        return f"{url} (Host {authz.name}) served a different key authorization"
+                    return ""
+            except asyncio.TimeoutError:
+                return f"{url} did not answer within {self._timing.self_check_timeout:g}s"
+            except aiohttp.ClientError as exc:
+                return f"{url}: {exc.__class__.__name__}: {exc}"
+
+        out = []
+        for progress in rec.peers:
+            peer = peers.get(progress.peer_id)
+            if peer is None:
+                continue  # removed since the push; it no longer serves
+            problems = await asyncio.gather(*(fetch(peer, a) for a in rec.open_challenges))
+            problems = [p for p in problems if p]
+            if not progress.acknowledged:
+                problems.insert(0, f"did not take the tokens: {progress.error}")
+            out.append(dataclasses.replace(progress, self_checked=not problems, error="; ".join(problems)))
+        missing = set(peers) - {p.peer_id for p in rec.peers}
+        out.extend(PeerProgress(pid, error="joined after the tokens were pushed") for pid in sorted(missing))
+        return tuple(out)
+
+    async def _poll_authorizations(self, rec: OrderRecord, client: AcmeClient, deadline: float) -> OrderRecord:
+        interval = self._timing.poll_interval
+        while True:
+            polled = []
+            wait = interval
+            for authz in rec.authorizations:
+                if authz.status is AcmeStatus.VALID:
+                    polled.append(authz)
+                    continue
+                current, retry_after = await asyncio.to_thread(client.get_authorization, authz.url)
+                polled.append(current)
+                if retry_after is not None:
+                    wait = max(wait, min(retry_after, self._timing.poll_max_interval))
+            moved = orders.after_poll(rec, tuple(polled))
+            if moved is not None:
+                return moved
+            if self._monotonic() + wait > deadline:
+                return orders.advance(rec, Phase.FAILED, authorizations=tuple(polled),
+                                      error=f"the CA did not finish validating within {self._timing.order_timeout:g}s")
+            rec = dataclasses.replace(rec, authorizations=tuple(polled))
+            await asyncio.sleep(wait)
+            interval = min(interval * 1.5, self._timing.poll_max_interval)
+
+    async def _finish(self, rec: OrderRecord, client: AcmeClient, deadline: float) -> OrderRecord:
+        """Finalize (again, if the CA still says ready), poll, download."""
+        interval = self._timing.poll_interval
+        view = await asyncio.to_thread(client.get_order, rec.order_url)
+        while True:
+            if view.status is AcmeStatus.READY:
+                view = await asyncio.to_thread(client.finalize, rec.finalize_url, rec.order_url, rec.csr_pem)
+                continue
+            if view.status is AcmeStatus.VALID and view.certificate_url:
+                chain = await asyncio.to_thread(client.download, view.certificate_url)
+                certinfo.check_chain_for(chain, rec.csr_pem)
+                return orders.advance(rec, Phase.ISSUED, certificate_url=view.certificate_url, chain_pem=chain)
+            if view.status is AcmeStatus.INVALID:
+                return orders.advance(rec, Phase.FAILED, error=f"the CA refused to issue: {view.error or 'order invalid'}")
+            wait = max(interval, min(view.retry_after or 0.0, self._timing.poll_max_interval))
+            if self._monotonic() + wait > deadline:
+                return orders.advance(rec, Phase.FAILED, error=f"the CA did not issue within {self._timing.order_timeout:g}s")
+            await asyncio.sleep(wait)
+            interval = min(interval * 1.5, self._timing.poll_max_interval)
+            view = await asyncio.to_thread(client.get_order, rec.order_url)
+
+    async def _cleanup(self, rec: OrderRecord) -> None:
+        """Remove the order's tokens from every peer, whatever the outcome.
+
+        A peer that cannot be reached now still closes them by itself: every
+        token carries a TTL, and an agent keeps tokens in memory only, so a
+        restarted agent serves none.
+        """
+        peers = await self._serving_peers()
+        request = agent_pb2.RemoveTokensRequest(order_id=rec.order_id)
+        results = await self._pool.fan_out(peers, "removing tokens", lambda stub, t: stub.RemoveTokens(request, timeout=t))
+        for pid, result in results.items():
+            if isinstance(result, errors.ClusterAcmeError):
+                log.warning("order %s: cleanup on %s failed (%s); its tokens expire by themselves",
+                            rec.order_id, pid, result.message)
+
+    # --- pending (R7) --------------------------------------------------------
+    async def pending(self, peer_id: str, domain: str) -> dict[str, Any]:
+        await self._registry.get(peer_id)
+        slot, _ = await self._slot(peer_id, domain)
+        if not slot or not slot.get("pending"):
+            raise errors.NotFound(f"peer {peer_id}{_peer_label(domain)} has no pending certificate")
+        return slot
+
+    async def discard_pending(self, peer_id: str, domain: str) -> None:
+        await self.pending(peer_id, domain)
+
+        def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if not current or not current.get("pending"):
+                raise errors.NotFound(f"peer {peer_id}{_peer_label(domain)} has no pending certificate")
+            return {**current, "pending": None}
+
+        await records.update(self._store, self._keys.cert(peer_id, slot_name(domain)), change)
+
+    async def slots(self, peer_id: str) -> list[dict[str, Any]]:
+        return [records.decode(e.value) for e in await self._store.range(self._keys.certs(peer_id))]

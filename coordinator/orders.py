@@ -1,0 +1,233 @@
+"""The order state machine (SPEC R5, DESIGN "The order, step by step"). Pure: no I/O.
+
+An order record is what etcd holds under ``orders/<id>``; the driver
+(``coordinator.issuance``) asks :func:`next_step` what to do, performs it,
+and moves the record with :func:`advance`, which refuses any transition not
+in :data:`TRANSITIONS`. Because the record is saved before every external
+step, a coordinator that starts with a saved record resumes exactly where the
+previous one stopped (no second order at the CA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+SCHEMA = 1
+
+
+class AcmeStatus(str, Enum):
+    """Statuses of RFC 8555 objects (section 7.1.6), as the CA reports them."""
+
+    PENDING = "pending"
+    READY = "ready"
+    PROCESSING = "processing"
+    VALID = "valid"
+    INVALID = "invalid"
+    EXPIRED = "expired"
+    DEACTIVATED = "deactivated"
+    REVOKED = "revoked"
+
+
+class Phase(str, Enum):
+    """Our own progress through one order; saved before the step it leads to."""
+
+    NEW = "new"                  # record saved; nothing asked of the CA yet
+    ORDERED = "ordered"          # order exists at the CA (URL saved)
+    AUTHORIZED = "authorized"    # authorizations and challenges known
+    PRESENTED = "presented"      # tokens pushed to every serving peer
+    CHECKED = "checked"          # every token seen through every peer's port 80
+    ANSWERED = "answered"        # challenges answered at the CA; polling
+    READY = "ready"              # every authorization valid
+    FINALIZING = "finalizing"    # finalize (CSR) sent or about to be
+    ISSUED = "issued"            # chain downloaded and stored as pending
+    DONE = "done"                # issued and cleaned up
+    FAILED = "failed"            # ended without a certificate, cleaned up
+
+
+TERMINAL = frozenset({Phase.DONE, Phase.FAILED})
+
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.NEW: frozenset({Phase.ORDERED, Phase.FAILED}),
+    Phase.ORDERED: frozenset({Phase.AUTHORIZED, Phase.FAILED}),
+    Phase.AUTHORIZED: frozenset({Phase.PRESENTED, Phase.READY, Phase.FAILED}),
+    Phase.PRESENTED: frozenset({Phase.CHECKED, Phase.FAILED}),
+    Phase.CHECKED: frozenset({Phase.ANSWERED, Phase.FAILED}),
+    Phase.ANSWERED: frozenset({Phase.READY, Phase.FAILED}),
+    Phase.READY: frozenset({Phase.FINALIZING, Phase.FAILED}),
+    Phase.FINALIZING: frozenset({Phase.ISSUED, Phase.FAILED}),
+    Phase.ISSUED: frozenset({Phase.DONE}),
+    Phase.DONE: frozenset(),
+    Phase.FAILED: frozenset(),
+}
+
+
+class Step(str, Enum):
+    """What the driver must do next for a record."""
+
+    CREATE_ORDER = "create_order"
+    FETCH_AUTHORIZATIONS = "fetch_authorizations"
+    PUSH_TOKENS = "push_tokens"
+    SELF_CHECK = "self_check"
+    ANSWER_CHALLENGES = "answer_challenges"
+    POLL_AUTHORIZATIONS = "poll_authorizations"
+    FINALIZE = "finalize"
+    POLL_ORDER = "poll_order"
+    CLEANUP = "cleanup"
+    NOTHING = "nothing"
+
+
+class IllegalTransition(Exception):
+    """A bug: the driver tried a move the table does not allow."""
+
+
+@dataclass(frozen=True)
+class Authz:
+    """One authorization of the order and its HTTP-01 challenge."""
+
+    name: str
+    url: str
+    status: AcmeStatus
+    challenge_url: str = ""
+    token: str = ""
+    key_authorization: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class PeerProgress:
+    peer_id: str
+    acknowledged: bool = False
+    self_checked: bool = False
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class OrderRecord:
+    order_id: str
+    peer_id: str
+    domain: str                  # "" = the server slot
+    provider: str
+    names: tuple[str, ...]
+    csr_pem: str
+    phase: Phase = Phase.NEW
+    order_url: str = ""
+    finalize_url: str = ""
+    certificate_url: str = ""
+    chain_pem: str = ""          # the issued chain, once downloaded
+    authorizations: tuple[Authz, ...] = ()
+    peers: tuple[PeerProgress, ...] = ()
+    error: str = ""
+    cleaned: bool = False        # every peer confirmed the tokens are gone
+    created_at: str = ""
+    updated_at: str = ""
+    schema: int = SCHEMA
+
+    # --- queries -------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        """Ended and cleaned up: nothing left to do on any peer or at the CA."""
+        return self.phase in TERMINAL and self.cleaned
+
+    @property
+    def open_challenges(self) -> tuple[Authz, ...]:
+        """Authorizations the peers must serve (the CA has not validated them)."""
+        return tuple(a for a in self.authorizations if a.status != AcmeStatus.VALID)
+
+    @property
+    def tokens(self) -> dict[str, str]:
+        return {a.token: a.key_authorization for a in self.authorizations if a.token}
+
+    # --- (de)serialisation ---------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["phase"] = self.phase.value
+        data["authorizations"] = [{**dataclasses.asdict(a), "status": a.status.value} for a in self.authorizations]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OrderRecord:
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"unsupported order record schema {data.get('schema')!r}")
+        fields = dict(data)
+        fields["phase"] = Phase(data["phase"])
+        fields["names"] = tuple(data["names"])
+        fields["authorizations"] = tuple(
+            Authz(**{**a, "status": AcmeStatus(a["status"])}) for a in data["authorizations"]
+        )
+        fields["peers"] = tuple(PeerProgress(**p) for p in data["peers"])
+        return cls(**fields)
+
+
+def next_step(rec: OrderRecord) -> Step:
+    """What to do next for a saved record; the heart of resumption."""
+    if rec.phase is Phase.ISSUED or (rec.phase is Phase.FAILED and not rec.cleaned):
+        return Step.CLEANUP
+    if rec.phase in TERMINAL:
+        return Step.NOTHING
+    return {
+        Phase.NEW: Step.CREATE_ORDER,
+        Phase.ORDERED: Step.FETCH_AUTHORIZATIONS,
+        # Re-pushing is idempotent on the agents, so a resumed order in
+        # AUTHORIZED or PRESENTED pushes again before checking.
+        Phase.AUTHORIZED: Step.PUSH_TOKENS,
+        Phase.PRESENTED: Step.SELF_CHECK,
+        Phase.CHECKED: Step.ANSWER_CHALLENGES,
+        Phase.ANSWERED: Step.POLL_AUTHORIZATIONS,
+        Phase.READY: Step.FINALIZE,
+        Phase.FINALIZING: Step.POLL_ORDER,
+    }[rec.phase]
+
+
+def advance(rec: OrderRecord, to: Phase, **changes: Any) -> OrderRecord:
+    """The record moved to phase ``to`` with ``changes``; illegal moves raise."""
+    if to is not rec.phase and to not in TRANSITIONS[rec.phase]:
+        raise IllegalTransition(f"order {rec.order_id}: {rec.phase.value} -> {to.value} is not allowed")
+    return dataclasses.replace(rec, phase=to, **changes)
+
+
+def after_authorizations(rec: OrderRecord, authzs: tuple[Authz, ...]) -> OrderRecord:
+    """Record the authorizations; skip straight to READY when the CA already
+    holds valid ones for every name (CAs reuse authorizations)."""
+    invalid = [a for a in authzs if a.status not in (AcmeStatus.PENDING, AcmeStatus.VALID)]
+    if invalid:
+        reasons = "; ".join(f"{a.name}: authorization is {a.status.value}" for a in invalid)
+        return advance(rec, Phase.FAILED, authorizations=authzs, error=reasons)
+    missing = [a.name for a in authzs if a.status is AcmeStatus.PENDING and not a.token]
+    if missing:
+        return advance(
+            rec, Phase.FAILED, authorizations=authzs,
+            error="the CA offered no http-01 challenge for " + ", ".join(missing),
+        )
+    to = Phase.READY if all(a.status is AcmeStatus.VALID for a in authzs) else Phase.AUTHORIZED
+    return advance(rec, to, authorizations=authzs)
+
+
+def after_push(rec: OrderRecord, peers: tuple[PeerProgress, ...]) -> OrderRecord:
+    """Tokens pushed. A peer that did not acknowledge will fail the self-check,
+    which reports every peer at once; we keep going to produce that report."""
+    return advance(rec, Phase.PRESENTED, peers=peers)
+
+
+def after_self_check(rec: OrderRecord, peers: tuple[PeerProgress, ...]) -> OrderRecord:
+    failed = [p for p in peers if not p.self_checked]
+    if failed:
+        detail = "; ".join(f"peer {p.peer_id}: {p.error}" for p in failed)
+        return advance(
+            rec, Phase.FAILED, peers=peers,
+            error=f"self-check failed, the CA was not asked to validate: {detail}",
+        )
+    return advance(rec, Phase.CHECKED, peers=peers)
+
+
+def after_poll(rec: OrderRecord, authzs: tuple[Authz, ...]) -> OrderRecord | None:
+    """Fold one polling round in; None means "still pending, poll again"."""
+    bad = [a for a in authzs if a.status not in (AcmeStatus.PENDING, AcmeStatus.VALID)]
+    if bad:
+        detail = "; ".join(f"{a.name}: {a.status.value}" + (f" ({a.error})" if a.error else "") for a in bad)
+        return advance(rec, Phase.FAILED, authorizations=authzs, error=f"the CA did not validate: {detail}")
+    if all(a.status is AcmeStatus.VALID for a in authzs):
+        return advance(rec, Phase.READY, authorizations=authzs)
+    return None

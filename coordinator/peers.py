@@ -1,0 +1,169 @@
+"""Peer registry (SPEC R2) and the gRPC fan-out to agents.
+
+Agents register and heartbeat to the coordinator (they hold no etcd
+credentials). Membership lives in ``peers/<peer>``; liveness is a key
+attached to an etcd lease that each heartbeat keeps alive, so a peer whose
+agent stops is seen dead when the lease runs out, by every replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc.aio
+
+from clusteracme import errors
+from clusteracme.rpcutil import TLSFiles, channel, error_from_rpc
+from clusteracme.v1 import agent_pb2_grpc
+from coordinator import records
+from coordinator.store.base import Store
+from coordinator.store.keys import Keys
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    peer_id: str
+    addresses: tuple[str, ...]
+    grpc_endpoint: str
+    http_front: str
+    front_mode: str
+    version: str
+    enabled: bool
+    registered_at: str
+    alive: bool = False
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any], alive: bool) -> PeerInfo:
+        return cls(
+            data["peer_id"], tuple(data["addresses"]), data["grpc_endpoint"], data["http_front"],
+            data["front_mode"], data["version"], data["enabled"], data["registered_at"], alive,
+        )
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class Registry:
+    def __init__(self, store: Store, keys: Keys, *, lease_ttl: int) -> None:
+        self._store = store
+        self._keys = keys
+        self._lease_ttl = lease_ttl
+
+    async def register(self, info: PeerInfo) -> None:
+        """Create or refresh the peer's record (keeping ``enabled``), then mark it alive."""
+
+        def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            record = {
+                "peer_id": info.peer_id,
+                "addresses": list(info.addresses),
+                "grpc_endpoint": info.grpc_endpoint,
+                "http_front": info.http_front,
+                "front_mode": info.front_mode,
+                "version": info.version,
+                # ACME is off until an operator enables it on this peer (SPEC R2).
+                "enabled": current["enabled"] if current else False,
+                "registered_at": current["registered_at"] if current else _now(),
+            }
+            if current is not None and {**current, "schema": None} == {**record, "schema": None}:
+                return current  # unchanged: write nothing
+            return record
+
+        await records.update(self._store, self._keys.peer(info.peer_id), change)
+        await self.heartbeat(info.peer_id)
+
+    async def heartbeat(self, peer_id: str) -> None:
+        """Keep the liveness lease; re-create it when it expired or this replica restarted."""
+        if await self._store.get(self._keys.peer(peer_id)) is None:
+            raise errors.NotFound(f"peer {peer_id} is not registered")
+        alive = await self._store.get(self._keys.peer_alive(peer_id))
+        if alive is not None and alive.lease and await self._store.keepalive_once(alive.lease) > 0:
+            return
+        lease = await self._store.grant_lease(self._lease_ttl)
+        await self._store.put_if(self._keys.peer_alive(peer_id), str(lease).encode(), expect_mod_revision=None, lease=lease)
+
+    async def get(self, peer_id: str) -> PeerInfo:
+        data, _ = await records.read(self._store, self._keys.peer(peer_id))
+        if data is None:
+            raise errors.NotFound(f"no peer named {peer_id!r} (acmectl peer list shows the registered peers)")
+        alive = await self._store.get(self._keys.peer_alive(peer_id)) is not None
+        return PeerInfo.from_record(data, alive)
+
+    async def list(self) -> list[PeerInfo]:
+        entries = await self._store.range(self._keys.peers())
+        alive, registered = set(), []
+        for entry in entries:
+            peer_id, is_alive_key = self._keys.parse_peer(entry.key)
+            if is_alive_key:
+                alive.add(peer_id)
+            else:
+                registered.append(records.decode(entry.value))
+        return sorted((PeerInfo.from_record(d, d["peer_id"] in alive) for d in registered), key=lambda p: p.peer_id)
+
+    async def set_enabled(self, peer_id: str, enabled: bool) -> PeerInfo:
+        await self.get(peer_id)
+
+        def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if current is None:
+                raise errors.NotFound(f"no peer named {peer_id!r}")
+            return current if current["enabled"] == enabled else {**current, "enabled": enabled}
+
+        await records.update(self._store, self._keys.peer(peer_id), change)
+        return await self.get(peer_id)
+
+    async def remove(self, peer_id: str) -> None:
+        peer = await self.get(peer_id)
+        if peer.alive:
+            raise errors.FailedPrecondition(
+                f"peer {peer_id} is alive; stop its agent first (a live agent registers again)"
+            )
+        await self._store.delete_if(self._keys.peer(peer_id), expect_mod_revision=None)
+
+
+class AgentPool:
+    """gRPC channels to the agents, one per endpoint, and the fan-out helper."""
+
+    def __init__(self, tls: TLSFiles, *, timeout: float) -> None:
+        self._tls = tls
+        self._timeout = timeout
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, peer: PeerInfo) -> agent_pb2_grpc.AgentServiceStub:
+        chan = self._channels.get(peer.grpc_endpoint)
+        if chan is None:
+            chan = self._channels[peer.grpc_endpoint] = channel(self._tls, peer.grpc_endpoint)
+        return agent_pb2_grpc.AgentServiceStub(chan)
+
+    async def call(self, peer: PeerInfo, what: str, fn: Callable[[agent_pb2_grpc.AgentServiceStub, float], Awaitable[T]],
+                   timeout: float | None = None) -> T:
+        """One call to one agent, with a deadline; failures become our errors naming the peer."""
+        try:
+            return await fn(self.stub(peer), timeout or self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"peer {peer.peer_id} ({what})") from exc
+
+    async def fan_out(self, peers: list[PeerInfo], what: str,
+                      fn: Callable[[agent_pb2_grpc.AgentServiceStub, float], Awaitable[T]]) -> dict[str, T | errors.ClusterAcmeError]:
+        """Call every peer concurrently; each result is the reply or the error."""
+
+        async def one(peer: PeerInfo) -> T | errors.ClusterAcmeError:
+            try:
+                return await self.call(peer, what, fn)
+            except errors.ClusterAcmeError as exc:
+                return exc
+
+        results = await asyncio.gather(*(one(p) for p in peers))
+        return {p.peer_id: r for p, r in zip(peers, results)}
+
+    async def close(self) -> None:
+        for chan in self._channels.values():
+            await chan.close()
+        self._channels.clear()

@@ -1,0 +1,231 @@
+"""The coordinator's preflight before an order (SPEC R4): the names are valid
+(``names.py``) and DNS points every one of them at registered peers only.
+
+The only module that imports dnspython; its exceptions are translated here
+into a per-lookup outcome, so callers see sentences, never tracebacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.resolver
+
+from coordinator.errors import InvalidNames, PreflightFailed, ResolverFailed
+from coordinator.names import NameProblem, normalize_names
+
+SYSTEM = "system"
+DEFAULT_TIMEOUT = 2.0
+_RESOLV_CONF = "/etc/resolv.conf"
+
+# Plain words for the response codes a server may answer instead of records.
+_RCODE_WORDS = {
+    "SERVFAIL": "the DNS server could not resolve the name (SERVFAIL)",
+    "REFUSED": "the DNS server refused the query (REFUSED)",
+}
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """One lookup's outcome: the addresses found (possibly none: the name
+    exists without records of that type), or ``error`` saying why none could
+    be had."""
+
+    addresses: tuple[str, ...] = ()
+    error: str | None = None
+
+
+class DnsResolver:
+    """A stub resolver asking fixed nameservers, without search domains or
+    cache, so the preflight sees what a CA's resolver would see now.
+
+    ``nameservers``: ``host:port`` strings (``192.0.2.53``, ``192.0.2.53:5353``,
+    ``[2001:db8::53]:53``; port 53 if omitted), or ``["system"]`` for the
+    servers in /etc/resolv.conf. ``timeout`` bounds each lookup as a whole, in
+    seconds. A bad specification raises ``ValueError`` (a configuration error).
+    """
+
+    def __init__(
+        self, nameservers: Sequence[str] = (SYSTEM,), *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        if isinstance(nameservers, str) or not nameservers:
+            raise ValueError("nameservers must be a non-empty list of host:port or 'system'")
+        self.timeout = timeout
+        self._resolver = dns.asyncresolver.Resolver(configure=False)
+        if SYSTEM in nameservers and len(nameservers) > 1:
+            raise ValueError("'system' cannot be combined with other nameservers")
+        if list(nameservers) == [SYSTEM]:
+            try:
+                self._resolver.read_resolv_conf(_RESOLV_CONF)
+            except dns.exception.DNSException as exc:
+                raise ValueError(f"cannot use the system resolver: {exc}") from exc
+            self.description = f"the system resolver ({_RESOLV_CONF})"
+        else:
+            self._resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(*_parse_nameserver(spec)) for spec in nameservers
+            ]
+            self.description = ", ".join(nameservers)
+        # One knob for the operator: resolv.conf's own timeout/attempts are
+        # overridden so a dead server costs at most `timeout`.
+        self._resolver.timeout = timeout
+        self._resolver.lifetime = timeout
+
+    async def resolve(self, name: str, rdtype: str) -> Lookup:
+        """Look up ``rdtype`` (``A`` or ``AAAA``) records of ``name``.
+
+        Never raises for what DNS can answer (NXDOMAIN, SERVFAIL, no answer in
+        time); raises ``ResolverFailed`` for anything else dnspython raises.
+        """
+        try:
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException as exc:
+            raise InvalidNames([NameProblem(name, f"not a DNS name: {exc}")]) from exc
+        try:
+            answer = await self._resolver.resolve(
+                qname, rdtype, search=False, raise_on_no_answer=False
+            )
+        except dns.resolver.NXDOMAIN:
+            return Lookup(error="the name does not exist (NXDOMAIN)")
+        except dns.resolver.LifetimeTimeout:
+            return Lookup(
+                error=f"no answer from {self.description} within {self.timeout:g} s (timeout)"
+            )
+        except dns.resolver.NoNameservers as exc:
+            return Lookup(error=_describe_failures(exc))
+        except dns.exception.DNSException as exc:
+            raise ResolverFailed(f"DNS lookup of {name} ({rdtype}) failed: {exc}") from exc
+        if answer.rrset is None:
+            return Lookup()
+        return Lookup(addresses=tuple(record.to_text() for record in answer.rrset))
+
+
+async def check_dns(
+    names: Sequence[str],
+    peer_addresses: Mapping[str, Sequence[str]],
+    resolver: DnsResolver,
+) -> list[NameProblem]:
+    """Return one problem per name whose A/AAAA records are missing, cannot be
+    read, or include an address no registered peer has; in ``names`` order.
+
+    ``peer_addresses`` maps peer id to that peer's public addresses (IP
+    literals). All lookups run concurrently, so the check takes about one
+    round trip (or one timeout), whatever the number of names.
+    """
+    known = _peer_ips(peer_addresses)
+    lookups = await asyncio.gather(
+        *(resolver.resolve(name, rdtype) for name in names for rdtype in ("A", "AAAA"))
+    )
+    problems: list[NameProblem] = []
+    for index, name in enumerate(names):
+        a, aaaa = lookups[2 * index], lookups[2 * index + 1]
+        reason = _judge(a, aaaa, known)
+        if reason is not None:
+            problems.append(NameProblem(name, reason))
+    return problems
+
+
+async def preflight(
+    common_name: str,
+    sans: Sequence[str],
+    peer_addresses: Mapping[str, Sequence[str]],
+    resolver: DnsResolver,
+    *,
+    force: bool,
+) -> list[str]:
+    """Normalize the names (``InvalidNames``) and, unless ``force``, check that
+    DNS points each at registered peers (``PreflightFailed`` listing every
+    problem). Returns the normalized names, CN first."""
+    names = normalize_names(common_name, sans)
+    if not force:
+        problems = await check_dns(names, peer_addresses, resolver)
+        if problems:
+            raise PreflightFailed(problems)
+    return names
+
+
+def _judge(
+    a: Lookup, aaaa: Lookup, known: set[ipaddress.IPv4Address | ipaddress.IPv6Address]
+) -> str | None:
+    """The reason one name fails, from its A and AAAA lookups, or None."""
+    # One failed type is enough: the unseen records could point anywhere.
+    if a.error and a.error == aaaa.error:
+        return a.error
+    failed = [
+        f"{rdtype} lookup: {lookup.error}"
+        for rdtype, lookup in (("A", a), ("AAAA", aaaa))
+        if lookup.error
+    ]
+    if failed:
+        return "; ".join(failed)
+    addresses = a.addresses + aaaa.addresses
+    if not addresses:
+        return "no A/AAAA record"
+    unknown = [address for address in addresses if ipaddress.ip_address(address) not in known]
+    if not unknown:
+        return None
+    if len(unknown) == 1:
+        return f"resolves to {unknown[0]}, which is not a registered peer"
+    return f"resolves to {', '.join(unknown)}, which are not registered peers"
+
+
+def _peer_ips(
+    peer_addresses: Mapping[str, Sequence[str]],
+) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    # Parsed, so that equal addresses written differently (::1, 0:0::1) match.
+    known: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for peer, addresses in peer_addresses.items():
+        for address in addresses:
+            try:
+                known.add(ipaddress.ip_address(address))
+            except ValueError:
+                raise ValueError(
+                    f"peer {peer} has a public address that is not an IP address: {address!r}"
+                ) from None
+    return known
+
+
+def _parse_nameserver(spec: str) -> tuple[str, int]:
+    """``host[:port]`` or ``[v6][:port]`` to (host, port)."""
+    invalid = ValueError(
+        f"invalid nameserver {spec!r}: expected IPv4[:port], [IPv6][:port] or 'system'"
+    )
+    if spec.startswith("["):
+        host, closed, rest = spec[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise invalid
+        port = rest[1:] if rest else "53"
+    elif spec.count(":") > 1:
+        host, port = spec, "53"  # a bare IPv6 address
+    else:
+        host, _, port = spec.partition(":")
+        port = port or "53"
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        raise invalid from None
+    if not 0 < number < 65536:
+        raise invalid
+    return host, number
+
+
+def _describe_failures(exc: dns.resolver.NoNameservers) -> str:
+    """Every server failed: say how, once per distinct failure."""
+    reasons: list[str] = []
+    # dnspython records one (server, tcp, port, error, response) per attempt;
+    # error is the rcode text when the server answered, else the exception.
+    for _server, _tcp, _port, error, _response in exc.kwargs.get("errors") or ():
+        if isinstance(error, str):
+            reason = _RCODE_WORDS.get(error, f"the DNS server answered {error}")
+        else:
+            reason = f"the DNS server could not be reached ({error})"
+        if reason not in reasons:
+            reasons.append(reason)
+    return "; ".join(reasons) or "no DNS server could answer"

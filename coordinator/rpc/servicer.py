@@ -1,0 +1,207 @@
+"""CoordinatorService: converts messages and delegates; no decisions here.
+
+Authorisation is by the role in the caller's certificate (``rpc_method``):
+agents may only register and heartbeat, for their own peer id; operators call
+the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc.aio
+
+from clusteracme import certinfo, errors
+from clusteracme.pki import Identity, Role
+from clusteracme.rpcutil import rpc_method
+from clusteracme.v1 import common_pb2, coordinator_pb2 as pb, coordinator_pb2_grpc
+from coordinator.accounts import Accounts, ProviderView
+from coordinator.issuance import Issuance
+from coordinator.orders import OrderRecord
+from coordinator.peers import AgentPool, PeerInfo, Registry
+
+AGENT, OPERATOR = Role.AGENT, Role.OPERATOR
+
+
+def _provider(v: ProviderView) -> pb.Provider:
+    return pb.Provider(
+        name=v.name, directory_url=v.directory_url, terms_of_service=v.terms_of_service,
+        account_url=v.account_url, account_status=v.account_status, contact=v.contact,
+        has_ca_bundle=v.has_ca_bundle,
+    )
+
+
+def _peer(p: PeerInfo) -> pb.Peer:
+    return pb.Peer(
+        peer_id=p.peer_id, addresses=p.addresses, grpc_endpoint=p.grpc_endpoint, http_front=p.http_front,
+        front_mode=p.front_mode, version=p.version, enabled=p.enabled, alive=p.alive, registered_at=p.registered_at,
+    )
+
+
+def order_info(rec: OrderRecord) -> pb.OrderInfo:
+    return pb.OrderInfo(
+        order_id=rec.order_id, peer_id=rec.peer_id, slot=common_pb2.Slot(domain=rec.domain), phase=rec.phase.value,
+        order_url=rec.order_url, names=rec.names, error=rec.error, created_at=rec.created_at,
+        updated_at=rec.updated_at, done=rec.done, succeeded=rec.phase.value == "done", provider=rec.provider,
+        authorizations=[pb.AuthorizationProgress(name=a.name, status=a.status.value, url=a.url) for a in rec.authorizations],
+        peers=[pb.PeerAck(peer_id=p.peer_id, acknowledged=p.acknowledged, self_checked=p.self_checked, error=p.error)
+               for p in rec.peers],
+    )
+
+
+def _required(value: str, what: str) -> str:
+    if not value:
+        raise errors.InvalidArgument(f"{what} is required")
+    return value
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self, registry: Registry, accounts: Accounts, issuance: Issuance, pool: AgentPool,
+                 *, heartbeat_interval: int, lease_ttl: int) -> None:
+        self._registry = registry
+        self._accounts = accounts
+        self._issuance = issuance
+        self._pool = pool
+        self._heartbeat_interval = heartbeat_interval
+        self._lease_ttl = lease_ttl
+
+    # --- agents ----------------------------------------------------------
+    @staticmethod
+    def _own(who: Identity, peer_id: str) -> None:
+        if who.name != peer_id:
+            raise errors.PermissionDenied(f"{who.common_name} may not act for peer {peer_id!r}")
+
+    @rpc_method(AGENT)
+    async def RegisterPeer(self, request: pb.RegisterPeerRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        self._own(who, request.peer_id)
+        if not request.addresses or not request.grpc_endpoint or not request.http_front:
+            raise errors.InvalidArgument("a registration needs addresses, grpc_endpoint and http_front")
+        if request.front_mode not in ("redirect", "closed"):
+            raise errors.InvalidArgument(f"unknown front mode {request.front_mode!r}")
+        await self._registry.register(PeerInfo(
+            request.peer_id, tuple(request.addresses), request.grpc_endpoint, request.http_front,
+            request.front_mode, request.version, enabled=False, registered_at="",
+        ))
+        return pb.RegisterPeerResponse(heartbeat_interval_seconds=self._heartbeat_interval,
+                                       lease_ttl_seconds=self._lease_ttl)
+
+    @rpc_method(AGENT)
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        self._own(who, request.peer_id)
+        await self._registry.heartbeat(request.peer_id)
+        return pb.HeartbeatResponse()
+
+    # --- providers and accounts -------------------------------------------
+    @rpc_method(OPERATOR)
+    async def AddProvider(self, request: pb.AddProviderRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        return _provider(await self._accounts.add_provider(
+            _required(request.name, "a provider name"), request.directory_url, request.ca_bundle_pem))
+
+    @rpc_method(OPERATOR)
+    async def ListProviders(self, request: pb.ListProvidersRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        return pb.ListProvidersResponse(providers=[_provider(v) for v in await self._accounts.list()])
+
+    @rpc_method(OPERATOR)
+    async def RegisterAccount(self, request: pb.RegisterAccountRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        return _provider(await self._accounts.register(
+            _required(request.provider, "--provider"), request.email, request.agree_tos))
+
+    # --- peers -----------------------------------------------------------
+    @rpc_method(OPERATOR)
+    async def ListPeers(self, request: pb.ListPeersRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        return pb.ListPeersResponse(peers=[_peer(p) for p in await self._registry.list()])
+
+    @rpc_method(OPERATOR)
+    async def SetPeerEnabled(self, request: pb.SetPeerEnabledRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        return _peer(await self._registry.set_enabled(_required(request.peer_id, "a peer id"), request.enabled))
+
+    @rpc_method(OPERATOR)
+    async def RemovePeer(self, request: pb.RemovePeerRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        await self._registry.remove(_required(request.peer_id, "a peer id"))
+        return pb.RemovePeerResponse()
+
+    # --- CSR, sign, pending ------------------------------------------------
+    @rpc_method(OPERATOR)
+    async def CreateCSR(self, request: pb.CreateCSRRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        csr = await self._issuance.create_csr(
+            _required(request.peer_id, "a peer id"), request.slot.domain, request.common_name,
+            list(request.sans), request.key_type,
+        )
+        return pb.CSRInfo(peer_id=request.peer_id, slot=request.slot, common_name=csr["names"][0], names=csr["names"],
+                          key_type=csr["key_type"], csr_pem=csr["pem"], created_at=csr["created_at"])
+
+    @rpc_method(OPERATOR)
+    async def Sign(self, request: pb.SignRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        rec = await self._issuance.start_sign(
+            _required(request.peer_id, "a peer id"), request.slot.domain, request.provider, request.force)
+        if request.wait:
+            rec = await self._issuance.wait(rec.order_id)
+        return order_info(rec)
+
+    @rpc_method(OPERATOR)
+    async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        rec = await self._issuance.get_order(_required(request.order_id, "an order id"))
+        if request.refresh:
+            rec = await self._issuance.refresh_authorizations(rec)
+        return order_info(rec)
+
+    @rpc_method(OPERATOR)
+    async def GetPending(self, request: pb.GetPendingRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        peer_id = _required(request.peer_id, "a peer id")
+        slot = await self._issuance.pending(peer_id, request.slot.domain)
+        pending = slot["pending"]
+        s = certinfo.summarize(certinfo.leaf(pending["chain_pem"]))
+        matches, how = await self._key_match(peer_id, request.slot.domain, s.public_key_sha256, slot)
+        return pb.PendingCertificate(
+            peer_id=peer_id, slot=request.slot, chain_pem=pending["chain_pem"], provider=pending["provider"],
+            order_url=pending["order_url"], signed_at=pending["signed_at"],
+            certificate=common_pb2.CertificateSummary(
+                subject=s.subject, sans=s.sans, issuer=s.issuer, serial_hex=s.serial_hex, not_before=s.not_before,
+                not_after=s.not_after, key_type=s.key_type, matches_peer_key=matches, key_check=how,
+                sha256_fingerprint=s.sha256_fingerprint,
+            ),
+        )
+
+    async def _key_match(self, peer_id: str, domain: str, cert_key: str, slot: dict[str, Any]) -> tuple[bool, str]:
+        """Does the certificate carry the key the peer holds? Ask the agent itself."""
+        csr_key = (slot.get("csr") or {}).get("public_key_sha256", "")
+        peer = await self._registry.get(peer_id)
+        try:
+            status = await self._pool.call(peer, "status", lambda stub, t: stub.Status(
+                __import__("clusteracme.v1.agent_pb2", fromlist=["x"]).AgentStatusRequest(), timeout=t))
+        except errors.ClusterAcmeError as exc:
+            same = cert_key == csr_key
+            return same, ("matches the key of the stored CSR" if same else "differs from the key of the stored CSR") + \
+                f"; not confirmed by the peer ({exc.message})"
+        held = {k.slot.domain: k.public_key_sha256 for k in status.keys}
+        if domain not in held:
+            return False, "the peer holds no key for this slot"
+        if held[domain] == cert_key:
+            return True, "matches the key held by the peer"
+        return False, "the peer's current key differs (a newer CSR replaced it)"
+
+    @rpc_method(OPERATOR)
+    async def DiscardPending(self, request: pb.DiscardPendingRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        await self._issuance.discard_pending(_required(request.peer_id, "a peer id"), request.slot.domain)
+        return pb.DiscardPendingResponse()
+
+    # --- status ----------------------------------------------------------
+    @rpc_method(OPERATOR)
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        peers = [await self._registry.get(request.peer_id)] if request.peer_id else await self._registry.list()
+        out = []
+        for peer in peers:
+            slots = []
+            for slot in await self._issuance.slots(peer.peer_id):
+                csr = slot.get("csr") or {}
+                pending = slot.get("pending") or {}
+                last = slot.get("last_sign") or {}
+                slots.append(pb.SlotStatus(
+                    slot=common_pb2.Slot(domain=slot.get("domain", "")), csr_names=",".join(csr.get("names", [])),
+                    csr_created_at=csr.get("created_at", ""), pending_serial=pending.get("serial_hex", ""),
+                    pending_not_after=pending.get("not_after", ""), last_sign_status=last.get("status", ""),
+                    last_sign_at=last.get("at", ""), last_sign_error=last.get("error", ""),
+                    current_order=slot.get("current_order") or "",
+                ))
+            out.append(pb.PeerStatus(peer=_peer(peer), slots=slots))
+        return pb.StatusResponse(peers=out)

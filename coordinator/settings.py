@@ -1,0 +1,73 @@
+"""The coordinator's settings, parsed once from TOML and --set flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clusteracme.rpcutil import TLSFiles
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    ca: Path = Path("/etc/clusteracme/pki/ca.pem")
+    """The cluster CA: every client and agent certificate must chain to it."""
+    cert: Path = Path("/etc/clusteracme/pki/coordinator.pem")
+    key: Path = Path("/etc/clusteracme/pki/coordinator.key")
+
+    def files(self) -> TLSFiles:
+        return TLSFiles(self.ca, self.cert, self.key)
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    """host:port of every etcd member; the client balances across them."""
+    prefix: str = "/clusteracme/default/"
+    """All keys of this cluster live under this prefix."""
+    ca: Path | None = None
+    """etcd over TLS: the CA of etcd's listener (TLS is off when unset)."""
+    cert: Path | None = None
+    key: Path | None = None
+    user: str = ""
+    """etcd authentication (optional)."""
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class TimingSettings:
+    agent_call_timeout: float = 5.0
+    """Deadline of every coordinator -> agent call, in seconds."""
+    self_check_timeout: float = 3.0
+    """Deadline of one self-check fetch through a peer's port-80 front."""
+    poll_interval: float = 0.05
+    """First interval between polls of the CA; grows to poll_max_interval."""
+    poll_max_interval: float = 2.0
+    order_timeout: float = 300.0
+    """An order still not valid after this long fails (and is cleaned up)."""
+    token_ttl: int = 600
+    """Agents close a token by themselves after this many seconds."""
+    lease_ttl: int = 10
+    """A peer is dead this long after its last heartbeat."""
+    heartbeat_interval: int = 3
+    leader_ttl: int = 5
+    """Leader lease TTL: how long a crashed leader blocks a successor."""
+    acme_timeout: float = 10.0
+    """Network timeout of one ACME HTTP request."""
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    name: str = "coordinator"
+    """This replica's name (the leader key holds it)."""
+    listen: str = "127.0.0.1:7443"
+    """gRPC (mTLS) address for acmectl and agents."""
+    account_key_file: Path = Path("/etc/clusteracme/account-key.secret")
+    """64 hex characters; encrypts the ACME account keys stored in etcd."""
+    dns_resolvers: tuple[str, ...] = ("system",)
+    """Resolvers for the preflight DNS check: host:port entries, or "system"."""
+    metrics_listen: str = ""
+    """host:port for Prometheus metrics over HTTP; empty disables them."""
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    etcd: EtcdSettings = field(default_factory=EtcdSettings)
+    timing: TimingSettings = field(default_factory=TimingSettings)

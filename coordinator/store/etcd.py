@@ -1,0 +1,382 @@
+"""The etcd adapter of the state-store port; the only module importing etcd3aio.
+
+Every etcd3aio, grpc and timeout exception is translated here into the store
+errors of ``base`` (``raise ... from``). Working around etcd3aio 0.3.0:
+
+- Writes go out with ``max_attempts=1``: its transparent retry of a Txn whose
+  reply was lost would report a Conflict with our own first attempt.
+- Its watch resumes after a reconnect from the last *response header*
+  revision, which can skip history still being replayed when the stream
+  broke; we restart the watch ourselves from the last *event* delivered.
+  It also keeps waiting on a watch etcd cancelled (compaction): we raise.
+- Its keep-alive helper swallows errors and never reports a lost lease; we
+  send one keep-alive per call on the raw stream instead.
+- Its ``ipv4:`` channel target only takes IPv4 literals: host names are
+  resolved here, and the TLS name to verify defaults to that host name.
+- Simple auth tokens expire (``--auth-token-ttl``) and die with an etcd
+  restart: on UNAUTHENTICATED we authenticate again and retry once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from etcd3aio import (
+    Etcd3Client,
+    EtcdError,
+    EtcdUnauthenticatedError,
+    SortOrder,
+    SortTarget,
+    prefix_range_end,
+)
+from etcd3aio._protobuf import Compare  # 0.3.0 has no public mod_revision compare helper
+from etcd3aio.auth import AuthService
+from etcd3aio.kv import KVService
+from etcd3aio.lease import LeaseService
+from etcd3aio.watch import WatchService
+
+from clusteracme.errors import InvalidArgument
+
+from .base import (
+    Check,
+    Committed,
+    Compacted,
+    Conflict,
+    Entry,
+    EventKind,
+    LeaseLost,
+    Op,
+    Put,
+    StoreUnavailable,
+    TransactionalStore,
+    WatchEvent,
+    validate_ops,
+)
+
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Pem = bytes | str | Path
+"""PEM content (bytes) or the path of a PEM file (str or Path)."""
+
+_PAGE = 500  # keys per range request: stays far below gRPC's 4 MiB reply limit
+_FAILURES = (EtcdError, grpc.aio.AioRpcError, grpc.aio.UsageError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class _Services:
+    """The connected client and its service facades (never None here)."""
+
+    client: Etcd3Client
+    kv: KVService
+    lease: LeaseService
+    watch: WatchService
+    auth: AuthService
+
+
+def _read_pem(source: Pem | None) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    return Path(source).read_bytes()
+
+
+def _is_unauthenticated(exc: BaseException) -> bool:
+    if isinstance(exc, EtcdUnauthenticatedError):
+        return True
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _translate(exc: BaseException, operation: str) -> Exception:
+    """The store error for an exception raised by etcd3aio, grpc or a timeout."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code, detail = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.NOT_FOUND:  # etcd's only NOT_FOUND: "requested lease not found"
+            return LeaseLost(f"etcd {operation}: {detail}")
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidArgument(f"etcd {operation}: {detail}")
+        return StoreUnavailable(f"etcd {operation} failed: {code.name} {detail}".rstrip())
+    if isinstance(exc, TimeoutError):
+        return StoreUnavailable(f"etcd {operation} timed out")
+    return StoreUnavailable(f"etcd {operation} failed: {exc}")
+
+
+def _entry(kv: Any) -> Entry:
+    return Entry(kv.key.decode(), bytes(kv.value), kv.mod_revision, kv.create_revision, kv.lease)
+
+
+def _span(prefix: str) -> tuple[bytes, bytes]:
+    """The [key, range_end) etcd range of a string prefix."""
+    if not prefix:
+        return b"\0", b"\0"  # etcd's "every key"
+    key = prefix.encode()
+    return key, prefix_range_end(key)
+
+
+class EtcdStore(TransactionalStore):
+    """:class:`~coordinator.store.base.Store` on an etcd v3 cluster.
+
+    ``endpoints`` are ``host:port`` of the members (host names are resolved
+    to IPv4 at ``connect``). TLS is on when ``ca`` is given; ``cert`` and
+    ``key`` add a client certificate. ``server_name`` is the name to verify
+    in etcd's certificate (default: the endpoints' host name, when they share
+    one). ``user``/``password`` enable etcd authentication. Every unary call
+    is bounded by ``timeout`` seconds. Use as ``async with EtcdStore(...)``
+    or call ``connect``/``close``.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        ca: Pem | None = None,
+        cert: Pem | None = None,
+        key: Pem | None = None,
+        server_name: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        if not endpoints:
+            raise InvalidArgument("at least one etcd endpoint is required")
+        if (cert is None) != (key is None):
+            raise InvalidArgument("etcd client certificate and key go together")
+        if (cert is not None or server_name is not None) and ca is None:
+            raise InvalidArgument("etcd TLS options need the CA certificate")
+        if bool(user) != (password is not None):
+            raise InvalidArgument("etcd user and password go together")
+        self._endpoints = list(endpoints)
+        self._tls = (ca, cert, key)
+        self._server_name = server_name
+        self._user = user
+        self._password = password
+        self._timeout = timeout
+        self._services: _Services | None = None
+        self._auth_lock = asyncio.Lock()
+        self._auth_generation = 0
+
+    async def connect(self) -> None:
+        """Resolve endpoints, open the channel and authenticate. The channel
+        itself connects lazily: an unreachable etcd shows on the first call
+        (or here, when authentication is on)."""
+        addresses, names = await self._resolve()
+        ca, cert, key = (_read_pem(p) for p in self._tls)
+        server_name = self._server_name
+        if ca is not None and server_name is None and len(names) == 1:
+            server_name = names.pop()
+        tls = {} if ca is None else {"ca_cert": ca, "cert_chain": cert, "cert_key": key}
+        client = Etcd3Client(addresses, tls_server_name=server_name, **tls)
+        await client.connect()
+        assert client.kv and client.lease and client.watch and client.auth
+        self._services = _Services(client, client.kv, client.lease, client.watch, client.auth)
+        if self._user:
+            try:
+                await self._call("Auth.Authenticate", self._authenticate, reauthenticate=False)
+            except BaseException:
+                await self.close()
+                raise
+
+    async def close(self) -> None:
+        services, self._services = self._services, None
+        if services is not None:
+            await services.client.close()
+
+    async def __aenter__(self) -> EtcdStore:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def compact(self, revision: int) -> None:
+        """Discard history before ``revision`` (maintenance and tests)."""
+        await self._call("KV.Compact", lambda s: s.kv.compact(revision, physical=True, timeout=self._timeout))
+
+    # Reads.
+
+    async def get(self, key: str) -> Entry | None:
+        resp = await self._call("KV.Range", lambda s: s.kv.get(key, timeout=self._timeout))
+        return _entry(resp.kvs[0]) if resp.kvs else None
+
+    async def range_with_revision(self, prefix: str) -> tuple[list[Entry], int]:
+        start, end = _span(prefix)
+
+        def page(first: bytes, revision: int) -> Callable[[_Services], Awaitable[Any]]:
+            return lambda s: s.kv.get(
+                first, end, revision=revision, limit=_PAGE,
+                sort_order=SortOrder.ASCEND, sort_target=SortTarget.KEY, timeout=self._timeout,
+            )
+
+        # Later pages read at the first page's revision: one consistent snapshot.
+        resp = await self._call("KV.Range", page(start, 0))
+        revision = int(resp.header.revision)
+        entries = [_entry(kv) for kv in resp.kvs]
+        while resp.more:
+            resp = await self._call("KV.Range", page(resp.kvs[-1].key + b"\0", revision))
+            entries.extend(_entry(kv) for kv in resp.kvs)
+        return entries, revision
+
+    # Writes.
+
+    async def _commit(self, checks: Sequence[Check], ops: Sequence[Op]) -> Committed:
+        validate_ops(ops)
+        compares = [
+            Compare(result=Compare.EQUAL, target=Compare.MOD, key=c.key.encode(), mod_revision=c.mod_revision)
+            for c in checks
+        ]
+        success = [
+            KVService.txn_op_put(op.key, op.value, lease=op.lease) if isinstance(op, Put)
+            else KVService.txn_op_delete(op.key)
+            for op in ops
+        ]
+        # On failure read the checked keys in the same transaction, so the
+        # Conflict names exactly the checks that failed at that revision.
+        checked = list(dict.fromkeys(c.key for c in checks))
+        failure = [KVService.txn_op_get(k) for k in checked]
+        resp = await self._call(
+            "KV.Txn", lambda s: s.kv.txn(compares, success, failure, timeout=self._timeout, max_attempts=1)
+        )
+        if resp.succeeded:
+            deleted = sum(r.response_delete_range.deleted for r in resp.responses)
+            return Committed(int(resp.header.revision), deleted)
+        actual = {
+            k: (r.response_range.kvs[0].mod_revision if r.response_range.kvs else 0)
+            for k, r in zip(checked, resp.responses)
+        }
+        raise Conflict(frozenset(c.key for c in checks if actual[c.key] != c.mod_revision))
+
+    # Leases.
+
+    async def grant_lease(self, ttl: int) -> int:
+        if ttl <= 0:
+            raise InvalidArgument(f"lease TTL must be positive, not {ttl}")
+        resp = await self._call("Lease.Grant", lambda s: s.lease.grant(ttl, timeout=self._timeout))
+        if resp.error:
+            raise StoreUnavailable(f"etcd Lease.Grant failed: {resp.error}")
+        return int(resp.ID)
+
+    async def keepalive_once(self, lease_id: int) -> int:
+        async def once(services: _Services) -> int:
+            stream = services.lease.keep_alive(lease_id)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    async for resp in stream:
+                        return int(resp.TTL)
+            finally:
+                stream.cancel()
+            raise StoreUnavailable("etcd Lease.KeepAlive closed without an answer")
+
+        ttl = await self._call("Lease.KeepAlive", once)
+        if ttl <= 0:  # etcd answers TTL 0 for an expired or revoked lease
+            raise LeaseLost(f"lease {lease_id:x} is gone")
+        return ttl
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        with contextlib.suppress(LeaseLost):  # already gone: nothing left to revoke
+            await self._call("Lease.Revoke", lambda s: s.lease.revoke(lease_id, timeout=self._timeout))
+
+    # Watch.
+
+    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+        if start_revision < 1:
+            raise InvalidArgument("watch start_revision must be >= 1")
+        start, end = _span(prefix)
+        next_revision = start_revision
+        while True:
+            services = self._require()
+            generation = self._auth_generation
+            responses = services.watch.watch(start, end, start_revision=next_revision)
+            try:
+                async with contextlib.aclosing(responses):
+                    created = False
+                    async for resp in responses:
+                        if resp.canceled:
+                            if resp.compact_revision:
+                                raise Compacted(resp.compact_revision)
+                            raise StoreUnavailable(f"etcd cancelled the watch: {resp.cancel_reason}")
+                        if resp.created:
+                            if created:
+                                break  # etcd3aio reconnected on its own: resume from our position
+                            created = True
+                        for event in resp.events:
+                            kind = EventKind.PUT if event.type == event.PUT else EventKind.DELETE
+                            kv = event.kv
+                            yield WatchEvent(kind, kv.key.decode(), bytes(kv.value), kv.mod_revision)
+                            next_revision = kv.mod_revision + 1
+            except _FAILURES as exc:
+                if not (self._user and _is_unauthenticated(exc)):
+                    raise _translate(exc, "Watch") from exc
+                await self._call(
+                    "Auth.Authenticate",
+                    lambda s: self._reauthenticate(s, generation),
+                    reauthenticate=False,
+                )
+
+    # Internals.
+
+    def _require(self) -> _Services:
+        if self._services is None:
+            raise StoreUnavailable("etcd store is not connected")
+        return self._services
+
+    async def _call(
+        self, operation: str, fn: Callable[[_Services], Awaitable[T]], *, reauthenticate: bool = True
+    ) -> T:
+        """Run one etcd call, authenticating again once on a stale token, and
+        translate every failure into a store error."""
+        services = self._require()
+        generation = self._auth_generation
+        try:
+            try:
+                return await fn(services)
+            except (EtcdError, grpc.aio.AioRpcError) as exc:
+                if not (reauthenticate and self._user and _is_unauthenticated(exc)):
+                    raise
+                await self._reauthenticate(services, generation)
+                return await fn(services)
+        except _FAILURES as exc:
+            raise _translate(exc, operation) from exc
+
+    async def _authenticate(self, services: _Services) -> None:
+        resp = await services.auth.authenticate(self._user or "", self._password or "", timeout=self._timeout)
+        services.client.set_token(resp.token)
+        self._auth_generation += 1
+
+    async def _reauthenticate(self, services: _Services, seen_generation: int) -> None:
+        # Calls that failed with the same stale token share one new token
+        # instead of each paying etcd's bcrypt check.
+        async with self._auth_lock:
+            if self._auth_generation == seen_generation:
+                await self._authenticate(services)
+
+    async def _resolve(self) -> tuple[list[str], set[str]]:
+        """IPv4 ``ip:port`` for every endpoint, and the host names seen."""
+        loop = asyncio.get_running_loop()
+        addresses: list[str] = []
+        names: set[str] = set()
+        for endpoint in self._endpoints:
+            host, sep, port = endpoint.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise InvalidArgument(f"etcd endpoint {endpoint!r} is not host:port")
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                names.add(host)
+            else:
+                addresses.append(endpoint)
+                continue
+            try:
+                infos = await loop.getaddrinfo(host, int(port), family=socket.AF_INET, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot resolve etcd endpoint {endpoint!r}: {exc}") from exc
+            addresses.extend(dict.fromkeys(f"{info[4][0]}:{port}" for info in infos))
+        return addresses, names

@@ -1,0 +1,176 @@
+"""The challenge service: one façade over the token store, the localhost
+challenge server and the port-80 front, and the only place that decides when
+they listen.
+
+The challenge server (and, in ``closed`` mode, the front) listens exactly while
+at least one token is open; an expiry task closes them when the last token
+expires, so a coordinator that never cleans up cannot leave port 80 open.
+Every open/close transition happens under one lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from peer_agent.challenge_server import ChallengeServer
+from peer_agent.errors import NotStarted
+from peer_agent.front import Front, FrontMode
+from peer_agent.tokens import DEFAULT_MAX_TTL, TokenStore
+
+log = logging.getLogger(__name__)
+
+EXPIRY_TASK_NAME = "challenge-token-expiry"
+
+
+class ChallengeService:
+    """Present and remove HTTP-01 tokens on this peer.
+
+    When ``present`` returns, the tokens are servable through the front; when
+    ``remove`` (or expiry) takes the last one away, the challenge server is
+    closed and a ``closed``-mode front stops listening.
+    """
+
+    def __init__(
+        self,
+        front_host: str,
+        front_port: int,
+        front_mode: FrontMode | str,
+        https_port: int = 443,
+        challenge_host: str = "127.0.0.1",
+        challenge_port: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        max_ttl: float = DEFAULT_MAX_TTL,
+    ) -> None:
+        self._clock = clock
+        self._store = TokenStore(clock=clock, max_ttl=max_ttl)
+        self._server = ChallengeServer(self._store, challenge_host, challenge_port)
+        self._front = Front(
+            front_host, front_port, FrontMode(front_mode),
+            upstream_port=lambda: self._server.port,
+            https_port=https_port, upstream_host=challenge_host,
+        )
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._expiry_task: asyncio.Task[None] | None = None
+
+    @property
+    def front_mode(self) -> FrontMode:
+        return self._front.mode
+
+    @property
+    def open_tokens(self) -> int:
+        """Tokens held, including expired ones the expiry task has not purged yet."""
+        return len(self._store)
+
+    @property
+    def front_listening(self) -> bool:
+        return self._front.listening
+
+    @property
+    def front_port(self) -> int | None:
+        return self._front.port
+
+    @property
+    def challenge_listening(self) -> bool:
+        return self._server.listening
+
+    @property
+    def challenge_port(self) -> int | None:
+        return self._server.port
+
+    async def start(self) -> None:
+        """Start the expiry task and, in ``redirect`` mode, the front."""
+        async with self._lock:
+            if self._expiry_task is not None:
+                return
+            if self._front.mode is FrontMode.REDIRECT:
+                await self._front.start()
+            self._expiry_task = asyncio.create_task(
+                self._expire_loop(), name=EXPIRY_TASK_NAME
+            )
+            self._expiry_task.add_done_callback(_log_death)
+
+    async def stop(self) -> None:
+        """Forget every token and close everything; ``start`` may follow."""
+        task, self._expiry_task = self._expiry_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        async with self._lock:
+            self._store.remove_all()
+            await self._front.stop()
+            await self._server.stop()
+
+    async def present(self, order_id: str, tokens: Mapping[str, str], ttl: float) -> int:
+        """Open ``tokens`` (token -> key authorization) for ``order_id``.
+
+        Everything is validated before anything changes: a rejected call opens
+        nothing. Re-presenting the same tokens only extends their expiry.
+        Returns how many tokens the order now holds.
+        """
+        async with self._lock:
+            if self._expiry_task is None:
+                raise NotStarted("the challenge service is not started")
+            self._store.validate(order_id, tokens, ttl)
+            try:
+                await self._server.start()
+                if self._front.mode is FrontMode.CLOSED:
+                    await self._front.start()
+                held = self._store.add(order_id, tokens, ttl)
+            finally:
+                await self._close_if_idle()
+        self._wake.set()
+        log.info("order %s: %d challenge token(s) open", order_id, held)
+        return held
+
+    async def remove(self, order_id: str, tokens: list[str] | None = None) -> int:
+        """Release ``order_id``'s tokens (all when None); unknown ones are
+        ignored so cleanup can be repeated. Returns how many were released."""
+        async with self._lock:
+            released = self._store.remove(order_id, tokens)
+            await self._close_if_idle()
+        if released:
+            log.info("order %s: %d challenge token(s) removed", order_id, released)
+        return released
+
+    async def purge_expired(self) -> int:
+        """Drop expired tokens now (the expiry task calls this on time)."""
+        async with self._lock:
+            purged = self._store.purge_expired()
+            await self._close_if_idle()
+        if purged:
+            log.info("%d challenge token(s) expired", purged)
+        return purged
+
+    async def _close_if_idle(self) -> None:
+        if len(self._store):
+            return
+        if self._front.mode is FrontMode.CLOSED:
+            await self._front.stop()
+        await self._server.stop()
+
+    async def _expire_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            next_expiry = self._store.next_expiry()
+            delay = None if next_expiry is None else max(0.0, next_expiry - self._clock())
+            try:
+                # a present() may bring an earlier expiry: it wakes us to recompute
+                await asyncio.wait_for(self._wake.wait(), delay)
+                continue
+            except TimeoutError:
+                pass
+            try:
+                await self.purge_expired()
+            except Exception:
+                # keep the loop alive: it is what closes port 80 after a lost cleanup
+                log.exception("purging expired challenge tokens failed")
+                await asyncio.sleep(1.0)
+
+
+def _log_death(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s died", task.get_name(), exc_info=task.exception())

@@ -1,0 +1,165 @@
+"""The port-80 front of a peer (SPEC R6) and its two modes.
+
+``redirect``: always listening; while a challenge is open, GETs on the
+challenge path are forwarded to the localhost challenge server, and every
+other request is answered ``301`` to https. ``closed``: listening only while a
+challenge is open (the owner starts and stops it); challenge GETs are
+forwarded, everything else is 404.
+
+The front never answers a token itself: it forwards to the challenge server
+over loopback, so there is one place that knows what is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import re
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import hdrs, web
+from yarl import URL
+
+from peer_agent.challenge_server import (
+    CHALLENGE_PREFIX,
+    Listener,
+    challenge_token,
+    method_not_allowed,
+    not_found,
+    raw_path_only,
+)
+
+log = logging.getLogger(__name__)
+
+# A key authorization is at most 128 + 1 + 128 bytes; anything longer coming
+# back from the challenge server is not relayed in full.
+_MAX_RELAYED_BODY = 1024
+# Host header: a DNS name or IPv4 literal, or a bracketed IPv6 literal, with an
+# optional port. Validators send "name:80".
+_HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253})(?::[0-9]{1,5})?")
+
+
+class FrontMode(enum.Enum):
+    REDIRECT = "redirect"
+    CLOSED = "closed"
+
+
+def host_without_port(host_header: str | None) -> str | None:
+    """The host part of a Host header, or None when absent or malformed."""
+    if host_header is None:
+        return None
+    match = _HOST_RE.fullmatch(host_header)
+    return match.group(1) if match else None
+
+
+class Front:
+    """The port-80 listener.
+
+    ``upstream_port`` returns the challenge server's port while a challenge is
+    open and None otherwise; it is asked on every request, so the front never
+    caches whether a challenge is open.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        mode: FrontMode,
+        upstream_port: Callable[[], int | None],
+        *,
+        https_port: int = 443,
+        upstream_host: str = "127.0.0.1",
+        forward_timeout: float = 5.0,
+    ) -> None:
+        self.mode = mode
+        self._upstream_port = upstream_port
+        # bracketed when IPv6, so the forward URL can be formatted directly
+        self._upstream_host = f"[{upstream_host}]" if ":" in upstream_host else upstream_host
+        self._https_suffix = "" if https_port == 443 else f":{https_port}"
+        self._timeout = aiohttp.ClientTimeout(total=forward_timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._listener = Listener(
+            self._handle, host, port, what=f"port-80 front ({mode.value})",
+            max_line_size=4096, max_field_size=8190, max_headers=64,
+        )
+
+    @property
+    def listening(self) -> bool:
+        return self._listener.listening
+
+    @property
+    def port(self) -> int | None:
+        return self._listener.port
+
+    async def start(self) -> int:
+        if self._session is None:
+            # force_close: the challenge server comes and goes, and a pooled
+            # connection to a closed one would fail the next forward
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(force_close=True),
+            )
+        try:
+            return await self._listener.start()
+        except BaseException:
+            await self._close_session()
+            raise
+
+    async def stop(self) -> None:
+        await self._listener.stop()
+        await self._close_session()
+
+    async def _close_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        raw_path = raw_path_only(request)
+        upstream = self._upstream_port()
+        if upstream is not None and raw_path.startswith(CHALLENGE_PREFIX):
+            if request.method != "GET":
+                return method_not_allowed()
+            token = challenge_token(raw_path)
+            if token is None:
+                return not_found()
+            return await self._forward(upstream, token)
+        if self.mode is FrontMode.CLOSED:
+            return not_found()
+        return self._redirect(request)
+
+    async def _forward(self, upstream: int, token: str) -> web.StreamResponse:
+        session = self._session
+        if session is None:
+            return not_found()
+        # the token matched [A-Za-z0-9_-]+, so the path needs no quoting
+        url = URL(
+            f"http://{self._upstream_host}:{upstream}{CHALLENGE_PREFIX}{token}", encoded=True
+        )
+        try:
+            async with session.get(url, allow_redirects=False) as resp:
+                body = await resp.content.read(_MAX_RELAYED_BODY)
+                return web.Response(
+                    status=resp.status, body=body, content_type="text/plain"
+                )
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("forwarding token %s to %s failed: %r", token, url, exc)
+            return web.Response(
+                status=502, body=b"challenge server unavailable\n",
+                content_type="text/plain",
+            )
+
+    def _redirect(self, request: web.BaseRequest) -> web.StreamResponse:
+        host = host_without_port(request.headers.get(hdrs.HOST))
+        target = request.raw_path
+        # origin-form only: an absolute-form or "*" target has no path to keep
+        if host is None or not target.startswith("/"):
+            return web.Response(
+                status=400, body=b"bad request\n", content_type="text/plain"
+            )
+        return web.Response(
+            status=301,
+            headers={hdrs.LOCATION: f"https://{host}{self._https_suffix}{target}"},
+        )

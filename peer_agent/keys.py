@@ -1,0 +1,102 @@
+"""The peer's private keys and CSRs, on local disk only (SPEC R3, DESIGN).
+
+Layout under the agent's state directory::
+
+    slots/<slot>/csr.key      key of the latest CSR (0600), not yet in service
+    slots/<slot>/csr.pem      that CSR
+
+``<slot>`` is ``server`` or ``domain-<name>``. A new CSR replaces
+``csr.key`` atomically; keys that are in service (deployed) live elsewhere
+and are never touched here. Private keys never leave this module except as
+signatures (the CSR).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from clusteracme.certinfo import key_label, spki_sha256
+from clusteracme.pki import write_private
+from clusteracme.v1 import common_pb2
+from peer_agent.errors import InvalidSlot, UnknownKeyType
+
+# proto enum -> (label, generator). Labels match acmectl's --key-type values.
+KEY_TYPES = {
+    common_pb2.KEY_TYPE_EC_P256: ("ec-p256", lambda: ec.generate_private_key(ec.SECP256R1())),
+    common_pb2.KEY_TYPE_EC_P384: ("ec-p384", lambda: ec.generate_private_key(ec.SECP384R1())),
+    common_pb2.KEY_TYPE_RSA_2048: ("rsa-2048", lambda: rsa.generate_private_key(65537, 2048)),
+    common_pb2.KEY_TYPE_RSA_3072: ("rsa-3072", lambda: rsa.generate_private_key(65537, 3072)),
+    common_pb2.KEY_TYPE_RSA_4096: ("rsa-4096", lambda: rsa.generate_private_key(65537, 4096)),
+}
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$")
+
+
+def slot_dirname(domain: str) -> str:
+    if not domain:
+        return "server"
+    if not _DOMAIN_RE.match(domain):
+        raise InvalidSlot(f"{domain!r} is not a valid domain slot name")
+    return f"domain-{domain}"
+
+
+@dataclass(frozen=True)
+class SlotKeyInfo:
+    domain: str
+    public_key_sha256: str
+    key_type: str
+
+
+class KeyStore:
+    def __init__(self, state_dir: Path) -> None:
+        self._root = state_dir / "slots"
+
+    def generate_csr(self, domain: str, common_name: str, sans: list[str], key_type: int) -> tuple[str, str]:
+        """New key + CSR for the slot; returns (csr_pem, spki_sha256).
+
+        Everything is checked before the old CSR key is replaced, so a refused
+        request leaves the slot as it was.
+        """
+        if key_type not in KEY_TYPES:
+            raise UnknownKeyType(
+                f"unknown key type {key_type}; choose one of " + ", ".join(label for label, _ in KEY_TYPES.values())
+            )
+        slot_dir = self._root / slot_dirname(domain)
+        names = [common_name, *[n for n in sans if n != common_name]]
+        for name in names:
+            if not _DOMAIN_RE.match(name):
+                raise InvalidSlot(f"{name!r} is not a valid A-label DNS name")
+        key = KEY_TYPES[key_type][1]()
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        csr_pem = csr.public_bytes(serialization.Encoding.PEM)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        slot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private(slot_dir / "csr.key", key_pem)
+        (slot_dir / "csr.pem").write_bytes(csr_pem)
+        return csr_pem.decode(), spki_sha256(key.public_key())
+
+    def slots(self) -> list[SlotKeyInfo]:
+        out = []
+        if not self._root.is_dir():
+            return out
+        for slot_dir in sorted(self._root.iterdir()):
+            key_file = slot_dir / "csr.key"
+            if not key_file.is_file():
+                continue
+            key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+            domain = "" if slot_dir.name == "server" else slot_dir.name.removeprefix("domain-")
+            out.append(SlotKeyInfo(domain, spki_sha256(key.public_key()), key_label(key.public_key())))
+        return out

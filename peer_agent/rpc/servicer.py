@@ -1,0 +1,55 @@
+"""AgentService: converts messages and delegates; only the coordinator may call."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc.aio
+
+from clusteracme import __version__
+from clusteracme.pki import Identity, Role
+from clusteracme.rpcutil import rpc_method
+from clusteracme.v1 import agent_pb2 as pb, agent_pb2_grpc, common_pb2
+from peer_agent.challenges import ChallengeService
+from peer_agent.keys import KEY_TYPES, KeyStore
+
+COORDINATOR = Role.COORDINATOR
+_LABEL_TO_ENUM = {label: enum for enum, (label, _) in KEY_TYPES.items()}
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, peer_id: str, challenges: ChallengeService, keys: KeyStore) -> None:
+        self._peer_id = peer_id
+        self._challenges = challenges
+        self._keys = keys
+
+    @rpc_method(COORDINATOR)
+    async def PresentTokens(self, request: pb.PresentTokensRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        tokens = {t.token: t.key_authorization for t in request.tokens}
+        n = await self._challenges.present(request.order_id, tokens, float(request.ttl_seconds))
+        return pb.PresentTokensResponse(open_tokens=n)
+
+    @rpc_method(COORDINATOR)
+    async def RemoveTokens(self, request: pb.RemoveTokensRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        n = await self._challenges.remove(request.order_id, list(request.tokens) or None)
+        return pb.RemoveTokensResponse(open_tokens=n)
+
+    @rpc_method(COORDINATOR)
+    async def GenerateCSR(self, request: pb.GenerateCSRRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        # RSA-4096 generation takes a second or more: keep it off the event loop.
+        csr_pem, spki = await asyncio.to_thread(
+            self._keys.generate_csr, request.slot.domain, request.common_name, list(request.sans), request.key_type
+        )
+        return pb.GenerateCSRResponse(csr_pem=csr_pem, public_key_sha256=spki)
+
+    @rpc_method(COORDINATOR)
+    async def Status(self, request: pb.AgentStatusRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        keys = await asyncio.to_thread(self._keys.slots)
+        return pb.AgentStatusResponse(
+            peer_id=self._peer_id, version=__version__, front_mode=self._challenges.front_mode.value,
+            front_listening=self._challenges.front_listening, open_tokens=self._challenges.open_tokens,
+            challenge_server_listening=self._challenges.challenge_listening,
+            keys=[pb.SlotKey(slot=common_pb2.Slot(domain=k.domain), public_key_sha256=k.public_key_sha256,
+                             key_type=_LABEL_TO_ENUM.get(k.key_type, common_pb2.KEY_TYPE_UNSPECIFIED)) for k in keys],
+        )

@@ -1,0 +1,58 @@
+"""The peer agent's settings, parsed once from TOML and --set flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clusteracme.rpcutil import TLSFiles
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    ca: Path = Path("/etc/clusteracme/pki/ca.pem")
+    cert: Path = Path("/etc/clusteracme/pki/agent.pem")
+    key: Path = Path("/etc/clusteracme/pki/agent.key")
+
+    def files(self) -> TLSFiles:
+        return TLSFiles(self.ca, self.cert, self.key)
+
+
+@dataclass(frozen=True)
+class FrontSettings:
+    host: str = "0.0.0.0"
+    """Address the port-80 front binds (the peer's public address)."""
+    port: int = 80
+    mode: str = "redirect"
+    """"redirect": always listening, non-challenge requests 301 to https;
+    "closed": listening only while a challenge is open, the rest 404."""
+    https_port: int = 443
+    """Where redirect mode sends browsers."""
+
+
+@dataclass(frozen=True)
+class ChallengeSettings:
+    host: str = "127.0.0.1"
+    """The challenge server is localhost-only; only the front reaches it."""
+    port: int = 0
+    """Unprivileged port; 0 picks a free one each time it opens."""
+    max_token_ttl: float = 3600.0
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    peer_id: str = ""
+    """This peer's id; must match the name in its agent certificate."""
+    listen: str = "0.0.0.0:7444"
+    """gRPC (mTLS) address the coordinator dials."""
+    advertise: str = ""
+    """host:port the coordinator should dial (default: listen)."""
+    addresses: tuple[str, ...] = ()
+    """Public addresses DNS points at (default: the front host)."""
+    coordinators: tuple[str, ...] = ("127.0.0.1:7443",)
+    """Coordinator replicas to register with (tried in order)."""
+    state_dir: Path = Path("/var/lib/clusteracme-agent")
+    """Keys and certificates (0700 directory, 0600 keys)."""
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    front: FrontSettings = field(default_factory=FrontSettings)
+    challenge: ChallengeSettings = field(default_factory=ChallengeSettings)
