@@ -22,7 +22,7 @@ import aiohttp
 
 from clusteracme import errors
 from clusteracme.v1 import agent_pb2, common_pb2
-from clusteracme import certinfo
+from clusteracme import __version__, certinfo
 from coordinator import orders, preflight, records
 from coordinator.accounts import Accounts
 from coordinator.errors import RateLimited
@@ -115,12 +115,13 @@ class Issuance:
                 )
         reply = await self._pool.call(
             peer, "generating the key and CSR",
-            lambda stub, t: stub.GenerateCSR(
+            lambda stub, kw: stub.GenerateCSR(
                 agent_pb2.GenerateCSRRequest(
                     slot=common_pb2.Slot(domain=domain), common_name=names[0], sans=names[1:], key_type=key_type
                 ),
-                timeout=t,
+                **kw,
             ),
+            timeout=60.0,  # RSA-4096 key generation on a busy peer
         )
         csr = certinfo.load_csr(reply.csr_pem)
         if sorted(certinfo.csr_names(csr)) != sorted(names) or certinfo.spki_sha256(csr.public_key()) != reply.public_key_sha256:
@@ -156,6 +157,11 @@ class Issuance:
                 raise errors.FailedPrecondition(
                     f"order {running.order_id} for {peer_id}{_peer_label(domain)} is already running ({running.phase.value})"
                 )
+        if slot.get("pending"):
+            raise errors.FailedPrecondition(
+                f"peer {peer_id}{_peer_label(domain)} already has a pending certificate "
+                f"(serial {slot['pending']['serial_hex']}); deploy it or discard it (acmectl pending discard) first"
+            )
         names = tuple(slot["csr"]["names"])
         if not force:
             peers = await self._registry.list()
@@ -344,7 +350,7 @@ class Issuance:
         tokens = [common_pb2.ChallengeToken(token=a.token, key_authorization=a.key_authorization)
                   for a in rec.open_challenges]
         request = agent_pb2.PresentTokensRequest(order_id=rec.order_id, tokens=tokens, ttl_seconds=self._timing.token_ttl)
-        results = await self._pool.fan_out(peers, "presenting tokens", lambda stub, t: stub.PresentTokens(request, timeout=t))
+        results = await self._pool.fan_out(peers, "presenting tokens", lambda stub, kw: stub.PresentTokens(request, **kw))
         return tuple(
             PeerProgress(pid, acknowledged=not isinstance(r, Exception), error=r.message if isinstance(r, errors.ClusterAcmeError) else "")
             for pid, r in results.items()
@@ -353,7 +359,10 @@ class Issuance:
     async def _self_check(self, rec: OrderRecord) -> tuple[PeerProgress, ...]:
         peers = {p.peer_id: p for p in await self._serving_peers()}
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timing.self_check_timeout))
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timing.self_check_timeout),
+                headers={"User-Agent": f"clusteracme-selfcheck/{__version__}"},
+            )
         http = self._http
 
         async def fetch(peer: PeerInfo, authz: Authz) -> str:
@@ -439,7 +448,7 @@ class Issuance:
         """
         peers = await self._serving_peers()
         request = agent_pb2.RemoveTokensRequest(order_id=rec.order_id)
-        results = await self._pool.fan_out(peers, "removing tokens", lambda stub, t: stub.RemoveTokens(request, timeout=t))
+        results = await self._pool.fan_out(peers, "removing tokens", lambda stub, kw: stub.RemoveTokens(request, **kw))
         for pid, result in results.items():
             if isinstance(result, errors.ClusterAcmeError):
                 log.warning("order %s: cleanup on %s failed (%s); its tokens expire by themselves",

@@ -142,16 +142,21 @@ class AgentPool:
             chan = self._channels[peer.grpc_endpoint] = channel(self._tls, peer.grpc_endpoint)
         return agent_pb2_grpc.AgentServiceStub(chan)
 
-    async def call(self, peer: PeerInfo, what: str, fn: Callable[[agent_pb2_grpc.AgentServiceStub, float], Awaitable[T]],
+    async def call(self, peer: PeerInfo, what: str, fn: Callable[[agent_pb2_grpc.AgentServiceStub, dict[str, Any]], Awaitable[T]],
                    timeout: float | None = None) -> T:
-        """One call to one agent, with a deadline; failures become our errors naming the peer."""
+        """One call to one agent, with a deadline; failures become our errors naming the peer.
+
+        A peer that heartbeats is given until the deadline to accept the
+        connection (it may have just restarted while the channel backs off);
+        a peer known dead fails at once instead of costing the deadline.
+        """
         try:
-            return await fn(self.stub(peer), timeout or self._timeout)
+            return await fn(self.stub(peer), {"timeout": timeout or self._timeout, "wait_for_ready": peer.alive})
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"peer {peer.peer_id} ({what})") from exc
 
     async def fan_out(self, peers: list[PeerInfo], what: str,
-                      fn: Callable[[agent_pb2_grpc.AgentServiceStub, float], Awaitable[T]]) -> dict[str, T | errors.ClusterAcmeError]:
+                      fn: Callable[[agent_pb2_grpc.AgentServiceStub, dict[str, Any]], Awaitable[T]]) -> dict[str, T | errors.ClusterAcmeError]:
         """Call every peer concurrently; each result is the reply or the error."""
 
         async def one(peer: PeerInfo) -> T | errors.ClusterAcmeError:

@@ -125,7 +125,11 @@ class Front:
             token = challenge_token(raw_path)
             if token is None:
                 return not_found()
-            return await self._forward(upstream, token)
+            response = await self._forward(upstream, token)
+            # Operators (and the tests) see which validator reached which peer.
+            log.info("challenge %s requested by %s (%s) for Host %s: HTTP %d", token, request.remote,
+                     request.headers.get(hdrs.USER_AGENT, "-"), request.headers.get(hdrs.HOST, "-"), response.status)
+            return response
         if self.mode is FrontMode.CLOSED:
             return not_found()
         return self._redirect(request)

@@ -16,12 +16,6 @@ import pytest
 ETCD_BINARY = shutil.which("etcd") or "/usr/bin/etcd"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_etcd(
     tmp_path: Path, *, client_port: int | None = None, extra_args: Sequence[str] = ()
 ) -> tuple[str, Callable[[], None]]:
@@ -31,8 +25,14 @@ def start_etcd(
     this process (by PID). Calling again with the same ``tmp_path`` and
     ``client_port`` restarts the same member with its data.
     """
-    client_port = client_port or _free_port()
-    peer = f"http://127.0.0.1:{_free_port()}"
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    client_port = client_port or free_port()
+    peer = f"http://127.0.0.1:{free_port()}"
     client = f"http://127.0.0.1:{client_port}"
     data_dir = tmp_path / "etcd"
     log = (tmp_path / "etcd.log").open("ab")

@@ -14,7 +14,7 @@ import grpc.aio
 from clusteracme import certinfo, errors
 from clusteracme.pki import Identity, Role
 from clusteracme.rpcutil import rpc_method
-from clusteracme.v1 import common_pb2, coordinator_pb2 as pb, coordinator_pb2_grpc
+from clusteracme.v1 import agent_pb2, common_pb2, coordinator_pb2 as pb, coordinator_pb2_grpc
 from coordinator.accounts import Accounts, ProviderView
 from coordinator.issuance import Issuance
 from coordinator.orders import OrderRecord
@@ -167,8 +167,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         csr_key = (slot.get("csr") or {}).get("public_key_sha256", "")
         peer = await self._registry.get(peer_id)
         try:
-            status = await self._pool.call(peer, "status", lambda stub, t: stub.Status(
-                __import__("clusteracme.v1.agent_pb2", fromlist=["x"]).AgentStatusRequest(), timeout=t))
+            status = await self._pool.call(peer, "status", lambda stub, kw: stub.Status(agent_pb2.AgentStatusRequest(), **kw))
         except errors.ClusterAcmeError as exc:
             same = cert_key == csr_key
             return same, ("matches the key of the stored CSR" if same else "differs from the key of the stored CSR") + \

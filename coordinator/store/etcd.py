@@ -14,7 +14,9 @@ errors of ``base`` (``raise ... from``). Working around etcd3aio 0.3.0:
 - Its ``ipv4:`` channel target only takes IPv4 literals: host names are
   resolved here, and the TLS name to verify defaults to that host name.
 - Simple auth tokens expire (``--auth-token-ttl``) and die with an etcd
-  restart: on UNAUTHENTICATED we authenticate again and retry once.
+  restart: on UNAUTHENTICATED we authenticate again and retry once. etcd
+  refuses Authenticate itself while it carries the stale token, which
+  etcd3aio attaches to every service: it is cleared for that call.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def _translate(exc: BaseException, operation: str) -> Exception:
         if code == grpc.StatusCode.NOT_FOUND:  # etcd's only NOT_FOUND: "requested lease not found"
             return LeaseLost(f"etcd {operation}: {detail}")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
+            if operation == "Auth.Authenticate":  # wrong credentials: configuration, not the request
+                return StoreUnavailable(f"etcd refused our credentials: {detail}")
             return InvalidArgument(f"etcd {operation}: {detail}")
         return StoreUnavailable(f"etcd {operation} failed: {code.name} {detail}".rstrip())
     if isinstance(exc, TimeoutError):
@@ -347,6 +351,9 @@ class EtcdStore(TransactionalStore):
             raise _translate(exc, operation) from exc
 
     async def _authenticate(self, services: _Services) -> None:
+        # etcd rejects even Authenticate when it carries a stale token, and
+        # etcd3aio sends the token on every service: clear it on this one.
+        services.auth.set_token(None)
         resp = await services.auth.authenticate(self._user or "", self._password or "", timeout=self._timeout)
         services.client.set_token(resp.token)
         self._auth_generation += 1

@@ -70,7 +70,7 @@ class MemoryStore(TransactionalStore):
         for lease_id in [i for i, lease in self._leases.items() if lease.deadline <= now]:
             self._drop_lease(lease_id)
 
-    def compact(self, revision: int) -> None:
+    async def compact(self, revision: int) -> None:
         """Discard history before ``revision``, as etcd's compaction does."""
         # History is kept whole (test scale); only new watches are refused.
         self._compacted = max(self._compacted, revision)

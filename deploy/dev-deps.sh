@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the system packages `make demo` and `make test` need, when missing:
+# etcd (Debian: etcd-server), pebble + pebble-challtestsrv (Debian: pebble),
+# and the venv module for python3. Uses apt-get; runs it through sudo when
+# not root. Idempotent: does nothing when everything is present.
+set -euo pipefail
+
+need=()
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+{ command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2>&1; } || need+=(pebble)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+
+if ((${#need[@]} == 0)); then
+  exit 0
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "missing: ${need[*]} -- install them with your package manager (this script knows apt-get only)" >&2
+  exit 1
+fi
+sudo=()
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null 2>&1 || { echo "missing: ${need[*]}; run as root or install sudo" >&2; exit 1; }
+  sudo=(sudo)
+fi
+echo "installing system packages: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}"
+# Debian's etcd-server package enables a system etcd on 127.0.0.1:2379; the
+# launcher runs its own on free ports, so the system one is not needed. It
+# does not start inside containers without an init system.
