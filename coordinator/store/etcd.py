@@ -9,6 +9,9 @@ errors of ``base`` (``raise ... from``). Working around etcd3aio 0.3.0:
   revision, which can skip history still being replayed when the stream
   broke; we restart the watch ourselves from the last *event* delivered.
   It also keeps waiting on a watch etcd cancelled (compaction): we raise.
+- Closing the channel makes calls and watches in flight raise
+  ``asyncio.CancelledError`` (grpc.aio's way): when our task was not being
+  cancelled, that becomes StoreUnavailable.
 - Its keep-alive helper swallows errors and never reports a lost lease; we
   send one keep-alive per call on the raw stream instead.
 - Its ``ipv4:`` channel target only takes IPv4 literals: host names are
@@ -27,8 +30,8 @@ import ipaddress
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -90,6 +93,14 @@ def _read_pem(source: Pem | None) -> bytes | None:
     if source is None or isinstance(source, bytes):
         return source
     return Path(source).read_bytes()
+
+
+def _cancelled_by_grpc() -> bool:
+    """Whether a CancelledError came from grpc (channel closed under a call)
+    rather than from cancelling our task: grpc.aio raises CancelledError for
+    RPCs whose channel is closed, and that must not pose as our cancellation."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
 
 
 def _is_unauthenticated(exc: BaseException) -> bool:
@@ -309,13 +320,20 @@ class EtcdStore(TransactionalStore):
                             raise StoreUnavailable(f"etcd cancelled the watch: {resp.cancel_reason}")
                         if resp.created:
                             if created:
-                                break  # etcd3aio reconnected on its own: resume from our position
+                                # etcd3aio reconnected on its own, from its last header
+                                # revision: resume from our last event instead.
+                                _log.info("watch %s: reconnected; resuming at revision %d", prefix, next_revision)
+                                break
                             created = True
                         for event in resp.events:
                             kind = EventKind.PUT if event.type == event.PUT else EventKind.DELETE
                             kv = event.kv
                             yield WatchEvent(kind, kv.key.decode(), bytes(kv.value), kv.mod_revision)
                             next_revision = kv.mod_revision + 1
+            except asyncio.CancelledError as exc:
+                if _cancelled_by_grpc():
+                    raise StoreUnavailable("etcd store closed under the watch") from exc
+                raise
             except _FAILURES as exc:
                 if not (self._user and _is_unauthenticated(exc)):
                     raise _translate(exc, "Watch") from exc
@@ -349,6 +367,10 @@ class EtcdStore(TransactionalStore):
                 return await fn(services)
         except _FAILURES as exc:
             raise _translate(exc, operation) from exc
+        except asyncio.CancelledError as exc:
+            if _cancelled_by_grpc():
+                raise StoreUnavailable(f"etcd {operation}: store closed under the call") from exc
+            raise
 
     async def _authenticate(self, services: _Services) -> None:
         # etcd rejects even Authenticate when it carries a stale token, and

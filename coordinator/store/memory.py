@@ -23,7 +23,6 @@ from .base import (
     Committed,
     Compacted,
     Conflict,
-    Delete,
     Entry,
     EventKind,
     LeaseLost,

@@ -322,8 +322,19 @@ async def test_unreachable_store_raises_store_unavailable(h: Harness) -> None:
         await dead.close()
 
 
-async def test_closed_store_raises_store_unavailable(h: Harness) -> None:
+async def test_close_ends_watches_and_calls_with_store_unavailable(h: Harness) -> None:
+    revision = await h.store.put_if(h.k("a"), b"1", expect_mod_revision=0)
+
+    async def drain() -> None:
+        async with aclosing(h.store.watch(h.prefix, revision)) as events:
+            async for _ in events:
+                pass
+
+    watching = asyncio.create_task(drain())
+    await asyncio.sleep(0.2)
     await h.store.close()
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(watching, 5)
     with pytest.raises(StoreUnavailable):
         await h.store.get(h.k("a"))
 
