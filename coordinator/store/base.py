@@ -178,8 +178,10 @@ class Store(Protocol):
 
     async def txn(self, checks: Sequence[Check], ops: Sequence[Op]) -> int:
         """Apply every op if every check holds; return the store revision
-        after the transaction. A key may appear in at most one op. Raises
-        ``Conflict`` (naming the failed checks) or ``LeaseLost``."""
+        after the transaction. A key may appear in at most one op
+        (``InvalidArgument``); keep checks and ops each under 128, etcd's
+        default ``--max-txn-ops``. Raises ``Conflict`` (naming the failed
+        checks) or ``LeaseLost``."""
         ...
 
     async def grant_lease(self, ttl: int) -> int:
@@ -212,7 +214,8 @@ class Store(Protocol):
         ...
 
     async def close(self) -> None:
-        """Release connections; later calls raise ``StoreUnavailable``."""
+        """Release connections; later calls and open watches raise
+        ``StoreUnavailable``."""
         ...
 
 
