@@ -51,8 +51,9 @@ TERMINAL = frozenset({Phase.DONE, Phase.FAILED})
 
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.NEW: frozenset({Phase.ORDERED, Phase.FAILED}),
-    Phase.ORDERED: frozenset({Phase.AUTHORIZED, Phase.FAILED}),
-    Phase.AUTHORIZED: frozenset({Phase.PRESENTED, Phase.READY, Phase.FAILED}),
+    # ORDERED -> READY: the CA reused valid authorizations for every name.
+    Phase.ORDERED: frozenset({Phase.AUTHORIZED, Phase.READY, Phase.FAILED}),
+    Phase.AUTHORIZED: frozenset({Phase.PRESENTED, Phase.FAILED}),
     Phase.PRESENTED: frozenset({Phase.CHECKED, Phase.FAILED}),
     Phase.CHECKED: frozenset({Phase.ANSWERED, Phase.FAILED}),
     Phase.ANSWERED: frozenset({Phase.READY, Phase.FAILED}),

@@ -1,0 +1,119 @@
+"""The pure order state machine: transitions, next steps, resumption."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from coordinator import orders
+from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase, Step
+
+
+def rec(**changes: object) -> OrderRecord:
+    base = OrderRecord(order_id="o1", peer_id="peer1", domain="", provider="pebble",
+                       names=("a.example", "b.example"), csr_pem="CSR")
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def authz(name: str, status: AcmeStatus, token: str = "tok") -> Authz:
+    return Authz(name=name, url=f"https://ca/authz/{name}", status=status, challenge_url=f"https://ca/chall/{name}",
+                 token=f"{token}-{name}", key_authorization=f"{token}-{name}.thumb")
+
+
+@pytest.mark.parametrize(("phase", "step"), [
+    (Phase.NEW, Step.CREATE_ORDER),
+    (Phase.ORDERED, Step.FETCH_AUTHORIZATIONS),
+    (Phase.AUTHORIZED, Step.PUSH_TOKENS),
+    (Phase.PRESENTED, Step.SELF_CHECK),
+    (Phase.CHECKED, Step.ANSWER_CHALLENGES),
+    (Phase.ANSWERED, Step.POLL_AUTHORIZATIONS),
+    (Phase.READY, Step.FINALIZE),
+    (Phase.FINALIZING, Step.POLL_ORDER),
+    (Phase.ISSUED, Step.CLEANUP),
+])
+def test_next_step_for_every_live_phase(phase: Phase, step: Step) -> None:
+    assert orders.next_step(rec(phase=phase)) is step
+
+
+def test_failed_orders_are_cleaned_once_then_done() -> None:
+    failed = rec(phase=Phase.FAILED)
+    assert orders.next_step(failed) is Step.CLEANUP
+    assert not failed.done
+    cleaned = orders.advance(failed, Phase.FAILED, cleaned=True)
+    assert orders.next_step(cleaned) is Step.NOTHING and cleaned.done
+    done = orders.advance(rec(phase=Phase.ISSUED), Phase.DONE, cleaned=True)
+    assert orders.next_step(done) is Step.NOTHING and done.done
+
+
+@pytest.mark.parametrize(("src", "dst"), [
+    (Phase.NEW, Phase.ANSWERED),          # never answer before pushing and checking
+    (Phase.AUTHORIZED, Phase.CHECKED),    # never skip the push
+    (Phase.PRESENTED, Phase.ANSWERED),    # never skip the self-check
+    (Phase.ANSWERED, Phase.ISSUED),
+    (Phase.DONE, Phase.NEW),
+    (Phase.FAILED, Phase.DONE),
+    (Phase.ISSUED, Phase.FAILED),         # a stored certificate is never "failed" afterwards
+])
+def test_illegal_transitions_raise(src: Phase, dst: Phase) -> None:
+    with pytest.raises(orders.IllegalTransition):
+        orders.advance(rec(phase=src), dst)
+
+
+def test_every_transition_in_the_table_is_reachable_from_new() -> None:
+    seen, todo = {Phase.NEW}, [Phase.NEW]
+    while todo:
+        for nxt in orders.TRANSITIONS[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    assert seen == set(Phase)
+
+
+def test_valid_authorizations_are_skipped() -> None:
+    r = rec(phase=Phase.ORDERED)
+    ready = orders.after_authorizations(r, (authz("a.example", AcmeStatus.VALID), authz("b.example", AcmeStatus.VALID)))
+    assert ready.phase is Phase.READY
+    mixed = orders.after_authorizations(r, (authz("a.example", AcmeStatus.VALID), authz("b.example", AcmeStatus.PENDING)))
+    assert mixed.phase is Phase.AUTHORIZED
+    assert [a.name for a in mixed.open_challenges] == ["b.example"]
+
+
+def test_authorization_without_http01_fails_with_the_name() -> None:
+    no_http = dataclasses.replace(authz("b.example", AcmeStatus.PENDING), token="")
+    failed = orders.after_authorizations(rec(phase=Phase.ORDERED), (no_http,))
+    assert failed.phase is Phase.FAILED and "b.example" in failed.error
+
+
+def test_self_check_failure_names_every_failing_peer() -> None:
+    r = rec(phase=Phase.PRESENTED)
+    peers = (PeerProgress("peer1", True, True), PeerProgress("peer2", False, False, "unreachable"),
+             PeerProgress("peer3", True, False, "HTTP 404"))
+    failed = orders.after_self_check(r, peers)
+    assert failed.phase is Phase.FAILED
+    assert "peer2: unreachable" in failed.error and "peer3: HTTP 404" in failed.error
+    assert "CA was not asked" in failed.error
+    ok = orders.after_self_check(r, (PeerProgress("peer1", True, True),))
+    assert ok.phase is Phase.CHECKED
+
+
+def test_polling() -> None:
+    r = rec(phase=Phase.ANSWERED)
+    assert orders.after_poll(r, (authz("a.example", AcmeStatus.PENDING),)) is None
+    assert orders.after_poll(r, (authz("a.example", AcmeStatus.VALID),)).phase is Phase.READY  # type: ignore[union-attr]
+    bad = dataclasses.replace(authz("a.example", AcmeStatus.INVALID), error="connection: refused")
+    failed = orders.after_poll(r, (bad,))
+    assert failed is not None and failed.phase is Phase.FAILED and "a.example: invalid (connection: refused)" in failed.error
+
+
+def test_json_round_trip_keeps_everything() -> None:
+    r = rec(phase=Phase.PRESENTED, order_url="https://ca/order/1", authorizations=(authz("a.example", AcmeStatus.PENDING),),
+            peers=(PeerProgress("peer1", True, False, ""),))
+    assert OrderRecord.from_json(r.to_json()) == r
+
+
+def test_unknown_schema_is_refused() -> None:
+    data = rec().to_json()
+    data["schema"] = 99
+    with pytest.raises(ValueError, match="schema"):
+        OrderRecord.from_json(data)
