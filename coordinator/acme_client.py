@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 BAD_NONCE_ATTEMPTS = 6
 USER_AGENT = f"clusteracme/{__version__}"
+# Directories change rarely; one fetch per hour per URL saves a round trip per
+# order. (Every order still gets its own ClientV2 and nonce state.)
+DIRECTORY_TTL = 3600.0
+_DIRECTORIES: dict[str, tuple[messages.Directory, float]] = {}
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,10 @@ class AcmeClient:
     @property
     def acme(self) -> client.ClientV2:
         if self._client is None:
+            cached = _DIRECTORIES.get(self._url)
+            if cached is not None and time.monotonic() - cached[1] < DIRECTORY_TTL:
+                self._client = client.ClientV2(cached[0], self._net)
+                return self._client
             def fetch() -> client.ClientV2:
                 try:
                     directory = client.ClientV2.get_directory(self._url, self._net)
@@ -143,6 +152,7 @@ class AcmeClient:
                 return client.ClientV2(directory, self._net)
 
             self._client = self._call("fetching the ACME directory", fetch)
+            _DIRECTORIES[self._url] = (self._client.directory, time.monotonic())
         return self._client
 
     # --- steps -------------------------------------------------------------

@@ -15,7 +15,7 @@ import datetime
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -44,6 +44,35 @@ KEY_TYPE_LABELS = {
     common_pb2.KEY_TYPE_RSA_4096: "rsa-4096",
 }
 CHALLENGE_PATH = "/.well-known/acme-challenge/"
+
+
+class _OrderWriter:
+    """Writes one order's records to etcd strictly in sequence.
+
+    Progress-only phases are written behind the driver (it goes on with the
+    next step while the write is in flight); ``flush`` waits for everything
+    submitted, and the driver calls it for every phase in ``orders.DURABLE``.
+    A failed write (lost leadership, etcd down) surfaces at the next flush.
+    """
+
+    def __init__(self, save: Callable[[OrderRecord, OrderRecord, int], Awaitable[int]], revision: int) -> None:
+        self._save = save
+        self._revision = revision
+        self._tail: asyncio.Task[None] | None = None
+
+    def submit(self, old: OrderRecord, new: OrderRecord) -> None:
+        previous = self._tail
+
+        async def write() -> None:
+            if previous is not None:
+                await previous
+            self._revision = await self._save(old, new, self._revision)
+
+        self._tail = asyncio.create_task(write(), name=f"order-{new.order_id}-save-{new.phase.value}")
+
+    async def flush(self) -> None:
+        if self._tail is not None:
+            await self._tail
 
 
 def utcnow() -> str:
@@ -236,16 +265,20 @@ class Issuance:
     async def _drive(self, order_id: str) -> OrderRecord:
         rec = await self.get_order(order_id)
         _, revision = await records.read(self._store, self._keys.order(order_id))
+        writer = _OrderWriter(self._save, revision)
         client: AcmeClient | None = None
         deadline = self._monotonic() + self._timing.order_timeout
         while True:
             step = orders.next_step(rec)
             if step is Step.NOTHING:
+                await writer.flush()
                 return rec
+            step_started = self._monotonic()
             try:
                 if client is None and step is not Step.CLEANUP:
                     client = await self._accounts.client(rec.provider)
                 new = await self._perform(step, rec, client, deadline)
+                log.debug("order %s: %s took %.1f ms", order_id, step.value, (self._monotonic() - step_started) * 1000)
             except errors.ClusterAcmeError as exc:
                 # Transient trouble (CA or etcd unreachable) is retried until the
                 # order's deadline; a rate limit ends the order: retrying sooner
@@ -260,10 +293,13 @@ class Issuance:
             except Exception as exc:  # a bug or an unexpected library error: fail the order, keep the process
                 log.exception("order %s: %s crashed", order_id, step.value)
                 new = orders.advance(rec, Phase.FAILED, error=f"internal error during {step.value}: {exc}")
-            rec, revision = await self._save(rec, new, revision)
+            new = dataclasses.replace(new, updated_at=utcnow())
+            writer.submit(rec, new)
+            if new.phase in orders.DURABLE:
+                await writer.flush()
+            rec = new
 
-    async def _save(self, old: OrderRecord, new: OrderRecord, revision: int) -> tuple[OrderRecord, int]:
-        new = dataclasses.replace(new, updated_at=utcnow())
+    async def _save(self, old: OrderRecord, new: OrderRecord, revision: int) -> int:
         ops: list[Op] = [Put(self._keys.order(new.order_id), records.encode(new.to_json()))]
         checks = [Check(self._keys.order(new.order_id), revision)]
         slot_key = self._keys.cert(new.peer_id, slot_name(new.domain))
@@ -284,8 +320,7 @@ class Issuance:
                 slot["current_order"] = None
             checks.append(Check(slot_key, slot_rev))
             ops.append(Put(slot_key, records.encode(slot)))
-        rev = await self._store.txn(checks=checks, ops=ops)
-        return new, rev
+        return await self._store.txn(checks=checks, ops=ops)
 
     def _pending_from(self, rec: OrderRecord) -> dict[str, Any]:
         cert = certinfo.leaf(rec.chain_pem)
@@ -381,16 +416,15 @@ class Issuance:
             except aiohttp.ClientError as exc:
                 return f"{url}: {exc.__class__.__name__}: {exc}"
 
-        out = []
-        for progress in rec.peers:
-            peer = peers.get(progress.peer_id)
-            if peer is None:
-                continue  # removed since the push; it no longer serves
-            problems = await asyncio.gather(*(fetch(peer, a) for a in rec.open_challenges))
-            problems = [p for p in problems if p]
+        async def check(progress: PeerProgress) -> PeerProgress:
+            problems = [p for p in await asyncio.gather(*(fetch(peers[progress.peer_id], a) for a in rec.open_challenges)) if p]
             if not progress.acknowledged:
                 problems.insert(0, f"did not take the tokens: {progress.error}")
-            out.append(dataclasses.replace(progress, self_checked=not problems, error="; ".join(problems)))
+            return dataclasses.replace(progress, self_checked=not problems, error="; ".join(problems))
+
+        # Every token through every peer, all at once; a peer removed since
+        # the push no longer serves and is not checked.
+        out = list(await asyncio.gather(*(check(p) for p in rec.peers if p.peer_id in peers)))
         missing = set(peers) - {p.peer_id for p in rec.peers}
         out.extend(PeerProgress(pid, error="joined after the tokens were pushed") for pid in sorted(missing))
         return tuple(out)

@@ -65,6 +65,17 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 }
 
 
+# Phases that must be in etcd before the driver takes its next step, because
+# what comes next cannot be repeated safely without them: the order URL (a
+# second new-order burns rate limits), FINALIZING (finalize is not
+# idempotent: a resumed order polls instead of sending it twice), the stored
+# certificate, and the end. The other phases only show progress; the driver
+# writes them behind itself, and a resumed order repeats their (idempotent)
+# steps: re-fetching authorizations, re-pushing tokens, re-checking, and
+# re-answering challenges the CA already took.
+DURABLE = frozenset({Phase.ORDERED, Phase.FINALIZING, Phase.ISSUED, Phase.DONE, Phase.FAILED})
+
+
 class Step(str, Enum):
     """What the driver must do next for a record."""
 

@@ -40,8 +40,9 @@ class TimingSettings:
     """Deadline of every coordinator -> agent call, in seconds."""
     self_check_timeout: float = 3.0
     """Deadline of one self-check fetch through a peer's port-80 front."""
-    poll_interval: float = 0.05
-    """First interval between polls of the CA; grows to poll_max_interval."""
+    poll_interval: float = 0.02
+    """First interval between polls of the CA; grows 1.5x per round up to
+    poll_max_interval (the CA's Retry-After wins when it asks for longer)."""
     poll_max_interval: float = 2.0
     order_timeout: float = 300.0
     """An order still not valid after this long fails (and is cleaned up)."""
