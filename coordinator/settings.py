@@ -67,8 +67,6 @@ class CoordinatorSettings:
     """64 hex characters; encrypts the ACME account keys stored in etcd."""
     dns_resolvers: tuple[str, ...] = ("system",)
     """Resolvers for the preflight DNS check: host:port entries, or "system"."""
-    metrics_listen: str = ""
-    """host:port for Prometheus metrics over HTTP; empty disables them."""
     tls: TLSSettings = field(default_factory=TLSSettings)
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     timing: TimingSettings = field(default_factory=TimingSettings)

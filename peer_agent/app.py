@@ -63,13 +63,18 @@ async def keep_registered(settings: AgentSettings, challenges: ChallengeService,
 async def run(settings: AgentSettings) -> int:
     if not settings.peer_id:
         raise errors.InvalidArgument("peer_id is required")
+    if settings.front.mode == "external" and not settings.challenge.port:
+        raise errors.InvalidArgument("front.mode = \"external\" needs a fixed challenge.port for the web server to proxy to")
     sup = Supervisor()
     sup.install_signal_handlers()
-    challenges = ChallengeService(
-        settings.front.host, settings.front.port, settings.front.mode, https_port=settings.front.https_port,
-        challenge_host=settings.challenge.host, challenge_port=settings.challenge.port,
-        max_ttl=settings.challenge.max_token_ttl,
-    )
+    try:
+        challenges = ChallengeService(
+            settings.front.host, settings.front.port, settings.front.mode, https_port=settings.front.https_port,
+            challenge_host=settings.challenge.host, challenge_port=settings.challenge.port,
+            max_ttl=settings.challenge.max_token_ttl,
+        )
+    except ValueError as exc:
+        raise errors.InvalidArgument(f"front/challenge settings: {exc}") from exc
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     keys = KeyStore(settings.state_dir)
     await challenges.start()

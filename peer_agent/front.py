@@ -44,6 +44,10 @@ _HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253})(?::[0-9]{1,5}
 class FrontMode(enum.Enum):
     REDIRECT = "redirect"
     CLOSED = "closed"
+    # The node's own web server owns port 80 and proxies the challenge path to
+    # the challenge server (deploy/nginx-acme-challenge.conf); the agent runs
+    # no front at all.
+    EXTERNAL = "external"
 
 
 def host_without_port(host_header: str | None) -> str | None:

@@ -25,7 +25,9 @@ class FrontSettings:
     port: int = 80
     mode: str = "redirect"
     """"redirect": always listening, non-challenge requests 301 to https;
-    "closed": listening only while a challenge is open, the rest 404."""
+    "closed": listening only while a challenge is open, the rest 404;
+    "external": no front; the node's web server on host:port proxies
+    /.well-known/acme-challenge/ to the challenge server (fixed challenge.port)."""
     https_port: int = 443
     """Where redirect mode sends browsers."""
 

@@ -76,7 +76,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._own(who, request.peer_id)
         if not request.addresses or not request.grpc_endpoint or not request.http_front:
             raise errors.InvalidArgument("a registration needs addresses, grpc_endpoint and http_front")
-        if request.front_mode not in ("redirect", "closed"):
+        if request.front_mode not in ("redirect", "closed", "external"):
             raise errors.InvalidArgument(f"unknown front mode {request.front_mode!r}")
         await self._registry.register(PeerInfo(
             request.peer_id, tuple(request.addresses), request.grpc_endpoint, request.http_front,

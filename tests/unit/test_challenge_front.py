@@ -489,3 +489,18 @@ async def test_front_answers_502_when_the_challenge_server_is_gone() -> None:
         await front.stop()
     assert not front.listening
     await assert_refused(port)
+
+
+# --- external mode: the node's web server owns port 80 -------------------------
+async def test_external_mode_runs_no_front_and_serves_on_the_fixed_challenge_port(make_service: Factory) -> None:
+    challenge_port = free_port()
+    service, front_port = await make_service(FrontMode.EXTERNAL, challenge_port=challenge_port)
+    await assert_refused(front_port)
+    await assert_refused(challenge_port)
+    await service.present("o1", {TOKEN: KEY_AUTH}, 60)
+    assert not service.front_listening
+    await assert_refused(front_port)
+    status, headers, body = await request(challenge_port, PATH)
+    assert (status, body) == (200, KEY_AUTH.encode())
+    await service.remove("o1")
+    await assert_refused(challenge_port)
