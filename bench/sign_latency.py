@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from clusteracme.localcluster.cluster import LocalCluster
-from clusteracme.v1 import coordinator_pb2 as pb, coordinator_pb2_grpc
+from clusteracme.v1 import coordinator_pb2 as pb
+from clusteracme.v1 import coordinator_pb2_grpc
 
 PEERS = 3
 NAMES_PER_CERT = 3

@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from clusteracme.config import apply_overrides, build, load_toml
+from clusteracme.errors import ClusterAcmeError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,18 @@ def daemon_args(prog: str, description: str) -> argparse.ArgumentParser:
 
 def load_settings(cls: type, args: argparse.Namespace) -> Any:
     return build(cls, apply_overrides(load_toml(args.config), args.set))
+
+
+def main(prog: str, description: str, settings_cls: type, run: Callable[[Any], Coroutine[Any, Any, int]]) -> None:
+    """Parse flags, load settings, run the daemon; bad configuration exits 2
+    with one sentence on stderr, not a traceback."""
+    args = daemon_args(prog, description).parse_args()
+    setup_logging(args.log_level, args.log_format)
+    try:
+        sys.exit(asyncio.run(run(load_settings(settings_cls, args))))
+    except ClusterAcmeError as exc:
+        logging.getLogger(prog).error("%s", exc.message)
+        sys.exit(2)
 
 
 class Supervisor:

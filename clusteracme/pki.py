@@ -83,7 +83,7 @@ def init_ca(directory: Path, *, cluster: str = "clusteracme", days: int = 3650) 
         raise AlreadyExists(f"a cluster CA already exists in {directory}; refusing to overwrite it")
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{cluster} cluster CA")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -138,7 +138,7 @@ def issue(
             raise InvalidArgument(f"{ip!r} is not an IP address") from None
     sans.extend(x509.DNSName(n) for n in dns_names)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.common_name)]))

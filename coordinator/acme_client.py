@@ -21,7 +21,8 @@ from typing import TypeVar
 
 import josepy as jose
 import requests
-from acme import challenges, client, errors as acme_errors, messages
+from acme import challenges, client, messages
+from acme import errors as acme_errors
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -73,7 +74,7 @@ def _retry_after(response: requests.Response | None) -> float | None:
         when = email.utils.parsedate_to_datetime(value) if value else None
         if when is None:
             return None
-        return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+        return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
 def describe_problem(problem: messages.Error) -> str:

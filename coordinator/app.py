@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 from grpc_health.v1 import health_pb2
 
-from clusteracme import errors
-from clusteracme.daemon import Supervisor, add_health, daemon_args, load_settings, setup_logging
+from clusteracme import daemon, errors
+from clusteracme.daemon import Supervisor, add_health
 from clusteracme.rpcutil import server
 from clusteracme.v1 import coordinator_pb2_grpc
 from coordinator.accounts import Accounts
@@ -103,14 +102,7 @@ async def run(settings: CoordinatorSettings) -> int:
 
 
 def main() -> None:
-    args = daemon_args("acme-coordinator", "clusteracme coordinator").parse_args()
-    setup_logging(args.log_level, args.log_format)
-    try:
-        settings = load_settings(CoordinatorSettings, args)
-        sys.exit(asyncio.run(run(settings)))
-    except errors.ClusterAcmeError as exc:
-        log.error("%s", exc.message)
-        sys.exit(2)
+    daemon.main("acme-coordinator", "clusteracme coordinator", CoordinatorSettings, run)
 
 
 if __name__ == "__main__":

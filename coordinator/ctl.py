@@ -24,7 +24,8 @@ from google.protobuf.json_format import MessageToDict
 
 from clusteracme import errors, pki
 from clusteracme.rpcutil import TLSFiles, channel, error_from_rpc
-from clusteracme.v1 import common_pb2, coordinator_pb2 as pb, coordinator_pb2_grpc
+from clusteracme.v1 import common_pb2, coordinator_pb2_grpc
+from clusteracme.v1 import coordinator_pb2 as pb
 
 KEY_TYPES = {
     "ec-p256": common_pb2.KEY_TYPE_EC_P256,
@@ -41,9 +42,9 @@ class CtlError(Exception):
 
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _dict(msg: Any) -> dict[str, Any]:

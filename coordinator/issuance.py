@@ -20,14 +20,13 @@ from typing import Any
 
 import aiohttp
 
-from clusteracme import errors
+from clusteracme import __version__, certinfo, errors
 from clusteracme.v1 import agent_pb2, common_pb2
-from clusteracme import __version__, certinfo
 from coordinator import orders, preflight, records
 from coordinator.accounts import Accounts
+from coordinator.acme_client import AcmeClient
 from coordinator.errors import RateLimited
 from coordinator.names import normalize_names
-from coordinator.acme_client import AcmeClient
 from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase, Step
 from coordinator.peers import AgentPool, PeerInfo, Registry
 from coordinator.settings import TimingSettings
@@ -76,7 +75,7 @@ class _OrderWriter:
 
 
 def utcnow() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
 def slot_name(domain: str) -> str:
@@ -411,7 +410,7 @@ class Issuance:
                     if body.strip() != authz.key_authorization:
                         return f"{url} (Host {authz.name}) served a different key authorization"
                     return ""
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return f"{url} did not answer within {self._timing.self_check_timeout:g}s"
             except aiohttp.ClientError as exc:
                 return f"{url}: {exc.__class__.__name__}: {exc}"

@@ -11,7 +11,7 @@ previous one stopped (no second order at the CA).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 

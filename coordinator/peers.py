@@ -49,7 +49,7 @@ class PeerInfo:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 class Registry:
@@ -166,7 +166,7 @@ class AgentPool:
                 return exc
 
         results = await asyncio.gather(*(one(p) for p in peers))
-        return {p.peer_id: r for p, r in zip(peers, results)}
+        return {p.peer_id: r for p, r in zip(peers, results, strict=True)}
 
     async def close(self) -> None:
         for chan in self._channels.values():

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 import grpc.aio
 from grpc_health.v1 import health_pb2
 
-from clusteracme import __version__, errors
-from clusteracme.daemon import Supervisor, add_health, daemon_args, load_settings, setup_logging
+from clusteracme import __version__, daemon, errors
+from clusteracme.daemon import Supervisor, add_health
 from clusteracme.rpcutil import channel, error_from_rpc, server
-from clusteracme.v1 import agent_pb2_grpc, coordinator_pb2 as cpb, coordinator_pb2_grpc
+from clusteracme.v1 import agent_pb2_grpc, coordinator_pb2_grpc
+from clusteracme.v1 import coordinator_pb2 as cpb
 from peer_agent.challenges import ChallengeService
 from peer_agent.keys import KeyStore
 from peer_agent.rpc.servicer import AgentServicer
@@ -95,14 +95,7 @@ async def run(settings: AgentSettings) -> int:
 
 
 def main() -> None:
-    args = daemon_args("acme-agent", "clusteracme peer agent").parse_args()
-    setup_logging(args.log_level, args.log_format)
-    try:
-        settings = load_settings(AgentSettings, args)
-        sys.exit(asyncio.run(run(settings)))
-    except errors.ClusterAcmeError as exc:
-        log.error("%s", exc.message)
-        sys.exit(2)
+    daemon.main("acme-agent", "clusteracme peer agent", AgentSettings, run)
 
 
 if __name__ == "__main__":

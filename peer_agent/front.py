@@ -12,7 +12,6 @@ over loopback, so there is one place that knows what is served.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import re
@@ -152,7 +151,7 @@ class Front:
                 return web.Response(
                     status=resp.status, body=body, content_type="text/plain"
                 )
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("forwarding token %s to %s failed: %r", token, url, exc)
             return web.Response(
                 status=502, body=b"challenge server unavailable\n",

@@ -396,10 +396,12 @@ class Etcd(_Service):
     the data, as a restarted production member would.
     """
 
-    def __init__(self, run_dir: Path, *, name: str = "etcd", binary: str = "etcd") -> None:
+    def __init__(self, run_dir: Path, *, name: str = "etcd", binary: str = "etcd",
+                 extra_args: Sequence[str] = ()) -> None:
         self.name = name
         self.run_dir = run_dir
         self.binary = binary
+        self.extra_args = tuple(extra_args)  # appended last: they win over ours
         # Fresh per instance, so a reused run dir never resurrects old keys;
         # kept across restarts of this instance.
         self.data_dir = Path(tempfile.mkdtemp(prefix=f"{name}.data-", dir=run_dir))
@@ -435,6 +437,7 @@ class Etcd(_Service):
             "--election-timeout", "250",
             "--logger", "zap",
             "--log-outputs", "stderr",
+            *self.extra_args,
         ]  # fmt: skip
         self.process = _launch(
             self.name,
@@ -590,7 +593,7 @@ def _write_listener_tls(directory: Path) -> None:
     ones strict X.509 verifiers insist on (key usage, SKI/AKI).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     # Backdated a little so a clock a few seconds off does not see "not yet valid".
     not_before, not_after = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=365)
 

@@ -14,7 +14,8 @@ import grpc.aio
 from clusteracme import certinfo, errors
 from clusteracme.pki import Identity, Role
 from clusteracme.rpcutil import rpc_method
-from clusteracme.v1 import agent_pb2, common_pb2, coordinator_pb2 as pb, coordinator_pb2_grpc
+from clusteracme.v1 import agent_pb2, common_pb2, coordinator_pb2_grpc
+from clusteracme.v1 import coordinator_pb2 as pb
 from coordinator.accounts import Accounts, ProviderView
 from coordinator.issuance import Issuance
 from coordinator.orders import OrderRecord

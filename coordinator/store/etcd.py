@@ -265,7 +265,7 @@ class EtcdStore(TransactionalStore):
             return Committed(int(resp.header.revision), deleted)
         actual = {
             k: (r.response_range.kvs[0].mod_revision if r.response_range.kvs else 0)
-            for k, r in zip(checked, resp.responses)
+            for k, r in zip(checked, resp.responses, strict=True)
         }
         raise Conflict(frozenset(c.key for c in checks if actual[c.key] != c.mod_revision))
 
@@ -339,7 +339,7 @@ class EtcdStore(TransactionalStore):
                     raise _translate(exc, "Watch") from exc
                 await self._call(
                     "Auth.Authenticate",
-                    lambda s: self._reauthenticate(s, generation),
+                    lambda s, g=generation: self._reauthenticate(s, g),
                     reauthenticate=False,
                 )
 

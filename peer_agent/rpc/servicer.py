@@ -10,7 +10,8 @@ import grpc.aio
 from clusteracme import __version__
 from clusteracme.pki import Identity, Role
 from clusteracme.rpcutil import rpc_method
-from clusteracme.v1 import agent_pb2 as pb, agent_pb2_grpc, common_pb2
+from clusteracme.v1 import agent_pb2 as pb
+from clusteracme.v1 import agent_pb2_grpc, common_pb2
 from peer_agent.challenges import ChallengeService
 from peer_agent.keys import KEY_TYPES, KeyStore
 

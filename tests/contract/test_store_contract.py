@@ -11,7 +11,6 @@ import asyncio
 import datetime
 import ipaddress
 import json
-import socket
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from clusteracme.errors import InvalidArgument
+from clusteracme.localcluster.infra import Etcd, free_port
 from coordinator.store.base import (
     Check,
     Compacted,
@@ -43,12 +43,6 @@ from coordinator.store.memory import MemoryStore
 from tests.conftest import start_etcd
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class FakeClock:
@@ -95,7 +89,7 @@ async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         await store.connect()
 
         async def unreachable_etcd() -> EtcdStore:
-            dead = EtcdStore([f"127.0.0.1:{_free_port()}"], timeout=1)
+            dead = EtcdStore([f"127.0.0.1:{free_port()}"], timeout=1)
             await dead.connect()
             return dead
 
@@ -349,16 +343,15 @@ async def test_bad_watch_start_is_refused(h: Harness) -> None:
 
 
 async def test_etcd_watch_resumes_after_restart(tmp_path: Path) -> None:
-    endpoint, stop = start_etcd(tmp_path)
-    port = int(endpoint.rsplit(":", 1)[1])
-    store = EtcdStore([endpoint], timeout=5)
+    etcd = start_etcd(tmp_path)
+    store = EtcdStore([etcd.endpoint], timeout=5)
     await store.connect()
     try:
         first = await store.put_if("/r/a", b"1", expect_mod_revision=None)
         async with aclosing(store.watch("/r/", first)) as events:
             assert [e.value for e in await _next_events(events, 1)] == [b"1"]
-            stop()
-            endpoint, stop = start_etcd(tmp_path, client_port=port)
+            etcd.stop()
+            etcd.start()
             async with asyncio.timeout(15):
                 while True:
                     try:
@@ -370,7 +363,7 @@ async def test_etcd_watch_resumes_after_restart(tmp_path: Path) -> None:
             assert [(e.key, e.value) for e in resumed] == [("/r/b", b"2")]
     finally:
         await store.close()
-        stop()
+        etcd.stop()
 
 
 def _etcd_json(endpoint: str, path: str, body: dict[str, str]) -> None:
@@ -380,7 +373,8 @@ def _etcd_json(endpoint: str, path: str, body: dict[str, str]) -> None:
 
 
 async def test_etcd_auth_and_token_renewal(tmp_path: Path) -> None:
-    endpoint, stop = start_etcd(tmp_path, extra_args=["--auth-token-ttl", "1"])
+    etcd = start_etcd(tmp_path, extra_args=["--auth-token-ttl", "1"])
+    endpoint = etcd.endpoint
     try:
         _etcd_json(endpoint, "auth/user/add", {"name": "root", "password": "s3cret"})
         _etcd_json(endpoint, "auth/user/grant", {"user": "root", "role": "root"})
@@ -393,12 +387,12 @@ async def test_etcd_auth_and_token_renewal(tmp_path: Path) -> None:
             await asyncio.sleep(2.5)  # the simple token expires after 1 s idle
             assert (await store.get("/auth/a")).value == b"1"  # type: ignore[union-attr]
     finally:
-        stop()
+        etcd.stop()
 
 
 def _tls_material(directory: Path) -> dict[str, Path]:
     """A CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def make(name: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
              san: list[x509.GeneralName]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -434,15 +428,17 @@ def _tls_material(directory: Path) -> dict[str, Path]:
 
 async def test_etcd_over_mutual_tls(tmp_path: Path) -> None:
     pki = _tls_material(tmp_path)
-    port = _free_port()
-    # start_etcd polls /health over plain HTTP, so TLS clients get a second listener.
-    tls_port = _free_port()
-    endpoint, stop = start_etcd(tmp_path, client_port=port, extra_args=[
+    # The launcher polls /health over plain HTTP, so TLS clients get a second listener.
+    tls_port = free_port()
+    etcd = Etcd(tmp_path, extra_args=[])
+    port = etcd.client_port
+    etcd.extra_args = (
         "--listen-client-urls", f"http://127.0.0.1:{port},https://127.0.0.1:{tls_port}",
         "--advertise-client-urls", f"http://127.0.0.1:{port},https://127.0.0.1:{tls_port}",
         "--cert-file", str(pki["server"]), "--key-file", str(pki["server-key"]),
         "--trusted-ca-file", str(pki["ca"]), "--client-cert-auth",
-    ])
+    )
+    etcd.start()
     try:
         store = EtcdStore([f"localhost:{tls_port}"], ca=pki["ca"], cert=pki["client"], key=pki["client-key"])
         async with store:
@@ -453,4 +449,4 @@ async def test_etcd_over_mutual_tls(tmp_path: Path) -> None:
             with pytest.raises(StoreUnavailable):
                 await anonymous.get("/tls/a")
     finally:
-        stop()
+        etcd.stop()

@@ -10,8 +10,9 @@ import grpc
 import pytest
 
 from clusteracme.localcluster.cluster import LocalCluster
-from clusteracme.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2 as pb, coordinator_pb2_grpc
-from tests.integration.conftest import keyspace, make_cluster, register_account
+from clusteracme.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2_grpc
+from clusteracme.v1 import coordinator_pb2 as pb
+from tests.integration.conftest import keyspace, make_cluster
 
 pytestmark = pytest.mark.integration
 

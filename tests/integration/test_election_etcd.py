@@ -80,7 +80,7 @@ async def test_revoked_lease_sets_lost_and_hands_over(connect: Callable[[], Etcd
     await store_b.revoke_lease(leader_a.lease)  # behind a's back
     async with asyncio.timeout(TTL + 1):
         await leader_a.lost.wait()
-        leader_b = await waiting
+        await waiting
     with pytest.raises(NotLeader):
         await leader_a.fence(store_a).put_if("/clusteracme/itest/x", b"", expect_mod_revision=None)
     await b.resign()

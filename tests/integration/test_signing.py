@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from clusteracme.errors import FailedPrecondition
 from clusteracme.localcluster.cluster import LocalCluster, peer_address
 from coordinator.secretbox import SecretBox
 from tests.integration.conftest import agent_log, ctl_json, keyspace, make_cluster, record, register_account
@@ -117,7 +118,7 @@ def test_account_key_is_sealed(with_account: LocalCluster) -> None:
     provider = record(cluster, "providers/pebble")
     sealed = provider["account_key"]
     assert sealed.startswith("v1:") and b"BEGIN" not in base64.b64decode(sealed[3:])
-    with pytest.raises(Exception):
+    with pytest.raises(FailedPrecondition, match="does not open"):
         SecretBox(bytes(32)).open(sealed, "provider/pebble")
     opened = SecretBox.from_file(cluster.run_dir / "account-key.secret").open(sealed, "provider/pebble")
     assert opened.startswith(b"-----BEGIN PRIVATE KEY-----")
