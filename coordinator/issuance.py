@@ -54,10 +54,12 @@ class _OrderWriter:
     A failed write (lost leadership, etcd down) surfaces at the next flush.
     """
 
-    def __init__(self, save: Callable[[OrderRecord, OrderRecord, int], Awaitable[int]], revision: int) -> None:
+    def __init__(self, save: Callable[[OrderRecord, OrderRecord, int], Awaitable[int]], revision: int,
+                 in_flight: set[asyncio.Task[None]]) -> None:
         self._save = save
         self._revision = revision
         self._tail: asyncio.Task[None] | None = None
+        self._in_flight = in_flight
 
     def submit(self, old: OrderRecord, new: OrderRecord) -> None:
         previous = self._tail
@@ -68,6 +70,8 @@ class _OrderWriter:
             self._revision = await self._save(old, new, self._revision)
 
         self._tail = asyncio.create_task(write(), name=f"order-{new.order_id}-save-{new.phase.value}")
+        self._in_flight.add(self._tail)
+        self._tail.add_done_callback(self._in_flight.discard)
 
     async def flush(self) -> None:
         if self._tail is not None:
@@ -108,12 +112,17 @@ class Issuance:
         self._timing = timing
         self._monotonic = monotonic
         self._tasks: dict[str, asyncio.Task[OrderRecord]] = {}
+        self._writes: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
+        """Stop every driver (their orders resume at the next leader) and let
+        record writes already on their way to etcd land."""
         for task in list(self._tasks.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self._writes:
+            await asyncio.wait(self._writes, timeout=5)
         if self._http is not None:
             await self._http.close()
 
@@ -224,11 +233,12 @@ class Issuance:
         return task
 
     async def wait(self, order_id: str) -> OrderRecord:
+        """The order once its driver has stopped (ended, or failed to write)."""
         task = self._tasks.get(order_id)
         if task is not None:
-            return await asyncio.shield(task)
-        rec = await self.get_order(order_id)
-        return rec
+            # shield: a caller that gives up must not cancel the order.
+            await asyncio.wait([asyncio.shield(task)])
+        return await self.get_order(order_id)
 
     async def resume_all(self) -> list[str]:
         """Drive every order a previous leader left unfinished."""
@@ -264,7 +274,7 @@ class Issuance:
     async def _drive(self, order_id: str) -> OrderRecord:
         rec = await self.get_order(order_id)
         _, revision = await records.read(self._store, self._keys.order(order_id))
-        writer = _OrderWriter(self._save, revision)
+        writer = _OrderWriter(self._save, revision, self._writes)
         client: AcmeClient | None = None
         deadline = self._monotonic() + self._timing.order_timeout
         while True:

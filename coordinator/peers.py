@@ -21,7 +21,7 @@ from clusteracme import errors
 from clusteracme.rpcutil import TLSFiles, channel, error_from_rpc
 from clusteracme.v1 import agent_pb2_grpc
 from coordinator import records
-from coordinator.store.base import Store
+from coordinator.store.base import LeaseLost, Store
 from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,12 @@ class Registry:
         if await self._store.get(self._keys.peer(peer_id)) is None:
             raise errors.NotFound(f"peer {peer_id} is not registered")
         alive = await self._store.get(self._keys.peer_alive(peer_id))
-        if alive is not None and alive.lease and await self._store.keepalive_once(alive.lease) > 0:
-            return
+        if alive is not None and alive.lease:
+            try:
+                if await self._store.keepalive_once(alive.lease) > 0:
+                    return
+            except LeaseLost:
+                pass  # expired between the read and the keep-alive: grant a new one
         lease = await self._store.grant_lease(self._lease_ttl)
         await self._store.put_if(self._keys.peer_alive(peer_id), str(lease).encode(), expect_mod_revision=None, lease=lease)
 

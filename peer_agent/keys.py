@@ -2,12 +2,14 @@
 
 Layout under the agent's state directory::
 
-    slots/<slot>/csr.key      key of the latest CSR (0600), not yet in service
-    slots/<slot>/csr.pem      that CSR
+    slots/<slot>/keys/<sha256>.key   every key generated for the slot (0600),
+                                     named by the SHA-256 of its public key
+    slots/<slot>/csr.pem             the latest CSR
+    slots/<slot>/current             <sha256> of the latest CSR's key
 
-``<slot>`` is ``server`` or ``domain-<name>``. A new CSR replaces
-``csr.key`` atomically; keys that are in service (deployed) live elsewhere
-and are never touched here. Private keys never leave this module except as
+``<slot>`` is ``server`` or ``domain-<name>``. A new CSR never overwrites a
+key: a certificate signed for an earlier CSR still finds its key by the
+fingerprint of its public key. Private keys never leave this module except as
 signatures (the CSR).
 """
 
@@ -49,8 +51,9 @@ def slot_dirname(domain: str) -> str:
 @dataclass(frozen=True)
 class SlotKeyInfo:
     domain: str
-    public_key_sha256: str
+    public_key_sha256: str   # the key of the latest CSR
     key_type: str
+    held_keys: tuple[str, ...]
 
 
 class KeyStore:
@@ -83,20 +86,33 @@ class KeyStore:
         key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        slot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_private(slot_dir / "csr.key", key_pem)
-        (slot_dir / "csr.pem").write_bytes(csr_pem)
-        return csr_pem.decode(), spki_sha256(key.public_key())
+        fingerprint = spki_sha256(key.public_key())
+        for directory in (self._root, slot_dir, slot_dir / "keys"):
+            directory.mkdir(exist_ok=True, mode=0o700)
+            directory.chmod(0o700)  # mkdir's mode is filtered by the umask
+        write_private(slot_dir / "keys" / f"{fingerprint}.key", key_pem)
+        write_private(slot_dir / "csr.pem", csr_pem)
+        write_private(slot_dir / "current", fingerprint.encode())  # last: the switch to the new key
+        return csr_pem.decode(), fingerprint
+
+    def key_file(self, domain: str, fingerprint: str) -> Path | None:
+        """The key whose public key has this SHA-256 fingerprint, if the slot holds it."""
+        if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+            return None
+        path = self._root / slot_dirname(domain) / "keys" / f"{fingerprint}.key"
+        return path if path.is_file() else None
 
     def slots(self) -> list[SlotKeyInfo]:
-        out = []
+        out: list[SlotKeyInfo] = []
         if not self._root.is_dir():
             return out
         for slot_dir in sorted(self._root.iterdir()):
-            key_file = slot_dir / "csr.key"
-            if not key_file.is_file():
+            current = slot_dir / "current"
+            if not current.is_file():
                 continue
-            key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+            fingerprint = current.read_text().strip()
+            key = serialization.load_pem_private_key((slot_dir / "keys" / f"{fingerprint}.key").read_bytes(), None)
             domain = "" if slot_dir.name == "server" else slot_dir.name.removeprefix("domain-")
-            out.append(SlotKeyInfo(domain, spki_sha256(key.public_key()), key_label(key.public_key())))
+            held = tuple(sorted(p.stem for p in (slot_dir / "keys").glob("*.key")))
+            out.append(SlotKeyInfo(domain, fingerprint, key_label(key.public_key()), held))
         return out

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from clusteracme.v1 import common_pb2 as clusteracme_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63lusteracme/v1/agent.proto\x12\x0e\x63lusteracme.v1\x1a\x1b\x63lusteracme/v1/common.proto\"m\n\x14PresentTokensRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12.\n\x06tokens\x18\x02 \x03(\x0b\x32\x1e.clusteracme.v1.ChallengeToken\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\",\n\x15PresentTokensResponse\x12\x13\n\x0bopen_tokens\x18\x01 \x01(\r\"7\n\x13RemoveTokensRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"+\n\x14RemoveTokensResponse\x12\x13\n\x0bopen_tokens\x18\x01 \x01(\r\"\x86\x01\n\x12GenerateCSRRequest\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x13\n\x0b\x63ommon_name\x18\x02 \x01(\t\x12\x0c\n\x04sans\x18\x03 \x03(\t\x12)\n\x08key_type\x18\x04 \x01(\x0e\x32\x17.clusteracme.v1.KeyType\"A\n\x13GenerateCSRResponse\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\"\x14\n\x12\x41gentStatusRequest\"s\n\x07SlotKey\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\x12)\n\x08key_type\x18\x03 \x01(\x0e\x32\x17.clusteracme.v1.KeyType\"\xc4\x01\n\x13\x41gentStatusResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nfront_mode\x18\x03 \x01(\t\x12\x17\n\x0f\x66ront_listening\x18\x04 \x01(\x08\x12\x13\n\x0bopen_tokens\x18\x05 \x01(\r\x12\"\n\x1a\x63hallenge_server_listening\x18\x06 \x01(\x08\x12%\n\x04keys\x18\x07 \x03(\x0b\x32\x17.clusteracme.v1.SlotKey2\xf2\x02\n\x0c\x41gentService\x12\\\n\rPresentTokens\x12$.clusteracme.v1.PresentTokensRequest\x1a%.clusteracme.v1.PresentTokensResponse\x12Y\n\x0cRemoveTokens\x12#.clusteracme.v1.RemoveTokensRequest\x1a$.clusteracme.v1.RemoveTokensResponse\x12V\n\x0bGenerateCSR\x12\".clusteracme.v1.GenerateCSRRequest\x1a#.clusteracme.v1.GenerateCSRResponse\x12Q\n\x06Status\x12\".clusteracme.v1.AgentStatusRequest\x1a#.clusteracme.v1.AgentStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63lusteracme/v1/agent.proto\x12\x0e\x63lusteracme.v1\x1a\x1b\x63lusteracme/v1/common.proto\"m\n\x14PresentTokensRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12.\n\x06tokens\x18\x02 \x03(\x0b\x32\x1e.clusteracme.v1.ChallengeToken\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\",\n\x15PresentTokensResponse\x12\x13\n\x0bopen_tokens\x18\x01 \x01(\r\"7\n\x13RemoveTokensRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"+\n\x14RemoveTokensResponse\x12\x13\n\x0bopen_tokens\x18\x01 \x01(\r\"\x86\x01\n\x12GenerateCSRRequest\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x13\n\x0b\x63ommon_name\x18\x02 \x01(\t\x12\x0c\n\x04sans\x18\x03 \x03(\t\x12)\n\x08key_type\x18\x04 \x01(\x0e\x32\x17.clusteracme.v1.KeyType\"A\n\x13GenerateCSRResponse\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\"\x14\n\x12\x41gentStatusRequest\"\x86\x01\n\x07SlotKey\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\x12)\n\x08key_type\x18\x03 \x01(\x0e\x32\x17.clusteracme.v1.KeyType\x12\x11\n\theld_keys\x18\x04 \x03(\t\"\xc4\x01\n\x13\x41gentStatusResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nfront_mode\x18\x03 \x01(\t\x12\x17\n\x0f\x66ront_listening\x18\x04 \x01(\x08\x12\x13\n\x0bopen_tokens\x18\x05 \x01(\r\x12\"\n\x1a\x63hallenge_server_listening\x18\x06 \x01(\x08\x12%\n\x04keys\x18\x07 \x03(\x0b\x32\x17.clusteracme.v1.SlotKey2\xf2\x02\n\x0c\x41gentService\x12\\\n\rPresentTokens\x12$.clusteracme.v1.PresentTokensRequest\x1a%.clusteracme.v1.PresentTokensResponse\x12Y\n\x0cRemoveTokens\x12#.clusteracme.v1.RemoveTokensRequest\x1a$.clusteracme.v1.RemoveTokensResponse\x12V\n\x0bGenerateCSR\x12\".clusteracme.v1.GenerateCSRRequest\x1a#.clusteracme.v1.GenerateCSRResponse\x12Q\n\x06Status\x12\".clusteracme.v1.AgentStatusRequest\x1a#.clusteracme.v1.AgentStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,10 +46,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATECSRRESPONSE']._serialized_end=536
   _globals['_AGENTSTATUSREQUEST']._serialized_start=538
   _globals['_AGENTSTATUSREQUEST']._serialized_end=558
-  _globals['_SLOTKEY']._serialized_start=560
-  _globals['_SLOTKEY']._serialized_end=675
-  _globals['_AGENTSTATUSRESPONSE']._serialized_start=678
-  _globals['_AGENTSTATUSRESPONSE']._serialized_end=874
-  _globals['_AGENTSERVICE']._serialized_start=877
-  _globals['_AGENTSERVICE']._serialized_end=1247
+  _globals['_SLOTKEY']._serialized_start=561
+  _globals['_SLOTKEY']._serialized_end=695
+  _globals['_AGENTSTATUSRESPONSE']._serialized_start=698
+  _globals['_AGENTSTATUSRESPONSE']._serialized_end=894
+  _globals['_AGENTSERVICE']._serialized_start=897
+  _globals['_AGENTSERVICE']._serialized_end=1267
 # @@protoc_insertion_point(module_scope)

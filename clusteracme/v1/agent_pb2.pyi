@@ -62,14 +62,16 @@ class AgentStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SlotKey(_message.Message):
-    __slots__ = ("slot", "public_key_sha256", "key_type")
+    __slots__ = ("slot", "public_key_sha256", "key_type", "held_keys")
     SLOT_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
     KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    HELD_KEYS_FIELD_NUMBER: _ClassVar[int]
     slot: _common_pb2.Slot
     public_key_sha256: str
     key_type: _common_pb2.KeyType
-    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., public_key_sha256: _Optional[str] = ..., key_type: _Optional[_Union[_common_pb2.KeyType, str]] = ...) -> None: ...
+    held_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., public_key_sha256: _Optional[str] = ..., key_type: _Optional[_Union[_common_pb2.KeyType, str]] = ..., held_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AgentStatusResponse(_message.Message):
     __slots__ = ("peer_id", "version", "front_mode", "front_listening", "open_tokens", "challenge_server_listening", "keys")

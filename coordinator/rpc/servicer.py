@@ -173,12 +173,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             same = cert_key == csr_key
             return same, ("matches the key of the stored CSR" if same else "differs from the key of the stored CSR") + \
                 f"; not confirmed by the peer ({exc.message})"
-        held = {k.slot.domain: k.public_key_sha256 for k in status.keys}
-        if domain not in held:
-            return False, "the peer holds no key for this slot"
-        if held[domain] == cert_key:
+        slot_keys = next((k for k in status.keys if k.slot.domain == domain), None)
+        if slot_keys is None or cert_key not in slot_keys.held_keys:
+            return False, "the peer does not hold the certificate's key"
+        if slot_keys.public_key_sha256 == cert_key:
             return True, "matches the key held by the peer"
-        return False, "the peer's current key differs (a newer CSR replaced it)"
+        return True, "matches a key held by the peer (a newer CSR has been created since)"
 
     @rpc_method(OPERATOR)
     async def DiscardPending(self, request: pb.DiscardPendingRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:

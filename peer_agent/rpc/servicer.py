@@ -52,5 +52,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             front_listening=self._challenges.front_listening, open_tokens=self._challenges.open_tokens,
             challenge_server_listening=self._challenges.challenge_listening,
             keys=[pb.SlotKey(slot=common_pb2.Slot(domain=k.domain), public_key_sha256=k.public_key_sha256,
-                             key_type=_LABEL_TO_ENUM.get(k.key_type, common_pb2.KEY_TYPE_UNSPECIFIED)) for k in keys],
+                             key_type=_LABEL_TO_ENUM.get(k.key_type, common_pb2.KEY_TYPE_UNSPECIFIED),
+                             held_keys=k.held_keys) for k in keys],
         )

@@ -24,11 +24,11 @@ def test_csr_for_each_key_type(tmp_path: Path, key_type: int, label: str) -> Non
     assert certinfo.csr_names(csr) == ["a.example", "b.example"]
     assert certinfo.spki_sha256(csr.public_key()) == spki
     assert certinfo.key_label(csr.public_key()) == label
-    key_file = tmp_path / "slots" / "server" / "csr.key"
-    assert key_file.stat().st_mode & 0o777 == 0o600
+    key_file = store.key_file("", spki)
+    assert key_file is not None and key_file.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "slots" / "server").stat().st_mode & 0o777 == 0o700
     [info] = store.slots()
-    assert (info.domain, info.public_key_sha256, info.key_type) == ("", spki, label)
+    assert (info.domain, info.public_key_sha256, info.key_type, info.held_keys) == ("", spki, label, (spki,))
 
 
 def test_refusals_leave_the_previous_key(tmp_path: Path) -> None:
@@ -41,6 +41,15 @@ def test_refusals_leave_the_previous_key(tmp_path: Path) -> None:
     with pytest.raises(InvalidSlot):
         store.generate_csr("../etc", "a.example", [], common_pb2.KEY_TYPE_EC_P256)
     assert [s.public_key_sha256 for s in store.slots()] == [spki]
+
+
+def test_a_new_csr_keeps_the_earlier_key(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    _, first = store.generate_csr("", "a.example", [], common_pb2.KEY_TYPE_EC_P256)
+    _, second = store.generate_csr("", "a.example", [], common_pb2.KEY_TYPE_EC_P384)
+    [info] = store.slots()
+    assert info.public_key_sha256 == second and set(info.held_keys) == {first, second}
+    assert store.key_file("", first) is not None and store.key_file("", "../x") is None
 
 
 def test_domain_slots_are_separate(tmp_path: Path) -> None:
