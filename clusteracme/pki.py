@@ -25,6 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from clusteracme.errors import AlreadyExists, InvalidArgument, NotFound
 
+COORDINATOR_SERVER_NAME = "coordinator.clusteracme"
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -44,6 +45,18 @@ class Identity:
     @property
     def common_name(self) -> str:
         return f"{self.role.value}:{self.name}"
+
+    @property
+    def server_name(self) -> str:
+        """The DNS name in this identity's certificate that TLS clients verify.
+
+        Clients never trust an address alone: the coordinator dials an agent
+        expecting ``<peer>.agent.clusteracme`` (so a peer cannot answer for
+        another even at its address), and agents and acmectl expect
+        ``coordinator.clusteracme`` (any coordinator replica)."""
+        if self.role is Role.COORDINATOR:
+            return COORDINATOR_SERVER_NAME
+        return f"{self.name}.{self.role.value}.clusteracme"
 
     @classmethod
     def parse(cls, common_name: str) -> Identity:
@@ -136,6 +149,7 @@ def issue(
             sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
         except ValueError:
             raise InvalidArgument(f"{ip!r} is not an IP address") from None
+    sans.append(x509.DNSName(identity.server_name))
     sans.extend(x509.DNSName(n) for n in dns_names)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -153,8 +167,7 @@ def issue(
             critical=False,
         )
     )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     base = f"{identity.role.value}-{identity.name}"
     cert_path, key_path = out_dir / f"{base}.pem", out_dir / f"{base}.key"

@@ -147,7 +147,9 @@ def server(tls: TLSFiles, address: str) -> tuple[grpc.aio.Server, int]:
     return srv, port
 
 
-def channel(tls: TLSFiles, target: str) -> grpc.aio.Channel:
+def channel(tls: TLSFiles, target: str, server_name: str) -> grpc.aio.Channel:
+    """A channel to ``target`` that accepts only a server whose certificate
+    (from the cluster CA) carries ``server_name`` (see ``Identity.server_name``)."""
     ca, cert, key = tls.read()
     creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-    return grpc.aio.secure_channel(target, creds, options=_OPTIONS)
+    return grpc.aio.secure_channel(target, creds, options=[*_OPTIONS, ("grpc.ssl_target_name_override", server_name)])

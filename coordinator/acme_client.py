@@ -39,6 +39,9 @@ USER_AGENT = f"clusteracme/{__version__}"
 # order. (Every order still gets its own ClientV2 and nonce state.)
 DIRECTORY_TTL = 3600.0
 _DIRECTORIES: dict[str, tuple[messages.Directory, float]] = {}
+RATE_LIMIT_BACKOFF = 3600.0
+# Problem types that say "not now" rather than "never" (RFC 8555 6.7).
+TRANSIENT_PROBLEMS = frozenset({"serverInternal"})
 
 
 @dataclass(frozen=True)
@@ -65,16 +68,21 @@ def generate_account_key() -> bytes:
 
 
 def _retry_after(response: requests.Response | None) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
     value = response.headers.get("Retry-After") if response is not None else None
     if not value:
         return None
     try:
-        return max(0.0, float(int(value)))
+        return max(0.0, float(value))
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value else None
-        if when is None:
-            return None
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        if when.tzinfo is None:  # "-0000" parses as naive: it means UTC
+            when = when.replace(tzinfo=datetime.UTC)
         return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
 
 
 def describe_problem(problem: messages.Error) -> str:
@@ -119,8 +127,12 @@ class AcmeClient:
                 if problem.code == "badNonce" and attempt < BAD_NONCE_ATTEMPTS:
                     continue
                 if problem.code == "rateLimited":
+                    # The library drops the response, so the CA's Retry-After is
+                    # not visible here; an hour is the common rate-limit window.
                     raise RateLimited(f"{what}: the CA answered {describe_problem(problem)}",
-                                      retry_after=_retry_after(getattr(problem, "response", None)) or 3600.0) from problem
+                                      retry_after=RATE_LIMIT_BACKOFF) from problem
+                if problem.code in TRANSIENT_PROBLEMS:
+                    raise Unavailable(f"{what}: the CA answered {describe_problem(problem)}") from problem
                 raise CAError(f"{what}: the CA answered {describe_problem(problem)}", problem=problem.code or "") from problem
             except requests.exceptions.SSLError as exc:
                 raise Unavailable(f"{what}: TLS verification of {self._url} failed ({exc.__class__.__name__}); "
@@ -129,6 +141,16 @@ class AcmeClient:
                 raise Unavailable(f"{what}: cannot reach the CA at {self._url} ({exc.__class__.__name__})") from exc
             except acme_errors.ConflictError as exc:
                 raise CAError(f"{what}: the CA reports a conflict with {exc}", problem="conflict") from exc
+            except acme_errors.MissingNonce as exc:
+                raise Unavailable(f"{what}: the CA sent no nonce (a proxy in the way?)") from exc
+            except acme_errors.ClientError as exc:
+                # The library raises ClientError(response) for non-JSON errors:
+                # a 5xx or a gateway page is the CA (or its proxy) being down.
+                response = exc.args[0] if exc.args and isinstance(exc.args[0], requests.Response) else None
+                if response is not None and (response.status_code >= 500 or response.status_code == 429):
+                    raise Unavailable(f"{what}: the CA answered HTTP {response.status_code}",
+                                      retry_after=_retry_after(response)) from exc
+                raise CAError(f"{what}: unexpected answer from the CA ({exc})", problem="malformed") from exc
             except (acme_errors.Error, jose.DeserializationError, ValueError, KeyError) as exc:
                 raise CAError(f"{what}: unexpected answer from the CA ({exc})", problem="malformed") from exc
         raise AssertionError("unreachable")
@@ -199,14 +221,17 @@ class AcmeClient:
             name = body.identifier.value
             status = AcmeStatus(body.status.name)
             token = key_auth = challenge_url = error = ""
+            challenge_status = AcmeStatus.PENDING
             for challb in body.challenges:
                 if isinstance(challb.chall, challenges.HTTP01):
                     challenge_url = challb.uri
+                    challenge_status = AcmeStatus(challb.status.name)
                     token = challb.chall.encode("token")
                     _, key_auth = challb.chall.response_and_validation(self._net.key)
                     if challb.error is not None:
                         error = describe_problem(challb.error)
-            return Authz(name, url, status, challenge_url, token, key_auth, error), _retry_after(response)
+            return (Authz(name, url, status, challenge_url, challenge_status, token, key_auth, error),
+                    _retry_after(response))
 
         return self._call("reading an authorization", do)
 

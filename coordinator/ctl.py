@@ -63,7 +63,8 @@ class Ctl:
             missing = [n for n, v in (("--ca", a.ca), ("--cert", a.cert), ("--key", a.key)) if not v]
             if missing:
                 raise CtlError("missing " + ", ".join(missing) + " (or ACMECTL_CA/ACMECTL_CERT/ACMECTL_KEY)")
-            self._channel = channel(TLSFiles(Path(a.ca), Path(a.cert), Path(a.key)), a.coordinator)
+            self._channel = channel(TLSFiles(Path(a.ca), Path(a.cert), Path(a.key)), a.coordinator,
+                                    pki.COORDINATOR_SERVER_NAME)
         return coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
 
     async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:

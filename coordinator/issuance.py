@@ -30,7 +30,7 @@ from coordinator.names import normalize_names
 from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase, Step
 from coordinator.peers import AgentPool, PeerInfo, Registry
 from coordinator.settings import TimingSettings
-from coordinator.store.base import Check, Conflict, Op, Put, Store
+from coordinator.store.base import Check, Conflict, NotLeader, Op, Put, Store
 from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,9 @@ class _OrderWriter:
 
     async def flush(self) -> None:
         if self._tail is not None:
-            await self._tail
+            # shield: cancelling the driver (shutdown) must not cancel a write
+            # already on its way; Issuance.close() waits for it.
+            await asyncio.shield(self._tail)
 
 
 def utcnow() -> str:
@@ -130,6 +132,15 @@ class Issuance:
     async def _slot(self, peer_id: str, domain: str) -> tuple[dict[str, Any] | None, int]:
         return await records.read(self._store, self._keys.cert(peer_id, slot_name(domain)))
 
+    async def _refuse_if_running(self, peer_id: str, domain: str, slot: dict[str, Any] | None, doing: str) -> None:
+        if slot and slot.get("current_order"):
+            running = await self._load_order(slot["current_order"])
+            if running is not None and not running.done:
+                raise errors.FailedPrecondition(
+                    f"order {running.order_id} for {peer_id}{_peer_label(domain)} is still running "
+                    f"({running.phase.value}); wait for it before {doing}"
+                )
+
     # --- CSR (R3) ----------------------------------------------------------
     async def create_csr(self, peer_id: str, domain: str, common_name: str, sans: list[str], key_type: int) -> dict[str, Any]:
         if key_type not in KEY_TYPE_LABELS:
@@ -143,13 +154,7 @@ class Issuance:
                 raise errors.InvalidArgument(f"the domain slot {domain} must be one of the certificate's names")
         peer = await self._registry.get(peer_id)
         slot, _ = await self._slot(peer_id, domain)
-        if slot and slot.get("current_order"):
-            running = await self._load_order(slot["current_order"])
-            if running is not None and not running.done:
-                raise errors.FailedPrecondition(
-                    f"order {running.order_id} for {peer_id}{_peer_label(domain)} is still running; "
-                    "wait for it before replacing the CSR"
-                )
+        await self._refuse_if_running(peer_id, domain, slot, "replacing the CSR")
         reply = await self._pool.call(
             peer, "generating the key and CSR",
             lambda stub, kw: stub.GenerateCSR(
@@ -168,7 +173,11 @@ class Issuance:
             "public_key_sha256": reply.public_key_sha256, "created_at": utcnow(),
         }
 
-        def change(current: dict[str, Any] | None) -> dict[str, Any]:
+        async def change(current: dict[str, Any] | None) -> dict[str, Any]:
+            # Check again under compare-and-swap: a sign may have started
+            # while the peer generated the key. (The peer keeps every key, so
+            # refusing here loses nothing.)
+            await self._refuse_if_running(peer_id, domain, current, "replacing the CSR")
             base = current or {"peer_id": peer_id, "domain": domain, "pending": None, "last_sign": None,
                                "current_order": None}
             return {**base, "csr": csr_record}
@@ -188,12 +197,7 @@ class Issuance:
             raise errors.FailedPrecondition(
                 f"peer {peer_id}{_peer_label(domain)} has no CSR yet (acmectl csr create {peer_id} --cn NAME)"
             )
-        if slot.get("current_order"):
-            running = await self._load_order(slot["current_order"])
-            if running is not None and not running.done:
-                raise errors.FailedPrecondition(
-                    f"order {running.order_id} for {peer_id}{_peer_label(domain)} is already running ({running.phase.value})"
-                )
+        await self._refuse_if_running(peer_id, domain, slot, "starting another order")
         if slot.get("pending"):
             raise errors.FailedPrecondition(
                 f"peer {peer_id}{_peer_label(domain)} already has a pending certificate "
@@ -244,7 +248,13 @@ class Issuance:
         """Drive every order a previous leader left unfinished."""
         resumed = []
         for entry in await self._store.range(self._keys.orders()):
-            rec = OrderRecord.from_json(records.decode(entry.value))
+            try:
+                rec = OrderRecord.from_json(records.decode(entry.value))
+            except (ValueError, KeyError, TypeError) as exc:
+                # One unreadable record (a newer schema, a manual edit) must not
+                # keep every replica from serving.
+                log.error("order record %s is unreadable (%s); skipped", entry.key, exc)
+                continue
             if not rec.done:
                 log.info("resuming order %s for %s in phase %s", rec.order_id, rec.peer_id, rec.phase.value)
                 self.spawn(rec.order_id)
@@ -272,11 +282,33 @@ class Issuance:
 
     # --- the driver --------------------------------------------------------
     async def _drive(self, order_id: str) -> OrderRecord:
+        """Run the order to its end. When etcd fails under a write (unknown
+        outcome, lost race), start over from what etcd holds: that is exactly
+        the crash-resume path, so no special recovery exists to get wrong.
+        Losing leadership stops the driver; the next leader resumes."""
+        delay = 0.5
+        while True:
+            try:
+                return await self._run(order_id)
+            except NotLeader:
+                log.warning("order %s: no longer the leader; leaving the order to the next one", order_id)
+                raise
+            except (errors.Unavailable, errors.Aborted) as exc:
+                log.warning("order %s: state write failed (%s); resuming from etcd in %.1fs", order_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _run(self, order_id: str) -> OrderRecord:
         rec = await self.get_order(order_id)
         _, revision = await records.read(self._store, self._keys.order(order_id))
+        rec = orders.resume_point(rec)
         writer = _OrderWriter(self._save, revision, self._writes)
         client: AcmeClient | None = None
         deadline = self._monotonic() + self._timing.order_timeout
+        if rec.phase is Phase.ANSWERED:
+            # The CA is validating: make sure the tokens are (still) served;
+            # agents forget them on restart. Best effort: polling decides.
+            await self._push(rec)
         while True:
             step = orders.next_step(rec)
             if step is Step.NOTHING:
@@ -289,11 +321,7 @@ class Issuance:
                 new = await self._perform(step, rec, client, deadline)
                 log.debug("order %s: %s took %.1f ms", order_id, step.value, (self._monotonic() - step_started) * 1000)
             except errors.ClusterAcmeError as exc:
-                # Transient trouble (CA or etcd unreachable) is retried until the
-                # order's deadline; a rate limit ends the order: retrying sooner
-                # than the CA asks only burns more of the limit.
-                if (exc.retryable and not isinstance(exc, RateLimited) and self._monotonic() < deadline
-                        and step is not Step.CLEANUP):
+                if self._retry(step, exc, deadline):
                     delay = min(max(exc.retry_after or 1.0, 0.5), 10.0)
                     log.warning("order %s: %s failed (%s); retrying in %.1fs", order_id, step.value, exc.message, delay)
                     await asyncio.sleep(delay)
@@ -301,12 +329,25 @@ class Issuance:
                 new = orders.advance(rec, Phase.FAILED, error=exc.message)
             except Exception as exc:  # a bug or an unexpected library error: fail the order, keep the process
                 log.exception("order %s: %s crashed", order_id, step.value)
-                new = orders.advance(rec, Phase.FAILED, error=f"internal error during {step.value}: {exc}")
+                if step is Step.CLEANUP:  # the tokens expire by themselves; never strand a certificate
+                    new = orders.advance(rec, Phase.DONE if rec.phase is Phase.ISSUED else Phase.FAILED, cleaned=True)
+                else:
+                    new = orders.advance(rec, Phase.FAILED, error=f"internal error during {step.value}: {exc}")
             new = dataclasses.replace(new, updated_at=utcnow())
             writer.submit(rec, new)
             if new.phase in orders.DURABLE:
                 await writer.flush()
             rec = new
+
+    def _retry(self, step: Step, exc: errors.ClusterAcmeError, deadline: float) -> bool:
+        """Transient trouble (CA, etcd or a peer unreachable) is retried until
+        the order's deadline. Once finalize is sent, and for cleanup, it is
+        retried regardless: failing then would strand a certificate the CA is
+        issuing, or leave tokens open. A rate limit ends the order: retrying
+        sooner than the CA asks only burns more of the limit."""
+        if not exc.retryable or isinstance(exc, RateLimited):
+            return False
+        return step in (Step.POLL_ORDER, Step.CLEANUP) or self._monotonic() < deadline
 
     async def _save(self, old: OrderRecord, new: OrderRecord, revision: int) -> int:
         ops: list[Op] = [Put(self._keys.order(new.order_id), records.encode(new.to_json()))]
@@ -360,13 +401,15 @@ class Issuance:
             return orders.after_self_check(rec, await self._self_check(rec))
         if step is Step.ANSWER_CHALLENGES:
             for authz in rec.open_challenges:
+                if authz.challenge_status is not AcmeStatus.PENDING:
+                    continue  # answered before (a resumed order): the CA is on it
                 try:
                     await asyncio.to_thread(client.answer, authz.challenge_url)  # type: ignore[union-attr]
                 except errors.ClusterAcmeError:
-                    # Answered before a crash: the CA may refuse a second answer;
-                    # polling tells the truth either way.
+                    # Answered before a crash or a retry: the CA refuses a second
+                    # answer while the challenge is processing; that is fine.
                     current, _ = await asyncio.to_thread(client.get_authorization, authz.url)  # type: ignore[union-attr]
-                    if current.status is AcmeStatus.PENDING:
+                    if current.challenge_status is AcmeStatus.PENDING and current.status is AcmeStatus.PENDING:
                         raise
             return orders.advance(rec, Phase.ANSWERED)
         if step is Step.POLL_AUTHORIZATIONS:
@@ -476,8 +519,11 @@ class Issuance:
             if view.status is AcmeStatus.INVALID:
                 return orders.advance(rec, Phase.FAILED, error=f"the CA refused to issue: {view.error or 'order invalid'}")
             wait = max(interval, min(view.retry_after or 0.0, self._timing.poll_max_interval))
-            if self._monotonic() + wait > deadline:
-                return orders.advance(rec, Phase.FAILED, error=f"the CA did not issue within {self._timing.order_timeout:g}s")
+            if self._monotonic() + wait > deadline + self._timing.finalize_timeout:
+                # The CA has the CSR; it keeps the order "processing" only
+                # until the order expires, so this bound is generous.
+                return orders.advance(rec, Phase.FAILED, error=f"the CA did not issue within "
+                                      f"{self._timing.order_timeout + self._timing.finalize_timeout:g}s of finalizing")
             await asyncio.sleep(wait)
             interval = min(interval * 1.5, self._timing.poll_max_interval)
             view = await asyncio.to_thread(client.get_order, rec.order_url)
@@ -489,7 +535,14 @@ class Issuance:
         token carries a TTL, and an agent keeps tokens in memory only, so a
         restarted agent serves none.
         """
-        peers = await self._serving_peers()
+        try:
+            peers = await self._serving_peers()
+        except errors.ClusterAcmeError as exc:
+            if exc.retryable:
+                raise
+            log.error("order %s: cannot list the peers for cleanup (%s); the tokens expire by themselves",
+                      rec.order_id, exc.message)
+            return
         request = agent_pb2.RemoveTokensRequest(order_id=rec.order_id)
         results = await self._pool.fan_out(peers, "removing tokens", lambda stub, kw: stub.RemoveTokens(request, **kw))
         for pid, result in results.items():

@@ -103,6 +103,7 @@ class Authz:
     url: str
     status: AcmeStatus
     challenge_url: str = ""
+    challenge_status: AcmeStatus = AcmeStatus.PENDING
     token: str = ""
     key_authorization: str = ""
     error: str = ""
@@ -156,7 +157,8 @@ class OrderRecord:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["phase"] = self.phase.value
-        data["authorizations"] = [{**dataclasses.asdict(a), "status": a.status.value} for a in self.authorizations]
+        data["authorizations"] = [{**dataclasses.asdict(a), "status": a.status.value,
+                                   "challenge_status": a.challenge_status.value} for a in self.authorizations]
         return data
 
     @classmethod
@@ -167,7 +169,8 @@ class OrderRecord:
         fields["phase"] = Phase(data["phase"])
         fields["names"] = tuple(data["names"])
         fields["authorizations"] = tuple(
-            Authz(**{**a, "status": AcmeStatus(a["status"])}) for a in data["authorizations"]
+            Authz(**{**a, "status": AcmeStatus(a["status"]), "challenge_status": AcmeStatus(a["challenge_status"])})
+            for a in data["authorizations"]
         )
         fields["peers"] = tuple(PeerProgress(**p) for p in data["peers"])
         return cls(**fields)
@@ -182,8 +185,6 @@ def next_step(rec: OrderRecord) -> Step:
     return {
         Phase.NEW: Step.CREATE_ORDER,
         Phase.ORDERED: Step.FETCH_AUTHORIZATIONS,
-        # Re-pushing is idempotent on the agents, so a resumed order in
-        # AUTHORIZED or PRESENTED pushes again before checking.
         Phase.AUTHORIZED: Step.PUSH_TOKENS,
         Phase.PRESENTED: Step.SELF_CHECK,
         Phase.CHECKED: Step.ANSWER_CHALLENGES,
@@ -191,6 +192,22 @@ def next_step(rec: OrderRecord) -> Step:
         Phase.READY: Step.FINALIZE,
         Phase.FINALIZING: Step.POLL_ORDER,
     }[rec.phase]
+
+
+def resume_point(rec: OrderRecord) -> OrderRecord:
+    """Where a driver starting on a saved record (after a crash, a restart or
+    a new leader) must begin.
+
+    Tokens live only in the agents' memory and expire: a resumed order that
+    has not answered the CA yet pushes and self-checks again (both are
+    idempotent) before anything is asked of the CA, so the CA is never asked
+    to validate a token no peer serves. This is a restart, not a transition:
+    the phase goes back to AUTHORIZED without the table's blessing.
+    """
+    if rec.phase in (Phase.PRESENTED, Phase.CHECKED):
+        return dataclasses.replace(rec, phase=Phase.AUTHORIZED,
+                                   peers=tuple(dataclasses.replace(p, self_checked=False) for p in rec.peers))
+    return rec
 
 
 def advance(rec: OrderRecord, to: Phase, **changes: Any) -> OrderRecord:

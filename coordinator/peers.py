@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import grpc.aio
 
 from clusteracme import errors
+from clusteracme.pki import Identity, Role
 from clusteracme.rpcutil import TLSFiles, channel, error_from_rpc
 from clusteracme.v1 import agent_pb2_grpc
 from coordinator import records
@@ -26,6 +28,7 @@ from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+UNAVAILABLE_ATTEMPTS = 5  # 0.2 + 0.4 + 0.6 + 0.8 s of pauses: covers the channel's 1 s reconnect backoff
 
 
 @dataclass(frozen=True)
@@ -138,26 +141,40 @@ class AgentPool:
     def __init__(self, tls: TLSFiles, *, timeout: float) -> None:
         self._tls = tls
         self._timeout = timeout
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
 
     def stub(self, peer: PeerInfo) -> agent_pb2_grpc.AgentServiceStub:
-        chan = self._channels.get(peer.grpc_endpoint)
+        key = (peer.grpc_endpoint, peer.peer_id)
+        chan = self._channels.get(key)
         if chan is None:
-            chan = self._channels[peer.grpc_endpoint] = channel(self._tls, peer.grpc_endpoint)
+            # Verify the agent's identity, not just its address: a peer that
+            # registered someone else's endpoint gets a failed handshake.
+            server_name = Identity(Role.AGENT, peer.peer_id).server_name
+            chan = self._channels[key] = channel(self._tls, peer.grpc_endpoint, server_name)
         return agent_pb2_grpc.AgentServiceStub(chan)
 
     async def call(self, peer: PeerInfo, what: str, fn: Callable[[agent_pb2_grpc.AgentServiceStub, dict[str, Any]], Awaitable[T]],
                    timeout: float | None = None) -> T:
         """One call to one agent, with a deadline; failures become our errors naming the peer.
 
-        A peer that heartbeats is given until the deadline to accept the
-        connection (it may have just restarted while the channel backs off);
-        a peer known dead fails at once instead of costing the deadline.
+        An unreachable peer that heartbeats is tried a few more times within
+        a second or two (it may have just restarted while the channel backs
+        off); a peer known dead, or one that keeps failing (a TLS identity
+        mismatch, say), fails without costing the whole deadline.
         """
-        try:
-            return await fn(self.stub(peer), {"timeout": timeout or self._timeout, "wait_for_ready": peer.alive})
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, f"peer {peer.peer_id} ({what})") from exc
+        budget = timeout or self._timeout
+        deadline = time.monotonic() + budget
+        attempts = UNAVAILABLE_ATTEMPTS if peer.alive else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return await fn(self.stub(peer), {"timeout": max(0.1, deadline - time.monotonic())})
+            except grpc.aio.AioRpcError as exc:
+                retry = exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < attempts
+                pause = 0.2 * attempt
+                if not retry or time.monotonic() + pause >= deadline:
+                    raise error_from_rpc(exc, f"peer {peer.peer_id} ({what})") from exc
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
 
     async def fan_out(self, peers: list[PeerInfo], what: str,
                       fn: Callable[[agent_pb2_grpc.AgentServiceStub, dict[str, Any]], Awaitable[T]]) -> dict[str, T | errors.ClusterAcmeError]:

@@ -45,7 +45,9 @@ class TimingSettings:
     poll_max_interval (the CA's Retry-After wins when it asks for longer)."""
     poll_max_interval: float = 2.0
     order_timeout: float = 300.0
-    """An order still not valid after this long fails (and is cleaned up)."""
+    """An order whose authorizations are not valid after this long fails (and is cleaned up)."""
+    finalize_timeout: float = 3600.0
+    """Once the CSR is sent, how much longer to wait for the CA to issue."""
     token_ttl: int = 600
     """Agents close a token by themselves after this many seconds."""
     lease_ttl: int = 10

@@ -13,8 +13,9 @@ import logging
 import grpc.aio
 from grpc_health.v1 import health_pb2
 
-from clusteracme import __version__, daemon, errors
+from clusteracme import __version__, daemon, errors, netaddr
 from clusteracme.daemon import Supervisor, add_health
+from clusteracme.pki import COORDINATOR_SERVER_NAME
 from clusteracme.rpcutil import channel, error_from_rpc, server
 from clusteracme.v1 import agent_pb2_grpc, coordinator_pb2_grpc
 from clusteracme.v1 import coordinator_pb2 as cpb
@@ -31,20 +32,40 @@ def _host(hostport: str) -> str:
     return hostport.rsplit(":", 1)[0].strip("[]")
 
 
-async def keep_registered(settings: AgentSettings, challenges: ChallengeService, grpc_port: int) -> None:
-    """Register, then heartbeat; on any failure move to the next coordinator and register again."""
-    advertise = settings.advertise or f"{_host(settings.listen)}:{grpc_port}"
-    front = f"{settings.front.host}:{challenges.front_port or settings.front.port}"
-    request = cpb.RegisterPeerRequest(
-        peer_id=settings.peer_id, addresses=list(settings.addresses) or [settings.front.host],
-        grpc_endpoint=advertise, http_front=front, front_mode=challenges.front_mode.value, version=__version__,
+def registration(settings: AgentSettings, grpc_port: int) -> cpb.RegisterPeerRequest:
+    """What this peer announces, checked at start-up: a wildcard bind address
+    is never announced (the coordinator would dial itself)."""
+    listen_host = _host(settings.listen)
+    if not settings.advertise and netaddr.is_unspecified(listen_host):
+        raise errors.InvalidArgument(f"listen = {settings.listen!r} binds every address: set advertise = \"host:port\"")
+    advertise = settings.advertise or f"{settings.listen.rsplit(':', 1)[0]}:{grpc_port}"
+    front = settings.front
+    if not front.advertise and netaddr.is_unspecified(front.host):
+        raise errors.InvalidArgument(f"front.host = {front.host!r} binds every address: set front.advertise = \"host:port\"")
+    http_front = front.advertise or (f"[{front.host}]" if ":" in front.host else front.host) + f":{front.port}"
+    addresses = list(settings.addresses)
+    if not addresses:
+        if netaddr.is_unspecified(front.host):
+            raise errors.InvalidArgument("set addresses = [...]: the public addresses DNS points at")
+        addresses = [front.host]
+    for address in addresses:
+        netaddr.check_ip(address, "addresses")
+    netaddr.split_hostport(advertise, "advertise")
+    netaddr.split_hostport(http_front, "front.advertise")
+    return cpb.RegisterPeerRequest(
+        peer_id=settings.peer_id, addresses=addresses, grpc_endpoint=advertise, http_front=http_front,
+        front_mode=front.mode, version=__version__,
     )
+
+
+async def keep_registered(settings: AgentSettings, request: cpb.RegisterPeerRequest) -> None:
+    """Register, then heartbeat; on any failure move to the next coordinator and register again."""
     tls = settings.tls.files()
     attempt = 0
     while True:
         target = settings.coordinators[attempt % len(settings.coordinators)]
         attempt += 1
-        chan = channel(tls, target)
+        chan = channel(tls, target, COORDINATOR_SERVER_NAME)
         try:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(chan)
             reply = await stub.RegisterPeer(request, timeout=CALL_TIMEOUT)
@@ -55,6 +76,9 @@ async def keep_registered(settings: AgentSettings, challenges: ChallengeService,
         except grpc.aio.AioRpcError as exc:
             err = error_from_rpc(exc, f"coordinator {target}")
             log.warning("%s; registering again in 1s", err.message)
+            await asyncio.sleep(1.0)
+        except errors.ClusterAcmeError as exc:  # e.g. TLS files being rotated
+            log.warning("cannot reach coordinator %s: %s; trying again in 1s", target, exc.message)
             await asyncio.sleep(1.0)
         finally:
             await chan.close()
@@ -81,11 +105,17 @@ async def run(settings: AgentSettings) -> int:
     srv, port = server(settings.tls.files(), settings.listen)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(settings.peer_id, challenges, keys), srv)
     health = await add_health(srv)
+    try:
+        request = registration(settings, port)
+    except errors.ClusterAcmeError:
+        await srv.stop(grace=None)
+        await challenges.stop()
+        raise
     await srv.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("agent %s listening on %s (gRPC port %d), front %s:%s mode %s", settings.peer_id, settings.listen,
              port, settings.front.host, settings.front.port, settings.front.mode)
-    sup.spawn("registration", keep_registered(settings, challenges, port))
+    sup.spawn("registration", keep_registered(settings, request))
     await sup.stopping.wait()
     await health.enter_graceful_shutdown()
     await sup.shutdown()

@@ -30,6 +30,9 @@ class FrontSettings:
     /.well-known/acme-challenge/ to the challenge server (fixed challenge.port)."""
     https_port: int = 443
     """Where redirect mode sends browsers."""
+    advertise: str = ""
+    """host:port through which the coordinator fetches tokens for its
+    self-check (default: host:port; required when host is 0.0.0.0 or ::)."""
 
 
 @dataclass(frozen=True)
@@ -45,12 +48,14 @@ class ChallengeSettings:
 class AgentSettings:
     peer_id: str = ""
     """This peer's id; must match the name in its agent certificate."""
-    listen: str = "0.0.0.0:7444"
+    listen: str = "127.0.0.1:7444"
     """gRPC (mTLS) address the coordinator dials."""
     advertise: str = ""
-    """host:port the coordinator should dial (default: listen)."""
+    """host:port the coordinator should dial (default: listen; required when
+    listen is 0.0.0.0 or ::). The agent certificate must carry that address."""
     addresses: tuple[str, ...] = ()
-    """Public addresses DNS points at (default: the front host)."""
+    """Public addresses DNS points at (default: the front host, when it is a
+    specific address)."""
     coordinators: tuple[str, ...] = ("127.0.0.1:7443",)
     """Coordinator replicas to register with (tried in order)."""
     state_dir: Path = Path("/var/lib/clusteracme-agent")

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc.aio
 
-from clusteracme import certinfo, errors
+from clusteracme import certinfo, errors, netaddr
 from clusteracme.pki import Identity, Role
 from clusteracme.rpcutil import rpc_method
 from clusteracme.v1 import agent_pb2, common_pb2, coordinator_pb2_grpc
@@ -22,6 +22,7 @@ from coordinator.orders import OrderRecord
 from coordinator.peers import AgentPool, PeerInfo, Registry
 
 AGENT, OPERATOR = Role.AGENT, Role.OPERATOR
+MAX_PEER_ADDRESSES = 16
 
 
 def _provider(v: ProviderView) -> pb.Provider:
@@ -75,10 +76,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @rpc_method(AGENT)
     async def RegisterPeer(self, request: pb.RegisterPeerRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         self._own(who, request.peer_id)
-        if not request.addresses or not request.grpc_endpoint or not request.http_front:
-            raise errors.InvalidArgument("a registration needs addresses, grpc_endpoint and http_front")
+        if not 1 <= len(request.addresses) <= MAX_PEER_ADDRESSES:
+            raise errors.InvalidArgument(f"a registration needs 1 to {MAX_PEER_ADDRESSES} public addresses")
+        for address in request.addresses:
+            netaddr.check_ip(address, "addresses")
+        netaddr.split_hostport(request.grpc_endpoint, "grpc_endpoint")
+        netaddr.split_hostport(request.http_front, "http_front")
         if request.front_mode not in ("redirect", "closed", "external"):
-            raise errors.InvalidArgument(f"unknown front mode {request.front_mode!r}")
+            raise errors.InvalidArgument(f"unknown front mode {request.front_mode[:40]!r}")
+        if len(request.version) > 64 or not request.version.isprintable():
+            raise errors.InvalidArgument("version must be at most 64 printable characters")
         await self._registry.register(PeerInfo(
             request.peer_id, tuple(request.addresses), request.grpc_endpoint, request.http_front,
             request.front_mode, request.version, enabled=False, registered_at="",

@@ -170,3 +170,40 @@ def test_oversized_message_is_refused(cluster: LocalCluster, operator: coordinat
         rpc_fails(lambda: operator.AddProvider(pb.AddProviderRequest(name="big", directory_url=cluster.directory_url,
                                                                      ca_bundle_pem="x" * (5 * 1024 * 1024)), timeout=10),
                   grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def test_registration_fields_are_checked(cluster: LocalCluster) -> None:
+    good = dict(peer_id="peer1", addresses=["127.0.0.2"], grpc_endpoint="127.0.0.2:1", http_front="127.0.0.2:80",
+                front_mode="closed", version="0.1.0")
+    with unchanged(cluster), _channel(cluster, "agent-peer1", cluster.coordinator_endpoint) as chan:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(chan)
+        for change, fragment in (({"addresses": ["example.com"]}, "not an IP address"),
+                                 ({"addresses": []}, "1 to 16 public addresses"),
+                                 ({"addresses": ["127.0.0.2"] * 17}, "1 to 16 public addresses"),
+                                 ({"grpc_endpoint": "0.0.0.0:7444"}, "wildcard"),
+                                 ({"http_front": "127.0.0.2"}, "not host:port"),
+                                 ({"front_mode": "open"}, "unknown front mode"),
+                                 ({"version": "v" * 100}, "at most 64")):
+            rpc_fails(lambda change=change: stub.RegisterPeer(pb.RegisterPeerRequest(**{**good, **change}), timeout=10),
+                      grpc.StatusCode.INVALID_ARGUMENT, fragment)
+
+
+def test_a_peer_cannot_answer_for_another(cluster: LocalCluster) -> None:
+    """peer1 registers peer2's gRPC endpoint: the coordinator verifies the
+    agent's identity, not just its address, so it never talks to peer2 as if
+    it were peer1 (no key is generated on peer2 for peer1)."""
+    agent1, agent2 = cluster.agent(1), cluster.agent(2)
+    genuine = dict(peer_id="peer1", addresses=[agent1.address], grpc_endpoint=f"{agent1.address}:{agent1.grpc_port}",
+                   http_front=f"{agent1.address}:{cluster.front_port}", front_mode="closed", version="0.1.0")
+    keys_before = sorted(p.name for p in agent2.state_dir.glob("slots/*/keys/*.key"))
+    with _channel(cluster, "agent-peer1", cluster.coordinator_endpoint) as chan:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(chan)
+        stub.RegisterPeer(pb.RegisterPeerRequest(**{**genuine, "grpc_endpoint": f"{agent2.address}:{agent2.grpc_port}"}),
+                          timeout=10)
+        try:
+            ctl_fails(cluster, "--timeout", "20", "csr", "create", "peer1", "--cn", "imp.test.example",
+                      fragments=("peer peer1",))
+        finally:
+            stub.RegisterPeer(pb.RegisterPeerRequest(**genuine), timeout=10)
+    assert sorted(p.name for p in agent2.state_dir.glob("slots/*/keys/*.key")) == keys_before
+    cluster.ctl("csr", "create", "peer1", "--cn", "imp.test.example")  # the genuine endpoint works again

@@ -117,3 +117,19 @@ def test_unknown_schema_is_refused() -> None:
     data["schema"] = 99
     with pytest.raises(ValueError, match="schema"):
         OrderRecord.from_json(data)
+
+
+@pytest.mark.parametrize("phase", [Phase.PRESENTED, Phase.CHECKED])
+def test_a_resumed_order_pushes_and_checks_again_before_answering(phase: Phase) -> None:
+    """Tokens live in agent memory only: after a restart nothing may be
+    answered at the CA before every peer serves them again."""
+    saved = rec(phase=phase, peers=(PeerProgress("peer1", True, True),))
+    resumed = orders.resume_point(saved)
+    assert orders.next_step(resumed) is Step.PUSH_TOKENS
+    assert resumed.peers[0].self_checked is False
+
+
+@pytest.mark.parametrize("phase", [p for p in Phase if p not in (Phase.PRESENTED, Phase.CHECKED)])
+def test_other_phases_resume_where_they_stopped(phase: Phase) -> None:
+    saved = rec(phase=phase)
+    assert orders.resume_point(saved) == saved

@@ -1,0 +1,53 @@
+"""Checking the addresses peers announce: IPs and host:port endpoints."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from clusteracme.errors import InvalidArgument
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def check_ip(value: str, what: str) -> str:
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        raise InvalidArgument(f"{what}: {value!r} is not an IP address") from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise InvalidArgument(f"{what}: {value} cannot be dialled (unspecified or multicast)")
+    return str(ip)
+
+
+def split_hostport(value: str, what: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` of a reachable endpoint; refuses 0.0.0.0 and ::."""
+    if len(value) > 255 or ":" not in value:
+        raise InvalidArgument(f"{what}: {value[:80]!r} is not host:port")
+    host, _, port_text = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise InvalidArgument(f"{what}: {value!r} has no valid port")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if bracketed or not _HOSTNAME.match(host):
+            raise InvalidArgument(f"{what}: {host!r} is neither an IP address nor a host name") from None
+        return host, port
+    if ip.is_unspecified:
+        raise InvalidArgument(f"{what}: {value} is a wildcard bind address; give the address others reach it at")
+    if ip.version == 6 and not bracketed:
+        raise InvalidArgument(f"{what}: write IPv6 endpoints as [address]:port")
+    return host, port
