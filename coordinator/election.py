@@ -38,6 +38,9 @@ from coordinator.store.base import (
 
 _log = logging.getLogger(__name__)
 
+KEEPALIVE_ATTEMPT_TIMEOUT = 1.0
+KEEPALIVE_RETRY_PAUSE = 0.2
+
 
 @dataclass
 class Leadership:
@@ -183,12 +186,16 @@ class Election:
         the send time of the last successful renewal plus the TTL.
         """
         reason = "keep-alive stopped"
+        pause = self._ttl / 3
         try:
             while True:
-                await asyncio.sleep(max(0.0, min(self._ttl / 3, valid_until - self._clock())))
+                await asyncio.sleep(max(0.0, min(pause, valid_until - self._clock())))
                 sent = self._clock()
                 try:
-                    async with asyncio.timeout(max(0.0, valid_until - sent)):
+                    # One attempt may hang on a channel that is reconnecting
+                    # (etcd restarted): give each at most a second, and retry
+                    # quickly until the lease would have run out.
+                    async with asyncio.timeout(max(0.0, min(valid_until - sent, KEEPALIVE_ATTEMPT_TIMEOUT))):
                         ttl = await self._store.keepalive_once(leadership.lease)
                         entry = await self._store.get(leadership.key)
                 except LeaseLost:
@@ -198,7 +205,9 @@ class Election:
                     if self._clock() >= valid_until:
                         reason = f"no keep-alive for {self._ttl} s ({str(exc) or 'timed out'})"
                         return
+                    pause = KEEPALIVE_RETRY_PAUSE
                     continue
+                pause = self._ttl / 3
                 if entry is None or entry.mod_revision != leadership.revision:
                     reason = "leader key changed"
                     return

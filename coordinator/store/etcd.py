@@ -137,6 +137,13 @@ def _span(prefix: str) -> tuple[bytes, bytes]:
     return key, prefix_range_end(key)
 
 
+_RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
 class EtcdStore(TransactionalStore):
     """:class:`~coordinator.store.base.Store` on an etcd v3 cluster.
 
@@ -190,6 +197,12 @@ class EtcdStore(TransactionalStore):
             server_name = names.pop()
         tls = {} if ca is None else {"ca_cert": ca, "cert_chain": cert, "cert_key": key}
         client = Etcd3Client(addresses, tls_server_name=server_name, **tls)
+        # gRPC's default reconnect backoff grows to minutes; after an etcd
+        # restart the leader's lease keep-alive must get through within its
+        # TTL (a few seconds), so reconnect at least every second. etcd3aio
+        # (pinned) exposes no option for it; its channel options list is the
+        # one place to add it.
+        client._manager.grpc_options.extend(_RECONNECT_OPTIONS)
         await client.connect()
         assert client.kv and client.lease and client.watch and client.auth
         self._services = _Services(client, client.kv, client.lease, client.watch, client.auth)
