@@ -84,6 +84,13 @@ def _coerce(hint: Any, value: Any, label: str) -> Any:
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise InvalidArgument(f"{label} must be a list")
+        if dataclasses.is_dataclass(args[0]):  # [[section]] arrays of tables
+            items = []
+            for index, item in enumerate(value):
+                if not isinstance(item, dict):
+                    raise InvalidArgument(f"{label}[{index}] must be a table")
+                items.append(build(args[0], item, f"{label}[{index}]"))
+            return tuple(items)
         return tuple(_coerce(args[0], v, label) for v in value)
     if hint is float and isinstance(value, int):
         return float(value)

@@ -29,6 +29,14 @@ def check_ip(value: str, what: str) -> str:
 
 def split_hostport(value: str, what: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` of a reachable endpoint; refuses 0.0.0.0 and ::."""
+    host, port = split_bind(value, what)
+    if is_unspecified(host):
+        raise InvalidArgument(f"{what}: {value} is a wildcard bind address; give the address others reach it at")
+    return host, port
+
+
+def split_bind(value: str, what: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` to listen on (wildcards allowed)."""
     if len(value) > 255 or ":" not in value:
         raise InvalidArgument(f"{what}: {value[:80]!r} is not host:port")
     host, _, port_text = value.rpartition(":")
@@ -46,8 +54,6 @@ def split_hostport(value: str, what: str) -> tuple[str, int]:
         if bracketed or not _HOSTNAME.match(host):
             raise InvalidArgument(f"{what}: {host!r} is neither an IP address nor a host name") from None
         return host, port
-    if ip.is_unspecified:
-        raise InvalidArgument(f"{what}: {value} is a wildcard bind address; give the address others reach it at")
     if ip.version == 6 and not bracketed:
         raise InvalidArgument(f"{what}: write IPv6 endpoints as [address]:port")
     return host, port

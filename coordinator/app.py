@@ -19,7 +19,9 @@ from clusteracme.daemon import Supervisor, add_health
 from clusteracme.rpcutil import server
 from clusteracme.v1 import coordinator_pb2_grpc
 from coordinator.accounts import Accounts
+from coordinator.deployment import Deployment
 from coordinator.election import Election
+from coordinator.history import History
 from coordinator.issuance import Issuance
 from coordinator.peers import AgentPool, Registry
 from coordinator.preflight import DnsResolver
@@ -68,12 +70,14 @@ async def run(settings: CoordinatorSettings) -> int:
     registry = Registry(fenced, keys, lease_ttl=t.lease_ttl)
     accounts = Accounts(fenced, keys, box, acme_timeout=t.acme_timeout)
     pool = AgentPool(settings.tls.files(), timeout=t.agent_call_timeout)
-    issuance = Issuance(fenced, keys, registry, accounts, pool, resolver, t)
+    history = History(fenced, keys)
+    issuance = Issuance(fenced, keys, registry, accounts, pool, resolver, t, history)
+    deployment = Deployment(fenced, keys, registry, pool, history)
 
     srv, port = server(settings.tls.files(), settings.listen)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
-        CoordinatorServicer(registry, accounts, issuance, pool, heartbeat_interval=t.heartbeat_interval,
-                            lease_ttl=t.lease_ttl),
+        CoordinatorServicer(registry, accounts, issuance, deployment, history, pool,
+                            heartbeat_interval=t.heartbeat_interval, lease_ttl=t.lease_ttl),
         srv,
     )
     health = await add_health(srv)

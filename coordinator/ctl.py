@@ -217,6 +217,57 @@ async def cmd_pending(ctl: Ctl, a: argparse.Namespace) -> None:
     ctl.out(p, human)
 
 
+def _deploy_lines(r: Any, verb: str) -> None:
+    state = "ok" if r.ok else "FAILED"
+    print(f"{verb} on peer {r.peer_id}" + (f" (domain {r.slot.domain})" if r.slot.domain else "")
+          + f": {state}; active {r.active_serial_hex or '-'}, previous {r.previous_serial_hex or '-'}")
+    for reload in r.reloads:
+        print(f"  reload {reload.target}: {'ok' if reload.ok else 'FAILED'} ({reload.seconds * 1000:.0f} ms)"
+              + (f" {reload.detail}" if reload.detail else ""))
+
+
+async def cmd_deploy(ctl: Ctl, a: argparse.Namespace) -> None:
+    r = await ctl.call("Deploy", pb.DeployRequest(peer_id=a.peer, slot=_slot(a)), timeout=max(ctl.args.timeout, 120))
+    ctl.out(r, lambda: _deploy_lines(r, "deployed"))
+    if not r.ok:
+        raise errors.FailedPrecondition(f"deploy on {a.peer}: {r.error}")
+
+
+async def cmd_rollback(ctl: Ctl, a: argparse.Namespace) -> None:
+    r = await ctl.call("Rollback", pb.RollbackRequest(peer_id=a.peer, slot=_slot(a)), timeout=max(ctl.args.timeout, 120))
+    ctl.out(r, lambda: _deploy_lines(r, "rolled back"))
+    if not r.ok:
+        raise errors.FailedPrecondition(f"rollback on {a.peer}: {r.error}")
+
+
+async def cmd_rollout(ctl: Ctl, a: argparse.Namespace) -> None:
+    peers = [p for p in (a.peers or "").split(",") if p]
+    request = pb.RolloutRequest(peer_ids=peers, all=a.all, batch=a.batch, rollback_on_failure=a.rollback_on_failure,
+                                slot=_slot(a))
+    failed = False
+    try:
+        async for event in ctl.stub.Rollout(request, timeout=a.rollout_timeout):
+            failed = failed or event.stage in ("failed", "stopped")
+            if ctl.args.json:
+                print(json.dumps(_dict(event)), flush=True)
+            else:
+                who = f"{event.peer_id}: " if event.peer_id else ""
+                serial = f" [{event.serial_hex}]" if event.serial_hex else ""
+                print(f"{who}{event.stage}{serial}" + (f" - {event.detail}" if event.detail else ""), flush=True)
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc, f"coordinator {ctl.args.coordinator}") from None
+    if failed:
+        raise errors.FailedPrecondition("the rollout stopped at a failure (see above)")
+
+
+async def cmd_events(ctl: Ctl, a: argparse.Namespace) -> None:
+    r = await ctl.call("ListEvents", pb.ListEventsRequest(peer_id=a.peer, limit=a.limit))
+    ctl.out(r, lambda: _print_table(
+        [[e.at, e.slot.domain or "server", e.what, e.result, e.serial_hex or "-", e.previous_serial_hex or "-", e.who,
+          e.detail[:80]] for e in r.events],
+        ["AT", "SLOT", "WHAT", "RESULT", "SERIAL", "PREVIOUS", "WHO", "DETAIL"]))
+
+
 async def cmd_status(ctl: Ctl, a: argparse.Namespace) -> None:
     r = await ctl.call("Status", pb.StatusRequest(peer_id=a.peer or ""))
 
@@ -230,12 +281,21 @@ async def cmd_status(ctl: Ctl, a: argparse.Namespace) -> None:
             for s in ps.slots:
                 last = f"{s.last_sign_status} {s.last_sign_at}" if s.last_sign_status else "-"
                 pending = f"{s.pending_serial} until {s.pending_not_after}" if s.pending_serial else "-"
-                rows.append([*base, s.slot.domain or "server", s.csr_names or "-", pending, last])
-        _print_table(rows, ["PEER", "LIVENESS", "ACME", "SLOT", "CSR NAMES", "PENDING", "LAST SIGN"])
+                active = f"{s.active_serial} until {s.active_not_after}" if s.active_serial else "-"
+                deployed = f"{s.last_deploy_status} {s.last_deploy_at}" if s.last_deploy_status else "-"
+                rows.append([*base, s.slot.domain or "server", s.csr_names or "-", active, pending, last, deployed,
+                             "yes" if s.agent_matches else "NO"])
+        _print_table(rows, ["PEER", "LIVENESS", "ACME", "SLOT", "CSR NAMES", "ACTIVE", "PENDING", "LAST SIGN",
+                            "LAST DEPLOY", "DISK=ETCD"])
         for ps in r.peers:
             for s in ps.slots:
+                slot = f"{ps.peer.peer_id} {s.slot.domain or 'server'}"
                 if s.last_sign_error:
-                    print(f"{ps.peer.peer_id} {s.slot.domain or 'server'}: last sign failed: {s.last_sign_error}")
+                    print(f"{slot}: last sign failed: {s.last_sign_error}")
+                if s.last_deploy_error:
+                    print(f"{slot}: last deploy: {s.last_deploy_error}")
+                if not s.agent_matches and s.agent_state:
+                    print(f"{slot}: {s.agent_state}")
 
     ctl.out(r, human)
 
@@ -312,13 +372,32 @@ def parser() -> argparse.ArgumentParser:
         if name == "show":
             x.add_argument("--pem", action="store_true", help="also print the chain")
 
+    for name, text in (("deploy", "install the pending certificate as the active one, without restarts"),
+                       ("rollback", "swap the previous certificate back in")):
+        x = sub.add_parser(name, help=text)
+        x.add_argument("peer")
+        x.add_argument("--domain")
+
+    x = sub.add_parser("rollout", help="deploy pending certificates peer by peer, verifying each by a TLS handshake")
+    x.add_argument("--peers", help="comma-separated peer ids, in order")
+    x.add_argument("--all", action="store_true", help="every peer with a pending certificate")
+    x.add_argument("--batch", type=int, default=1, help="peers deployed at once")
+    x.add_argument("--rollback-on-failure", action="store_true")
+    x.add_argument("--domain")
+    x.add_argument("--rollout-timeout", type=float, default=3600.0)
+
+    x = sub.add_parser("events", help="a peer's history: signs, deploys, rollbacks, discards")
+    x.add_argument("peer")
+    x.add_argument("--limit", type=int, default=0)
+
     x = sub.add_parser("status", help="per-peer status")
     x.add_argument("peer", nargs="?")
     return p
 
 
 COMMANDS = {"provider": cmd_provider, "account": cmd_account, "peer": cmd_peer, "csr": cmd_csr, "sign": cmd_sign,
-            "order": cmd_order, "pending": cmd_pending, "status": cmd_status}
+            "order": cmd_order, "pending": cmd_pending, "status": cmd_status, "deploy": cmd_deploy,
+            "rollback": cmd_rollback, "rollout": cmd_rollout, "events": cmd_events}
 
 
 async def _run(args: argparse.Namespace) -> None:

@@ -26,6 +26,7 @@ from coordinator import orders, preflight, records
 from coordinator.accounts import Accounts
 from coordinator.acme_client import AcmeClient
 from coordinator.errors import RateLimited
+from coordinator.history import Event, History
 from coordinator.names import normalize_names
 from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase, Step
 from coordinator.peers import AgentPool, PeerInfo, Registry
@@ -102,6 +103,7 @@ class Issuance:
         pool: AgentPool,
         resolver: preflight.DnsResolver,
         timing: TimingSettings,
+        history: History,
         *,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -112,6 +114,7 @@ class Issuance:
         self._pool = pool
         self._resolver = resolver
         self._timing = timing
+        self._history = history
         self._monotonic = monotonic
         self._tasks: dict[str, asyncio.Task[OrderRecord]] = {}
         self._writes: set[asyncio.Task[None]] = set()
@@ -186,7 +189,7 @@ class Issuance:
         return csr_record
 
     # --- sign (R4, R5) -----------------------------------------------------
-    async def start_sign(self, peer_id: str, domain: str, provider: str, force: bool) -> OrderRecord:
+    async def start_sign(self, peer_id: str, domain: str, provider: str, force: bool, who: str = "") -> OrderRecord:
         """Check everything, save the new order record, start its driver."""
         peer = await self._registry.get(peer_id)
         if not peer.enabled:
@@ -211,7 +214,7 @@ class Issuance:
         now = utcnow()
         rec = OrderRecord(
             order_id=uuid.uuid4().hex[:16], peer_id=peer_id, domain=domain, provider=provider, names=names,
-            csr_pem=slot["csr"]["pem"], created_at=now, updated_at=now,
+            csr_pem=slot["csr"]["pem"], created_at=now, updated_at=now, requested_by=who,
         )
         new_slot = {**slot, "current_order": rec.order_id,
                     "last_sign": {"status": "running", "at": now, "error": "", "order_id": rec.order_id}}
@@ -370,12 +373,21 @@ class Issuance:
                 slot["current_order"] = None
             checks.append(Check(slot_key, slot_rev))
             ops.append(Put(slot_key, records.encode(slot)))
-        return await self._store.txn(checks=checks, ops=ops)
+            if issued or failed:
+                ops.append(self._history.put(Event(
+                    at=new.updated_at, peer_id=new.peer_id, domain=new.domain, who=new.requested_by, what="sign",
+                    result="ok" if issued else "failed",
+                    serial_hex=slot["pending"]["serial_hex"] if issued else "", detail=new.error or new.order_url,
+                )))
+        revision = await self._store.txn(checks=checks, ops=ops)
+        if issued or failed:
+            await self._history.trim(new.peer_id)
+        return revision
 
     def _pending_from(self, rec: OrderRecord) -> dict[str, Any]:
         cert = certinfo.leaf(rec.chain_pem)
         return {
-            "chain_pem": rec.chain_pem, "serial_hex": format(cert.serial_number, "x"),
+            "chain_pem": rec.chain_pem, "serial_hex": format(cert.serial_number, "x"), "names": list(rec.names),
             "not_after": cert.not_valid_after_utc.isoformat(), "provider": rec.provider,
             "order_url": rec.order_url, "signed_at": utcnow(),
         }
@@ -558,15 +570,25 @@ class Issuance:
             raise errors.NotFound(f"peer {peer_id}{_peer_label(domain)} has no pending certificate")
         return slot
 
-    async def discard_pending(self, peer_id: str, domain: str) -> None:
+    async def discard_pending(self, peer_id: str, domain: str, who: str = "") -> None:
+        """Drop the pending certificate; the history keeps a copy of it."""
         await self.pending(peer_id, domain)
-
-        def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        key = self._keys.cert(peer_id, slot_name(domain))
+        for _ in range(records.MAX_CAS_ATTEMPTS):
+            current, revision = await records.read(self._store, key)
             if not current or not current.get("pending"):
                 raise errors.NotFound(f"peer {peer_id}{_peer_label(domain)} has no pending certificate")
-            return {**current, "pending": None}
-
-        await records.update(self._store, self._keys.cert(peer_id, slot_name(domain)), change)
+            pending = current["pending"]
+            event = Event(at=utcnow(), peer_id=peer_id, domain=domain, who=who, what="discard", result="ok",
+                          serial_hex=pending["serial_hex"], certificate_pem=pending["chain_pem"])
+            try:
+                await self._store.txn(checks=[Check(key, revision)],
+                                      ops=[Put(key, records.encode({**current, "pending": None})),
+                                           self._history.put(event)])
+                break
+            except Conflict:
+                continue
+        await self._history.trim(peer_id)
 
     async def slots(self, peer_id: str) -> list[dict[str, Any]]:
         return [records.decode(e.value) for e in await self._store.range(self._keys.certs(peer_id))]

@@ -136,6 +136,7 @@ class OrderRecord:
     cleaned: bool = False        # every peer confirmed the tokens are gone
     created_at: str = ""
     updated_at: str = ""
+    requested_by: str = ""       # the identity that started the order (history)
     schema: int = SCHEMA
 
     # --- queries -------------------------------------------------------------

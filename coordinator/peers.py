@@ -42,12 +42,14 @@ class PeerInfo:
     enabled: bool
     registered_at: str
     alive: bool = False
+    tls_endpoints: tuple[str, ...] = ()
 
     @classmethod
     def from_record(cls, data: dict[str, Any], alive: bool) -> PeerInfo:
         return cls(
             data["peer_id"], tuple(data["addresses"]), data["grpc_endpoint"], data["http_front"],
             data["front_mode"], data["version"], data["enabled"], data["registered_at"], alive,
+            tuple(data.get("tls_endpoints", ())),
         )
 
 
@@ -72,6 +74,7 @@ class Registry:
                 "http_front": info.http_front,
                 "front_mode": info.front_mode,
                 "version": info.version,
+                "tls_endpoints": list(info.tls_endpoints),
                 # ACME is off until an operator enables it on this peer (SPEC R2).
                 "enabled": current["enabled"] if current else False,
                 "registered_at": current["registered_at"] if current else _now(),

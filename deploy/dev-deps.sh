@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs the system packages `make demo` and `make test` need, when missing:
 # etcd (Debian: etcd-server), pebble + pebble-challtestsrv (Debian: pebble),
-# and the venv module for python3. Uses apt-get; runs it through sudo when
-# not root. Idempotent: does nothing when everything is present.
+# nginx (a real web server the deploy tests reload), and the venv module for
+# python3. Uses apt-get; runs it through sudo when not root. Idempotent: does
+# nothing when everything is present.
 set -euo pipefail
 
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 { command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2>&1; } || need+=(pebble)
+{ command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]]; } || need+=(nginx-light)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 
 if ((${#need[@]} == 0)); then
@@ -24,6 +26,14 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 echo "installing system packages: ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
+# Keep the packages' own services (etcd on :2379, nginx on :80) from being
+# started by the install: the tests run their own instances on free ports.
+policy=/usr/sbin/policy-rc.d
+if [[ ! -e $policy ]]; then
+  printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null
+  "${sudo[@]}" chmod 755 "$policy"
+  trap '"${sudo[@]}" rm -f "$policy"' EXIT
+fi
 "${sudo[@]}" apt-get update -qq
 "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}"
 # Debian's etcd-server package enables a system etcd on 127.0.0.1:2379; the

@@ -19,10 +19,14 @@ from clusteracme.pki import COORDINATOR_SERVER_NAME
 from clusteracme.rpcutil import channel, error_from_rpc, server
 from clusteracme.v1 import agent_pb2_grpc, coordinator_pb2_grpc
 from clusteracme.v1 import coordinator_pb2 as cpb
+from peer_agent.certs import CertStore
 from peer_agent.challenges import ChallengeService
+from peer_agent.deployer import Deployer
 from peer_agent.keys import KeyStore
+from peer_agent.reload import CommandHook, SignalHook
 from peer_agent.rpc.servicer import AgentServicer
 from peer_agent.settings import AgentSettings
+from peer_agent.tls_endpoint import TLSEndpoint
 
 log = logging.getLogger("acme-agent")
 CALL_TIMEOUT = 5.0
@@ -30,6 +34,43 @@ CALL_TIMEOUT = 5.0
 
 def _host(hostport: str) -> str:
     return hostport.rsplit(":", 1)[0].strip("[]")
+
+
+def tls_endpoints(settings: AgentSettings) -> list[str]:
+    """The TLS endpoints the coordinator verifies rollouts against."""
+    out = []
+    for endpoint in settings.endpoints:
+        announced = endpoint.advertise or endpoint.listen
+        if netaddr.is_unspecified(announced.rsplit(":", 1)[0]):
+            raise errors.InvalidArgument(f"endpoint {endpoint.listen!r} binds every address: set its advertise")
+        netaddr.split_hostport(announced, "endpoints.advertise")
+        out.append(announced)
+    for extra in settings.verify_endpoints:
+        netaddr.split_hostport(extra, "verify_endpoints")
+        out.append(extra)
+    return out
+
+
+def build_deployer(settings: AgentSettings, keys: KeyStore) -> Deployer:
+    endpoints = []
+    for endpoint in settings.endpoints:
+        host, port = netaddr.split_bind(endpoint.listen, "endpoints.listen")
+        try:
+            endpoints.append(TLSEndpoint(host, port, peer_id=settings.peer_id, upstream=endpoint.upstream))
+        except ValueError as exc:
+            raise errors.InvalidArgument(f"endpoint {endpoint.listen}: {exc}") from exc
+    hooks: list[SignalHook | CommandHook] = []
+    for hook in settings.hooks:
+        try:
+            if hook.kind == "signal" and hook.pid_file is not None:
+                hooks.append(SignalHook(hook.pid_file, hook.signal))
+            elif hook.kind == "command" and hook.argv:
+                hooks.append(CommandHook(hook.argv, hook.timeout))
+            else:
+                raise ValueError('kind = "signal" needs pid_file; kind = "command" needs argv')
+        except ValueError as exc:
+            raise errors.InvalidArgument(f"hook {hook.kind!r}: {exc}") from exc
+    return Deployer(CertStore(settings.state_dir, keys), endpoints, hooks)
 
 
 def registration(settings: AgentSettings, grpc_port: int) -> cpb.RegisterPeerRequest:
@@ -54,7 +95,7 @@ def registration(settings: AgentSettings, grpc_port: int) -> cpb.RegisterPeerReq
     netaddr.split_hostport(http_front, "front.advertise")
     return cpb.RegisterPeerRequest(
         peer_id=settings.peer_id, addresses=addresses, grpc_endpoint=advertise, http_front=http_front,
-        front_mode=front.mode, version=__version__,
+        front_mode=front.mode, version=__version__, tls_endpoints=tls_endpoints(settings),
     )
 
 
@@ -101,15 +142,19 @@ async def run(settings: AgentSettings) -> int:
         raise errors.InvalidArgument(f"front/challenge settings: {exc}") from exc
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     keys = KeyStore(settings.state_dir)
+    deployer = build_deployer(settings, keys)
     await challenges.start()
+    await deployer.start()  # serve what is on disk: a restarted agent comes back as it was
     srv, port = server(settings.tls.files(), settings.listen)
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(settings.peer_id, challenges, keys), srv)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(
+        AgentServicer(settings.peer_id, challenges, keys, deployer, tls_endpoints(settings)), srv)
     health = await add_health(srv)
     try:
         request = registration(settings, port)
     except errors.ClusterAcmeError:
         await srv.stop(grace=None)
         await challenges.stop()
+        await deployer.stop()
         raise
     await srv.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -121,6 +166,7 @@ async def run(settings: AgentSettings) -> int:
     await sup.shutdown()
     await srv.stop(grace=2)
     await challenges.stop()
+    await deployer.stop()
     return 1 if sup.failed else 0
 
 

@@ -44,3 +44,40 @@ class InvalidSlot(AgentError, InvalidArgument):
 
 class UnknownKeyType(AgentError, InvalidArgument):
     """The requested key type is not one the agent can generate."""
+
+
+class InvalidChain(AgentError, InvalidArgument):
+    """A chain to deploy is not a clean PEM list of certificates, does not
+    link (each issued by the next), or reuses a serial this peer already holds
+    for a different certificate."""
+
+
+class NameMismatch(AgentError, InvalidArgument):
+    """A certificate's DNS names differ from the expected ones, or a domain
+    certificate does not name its domain."""
+
+
+class CertificateNotCurrent(AgentError, FailedPrecondition):
+    """A certificate is expired or not yet valid by the agent's clock."""
+
+
+class KeyNotHeld(AgentError, FailedPrecondition):
+    """The peer holds no key (or no intact key) for a certificate's public key."""
+
+
+class RollbackRefused(AgentError, FailedPrecondition):
+    """A rollback without a previous pair, or whose expected active serial is
+    not the active one."""
+
+
+class BrokenPair(AgentError, FailedPrecondition):
+    """A certificate pair on disk cannot be read (missing file, bad symlink,
+    unparsable certificate)."""
+
+
+class TLSLoadError(AgentError, FailedPrecondition):
+    """The TLS library refuses to load a certificate pair; nothing live was touched."""
+
+
+class EndpointError(AgentError, Unavailable):
+    """An in-process TLS endpoint cannot listen; the message names the address."""

@@ -45,6 +45,35 @@ class ChallengeSettings:
 
 
 @dataclass(frozen=True)
+class EndpointSettings:
+    """One in-process HTTPS listener of the agent ([[endpoints]]): it serves
+    the deployed certificates (SNI picks a domain certificate) and reloads
+    them in-process, without dropping connections."""
+
+    listen: str = ""
+    """host:port to listen on (e.g. "203.0.113.31:443")."""
+    advertise: str = ""
+    """host:port where the coordinator's rollout verification reaches it
+    (default: listen; required when listen is a wildcard address)."""
+    upstream: str = ""
+    """Proxy requests to this local service (e.g. "http://127.0.0.1:8080");
+    empty: answer with a small health page."""
+
+
+@dataclass(frozen=True)
+class HookSettings:
+    """A reload target run after every deploy and rollback ([[hooks]])."""
+
+    kind: str = ""
+    """"signal" (send a signal to the pid in pid_file) or "command"."""
+    pid_file: Path | None = None
+    signal: str = "HUP"
+    argv: tuple[str, ...] = ()
+    """The command, without a shell, e.g. ["nginx", "-s", "reload"]."""
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     peer_id: str = ""
     """This peer's id; must match the name in its agent certificate."""
@@ -63,3 +92,8 @@ class AgentSettings:
     tls: TLSSettings = field(default_factory=TLSSettings)
     front: FrontSettings = field(default_factory=FrontSettings)
     challenge: ChallengeSettings = field(default_factory=ChallengeSettings)
+    endpoints: tuple[EndpointSettings, ...] = ()
+    hooks: tuple[HookSettings, ...] = ()
+    verify_endpoints: tuple[str, ...] = ()
+    """More host:port TLS endpoints serving this peer's certificates (e.g. a
+    local nginx on :443), announced for rollout verification."""

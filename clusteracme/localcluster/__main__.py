@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -30,6 +31,16 @@ def step(cluster: LocalCluster, *args: str) -> None:
 
 def demo(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="clusteracme-demo-"))
+    try:
+        _demo(args, run_dir)
+    except BaseException:
+        print(f"== logs and state kept in {run_dir}", flush=True)
+        raise
+    if not args.run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _demo(args: argparse.Namespace, run_dir: Path) -> None:
     print(f"== starting etcd, pebble, challtestsrv, a coordinator and {args.peers} agents in {run_dir}", flush=True)
     started = time.monotonic()
     with LocalCluster(run_dir, peers=args.peers, front_mode=args.front_mode) as cluster:

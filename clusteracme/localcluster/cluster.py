@@ -39,12 +39,21 @@ def _toml(value: Any) -> str:
     return json.dumps(str(value))
 
 
+def _is_tables(value: Any) -> bool:
+    return isinstance(value, list | tuple) and bool(value) and all(isinstance(v, Mapping) for v in value)
+
+
 def write_toml(path: Path, data: Mapping[str, Any]) -> None:
-    lines = [f"{k} = {_toml(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    """Flat keys, [tables] and [[arrays of tables]], one level deep: all our configs need."""
+    lines = [f"{k} = {_toml(v)}" for k, v in data.items() if not isinstance(v, Mapping) and not _is_tables(v)]
     for section, values in data.items():
         if isinstance(values, Mapping):
             lines.append(f"\n[{section}]")
             lines.extend(f"{k} = {_toml(v)}" for k, v in values.items())
+        elif _is_tables(values):
+            for table in values:
+                lines.append(f"\n[[{section}]]")
+                lines.extend(f"{k} = {_toml(v)}" for k, v in table.items())
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -54,9 +63,14 @@ class Agent:
     peer_id: str
     address: str
     grpc_port: int
+    tls_port: int
     config: Path
     state_dir: Path
     process: Process | None = None
+
+    @property
+    def tls_endpoint(self) -> str:
+        return f"{self.address}:{self.tls_port}"
 
 
 @dataclass
@@ -67,6 +81,8 @@ class LocalCluster:
     pebble_config: Mapping[str, Any] = field(default_factory=dict)
     pebble_env: Mapping[str, str | None] = field(default_factory=dict)
     coordinator_timing: Mapping[str, Any] = field(default_factory=dict)
+    agent_settings: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+    """Extra settings per peer index (e.g. {2: {"hooks": [...]}}), merged over the defaults."""
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -140,7 +156,7 @@ class LocalCluster:
     def _make_agent(self, index: int) -> Agent:
         peer_id, address = f"peer{index}", peer_address(index)
         cert, key = pki.issue(self.pki_dir, pki.Identity(pki.Role.AGENT, peer_id), out_dir=self.pki_dir, ips=[address])
-        agent = Agent(index, peer_id, address, free_port(), self.run_dir / f"agent-{peer_id}.toml",
+        agent = Agent(index, peer_id, address, free_port(), free_port(), self.run_dir / f"agent-{peer_id}.toml",
                       self.run_dir / "agents" / peer_id)
         write_toml(agent.config, {
             "peer_id": peer_id,
@@ -151,6 +167,9 @@ class LocalCluster:
             "tls": {"ca": str(self.pki_dir / "ca.pem"), "cert": str(cert), "key": str(key)},
             "front": {"host": address, "port": self.front_port, "mode": self.front_mode},
             "challenge": {"host": "127.0.0.1", "port": 0},
+            # The agent's own HTTPS endpoint: deployed certificates go live here.
+            "endpoints": [{"listen": agent.tls_endpoint}],
+            **self.agent_settings.get(index, {}),
         })
         return agent
 

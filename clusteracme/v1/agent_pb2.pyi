@@ -7,6 +7,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AgentDeployRequest(_message.Message):
+    __slots__ = ("slot", "chain_pem", "expected_names")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_NAMES_FIELD_NUMBER: _ClassVar[int]
+    slot: _common_pb2.Slot
+    chain_pem: str
+    expected_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., chain_pem: _Optional[str] = ..., expected_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AgentRollbackRequest(_message.Message):
+    __slots__ = ("slot", "expected_active_serial_hex")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_ACTIVE_SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    slot: _common_pb2.Slot
+    expected_active_serial_hex: str
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., expected_active_serial_hex: _Optional[str] = ...) -> None: ...
+
+class AgentDeployResponse(_message.Message):
+    __slots__ = ("active_serial_hex", "previous_serial_hex", "reloads")
+    ACTIVE_SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    RELOADS_FIELD_NUMBER: _ClassVar[int]
+    active_serial_hex: str
+    previous_serial_hex: str
+    reloads: _containers.RepeatedCompositeFieldContainer[_common_pb2.ReloadResult]
+    def __init__(self, active_serial_hex: _Optional[str] = ..., previous_serial_hex: _Optional[str] = ..., reloads: _Optional[_Iterable[_Union[_common_pb2.ReloadResult, _Mapping]]] = ...) -> None: ...
+
 class PresentTokensRequest(_message.Message):
     __slots__ = ("order_id", "tokens", "ttl_seconds")
     ORDER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -74,7 +102,7 @@ class SlotKey(_message.Message):
     def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., public_key_sha256: _Optional[str] = ..., key_type: _Optional[_Union[_common_pb2.KeyType, str]] = ..., held_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AgentStatusResponse(_message.Message):
-    __slots__ = ("peer_id", "version", "front_mode", "front_listening", "open_tokens", "challenge_server_listening", "keys")
+    __slots__ = ("peer_id", "version", "front_mode", "front_listening", "open_tokens", "challenge_server_listening", "keys", "certificates", "tls_endpoints")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FRONT_MODE_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +110,8 @@ class AgentStatusResponse(_message.Message):
     OPEN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CHALLENGE_SERVER_LISTENING_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    TLS_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     version: str
     front_mode: str
@@ -89,4 +119,6 @@ class AgentStatusResponse(_message.Message):
     open_tokens: int
     challenge_server_listening: bool
     keys: _containers.RepeatedCompositeFieldContainer[SlotKey]
-    def __init__(self, peer_id: _Optional[str] = ..., version: _Optional[str] = ..., front_mode: _Optional[str] = ..., front_listening: _Optional[bool] = ..., open_tokens: _Optional[int] = ..., challenge_server_listening: _Optional[bool] = ..., keys: _Optional[_Iterable[_Union[SlotKey, _Mapping]]] = ...) -> None: ...
+    certificates: _containers.RepeatedCompositeFieldContainer[_common_pb2.SlotCertificates]
+    tls_endpoints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peer_id: _Optional[str] = ..., version: _Optional[str] = ..., front_mode: _Optional[str] = ..., front_listening: _Optional[bool] = ..., open_tokens: _Optional[int] = ..., challenge_server_listening: _Optional[bool] = ..., keys: _Optional[_Iterable[_Union[SlotKey, _Mapping]]] = ..., certificates: _Optional[_Iterable[_Union[_common_pb2.SlotCertificates, _Mapping]]] = ..., tls_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -54,6 +54,16 @@ class AgentServiceStub:
                 request_serializer=clusteracme_dot_v1_dot_agent__pb2.AgentStatusRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_agent__pb2.AgentStatusResponse.FromString,
                 _registered_method=True)
+        self.Deploy = channel.unary_unary(
+                '/clusteracme.v1.AgentService/Deploy',
+                request_serializer=clusteracme_dot_v1_dot_agent__pb2.AgentDeployRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_agent__pb2.AgentDeployResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/clusteracme.v1.AgentService/Rollback',
+                request_serializer=clusteracme_dot_v1_dot_agent__pb2.AgentRollbackRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_agent__pb2.AgentDeployResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -88,6 +98,22 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Deploy(self, request, context):
+        """Install a signed chain (for a key the agent holds) as the slot's active
+        pair, keep the previous pair, reload every target. A pair that does not
+        validate is refused before anything changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Swap the previous pair back in and reload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +136,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=clusteracme_dot_v1_dot_agent__pb2.AgentStatusRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_agent__pb2.AgentStatusResponse.SerializeToString,
+            ),
+            'Deploy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deploy,
+                    request_deserializer=clusteracme_dot_v1_dot_agent__pb2.AgentDeployRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_agent__pb2.AgentDeployResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=clusteracme_dot_v1_dot_agent__pb2.AgentRollbackRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_agent__pb2.AgentDeployResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +256,60 @@ class AgentService:
             '/clusteracme.v1.AgentService/Status',
             clusteracme_dot_v1_dot_agent__pb2.AgentStatusRequest.SerializeToString,
             clusteracme_dot_v1_dot_agent__pb2.AgentStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.AgentService/Deploy',
+            clusteracme_dot_v1_dot_agent__pb2.AgentDeployRequest.SerializeToString,
+            clusteracme_dot_v1_dot_agent__pb2.AgentDeployResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.AgentService/Rollback',
+            clusteracme_dot_v1_dot_agent__pb2.AgentRollbackRequest.SerializeToString,
+            clusteracme_dot_v1_dot_agent__pb2.AgentDeployResponse.FromString,
             options,
             channel_credentials,
             insecure,

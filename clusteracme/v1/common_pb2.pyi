@@ -2,8 +2,8 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -59,3 +59,27 @@ class CertificateSummary(_message.Message):
     key_check: str
     sha256_fingerprint: str
     def __init__(self, subject: _Optional[str] = ..., sans: _Optional[_Iterable[str]] = ..., issuer: _Optional[str] = ..., serial_hex: _Optional[str] = ..., not_before: _Optional[str] = ..., not_after: _Optional[str] = ..., key_type: _Optional[str] = ..., matches_peer_key: _Optional[bool] = ..., key_check: _Optional[str] = ..., sha256_fingerprint: _Optional[str] = ...) -> None: ...
+
+class ReloadResult(_message.Message):
+    __slots__ = ("target", "ok", "detail", "seconds")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    ok: bool
+    detail: str
+    seconds: float
+    def __init__(self, target: _Optional[str] = ..., ok: _Optional[bool] = ..., detail: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class SlotCertificates(_message.Message):
+    __slots__ = ("slot", "active_serial_hex", "active_not_after", "previous_serial_hex")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    slot: Slot
+    active_serial_hex: str
+    active_not_after: str
+    previous_serial_hex: str
+    def __init__(self, slot: _Optional[_Union[Slot, _Mapping]] = ..., active_serial_hex: _Optional[str] = ..., active_not_after: _Optional[str] = ..., previous_serial_hex: _Optional[str] = ...) -> None: ...

@@ -7,21 +7,123 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DeployRequest(_message.Message):
+    __slots__ = ("peer_id", "slot")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("peer_id", "slot")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ...) -> None: ...
+
+class DeployResult(_message.Message):
+    __slots__ = ("peer_id", "slot", "ok", "error", "active_serial_hex", "previous_serial_hex", "reloads")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    RELOADS_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    ok: bool
+    error: str
+    active_serial_hex: str
+    previous_serial_hex: str
+    reloads: _containers.RepeatedCompositeFieldContainer[_common_pb2.ReloadResult]
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., active_serial_hex: _Optional[str] = ..., previous_serial_hex: _Optional[str] = ..., reloads: _Optional[_Iterable[_Union[_common_pb2.ReloadResult, _Mapping]]] = ...) -> None: ...
+
+class RolloutRequest(_message.Message):
+    __slots__ = ("peer_ids", "all", "batch", "rollback_on_failure", "slot")
+    PEER_IDS_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    peer_ids: _containers.RepeatedScalarFieldContainer[str]
+    all: bool
+    batch: int
+    rollback_on_failure: bool
+    slot: _common_pb2.Slot
+    def __init__(self, peer_ids: _Optional[_Iterable[str]] = ..., all: _Optional[bool] = ..., batch: _Optional[int] = ..., rollback_on_failure: _Optional[bool] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ...) -> None: ...
+
+class RolloutEvent(_message.Message):
+    __slots__ = ("peer_id", "stage", "detail", "serial_hex")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    stage: str
+    detail: str
+    serial_hex: str
+    def __init__(self, peer_id: _Optional[str] = ..., stage: _Optional[str] = ..., detail: _Optional[str] = ..., serial_hex: _Optional[str] = ...) -> None: ...
+
+class HistoryEvent(_message.Message):
+    __slots__ = ("id", "at", "peer_id", "slot", "who", "what", "result", "serial_hex", "previous_serial_hex", "detail", "certificate_pem")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    WHAT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    at: str
+    peer_id: str
+    slot: _common_pb2.Slot
+    who: str
+    what: str
+    result: str
+    serial_hex: str
+    previous_serial_hex: str
+    detail: str
+    certificate_pem: str
+    def __init__(self, id: _Optional[str] = ..., at: _Optional[str] = ..., peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., who: _Optional[str] = ..., what: _Optional[str] = ..., result: _Optional[str] = ..., serial_hex: _Optional[str] = ..., previous_serial_hex: _Optional[str] = ..., detail: _Optional[str] = ..., certificate_pem: _Optional[str] = ...) -> None: ...
+
+class ListEventsRequest(_message.Message):
+    __slots__ = ("peer_id", "limit")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    limit: int
+    def __init__(self, peer_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[HistoryEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ...) -> None: ...
+
 class RegisterPeerRequest(_message.Message):
-    __slots__ = ("peer_id", "addresses", "grpc_endpoint", "http_front", "front_mode", "version")
+    __slots__ = ("peer_id", "addresses", "grpc_endpoint", "http_front", "front_mode", "version", "tls_endpoints")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     GRPC_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     HTTP_FRONT_FIELD_NUMBER: _ClassVar[int]
     FRONT_MODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    TLS_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     addresses: _containers.RepeatedScalarFieldContainer[str]
     grpc_endpoint: str
     http_front: str
     front_mode: str
     version: str
-    def __init__(self, peer_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_endpoint: _Optional[str] = ..., http_front: _Optional[str] = ..., front_mode: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    tls_endpoints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peer_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_endpoint: _Optional[str] = ..., http_front: _Optional[str] = ..., front_mode: _Optional[str] = ..., version: _Optional[str] = ..., tls_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterPeerResponse(_message.Message):
     __slots__ = ("heartbeat_interval_seconds", "lease_ttl_seconds")
@@ -90,7 +192,7 @@ class RegisterAccountRequest(_message.Message):
     def __init__(self, provider: _Optional[str] = ..., email: _Optional[str] = ..., agree_tos: _Optional[bool] = ...) -> None: ...
 
 class Peer(_message.Message):
-    __slots__ = ("peer_id", "addresses", "grpc_endpoint", "http_front", "front_mode", "version", "enabled", "alive", "registered_at")
+    __slots__ = ("peer_id", "addresses", "grpc_endpoint", "http_front", "front_mode", "version", "enabled", "alive", "registered_at", "tls_endpoints")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     GRPC_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +202,7 @@ class Peer(_message.Message):
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
+    TLS_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     addresses: _containers.RepeatedScalarFieldContainer[str]
     grpc_endpoint: str
@@ -109,7 +212,8 @@ class Peer(_message.Message):
     enabled: bool
     alive: bool
     registered_at: str
-    def __init__(self, peer_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_endpoint: _Optional[str] = ..., http_front: _Optional[str] = ..., front_mode: _Optional[str] = ..., version: _Optional[str] = ..., enabled: _Optional[bool] = ..., alive: _Optional[bool] = ..., registered_at: _Optional[str] = ...) -> None: ...
+    tls_endpoints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peer_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_endpoint: _Optional[str] = ..., http_front: _Optional[str] = ..., front_mode: _Optional[str] = ..., version: _Optional[str] = ..., enabled: _Optional[bool] = ..., alive: _Optional[bool] = ..., registered_at: _Optional[str] = ..., tls_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListPeersRequest(_message.Message):
     __slots__ = ()
@@ -292,7 +396,7 @@ class StatusRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
 
 class SlotStatus(_message.Message):
-    __slots__ = ("slot", "csr_names", "csr_created_at", "pending_serial", "pending_not_after", "last_sign_status", "last_sign_at", "last_sign_error", "current_order")
+    __slots__ = ("slot", "csr_names", "csr_created_at", "pending_serial", "pending_not_after", "last_sign_status", "last_sign_at", "last_sign_error", "current_order", "active_serial", "active_not_after", "previous_serial", "last_deploy_status", "last_deploy_at", "last_deploy_error", "agent_matches", "agent_state")
     SLOT_FIELD_NUMBER: _ClassVar[int]
     CSR_NAMES_FIELD_NUMBER: _ClassVar[int]
     CSR_CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +406,14 @@ class SlotStatus(_message.Message):
     LAST_SIGN_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_SIGN_ERROR_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ORDER_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    LAST_DEPLOY_STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_DEPLOY_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_DEPLOY_ERROR_FIELD_NUMBER: _ClassVar[int]
+    AGENT_MATCHES_FIELD_NUMBER: _ClassVar[int]
+    AGENT_STATE_FIELD_NUMBER: _ClassVar[int]
     slot: _common_pb2.Slot
     csr_names: str
     csr_created_at: str
@@ -311,7 +423,15 @@ class SlotStatus(_message.Message):
     last_sign_at: str
     last_sign_error: str
     current_order: str
-    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., csr_names: _Optional[str] = ..., csr_created_at: _Optional[str] = ..., pending_serial: _Optional[str] = ..., pending_not_after: _Optional[str] = ..., last_sign_status: _Optional[str] = ..., last_sign_at: _Optional[str] = ..., last_sign_error: _Optional[str] = ..., current_order: _Optional[str] = ...) -> None: ...
+    active_serial: str
+    active_not_after: str
+    previous_serial: str
+    last_deploy_status: str
+    last_deploy_at: str
+    last_deploy_error: str
+    agent_matches: bool
+    agent_state: str
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., csr_names: _Optional[str] = ..., csr_created_at: _Optional[str] = ..., pending_serial: _Optional[str] = ..., pending_not_after: _Optional[str] = ..., last_sign_status: _Optional[str] = ..., last_sign_at: _Optional[str] = ..., last_sign_error: _Optional[str] = ..., current_order: _Optional[str] = ..., active_serial: _Optional[str] = ..., active_not_after: _Optional[str] = ..., previous_serial: _Optional[str] = ..., last_deploy_status: _Optional[str] = ..., last_deploy_at: _Optional[str] = ..., last_deploy_error: _Optional[str] = ..., agent_matches: _Optional[bool] = ..., agent_state: _Optional[str] = ...) -> None: ...
 
 class PeerStatus(_message.Message):
     __slots__ = ("peer", "slots")

@@ -99,10 +99,30 @@ class CoordinatorServiceStub:
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.DiscardPendingRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.DiscardPendingResponse.FromString,
                 _registered_method=True)
+        self.Deploy = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/Deploy',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.DeployRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.DeployResult.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/Rollback',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.DeployResult.FromString,
+                _registered_method=True)
+        self.Rollout = channel.unary_stream(
+                '/clusteracme.v1.CoordinatorService/Rollout',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.RolloutEvent.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/clusteracme.v1.CoordinatorService/Status',
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.StatusResponse.FromString,
+                _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/ListEvents',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListEventsResponse.FromString,
                 _registered_method=True)
 
 
@@ -191,9 +211,35 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Status(self, request, context):
-        """--- status (SPEC R13) ---
+    def Deploy(self, request, context):
+        """--- deploy, rollback, rollout (SPEC R8, R14) ---
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollout(self, request, context):
+        """Progress of a rolling deployment, one message per step per peer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """--- status and history (SPEC R13) ---
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -266,10 +312,30 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.DiscardPendingRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.DiscardPendingResponse.SerializeToString,
             ),
+            'Deploy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deploy,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.DeployRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.DeployResult.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.RollbackRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.DeployResult.SerializeToString,
+            ),
+            'Rollout': grpc.unary_stream_rpc_method_handler(
+                    servicer.Rollout,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.RolloutRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.RolloutEvent.SerializeToString,
+            ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
                     request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.StatusResponse.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListEventsRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -634,6 +700,87 @@ class CoordinatorService:
             _registered_method=True)
 
     @staticmethod
+    def Deploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/Deploy',
+            clusteracme_dot_v1_dot_coordinator__pb2.DeployRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.DeployResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/Rollback',
+            clusteracme_dot_v1_dot_coordinator__pb2.RollbackRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.DeployResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/Rollout',
+            clusteracme_dot_v1_dot_coordinator__pb2.RolloutRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.RolloutEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Status(request,
             target,
             options=(),
@@ -650,6 +797,33 @@ class CoordinatorService:
             '/clusteracme.v1.CoordinatorService/Status',
             clusteracme_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
             clusteracme_dot_v1_dot_coordinator__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/ListEvents',
+            clusteracme_dot_v1_dot_coordinator__pb2.ListEventsRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.ListEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,12 +17,15 @@ from clusteracme.rpcutil import rpc_method
 from clusteracme.v1 import agent_pb2, common_pb2, coordinator_pb2_grpc
 from clusteracme.v1 import coordinator_pb2 as pb
 from coordinator.accounts import Accounts, ProviderView
+from coordinator.deployment import Deployment, DeployOutcome
+from coordinator.history import History
 from coordinator.issuance import Issuance
 from coordinator.orders import OrderRecord
 from coordinator.peers import AgentPool, PeerInfo, Registry
 
 AGENT, OPERATOR = Role.AGENT, Role.OPERATOR
 MAX_PEER_ADDRESSES = 16
+STATUS_AGENT_TIMEOUT = 2.0
 
 
 def _provider(v: ProviderView) -> pb.Provider:
@@ -37,6 +40,7 @@ def _peer(p: PeerInfo) -> pb.Peer:
     return pb.Peer(
         peer_id=p.peer_id, addresses=p.addresses, grpc_endpoint=p.grpc_endpoint, http_front=p.http_front,
         front_mode=p.front_mode, version=p.version, enabled=p.enabled, alive=p.alive, registered_at=p.registered_at,
+        tls_endpoints=p.tls_endpoints,
     )
 
 
@@ -51,6 +55,14 @@ def order_info(rec: OrderRecord) -> pb.OrderInfo:
     )
 
 
+def _deploy_result(o: DeployOutcome, slot: common_pb2.Slot) -> pb.DeployResult:
+    return pb.DeployResult(
+        peer_id=o.peer_id, slot=slot, ok=o.ok, error=o.error, active_serial_hex=o.active_serial,
+        previous_serial_hex=o.previous_serial,
+        reloads=[common_pb2.ReloadResult(target=r.target, ok=r.ok, detail=r.detail, seconds=r.seconds) for r in o.reloads],
+    )
+
+
 def _required(value: str, what: str) -> str:
     if not value:
         raise errors.InvalidArgument(f"{what} is required")
@@ -58,11 +70,13 @@ def _required(value: str, what: str) -> str:
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
-    def __init__(self, registry: Registry, accounts: Accounts, issuance: Issuance, pool: AgentPool,
-                 *, heartbeat_interval: int, lease_ttl: int) -> None:
+    def __init__(self, registry: Registry, accounts: Accounts, issuance: Issuance, deployment: Deployment,
+                 history: History, pool: AgentPool, *, heartbeat_interval: int, lease_ttl: int) -> None:
         self._registry = registry
         self._accounts = accounts
         self._issuance = issuance
+        self._deployment = deployment
+        self._history = history
         self._pool = pool
         self._heartbeat_interval = heartbeat_interval
         self._lease_ttl = lease_ttl
@@ -82,6 +96,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             netaddr.check_ip(address, "addresses")
         netaddr.split_hostport(request.grpc_endpoint, "grpc_endpoint")
         netaddr.split_hostport(request.http_front, "http_front")
+        if len(request.tls_endpoints) > MAX_PEER_ADDRESSES:
+            raise errors.InvalidArgument(f"at most {MAX_PEER_ADDRESSES} TLS endpoints")
+        for endpoint in request.tls_endpoints:
+            netaddr.split_hostport(endpoint, "tls_endpoints")
         if request.front_mode not in ("redirect", "closed", "external"):
             raise errors.InvalidArgument(f"unknown front mode {request.front_mode[:40]!r}")
         if len(request.version) > 64 or not request.version.isprintable():
@@ -89,6 +107,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         await self._registry.register(PeerInfo(
             request.peer_id, tuple(request.addresses), request.grpc_endpoint, request.http_front,
             request.front_mode, request.version, enabled=False, registered_at="",
+            tls_endpoints=tuple(request.tls_endpoints),
         ))
         return pb.RegisterPeerResponse(heartbeat_interval_seconds=self._heartbeat_interval,
                                        lease_ttl_seconds=self._lease_ttl)
@@ -141,7 +160,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @rpc_method(OPERATOR)
     async def Sign(self, request: pb.SignRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         rec = await self._issuance.start_sign(
-            _required(request.peer_id, "a peer id"), request.slot.domain, request.provider, request.force)
+            _required(request.peer_id, "a peer id"), request.slot.domain, request.provider, request.force,
+            who.common_name)
         if request.wait:
             rec = await self._issuance.wait(rec.order_id)
         return order_info(rec)
@@ -189,26 +209,88 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @rpc_method(OPERATOR)
     async def DiscardPending(self, request: pb.DiscardPendingRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
-        await self._issuance.discard_pending(_required(request.peer_id, "a peer id"), request.slot.domain)
+        await self._issuance.discard_pending(_required(request.peer_id, "a peer id"), request.slot.domain,
+                                             who.common_name)
         return pb.DiscardPendingResponse()
+
+    # --- deploy, rollback, rollout -------------------------------------------
+    @rpc_method(OPERATOR)
+    async def Deploy(self, request: pb.DeployRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        outcome = await self._deployment.deploy(_required(request.peer_id, "a peer id"), request.slot.domain,
+                                                who.common_name)
+        return _deploy_result(outcome, request.slot)
+
+    @rpc_method(OPERATOR)
+    async def Rollback(self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        outcome = await self._deployment.rollback(_required(request.peer_id, "a peer id"), request.slot.domain,
+                                                  who.common_name)
+        return _deploy_result(outcome, request.slot)
+
+    @rpc_method(OPERATOR)
+    async def Rollout(self, request: pb.RolloutRequest, context: grpc.aio.ServicerContext, who: Identity) -> None:
+        async for step in self._deployment.rollout(list(request.peer_ids), request.all, request.batch or 1,
+                                                   request.rollback_on_failure, request.slot.domain, who.common_name):
+            await context.write(pb.RolloutEvent(peer_id=step.peer_id, stage=step.stage, detail=step.detail,
+                                                serial_hex=step.serial_hex))
+
+    @rpc_method(OPERATOR)
+    async def ListEvents(self, request: pb.ListEventsRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        peer_id = _required(request.peer_id, "a peer id")
+        await self._registry.get(peer_id)
+        events = await self._history.list(peer_id, request.limit)
+        return pb.ListEventsResponse(events=[pb.HistoryEvent(
+            id=event_id, at=e.at, peer_id=e.peer_id, slot=common_pb2.Slot(domain=e.domain), who=e.who, what=e.what,
+            result=e.result, serial_hex=e.serial_hex, previous_serial_hex=e.previous_serial_hex, detail=e.detail,
+            certificate_pem=e.certificate_pem) for event_id, e in events])
 
     # --- status ----------------------------------------------------------
     @rpc_method(OPERATOR)
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         peers = [await self._registry.get(request.peer_id)] if request.peer_id else await self._registry.list()
+        # What each live agent holds on disk, asked in parallel with a short
+        # deadline: status must stay quick when a peer is in trouble.
+        agent_views = await self._pool.fan_out(
+            [p for p in peers if p.alive], "status",
+            lambda stub, kw: stub.Status(agent_pb2.AgentStatusRequest(), **{**kw, "timeout": STATUS_AGENT_TIMEOUT}))
         out = []
         for peer in peers:
+            view = agent_views.get(peer.peer_id)
+            on_disk = ({c.slot.domain: c for c in view.certificates}
+                       if view is not None and not isinstance(view, errors.ClusterAcmeError) else None)
             slots = []
             for slot in await self._issuance.slots(peer.peer_id):
+                domain = slot.get("domain", "")
                 csr = slot.get("csr") or {}
                 pending = slot.get("pending") or {}
+                active = slot.get("active") or {}
+                previous = slot.get("previous") or {}
                 last = slot.get("last_sign") or {}
+                deployed = slot.get("last_deploy") or {}
+                matches, agent_state = _compare_disk(active, previous, on_disk, domain, view)
                 slots.append(pb.SlotStatus(
-                    slot=common_pb2.Slot(domain=slot.get("domain", "")), csr_names=",".join(csr.get("names", [])),
+                    slot=common_pb2.Slot(domain=domain), csr_names=",".join(csr.get("names", [])),
                     csr_created_at=csr.get("created_at", ""), pending_serial=pending.get("serial_hex", ""),
                     pending_not_after=pending.get("not_after", ""), last_sign_status=last.get("status", ""),
                     last_sign_at=last.get("at", ""), last_sign_error=last.get("error", ""),
                     current_order=slot.get("current_order") or "",
+                    active_serial=active.get("serial_hex", ""), active_not_after=active.get("not_after", ""),
+                    previous_serial=previous.get("serial_hex", ""), last_deploy_status=deployed.get("status", ""),
+                    last_deploy_at=deployed.get("at", ""), last_deploy_error=deployed.get("error", ""),
+                    agent_matches=matches, agent_state=agent_state,
                 ))
             out.append(pb.PeerStatus(peer=_peer(peer), slots=slots))
         return pb.StatusResponse(peers=out)
+
+
+def _compare_disk(active: dict[str, Any], previous: dict[str, Any], on_disk: dict[str, Any] | None, domain: str,
+                  view: object) -> tuple[bool, str]:
+    """Does the agent's disk agree with etcd about the slot's active and previous pairs?"""
+    if on_disk is None:
+        reason = view.message if isinstance(view, errors.ClusterAcmeError) else "agent not alive"
+        return False, f"not checked: {reason}"
+    disk = on_disk.get(domain)
+    disk_active = disk.active_serial_hex if disk else ""
+    disk_previous = disk.previous_serial_hex if disk else ""
+    if (disk_active, disk_previous) == (active.get("serial_hex", ""), previous.get("serial_hex", "")):
+        return True, ""
+    return False, f"agent holds active {disk_active or '-'}, previous {disk_previous or '-'}"

@@ -13,6 +13,7 @@ from clusteracme.rpcutil import rpc_method
 from clusteracme.v1 import agent_pb2 as pb
 from clusteracme.v1 import agent_pb2_grpc, common_pb2
 from peer_agent.challenges import ChallengeService
+from peer_agent.deployer import Deployer, DeployOutcome
 from peer_agent.keys import KEY_TYPES, KeyStore
 
 COORDINATOR = Role.COORDINATOR
@@ -20,10 +21,13 @@ _LABEL_TO_ENUM = {label: enum for enum, (label, _) in KEY_TYPES.items()}
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, peer_id: str, challenges: ChallengeService, keys: KeyStore) -> None:
+    def __init__(self, peer_id: str, challenges: ChallengeService, keys: KeyStore, deployer: Deployer,
+                 tls_endpoints: list[str]) -> None:
         self._peer_id = peer_id
         self._challenges = challenges
         self._keys = keys
+        self._deployer = deployer
+        self._tls_endpoints = tls_endpoints
 
     @rpc_method(COORDINATOR)
     async def PresentTokens(self, request: pb.PresentTokensRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
@@ -47,7 +51,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     @rpc_method(COORDINATOR)
     async def Status(self, request: pb.AgentStatusRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         keys = await asyncio.to_thread(self._keys.slots)
+        certs = await asyncio.to_thread(self._deployer.status)
         return pb.AgentStatusResponse(
+            certificates=[common_pb2.SlotCertificates(
+                slot=common_pb2.Slot(domain=c.domain), active_serial_hex=c.active_serial,
+                active_not_after=c.active_not_after.isoformat() if c.active_not_after else "",
+                previous_serial_hex=c.previous_serial) for c in certs],
+            tls_endpoints=self._tls_endpoints,
             peer_id=self._peer_id, version=__version__, front_mode=self._challenges.front_mode.value,
             front_listening=self._challenges.front_listening, open_tokens=self._challenges.open_tokens,
             challenge_server_listening=self._challenges.challenge_listening,
@@ -55,3 +65,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                              key_type=_LABEL_TO_ENUM.get(k.key_type, common_pb2.KEY_TYPE_UNSPECIFIED),
                              held_keys=k.held_keys) for k in keys],
         )
+
+    @rpc_method(COORDINATOR)
+    async def Deploy(self, request: pb.AgentDeployRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        outcome = await self._deployer.deploy(request.slot.domain, request.chain_pem, list(request.expected_names))
+        return _deployed(outcome)
+
+    @rpc_method(COORDINATOR)
+    async def Rollback(self, request: pb.AgentRollbackRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        outcome = await self._deployer.rollback(request.slot.domain, request.expected_active_serial_hex)
+        return _deployed(outcome)
+
+
+def _deployed(outcome: DeployOutcome) -> pb.AgentDeployResponse:
+    return pb.AgentDeployResponse(
+        active_serial_hex=outcome.active_serial, previous_serial_hex=outcome.previous_serial,
+        reloads=[common_pb2.ReloadResult(target=r.target, ok=r.ok, detail=r.detail, seconds=r.seconds)
+                 for r in outcome.reloads],
+    )

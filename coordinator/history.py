@@ -1,0 +1,70 @@
+"""Per-peer event history (SPEC R13): who did what, when, with which result.
+
+Events are written in the same etcd transaction as the state change they
+describe (a deploy and its event land together or not at all). Keys are
+``events/<peer>/<seq>`` with a time-based sequence, so a range read is in
+order; each peer keeps the newest ``MAX_EVENTS`` (older ones are trimmed
+when a new one is added).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from coordinator import records
+from coordinator.store.base import Delete, Op, Put, Store
+from coordinator.store.keys import Keys
+
+MAX_EVENTS = 500
+
+
+@dataclass(frozen=True)
+class Event:
+    at: str
+    peer_id: str
+    domain: str
+    who: str
+    what: str          # sign, deploy, rollback, discard
+    result: str        # ok, failed
+    serial_hex: str = ""
+    previous_serial_hex: str = ""
+    detail: str = ""
+    certificate_pem: str = ""  # a certificate that was replaced or discarded: nothing stored is lost
+
+
+class History:
+    def __init__(self, store: Store, keys: Keys, *, clock_ns: Any = time.time_ns) -> None:
+        self._store = store
+        self._keys = keys
+        self._clock_ns = clock_ns
+        self._last = 0
+
+    def put(self, event: Event) -> Put:
+        """The operation that appends ``event``; add it to the state change's transaction."""
+        # Nanoseconds since the epoch, strictly increasing within this process:
+        # keys sort in time order and two events never share a key.
+        seq = max(self._clock_ns(), self._last + 1)
+        self._last = seq
+        return Put(self._keys.event(event.peer_id, seq), records.encode(asdict(event)))
+
+    async def trim(self, peer_id: str) -> None:
+        """Drop the oldest events beyond MAX_EVENTS (best effort, after the append)."""
+        entries = await self._store.range(self._keys.events(peer_id))
+        excess = len(entries) - MAX_EVENTS
+        if excess > 0:
+            ops: list[Op] = [Delete(e.key) for e in entries[:excess]]
+            await self._store.txn(checks=[], ops=ops)
+
+    async def list(self, peer_id: str, limit: int = 0) -> list[tuple[str, Event]]:
+        """(id, event), newest first."""
+        entries = await self._store.range(self._keys.events(peer_id))
+        out = []
+        for entry in reversed(entries):
+            data = records.decode(entry.value)
+            data.pop("schema", None)
+            out.append((entry.key.rsplit("/", 1)[-1], Event(**data)))
+            if limit and len(out) >= limit:
+                break
+        return out

@@ -1,0 +1,261 @@
+"""The agent's in-process HTTPS endpoints: SNI selection and reload without
+restart (SPEC R8, R10; DESIGN "Peer agent").
+
+The listening socket's base ``SSLContext`` holds no certificate. Its SNI
+callback, which OpenSSL runs for every ClientHello (with ``None`` when the
+client sends no SNI), moves the new connection onto a per-slot context chosen
+from the *current* ``Contexts``. A reload builds fresh contexts first — a
+failed ``load_cert_chain`` on a live context breaks its new handshakes, so a
+live context is never loaded into — then swaps them in with one attribute
+assignment. A connection keeps the context it was handshaken with, so
+existing connections carry on with the old certificate and new ones get the
+new certificate.
+
+An endpoint answers every request with a one-line health page naming the
+serial the connection was served, or proxies to a local ``upstream``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from peer_agent.errors import EndpointError, TLSLoadError
+
+log = logging.getLogger(__name__)
+
+# Headers that belong to one connection, not to the message (RFC 9110 7.6.1).
+_HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+_UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=60.0)
+
+
+class PairFiles(Protocol):
+    """A certificate pair as files: ``peer_agent.certs.LivePair`` fits."""
+
+    @property
+    def serial_hex(self) -> str: ...
+    @property
+    def fullchain(self) -> Path: ...
+    @property
+    def privkey(self) -> Path: ...
+
+
+class ServingContext(ssl.SSLContext):
+    """A server context for one slot's pair; it remembers the serial it
+    serves, so a connection can say which certificate it got."""
+
+    serial_hex: str = ""
+
+
+def load_context(pair: PairFiles) -> ServingContext:
+    """A fresh server context loaded with ``pair``; raises TLSLoadError."""
+    context = ServingContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(pair.fullchain, pair.privkey)
+    except (ssl.SSLError, OSError) as exc:
+        raise TLSLoadError(f"the TLS library cannot load certificate {pair.serial_hex}: {exc}") from exc
+    context.serial_hex = pair.serial_hex
+    return context
+
+
+@dataclass(frozen=True)
+class Contexts:
+    """The server contexts of every slot ("" = the server certificate).
+
+    Immutable: a reload builds a new object, so a handshake reads one
+    consistent generation."""
+
+    by_domain: Mapping[str, ServingContext] = field(default_factory=dict)
+
+    def choose(self, server_name: str | None) -> ServingContext | None:
+        """Exact domain match (case-insensitive, trailing dot ignored); else
+        the server certificate; else the first domain; else None."""
+        if server_name:
+            context = self.by_domain.get(server_name.rstrip(".").lower())
+            if context is not None:
+                return context
+        if "" in self.by_domain:
+            return self.by_domain[""]
+        return self.by_domain[min(self.by_domain)] if self.by_domain else None
+
+    def with_slot(self, domain: str, context: ServingContext) -> Contexts:
+        """A copy where ``domain``'s context is replaced (or added)."""
+        return Contexts({**self.by_domain, domain: context})
+
+    @property
+    def serials(self) -> dict[str, str]:
+        return {domain: context.serial_hex for domain, context in self.by_domain.items()}
+
+
+def build_contexts(pairs: Mapping[str, PairFiles]) -> Contexts:
+    """Fresh contexts for every slot; the first pair that fails to load raises
+    TLSLoadError, and nothing live is touched."""
+    return Contexts({domain: load_context(pair) for domain, pair in pairs.items()})
+
+
+class TLSEndpoint:
+    """One HTTPS listener serving the deployed certificates."""
+
+    def __init__(self, host: str, port: int, *, peer_id: str, upstream: str = "") -> None:
+        if upstream:
+            url = URL(upstream)
+            if url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/") or url.query_string:
+                raise ValueError(f"upstream must be http(s)://host:port without a path, not {upstream!r}")
+        self.host = host
+        self.peer_id = peer_id
+        self._configured_port = port
+        self._upstream = upstream.rstrip("/")
+        self._contexts = Contexts()
+        self._base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._base.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._base.sni_callback = self._select_context
+        self._runner: web.ServerRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._port: int | None = None
+        self._start_lock = asyncio.Lock()
+
+    @property
+    def listening(self) -> bool:
+        return self._runner is not None
+
+    @property
+    def port(self) -> int | None:
+        """The bound port while listening (the real one when configured 0)."""
+        return self._port
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self._port if self._port is not None else self._configured_port}"
+
+    @property
+    def contexts(self) -> Contexts:
+        return self._contexts
+
+    def swap(self, contexts: Contexts) -> None:
+        """Serve ``contexts`` to every new handshake from now on."""
+        self._contexts = contexts  # one assignment: a handshake sees the old set or the new one
+
+    def served_serial(self, sni: str | None) -> str:
+        """The serial a new handshake with this SNI gets ("" if none)."""
+        context = self._contexts.choose(sni)
+        return context.serial_hex if context is not None else ""
+
+    def _select_context(self, ssl_object: ssl.SSLObject, server_name: str | None, _base: ssl.SSLContext) -> int | None:
+        context = self._contexts.choose(server_name)
+        if context is None:
+            return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
+        ssl_object.context = context
+        return None
+
+    async def start(self) -> bool:
+        """Listen, once there is a certificate to serve; True if listening.
+
+        Idempotent. Without any context it does nothing: call it again after
+        the first ``swap``."""
+        async with self._start_lock:
+            if self._runner is not None:
+                return True
+            if not self._contexts.by_domain:
+                log.info("TLS endpoint %s waits for its first certificate", self.address)
+                return False
+            runner = web.ServerRunner(web.Server(self._handle), shutdown_timeout=2.0)
+            await runner.setup()
+            site = web.TCPSite(
+                runner, self.host, self._configured_port, ssl_context=self._base, reuse_address=True
+            )
+            try:
+                await site.start()
+            except OSError as exc:
+                await runner.cleanup()
+                raise EndpointError(
+                    f"cannot listen for the TLS endpoint on {self.address}: {exc.strerror or exc}"
+                ) from exc
+            if self._upstream:
+                # auto_decompress off: bodies are relayed as they come, with their Content-Encoding.
+                self._session = aiohttp.ClientSession(timeout=_UPSTREAM_TIMEOUT, auto_decompress=False)
+            self._runner = runner
+            self._port = runner.addresses[0][1]
+            log.info("TLS endpoint listening on %s (serials %s)", self.address, self._contexts.serials)
+            return True
+
+    async def stop(self) -> None:
+        async with self._start_lock:
+            runner, self._runner = self._runner, None
+            session, self._session = self._session, None
+            if runner is not None:
+                await runner.cleanup()
+                log.info("TLS endpoint on %s closed", self.address)
+            if session is not None:
+                await session.close()
+            self._port = None
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self._upstream:
+            return await self._proxy(request)
+        if request.method not in (hdrs.METH_GET, hdrs.METH_HEAD):
+            return web.Response(status=405, text="method not allowed\n", headers={"Allow": "GET, HEAD"})
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        context = getattr(ssl_object, "context", None)
+        serial = context.serial_hex if isinstance(context, ServingContext) else "unknown"
+        return web.Response(text=f"ok {self.peer_id} serial={serial}\n")
+
+    async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
+        assert self._session is not None
+        headers = _end_to_end(request.headers)
+        forwarded_for = [*headers.popall(hdrs.X_FORWARDED_FOR, []), request.remote or ""]
+        headers[hdrs.X_FORWARDED_FOR] = ", ".join(v for v in forwarded_for if v)
+        headers[hdrs.X_FORWARDED_PROTO] = "https"
+        body = await request.read()  # bounded by aiohttp's client_max_size (1 MiB)
+        response: web.StreamResponse | None = None
+        try:
+            async with self._session.request(
+                request.method, URL(self._upstream + request.raw_path, encoded=True),
+                headers=headers, data=body or None, allow_redirects=False,
+            ) as upstream:
+                response = web.StreamResponse(
+                    status=upstream.status, reason=upstream.reason, headers=_end_to_end(upstream.headers)
+                )
+                if upstream.content_length is not None:
+                    response.content_length = upstream.content_length  # keeps the client's connection reusable
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_chunked(65536):
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if response is None or not response.prepared:
+                log.warning("TLS endpoint %s: upstream %s failed: %r", self.address, self._upstream, exc)
+                return web.Response(status=502, text="bad gateway\n")  # details stay in the log
+            # Headers are gone already: only closing the connection tells the client.
+            log.warning("TLS endpoint %s: upstream %s broke off a response: %r", self.address, self._upstream, exc)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+
+
+def _end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """``headers`` without hop-by-hop ones (also those named in Connection)
+    and without Content-Length, which the relaying side sets itself."""
+    named = {token.strip().lower() for value in headers.getall(hdrs.CONNECTION, []) for token in value.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in _HOP_BY_HOP or lowered in named or lowered == "content-length":
+            continue
+        out.add(name, value)
+    return out
