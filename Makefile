@@ -24,6 +24,7 @@ test-integration: deps $(STAMP)
 
 bench: deps $(STAMP)
 	$(PY) -m bench.sign_latency
+	$(PY) -m bench.rollout_connections
 
 deps:
 	@deploy/dev-deps.sh

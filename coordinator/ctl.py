@@ -268,6 +268,10 @@ async def cmd_events(ctl: Ctl, a: argparse.Namespace) -> None:
         ["AT", "SLOT", "WHAT", "RESULT", "SERIAL", "PREVIOUS", "WHO", "DETAIL"]))
 
 
+STATUS_HEADER = ["PEER", "LIVENESS", "ACME", "SLOT", "CSR NAMES", "ACTIVE", "PENDING", "LAST SIGN", "LAST DEPLOY",
+                 "DISK=ETCD"]
+
+
 async def cmd_status(ctl: Ctl, a: argparse.Namespace) -> None:
     r = await ctl.call("Status", pb.StatusRequest(peer_id=a.peer or ""))
 
@@ -277,7 +281,7 @@ async def cmd_status(ctl: Ctl, a: argparse.Namespace) -> None:
             p = ps.peer
             base = [p.peer_id, "alive" if p.alive else "DEAD", "enabled" if p.enabled else "disabled"]
             if not ps.slots:
-                rows.append([*base, "-", "-", "-", "-"])
+                rows.append([*base] + ["-"] * (len(STATUS_HEADER) - len(base)))
             for s in ps.slots:
                 last = f"{s.last_sign_status} {s.last_sign_at}" if s.last_sign_status else "-"
                 pending = f"{s.pending_serial} until {s.pending_not_after}" if s.pending_serial else "-"
@@ -285,8 +289,7 @@ async def cmd_status(ctl: Ctl, a: argparse.Namespace) -> None:
                 deployed = f"{s.last_deploy_status} {s.last_deploy_at}" if s.last_deploy_status else "-"
                 rows.append([*base, s.slot.domain or "server", s.csr_names or "-", active, pending, last, deployed,
                              "yes" if s.agent_matches else "NO"])
-        _print_table(rows, ["PEER", "LIVENESS", "ACME", "SLOT", "CSR NAMES", "ACTIVE", "PENDING", "LAST SIGN",
-                            "LAST DEPLOY", "DISK=ETCD"])
+        _print_table(rows, STATUS_HEADER)
         for ps in r.peers:
             for s in ps.slots:
                 slot = f"{ps.peer.peer_id} {s.slot.domain or 'server'}"

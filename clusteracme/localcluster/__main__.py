@@ -2,7 +2,9 @@
 
 Brings up etcd, pebble (+ challtestsrv as DNS), a coordinator and N agents on
 loopback, then drives the main job through acmectl exactly as an operator
-would, printing each command and its output, and stops everything.
+would (account, CSR on the peer, sign with every peer serving the
+challenges, pending certificate, deploy without restart, status, history),
+printing each command and its output, and stops everything.
 """
 
 from __future__ import annotations
@@ -10,14 +12,29 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
+import socket
+import ssl
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from cryptography import x509
+
 from clusteracme.localcluster.cluster import LocalCluster, peer_address
 
 NAMES = ("www.demo.example", "api.demo.example")
+
+
+def served_serial(endpoint: str, sni: str) -> str:
+    """The serial of the certificate a TLS endpoint presents (chain not verified: pebble's root is throwaway)."""
+    host, port = endpoint.rsplit(":", 1)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, int(port)), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=sni) as tls:
+        return format(x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number, "x")
 
 
 def step(cluster: LocalCluster, *args: str) -> None:
@@ -58,7 +75,12 @@ def _demo(args: argparse.Namespace, run_dir: Path) -> None:
         step(cluster, "csr", "create", "peer1", "--cn", NAMES[0], "--san", NAMES[1])
         step(cluster, "sign", "peer1", "--wait")
         step(cluster, "pending", "show", "peer1")
+        agent = cluster.agent(1)
+        step(cluster, "deploy", "peer1")
+        print(f"\n== TLS handshake with peer1's endpoint {agent.tls_endpoint} (SNI {NAMES[0]}): "
+              f"serial {served_serial(agent.tls_endpoint, NAMES[0])}", flush=True)
         step(cluster, "status")
+        step(cluster, "events", "peer1")
         print("\n== stopping the cluster", flush=True)
     print("== demo finished", flush=True)
 

@@ -21,6 +21,8 @@ def test_shipped_examples_parse() -> None:
     assert coord.etcd.endpoints[0] == "10.0.0.21:2379" and coord.tls.key.name.endswith(".key")
     agent = build(AgentSettings, load_toml(DEPLOY / "agent.toml"))
     assert agent.front.mode == "closed" and agent.addresses == ("203.0.113.31", "2001:db8::31")
+    assert agent.endpoints[0].advertise == "10.0.0.31:443" and agent.hooks[1].signal == "USR2"
+    assert [h.kind for h in agent.hooks] == ["command", "signal"]
 
 
 def test_unknown_keys_and_wrong_types_are_refused(tmp_path: Path) -> None:

@@ -53,3 +53,19 @@ def test_good_endpoints() -> None:
     for bad in ("0.0.0.0", "224.0.0.1", "example.com"):
         with pytest.raises(InvalidArgument):
             netaddr.check_ip(bad, "a")
+
+
+def test_shipped_example_builds_a_deployer_and_announces_its_endpoints(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from clusteracme.config import load_toml
+    from peer_agent.app import build_deployer, tls_endpoints
+    from peer_agent.keys import KeyStore
+
+    example = build(AgentSettings, {**load_toml(Path(__file__).resolve().parents[2] / "deploy/config/agent.toml"),
+                                    "state_dir": str(tmp_path)})
+    assert tls_endpoints(example) == ["10.0.0.31:443"]
+    deployer = build_deployer(example, KeyStore(tmp_path))
+    assert deployer.endpoints == ["0.0.0.0:443"]
+    with pytest.raises(InvalidArgument, match="hook"):
+        build_deployer(build(AgentSettings, {"hooks": [{"kind": "signal"}]}), KeyStore(tmp_path))
