@@ -92,3 +92,27 @@ def test_rollback_on_failure_restores_the_previous_certificate(cluster: LocalClu
     assert active(cluster, 2)[:2] == (before, third[2])
     assert served_serial(cluster.agent(2).tls_endpoint, "www.p2.rollout.example") == before
     Path(cluster.run_dir / "break-peer2-reload").unlink()
+
+
+def test_restarted_agents_keep_their_state_and_the_rollout_resumes(cluster: LocalCluster) -> None:
+    """After the stopped rollout, peer3 still has its pending certificate. Its
+    agent (and peer2's) restart; disk and etcd still agree, each serves what it
+    served, and running the rollout again finishes the job."""
+    serving = {i: served_serial(cluster.agent(i).tls_endpoint, f"www.p{i}.rollout.example") for i in (1, 2, 3)}
+    states = {i: active(cluster, i) for i in (1, 2, 3)}
+    for i in (2, 3):
+        cluster.stop_agent(i)
+        cluster.start_agent(i)
+    cluster.wait_peers_alive()
+    for i in (1, 2, 3):
+        slot = ctl_json(cluster, "status", f"peer{i}")["peers"][0]["slots"][0]
+        assert slot["agent_matches"] is True, (i, slot)
+        assert active(cluster, i) == states[i]
+        assert served_serial(cluster.agent(i).tls_endpoint, f"www.p{i}.rollout.example") == serving[i]
+    code, events = rollout(cluster, "--all")
+    assert code == 0, events
+    assert [e["peer_id"] for e in events if e["stage"] == "skipped"] == ["peer1", "peer2"]
+    assert [e["peer_id"] for e in events if e["stage"] == "verified"] == ["peer3"]
+    pending_3 = states[3][2]
+    assert active(cluster, 3) == (pending_3, states[3][0], "")
+    assert served_serial(cluster.agent(3).tls_endpoint, "www.p3.rollout.example") == pending_3
