@@ -199,8 +199,13 @@ class AcmeClient:
         regr = self._call("registering the account", do)
         return regr.uri, str(regr.body.status or "valid")
 
-    def new_order(self, names: tuple[str, ...]) -> OrderView:
-        order = messages.NewOrder(identifiers=[messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in names])
+    def new_order(self, names: tuple[str, ...], replaces: str = "") -> OrderView:
+        """Open an order; ``replaces`` is the RFC 9773 certificate id of the
+        certificate this one renews (sent only when the CA offers ARI)."""
+        identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in names]
+        order: messages.NewOrder = messages.NewOrder(identifiers=identifiers)
+        if replaces and self.has_renewal_info():
+            order = _NewOrderReplacing(identifiers=identifiers, replaces=replaces)
 
         def do() -> OrderView:
             response = self.acme._post(self.acme.directory["newOrder"], order)
@@ -210,6 +215,26 @@ class AcmeClient:
         if not view.url:
             raise CAError("creating the order: the CA sent no order URL", problem="malformed")
         return view
+
+    def has_renewal_info(self) -> bool:
+        try:
+            self.acme.directory["renewalInfo"]
+        except KeyError:
+            return False
+        return True
+
+    def renewal_info(self, cert_id: str) -> tuple[dict[str, object], float | None] | None:
+        """RFC 9773: the CA's renewal information for a certificate, as
+        (JSON, Retry-After seconds); None when the CA offers no ARI."""
+        if not self.has_renewal_info():
+            return None
+        url = str(self.acme.directory["renewalInfo"]).rstrip("/") + "/" + cert_id
+
+        def do() -> tuple[dict[str, object], float | None]:
+            response = self._net.get(url, content_type="application/json")
+            return response.json(), _retry_after(response)
+
+        return self._call("reading the renewal information", do)
 
     def get_order(self, url: str) -> OrderView:
         return self._call("reading the order", lambda: self._order_view(self.acme._post_as_get(url), url))
@@ -266,3 +291,9 @@ class AcmeClient:
             retry_after=_retry_after(response),
         )
 
+
+
+class _NewOrderReplacing(messages.NewOrder):
+    """newOrder with RFC 9773's ``replaces`` (the library's NewOrder lacks it)."""
+
+    replaces: str = jose.field("replaces", omitempty=True)

@@ -18,6 +18,7 @@ from clusteracme import daemon, errors
 from clusteracme.daemon import Supervisor, add_health
 from clusteracme.rpcutil import server
 from clusteracme.v1 import coordinator_pb2_grpc
+from coordinator import metrics
 from coordinator.accounts import Accounts
 from coordinator.deployment import Deployment
 from coordinator.election import Election
@@ -26,6 +27,7 @@ from coordinator.issuance import Issuance
 from coordinator.peers import AgentPool, Registry
 from coordinator.preflight import DnsResolver
 from coordinator.rpc.servicer import CoordinatorServicer
+from coordinator.scheduler import RenewalScheduler
 from coordinator.secretbox import SecretBox
 from coordinator.settings import CoordinatorSettings
 from coordinator.store.etcd import EtcdStore
@@ -73,10 +75,12 @@ async def run(settings: CoordinatorSettings) -> int:
     history = History(fenced, keys)
     issuance = Issuance(fenced, keys, registry, accounts, pool, resolver, t, history)
     deployment = Deployment(fenced, keys, registry, pool, history)
+    scheduler = RenewalScheduler(fenced, keys, registry, accounts, issuance, deployment, settings.renewal,
+                                 f"coordinator:{settings.name}")
 
     srv, port = server(settings.tls.files(), settings.listen)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
-        CoordinatorServicer(registry, accounts, issuance, deployment, history, pool,
+        CoordinatorServicer(registry, accounts, issuance, deployment, history, scheduler, pool,
                             heartbeat_interval=t.heartbeat_interval, lease_ttl=t.lease_ttl),
         srv,
     )
@@ -93,11 +97,15 @@ async def run(settings: CoordinatorSettings) -> int:
         raise errors.Aborted("leadership lost")
 
     sup.spawn("leadership-watch", watch_leadership())
+    sup.spawn("renewal-scheduler", scheduler.run())
+    metrics_runner = await metrics.serve(settings.metrics_listen) if settings.metrics_listen else None
     await sup.stopping.wait()
     await health.enter_graceful_shutdown()
     await srv.stop(grace=2)
     await issuance.close()
     await sup.shutdown()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     await pool.close()
     if not sup.failed:
         await election.resign()

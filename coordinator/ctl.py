@@ -268,8 +268,35 @@ async def cmd_events(ctl: Ctl, a: argparse.Namespace) -> None:
         ["AT", "SLOT", "WHAT", "RESULT", "SERIAL", "PREVIOUS", "WHO", "DETAIL"]))
 
 
+def _schedule_lines(s: Any) -> None:
+    slot = s.slot.domain or "server"
+    mode = "automatic" if s.auto else "manual"
+    print(f"{s.peer_id} {slot}: {mode}; deploy on {s.days} at {s.time} ({s.tz}); key policy {s.key_policy}")
+    for label, value in (("renewal due", f"{s.renewal_due_at} ({s.renewal_reason})" if s.renewal_due_at else "-"),
+                         ("next sign opportunity", s.next_sign_opportunity or "-"),
+                         ("next deploy slot", s.next_deploy_slot or "-"),
+                         ("last sign", f"{s.last_sign_status} {s.last_sign_at}".strip() or "-"),
+                         ("last deploy", f"{s.last_deploy_status} {s.last_deploy_at}".strip() or "-")):
+        print(f"  {label + ':':23} {value}")
+    if s.failures:
+        print(f"  {'failures:':23} {s.failures}, next try not before {s.retry_at}")
+    if s.warning:
+        print(f"  WARNING: {s.warning}")
+
+
+async def cmd_schedule(ctl: Ctl, a: argparse.Namespace) -> None:
+    if a.schedule_cmd == "set":
+        r = await ctl.call("SetSchedule", pb.SetScheduleRequest(
+            peer_id=a.peer, slot=_slot(a), auto=a.auto or "", days=a.days or "", time=a.time or "", tz=a.tz or "",
+            key_policy=a.key_policy or ""))
+        ctl.out(r, lambda: _schedule_lines(r))
+    else:
+        r = await ctl.call("GetSchedule", pb.GetScheduleRequest(peer_id=a.peer))
+        ctl.out(r, lambda: [_schedule_lines(s) for s in r.slots] or print(f"peer {a.peer} has no certificate slot yet"))
+
+
 STATUS_HEADER = ["PEER", "LIVENESS", "ACME", "SLOT", "CSR NAMES", "ACTIVE", "PENDING", "LAST SIGN", "LAST DEPLOY",
-                 "DISK=ETCD"]
+                 "DISK=ETCD", "MODE", "RENEWAL DUE", "NEXT"]
 
 
 async def cmd_status(ctl: Ctl, a: argparse.Namespace) -> None:
@@ -287,8 +314,12 @@ async def cmd_status(ctl: Ctl, a: argparse.Namespace) -> None:
                 pending = f"{s.pending_serial} until {s.pending_not_after}" if s.pending_serial else "-"
                 active = f"{s.active_serial} until {s.active_not_after}" if s.active_serial else "-"
                 deployed = f"{s.last_deploy_status} {s.last_deploy_at}" if s.last_deploy_status else "-"
+                sched = s.schedule
+                mode = "auto" if sched.auto else "manual"
+                due = sched.renewal_due_at or "-"
+                upcoming = sched.next_sign_opportunity or (f"deploy {sched.next_deploy_slot}" if sched.next_deploy_slot else "-")
                 rows.append([*base, s.slot.domain or "server", s.csr_names or "-", active, pending, last, deployed,
-                             "yes" if s.agent_matches else "NO"])
+                             "yes" if s.agent_matches else "NO", mode, due, upcoming])
         _print_table(rows, STATUS_HEADER)
         for ps in r.peers:
             for s in ps.slots:
@@ -299,6 +330,8 @@ async def cmd_status(ctl: Ctl, a: argparse.Namespace) -> None:
                     print(f"{slot}: last deploy: {s.last_deploy_error}")
                 if not s.agent_matches and s.agent_state:
                     print(f"{slot}: {s.agent_state}")
+                if s.schedule.warning:
+                    print(f"{slot}: WARNING: {s.schedule.warning}")
 
     ctl.out(r, human)
 
@@ -389,6 +422,18 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--domain")
     x.add_argument("--rollout-timeout", type=float, default=3600.0)
 
+    s = sub.add_parser("schedule", help="automatic renewal").add_subparsers(dest="schedule_cmd", required=True)
+    x = s.add_parser("set", help="automatic mode, deploy days and time, key policy")
+    x.add_argument("peer")
+    x.add_argument("--domain")
+    x.add_argument("--auto", choices=("on", "off"))
+    x.add_argument("--days", help="mon,tue,... or all, weekdays, weekend")
+    x.add_argument("--time", help="HH:MM[:SS] deploy time, or 'now' (deploy as soon as signed)")
+    x.add_argument("--tz", help="IANA time zone of days and time, e.g. Europe/Paris")
+    x.add_argument("--key-policy", choices=("rotate", "reuse"))
+    x = s.add_parser("show")
+    x.add_argument("peer")
+
     x = sub.add_parser("events", help="a peer's history: signs, deploys, rollbacks, discards")
     x.add_argument("peer")
     x.add_argument("--limit", type=int, default=0)
@@ -400,7 +445,7 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"provider": cmd_provider, "account": cmd_account, "peer": cmd_peer, "csr": cmd_csr, "sign": cmd_sign,
             "order": cmd_order, "pending": cmd_pending, "status": cmd_status, "deploy": cmd_deploy,
-            "rollback": cmd_rollback, "rollout": cmd_rollout, "events": cmd_events}
+            "rollback": cmd_rollback, "rollout": cmd_rollout, "events": cmd_events, "schedule": cmd_schedule}
 
 
 async def _run(args: argparse.Namespace) -> None:

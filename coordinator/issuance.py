@@ -27,6 +27,7 @@ from coordinator.accounts import Accounts
 from coordinator.acme_client import AcmeClient
 from coordinator.errors import RateLimited
 from coordinator.history import Event, History
+from coordinator.metrics import SIGNS
 from coordinator.names import normalize_names
 from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase, Step
 from coordinator.peers import AgentPool, PeerInfo, Registry
@@ -189,7 +190,8 @@ class Issuance:
         return csr_record
 
     # --- sign (R4, R5) -----------------------------------------------------
-    async def start_sign(self, peer_id: str, domain: str, provider: str, force: bool, who: str = "") -> OrderRecord:
+    async def start_sign(self, peer_id: str, domain: str, provider: str, force: bool, who: str = "", *,
+                         auto: bool = False, replaces: str = "") -> OrderRecord:
         """Check everything, save the new order record, start its driver."""
         peer = await self._registry.get(peer_id)
         if not peer.enabled:
@@ -214,7 +216,8 @@ class Issuance:
         now = utcnow()
         rec = OrderRecord(
             order_id=uuid.uuid4().hex[:16], peer_id=peer_id, domain=domain, provider=provider, names=names,
-            csr_pem=slot["csr"]["pem"], created_at=now, updated_at=now, requested_by=who,
+            csr_pem=slot["csr"]["pem"], created_at=now, updated_at=now, requested_by=who, auto=auto,
+            replaces=replaces,
         )
         new_slot = {**slot, "current_order": rec.order_id,
                     "last_sign": {"status": "running", "at": now, "error": "", "order_id": rec.order_id}}
@@ -329,7 +332,8 @@ class Issuance:
                     log.warning("order %s: %s failed (%s); retrying in %.1fs", order_id, step.value, exc.message, delay)
                     await asyncio.sleep(delay)
                     continue
-                new = orders.advance(rec, Phase.FAILED, error=exc.message)
+                new = orders.advance(rec, Phase.FAILED, error=exc.message,
+                                     retry_after=exc.retry_after if isinstance(exc, RateLimited) else 0.0)
             except Exception as exc:  # a bug or an unexpected library error: fail the order, keep the process
                 log.exception("order %s: %s crashed", order_id, step.value)
                 if step is Step.CLEANUP:  # the tokens expire by themselves; never strand a certificate
@@ -381,6 +385,7 @@ class Issuance:
                 )))
         revision = await self._store.txn(checks=checks, ops=ops)
         if issued or failed:
+            SIGNS.labels(result="ok" if issued else "failed").inc()
             await self._history.trim(new.peer_id)
         return revision
 
@@ -389,13 +394,13 @@ class Issuance:
         return {
             "chain_pem": rec.chain_pem, "serial_hex": format(cert.serial_number, "x"), "names": list(rec.names),
             "not_after": cert.not_valid_after_utc.isoformat(), "provider": rec.provider,
-            "order_url": rec.order_url, "signed_at": utcnow(),
+            "order_url": rec.order_url, "signed_at": utcnow(), "auto": rec.auto,
         }
 
     async def _perform(self, step: Step, rec: OrderRecord, client: AcmeClient | None, deadline: float) -> OrderRecord:
         assert client is not None or step is Step.CLEANUP
         if step is Step.CREATE_ORDER:
-            view = await asyncio.to_thread(client.new_order, rec.names)  # type: ignore[union-attr]
+            view = await asyncio.to_thread(client.new_order, rec.names, rec.replaces)  # type: ignore[union-attr]
             if view.status is AcmeStatus.INVALID:
                 return orders.advance(rec, Phase.FAILED, order_url=view.url, error=f"the CA opened an invalid order ({view.error})")
             placeholders = tuple(Authz(name="", url=u, status=AcmeStatus.PENDING) for u in view.authorization_urls)

@@ -137,6 +137,9 @@ class OrderRecord:
     created_at: str = ""
     updated_at: str = ""
     requested_by: str = ""       # the identity that started the order (history)
+    auto: bool = False           # started by the renewal scheduler (deployed at the peer's next slot)
+    replaces: str = ""           # RFC 9773 id of the certificate this order renews
+    retry_after: float = 0.0     # when it failed on a CA rate limit: seconds the CA asked to wait
     schema: int = SCHEMA
 
     # --- queries -------------------------------------------------------------

@@ -60,6 +60,25 @@ class TimingSettings:
 
 
 @dataclass(frozen=True)
+class RenewalSettings:
+    tick_seconds: float = 30.0
+    """How often the leader's renewal scheduler looks at every slot."""
+    fraction: float = 2 / 3
+    """Renew when this fraction of the lifetime has passed (unless ARI says otherwise)."""
+    period_seconds: int = 86400
+    """Two random sign opportunities per period: a day in the schedule's time
+    zone; shorter periods are for tests and demos."""
+    backoff_base_seconds: float = 3600.0
+    """After a failed automatic sign, wait this long (doubling per failure)
+    before the next opportunity may be used."""
+    backoff_cap_seconds: float = 86400.0
+    deploy_retry_seconds: float = 300.0
+    """After a failed scheduled deploy, try again this much later."""
+    ari_recheck_seconds: float = 21600.0
+    """How often to ask the CA's renewal information when it gives no Retry-After."""
+
+
+@dataclass(frozen=True)
 class CoordinatorSettings:
     name: str = "coordinator"
     """This replica's name (the leader key holds it)."""
@@ -69,6 +88,9 @@ class CoordinatorSettings:
     """64 hex characters; encrypts the ACME account keys stored in etcd."""
     dns_resolvers: tuple[str, ...] = ("system",)
     """Resolvers for the preflight DNS check: host:port entries, or "system"."""
+    metrics_listen: str = ""
+    """host:port serving Prometheus metrics at /metrics over HTTP; empty: off."""
     tls: TLSSettings = field(default_factory=TLSSettings)
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     timing: TimingSettings = field(default_factory=TimingSettings)
+    renewal: RenewalSettings = field(default_factory=RenewalSettings)

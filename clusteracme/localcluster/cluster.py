@@ -81,6 +81,8 @@ class LocalCluster:
     pebble_config: Mapping[str, Any] = field(default_factory=dict)
     pebble_env: Mapping[str, str | None] = field(default_factory=dict)
     coordinator_timing: Mapping[str, Any] = field(default_factory=dict)
+    coordinator_settings: Mapping[str, Any] = field(default_factory=dict)
+    """Extra coordinator settings, e.g. {"renewal": {"tick_seconds": 0.5}, "metrics_listen": "..."}."""
     agent_settings: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
     """Extra settings per peer index (e.g. {2: {"hooks": [...]}}), merged over the defaults."""
     log_level: str = "info"
@@ -151,6 +153,7 @@ class LocalCluster:
                     "key": str(self.pki_dir / "coordinator-c1.key")},
             "etcd": {"endpoints": [self.infra.etcd.endpoint], "prefix": "/clusteracme/local/"},
             "timing": dict(self.coordinator_timing),
+            **self.coordinator_settings,
         })
 
     def _make_agent(self, index: int) -> Agent:

@@ -396,7 +396,7 @@ class StatusRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
 
 class SlotStatus(_message.Message):
-    __slots__ = ("slot", "csr_names", "csr_created_at", "pending_serial", "pending_not_after", "last_sign_status", "last_sign_at", "last_sign_error", "current_order", "active_serial", "active_not_after", "previous_serial", "last_deploy_status", "last_deploy_at", "last_deploy_error", "agent_matches", "agent_state")
+    __slots__ = ("slot", "csr_names", "csr_created_at", "pending_serial", "pending_not_after", "last_sign_status", "last_sign_at", "last_sign_error", "current_order", "active_serial", "active_not_after", "previous_serial", "last_deploy_status", "last_deploy_at", "last_deploy_error", "agent_matches", "agent_state", "schedule")
     SLOT_FIELD_NUMBER: _ClassVar[int]
     CSR_NAMES_FIELD_NUMBER: _ClassVar[int]
     CSR_CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -414,6 +414,7 @@ class SlotStatus(_message.Message):
     LAST_DEPLOY_ERROR_FIELD_NUMBER: _ClassVar[int]
     AGENT_MATCHES_FIELD_NUMBER: _ClassVar[int]
     AGENT_STATE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     slot: _common_pb2.Slot
     csr_names: str
     csr_created_at: str
@@ -431,7 +432,8 @@ class SlotStatus(_message.Message):
     last_deploy_error: str
     agent_matches: bool
     agent_state: str
-    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., csr_names: _Optional[str] = ..., csr_created_at: _Optional[str] = ..., pending_serial: _Optional[str] = ..., pending_not_after: _Optional[str] = ..., last_sign_status: _Optional[str] = ..., last_sign_at: _Optional[str] = ..., last_sign_error: _Optional[str] = ..., current_order: _Optional[str] = ..., active_serial: _Optional[str] = ..., active_not_after: _Optional[str] = ..., previous_serial: _Optional[str] = ..., last_deploy_status: _Optional[str] = ..., last_deploy_at: _Optional[str] = ..., last_deploy_error: _Optional[str] = ..., agent_matches: _Optional[bool] = ..., agent_state: _Optional[str] = ...) -> None: ...
+    schedule: ScheduleInfo
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., csr_names: _Optional[str] = ..., csr_created_at: _Optional[str] = ..., pending_serial: _Optional[str] = ..., pending_not_after: _Optional[str] = ..., last_sign_status: _Optional[str] = ..., last_sign_at: _Optional[str] = ..., last_sign_error: _Optional[str] = ..., current_order: _Optional[str] = ..., active_serial: _Optional[str] = ..., active_not_after: _Optional[str] = ..., previous_serial: _Optional[str] = ..., last_deploy_status: _Optional[str] = ..., last_deploy_at: _Optional[str] = ..., last_deploy_error: _Optional[str] = ..., agent_matches: _Optional[bool] = ..., agent_state: _Optional[str] = ..., schedule: _Optional[_Union[ScheduleInfo, _Mapping]] = ...) -> None: ...
 
 class PeerStatus(_message.Message):
     __slots__ = ("peer", "slots")
@@ -446,3 +448,73 @@ class StatusResponse(_message.Message):
     PEERS_FIELD_NUMBER: _ClassVar[int]
     peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
     def __init__(self, peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...
+
+class SetScheduleRequest(_message.Message):
+    __slots__ = ("peer_id", "slot", "auto", "days", "time", "tz", "key_policy")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    AUTO_FIELD_NUMBER: _ClassVar[int]
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    TZ_FIELD_NUMBER: _ClassVar[int]
+    KEY_POLICY_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    auto: str
+    days: str
+    time: str
+    tz: str
+    key_policy: str
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., auto: _Optional[str] = ..., days: _Optional[str] = ..., time: _Optional[str] = ..., tz: _Optional[str] = ..., key_policy: _Optional[str] = ...) -> None: ...
+
+class GetScheduleRequest(_message.Message):
+    __slots__ = ("peer_id",)
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
+
+class ScheduleInfo(_message.Message):
+    __slots__ = ("peer_id", "slot", "auto", "days", "time", "tz", "key_policy", "renewal_due_at", "renewal_reason", "next_sign_opportunity", "next_deploy_slot", "retry_at", "failures", "warning", "last_sign_status", "last_sign_at", "last_deploy_status", "last_deploy_at")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    AUTO_FIELD_NUMBER: _ClassVar[int]
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    TZ_FIELD_NUMBER: _ClassVar[int]
+    KEY_POLICY_FIELD_NUMBER: _ClassVar[int]
+    RENEWAL_DUE_AT_FIELD_NUMBER: _ClassVar[int]
+    RENEWAL_REASON_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SIGN_OPPORTUNITY_FIELD_NUMBER: _ClassVar[int]
+    NEXT_DEPLOY_SLOT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AT_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
+    LAST_SIGN_STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SIGN_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_DEPLOY_STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_DEPLOY_AT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    auto: bool
+    days: str
+    time: str
+    tz: str
+    key_policy: str
+    renewal_due_at: str
+    renewal_reason: str
+    next_sign_opportunity: str
+    next_deploy_slot: str
+    retry_at: str
+    failures: int
+    warning: str
+    last_sign_status: str
+    last_sign_at: str
+    last_deploy_status: str
+    last_deploy_at: str
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., auto: _Optional[bool] = ..., days: _Optional[str] = ..., time: _Optional[str] = ..., tz: _Optional[str] = ..., key_policy: _Optional[str] = ..., renewal_due_at: _Optional[str] = ..., renewal_reason: _Optional[str] = ..., next_sign_opportunity: _Optional[str] = ..., next_deploy_slot: _Optional[str] = ..., retry_at: _Optional[str] = ..., failures: _Optional[int] = ..., warning: _Optional[str] = ..., last_sign_status: _Optional[str] = ..., last_sign_at: _Optional[str] = ..., last_deploy_status: _Optional[str] = ..., last_deploy_at: _Optional[str] = ...) -> None: ...
+
+class GetScheduleResponse(_message.Message):
+    __slots__ = ("slots",)
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    slots: _containers.RepeatedCompositeFieldContainer[ScheduleInfo]
+    def __init__(self, slots: _Optional[_Iterable[_Union[ScheduleInfo, _Mapping]]] = ...) -> None: ...

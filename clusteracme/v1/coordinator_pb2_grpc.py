@@ -114,6 +114,16 @@ class CoordinatorServiceStub:
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.RolloutRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.RolloutEvent.FromString,
                 _registered_method=True)
+        self.SetSchedule = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/SetSchedule',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.SetScheduleRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ScheduleInfo.FromString,
+                _registered_method=True)
+        self.GetSchedule = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/GetSchedule',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.GetScheduleRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.GetScheduleResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/clusteracme.v1.CoordinatorService/Status',
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
@@ -231,6 +241,19 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSchedule(self, request, context):
+        """--- automatic renewal (SPEC R9) ---
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """--- status and history (SPEC R13) ---
         """
@@ -326,6 +349,16 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.Rollout,
                     request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.RolloutRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.RolloutEvent.SerializeToString,
+            ),
+            'SetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSchedule,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.SetScheduleRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ScheduleInfo.SerializeToString,
+            ),
+            'GetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSchedule,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.GetScheduleRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.GetScheduleResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -770,6 +803,60 @@ class CoordinatorService:
             '/clusteracme.v1.CoordinatorService/Rollout',
             clusteracme_dot_v1_dot_coordinator__pb2.RolloutRequest.SerializeToString,
             clusteracme_dot_v1_dot_coordinator__pb2.RolloutEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/SetSchedule',
+            clusteracme_dot_v1_dot_coordinator__pb2.SetScheduleRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.ScheduleInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/GetSchedule',
+            clusteracme_dot_v1_dot_coordinator__pb2.GetScheduleRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.GetScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,6 +22,7 @@ from coordinator.history import History
 from coordinator.issuance import Issuance
 from coordinator.orders import OrderRecord
 from coordinator.peers import AgentPool, PeerInfo, Registry
+from coordinator.scheduler import RenewalScheduler
 
 AGENT, OPERATOR = Role.AGENT, Role.OPERATOR
 MAX_PEER_ADDRESSES = 16
@@ -71,7 +72,9 @@ def _required(value: str, what: str) -> str:
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, registry: Registry, accounts: Accounts, issuance: Issuance, deployment: Deployment,
-                 history: History, pool: AgentPool, *, heartbeat_interval: int, lease_ttl: int) -> None:
+                 history: History, scheduler: RenewalScheduler, pool: AgentPool, *, heartbeat_interval: int,
+                 lease_ttl: int) -> None:
+        self._scheduler = scheduler
         self._registry = registry
         self._accounts = accounts
         self._issuance = issuance
@@ -234,6 +237,47 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                                                 serial_hex=step.serial_hex))
 
     @rpc_method(OPERATOR)
+    async def SetSchedule(self, request: pb.SetScheduleRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        peer_id = _required(request.peer_id, "a peer id")
+        changes: dict[str, Any] = {}
+        if request.auto:
+            if request.auto not in ("on", "off"):
+                raise errors.InvalidArgument(f"--auto {request.auto[:20]!r}: choose on or off")
+            changes["auto"] = request.auto == "on"
+        for name in ("days", "time", "tz", "key_policy"):
+            value = getattr(request, name)
+            if len(value) > 100:
+                raise errors.InvalidArgument(f"{name} is too long")
+            if value:
+                changes[name] = value
+        slot = await self._scheduler.set_schedule(peer_id, request.slot.domain, changes)
+        return await self._schedule_info(peer_id, slot)
+
+    @rpc_method(OPERATOR)
+    async def GetSchedule(self, request: pb.GetScheduleRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        peer_id = _required(request.peer_id, "a peer id")
+        await self._registry.get(peer_id)
+        return pb.GetScheduleResponse(slots=[await self._schedule_info(peer_id, s)
+                                             for s in await self._issuance.slots(peer_id)])
+
+    async def _schedule_info(self, peer_id: str, slot: dict[str, Any]) -> pb.ScheduleInfo:
+        plan = await self._scheduler.plan(peer_id, slot)
+        s, last, deployed = plan.schedule, slot.get("last_sign") or {}, slot.get("last_deploy") or {}
+
+        def iso(when: Any) -> str:
+            return when.isoformat(timespec="seconds") if when else ""
+
+        return pb.ScheduleInfo(
+            peer_id=peer_id, slot=common_pb2.Slot(domain=slot.get("domain", "")), auto=s["auto"], days=s["days"],
+            time=s["time"], tz=s["tz"], key_policy=s["key_policy"],
+            renewal_due_at=iso(plan.due.at if plan.due else None), renewal_reason=plan.due.reason if plan.due else "",
+            next_sign_opportunity=iso(plan.next_sign_opportunity), next_deploy_slot=iso(plan.next_deploy_slot),
+            retry_at=iso(plan.retry_at), failures=plan.failures, warning=plan.warning,
+            last_sign_status=last.get("status", ""), last_sign_at=last.get("at", ""),
+            last_deploy_status=deployed.get("status", ""), last_deploy_at=deployed.get("at", ""),
+        )
+
+    @rpc_method(OPERATOR)
     async def ListEvents(self, request: pb.ListEventsRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         peer_id = _required(request.peer_id, "a peer id")
         await self._registry.get(peer_id)
@@ -277,6 +321,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     previous_serial=previous.get("serial_hex", ""), last_deploy_status=deployed.get("status", ""),
                     last_deploy_at=deployed.get("at", ""), last_deploy_error=deployed.get("error", ""),
                     agent_matches=matches, agent_state=agent_state,
+                    schedule=await self._schedule_info(peer.peer_id, slot),
                 ))
             out.append(pb.PeerStatus(peer=_peer(peer), slots=slots))
         return pb.StatusResponse(peers=out)

@@ -23,7 +23,7 @@ ending in ``/`` so ``peers/a`` never matches ``peers/ab``.
 from __future__ import annotations
 
 import re
-from datetime import date
+from datetime import UTC, datetime
 
 from clusteracme.errors import InvalidArgument
 
@@ -109,8 +109,9 @@ class Keys:
         return self._key("orders", "")
 
     # schedule/<peer>/<date>
-    def schedule(self, peer_id: str, day: date) -> str:
-        return self.schedules(peer_id) + day.isoformat()
+    def schedule(self, peer_id: str, period_start: datetime) -> str:
+        """The sign opportunities of one period (a day, or a shorter test period)."""
+        return self.schedules(peer_id) + period_start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def schedules(self, peer_id: str) -> str:
         return self._key("schedule", _component("peer id", peer_id), "")

@@ -1,0 +1,39 @@
+"""Prometheus metrics of the coordinator (SPEC R17), served at /metrics.
+
+One registry per process; the renewal scheduler refreshes the per-slot
+gauges on every tick, the order driver and deployment count outcomes.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from clusteracme import netaddr
+
+REGISTRY = CollectorRegistry()
+CERT_NOT_AFTER = Gauge("clusteracme_certificate_not_after_seconds",
+                       "Expiry (unix time) of the active certificate", ["peer", "domain"], registry=REGISTRY)
+RENEWAL_OVERDUE = Gauge("clusteracme_renewal_overdue",
+                        "1 when a slot in manual mode has passed its renewal point", ["peer", "domain"],
+                        registry=REGISTRY)
+AUTO_FAILURES = Gauge("clusteracme_renewal_failures", "Consecutive failed automatic signs", ["peer", "domain"],
+                      registry=REGISTRY)
+SIGNS = Counter("clusteracme_signs", "Orders ended, by result", ["result"], registry=REGISTRY)
+DEPLOYS = Counter("clusteracme_deploys", "Deploys, by result", ["result"], registry=REGISTRY)
+PEERS_ALIVE = Gauge("clusteracme_peers_alive", "Peers whose agent heartbeats", registry=REGISTRY)
+
+
+async def serve(listen: str) -> web.AppRunner:
+    """Start the /metrics HTTP endpoint; returns the runner to clean up."""
+    host, port = netaddr.split_bind(listen, "metrics_listen")
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

@@ -1,0 +1,370 @@
+"""The renewal scheduler (SPEC R9): the leader's loop that signs and deploys
+for peers in automatic mode, and warns for those in manual mode.
+
+Thin driver over the pure math in ``coordinator.renewal``. Everything it
+decides is persisted in etcd before it acts (the slot's ``renewal`` state, the
+drawn sign opportunities under ``schedule/``), so a restarted or new leader
+carries on where the last one stopped: no opportunity is used twice, nothing
+is signed twice, and a certificate signed before a crash is deployed at its
+slot by whoever leads then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from clusteracme import certinfo, errors
+from coordinator import records, renewal
+from coordinator.accounts import Accounts
+from coordinator.deployment import Deployment
+from coordinator.issuance import KEY_TYPE_LABELS, Issuance, slot_name
+from coordinator.metrics import AUTO_FAILURES, CERT_NOT_AFTER, DEPLOYS, PEERS_ALIVE, RENEWAL_OVERDUE
+from coordinator.peers import Registry
+from coordinator.settings import RenewalSettings
+from coordinator.store.base import Store
+from coordinator.store.keys import Keys
+
+log = logging.getLogger(__name__)
+UTC = datetime.UTC
+DEFAULT_SCHEDULE = {"auto": False, "days": "all", "time": "now", "tz": "UTC", "key_policy": "rotate"}
+_LABEL_TO_KEY_TYPE = {label: enum for enum, label in KEY_TYPE_LABELS.items()}
+
+
+def _iso(when: datetime.datetime | None) -> str:
+    return when.astimezone(UTC).isoformat(timespec="seconds") if when else ""
+
+
+def _parse(text: str | None) -> datetime.datetime | None:
+    return datetime.datetime.fromisoformat(text) if text else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the scheduler will do next for one slot (also shown by status)."""
+
+    schedule: dict[str, Any]
+    due: renewal.Due | None
+    next_sign_opportunity: datetime.datetime | None
+    next_deploy_slot: datetime.datetime | None
+    retry_at: datetime.datetime | None
+    failures: int
+    warning: str
+
+
+class RenewalScheduler:
+    def __init__(self, store: Store, keys: Keys, registry: Registry, accounts: Accounts, issuance: Issuance,
+                 deployment: Deployment, settings: RenewalSettings, identity: str, *,
+                 clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(UTC),
+                 randbelow: Callable[[int], int] = secrets.randbelow) -> None:
+        self._store = store
+        self._keys = keys
+        self._registry = registry
+        self._accounts = accounts
+        self._issuance = issuance
+        self._deployment = deployment
+        self._settings = settings
+        self._identity = identity
+        self._clock = clock
+        self._randbelow = randbelow
+
+    # --- schedule settings --------------------------------------------------
+    @staticmethod
+    def validated(schedule: dict[str, Any]) -> dict[str, Any]:
+        """Check a schedule (raises InvalidArgument) and return it normalised."""
+        days = renewal.parse_days(schedule["days"])
+        renewal.parse_time(schedule["time"])
+        renewal.parse_tz(schedule["tz"])
+        if schedule["key_policy"] not in ("rotate", "reuse"):
+            raise errors.InvalidArgument(f"key policy {schedule['key_policy']!r}: choose rotate or reuse")
+        return {**schedule, "days": ",".join(renewal.WEEKDAYS[d] for d in sorted(days))}
+
+    async def set_schedule(self, peer_id: str, domain: str, changes: dict[str, Any]) -> dict[str, Any]:
+        await self._registry.get(peer_id)
+        key = self._keys.cert(peer_id, slot_name(domain))
+
+        def change(current: dict[str, Any] | None) -> dict[str, Any]:
+            if current is None or not current.get("csr"):
+                raise errors.FailedPrecondition(
+                    f"peer {peer_id}{f' (domain {domain})' if domain else ''} has no CSR yet: "
+                    "create one first (acmectl csr create), the renewals reuse its names and key type")
+            schedule = self.validated({**DEFAULT_SCHEDULE, **(current.get("schedule") or {}), **changes})
+            if schedule == current.get("schedule"):
+                return current
+            return {**current, "schedule": schedule}
+
+        updated = await records.update(self._store, key, change)
+        assert updated is not None
+        return updated
+
+    # --- the loop -------------------------------------------------------------
+    async def run(self) -> None:
+        """Tick until cancelled; one slot's trouble never stops the others."""
+        while True:
+            try:
+                await self.tick()
+            except errors.ClusterAcmeError as exc:
+                log.warning("renewal scheduler: %s", exc.message)
+            await asyncio.sleep(self._settings.tick_seconds)
+
+    async def tick(self) -> None:
+        peers = {p.peer_id: p for p in await self._registry.list()}
+        PEERS_ALIVE.set(sum(p.alive for p in peers.values()))
+        prefix = self._keys.all_certs()
+        for entry in await self._store.range(prefix):
+            peer_id, _, _ = entry.key.removeprefix(prefix).partition("/")
+            if peer_id not in peers:
+                continue
+            try:
+                await self._slot_tick(peer_id, records.decode(entry.value))
+            except errors.ClusterAcmeError as exc:
+                log.warning("renewal of %s: %s", entry.key.removeprefix(prefix), exc.message)
+
+    async def _slot_tick(self, peer_id: str, slot: dict[str, Any]) -> None:
+        now = self._clock()
+        domain = slot.get("domain", "")
+        labels = {"peer": peer_id, "domain": domain or "server"}
+        schedule = {**DEFAULT_SCHEDULE, **(slot.get("schedule") or {})}
+        active, pending = slot.get("active"), slot.get("pending")
+        state = await self._account_finished_order(peer_id, domain, slot)
+        AUTO_FAILURES.labels(**labels).set(state.get("failures", 0))
+        if active:
+            CERT_NOT_AFTER.labels(**labels).set(_parse(active["not_after"]).timestamp())  # type: ignore[union-attr]
+        due = await self._due(peer_id, domain, slot, now, fetch_ari=True)
+
+        if not schedule["auto"]:
+            overdue = bool(active) and due is not None and now >= due.at
+            RENEWAL_OVERDUE.labels(**labels).set(1 if overdue else 0)
+            if overdue and state.get("warned_serial") != active["serial_hex"]:  # type: ignore[index]
+                log.warning("renewal due for %s %s (manual mode): certificate %s reached %s at %s; "
+                            "sign a new one (acmectl sign) or turn on automatic mode", peer_id, labels["domain"],
+                            active["serial_hex"], due.reason, _iso(due.at))  # type: ignore[index,union-attr]
+                await self._save_state(peer_id, domain, {"warned_serial": active["serial_hex"]})  # type: ignore[index]
+            return
+        RENEWAL_OVERDUE.labels(**labels).set(0)
+        if slot.get("current_order"):
+            return  # an order is running; its end is accounted for on a later tick
+        if pending:
+            if pending.get("auto"):
+                await self._deploy_if_slot(peer_id, domain, schedule, pending, state, now)
+            return  # a certificate signed by hand is the operator's to deploy
+        if not slot.get("csr") or due is None or now < due.at:
+            return
+        retry_at = _parse(state.get("retry_at"))
+        if retry_at and now < retry_at:
+            return
+        opportunity = await self._passed_opportunity(peer_id, schedule, state, now)
+        if opportunity is None:
+            return
+        # Persist the opportunity as used *before* acting: a crash here can
+        # cost this opportunity, never cause a second order for it.
+        await self._save_state(peer_id, domain, {"handled_opportunity": _iso(opportunity)})
+        await self._sign(peer_id, domain, slot, schedule, active, now, state)
+
+    async def _sign(self, peer_id: str, domain: str, slot: dict[str, Any], schedule: dict[str, Any],
+                    active: dict[str, Any] | None, now: datetime.datetime, state: dict[str, Any]) -> None:
+        csr = slot["csr"]
+        try:
+            if schedule["key_policy"] == "rotate":
+                names = csr["names"]
+                await self._issuance.create_csr(peer_id, domain, names[0], names[1:],
+                                                _LABEL_TO_KEY_TYPE.get(csr["key_type"], 1))
+            replaces = renewal.ari_cert_id(certinfo.leaf(active["chain_pem"])) if active else ""
+            # Renew with the provider that signed the certificate in service.
+            provider = (active or {}).get("provider", "")
+            rec = await self._issuance.start_sign(peer_id, domain, provider, False, self._identity, auto=True,
+                                                  replaces=replaces)
+        except errors.ClusterAcmeError as exc:
+            failures = state.get("failures", 0) + 1
+            retry_at = now + datetime.timedelta(seconds=self._backoff(failures))
+            log.warning("automatic sign for %s %s could not start (%s); failure %d, next try after %s",
+                        peer_id, domain or "server", exc.message, failures, _iso(retry_at))
+            await self._save_state(peer_id, domain, {"failures": failures, "retry_at": _iso(retry_at),
+                                                     "last_error": exc.message})
+            return
+        log.info("automatic sign for %s %s: order %s", peer_id, domain or "server", rec.order_id)
+        await self._save_state(peer_id, domain, {"last_auto_order": rec.order_id})
+
+    def _backoff(self, failures: int) -> float:
+        return renewal.backoff(failures, base_seconds=self._settings.backoff_base_seconds,
+                               cap_seconds=self._settings.backoff_cap_seconds)
+
+    async def _account_finished_order(self, peer_id: str, domain: str, slot: dict[str, Any]) -> dict[str, Any]:
+        """Fold the end of the last automatic order into the failure count (once)."""
+        state = dict(slot.get("renewal") or {})
+        order_id = state.get("last_auto_order")
+        last = slot.get("last_sign") or {}
+        if not order_id or state.get("counted_order") == order_id or last.get("order_id") != order_id \
+                or last.get("status") not in ("valid", "failed"):
+            return state
+        now = self._clock()
+        if last["status"] == "failed":
+            failures = state.get("failures", 0) + 1
+            wait = self._backoff(failures)
+            order = await self._issuance.get_order(order_id)
+            wait = max(wait, order.retry_after)  # the CA's rate limit wins when it asks for longer
+            changes = {"failures": failures, "retry_at": _iso(now + datetime.timedelta(seconds=wait)),
+                       "last_error": last.get("error", "")}
+            log.warning("automatic sign for %s %s failed (%s); failure %d, next try after %s", peer_id,
+                        domain or "server", last.get("error", ""), failures, changes["retry_at"])
+        else:
+            changes = {"failures": 0, "retry_at": "", "last_error": ""}
+        changes["counted_order"] = order_id
+        return await self._save_state(peer_id, domain, changes)
+
+    async def _deploy_if_slot(self, peer_id: str, domain: str, schedule: dict[str, Any], pending: dict[str, Any],
+                              state: dict[str, Any], now: datetime.datetime) -> None:
+        slot_at = self._deploy_slot(schedule, _parse(pending["signed_at"]))  # type: ignore[arg-type]
+        not_before = _parse(state.get("deploy_retry_at"))
+        if now < slot_at or (not_before and now < not_before):
+            return
+        try:
+            outcome = await self._deployment.deploy(peer_id, domain, self._identity)
+        except errors.ClusterAcmeError as exc:
+            outcome = None
+            error = exc.message
+        else:
+            error = outcome.error
+        DEPLOYS.labels(result="ok" if outcome and outcome.ok else "failed").inc()
+        if outcome is not None and outcome.ok:
+            log.info("scheduled deploy on %s %s: %s is live", peer_id, domain or "server", outcome.active_serial)
+            await self._save_state(peer_id, domain, {"deploy_retry_at": ""})
+            return
+        retry = now + datetime.timedelta(seconds=self._settings.deploy_retry_seconds)
+        log.warning("scheduled deploy on %s %s failed (%s); trying again after %s", peer_id, domain or "server",
+                    error, _iso(retry))
+        if outcome is None:  # nothing changed on the peer: try again later
+            await self._save_state(peer_id, domain, {"deploy_retry_at": _iso(retry)})
+
+    def _deploy_slot(self, schedule: dict[str, Any], after: datetime.datetime) -> datetime.datetime:
+        return renewal.next_deploy_slot(after, renewal.parse_days(schedule["days"]), renewal.parse_time(schedule["time"]),
+                                        renewal.parse_tz(schedule["tz"]))
+
+    # --- opportunities ----------------------------------------------------------
+    async def _opportunities(self, peer_id: str, period_start: datetime.datetime,
+                             period_end: datetime.datetime) -> tuple[datetime.datetime, ...]:
+        """The period's two sign times: drawn once (cryptographic RNG) and
+        stored, so every replica and every restart uses the same ones."""
+        key = self._keys.schedule(peer_id, period_start)
+        data, _ = await records.read(self._store, key)
+        if data is None:
+            drawn = renewal.draw_opportunities(period_start, period_end, self._randbelow)
+            try:
+                await self._store.put_if(key, records.encode({"times": [_iso_ms(t) for t in drawn]}),
+                                         expect_mod_revision=0)
+            except errors.Aborted:
+                pass  # another writer drew them first: theirs count
+            data, _ = await records.read(self._store, key)
+            assert data is not None
+        return tuple(_parse(t) for t in data["times"])  # type: ignore[misc]
+
+    def _period(self, schedule: dict[str, Any], when: datetime.datetime) -> tuple[datetime.datetime, datetime.datetime]:
+        tz = renewal.parse_tz(schedule["tz"])
+        start = renewal.period_start(when, self._settings.period_seconds, tz)
+        return start, renewal.period_end(start, self._settings.period_seconds, tz)
+
+    async def _passed_opportunity(self, peer_id: str, schedule: dict[str, Any], state: dict[str, Any],
+                                  now: datetime.datetime) -> datetime.datetime | None:
+        """The latest opportunity in (last handled, now], looking at this
+        period and the one before (an opportunity just before midnight)."""
+        handled = _parse(state.get("handled_opportunity"))
+        start, end = self._period(schedule, now)
+        previous_start, _ = self._period(schedule, start - datetime.timedelta(microseconds=1))
+        candidates = [*await self._opportunities(peer_id, previous_start, start),
+                      *await self._opportunities(peer_id, start, end)]
+        passed = [t for t in candidates if t <= now and (handled is None or t > handled)]
+        return max(passed) if passed else None
+
+    async def _next_opportunity(self, peer_id: str, schedule: dict[str, Any],
+                                not_before: datetime.datetime) -> datetime.datetime | None:
+        start, end = self._period(schedule, not_before)
+        for _ in range(2):
+            found = renewal.next_opportunity(not_before, await self._opportunities(peer_id, start, end))
+            if found is not None:
+                return found
+            start, end = self._period(schedule, end)
+        return None
+
+    # --- renewal time, with the CA's renewal information ------------------------
+    async def _due(self, peer_id: str, domain: str, slot: dict[str, Any], now: datetime.datetime,
+                   *, fetch_ari: bool) -> renewal.Due | None:
+        active = slot.get("active")
+        if not active:
+            return renewal.Due(now, "no certificate deployed yet") if slot.get("csr") else None
+        cert = certinfo.leaf(active["chain_pem"])
+        ari = (slot.get("renewal") or {}).get("ari") or {}
+        if ari.get("serial") != active["serial_hex"] or (fetch_ari and now >= _parse(ari["next_check"])):  # type: ignore[operator]
+            if fetch_ari:
+                ari = await self._fetch_ari(peer_id, domain, active, cert, now)
+            else:
+                ari = {}
+        chosen = _parse(ari.get("chosen")) if ari.get("serial") == active["serial_hex"] else None
+        return renewal.renewal_due(cert.not_valid_before_utc, cert.not_valid_after_utc,
+                                   fraction=self._settings.fraction, ari_time=chosen)
+
+    async def _fetch_ari(self, peer_id: str, domain: str, active: dict[str, Any], cert: Any,
+                         now: datetime.datetime) -> dict[str, Any]:
+        recheck = self._settings.ari_recheck_seconds
+        ari: dict[str, Any] = {"serial": active["serial_hex"], "chosen": ""}
+        try:
+            client = await self._accounts.client(active.get("provider") or await self._accounts.resolve(""))
+            answer = await asyncio.to_thread(client.renewal_info, renewal.ari_cert_id(cert))
+            if answer is not None:
+                window = renewal.parse_renewal_info(answer[0], answer[1])
+                ari.update(start=_iso(window.start), end=_iso(window.end),
+                           chosen=_iso_ms(renewal.pick_in_window(window.start, window.end, self._randbelow)))
+                recheck = answer[1] or recheck
+        except errors.ClusterAcmeError as exc:
+            log.info("renewal information for %s %s unavailable (%s); using the lifetime fraction", peer_id,
+                     domain or "server", exc.message)
+            recheck = min(recheck, 300.0)
+        ari["next_check"] = _iso(now + datetime.timedelta(seconds=recheck))
+        await self._save_state(peer_id, domain, {"ari": ari})
+        return ari
+
+    # --- state --------------------------------------------------------------------
+    async def _save_state(self, peer_id: str, domain: str, changes: dict[str, Any]) -> dict[str, Any]:
+        key = self._keys.cert(peer_id, slot_name(domain))
+        result: dict[str, Any] = {}
+
+        def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if current is None:
+                return None
+            state = {**(current.get("renewal") or {}), **changes}
+            result.update(state)
+            return {**current, "renewal": state}
+
+        await records.update(self._store, key, change)
+        return result
+
+    # --- what status shows ---------------------------------------------------------
+    async def plan(self, peer_id: str, slot: dict[str, Any]) -> Plan:
+        now = self._clock()
+        schedule = {**DEFAULT_SCHEDULE, **(slot.get("schedule") or {})}
+        state = slot.get("renewal") or {}
+        due = await self._due(peer_id, slot.get("domain", ""), slot, now, fetch_ari=False)
+        retry_at = _parse(state.get("retry_at"))
+        warning = ""
+        next_sign = next_deploy = None
+        pending = slot.get("pending")
+        if not schedule["auto"]:
+            if slot.get("active") and due and now >= due.at:
+                warning = (f"renewal due since {_iso(due.at)} ({due.reason}) and the slot is in manual mode: "
+                           "sign a new certificate or turn on automatic mode")
+        elif pending and pending.get("auto"):
+            next_deploy = self._deploy_slot(schedule, _parse(pending["signed_at"]))  # type: ignore[arg-type]
+        elif due is not None and not pending:
+            not_before = max(t for t in (due.at, now, retry_at) if t is not None)
+            next_sign = await self._next_opportunity(peer_id, schedule, not_before)
+            if next_sign is not None:
+                next_deploy = self._deploy_slot(schedule, next_sign)
+        return Plan(schedule, due, next_sign, next_deploy, retry_at, state.get("failures", 0), warning)
+
+
+def _iso_ms(when: datetime.datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="milliseconds")
