@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from peer_agent.certs import CertStore, SlotCerts, ValidatedPair
-from peer_agent.errors import AgentError, EndpointError
+from peer_agent.errors import AgentError, EndpointError, StorageError
 from peer_agent.reload import CommandHook, ReloadOutcome, SignalHook
 from peer_agent.tls_endpoint import Contexts, ServingContext, TLSEndpoint, load_context
 
@@ -108,7 +108,16 @@ class Deployer:
         # The lock is held by this task, not by the caller: cancelling the
         # caller (an RPC deadline) cannot release it while a thread still
         # writes, nor stop between the disk switch and the reloads.
-        task = asyncio.create_task(locked(), name="certificate-switch")
+        async def translated() -> T:
+            try:
+                return await locked()
+            except OSError as exc:
+                # Disk full, read-only, permissions: say which file, and that
+                # it is not transient (the coordinator must not just retry).
+                raise StorageError(f"cannot write the certificate files: {exc.filename or ''} {exc.strerror or exc}"
+                                   ) from exc
+
+        task = asyncio.create_task(translated(), name="certificate-switch")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         return await asyncio.shield(task)

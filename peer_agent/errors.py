@@ -81,3 +81,8 @@ class TLSLoadError(AgentError, FailedPrecondition):
 
 class EndpointError(AgentError, Unavailable):
     """An in-process TLS endpoint cannot listen; the message names the address."""
+
+
+class StorageError(AgentError, FailedPrecondition):
+    """The agent's state directory cannot be written (disk full, read-only,
+    permissions): an operator must act; retrying the same call will not help."""

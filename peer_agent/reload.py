@@ -28,7 +28,7 @@ MAX_OUTPUT = 4096
 _OUTPUT_GRACE = 1.0
 # How long a command killed on timeout may take to go.
 _KILL_GRACE = 5.0
-_PID_RE = re.compile(r"[0-9]{1,10}")
+_PID_RE = re.compile(r"[0-9]{1,7}")  # Linux pids stay below 2^22
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,8 @@ class SignalHook:
             return outcome(False, f"no process {pid} (from {self.pid_file}): the service is not running")
         except PermissionError:
             return outcome(False, f"not permitted to signal process {pid} (from {self.pid_file})")
+        except (OSError, OverflowError) as exc:
+            return outcome(False, f"cannot signal process {pid} (from {self.pid_file}): {exc}")
         return outcome(True, f"sent SIG{self.signal_name} to process {pid}")
 
 

@@ -216,8 +216,16 @@ class TLSEndpoint:
 
     async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
         assert self._session is not None
+        if not request.raw_path.startswith("/"):
+            # Only origin-form targets are proxied: an absolute URL or "*" must
+            # never choose where the request goes.
+            return web.Response(status=400, text="bad request target\n")
         headers = _end_to_end(request.headers)
-        forwarded_for = [*headers.popall(hdrs.X_FORWARDED_FOR, []), request.remote or ""]
+        # What the client claims about forwarding is not ours to pass on.
+        for name in (hdrs.FORWARDED, hdrs.X_FORWARDED_HOST, "X-Forwarded-Port", "X-Real-IP"):
+            headers.popall(name, None)
+        headers.popall(hdrs.X_FORWARDED_FOR, None)
+        forwarded_for = [request.remote or ""]
         headers[hdrs.X_FORWARDED_FOR] = ", ".join(v for v in forwarded_for if v)
         headers[hdrs.X_FORWARDED_PROTO] = "https"
         body = await request.read()  # bounded by aiohttp's client_max_size (1 MiB)
