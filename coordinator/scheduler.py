@@ -219,6 +219,13 @@ class RenewalScheduler:
 
     async def _deploy_if_slot(self, peer_id: str, domain: str, schedule: dict[str, Any], pending: dict[str, Any],
                               state: dict[str, Any], now: datetime.datetime) -> None:
+        if now >= _parse(pending["not_after"]):  # type: ignore[operator]
+            # It expired waiting for its slot (a slot far away, or a very short
+            # lifetime): drop it (history keeps a copy) so a fresh one is signed.
+            log.warning("automatically signed certificate %s for %s %s expired before its deploy slot; "
+                        "discarding it to sign again", pending["serial_hex"], peer_id, domain or "server")
+            await self._issuance.discard_pending(peer_id, domain, self._identity)
+            return
         slot_at = self._deploy_slot(schedule, _parse(pending["signed_at"]))  # type: ignore[arg-type]
         not_before = _parse(state.get("deploy_retry_at"))
         if now < slot_at or (not_before and now < not_before):

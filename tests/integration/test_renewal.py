@@ -131,9 +131,14 @@ def test_a_restarted_leader_deploys_at_the_slot_and_signs_nothing_twice(cluster:
     cluster.ctl("pending", "discard", "peer2", check=False)
     if not slot(cluster, 2).get("active"):
         sign_and_deploy(cluster, 2)
-    # Renewal is due within VALIDITY*2/3 s; the deploy slot comes well after.
-    deploy_at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=VALIDITY + 12)
-    before = slot(cluster, 2)["active"]["serial_hex"]
+    # Let the active certificate reach its renewal point first: the automatic
+    # sign then comes at the next opportunity (seconds), and the deploy slot,
+    # 12 s from now, falls inside the new certificate's 24 s of validity.
+    active = slot(cluster, 2)["active"]
+    due = datetime.datetime.fromisoformat(active["not_after"]) - datetime.timedelta(seconds=VALIDITY / 3)
+    time.sleep(max(0.0, (due - datetime.datetime.now(datetime.UTC)).total_seconds()))
+    deploy_at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=12)
+    before = active["serial_hex"]
     signs_before = len([e for e in events(cluster, 2) if e["what"] == "sign"])
     cluster.ctl("schedule", "set", "peer2", "--auto", "on", "--time", deploy_at.strftime("%H:%M:%S"), "--tz", "UTC")
     pending = wait_for("an automatic sign", lambda: (slot(cluster, 2).get("pending") or {}).get("auto")

@@ -70,3 +70,26 @@ async def test_schedule_settings_are_validated_and_need_a_csr() -> None:
     slot = await s.set_schedule("p1", "", {"auto": True, "days": "weekdays", "time": "03:30", "tz": "Europe/Paris"})
     assert slot["schedule"] == {"auto": True, "days": "mon,tue,wed,thu,fri", "time": "03:30", "tz": "Europe/Paris",
                                 "key_policy": "rotate"}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    async def discard_pending(self, peer_id: str, domain: str, who: str = "") -> None:
+        self.calls.append(("discard", peer_id, domain, who))
+
+    async def deploy(self, peer_id: str, domain: str, who: str) -> Any:
+        self.calls.append(("deploy", peer_id, domain, who))
+        raise AssertionError("must not deploy an expired certificate")
+
+
+async def test_an_automatic_certificate_that_expired_before_its_slot_is_discarded_not_deployed() -> None:
+    recorder = Recorder()
+    s = RenewalScheduler(MemoryStore(), Keys("/t/"), Peers(), None, recorder, recorder,  # type: ignore[arg-type]
+                         RenewalSettings(), "coordinator:c", clock=lambda: NOW)
+    pending = {"serial_hex": "ab", "signed_at": (NOW - datetime.timedelta(hours=2)).isoformat(),
+               "not_after": (NOW - datetime.timedelta(seconds=1)).isoformat(), "auto": True}
+    schedule = {"auto": True, "days": "all", "time": "now", "tz": "UTC", "key_policy": "rotate"}
+    await s._deploy_if_slot("p1", "", schedule, pending, {}, NOW)
+    assert recorder.calls == [("discard", "p1", "", "coordinator:c")]
