@@ -115,7 +115,8 @@ class Accounts:
             raise errors.NotFound(f"no provider named {name!r} (acmectl provider add {name} --directory URL)")
         return data, rev
 
-    async def register(self, name: str, email: str, agree_tos: bool) -> ProviderView:
+    async def register(self, name: str, email: str, agree_tos: bool, eab_kid: str = "",
+                       eab_hmac_key: str = "") -> ProviderView:
         data, rev = await self._get(name)
         if not agree_tos:
             tos = data.get("terms_of_service") or "(the CA publishes no terms URL)"
@@ -127,15 +128,21 @@ class Accounts:
             raise errors.InvalidArgument(f"{email!r} is not a valid contact e-mail address")
         if data.get("account_url"):
             raise errors.AlreadyExists(f"provider {name} already has an account: {data['account_url']}")
-        if data.get("external_account_required"):
-            raise errors.FailedPrecondition(f"provider {name} requires External Account Binding, not supported yet")
+        if data.get("external_account_required") and not (eab_kid and eab_hmac_key):
+            raise errors.FailedPrecondition(
+                f"provider {name} requires External Account Binding: give --eab-kid and --eab-hmac-key "
+                "(the key id and MAC key your CA issued for this account)")
+        if bool(eab_kid) != bool(eab_hmac_key):
+            raise errors.InvalidArgument("--eab-kid and --eab-hmac-key go together")
+        if len(eab_kid) > 256 or len(eab_hmac_key) > 512:
+            raise errors.InvalidArgument("the EAB key id or MAC key is too long")
         key_pem = generate_account_key()
         client = AcmeClient(data["directory_url"], ca_bundle=self._bundle_path(data.get("ca_bundle_pem", "")),
                             key_pem=key_pem, timeout=self._timeout)
-        account_url, status = await asyncio.to_thread(client.register, email)
+        account_url, status = await asyncio.to_thread(client.register, email, eab_kid, eab_hmac_key)
         record = {
             **data, "account_url": account_url, "account_status": status, "contact": email,
-            "account_key": self._box.seal(key_pem, f"provider/{name}"),
+            "account_key": self._box.seal(key_pem, f"provider/{name}"), "eab_kid": eab_kid,
         }
         await self._store.put_if(self._keys.provider(name), records.encode(record), expect_mod_revision=rev)
         return _view(record)

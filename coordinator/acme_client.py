@@ -185,9 +185,21 @@ class AcmeClient:
         tos = getattr(meta, "terms_of_service", None) or ""
         return DirectoryInfo(self._url, tos, bool(getattr(meta, "external_account_required", False)))
 
-    def register(self, email_address: str) -> tuple[str, str]:
-        """Create (or find again, for the same key) the account; returns (url, status)."""
-        new = messages.NewRegistration.from_data(email=email_address, terms_of_service_agreed=True)
+    def register(self, email_address: str, eab_kid: str = "", eab_hmac_key: str = "") -> tuple[str, str]:
+        """Create (or find again, for the same key) the account; returns (url, status).
+
+        With ``eab_kid``/``eab_hmac_key`` the request carries an External
+        Account Binding (RFC 8555 7.3.4) signed with the CA-issued MAC key."""
+        fields: dict[str, object] = {"email": email_address, "terms_of_service_agreed": True}
+        if eab_kid or eab_hmac_key:
+            assert self._net.key is not None
+            try:
+                fields["external_account_binding"] = messages.ExternalAccountBinding.from_data(
+                    account_public_key=self._net.key.public_key(), kid=eab_kid, hmac_key=eab_hmac_key,
+                    directory=self.acme.directory)
+            except (ValueError, TypeError, jose.DeserializationError) as exc:
+                raise InvalidArgument(f"the EAB MAC key is not valid base64url ({exc})") from exc
+        new = messages.NewRegistration.from_data(**fields)
 
         def do() -> messages.RegistrationResource:
             try:
@@ -215,6 +227,40 @@ class AcmeClient:
         if not view.url:
             raise CAError("creating the order: the CA sent no order URL", problem="malformed")
         return view
+
+    def revoke(self, certificate_der: bytes, reason: int) -> str:
+        """revokeCert authorised by this account (RFC 8555 7.6); returns the CA's answer."""
+        cert = x509.load_der_x509_certificate(certificate_der)
+
+        def do() -> str:
+            self.acme.revoke(cert, reason)
+            return "200 OK: revoked"
+
+        return self._call("revoking the certificate", do)
+
+    def nonce_and_revoke_url(self) -> tuple[str, str]:
+        """A fresh nonce and the revokeCert URL, for a request signed elsewhere
+        (by the certificate's own key on the peer that holds it)."""
+
+        def do() -> tuple[str, str]:
+            response = self._net.head(self.acme.directory["newNonce"])
+            nonce = response.headers.get("Replay-Nonce")
+            if not nonce:
+                raise acme_errors.MissingNonce(response)
+            return nonce, self.acme.directory["revokeCert"]
+
+        return self._call("fetching a nonce", do)
+
+    def post_signed(self, url: str, jws_json: str, what: str) -> str:
+        """POST a JWS signed by someone else; returns the CA's answer."""
+
+        def do() -> str:
+            response = self._net._send_request("POST", url, data=jws_json,
+                                               headers={"Content-Type": client.ClientNetwork.JOSE_CONTENT_TYPE})
+            self._net._check_response(response, content_type=client.ClientNetwork.JOSE_CONTENT_TYPE)
+            return f"{response.status_code} {response.reason}: revoked"
+
+        return self._call(what, do)
 
     def has_renewal_info(self) -> bool:
         try:

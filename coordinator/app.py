@@ -26,12 +26,14 @@ from coordinator.history import History
 from coordinator.issuance import Issuance
 from coordinator.peers import AgentPool, Registry
 from coordinator.preflight import DnsResolver
+from coordinator.revocation import Revocation
 from coordinator.rpc.servicer import CoordinatorServicer
 from coordinator.scheduler import RenewalScheduler
 from coordinator.secretbox import SecretBox
 from coordinator.settings import CoordinatorSettings
 from coordinator.store.etcd import EtcdStore
 from coordinator.store.keys import Keys
+from coordinator.trust import TrustStore
 
 log = logging.getLogger("acme-coordinator")
 
@@ -81,6 +83,8 @@ async def run(settings: CoordinatorSettings) -> int:
     srv, port = server(settings.tls.files(), settings.listen)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
         CoordinatorServicer(registry, accounts, issuance, deployment, history, scheduler, pool,
+                            Revocation(fenced, keys, registry, accounts, issuance, pool, history),
+                            TrustStore(fenced, keys),
                             heartbeat_interval=t.heartbeat_interval, lease_ttl=t.lease_ttl),
         srv,
     )

@@ -123,8 +123,9 @@ async def cmd_provider(ctl: Ctl, a: argparse.Namespace) -> None:
 
 
 async def cmd_account(ctl: Ctl, a: argparse.Namespace) -> None:
-    p = await ctl.call("RegisterAccount", pb.RegisterAccountRequest(provider=a.provider, email=a.email,
-                                                                     agree_tos=a.agree_tos))
+    p = await ctl.call("RegisterAccount", pb.RegisterAccountRequest(
+        provider=a.provider, email=a.email, agree_tos=a.agree_tos, eab_kid=a.eab_kid or "",
+        eab_hmac_key=a.eab_hmac_key or ""))
     ctl.out(p, lambda: print(f"account registered with {p.name}: {p.account_url} ({p.account_status})"))
 
 
@@ -295,6 +296,45 @@ async def cmd_schedule(ctl: Ctl, a: argparse.Namespace) -> None:
         ctl.out(r, lambda: [_schedule_lines(s) for s in r.slots] or print(f"peer {a.peer} has no certificate slot yet"))
 
 
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CtlError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+async def cmd_revoke(ctl: Ctl, a: argparse.Namespace) -> None:
+    r = await ctl.call("Revoke", pb.RevokeRequest(certificate=_read_file(a.certfile, "certificate file"),
+                                                  provider=a.provider or "", reason=a.reason, force=a.force),
+                       timeout=max(ctl.args.timeout, 300))
+    ctl.out(r, lambda: print(f"certificate {r.serial_hex} revoked at provider {r.provider} (reason {r.reason})\n"
+                             f"  authorised by: {r.authorization}\n  the CA answered: {r.ca_answer}"))
+
+
+def _trust_rows(certs: list[Any]) -> None:
+    _print_table([[c.sha256, "root" if c.self_signed else "intermediate", c.subject, c.not_after[:19],
+                   "" if c.added else "(already trusted)"] for c in certs],
+                 ["SHA256", "KIND", "SUBJECT", "NOT AFTER", ""])
+
+
+async def cmd_trust(ctl: Ctl, a: argparse.Namespace) -> None:
+    if a.trust_cmd == "add":
+        r = await ctl.call("TrustAdd", pb.TrustAddRequest(certificates=_read_file(a.file, "certificate file")))
+        ctl.out(r, lambda: _trust_rows(list(r.certificates)))
+    elif a.trust_cmd == "list":
+        r = await ctl.call("TrustList", pb.TrustListRequest())
+        ctl.out(r, lambda: _trust_rows(list(r.certificates)) if r.certificates else print("the trust store is empty"))
+    elif a.trust_cmd == "remove":
+        r = await ctl.call("TrustRemove", pb.TrustRemoveRequest(sha256=a.sha256))
+        ctl.out(r, lambda: print(f"removed {r.certificates[0].subject} ({r.certificates[0].sha256})"))
+    else:
+        r = await ctl.call("TrustVerify", pb.TrustVerifyRequest(peer_id=a.peer, slot=_slot(a), active=a.active))
+        ctl.out(r, lambda: print(f"{r.which} certificate {r.serial_hex} of {a.peer}: "
+                                 + ("VALID: " + " <- ".join(r.path) if r.ok else f"NOT VALID: {r.reason}")))
+        if not r.ok:
+            raise errors.FailedPrecondition(f"the chain does not validate against the trust store: {r.reason}")
+
+
 STATUS_HEADER = ["PEER", "LIVENESS", "ACME", "SLOT", "CSR NAMES", "ACTIVE", "PENDING", "LAST SIGN", "LAST DEPLOY",
                  "DISK=ETCD", "MODE", "RENEWAL DUE", "NEXT"]
 
@@ -373,6 +413,8 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--provider", required=True)
     x.add_argument("--email", required=True)
     x.add_argument("--agree-tos", action="store_true", help="accept the provider's terms of service")
+    x.add_argument("--eab-kid", help="External Account Binding key id (CAs that require EAB)")
+    x.add_argument("--eab-hmac-key", help="External Account Binding MAC key, base64url")
 
     s = sub.add_parser("peer", help="peers").add_subparsers(dest="peer_cmd", required=True)
     s.add_parser("list")
@@ -434,6 +476,23 @@ def parser() -> argparse.ArgumentParser:
     x = s.add_parser("show")
     x.add_argument("peer")
 
+    x = sub.add_parser("revoke", help="revoke a certificate (PEM or DER, leaf or chain)")
+    x.add_argument("certfile")
+    x.add_argument("--provider", help="the CA to ask (default: the one that issued it)")
+    x.add_argument("--reason", default="unspecified",
+                   choices=("unspecified", "keyCompromise", "superseded", "cessationOfOperation", "affiliationChanged"))
+    x.add_argument("--force", action="store_true", help="revoke even if it is active on a peer")
+
+    s = sub.add_parser("trust", help="the CA certificates the cluster trusts").add_subparsers(dest="trust_cmd",
+                                                                                              required=True)
+    s.add_parser("add").add_argument("file", help="PEM file with one or more CA certificates, or one DER certificate")
+    s.add_parser("list")
+    s.add_parser("remove").add_argument("sha256")
+    x = s.add_parser("verify", help="validate a peer's pending (or --active) chain against the trust store")
+    x.add_argument("peer")
+    x.add_argument("--domain")
+    x.add_argument("--active", action="store_true")
+
     x = sub.add_parser("events", help="a peer's history: signs, deploys, rollbacks, discards")
     x.add_argument("peer")
     x.add_argument("--limit", type=int, default=0)
@@ -445,7 +504,8 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"provider": cmd_provider, "account": cmd_account, "peer": cmd_peer, "csr": cmd_csr, "sign": cmd_sign,
             "order": cmd_order, "pending": cmd_pending, "status": cmd_status, "deploy": cmd_deploy,
-            "rollback": cmd_rollback, "rollout": cmd_rollout, "events": cmd_events, "schedule": cmd_schedule}
+            "rollback": cmd_rollback, "rollout": cmd_rollout, "events": cmd_events, "schedule": cmd_schedule,
+            "revoke": cmd_revoke, "trust": cmd_trust}
 
 
 async def _run(args: argparse.Namespace) -> None:

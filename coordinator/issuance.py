@@ -234,6 +234,18 @@ class Issuance:
         self.spawn(rec.order_id)
         return rec
 
+    async def start_authorization(self, names: tuple[str, ...], provider: str, who: str) -> OrderRecord:
+        """An order that only validates ``names`` (every peer serving the
+        challenges, as in signing) and ends there: RFC 8555 7.6 lets an
+        account that holds valid authorizations for every name of a
+        certificate revoke it."""
+        now = utcnow()
+        rec = OrderRecord(order_id=uuid.uuid4().hex[:16], peer_id="", domain="", provider=provider, names=names,
+                          csr_pem="", created_at=now, updated_at=now, requested_by=who, authorize_only=True)
+        await self._store.put_if(self._keys.order(rec.order_id), records.encode(rec.to_json()), expect_mod_revision=0)
+        self.spawn(rec.order_id)
+        return rec
+
     def spawn(self, order_id: str) -> asyncio.Task[OrderRecord]:
         task = self._tasks.get(order_id)
         if task is None or task.done():
@@ -337,7 +349,8 @@ class Issuance:
             except Exception as exc:  # a bug or an unexpected library error: fail the order, keep the process
                 log.exception("order %s: %s crashed", order_id, step.value)
                 if step is Step.CLEANUP:  # the tokens expire by themselves; never strand a certificate
-                    new = orders.advance(rec, Phase.DONE if rec.phase is Phase.ISSUED else Phase.FAILED, cleaned=True)
+                    new = orders.advance(rec, Phase.DONE if rec.phase in (Phase.ISSUED, Phase.READY) else Phase.FAILED,
+                                         cleaned=True)
                 else:
                     new = orders.advance(rec, Phase.FAILED, error=f"internal error during {step.value}: {exc}")
             new = dataclasses.replace(new, updated_at=utcnow())
@@ -359,6 +372,8 @@ class Issuance:
     async def _save(self, old: OrderRecord, new: OrderRecord, revision: int) -> int:
         ops: list[Op] = [Put(self._keys.order(new.order_id), records.encode(new.to_json()))]
         checks = [Check(self._keys.order(new.order_id), revision)]
+        if new.authorize_only:  # no slot, no certificate: the record alone tells the story
+            return await self._store.txn(checks=checks, ops=ops)
         slot_key = self._keys.cert(new.peer_id, slot_name(new.domain))
         issued = new.phase is Phase.ISSUED and old.phase is not Phase.ISSUED
         failed = new.phase is Phase.FAILED and old.phase is not Phase.FAILED
@@ -437,7 +452,7 @@ class Issuance:
             return await self._finish(rec, client, deadline)  # type: ignore[arg-type]
         if step is Step.CLEANUP:
             await self._cleanup(rec)
-            to = Phase.DONE if rec.phase is Phase.ISSUED else Phase.FAILED
+            to = Phase.DONE if rec.phase in (Phase.ISSUED, Phase.READY) else Phase.FAILED
             return orders.advance(rec, to, cleaned=True)
         raise orders.IllegalTransition(f"no handler for {step}")
 

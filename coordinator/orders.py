@@ -57,7 +57,9 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.PRESENTED: frozenset({Phase.CHECKED, Phase.FAILED}),
     Phase.CHECKED: frozenset({Phase.ANSWERED, Phase.FAILED}),
     Phase.ANSWERED: frozenset({Phase.READY, Phase.FAILED}),
-    Phase.READY: frozenset({Phase.FINALIZING, Phase.FAILED}),
+    # READY -> DONE: an authorization-only order (revocation by fresh
+    # authorizations) ends once every name is validated; nothing is issued.
+    Phase.READY: frozenset({Phase.FINALIZING, Phase.DONE, Phase.FAILED}),
     Phase.FINALIZING: frozenset({Phase.ISSUED, Phase.FAILED}),
     Phase.ISSUED: frozenset({Phase.DONE}),
     Phase.DONE: frozenset(),
@@ -140,6 +142,7 @@ class OrderRecord:
     auto: bool = False           # started by the renewal scheduler (deployed at the peer's next slot)
     replaces: str = ""           # RFC 9773 id of the certificate this order renews
     retry_after: float = 0.0     # when it failed on a CA rate limit: seconds the CA asked to wait
+    authorize_only: bool = False  # validate the names, then stop (no CSR, no certificate, no slot)
     schema: int = SCHEMA
 
     # --- queries -------------------------------------------------------------
@@ -183,6 +186,8 @@ class OrderRecord:
 def next_step(rec: OrderRecord) -> Step:
     """What to do next for a saved record; the heart of resumption."""
     if rec.phase is Phase.ISSUED or (rec.phase is Phase.FAILED and not rec.cleaned):
+        return Step.CLEANUP
+    if rec.phase is Phase.READY and rec.authorize_only:
         return Step.CLEANUP
     if rec.phase in TERMINAL:
         return Step.NOTHING

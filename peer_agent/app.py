@@ -24,7 +24,7 @@ from peer_agent.challenges import ChallengeService
 from peer_agent.deployer import Deployer
 from peer_agent.keys import KeyStore
 from peer_agent.reload import CommandHook, SignalHook
-from peer_agent.rpc.servicer import AgentServicer
+from peer_agent.rpc.servicer import AgentServicer, write_trust_bundle
 from peer_agent.settings import AgentSettings
 from peer_agent.tls_endpoint import TLSEndpoint
 
@@ -111,6 +111,9 @@ async def keep_registered(settings: AgentSettings, request: cpb.RegisterPeerRequ
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(chan)
             reply = await stub.RegisterPeer(request, timeout=CALL_TIMEOUT)
             log.info("registered with coordinator %s as %s", target, settings.peer_id)
+            if settings.trust_bundle_file is not None and reply.trust_bundle_sha256:
+                await asyncio.to_thread(write_trust_bundle, settings.trust_bundle_file, reply.trust_bundle_pem,
+                                        reply.trust_bundle_sha256)
             while True:
                 await asyncio.sleep(reply.heartbeat_interval_seconds or 3)
                 await stub.Heartbeat(cpb.HeartbeatRequest(peer_id=settings.peer_id), timeout=CALL_TIMEOUT)
@@ -147,7 +150,8 @@ async def run(settings: AgentSettings) -> int:
     await deployer.start()  # serve what is on disk: a restarted agent comes back as it was
     srv, port = server(settings.tls.files(), settings.listen)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(
-        AgentServicer(settings.peer_id, challenges, keys, deployer, tls_endpoints(settings)), srv)
+        AgentServicer(settings.peer_id, challenges, keys, deployer, tls_endpoints(settings),
+                      settings.trust_bundle_file), srv)
     health = await add_health(srv)
     try:
         request = registration(settings, port)

@@ -102,6 +102,16 @@ class KeyStore:
         path = self._root / slot_dirname(domain) / "keys" / f"{fingerprint}.key"
         return path if path.is_file() else None
 
+    def find_key(self, fingerprint: str) -> Path | None:
+        """The key with this public-key fingerprint, in whichever slot holds it."""
+        if not re.fullmatch(r"[0-9a-f]{64}", fingerprint) or not self._root.is_dir():
+            return None
+        for slot_dir in self._root.iterdir():
+            path = slot_dir / "keys" / f"{fingerprint}.key"
+            if path.is_file():
+                return path
+        return None
+
     def slots(self) -> list[SlotKeyInfo]:
         out: list[SlotKeyInfo] = []
         if not self._root.is_dir():

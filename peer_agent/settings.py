@@ -94,6 +94,9 @@ class AgentSettings:
     challenge: ChallengeSettings = field(default_factory=ChallengeSettings)
     endpoints: tuple[EndpointSettings, ...] = ()
     hooks: tuple[HookSettings, ...] = ()
+    trust_bundle_file: Path | None = None
+    """Where to write the cluster's trusted CA certificates (PEM) whenever
+    they change, for services on this node that verify peers; unset: not written."""
     verify_endpoints: tuple[str, ...] = ()
     """More host:port TLS endpoints serving this peer's certificates (e.g. a
     local nginx on :443), announced for rollout verification."""

@@ -7,6 +7,38 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SignRevocationRequest(_message.Message):
+    __slots__ = ("certificate_der", "reason", "nonce", "url")
+    CERTIFICATE_DER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    certificate_der: bytes
+    reason: int
+    nonce: str
+    url: str
+    def __init__(self, certificate_der: _Optional[bytes] = ..., reason: _Optional[int] = ..., nonce: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
+
+class SignRevocationResponse(_message.Message):
+    __slots__ = ("jws_json",)
+    JWS_JSON_FIELD_NUMBER: _ClassVar[int]
+    jws_json: str
+    def __init__(self, jws_json: _Optional[str] = ...) -> None: ...
+
+class SetTrustBundleRequest(_message.Message):
+    __slots__ = ("bundle_pem", "sha256")
+    BUNDLE_PEM_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    bundle_pem: str
+    sha256: str
+    def __init__(self, bundle_pem: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class SetTrustBundleResponse(_message.Message):
+    __slots__ = ("written_to",)
+    WRITTEN_TO_FIELD_NUMBER: _ClassVar[int]
+    written_to: str
+    def __init__(self, written_to: _Optional[str] = ...) -> None: ...
+
 class AgentDeployRequest(_message.Message):
     __slots__ = ("slot", "chain_pem", "expected_names")
     SLOT_FIELD_NUMBER: _ClassVar[int]

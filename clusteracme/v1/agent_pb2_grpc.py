@@ -64,6 +64,16 @@ class AgentServiceStub:
                 request_serializer=clusteracme_dot_v1_dot_agent__pb2.AgentRollbackRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_agent__pb2.AgentDeployResponse.FromString,
                 _registered_method=True)
+        self.SignRevocation = channel.unary_unary(
+                '/clusteracme.v1.AgentService/SignRevocation',
+                request_serializer=clusteracme_dot_v1_dot_agent__pb2.SignRevocationRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_agent__pb2.SignRevocationResponse.FromString,
+                _registered_method=True)
+        self.SetTrustBundle = channel.unary_unary(
+                '/clusteracme.v1.AgentService/SetTrustBundle',
+                request_serializer=clusteracme_dot_v1_dot_agent__pb2.SetTrustBundleRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_agent__pb2.SetTrustBundleResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -114,6 +124,21 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignRevocation(self, request, context):
+        """Sign an ACME revokeCert request with the key of the certificate being
+        revoked (the key never leaves the peer; RFC 8555 7.6).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTrustBundle(self, request, context):
+        """Write the cluster's trusted CAs to the agent's trust_bundle_file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +171,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=clusteracme_dot_v1_dot_agent__pb2.AgentRollbackRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_agent__pb2.AgentDeployResponse.SerializeToString,
+            ),
+            'SignRevocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignRevocation,
+                    request_deserializer=clusteracme_dot_v1_dot_agent__pb2.SignRevocationRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_agent__pb2.SignRevocationResponse.SerializeToString,
+            ),
+            'SetTrustBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTrustBundle,
+                    request_deserializer=clusteracme_dot_v1_dot_agent__pb2.SetTrustBundleRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_agent__pb2.SetTrustBundleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +345,60 @@ class AgentService:
             '/clusteracme.v1.AgentService/Rollback',
             clusteracme_dot_v1_dot_agent__pb2.AgentRollbackRequest.SerializeToString,
             clusteracme_dot_v1_dot_agent__pb2.AgentDeployResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignRevocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.AgentService/SignRevocation',
+            clusteracme_dot_v1_dot_agent__pb2.SignRevocationRequest.SerializeToString,
+            clusteracme_dot_v1_dot_agent__pb2.SignRevocationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTrustBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.AgentService/SetTrustBundle',
+            clusteracme_dot_v1_dot_agent__pb2.SetTrustBundleRequest.SerializeToString,
+            clusteracme_dot_v1_dot_agent__pb2.SetTrustBundleResponse.FromString,
             options,
             channel_credentials,
             insecure,

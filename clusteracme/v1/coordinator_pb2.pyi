@@ -126,12 +126,16 @@ class RegisterPeerRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_endpoint: _Optional[str] = ..., http_front: _Optional[str] = ..., front_mode: _Optional[str] = ..., version: _Optional[str] = ..., tls_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterPeerResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds", "lease_ttl_seconds")
+    __slots__ = ("heartbeat_interval_seconds", "lease_ttl_seconds", "trust_bundle_pem", "trust_bundle_sha256")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_PEM_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: int
     lease_ttl_seconds: int
-    def __init__(self, heartbeat_interval_seconds: _Optional[int] = ..., lease_ttl_seconds: _Optional[int] = ...) -> None: ...
+    trust_bundle_pem: str
+    trust_bundle_sha256: str
+    def __init__(self, heartbeat_interval_seconds: _Optional[int] = ..., lease_ttl_seconds: _Optional[int] = ..., trust_bundle_pem: _Optional[str] = ..., trust_bundle_sha256: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("peer_id",)
@@ -182,14 +186,18 @@ class ListProvidersResponse(_message.Message):
     def __init__(self, providers: _Optional[_Iterable[_Union[Provider, _Mapping]]] = ...) -> None: ...
 
 class RegisterAccountRequest(_message.Message):
-    __slots__ = ("provider", "email", "agree_tos")
+    __slots__ = ("provider", "email", "agree_tos", "eab_kid", "eab_hmac_key")
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     EMAIL_FIELD_NUMBER: _ClassVar[int]
     AGREE_TOS_FIELD_NUMBER: _ClassVar[int]
+    EAB_KID_FIELD_NUMBER: _ClassVar[int]
+    EAB_HMAC_KEY_FIELD_NUMBER: _ClassVar[int]
     provider: str
     email: str
     agree_tos: bool
-    def __init__(self, provider: _Optional[str] = ..., email: _Optional[str] = ..., agree_tos: _Optional[bool] = ...) -> None: ...
+    eab_kid: str
+    eab_hmac_key: str
+    def __init__(self, provider: _Optional[str] = ..., email: _Optional[str] = ..., agree_tos: _Optional[bool] = ..., eab_kid: _Optional[str] = ..., eab_hmac_key: _Optional[str] = ...) -> None: ...
 
 class Peer(_message.Message):
     __slots__ = ("peer_id", "addresses", "grpc_endpoint", "http_front", "front_mode", "version", "enabled", "alive", "registered_at", "tls_endpoints")
@@ -518,3 +526,93 @@ class GetScheduleResponse(_message.Message):
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     slots: _containers.RepeatedCompositeFieldContainer[ScheduleInfo]
     def __init__(self, slots: _Optional[_Iterable[_Union[ScheduleInfo, _Mapping]]] = ...) -> None: ...
+
+class RevokeRequest(_message.Message):
+    __slots__ = ("certificate", "provider", "reason", "force")
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    certificate: bytes
+    provider: str
+    reason: str
+    force: bool
+    def __init__(self, certificate: _Optional[bytes] = ..., provider: _Optional[str] = ..., reason: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class RevokeResponse(_message.Message):
+    __slots__ = ("serial_hex", "provider", "authorization", "ca_answer", "reason")
+    SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
+    CA_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    serial_hex: str
+    provider: str
+    authorization: str
+    ca_answer: str
+    reason: str
+    def __init__(self, serial_hex: _Optional[str] = ..., provider: _Optional[str] = ..., authorization: _Optional[str] = ..., ca_answer: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class TrustedCA(_message.Message):
+    __slots__ = ("sha256", "subject", "issuer", "not_before", "not_after", "self_signed", "added")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SELF_SIGNED_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    subject: str
+    issuer: str
+    not_before: str
+    not_after: str
+    self_signed: bool
+    added: bool
+    def __init__(self, sha256: _Optional[str] = ..., subject: _Optional[str] = ..., issuer: _Optional[str] = ..., not_before: _Optional[str] = ..., not_after: _Optional[str] = ..., self_signed: _Optional[bool] = ..., added: _Optional[bool] = ...) -> None: ...
+
+class TrustAddRequest(_message.Message):
+    __slots__ = ("certificates",)
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    certificates: bytes
+    def __init__(self, certificates: _Optional[bytes] = ...) -> None: ...
+
+class TrustListRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TrustRemoveRequest(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+
+class TrustedCAs(_message.Message):
+    __slots__ = ("certificates",)
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    certificates: _containers.RepeatedCompositeFieldContainer[TrustedCA]
+    def __init__(self, certificates: _Optional[_Iterable[_Union[TrustedCA, _Mapping]]] = ...) -> None: ...
+
+class TrustVerifyRequest(_message.Message):
+    __slots__ = ("peer_id", "slot", "active")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    active: bool
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., active: _Optional[bool] = ...) -> None: ...
+
+class TrustVerifyResponse(_message.Message):
+    __slots__ = ("ok", "reason", "path", "serial_hex", "which")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    WHICH_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    reason: str
+    path: _containers.RepeatedScalarFieldContainer[str]
+    serial_hex: str
+    which: str
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., path: _Optional[_Iterable[str]] = ..., serial_hex: _Optional[str] = ..., which: _Optional[str] = ...) -> None: ...

@@ -124,6 +124,31 @@ class CoordinatorServiceStub:
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.GetScheduleRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.GetScheduleResponse.FromString,
                 _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/Revoke',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.RevokeResponse.FromString,
+                _registered_method=True)
+        self.TrustAdd = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/TrustAdd',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustAddRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustedCAs.FromString,
+                _registered_method=True)
+        self.TrustList = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/TrustList',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustListRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustedCAs.FromString,
+                _registered_method=True)
+        self.TrustRemove = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/TrustRemove',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustRemoveRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustedCAs.FromString,
+                _registered_method=True)
+        self.TrustVerify = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/TrustVerify',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustVerifyRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustVerifyResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/clusteracme.v1.CoordinatorService/Status',
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
@@ -254,6 +279,37 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Revoke(self, request, context):
+        """--- revocation and trust store (SPEC R11, R12) ---
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrustAdd(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrustList(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrustRemove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrustVerify(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """--- status and history (SPEC R13) ---
         """
@@ -359,6 +415,31 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.GetSchedule,
                     request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.GetScheduleRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.GetScheduleResponse.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.RevokeRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.RevokeResponse.SerializeToString,
+            ),
+            'TrustAdd': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrustAdd,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustAddRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustedCAs.SerializeToString,
+            ),
+            'TrustList': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrustList,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustListRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustedCAs.SerializeToString,
+            ),
+            'TrustRemove': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrustRemove,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustRemoveRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustedCAs.SerializeToString,
+            ),
+            'TrustVerify': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrustVerify,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustVerifyRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.TrustVerifyResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -857,6 +938,141 @@ class CoordinatorService:
             '/clusteracme.v1.CoordinatorService/GetSchedule',
             clusteracme_dot_v1_dot_coordinator__pb2.GetScheduleRequest.SerializeToString,
             clusteracme_dot_v1_dot_coordinator__pb2.GetScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/Revoke',
+            clusteracme_dot_v1_dot_coordinator__pb2.RevokeRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.RevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrustAdd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/TrustAdd',
+            clusteracme_dot_v1_dot_coordinator__pb2.TrustAddRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.TrustedCAs.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrustList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/TrustList',
+            clusteracme_dot_v1_dot_coordinator__pb2.TrustListRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.TrustedCAs.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrustRemove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/TrustRemove',
+            clusteracme_dot_v1_dot_coordinator__pb2.TrustRemoveRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.TrustedCAs.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrustVerify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/TrustVerify',
+            clusteracme_dot_v1_dot_coordinator__pb2.TrustVerifyRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.TrustVerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

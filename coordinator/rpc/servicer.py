@@ -22,7 +22,9 @@ from coordinator.history import History
 from coordinator.issuance import Issuance
 from coordinator.orders import OrderRecord
 from coordinator.peers import AgentPool, PeerInfo, Registry
+from coordinator.revocation import Revocation
 from coordinator.scheduler import RenewalScheduler
+from coordinator.trust import TrustedCA, TrustStore
 
 AGENT, OPERATOR = Role.AGENT, Role.OPERATOR
 MAX_PEER_ADDRESSES = 16
@@ -64,6 +66,11 @@ def _deploy_result(o: DeployOutcome, slot: common_pb2.Slot) -> pb.DeployResult:
     )
 
 
+def _trusted(c: TrustedCA) -> pb.TrustedCA:
+    return pb.TrustedCA(sha256=c.sha256, subject=c.subject, issuer=c.issuer, not_before=str(c.not_before),
+                        not_after=str(c.not_after), self_signed=c.self_signed, added=c.added)
+
+
 def _required(value: str, what: str) -> str:
     if not value:
         raise errors.InvalidArgument(f"{what} is required")
@@ -72,9 +79,11 @@ def _required(value: str, what: str) -> str:
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, registry: Registry, accounts: Accounts, issuance: Issuance, deployment: Deployment,
-                 history: History, scheduler: RenewalScheduler, pool: AgentPool, *, heartbeat_interval: int,
-                 lease_ttl: int) -> None:
+                 history: History, scheduler: RenewalScheduler, pool: AgentPool, revocation: Revocation,
+                 trust: TrustStore, *, heartbeat_interval: int, lease_ttl: int) -> None:
         self._scheduler = scheduler
+        self._revocation = revocation
+        self._trust = trust
         self._registry = registry
         self._accounts = accounts
         self._issuance = issuance
@@ -112,8 +121,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             request.front_mode, request.version, enabled=False, registered_at="",
             tls_endpoints=tuple(request.tls_endpoints),
         ))
+        bundle, digest = await self._trust.bundle()
         return pb.RegisterPeerResponse(heartbeat_interval_seconds=self._heartbeat_interval,
-                                       lease_ttl_seconds=self._lease_ttl)
+                                       lease_ttl_seconds=self._lease_ttl, trust_bundle_pem=bundle,
+                                       trust_bundle_sha256=digest)
 
     @rpc_method(AGENT)
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
@@ -134,7 +145,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @rpc_method(OPERATOR)
     async def RegisterAccount(self, request: pb.RegisterAccountRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         return _provider(await self._accounts.register(
-            _required(request.provider, "--provider"), request.email, request.agree_tos))
+            _required(request.provider, "--provider"), request.email, request.agree_tos, request.eab_kid,
+            request.eab_hmac_key))
 
     # --- peers -----------------------------------------------------------
     @rpc_method(OPERATOR)
@@ -276,6 +288,51 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             last_sign_status=last.get("status", ""), last_sign_at=last.get("at", ""),
             last_deploy_status=deployed.get("status", ""), last_deploy_at=deployed.get("at", ""),
         )
+
+    # --- revocation and trust store -------------------------------------------
+    @rpc_method(OPERATOR)
+    async def Revoke(self, request: pb.RevokeRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        done = await self._revocation.revoke(request.certificate, request.provider, request.reason, request.force,
+                                             who.common_name)
+        return pb.RevokeResponse(serial_hex=done.serial_hex, provider=done.provider, authorization=done.authorization,
+                                 ca_answer=done.ca_answer, reason=done.reason)
+
+    @rpc_method(OPERATOR)
+    async def TrustAdd(self, request: pb.TrustAddRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        added = await self._trust.add(request.certificates)
+        await self._push_trust_bundle()
+        return pb.TrustedCAs(certificates=[_trusted(c) for c in added])
+
+    @rpc_method(OPERATOR)
+    async def TrustList(self, request: pb.TrustListRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        return pb.TrustedCAs(certificates=[_trusted(c) for c in await self._trust.list()])
+
+    @rpc_method(OPERATOR)
+    async def TrustRemove(self, request: pb.TrustRemoveRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        removed = await self._trust.remove(request.sha256)
+        await self._push_trust_bundle()
+        return pb.TrustedCAs(certificates=[_trusted(removed)])
+
+    @rpc_method(OPERATOR)
+    async def TrustVerify(self, request: pb.TrustVerifyRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        peer_id = _required(request.peer_id, "a peer id")
+        await self._registry.get(peer_id)
+        slot = next((s for s in await self._issuance.slots(peer_id) if s.get("domain", "") == request.slot.domain), {})
+        pending, active = slot.get("pending"), slot.get("active")
+        which, record = ("active", active) if request.active or not pending else ("pending", pending)
+        if not record:
+            raise errors.NotFound(f"peer {peer_id} has no {which} certificate to verify"
+                                  + (f" for domain {request.slot.domain}" if request.slot.domain else ""))
+        result = await self._trust.verify(record["chain_pem"], request.slot.domain or None)
+        return pb.TrustVerifyResponse(ok=result.ok, reason=result.reason, path=result.path,
+                                      serial_hex=record.get("serial_hex", ""), which=which)
+
+    async def _push_trust_bundle(self) -> None:
+        """Every live agent writes the new bundle now; one that is down gets it when it registers again."""
+        bundle, digest = await self._trust.bundle()
+        request = agent_pb2.SetTrustBundleRequest(bundle_pem=bundle, sha256=digest)
+        peers = [p for p in await self._registry.list() if p.alive]
+        await self._pool.fan_out(peers, "trust bundle", lambda stub, kw: stub.SetTrustBundle(request, **kw))
 
     @rpc_method(OPERATOR)
     async def ListEvents(self, request: pb.ListEventsRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:

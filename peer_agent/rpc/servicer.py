@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+from pathlib import Path
 from typing import Any
 
 import grpc.aio
@@ -14,7 +17,9 @@ from clusteracme.v1 import agent_pb2 as pb
 from clusteracme.v1 import agent_pb2_grpc, common_pb2
 from peer_agent.challenges import ChallengeService
 from peer_agent.deployer import Deployer, DeployOutcome
+from peer_agent.errors import InvalidChain
 from peer_agent.keys import KEY_TYPES, KeyStore
+from peer_agent.revocation import sign_revocation
 
 COORDINATOR = Role.COORDINATOR
 _LABEL_TO_ENUM = {label: enum for enum, (label, _) in KEY_TYPES.items()}
@@ -22,7 +27,8 @@ _LABEL_TO_ENUM = {label: enum for enum, (label, _) in KEY_TYPES.items()}
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, peer_id: str, challenges: ChallengeService, keys: KeyStore, deployer: Deployer,
-                 tls_endpoints: list[str]) -> None:
+                 tls_endpoints: list[str], trust_bundle_file: Path | None = None) -> None:
+        self._trust_bundle_file = trust_bundle_file
         self._peer_id = peer_id
         self._challenges = challenges
         self._keys = keys
@@ -75,6 +81,34 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def Rollback(self, request: pb.AgentRollbackRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         outcome = await self._deployer.rollback(request.slot.domain, request.expected_active_serial_hex)
         return _deployed(outcome)
+
+    @rpc_method(COORDINATOR)
+    async def SignRevocation(self, request: pb.SignRevocationRequest, context: grpc.aio.ServicerContext,
+                             who: Identity) -> Any:
+        jws_json = await asyncio.to_thread(sign_revocation, self._keys, request.certificate_der, request.reason,
+                                           request.nonce, request.url)
+        return pb.SignRevocationResponse(jws_json=jws_json)
+
+    @rpc_method(COORDINATOR)
+    async def SetTrustBundle(self, request: pb.SetTrustBundleRequest, context: grpc.aio.ServicerContext,
+                             who: Identity) -> Any:
+        if self._trust_bundle_file is None:
+            return pb.SetTrustBundleResponse()
+        await asyncio.to_thread(write_trust_bundle, self._trust_bundle_file, request.bundle_pem, request.sha256)
+        return pb.SetTrustBundleResponse(written_to=str(self._trust_bundle_file))
+
+
+def write_trust_bundle(path: Path, bundle_pem: str, sha256: str) -> None:
+    """Atomically replace the bundle file, after checking it is what was sent."""
+    if hashlib.sha256(bundle_pem.encode()).hexdigest() != sha256:
+        raise InvalidChain("the trust bundle does not match its checksum")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(bundle_pem)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 def _deployed(outcome: DeployOutcome) -> pb.AgentDeployResponse:

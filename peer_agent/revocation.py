@@ -1,0 +1,50 @@
+"""Signing an ACME revocation with the certificate's own key (RFC 8555 7.6).
+
+The coordinator cannot revoke a certificate its account did not issue unless
+the request is signed by the certificate's key, and that key never leaves
+the peer. So the agent signs the revokeCert request itself: a JWS carrying
+the public key (``jwk``), the coordinator's fresh nonce and the revokeCert
+URL. It signs nothing else: the payload is built here, for a certificate
+whose public key is one this peer holds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import josepy as jose
+from acme import jws
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from clusteracme.certinfo import spki_sha256
+from peer_agent.errors import InvalidChain, KeyNotHeld
+from peer_agent.keys import KeyStore
+
+REASONS = frozenset({0, 1, 3, 4, 5})  # unspecified, keyCompromise, affiliationChanged, superseded, cessationOfOperation
+
+
+def sign_revocation(keys: KeyStore, certificate_der: bytes, reason: int, nonce: str, url: str) -> str:
+    try:
+        cert = x509.load_der_x509_certificate(certificate_der)
+    except ValueError as exc:
+        raise InvalidChain(f"not a DER certificate ({exc})") from exc
+    if reason not in REASONS:
+        raise InvalidChain(f"revocation reason {reason} is not one ACME accepts here")
+    if not url.startswith("https://") or not nonce:
+        raise InvalidChain("a revocation needs the CA's https revokeCert URL and a nonce")
+    path = keys.find_key(spki_sha256(cert.public_key()))
+    if path is None:
+        raise KeyNotHeld(f"this peer does not hold the key of certificate {cert.serial_number:x}")
+    key = serialization.load_pem_private_key(path.read_bytes(), None)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        jwk: jose.JWK = jose.JWKEC(key=key)
+        alg = {"secp256r1": jose.ES256, "secp384r1": jose.ES384}[key.curve.name]
+    elif isinstance(key, rsa.RSAPrivateKey):
+        jwk, alg = jose.JWKRSA(key=key), jose.RS256
+    else:
+        raise KeyNotHeld(f"the key of certificate {cert.serial_number:x} is of an unsupported type")
+    payload = json.dumps({"certificate": jose.encode_b64jose(certificate_der), "reason": reason}).encode()
+    signed = jws.JWS.sign(payload, key=jwk, alg=alg, nonce=jose.decode_b64jose(nonce), url=url)
+    return signed.json_dumps()
