@@ -557,6 +557,11 @@ class Pebble(_Service):
         url = f"{self.management_url}/roots/0"
         return _http("GET", url, ssl_context=self.ssl_context()).decode()
 
+    def fetch_intermediate(self) -> str:
+        """PEM of the intermediate pebble issues under in this run."""
+        self._require_process()
+        return _http("GET", f"{self.management_url}/intermediates/0", ssl_context=self.ssl_context()).decode()
+
     async def afetch_issuing_root(self) -> str:
         """``fetch_issuing_root`` off the event loop."""
         return await asyncio.to_thread(self.fetch_issuing_root)
