@@ -32,9 +32,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     settings = {"metrics_listen": f"127.0.0.1:{metrics_port}",
                 "renewal": {"tick_seconds": 0.3, "period_seconds": 4, "backoff_base_seconds": 1.0,
                             "backoff_cap_seconds": 4.0, "deploy_retry_seconds": 1.0, "ari_recheck_seconds": 2.0}}
+    # PEBBLE_AUTHZREUSE=0: every renewal validates afresh (pebble otherwise
+    # reuses valid authorizations half of the time, and such an order needs no
+    # peer at all, which would hide the failure the retry test provokes).
     with LocalCluster(tmp_path_factory.mktemp("renewal"), peers=3,
                       pebble_config={"certificateValidityPeriod": VALIDITY},
-                      coordinator_settings=settings) as c:
+                      pebble_env={"PEBBLE_AUTHZREUSE": "0"}, coordinator_settings=settings) as c:
         c.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"  # type: ignore[attr-defined]
         register_account(c)
         for i in (1, 2, 3):
