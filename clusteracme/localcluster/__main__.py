@@ -12,29 +12,14 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
-import socket
-import ssl
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from cryptography import x509
-
-from clusteracme.localcluster.cluster import LocalCluster, peer_address
+from clusteracme.localcluster.cluster import LocalCluster, peer_address, served_serial
 
 NAMES = ("www.demo.example", "api.demo.example")
-
-
-def served_serial(endpoint: str, sni: str) -> str:
-    """The serial of the certificate a TLS endpoint presents (chain not verified: pebble's root is throwaway)."""
-    host, port = endpoint.rsplit(":", 1)
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection((host, int(port)), timeout=5) as raw, \
-            context.wrap_socket(raw, server_hostname=sni) as tls:
-        return format(x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number, "x")
 
 
 def step(cluster: LocalCluster, *args: str) -> None:

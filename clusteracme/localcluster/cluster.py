@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -19,10 +21,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from clusteracme import pki
 from clusteracme.localcluster.infra import Infra, InfraError, Process, free_port, tcp_check
 
 COORDINATOR_HOST = "127.0.0.1"
+
+
+def served_serial(endpoint: str, sni: str | None) -> str:
+    """The serial of the certificate a TLS endpoint presents for ``sni``
+    (chain not verified: the local CA's root is throwaway)."""
+    host, port = endpoint.rsplit(":", 1)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, int(port)), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=sni) as tls:
+        return format(x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number, "x")
 
 
 def peer_address(index: int) -> str:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from clusteracme.localcluster.cluster import LocalCluster
+from clusteracme.localcluster.cluster import LocalCluster, served_serial
 from coordinator import records
 from coordinator.store.etcd import EtcdStore
 from tests.integration.conftest import ctl_json, keyspace, make_cluster, register_account
@@ -49,16 +49,6 @@ def signed(cluster: LocalCluster, peer: int, names: list[str], domain: str = "")
     order = ctl_json(cluster, "sign", f"peer{peer}", "--wait", *extra)
     assert order["succeeded"], order
     return ctl_json(cluster, "pending", "show", f"peer{peer}", *extra)["certificate"]["serial_hex"]
-
-
-def served_serial(endpoint: str, sni: str | None) -> str:
-    host, port = endpoint.rsplit(":", 1)
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    with socket.create_connection((host, int(port)), timeout=5) as raw, \
-            ctx.wrap_socket(raw, server_hostname=sni) as tls:
-        return format(x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number, "x")
 
 
 class KeepAlive:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from clusteracme.localcluster.cluster import LocalCluster, peer_address
+from clusteracme.localcluster.cluster import LocalCluster, peer_address, served_serial
 from clusteracme.localcluster.infra import free_port, tcp_check
 from tests.integration.conftest import ctl_json, register_account
-from tests.integration.test_deploy import KeepAlive, served_serial
+from tests.integration.test_deploy import KeepAlive
 
 pytestmark = pytest.mark.integration
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"

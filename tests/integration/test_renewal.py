@@ -16,11 +16,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from clusteracme.localcluster.cluster import LocalCluster
+from clusteracme.localcluster.cluster import LocalCluster, served_serial
 from clusteracme.localcluster.infra import free_port
 from tests.integration.ari_double import AriDouble
 from tests.integration.conftest import ctl_json, keyspace, record, register_account
-from tests.integration.test_deploy import served_serial
 
 pytestmark = pytest.mark.integration
 VALIDITY = 24

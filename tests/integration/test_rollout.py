@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from clusteracme.localcluster.cluster import LocalCluster
+from clusteracme.localcluster.cluster import LocalCluster, served_serial
 from tests.integration.conftest import ctl_json, register_account
-from tests.integration.test_deploy import served_serial
 
 pytestmark = pytest.mark.integration
 
