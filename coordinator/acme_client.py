@@ -118,13 +118,14 @@ class AcmeClient:
         self._client: client.ClientV2 | None = None
 
     # --- plumbing ----------------------------------------------------------
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _call(self, what: str, fn: Callable[[], T], *, retry_bad_nonce: bool = True) -> T:
         """Run one protocol step, retrying badNonce, translating failures."""
-        for attempt in range(1, BAD_NONCE_ATTEMPTS + 1):
+        attempts = BAD_NONCE_ATTEMPTS if retry_bad_nonce else 1
+        for attempt in range(1, attempts + 1):
             try:
                 return fn()
             except messages.Error as problem:
-                if problem.code == "badNonce" and attempt < BAD_NONCE_ATTEMPTS:
+                if problem.code == "badNonce" and attempt < attempts:
                     continue
                 if problem.code == "rateLimited":
                     # The library drops the response, so the CA's Retry-After is
@@ -260,7 +261,9 @@ class AcmeClient:
             self._net._check_response(response, content_type=client.ClientNetwork.JOSE_CONTENT_TYPE)
             return f"{response.status_code} {response.reason}: revoked"
 
-        return self._call(what, do)
+        # Signed elsewhere with a nonce inside: resending cannot fix a badNonce;
+        # the caller gets a fresh nonce and a fresh signature instead.
+        return self._call(what, do, retry_bad_nonce=False)
 
     def has_renewal_info(self) -> bool:
         try:

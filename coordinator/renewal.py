@@ -225,19 +225,20 @@ def renewal_due(
     fraction: float = DEFAULT_FRACTION,
     ari_time: datetime | None = None,
 ) -> Due:
-    """When to renew: the instant picked in the CA's ARI window when there is
-    one (the CA knows about revocations and load; it wins, earlier or later),
-    else ``fraction`` of the lifetime. Never after expiry."""
+    """When to renew: ``fraction`` of the lifetime, or earlier when the
+    instant picked in the CA's ARI window says so (SPEC R9, DESIGN "Time":
+    min(fraction, ARI)). A window later than the fraction point is not
+    followed: waiting past it on the CA's word risks an outage if the CA's
+    answer is wrong, and renewing on time costs nothing."""
     start, end = _lifetime(not_before, not_after)
     fraction = _check_fraction(fraction)
+    by_fraction = due_by_fraction(start, end, fraction)
+    by_fraction_reason = f"{_describe_fraction(fraction)} of the lifetime"
     if ari_time is None:
-        return Due(at=due_by_fraction(start, end, fraction), reason=f"{_describe_fraction(fraction)} of the lifetime")
+        return Due(at=by_fraction, reason=by_fraction_reason)
     chosen = _aware("ari_time", ari_time)
-    if chosen > end:
-        return Due(
-            at=end,
-            reason="the CA's renewal information (ARI), brought forward to the certificate's expiry",
-        )
+    if chosen >= by_fraction:
+        return Due(at=by_fraction, reason=by_fraction_reason + " (the CA's renewal window is later)")
     return Due(at=chosen, reason="the CA's renewal information (ARI)")
 
 

@@ -27,6 +27,7 @@ from clusteracme import certinfo, errors
 from clusteracme.v1 import agent_pb2
 from coordinator import records
 from coordinator.accounts import Accounts
+from coordinator.acme_client import BAD_NONCE_ATTEMPTS
 from coordinator.errors import CAError
 from coordinator.history import Event, History
 from coordinator.issuance import Issuance, utcnow
@@ -121,7 +122,7 @@ class Revocation:
             provider = await self._provider_of_issuer(leaf)
         provider = provider or known.provider
         await self._accounts.resolve(provider)  # exists and has an account
-        if not known.provider:
+        if provider != known.provider:
             await self._check_issuer(leaf, provider)
         der = leaf.public_bytes(serialization.Encoding.DER)
         peer_id = known.peer_id or UNATTACHED
@@ -211,11 +212,20 @@ class Revocation:
 
     async def _revoke_with_key(self, peer_id: str, provider: str, der: bytes, reason: int) -> str:
         client = await self._accounts.client(provider)
-        nonce, url = await asyncio.to_thread(client.nonce_and_revoke_url)
         peer = await self._registry.get(peer_id)
-        request = agent_pb2.SignRevocationRequest(certificate_der=der, reason=reason, nonce=nonce, url=url)
-        signed = await self._pool.call(peer, "signing the revocation", lambda stub, kw: stub.SignRevocation(request, **kw))
-        return await asyncio.to_thread(client.post_signed, url, signed.jws_json, "revoking the certificate")
+        for attempt in range(1, BAD_NONCE_ATTEMPTS + 1):
+            # A fresh nonce and a fresh signature each time: CAs reject some
+            # good nonces on purpose (pebble: 5 %).
+            nonce, url = await asyncio.to_thread(client.nonce_and_revoke_url)
+            request = agent_pb2.SignRevocationRequest(certificate_der=der, reason=reason, nonce=nonce, url=url)
+            signed = await self._pool.call(peer, "signing the revocation",
+                                           lambda stub, kw, r=request: stub.SignRevocation(r, **kw))
+            try:
+                return await asyncio.to_thread(client.post_signed, url, signed.jws_json, "revoking the certificate")
+            except CAError as exc:
+                if exc.problem != "badNonce" or attempt == BAD_NONCE_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _revoke_with_fresh_authorizations(self, leaf: x509.Certificate, provider: str, der: bytes,
                                                 reason: int, who: str) -> tuple[str, str]:

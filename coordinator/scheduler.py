@@ -124,6 +124,10 @@ class RenewalScheduler:
                 await self._slot_tick(peer_id, records.decode(entry.value))
             except errors.ClusterAcmeError as exc:
                 log.warning("renewal of %s: %s", entry.key.removeprefix(prefix), exc.message)
+            except Exception:
+                # One odd slot must not stop the renewals of all the others
+                # (nor, by killing this task, the coordinator).
+                log.exception("renewal of %s failed unexpectedly", entry.key.removeprefix(prefix))
 
     async def _slot_tick(self, peer_id: str, slot: dict[str, Any]) -> None:
         now = self._clock()
@@ -146,7 +150,11 @@ class RenewalScheduler:
                             active["serial_hex"], due.reason, _iso(due.at))  # type: ignore[index,union-attr]
                 await self._save_state(peer_id, domain, {"warned_serial": active["serial_hex"]})  # type: ignore[index]
             return
-        RENEWAL_OVERDUE.labels(**labels).set(0)
+        # A certificate signed by hand and not deployed blocks automatic work:
+        # say so through the same signal as manual mode when renewal is due.
+        manual_pending = bool(pending) and not pending.get("auto")  # type: ignore[union-attr]
+        RENEWAL_OVERDUE.labels(**labels).set(
+            1 if manual_pending and active and due is not None and now >= due.at else 0)
         if slot.get("current_order"):
             return  # an order is running; its end is accounted for on a later tick
         if pending:
@@ -158,12 +166,16 @@ class RenewalScheduler:
         retry_at = _parse(state.get("retry_at"))
         if retry_at and now < retry_at:
             return
-        opportunity = await self._passed_opportunity(peer_id, schedule, state, now)
+        # Only an opportunity drawn after the renewal point (and after any
+        # backoff) counts: signing right at a due time anyone can compute
+        # from the certificate would make the time predictable.
+        earliest = max(t for t in (due.at, retry_at) if t is not None)
+        opportunity = await self._passed_opportunity(peer_id, schedule, state, now, earliest)
         if opportunity is None:
             return
         # Persist the opportunity as used *before* acting: a crash here can
         # cost this opportunity, never cause a second order for it.
-        await self._save_state(peer_id, domain, {"handled_opportunity": _iso(opportunity)})
+        await self._save_state(peer_id, domain, {"handled_opportunity": _iso_ms(opportunity)})
         await self._sign(peer_id, domain, slot, schedule, active, now, state)
 
     async def _sign(self, peer_id: str, domain: str, slot: dict[str, Any], schedule: dict[str, Any],
@@ -174,7 +186,12 @@ class RenewalScheduler:
                 names = csr["names"]
                 await self._issuance.create_csr(peer_id, domain, names[0], names[1:],
                                                 _LABEL_TO_KEY_TYPE.get(csr["key_type"], 1))
-            replaces = renewal.ari_cert_id(certinfo.leaf(active["chain_pem"])) if active else ""
+            replaces = ""
+            if active:
+                try:
+                    replaces = renewal.ari_cert_id(certinfo.leaf(active["chain_pem"]))
+                except errors.InvalidArgument:
+                    pass  # no Authority Key Identifier: renew without "replaces"
             # Renew with the provider that signed the certificate in service.
             provider = (active or {}).get("provider", "")
             rec = await self._issuance.start_sign(peer_id, domain, provider, False, self._identity, auto=True,
@@ -276,7 +293,7 @@ class RenewalScheduler:
         return start, renewal.period_end(start, self._settings.period_seconds, tz)
 
     async def _passed_opportunity(self, peer_id: str, schedule: dict[str, Any], state: dict[str, Any],
-                                  now: datetime.datetime) -> datetime.datetime | None:
+                                  now: datetime.datetime, earliest: datetime.datetime) -> datetime.datetime | None:
         """The latest opportunity in (last handled, now], looking at this
         period and the one before (an opportunity just before midnight)."""
         handled = _parse(state.get("handled_opportunity"))
@@ -284,7 +301,7 @@ class RenewalScheduler:
         previous_start, _ = self._period(schedule, start - datetime.timedelta(microseconds=1))
         candidates = [*await self._opportunities(peer_id, previous_start, start),
                       *await self._opportunities(peer_id, start, end)]
-        passed = [t for t in candidates if t <= now and (handled is None or t > handled)]
+        passed = [t for t in candidates if earliest <= t <= now and (handled is None or t > handled)]
         return max(passed) if passed else None
 
     async def _next_opportunity(self, peer_id: str, schedule: dict[str, Any],
@@ -302,12 +319,15 @@ class RenewalScheduler:
                    *, fetch_ari: bool) -> renewal.Due | None:
         active = slot.get("active")
         if not active:
-            return renewal.Due(now, "no certificate deployed yet") if slot.get("csr") else None
+            csr = slot.get("csr")
+            if not csr:
+                return None
+            return renewal.Due(_parse(csr.get("created_at")) or now, "no certificate deployed yet")
         cert = certinfo.leaf(active["chain_pem"])
         ari = (slot.get("renewal") or {}).get("ari") or {}
         if ari.get("serial") != active["serial_hex"] or (fetch_ari and now >= _parse(ari["next_check"])):  # type: ignore[operator]
             if fetch_ari:
-                ari = await self._fetch_ari(peer_id, domain, active, cert, now)
+                ari = await self._fetch_ari(peer_id, domain, active, cert, now, ari)
             else:
                 ari = {}
         chosen = _parse(ari.get("chosen")) if ari.get("serial") == active["serial_hex"] else None
@@ -315,7 +335,7 @@ class RenewalScheduler:
                                    fraction=self._settings.fraction, ari_time=chosen)
 
     async def _fetch_ari(self, peer_id: str, domain: str, active: dict[str, Any], cert: Any,
-                         now: datetime.datetime) -> dict[str, Any]:
+                         now: datetime.datetime, slot_state: dict[str, Any] | None = None) -> dict[str, Any]:
         recheck = self._settings.ari_recheck_seconds
         ari: dict[str, Any] = {"serial": active["serial_hex"], "chosen": ""}
         try:
@@ -323,9 +343,15 @@ class RenewalScheduler:
             answer = await asyncio.to_thread(client.renewal_info, renewal.ari_cert_id(cert))
             if answer is not None:
                 window = renewal.parse_renewal_info(answer[0], answer[1])
-                ari.update(start=_iso(window.start), end=_iso(window.end),
-                           chosen=_iso_ms(renewal.pick_in_window(window.start, window.end, self._randbelow)))
-                recheck = answer[1] or recheck
+                previous = (slot_state or {})
+                same_window = (previous.get("serial") == active["serial_hex"] and previous.get("start") == _iso(window.start)
+                               and previous.get("end") == _iso(window.end) and previous.get("chosen"))
+                # Keep the instant already drawn while the window is unchanged:
+                # redrawing at every check would drift towards its start.
+                chosen = previous["chosen"] if same_window else _iso_ms(
+                    renewal.pick_in_window(window.start, window.end, self._randbelow))
+                ari.update(start=_iso(window.start), end=_iso(window.end), chosen=chosen)
+                recheck = window.retry_after_seconds or recheck  # clamped to [1 min, 1 day] by the parser
         except errors.ClusterAcmeError as exc:
             log.info("renewal information for %s %s unavailable (%s); using the lifetime fraction", peer_id,
                      domain or "server", exc.message)

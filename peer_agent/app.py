@@ -112,8 +112,11 @@ async def keep_registered(settings: AgentSettings, request: cpb.RegisterPeerRequ
             reply = await stub.RegisterPeer(request, timeout=CALL_TIMEOUT)
             log.info("registered with coordinator %s as %s", target, settings.peer_id)
             if settings.trust_bundle_file is not None and reply.trust_bundle_sha256:
-                await asyncio.to_thread(write_trust_bundle, settings.trust_bundle_file, reply.trust_bundle_pem,
-                                        reply.trust_bundle_sha256)
+                try:
+                    await asyncio.to_thread(write_trust_bundle, settings.trust_bundle_file, reply.trust_bundle_pem,
+                                            reply.trust_bundle_sha256)
+                except errors.ClusterAcmeError as exc:  # keep serving challenges and certificates
+                    log.error("%s", exc.message)
             while True:
                 await asyncio.sleep(reply.heartbeat_interval_seconds or 3)
                 await stub.Heartbeat(cpb.HeartbeatRequest(peer_id=settings.peer_id), timeout=CALL_TIMEOUT)

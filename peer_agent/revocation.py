@@ -38,13 +38,17 @@ def sign_revocation(keys: KeyStore, certificate_der: bytes, reason: int, nonce: 
     if path is None:
         raise KeyNotHeld(f"this peer does not hold the key of certificate {cert.serial_number:x}")
     key = serialization.load_pem_private_key(path.read_bytes(), None)
-    if isinstance(key, ec.EllipticCurvePrivateKey):
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in ("secp256r1", "secp384r1"):
         jwk: jose.JWK = jose.JWKEC(key=key)
         alg = {"secp256r1": jose.ES256, "secp384r1": jose.ES384}[key.curve.name]
     elif isinstance(key, rsa.RSAPrivateKey):
         jwk, alg = jose.JWKRSA(key=key), jose.RS256
     else:
         raise KeyNotHeld(f"the key of certificate {cert.serial_number:x} is of an unsupported type")
+    try:
+        raw_nonce = jose.decode_b64jose(nonce)
+    except jose.DeserializationError as exc:
+        raise InvalidChain(f"the nonce is not base64url ({exc})") from exc
     payload = json.dumps({"certificate": jose.encode_b64jose(certificate_der), "reason": reason}).encode()
-    signed = jws.JWS.sign(payload, key=jwk, alg=alg, nonce=jose.decode_b64jose(nonce), url=url)
+    signed = jws.JWS.sign(payload, key=jwk, alg=alg, nonce=raw_nonce, url=url)
     return signed.json_dumps()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ from clusteracme.v1 import agent_pb2 as pb
 from clusteracme.v1 import agent_pb2_grpc, common_pb2
 from peer_agent.challenges import ChallengeService
 from peer_agent.deployer import Deployer, DeployOutcome
-from peer_agent.errors import InvalidChain
+from peer_agent.errors import InvalidChain, StorageError
 from peer_agent.keys import KEY_TYPES, KeyStore
 from peer_agent.revocation import sign_revocation
 
@@ -98,17 +101,34 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return pb.SetTrustBundleResponse(written_to=str(self._trust_bundle_file))
 
 
+_BUNDLE_LOCK = threading.Lock()
+
+
 def write_trust_bundle(path: Path, bundle_pem: str, sha256: str) -> None:
     """Atomically replace the bundle file, after checking it is what was sent."""
     if hashlib.sha256(bundle_pem.encode()).hexdigest() != sha256:
         raise InvalidChain("the trust bundle does not match its checksum")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(bundle_pem)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        with _BUNDLE_LOCK:  # a registration reply and a push may race
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(bundle_pem)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except OSError as exc:
+        raise StorageError(f"cannot write the trust bundle {path}: {exc.strerror or exc}") from exc
 
 
 def _deployed(outcome: DeployOutcome) -> pb.AgentDeployResponse:
