@@ -81,6 +81,10 @@ def _coerce(hint: Any, value: Any, label: str) -> Any:
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Path:
         return Path(value)
+    if origin is dict:  # a TOML table of scalars, e.g. {letsencrypt = 100}
+        if not isinstance(value, dict):
+            raise InvalidArgument(f"{label} must be a table")
+        return {str(k): _coerce(args[1], v, f"{label}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise InvalidArgument(f"{label} must be a list")

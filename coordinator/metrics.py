@@ -7,7 +7,7 @@ gauges on every tick, the order driver and deployment count outcomes.
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from clusteracme import netaddr
 
@@ -22,6 +22,15 @@ AUTO_FAILURES = Gauge("clusteracme_renewal_failures", "Consecutive failed automa
 SIGNS = Counter("clusteracme_signs", "Orders ended, by result", ["result"], registry=REGISTRY)
 DEPLOYS = Counter("clusteracme_deploys", "Deploys, by result", ["result"], registry=REGISTRY)
 PEERS_ALIVE = Gauge("clusteracme_peers_alive", "Peers whose agent heartbeats", registry=REGISTRY)
+ORDERS_ACTIVE = Gauge("clusteracme_orders_active", "Orders the leader is driving now", registry=REGISTRY)
+ORDERS_QUEUED = Gauge("clusteracme_orders_queued", "Orders waiting for admission (phase queued)", registry=REGISTRY)
+LOOP_LAG = Histogram("clusteracme_event_loop_lag_seconds",
+                     "How late the coordinator's event loop ran a timer (its responsiveness under load)",
+                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+                     registry=REGISTRY)
+ORDERS_COMPACTED = Counter("clusteracme_orders_compacted_total",
+                           "Ended orders compacted into their peer's history by the retention job",
+                           registry=REGISTRY)
 
 
 async def serve(listen: str) -> web.AppRunner:

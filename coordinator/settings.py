@@ -79,6 +79,38 @@ class RenewalSettings:
 
 
 @dataclass(frozen=True)
+class AdmissionSettings:
+    max_active_orders: int = 32
+    """Orders driven at once by the leader; the rest wait, in submission
+    order, in phase ``queued``. Each active order costs a little CPU per ACME
+    request (JWS signing) and per peer (token push, self-check); 32 keeps a
+    2-core leader responsive with 30 peers (see bench.fleet)."""
+    max_queued_orders: int = 2000
+    """Past this many queued orders a new sign is refused with
+    RESOURCE_EXHAUSTED and a retry-after hint; below it, load never fails an
+    order."""
+    orders_per_hour: dict[str, int] = field(default_factory=dict)
+    """Optional budget of new orders per provider per rolling hour, e.g.
+    ``{letsencrypt = 100}`` (Let's Encrypt allows 300 per account per 3 hours):
+    orders past it wait in the queue instead of meeting ``rateLimited``."""
+    token_batch_window: float = 0.005
+    """Token pushes and removals for one peer that arrive within this many
+    seconds (across orders) go out as one call."""
+    self_check_connections_per_peer: int = 4
+    """Concurrent self-check fetches (kept-alive connections) per peer front."""
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    order_retention_seconds: float = 7 * 86400.0
+    """Ended orders stay in ``orders/`` this long (``acmectl order show``),
+    then are compacted into one history event of their peer and deleted."""
+    interval_seconds: float = 600.0
+    """How often the leader runs the retention job (orders, past schedule
+    keys, unused agent channels)."""
+
+
+@dataclass(frozen=True)
 class CoordinatorSettings:
     name: str = "coordinator"
     """This replica's name (the leader key holds it)."""
@@ -94,3 +126,5 @@ class CoordinatorSettings:
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     timing: TimingSettings = field(default_factory=TimingSettings)
     renewal: RenewalSettings = field(default_factory=RenewalSettings)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
