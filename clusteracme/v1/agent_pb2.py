@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from clusteracme.v1 import common_pb2 as clusteracme_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63lusteracme/v1/agent.proto\x12\x0e\x63lusteracme.v1\x1a\x1b\x63lusteracme/v1/common.proto\"\\\n\x15SignRevocationRequest\x12\x17\n\x0f\x63\x65rtificate_der\x18\x01 \x01(\x0c\x12\x0e\n\x06reason\x18\x02 \x01(\r\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\"*\n\x16SignRevocationResponse\x12\x10\n\x08jws_json\x18\x01 \x01(\t\";\n\x15SetTrustBundleRequest\x12\x12\n\nbundle_pem\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\",\n\x16SetTrustBundleResponse\x12\x12\n\nwritten_to\x18\x01 \x01(\t\"c\n\x12\x41gentDeployRequest\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x11\n\tchain_pem\x18\x02 \x01(\t\x12\x16\n\x0e\x65xpected_names\x18\x03 \x03(\t\"^\n\x14\x41gentRollbackRequest\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\"\n\x1a\x65xpected_active_serial_hex\x18\x02 \x01(\t\"|\n\x13\x41gentDeployResponse\x12\x19\n\x11\x61\x63tive_serial_hex\x18\x01 \x01(\t\x12\x1b\n\x13previous_serial_hex\x18\x02 \x01(\t\x12-\n\x07reloads\x18\x03 \x03(\x0b\x32\x1c.clusteracme.v1.ReloadResult\"m\n\x14PresentTokensRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12.\n\x06tokens\x18\x02 \x03(\x0b\x32\x1e.clusteracme.v1.ChallengeToken\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\",\n\x15PresentTokensResponse\x12\x13\n\x0bopen_tokens\x18\x01 \x01(\r\"7\n\x13RemoveTokensRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"+\n\x14RemoveTokensResponse\x12\x13\n\x0bopen_tokens\x18\x01 \x01(\r\"\x86\x01\n\x12GenerateCSRRequest\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x13\n\x0b\x63ommon_name\x18\x02 \x01(\t\x12\x0c\n\x04sans\x18\x03 \x03(\t\x12)\n\x08key_type\x18\x04 \x01(\x0e\x32\x17.clusteracme.v1.KeyType\"A\n\x13GenerateCSRResponse\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\"\x14\n\x12\x41gentStatusRequest\"\x86\x01\n\x07SlotKey\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\x12)\n\x08key_type\x18\x03 \x01(\x0e\x32\x17.clusteracme.v1.KeyType\x12\x11\n\theld_keys\x18\x04 \x03(\t\"\x93\x02\n\x13\x41gentStatusResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nfront_mode\x18\x03 \x01(\t\x12\x17\n\x0f\x66ront_listening\x18\x04 \x01(\x08\x12\x13\n\x0bopen_tokens\x18\x05 \x01(\r\x12\"\n\x1a\x63hallenge_server_listening\x18\x06 \x01(\x08\x12%\n\x04keys\x18\x07 \x03(\x0b\x32\x17.clusteracme.v1.SlotKey\x12\x36\n\x0c\x63\x65rtificates\x18\x08 \x03(\x0b\x32 .clusteracme.v1.SlotCertificates\x12\x15\n\rtls_endpoints\x18\t \x03(\t2\xde\x05\n\x0c\x41gentService\x12\\\n\rPresentTokens\x12$.clusteracme.v1.PresentTokensRequest\x1a%.clusteracme.v1.PresentTokensResponse\x12Y\n\x0cRemoveTokens\x12#.clusteracme.v1.RemoveTokensRequest\x1a$.clusteracme.v1.RemoveTokensResponse\x12V\n\x0bGenerateCSR\x12\".clusteracme.v1.GenerateCSRRequest\x1a#.clusteracme.v1.GenerateCSRResponse\x12Q\n\x06Status\x12\".clusteracme.v1.AgentStatusRequest\x1a#.clusteracme.v1.AgentStatusResponse\x12Q\n\x06\x44\x65ploy\x12\".clusteracme.v1.AgentDeployRequest\x1a#.clusteracme.v1.AgentDeployResponse\x12U\n\x08Rollback\x12$.clusteracme.v1.AgentRollbackRequest\x1a#.clusteracme.v1.AgentDeployResponse\x12_\n\x0eSignRevocation\x12%.clusteracme.v1.SignRevocationRequest\x1a&.clusteracme.v1.SignRevocationResponse\x12_\n\x0eSetTrustBundle\x12%.clusteracme.v1.SetTrustBundleRequest\x1a&.clusteracme.v1.SetTrustBundleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63lusteracme/v1/agent.proto\x12\x0e\x63lusteracme.v1\x1a\x1b\x63lusteracme/v1/common.proto\"\\\n\x15SignRevocationRequest\x12\x17\n\x0f\x63\x65rtificate_der\x18\x01 \x01(\x0c\x12\x0e\n\x06reason\x18\x02 \x01(\r\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\"*\n\x16SignRevocationResponse\x12\x10\n\x08jws_json\x18\x01 \x01(\t\";\n\x15SetTrustBundleRequest\x12\x12\n\nbundle_pem\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\",\n\x16SetTrustBundleResponse\x12\x12\n\nwritten_to\x18\x01 \x01(\t\"c\n\x12\x41gentDeployRequest\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x11\n\tchain_pem\x18\x02 \x01(\t\x12\x16\n\x0e\x65xpected_names\x18\x03 \x03(\t\"^\n\x14\x41gentRollbackRequest\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\"\n\x1a\x65xpected_active_serial_hex\x18\x02 \x01(\t\"|\n\x13\x41gentDeployResponse\x12\x19\n\x11\x61\x63tive_serial_hex\x18\x01 \x01(\t\x12\x1b\n\x13previous_serial_hex\x18\x02 \x01(\t\x12-\n\x07reloads\x18\x03 \x03(\x0b\x32\x1c.clusteracme.v1.ReloadResult\"O\n\x0bOrderTokens\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12.\n\x06tokens\x18\x02 \x03(\x0b\x32\x1e.clusteracme.v1.ChallengeToken\"\x9a\x01\n\x14PresentTokensRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12.\n\x06tokens\x18\x02 \x03(\x0b\x32\x1e.clusteracme.v1.ChallengeToken\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12+\n\x06orders\x18\x04 \x03(\x0b\x32\x1b.clusteracme.v1.OrderTokens\",\n\x15PresentTokensResponse\x12\x13\n\x0bopen_tokens\x18\x01 \x01(\r\"J\n\x13RemoveTokensRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x11\n\torder_ids\x18\x03 \x03(\t\"+\n\x14RemoveTokensResponse\x12\x13\n\x0bopen_tokens\x18\x01 \x01(\r\"\x86\x01\n\x12GenerateCSRRequest\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x13\n\x0b\x63ommon_name\x18\x02 \x01(\t\x12\x0c\n\x04sans\x18\x03 \x03(\t\x12)\n\x08key_type\x18\x04 \x01(\x0e\x32\x17.clusteracme.v1.KeyType\"A\n\x13GenerateCSRResponse\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\"\x14\n\x12\x41gentStatusRequest\"\x86\x01\n\x07SlotKey\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\x12)\n\x08key_type\x18\x03 \x01(\x0e\x32\x17.clusteracme.v1.KeyType\x12\x11\n\theld_keys\x18\x04 \x03(\t\"\x93\x02\n\x13\x41gentStatusResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nfront_mode\x18\x03 \x01(\t\x12\x17\n\x0f\x66ront_listening\x18\x04 \x01(\x08\x12\x13\n\x0bopen_tokens\x18\x05 \x01(\r\x12\"\n\x1a\x63hallenge_server_listening\x18\x06 \x01(\x08\x12%\n\x04keys\x18\x07 \x03(\x0b\x32\x17.clusteracme.v1.SlotKey\x12\x36\n\x0c\x63\x65rtificates\x18\x08 \x03(\x0b\x32 .clusteracme.v1.SlotCertificates\x12\x15\n\rtls_endpoints\x18\t \x03(\t2\xde\x05\n\x0c\x41gentService\x12\\\n\rPresentTokens\x12$.clusteracme.v1.PresentTokensRequest\x1a%.clusteracme.v1.PresentTokensResponse\x12Y\n\x0cRemoveTokens\x12#.clusteracme.v1.RemoveTokensRequest\x1a$.clusteracme.v1.RemoveTokensResponse\x12V\n\x0bGenerateCSR\x12\".clusteracme.v1.GenerateCSRRequest\x1a#.clusteracme.v1.GenerateCSRResponse\x12Q\n\x06Status\x12\".clusteracme.v1.AgentStatusRequest\x1a#.clusteracme.v1.AgentStatusResponse\x12Q\n\x06\x44\x65ploy\x12\".clusteracme.v1.AgentDeployRequest\x1a#.clusteracme.v1.AgentDeployResponse\x12U\n\x08Rollback\x12$.clusteracme.v1.AgentRollbackRequest\x1a#.clusteracme.v1.AgentDeployResponse\x12_\n\x0eSignRevocation\x12%.clusteracme.v1.SignRevocationRequest\x1a&.clusteracme.v1.SignRevocationResponse\x12_\n\x0eSetTrustBundle\x12%.clusteracme.v1.SetTrustBundleRequest\x1a&.clusteracme.v1.SetTrustBundleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,24 +46,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTROLLBACKREQUEST']._serialized_end=515
   _globals['_AGENTDEPLOYRESPONSE']._serialized_start=517
   _globals['_AGENTDEPLOYRESPONSE']._serialized_end=641
-  _globals['_PRESENTTOKENSREQUEST']._serialized_start=643
-  _globals['_PRESENTTOKENSREQUEST']._serialized_end=752
-  _globals['_PRESENTTOKENSRESPONSE']._serialized_start=754
-  _globals['_PRESENTTOKENSRESPONSE']._serialized_end=798
-  _globals['_REMOVETOKENSREQUEST']._serialized_start=800
-  _globals['_REMOVETOKENSREQUEST']._serialized_end=855
-  _globals['_REMOVETOKENSRESPONSE']._serialized_start=857
-  _globals['_REMOVETOKENSRESPONSE']._serialized_end=900
-  _globals['_GENERATECSRREQUEST']._serialized_start=903
-  _globals['_GENERATECSRREQUEST']._serialized_end=1037
-  _globals['_GENERATECSRRESPONSE']._serialized_start=1039
-  _globals['_GENERATECSRRESPONSE']._serialized_end=1104
-  _globals['_AGENTSTATUSREQUEST']._serialized_start=1106
-  _globals['_AGENTSTATUSREQUEST']._serialized_end=1126
-  _globals['_SLOTKEY']._serialized_start=1129
-  _globals['_SLOTKEY']._serialized_end=1263
-  _globals['_AGENTSTATUSRESPONSE']._serialized_start=1266
-  _globals['_AGENTSTATUSRESPONSE']._serialized_end=1541
-  _globals['_AGENTSERVICE']._serialized_start=1544
-  _globals['_AGENTSERVICE']._serialized_end=2278
+  _globals['_ORDERTOKENS']._serialized_start=643
+  _globals['_ORDERTOKENS']._serialized_end=722
+  _globals['_PRESENTTOKENSREQUEST']._serialized_start=725
+  _globals['_PRESENTTOKENSREQUEST']._serialized_end=879
+  _globals['_PRESENTTOKENSRESPONSE']._serialized_start=881
+  _globals['_PRESENTTOKENSRESPONSE']._serialized_end=925
+  _globals['_REMOVETOKENSREQUEST']._serialized_start=927
+  _globals['_REMOVETOKENSREQUEST']._serialized_end=1001
+  _globals['_REMOVETOKENSRESPONSE']._serialized_start=1003
+  _globals['_REMOVETOKENSRESPONSE']._serialized_end=1046
+  _globals['_GENERATECSRREQUEST']._serialized_start=1049
+  _globals['_GENERATECSRREQUEST']._serialized_end=1183
+  _globals['_GENERATECSRRESPONSE']._serialized_start=1185
+  _globals['_GENERATECSRRESPONSE']._serialized_end=1250
+  _globals['_AGENTSTATUSREQUEST']._serialized_start=1252
+  _globals['_AGENTSTATUSREQUEST']._serialized_end=1272
+  _globals['_SLOTKEY']._serialized_start=1275
+  _globals['_SLOTKEY']._serialized_end=1409
+  _globals['_AGENTSTATUSRESPONSE']._serialized_start=1412
+  _globals['_AGENTSTATUSRESPONSE']._serialized_end=1687
+  _globals['_AGENTSERVICE']._serialized_start=1690
+  _globals['_AGENTSERVICE']._serialized_end=2424
 # @@protoc_insertion_point(module_scope)

@@ -67,15 +67,25 @@ class AgentDeployResponse(_message.Message):
     reloads: _containers.RepeatedCompositeFieldContainer[_common_pb2.ReloadResult]
     def __init__(self, active_serial_hex: _Optional[str] = ..., previous_serial_hex: _Optional[str] = ..., reloads: _Optional[_Iterable[_Union[_common_pb2.ReloadResult, _Mapping]]] = ...) -> None: ...
 
+class OrderTokens(_message.Message):
+    __slots__ = ("order_id", "tokens")
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    order_id: str
+    tokens: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChallengeToken]
+    def __init__(self, order_id: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[_common_pb2.ChallengeToken, _Mapping]]] = ...) -> None: ...
+
 class PresentTokensRequest(_message.Message):
-    __slots__ = ("order_id", "tokens", "ttl_seconds")
+    __slots__ = ("order_id", "tokens", "ttl_seconds", "orders")
     ORDER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ORDERS_FIELD_NUMBER: _ClassVar[int]
     order_id: str
     tokens: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChallengeToken]
     ttl_seconds: int
-    def __init__(self, order_id: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[_common_pb2.ChallengeToken, _Mapping]]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    orders: _containers.RepeatedCompositeFieldContainer[OrderTokens]
+    def __init__(self, order_id: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[_common_pb2.ChallengeToken, _Mapping]]] = ..., ttl_seconds: _Optional[int] = ..., orders: _Optional[_Iterable[_Union[OrderTokens, _Mapping]]] = ...) -> None: ...
 
 class PresentTokensResponse(_message.Message):
     __slots__ = ("open_tokens",)
@@ -84,12 +94,14 @@ class PresentTokensResponse(_message.Message):
     def __init__(self, open_tokens: _Optional[int] = ...) -> None: ...
 
 class RemoveTokensRequest(_message.Message):
-    __slots__ = ("order_id", "tokens")
+    __slots__ = ("order_id", "tokens", "order_ids")
     ORDER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ORDER_IDS_FIELD_NUMBER: _ClassVar[int]
     order_id: str
     tokens: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, order_id: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
+    order_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, order_id: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ..., order_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RemoveTokensResponse(_message.Message):
     __slots__ = ("open_tokens",)
