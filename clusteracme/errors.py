@@ -50,6 +50,13 @@ class Unavailable(ClusterAcmeError):
     retryable = True
 
 
+class ResourceExhausted(ClusterAcmeError):
+    """Over a documented bound (the order queue is full): try again later,
+    ``retry_after`` says when."""
+
+    retryable = True
+
+
 class Aborted(ClusterAcmeError):
     """Lost a compare-and-swap race or leadership; re-read and decide again."""
 

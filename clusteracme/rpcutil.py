@@ -35,6 +35,7 @@ _TO_CODE: list[tuple[type[errors.ClusterAcmeError], grpc.StatusCode]] = [
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.Aborted, grpc.StatusCode.ABORTED),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
 ]
 _FROM_CODE: dict[grpc.StatusCode, type[errors.ClusterAcmeError]] = {c: e for e, c in _TO_CODE}

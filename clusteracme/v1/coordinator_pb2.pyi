@@ -308,19 +308,23 @@ class AuthorizationProgress(_message.Message):
     def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
 
 class PeerAck(_message.Message):
-    __slots__ = ("peer_id", "acknowledged", "self_checked", "error")
+    __slots__ = ("peer_id", "acknowledged", "self_checked", "error", "required", "skipped")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
     SELF_CHECKED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     acknowledged: bool
     self_checked: bool
     error: str
-    def __init__(self, peer_id: _Optional[str] = ..., acknowledged: _Optional[bool] = ..., self_checked: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    required: bool
+    skipped: bool
+    def __init__(self, peer_id: _Optional[str] = ..., acknowledged: _Optional[bool] = ..., self_checked: _Optional[bool] = ..., error: _Optional[str] = ..., required: _Optional[bool] = ..., skipped: _Optional[bool] = ...) -> None: ...
 
 class OrderInfo(_message.Message):
-    __slots__ = ("order_id", "peer_id", "slot", "phase", "order_url", "names", "authorizations", "peers", "error", "created_at", "updated_at", "done", "succeeded", "provider")
+    __slots__ = ("order_id", "peer_id", "slot", "phase", "order_url", "names", "authorizations", "peers", "error", "created_at", "updated_at", "done", "succeeded", "provider", "queue_position")
     ORDER_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +339,7 @@ class OrderInfo(_message.Message):
     DONE_FIELD_NUMBER: _ClassVar[int]
     SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     order_id: str
     peer_id: str
     slot: _common_pb2.Slot
@@ -349,7 +354,8 @@ class OrderInfo(_message.Message):
     done: bool
     succeeded: bool
     provider: str
-    def __init__(self, order_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., phase: _Optional[str] = ..., order_url: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., authorizations: _Optional[_Iterable[_Union[AuthorizationProgress, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[PeerAck, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., done: _Optional[bool] = ..., succeeded: _Optional[bool] = ..., provider: _Optional[str] = ...) -> None: ...
+    queue_position: int
+    def __init__(self, order_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., phase: _Optional[str] = ..., order_url: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., authorizations: _Optional[_Iterable[_Union[AuthorizationProgress, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[PeerAck, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., done: _Optional[bool] = ..., succeeded: _Optional[bool] = ..., provider: _Optional[str] = ..., queue_position: _Optional[int] = ...) -> None: ...
 
 class GetOrderRequest(_message.Message):
     __slots__ = ("order_id", "refresh")
