@@ -75,7 +75,7 @@ async def run(settings: CoordinatorSettings) -> int:
     accounts = Accounts(fenced, keys, box, acme_timeout=t.acme_timeout)
     pool = AgentPool(settings.tls.files(), timeout=t.agent_call_timeout)
     history = History(fenced, keys)
-    issuance = Issuance(fenced, keys, registry, accounts, pool, resolver, t, history)
+    issuance = Issuance(fenced, keys, registry, accounts, pool, resolver, t, history, settings.admission)
     deployment = Deployment(fenced, keys, registry, pool, history)
     scheduler = RenewalScheduler(fenced, keys, registry, accounts, issuance, deployment, settings.renewal,
                                  f"coordinator:{settings.name}")

@@ -160,12 +160,16 @@ async def cmd_csr(ctl: Ctl, a: argparse.Namespace) -> None:
 
 
 def _order_lines(o: Any) -> list[str]:
-    lines = [f"order {o.order_id} for peer {o.peer_id}: {o.phase}" + (f" - {o.error}" if o.error else "")]
+    phase = o.phase + (f" (position {o.queue_position} in the admission queue)" if o.queue_position else "")
+    lines = [f"order {o.order_id} for peer {o.peer_id}: {phase}" + (f" - {o.error}" if o.error else "")]
     for z in o.authorizations:
         if z.name:
             lines.append(f"  authorization {z.name}: {z.status}")
     for p in o.peers:
-        state = "served+checked" if p.self_checked else ("acknowledged" if p.acknowledged else "not acknowledged")
+        if p.skipped:
+            state = "skipped (not in DNS for this order, could not serve)"
+        else:
+            state = "served+checked" if p.self_checked else ("acknowledged" if p.acknowledged else "not acknowledged")
         lines.append(f"  peer {p.peer_id}: {state}" + (f" ({p.error})" if p.error else ""))
     return lines
 
@@ -179,9 +183,10 @@ async def cmd_sign(ctl: Ctl, a: argparse.Namespace) -> None:
     seen = ""
     deadline = time.monotonic() + a.wait_timeout
     while not o.done:
-        if not a.json and o.phase != seen:
-            print(f"  {o.phase}...", flush=True)
-            seen = o.phase
+        shown = o.phase + (f" (position {o.queue_position})" if o.queue_position else "")
+        if not a.json and shown != seen:
+            print(f"  {shown}...", flush=True)
+            seen = shown
         if time.monotonic() > deadline:
             raise errors.DeadlineExceeded(f"order {o.order_id} still running after {a.wait_timeout:g}s ({o.phase})")
         await asyncio.sleep(0.2)

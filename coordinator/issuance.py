@@ -25,15 +25,17 @@ from clusteracme.v1 import agent_pb2, common_pb2
 from coordinator import orders, preflight, records
 from coordinator.accounts import Accounts
 from coordinator.acme_client import AcmeClient
-from coordinator.errors import RateLimited
+from coordinator.admission import Admission, Limits
+from coordinator.errors import PreflightFailed, RateLimited
 from coordinator.history import Event, History
-from coordinator.metrics import SIGNS
+from coordinator.metrics import ORDERS_ACTIVE, ORDERS_QUEUED, SIGNS
 from coordinator.names import normalize_names
 from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase, Step
 from coordinator.peers import AgentPool, PeerInfo, Registry
-from coordinator.settings import TimingSettings
+from coordinator.settings import AdmissionSettings, TimingSettings
 from coordinator.store.base import Check, Conflict, NotLeader, Op, Put, Store
 from coordinator.store.keys import Keys
+from coordinator.tokenpush import TokenPusher
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +76,21 @@ class _OrderWriter:
         self._tail = asyncio.create_task(write(), name=f"order-{new.order_id}-save-{new.phase.value}")
         self._in_flight.add(self._tail)
         self._tail.add_done_callback(self._in_flight.discard)
+        # A failed write surfaces at the next flush, or through the next
+        # write that awaits it; a driver that stopped first (lost leadership)
+        # never looks: mark it retrieved so it is not reported as lost.
+        self._tail.add_done_callback(_retrieve)
 
     async def flush(self) -> None:
         if self._tail is not None:
             # shield: cancelling the driver (shutdown) must not cancel a write
             # already on its way; Issuance.close() waits for it.
             await asyncio.shield(self._tail)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def utcnow() -> str:
@@ -105,8 +116,10 @@ class Issuance:
         resolver: preflight.DnsResolver,
         timing: TimingSettings,
         history: History,
+        admission: AdmissionSettings | None = None,
         *,
         monotonic: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._keys = keys
@@ -117,9 +130,17 @@ class Issuance:
         self._timing = timing
         self._history = history
         self._monotonic = monotonic
+        self._clock = clock
         self._tasks: dict[str, asyncio.Task[OrderRecord]] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
+        settings = admission or AdmissionSettings()
+        self._settings = settings
+        self._admission = Admission(Limits(settings.max_active_orders, settings.max_queued_orders,
+                                           dict(settings.orders_per_hour)))
+        self._admit_waiters: dict[str, asyncio.Future[None]] = {}
+        self._budget_timer: asyncio.TimerHandle | None = None
+        self._tokens = TokenPusher(pool, ttl_seconds=timing.token_ttl, window=settings.token_batch_window)
 
     async def close(self) -> None:
         """Stop every driver (their orders resume at the next leader) and let
@@ -127,8 +148,11 @@ class Issuance:
         for task in list(self._tasks.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self._budget_timer is not None:
+            self._budget_timer.cancel()
         if self._writes:
             await asyncio.wait(self._writes, timeout=5)
+        await self._tokens.close()
         if self._http is not None:
             await self._http.close()
 
@@ -209,15 +233,19 @@ class Issuance:
                 f"(serial {slot['pending']['serial_hex']}); deploy it or discard it (acmectl pending discard) first"
             )
         names = tuple(slot["csr"]["names"])
+        self._admission.check_room()
+        dns: dict[str, tuple[str, ...]] | None = None
         if not force:
             peers = await self._registry.list()
-            await preflight.preflight(names[0], list(names[1:]), {p.peer_id: p.addresses for p in peers},
-                                      self._resolver, force=False)
+            resolution = await preflight.resolve_names(names, {p.peer_id: p.addresses for p in peers}, self._resolver)
+            if resolution.problems:
+                raise PreflightFailed(resolution.problems)
+            dns = resolution.peers_by_name
         now = utcnow()
         rec = OrderRecord(
             order_id=uuid.uuid4().hex[:16], peer_id=peer_id, domain=domain, provider=provider, names=names,
             csr_pem=slot["csr"]["pem"], created_at=now, updated_at=now, requested_by=who, auto=auto,
-            replaces=replaces,
+            replaces=replaces, phase=Phase.QUEUED, dns=dns,
         )
         new_slot = {**slot, "current_order": rec.order_id,
                     "last_sign": {"status": "running", "at": now, "error": "", "order_id": rec.order_id}}
@@ -231,6 +259,8 @@ class Issuance:
             )
         except Conflict:
             raise errors.Aborted(f"peer {peer_id}{_peer_label(domain)} changed while starting the order; try again") from None
+        self._admission.enqueue(rec.order_id, rec.provider)
+        self._pump()
         self.spawn(rec.order_id)
         return rec
 
@@ -240,9 +270,13 @@ class Issuance:
         account that holds valid authorizations for every name of a
         certificate revoke it."""
         now = utcnow()
+        self._admission.check_room()
         rec = OrderRecord(order_id=uuid.uuid4().hex[:16], peer_id="", domain="", provider=provider, names=names,
-                          csr_pem="", created_at=now, updated_at=now, requested_by=who, authorize_only=True)
+                          csr_pem="", created_at=now, updated_at=now, requested_by=who, authorize_only=True,
+                          phase=Phase.QUEUED)
         await self._store.put_if(self._keys.order(rec.order_id), records.encode(rec.to_json()), expect_mod_revision=0)
+        self._admission.enqueue(rec.order_id, rec.provider)
+        self._pump()
         self.spawn(rec.order_id)
         return rec
 
@@ -252,7 +286,12 @@ class Issuance:
             task = asyncio.create_task(self._drive(order_id), name=f"order-{order_id}")
             self._tasks[order_id] = task
             task.add_done_callback(lambda _t: self._tasks.pop(order_id, None))
+            task.add_done_callback(_retrieve)  # waiters read the record; a lost leader exits anyway
         return task
+
+    def queue_position(self, order_id: str) -> int:
+        """1-based place of a queued order in this leader's admission queue (0: not queued)."""
+        return self._admission.position(order_id)
 
     async def wait(self, order_id: str) -> OrderRecord:
         """The order once its driver has stopped (ended, or failed to write)."""
@@ -264,7 +303,8 @@ class Issuance:
 
     async def resume_all(self) -> list[str]:
         """Drive every order a previous leader left unfinished."""
-        resumed = []
+        unfinished = []
+        now = self._clock()
         for entry in await self._store.range(self._keys.orders()):
             try:
                 rec = OrderRecord.from_json(records.decode(entry.value))
@@ -273,11 +313,56 @@ class Issuance:
                 # keep every replica from serving.
                 log.error("order record %s is unreadable (%s); skipped", entry.key, exc)
                 continue
+            if rec.ordered_at:
+                # New orders the CA saw within the budget window still count.
+                at = datetime.datetime.fromisoformat(rec.ordered_at).timestamp()
+                if now - at < 3600:
+                    self._admission.record_use(rec.provider, at)
             if not rec.done:
-                log.info("resuming order %s for %s in phase %s", rec.order_id, rec.peer_id, rec.phase.value)
-                self.spawn(rec.order_id)
-                resumed.append(rec.order_id)
-        return resumed
+                unfinished.append(rec)
+        # Queued orders are admitted again in submission order.
+        unfinished.sort(key=lambda r: (r.created_at, r.order_id))
+        for rec in unfinished:
+            log.info("resuming order %s for %s in phase %s", rec.order_id, rec.peer_id, rec.phase.value)
+            if orders.resume_point(rec).phase is Phase.QUEUED:
+                self._admission.enqueue(rec.order_id, rec.provider)
+            else:
+                self._admission.run_resumed(rec.order_id)
+            self.spawn(rec.order_id)
+        self._pump()
+        return [r.order_id for r in unfinished]
+
+    # --- admission (SPEC R19) ------------------------------------------------
+    def _pump(self) -> None:
+        """Admit what may start now; wake their drivers; arm the budget timer."""
+        now = self._clock()
+        for order_id in self._admission.admit(now):
+            waiter = self._admit_waiters.pop(order_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        ORDERS_ACTIVE.set(self._admission.active)
+        ORDERS_QUEUED.set(self._admission.queued)
+        if self._budget_timer is not None:
+            self._budget_timer.cancel()
+            self._budget_timer = None
+        at = self._admission.next_budget_at(now)
+        if at is not None:
+            self._budget_timer = asyncio.get_running_loop().call_later(max(0.05, at - now), self._pump)
+
+    async def _admitted(self, rec: OrderRecord) -> None:
+        """Wait until the order may run: a free slot, and room in its
+        provider's hourly budget. Queued orders never fail for load."""
+        self._admission.enqueue(rec.order_id, rec.provider)
+        if self._admission.is_active(rec.order_id):
+            return
+        waiter = self._admit_waiters.get(rec.order_id)
+        if waiter is None or waiter.done():
+            waiter = self._admit_waiters[rec.order_id] = asyncio.get_running_loop().create_future()
+        self._pump()
+        if not self._admission.is_active(rec.order_id):
+            log.info("order %s queued at position %d (%d running)", rec.order_id,
+                     self._admission.position(rec.order_id), self._admission.active)
+            await waiter
 
     async def _load_order(self, order_id: str) -> OrderRecord | None:
         data, _ = await records.read(self._store, self._keys.order(order_id))
@@ -304,6 +389,17 @@ class Issuance:
         outcome, lost race), start over from what etcd holds: that is exactly
         the crash-resume path, so no special recovery exists to get wrong.
         Losing leadership stops the driver; the next leader resumes."""
+        started = self._monotonic()
+        try:
+            return await self._drive_until_end(order_id)
+        finally:
+            if self._admission.is_active(order_id):
+                self._admission.observe_duration(self._monotonic() - started)
+            self._admission.release(order_id)
+            self._admit_waiters.pop(order_id, None)
+            self._pump()
+
+    async def _drive_until_end(self, order_id: str) -> OrderRecord:
         delay = 0.5
         while True:
             try:
@@ -333,6 +429,14 @@ class Issuance:
                 await writer.flush()
                 return rec
             step_started = self._monotonic()
+            if step is Step.ADMIT:
+                await self._admitted(rec)
+                # The order's time starts when it runs, not while it waits.
+                deadline = self._monotonic() + self._timing.order_timeout
+                new = dataclasses.replace(orders.advance(rec, Phase.NEW), updated_at=utcnow())
+                writer.submit(rec, new)
+                rec = new
+                continue
             try:
                 if client is None and step is not Step.CLEANUP:
                     client = await self._accounts.client(rec.provider)
@@ -384,7 +488,7 @@ class Issuance:
             slot, slot_rev = await records.read(self._store, slot_key)
             slot = dict(slot or {})
             if issued:
-                slot["pending"] = self._pending_from(new)
+                slot["pending"] = await asyncio.to_thread(self._pending_from, new)  # certificate parsing: off the loop
             if issued or failed:
                 slot["last_sign"] = {"status": "valid" if issued else "failed", "at": new.updated_at,
                                      "error": new.error, "order_id": new.order_id}
@@ -420,7 +524,7 @@ class Issuance:
                 return orders.advance(rec, Phase.FAILED, order_url=view.url, error=f"the CA opened an invalid order ({view.error})")
             placeholders = tuple(Authz(name="", url=u, status=AcmeStatus.PENDING) for u in view.authorization_urls)
             return orders.advance(rec, Phase.ORDERED, order_url=view.url, finalize_url=view.finalize_url,
-                                  authorizations=placeholders)
+                                  authorizations=placeholders, ordered_at=utcnow())
         if step is Step.FETCH_AUTHORIZATIONS:
             authzs = []
             for placeholder in rec.authorizations:
@@ -458,8 +562,9 @@ class Issuance:
 
     async def _serving_peers(self) -> list[PeerInfo]:
         # Every registered peer serves, enabled or not, alive or not: DNS may
-        # point at any of them, and a dead one must fail the self-check rather
-        # than a validation at the CA (SPEC R2, R15).
+        # point at any of them. Those DNS points at for the order's names
+        # must pass the self-check (a dead one fails the order rather than a
+        # validation at the CA, SPEC R2, R15); the others are best effort.
         return await self._registry.list()
 
     async def _push(self, rec: OrderRecord) -> tuple[PeerProgress, ...]:
@@ -468,49 +573,67 @@ class Issuance:
             raise errors.FailedPrecondition("no peer is registered to serve the challenges")
         tokens = [common_pb2.ChallengeToken(token=a.token, key_authorization=a.key_authorization)
                   for a in rec.open_challenges]
-        request = agent_pb2.PresentTokensRequest(order_id=rec.order_id, tokens=tokens, ttl_seconds=self._timing.token_ttl)
-        results = await self._pool.fan_out(peers, "presenting tokens", lambda stub, kw: stub.PresentTokens(request, **kw))
+        results = await self._tokens.present(peers, rec.order_id, tokens)
         return tuple(
-            PeerProgress(pid, acknowledged=not isinstance(r, Exception), error=r.message if isinstance(r, errors.ClusterAcmeError) else "")
+            PeerProgress(pid, acknowledged=not isinstance(r, Exception), required=orders.is_required(rec, pid),
+                         error=r.message if isinstance(r, errors.ClusterAcmeError) else "")
             for pid, r in results.items()
         )
 
-    async def _self_check(self, rec: OrderRecord) -> tuple[PeerProgress, ...]:
-        peers = {p.peer_id: p for p in await self._serving_peers()}
+    def _session(self) -> aiohttp.ClientSession:
         if self._http is None:
+            # Kept-alive connections, a few per peer front: self-checks of many
+            # concurrent orders share them instead of a handshake per token.
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._settings.self_check_connections_per_peer,
+                                             keepalive_timeout=30)
             self._http = aiohttp.ClientSession(
+                connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self._timing.self_check_timeout),
                 headers={"User-Agent": f"clusteracme-selfcheck/{__version__}"},
             )
-        http = self._http
+        return self._http
+
+    async def _self_check(self, rec: OrderRecord) -> tuple[PeerProgress, ...]:
+        peers = {p.peer_id: p for p in await self._serving_peers()}
+        http = self._session()
 
         async def fetch(peer: PeerInfo, authz: Authz) -> str:
             url = f"http://{peer.http_front}{CHALLENGE_PATH}{authz.token}"
             try:
                 # Exactly what a validator sends: the name (with port) as Host.
                 async with http.get(url, headers={"Host": f"{authz.name}:80"}, allow_redirects=False) as resp:
-                    body = await resp.text()
                     if resp.status != 200:
                         return f"{url} (Host {authz.name}) answered HTTP {resp.status}"
+                    body = await resp.text()
                     if body.strip() != authz.key_authorization:
                         return f"{url} (Host {authz.name}) served a different key authorization"
                     return ""
             except TimeoutError:
-                return f"{url} did not answer within {self._timing.self_check_timeout:g}s"
+                return f"{url} (Host {authz.name}) did not answer within {self._timing.self_check_timeout:g}s"
             except aiohttp.ClientError as exc:
-                return f"{url}: {exc.__class__.__name__}: {exc}"
+                return f"{url} (Host {authz.name}): {exc.__class__.__name__}: {exc}"
 
         async def check(progress: PeerProgress) -> PeerProgress:
+            if not progress.acknowledged and not progress.required:
+                # Not where the CA validates, and it did not take the tokens:
+                # fetching through it would only cost a timeout.
+                return dataclasses.replace(progress, self_checked=False,
+                                           error=f"not in DNS for this order; did not take the tokens: {progress.error}")
             problems = [p for p in await asyncio.gather(*(fetch(peers[progress.peer_id], a) for a in rec.open_challenges)) if p]
             if not progress.acknowledged:
                 problems.insert(0, f"did not take the tokens: {progress.error}")
+            if problems and progress.required and rec.dns is not None:
+                problems.insert(0, f"DNS points {', '.join(orders.dns_names(rec, progress.peer_id))} at it")
+            elif problems and not progress.required:
+                problems.insert(0, "not in DNS for this order")
             return dataclasses.replace(progress, self_checked=not problems, error="; ".join(problems))
 
         # Every token through every peer, all at once; a peer removed since
         # the push no longer serves and is not checked.
         out = list(await asyncio.gather(*(check(p) for p in rec.peers if p.peer_id in peers)))
         missing = set(peers) - {p.peer_id for p in rec.peers}
-        out.extend(PeerProgress(pid, error="joined after the tokens were pushed") for pid in sorted(missing))
+        out.extend(PeerProgress(pid, error="joined after the tokens were pushed", required=orders.is_required(rec, pid))
+                   for pid in sorted(missing))
         return tuple(out)
 
     async def _poll_authorizations(self, rec: OrderRecord, client: AcmeClient, deadline: float) -> OrderRecord:
@@ -546,7 +669,7 @@ class Issuance:
                 continue
             if view.status is AcmeStatus.VALID and view.certificate_url:
                 chain = await asyncio.to_thread(client.download, view.certificate_url)
-                certinfo.check_chain_for(chain, rec.csr_pem)
+                await asyncio.to_thread(certinfo.check_chain_for, chain, rec.csr_pem)
                 return orders.advance(rec, Phase.ISSUED, certificate_url=view.certificate_url, chain_pem=chain)
             if view.status is AcmeStatus.INVALID:
                 return orders.advance(rec, Phase.FAILED, error=f"the CA refused to issue: {view.error or 'order invalid'}")
@@ -575,8 +698,7 @@ class Issuance:
             log.error("order %s: cannot list the peers for cleanup (%s); the tokens expire by themselves",
                       rec.order_id, exc.message)
             return
-        request = agent_pb2.RemoveTokensRequest(order_id=rec.order_id)
-        results = await self._pool.fan_out(peers, "removing tokens", lambda stub, kw: stub.RemoveTokens(request, **kw))
+        results = await self._tokens.remove(peers, rec.order_id)
         for pid, result in results.items():
             if isinstance(result, errors.ClusterAcmeError):
                 log.warning("order %s: cleanup on %s failed (%s); its tokens expire by themselves",

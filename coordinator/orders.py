@@ -34,7 +34,8 @@ class AcmeStatus(str, Enum):
 class Phase(str, Enum):
     """Our own progress through one order; saved before the step it leads to."""
 
-    NEW = "new"                  # record saved; nothing asked of the CA yet
+    QUEUED = "queued"            # record saved; waiting for admission (a free slot, the provider's budget)
+    NEW = "new"                  # admitted; nothing asked of the CA yet
     ORDERED = "ordered"          # order exists at the CA (URL saved)
     AUTHORIZED = "authorized"    # authorizations and challenges known
     PRESENTED = "presented"      # tokens pushed to every serving peer
@@ -50,6 +51,7 @@ class Phase(str, Enum):
 TERMINAL = frozenset({Phase.DONE, Phase.FAILED})
 
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.QUEUED: frozenset({Phase.NEW, Phase.FAILED}),
     Phase.NEW: frozenset({Phase.ORDERED, Phase.FAILED}),
     # ORDERED -> READY: the CA reused valid authorizations for every name.
     Phase.ORDERED: frozenset({Phase.AUTHORIZED, Phase.READY, Phase.FAILED}),
@@ -81,6 +83,7 @@ DURABLE = frozenset({Phase.ORDERED, Phase.FINALIZING, Phase.ISSUED, Phase.DONE, 
 class Step(str, Enum):
     """What the driver must do next for a record."""
 
+    ADMIT = "admit"
     CREATE_ORDER = "create_order"
     FETCH_AUTHORIZATIONS = "fetch_authorizations"
     PUSH_TOKENS = "push_tokens"
@@ -117,6 +120,11 @@ class PeerProgress:
     acknowledged: bool = False
     self_checked: bool = False
     error: str = ""
+    required: bool = True
+    """DNS points at this peer for a name of the order (or DNS was not
+    checked): the CA may validate there, so it must serve."""
+    skipped: bool = False
+    """Not required and could not serve: reported, not fatal."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,10 @@ class OrderRecord:
     replaces: str = ""           # RFC 9773 id of the certificate this order renews
     retry_after: float = 0.0     # when it failed on a CA rate limit: seconds the CA asked to wait
     authorize_only: bool = False  # validate the names, then stop (no CSR, no certificate, no slot)
+    dns: dict[str, tuple[str, ...]] | None = None
+    """Per name, the peers DNS points it at, per the preflight's own
+    resolution; None when DNS was not checked (--force): every peer is required."""
+    ordered_at: str = ""         # when the order was opened at the CA (the provider's hourly budget)
     schema: int = SCHEMA
 
     # --- queries -------------------------------------------------------------
@@ -180,6 +192,8 @@ class OrderRecord:
             for a in data["authorizations"]
         )
         fields["peers"] = tuple(PeerProgress(**p) for p in data["peers"])
+        if fields.get("dns") is not None:
+            fields["dns"] = {name: tuple(peers) for name, peers in fields["dns"].items()}
         return cls(**fields)
 
 
@@ -192,6 +206,7 @@ def next_step(rec: OrderRecord) -> Step:
     if rec.phase in TERMINAL:
         return Step.NOTHING
     return {
+        Phase.QUEUED: Step.ADMIT,
         Phase.NEW: Step.CREATE_ORDER,
         Phase.ORDERED: Step.FETCH_AUTHORIZATIONS,
         Phase.AUTHORIZED: Step.PUSH_TOKENS,
@@ -212,7 +227,13 @@ def resume_point(rec: OrderRecord) -> OrderRecord:
     idempotent) before anything is asked of the CA, so the CA is never asked
     to validate a token no peer serves. This is a restart, not a transition:
     the phase goes back to AUTHORIZED without the table's blessing.
+
+    An admitted order that had not opened at the CA yet (NEW) goes back to
+    the queue: the new leader admits it again, in submission order, within
+    the concurrency limit and the provider's budget.
     """
+    if rec.phase is Phase.NEW:
+        return dataclasses.replace(rec, phase=Phase.QUEUED)
     if rec.phase in (Phase.PRESENTED, Phase.CHECKED):
         return dataclasses.replace(rec, phase=Phase.AUTHORIZED,
                                    peers=tuple(dataclasses.replace(p, self_checked=False) for p in rec.peers))
@@ -249,8 +270,24 @@ def after_push(rec: OrderRecord, peers: tuple[PeerProgress, ...]) -> OrderRecord
     return advance(rec, Phase.PRESENTED, peers=peers)
 
 
+def is_required(rec: OrderRecord, peer_id: str) -> bool:
+    """Whether ``peer_id`` must serve this order's tokens: DNS points at it
+    for some name (the CA may validate there), or DNS was not checked."""
+    return rec.dns is None or any(peer_id in peers for peers in rec.dns.values())
+
+
+def dns_names(rec: OrderRecord, peer_id: str) -> list[str]:
+    """The order's names DNS points at ``peer_id`` (empty when DNS was not checked)."""
+    return sorted(name for name, peers in (rec.dns or {}).items() if peer_id in peers)
+
+
 def after_self_check(rec: OrderRecord, peers: tuple[PeerProgress, ...]) -> OrderRecord:
-    failed = [p for p in peers if not p.self_checked]
+    """A required peer that does not serve fails the order before the CA is
+    asked; any other peer that does not serve is marked skipped."""
+    peers = tuple(
+        dataclasses.replace(p, skipped=not p.self_checked and not p.required) for p in peers
+    )
+    failed = [p for p in peers if not p.self_checked and p.required]
     if failed:
         detail = "; ".join(f"peer {p.peer_id}: {p.error}" for p in failed)
         return advance(

@@ -118,17 +118,48 @@ async def check_dns(
     literals). All lookups run concurrently, so the check takes about one
     round trip (or one timeout), whatever the number of names.
     """
+    return (await resolve_names(names, peer_addresses, resolver)).problems
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What DNS says about an order's names: the problems (as ``check_dns``)
+    and, per name, the peers its A/AAAA records point at."""
+
+    problems: list[NameProblem]
+    peers_by_name: dict[str, tuple[str, ...]]
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """Every peer DNS points at for some name: where the CA may validate."""
+        return tuple(sorted({p for peers in self.peers_by_name.values() for p in peers}))
+
+
+async def resolve_names(
+    names: Sequence[str],
+    peer_addresses: Mapping[str, Sequence[str]],
+    resolver: DnsResolver,
+) -> Resolution:
+    """Resolve every name once (A and AAAA, concurrently) and judge it."""
     known = _peer_ips(peer_addresses)
+    owner = {
+        ipaddress.ip_address(address): peer
+        for peer, addresses in sorted(peer_addresses.items())
+        for address in addresses
+    }
     lookups = await asyncio.gather(
         *(resolver.resolve(name, rdtype) for name in names for rdtype in ("A", "AAAA"))
     )
     problems: list[NameProblem] = []
+    peers_by_name: dict[str, tuple[str, ...]] = {}
     for index, name in enumerate(names):
         a, aaaa = lookups[2 * index], lookups[2 * index + 1]
         reason = _judge(a, aaaa, known)
         if reason is not None:
             problems.append(NameProblem(name, reason))
-    return problems
+        found = (owner.get(ipaddress.ip_address(address)) for address in a.addresses + aaaa.addresses)
+        peers_by_name[name] = tuple(sorted({peer for peer in found if peer is not None}))
+    return Resolution(problems, peers_by_name)
 
 
 async def preflight(

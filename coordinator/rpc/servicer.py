@@ -20,7 +20,7 @@ from coordinator.accounts import Accounts, ProviderView
 from coordinator.deployment import Deployment, DeployOutcome
 from coordinator.history import History
 from coordinator.issuance import Issuance
-from coordinator.orders import OrderRecord
+from coordinator.orders import OrderRecord, Phase
 from coordinator.peers import AgentPool, PeerInfo, Registry
 from coordinator.revocation import Revocation
 from coordinator.scheduler import RenewalScheduler
@@ -47,13 +47,15 @@ def _peer(p: PeerInfo) -> pb.Peer:
     )
 
 
-def order_info(rec: OrderRecord) -> pb.OrderInfo:
+def order_info(rec: OrderRecord, queue_position: int = 0) -> pb.OrderInfo:
     return pb.OrderInfo(
+        queue_position=queue_position if rec.phase is Phase.QUEUED else 0,
         order_id=rec.order_id, peer_id=rec.peer_id, slot=common_pb2.Slot(domain=rec.domain), phase=rec.phase.value,
         order_url=rec.order_url, names=rec.names, error=rec.error, created_at=rec.created_at,
         updated_at=rec.updated_at, done=rec.done, succeeded=rec.phase.value == "done", provider=rec.provider,
         authorizations=[pb.AuthorizationProgress(name=a.name, status=a.status.value, url=a.url) for a in rec.authorizations],
-        peers=[pb.PeerAck(peer_id=p.peer_id, acknowledged=p.acknowledged, self_checked=p.self_checked, error=p.error)
+        peers=[pb.PeerAck(peer_id=p.peer_id, acknowledged=p.acknowledged, self_checked=p.self_checked, error=p.error,
+                          required=p.required, skipped=p.skipped)
                for p in rec.peers],
     )
 
@@ -179,14 +181,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             who.common_name)
         if request.wait:
             rec = await self._issuance.wait(rec.order_id)
-        return order_info(rec)
+        return order_info(rec, self._issuance.queue_position(rec.order_id))
 
     @rpc_method(OPERATOR)
     async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         rec = await self._issuance.get_order(_required(request.order_id, "an order id"))
         if request.refresh:
             rec = await self._issuance.refresh_authorizations(rec)
-        return order_info(rec)
+        return order_info(rec, self._issuance.queue_position(rec.order_id))
 
     @rpc_method(OPERATOR)
     async def GetPending(self, request: pb.GetPendingRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
@@ -366,6 +368,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 active = slot.get("active") or {}
                 previous = slot.get("previous") or {}
                 last = slot.get("last_sign") or {}
+                if slot.get("current_order") and last.get("status") == "running":
+                    position = self._issuance.queue_position(slot["current_order"])
+                    if position:
+                        last = {**last, "status": f"queued (position {position})"}
                 deployed = slot.get("last_deploy") or {}
                 matches, agent_state = _compare_disk(active, previous, on_disk, domain, view)
                 slots.append(pb.SlotStatus(

@@ -22,6 +22,7 @@ def authz(name: str, status: AcmeStatus, token: str = "tok") -> Authz:
 
 
 @pytest.mark.parametrize(("phase", "step"), [
+    (Phase.QUEUED, Step.ADMIT),
     (Phase.NEW, Step.CREATE_ORDER),
     (Phase.ORDERED, Step.FETCH_AUTHORIZATIONS),
     (Phase.AUTHORIZED, Step.PUSH_TOKENS),
@@ -48,6 +49,7 @@ def test_failed_orders_are_cleaned_once_then_done() -> None:
 
 @pytest.mark.parametrize(("src", "dst"), [
     (Phase.NEW, Phase.ANSWERED),          # never answer before pushing and checking
+    (Phase.QUEUED, Phase.ORDERED),        # never open an order at the CA before admission
     (Phase.AUTHORIZED, Phase.CHECKED),    # never skip the push
     (Phase.PRESENTED, Phase.ANSWERED),    # never skip the self-check
     (Phase.ANSWERED, Phase.ISSUED),
@@ -60,8 +62,8 @@ def test_illegal_transitions_raise(src: Phase, dst: Phase) -> None:
         orders.advance(rec(phase=src), dst)
 
 
-def test_every_transition_in_the_table_is_reachable_from_new() -> None:
-    seen, todo = {Phase.NEW}, [Phase.NEW]
+def test_every_transition_in_the_table_is_reachable_from_queued() -> None:
+    seen, todo = {Phase.QUEUED}, [Phase.QUEUED]
     while todo:
         for nxt in orders.TRANSITIONS[todo.pop()]:
             if nxt not in seen:
@@ -129,7 +131,51 @@ def test_a_resumed_order_pushes_and_checks_again_before_answering(phase: Phase) 
     assert resumed.peers[0].self_checked is False
 
 
-@pytest.mark.parametrize("phase", [p for p in Phase if p not in (Phase.PRESENTED, Phase.CHECKED)])
+@pytest.mark.parametrize("phase", [p for p in Phase if p not in (Phase.PRESENTED, Phase.CHECKED, Phase.NEW)])
 def test_other_phases_resume_where_they_stopped(phase: Phase) -> None:
     saved = rec(phase=phase)
     assert orders.resume_point(saved) == saved
+
+
+def test_an_admitted_order_not_yet_at_the_ca_goes_back_to_the_queue_on_resume() -> None:
+    assert orders.resume_point(rec(phase=Phase.NEW)).phase is Phase.QUEUED
+    assert orders.resume_point(rec(phase=Phase.QUEUED)).phase is Phase.QUEUED
+    assert orders.resume_point(rec(phase=Phase.ORDERED)).phase is Phase.ORDERED
+
+
+def test_only_peers_dns_points_at_are_required() -> None:
+    r = rec(dns={"a.example": ("peer1", "peer2"), "b.example": ("peer2",)})
+    assert orders.is_required(r, "peer1") and orders.is_required(r, "peer2")
+    assert not orders.is_required(r, "peer3")
+    assert orders.dns_names(r, "peer2") == ["a.example", "b.example"]
+    forced = rec(dns=None)  # --force: DNS not checked, every peer is required
+    assert orders.is_required(forced, "peer3") and orders.dns_names(forced, "peer3") == []
+
+
+def test_a_peer_outside_dns_that_cannot_serve_is_skipped_not_fatal() -> None:
+    r = rec(phase=Phase.PRESENTED, dns={"a.example": ("peer1",), "b.example": ("peer1",)})
+    checked = orders.after_self_check(r, (
+        PeerProgress("peer1", acknowledged=True, self_checked=True),
+        PeerProgress("peer9", error="unreachable", required=False),
+    ))
+    assert checked.phase is Phase.CHECKED
+    assert [p.peer_id for p in checked.peers if p.skipped] == ["peer9"]
+    assert not checked.peers[0].skipped
+
+
+def test_a_peer_in_dns_that_cannot_serve_fails_the_order_naming_it() -> None:
+    r = rec(phase=Phase.PRESENTED, dns={"a.example": ("peer1", "peer2")})
+    failed = orders.after_self_check(r, (
+        PeerProgress("peer1", acknowledged=True, self_checked=True),
+        PeerProgress("peer2", error="DNS points a.example at it; unreachable", required=True),
+        PeerProgress("peer9", error="unreachable", required=False),
+    ))
+    assert failed.phase is Phase.FAILED
+    assert "peer peer2" in failed.error and "a.example" in failed.error and "peer9" not in failed.error
+
+
+def test_dns_map_survives_the_json_round_trip() -> None:
+    r = rec(dns={"a.example": ("peer1",)}, ordered_at="2026-12-02T00:00:00.000+00:00")
+    back = OrderRecord.from_json(r.to_json())
+    assert back == r and back.dns == {"a.example": ("peer1",)}
+    assert OrderRecord.from_json(rec().to_json()).dns is None
