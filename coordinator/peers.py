@@ -192,6 +192,15 @@ class AgentPool:
         results = await asyncio.gather(*(one(p) for p in peers))
         return {p.peer_id: r for p, r in zip(peers, results, strict=True)}
 
+    async def prune(self, in_use: set[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Close the channels whose (endpoint, peer) no registered peer uses
+        any more (a peer removed, or registered again at another endpoint);
+        return them. Calls in flight on them get ``timeout`` seconds to end."""
+        stale = [key for key in self._channels if key not in in_use]
+        closing = [self._channels.pop(key) for key in stale]
+        await asyncio.gather(*(chan.close(grace=self._timeout) for chan in closing))
+        return stale
+
     async def close(self) -> None:
         for chan in self._channels.values():
             await chan.close()

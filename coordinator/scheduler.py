@@ -12,9 +12,11 @@ slot by whoever leads then.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +34,7 @@ from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 UTC = datetime.UTC
+SLOW_TICK_SECONDS = 1.0  # a tick that took longer is logged at INFO (the first one always is)
 DEFAULT_SCHEDULE = {"auto": False, "days": "all", "time": "now", "tz": "UTC", "key_policy": "rotate"}
 _LABEL_TO_KEY_TYPE = {label: enum for enum, label in KEY_TYPE_LABELS.items()}
 
@@ -72,6 +75,7 @@ class RenewalScheduler:
         self._identity = identity
         self._clock = clock
         self._randbelow = randbelow
+        self._ticks = 0
 
     # --- schedule settings --------------------------------------------------
     @staticmethod
@@ -112,22 +116,40 @@ class RenewalScheduler:
                 log.warning("renewal scheduler: %s", exc.message)
             await asyncio.sleep(self._settings.tick_seconds)
 
-    async def tick(self) -> None:
+    async def tick(self) -> int:
+        """Look at every slot of every registered peer once; return how many.
+
+        The slots are read page by page (a fleet's ``certs/`` is far larger
+        than one etcd reply may be) and the loop is yielded between slots, so
+        a tick over thousands of slots never holds the event loop for long.
+        """
+        started = time.monotonic()
         peers = {p.peer_id: p for p in await self._registry.list()}
         PEERS_ALIVE.set(sum(p.alive for p in peers.values()))
         prefix = self._keys.all_certs()
-        for entry in await self._store.range(prefix):
-            peer_id, _, _ = entry.key.removeprefix(prefix).partition("/")
-            if peer_id not in peers:
-                continue
-            try:
-                await self._slot_tick(peer_id, records.decode(entry.value))
-            except errors.ClusterAcmeError as exc:
-                log.warning("renewal of %s: %s", entry.key.removeprefix(prefix), exc.message)
-            except Exception:
-                # One odd slot must not stop the renewals of all the others
-                # (nor, by killing this task, the coordinator).
-                log.exception("renewal of %s failed unexpectedly", entry.key.removeprefix(prefix))
+        seen = 0
+        pages = self._store.range_pages(prefix)
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                for entry in page:
+                    peer_id, _, _ = entry.key.removeprefix(prefix).partition("/")
+                    if peer_id not in peers:
+                        continue
+                    seen += 1
+                    try:
+                        await self._slot_tick(peer_id, records.decode(entry.value))
+                    except errors.ClusterAcmeError as exc:
+                        log.warning("renewal of %s: %s", entry.key.removeprefix(prefix), exc.message)
+                    except Exception:
+                        # One odd slot must not stop the renewals of all the others
+                        # (nor, by killing this task, the coordinator).
+                        log.exception("renewal of %s failed unexpectedly", entry.key.removeprefix(prefix))
+                    await asyncio.sleep(0)  # let RPCs and keep-alives in between slots
+        elapsed = time.monotonic() - started
+        level = logging.INFO if self._ticks == 0 or elapsed >= SLOW_TICK_SECONDS else logging.DEBUG
+        log.log(level, "renewal scheduler: tick over %d slot(s) of %d peer(s) took %.3fs", seen, len(peers), elapsed)
+        self._ticks += 1
+        return seen
 
     async def _slot_tick(self, peer_id: str, slot: dict[str, Any]) -> None:
         now = self._clock()
@@ -223,8 +245,12 @@ class RenewalScheduler:
         if last["status"] == "failed":
             failures = state.get("failures", 0) + 1
             wait = self._backoff(failures)
-            order = await self._issuance.get_order(order_id)
-            wait = max(wait, order.retry_after)  # the CA's rate limit wins when it asks for longer
+            try:
+                order = await self._issuance.get_order(order_id)
+            except errors.NotFound:
+                pass  # compacted by the retention job: no CA retry-after left to honour
+            else:
+                wait = max(wait, order.retry_after)  # the CA's rate limit wins when it asks for longer
             changes = {"failures": failures, "retry_at": _iso(now + datetime.timedelta(seconds=wait)),
                        "last_error": last.get("error", "")}
             log.warning("automatic sign for %s %s failed (%s); failure %d, next try after %s", peer_id,

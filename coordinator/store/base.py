@@ -156,6 +156,26 @@ class Store(Protocol):
 
         Prefixes are plain string prefixes: end them with ``/`` (as
         ``keys.Keys`` does) so ``peers/a`` does not match ``peers/ab``.
+        One consistent snapshot, however large: the implementation reads it
+        in replies bounded by bytes (never one unbounded reply). A caller
+        that works through a large prefix should prefer ``range_pages``,
+        which does not hold it all at once.
+        """
+        ...
+
+    def range_pages(self, prefix: str, *, keys_only: bool = False, reverse: bool = False) -> AsyncIterator[list[Entry]]:
+        """The entries of ``range(prefix)``, a page at a time; pages are never
+        empty and are bounded by bytes, not by a number of keys.
+
+        - Keys ascend, or descend with ``reverse`` (newest first for the
+          time-ordered ``events/`` keys): stop early to read only the head.
+        - ``keys_only``: values are ``b""``; keys and revisions are real.
+        - Every page is read at the first page's revision while the store
+          keeps it. If a slow consumer lets that revision be compacted, the
+          rest is read at a newer one: every key present throughout is still
+          returned exactly once and in order; keys written meanwhile may or
+          may not appear.
+        - Close it with ``contextlib.aclosing`` when leaving early.
         """
         ...
 
@@ -245,6 +265,10 @@ class TransactionalStore(abc.ABC):
     async def range_with_revision(self, prefix: str) -> tuple[list[Entry], int]: ...
 
     @abc.abstractmethod
+    def range_pages(self, prefix: str, *, keys_only: bool = False,
+                    reverse: bool = False) -> AsyncIterator[list[Entry]]: ...
+
+    @abc.abstractmethod
     async def grant_lease(self, ttl: int) -> int: ...
 
     @abc.abstractmethod
@@ -300,6 +324,10 @@ class FencedStore(TransactionalStore):
 
     async def range_with_revision(self, prefix: str) -> tuple[list[Entry], int]:
         return await self._inner.range_with_revision(prefix)
+
+    def range_pages(self, prefix: str, *, keys_only: bool = False,
+                    reverse: bool = False) -> AsyncIterator[list[Entry]]:
+        return self._inner.range_pages(prefix, keys_only=keys_only, reverse=reverse)
 
     async def grant_lease(self, ttl: int) -> int:
         return await self._inner.grant_lease(ttl)

@@ -7,8 +7,10 @@ errors of ``base`` (``raise ... from``). Working around etcd3aio 0.3.0:
   reply was lost would report a Conflict with our own first attempt.
 - Its watch resumes after a reconnect from the last *response header*
   revision, which can skip history still being replayed when the stream
-  broke; we restart the watch ourselves from the last *event* delivered.
-  It also keeps waiting on a watch etcd cancelled (compaction): we raise.
+  broke, keeps waiting on a watch etcd cancelled (compaction), and cannot
+  ask for fragmented replies: we open the watch stream on its stub
+  ourselves, restart it from the last *event* delivered, and raise on
+  cancellation.
 - Closing the channel makes calls and watches in flight raise
   ``asyncio.CancelledError`` (grpc.aio's way): when our task was not being
   cancelled, that becomes StoreUnavailable.
@@ -20,6 +22,16 @@ errors of ``base`` (``raise ... from``). Working around etcd3aio 0.3.0:
   restart: on UNAUTHENTICATED we authenticate again and retry once. etcd
   refuses Authenticate itself while it carries the stale token, which
   etcd3aio attaches to every service: it is cleared for that call.
+- Message sizes. gRPC refuses a reply over its receive limit (4 MiB by
+  default) with RESOURCE_EXHAUSTED, and etcd bounds neither a range reply nor
+  a watch reply in bytes (etcd 3.4 sends up to 2 GiB). So the channel's
+  limits are set explicitly (``MAX_MESSAGE_BYTES``, above etcd's largest
+  value: ``--max-request-bytes``, 1.5 MiB by default), range reads are paged
+  by bytes (``PAGE_BYTES`` per reply, the key limit of each page estimated
+  from the sizes seen, halved when a reply is still too large), a failed
+  Txn reads back only the keys it checked, not their values, and watches
+  ask etcd to split large replies (``fragment``), which etcd3aio's watch
+  cannot do: the watch stream is opened on etcd3aio's stub directly.
 """
 
 from __future__ import annotations
@@ -44,7 +56,13 @@ from etcd3aio import (
     SortTarget,
     prefix_range_end,
 )
-from etcd3aio._protobuf import Compare  # 0.3.0 has no public mod_revision compare helper
+from etcd3aio._protobuf import (  # 0.3.0: no public mod_revision compare, keys-only txn read, fragmentation
+    Compare,
+    RangeRequest,
+    RequestOp,
+    WatchCreateRequest,
+    WatchRequest,
+)
 from etcd3aio.auth import AuthService
 from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
@@ -74,8 +92,29 @@ T = TypeVar("T")
 Pem = bytes | str | Path
 """PEM content (bytes) or the path of a PEM file (str or Path)."""
 
-_PAGE = 500  # keys per range request: stays far below gRPC's 4 MiB reply limit
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""The gRPC send and receive limit of the etcd channel. It must exceed
+etcd's largest value (``--max-request-bytes``: 1.5 MiB by default, etcd
+advises at most 10 MiB) plus framing, so any one key, and any one watch
+event, can always be read."""
+PAGE_BYTES = 2 * 1024 * 1024
+"""What one range reply aims at: an eighth of the limit, so a page whose
+values are larger than the ones seen so far still fits."""
+_FIRST_PAGE_KEYS = 32  # before any size is known: 32 order records of ~57 KB fit in PAGE_BYTES
+_MAX_PAGE_KEYS = 10_000
+_KV_FRAMING = 40  # protobuf bytes per key beyond its key and value (revisions, version, lease)
+_SNAPSHOT_ATTEMPTS = 3  # a paged snapshot whose revision gets compacted under it is read again
+_WATCH_RETRY_PAUSE = 0.25
+_WATCH_RETRY_PAUSE_MAX = 5.0
 _FAILURES = (EtcdError, grpc.aio.AioRpcError, grpc.aio.UsageError, TimeoutError)
+
+
+class _ReplyTooLarge(StoreUnavailable):
+    """A reply exceeded the channel's receive limit (a smaller page fits)."""
+
+
+class _RevisionCompacted(StoreUnavailable):
+    """A read at a revision etcd has compacted away."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +152,14 @@ def _translate(exc: BaseException, operation: str) -> Exception:
     """The store error for an exception raised by etcd3aio, grpc or a timeout."""
     if isinstance(exc, grpc.aio.AioRpcError):
         code, detail = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in detail:
+            # gRPC's own receive limit (etcd uses RESOURCE_EXHAUSTED for NOSPACE and too many requests).
+            return _ReplyTooLarge(f"etcd {operation}: reply too large for the client: {detail}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "space exceeded" in detail:
+            return StoreUnavailable(f"etcd {operation} refused: its database reached its quota (NOSPACE alarm); "
+                                    "compact, defragment and disarm it (README: etcd at scale)")
+        if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in detail:
+            return _RevisionCompacted(f"etcd {operation}: {detail}")
         if code == grpc.StatusCode.NOT_FOUND:  # etcd's only NOT_FOUND: "requested lease not found"
             return LeaseLost(f"etcd {operation}: {detail}")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -123,6 +170,20 @@ def _translate(exc: BaseException, operation: str) -> Exception:
     if isinstance(exc, TimeoutError):
         return StoreUnavailable(f"etcd {operation} timed out")
     return StoreUnavailable(f"etcd {operation} failed: {exc}")
+
+
+def _open_watch(services: _Services, start: bytes, end: bytes, revision: int) -> Any:
+    """A raw etcd watch stream from ``revision``, with fragmented replies:
+    etcd splits a reply over its ``--max-request-bytes`` (a watch catching
+    up sends up to 1,000 revisions in one) into pieces we can receive."""
+
+    async def requests() -> AsyncIterator[WatchRequest]:
+        yield WatchRequest(create_request=WatchCreateRequest(
+            key=start, range_end=end, start_revision=revision, fragment=True))
+        await asyncio.Future()  # keep the request side open: closing it ends the watch
+
+    # etcd3aio's stub and auth metadata (pinned 0.3.0): its watch() cannot fragment.
+    return services.watch._stub.Watch(requests(), metadata=services.watch._metadata or None)
 
 
 def _entry(kv: Any) -> Entry:
@@ -152,8 +213,10 @@ class EtcdStore(TransactionalStore):
     ``key`` add a client certificate. ``server_name`` is the name to verify
     in etcd's certificate (default: the endpoints' host name, when they share
     one). ``user``/``password`` enable etcd authentication. Every unary call
-    is bounded by ``timeout`` seconds. Use as ``async with EtcdStore(...)``
-    or call ``connect``/``close``.
+    is bounded by ``timeout`` seconds. ``max_message_bytes`` is the gRPC
+    message limit both ways and ``page_bytes`` what one range reply aims at
+    (see the constants of the same names). Use as ``async with
+    EtcdStore(...)`` or call ``connect``/``close``.
     """
 
     def __init__(
@@ -167,6 +230,8 @@ class EtcdStore(TransactionalStore):
         user: str | None = None,
         password: str | None = None,
         timeout: float = 5.0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        page_bytes: int = PAGE_BYTES,
     ) -> None:
         if not endpoints:
             raise InvalidArgument("at least one etcd endpoint is required")
@@ -176,6 +241,10 @@ class EtcdStore(TransactionalStore):
             raise InvalidArgument("etcd TLS options need the CA certificate")
         if bool(user) != (password is not None):
             raise InvalidArgument("etcd user and password go together")
+        if not 0 < page_bytes < max_message_bytes:
+            raise InvalidArgument("etcd page_bytes must be positive and below max_message_bytes")
+        self._max_message_bytes = max_message_bytes
+        self._page_bytes = page_bytes
         self._endpoints = list(endpoints)
         self._tls = (ca, cert, key)
         self._server_name = server_name
@@ -203,6 +272,12 @@ class EtcdStore(TransactionalStore):
         # (pinned) exposes no option for it; its channel options list is the
         # one place to add it.
         client._manager.grpc_options.extend(_RECONNECT_OPTIONS)
+        # gRPC's default receive limit (4 MiB) is an accident, not a choice:
+        # state it, above etcd's largest value (see MAX_MESSAGE_BYTES).
+        client._manager.grpc_options.extend([
+            ("grpc.max_receive_message_length", self._max_message_bytes),
+            ("grpc.max_send_message_length", self._max_message_bytes),
+        ])
         await client.connect()
         assert client.kv and client.lease and client.watch and client.auth
         self._services = _Services(client, client.kv, client.lease, client.watch, client.auth)
@@ -236,22 +311,75 @@ class EtcdStore(TransactionalStore):
         return _entry(resp.kvs[0]) if resp.kvs else None
 
     async def range_with_revision(self, prefix: str) -> tuple[list[Entry], int]:
-        start, end = _span(prefix)
+        for attempt in range(1, _SNAPSHOT_ATTEMPTS + 1):
+            entries: list[Entry] = []
+            revision = 0
+            try:
+                async for page, read_at in self._pages(prefix, keys_only=False, reverse=False, follow=False):
+                    entries.extend(page)
+                    revision = read_at
+            except _RevisionCompacted:
+                # Compacted between two pages (a revision-based auto-compaction
+                # on a busy etcd): the snapshot is gone, read a newer one.
+                if attempt == _SNAPSHOT_ATTEMPTS:
+                    raise
+                _log.info("range %s: revision compacted between pages; reading it again", prefix)
+                continue
+            return entries, revision
+        raise AssertionError("unreachable")
 
-        def page(first: bytes, revision: int) -> Callable[[_Services], Awaitable[Any]]:
-            return lambda s: s.kv.get(
-                first, end, revision=revision, limit=_PAGE,
-                sort_order=SortOrder.ASCEND, sort_target=SortTarget.KEY, timeout=self._timeout,
-            )
+    async def range_pages(self, prefix: str, *, keys_only: bool = False,
+                          reverse: bool = False) -> AsyncIterator[list[Entry]]:
+        async for page, _ in self._pages(prefix, keys_only=keys_only, reverse=reverse, follow=True):
+            if page:
+                yield page
 
-        # Later pages read at the first page's revision: one consistent snapshot.
-        resp = await self._call("KV.Range", page(start, 0))
-        revision = int(resp.header.revision)
-        entries = [_entry(kv) for kv in resp.kvs]
-        while resp.more:
-            resp = await self._call("KV.Range", page(resp.kvs[-1].key + b"\0", revision))
-            entries.extend(_entry(kv) for kv in resp.kvs)
-        return entries, revision
+    async def _pages(self, prefix: str, *, keys_only: bool, reverse: bool,
+                     follow: bool) -> AsyncIterator[tuple[list[Entry], int]]:
+        """Pages of ``prefix`` and the revision they are read at (the first
+        page's; the first page is yielded even when empty, for its revision).
+
+        Each reply aims at ``page_bytes``: the next page's key limit comes
+        from the average size seen so far (growing at most 4x a page), and a
+        reply that is still over the channel's limit is asked again with
+        half the keys. With ``follow``, a revision compacted under a slow
+        consumer is left for the newest one, after the last key yielded.
+        """
+        low, high = _span(prefix)
+        order = SortOrder.DESCEND if reverse else SortOrder.ASCEND
+        limit, revision, seen_keys, seen_bytes = _FIRST_PAGE_KEYS, 0, 0, 0
+        while True:
+            def read(s: _Services, low: bytes = low, high: bytes = high, limit: int = limit,
+                     revision: int = revision) -> Awaitable[Any]:
+                return s.kv.get(low, high, revision=revision, limit=limit, sort_order=order,
+                                sort_target=SortTarget.KEY, keys_only=keys_only, timeout=self._timeout)
+
+            try:
+                resp = await self._call("KV.Range", read)
+            except _ReplyTooLarge:
+                if limit == 1:
+                    raise  # one value over the limit: etcd allows larger values than we read (see MAX_MESSAGE_BYTES)
+                limit = max(1, limit // 2)
+                continue
+            except _RevisionCompacted:
+                if not follow or not revision:
+                    raise
+                revision = 0
+                continue
+            first = not revision
+            revision = revision or int(resp.header.revision)
+            entries = [_entry(kv) for kv in resp.kvs]
+            if entries or first:
+                yield entries, revision
+            if not resp.more or not entries:
+                return
+            if reverse:
+                high = resp.kvs[-1].key  # exclusive end: below the last key
+            else:
+                low = resp.kvs[-1].key + b"\0"
+            seen_keys += len(entries)
+            seen_bytes += sum(len(e.key) + len(e.value) + _KV_FRAMING for e in entries)
+            limit = max(1, min(limit * 4, _MAX_PAGE_KEYS, self._page_bytes * seen_keys // seen_bytes))
 
     # Writes.
 
@@ -267,9 +395,10 @@ class EtcdStore(TransactionalStore):
             for op in ops
         ]
         # On failure read the checked keys in the same transaction, so the
-        # Conflict names exactly the checks that failed at that revision.
+        # Conflict names exactly the checks that failed at that revision;
+        # their revisions, not their values: the reply stays small.
         checked = list(dict.fromkeys(c.key for c in checks))
-        failure = [KVService.txn_op_get(k) for k in checked]
+        failure = [RequestOp(request_range=RangeRequest(key=k.encode(), keys_only=True)) for k in checked]
         resp = await self._call(
             "KV.Txn", lambda s: s.kv.txn(compares, success, failure, timeout=self._timeout, max_attempts=1)
         )
@@ -319,42 +448,49 @@ class EtcdStore(TransactionalStore):
             raise InvalidArgument("watch start_revision must be >= 1")
         start, end = _span(prefix)
         next_revision = start_revision
+        pause = _WATCH_RETRY_PAUSE
         while True:
             services = self._require()
             generation = self._auth_generation
-            responses = services.watch.watch(start, end, start_revision=next_revision)
+            stream = _open_watch(services, start, end, next_revision)
             try:
-                async with contextlib.aclosing(responses):
-                    created = False
-                    async for resp in responses:
-                        if resp.canceled:
-                            if resp.compact_revision:
-                                raise Compacted(resp.compact_revision)
-                            raise StoreUnavailable(f"etcd cancelled the watch: {resp.cancel_reason}")
-                        if resp.created:
-                            if created:
-                                # etcd3aio reconnected on its own, from its last header
-                                # revision: resume from our last event instead.
-                                _log.info("watch %s: reconnected; resuming at revision %d", prefix, next_revision)
-                                break
-                            created = True
-                        for event in resp.events:
-                            kind = EventKind.PUT if event.type == event.PUT else EventKind.DELETE
-                            kv = event.kv
-                            yield WatchEvent(kind, kv.key.decode(), bytes(kv.value), kv.mod_revision)
-                            next_revision = kv.mod_revision + 1
+                events: list[Any] = []
+                async for resp in stream:
+                    if resp.canceled:
+                        if resp.compact_revision:
+                            raise Compacted(resp.compact_revision)
+                        raise StoreUnavailable(f"etcd cancelled the watch: {resp.cancel_reason}")
+                    events.extend(resp.events)
+                    if resp.fragment:
+                        continue  # etcd split a large reply; the rest follows
+                    for event in events:
+                        kind = EventKind.PUT if event.type == event.PUT else EventKind.DELETE
+                        kv = event.kv
+                        yield WatchEvent(kind, kv.key.decode(), bytes(kv.value), kv.mod_revision)
+                        next_revision = kv.mod_revision + 1
+                    events = []
+                    pause = _WATCH_RETRY_PAUSE
             except asyncio.CancelledError as exc:
                 if _cancelled_by_grpc():
                     raise StoreUnavailable("etcd store closed under the watch") from exc
                 raise
             except _FAILURES as exc:
-                if not (self._user and _is_unauthenticated(exc)):
+                if self._user and _is_unauthenticated(exc):
+                    await self._call(
+                        "Auth.Authenticate",
+                        lambda s, g=generation: self._reauthenticate(s, g),
+                        reauthenticate=False,
+                    )
+                    continue
+                if not (isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE):
                     raise _translate(exc, "Watch") from exc
-                await self._call(
-                    "Auth.Authenticate",
-                    lambda s, g=generation: self._reauthenticate(s, g),
-                    reauthenticate=False,
-                )
+                # etcd restarting or unreachable: resume after the last event delivered.
+                _log.info("watch %s: %s; resuming at revision %d in %.2fs", prefix, exc.code().name,
+                          next_revision, pause)
+            finally:
+                stream.cancel()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _WATCH_RETRY_PAUSE_MAX)
 
     # Internals.
 
@@ -422,3 +558,19 @@ class EtcdStore(TransactionalStore):
                 raise StoreUnavailable(f"cannot resolve etcd endpoint {endpoint!r}: {exc}") from exc
             addresses.extend(dict.fromkeys(f"{info[4][0]}:{port}" for info in infos))
         return addresses, names
+
+    async def open_replica(self) -> EtcdStore:
+        """Another store with this one's endpoints, TLS, credentials and
+        limits on a channel of its own, connected on the running event loop.
+
+        grpc.aio channels belong to the loop that made them: a thread with a
+        loop of its own (the leader's lease keep-alive) opens its replica
+        there, uses it only there, and closes it there."""
+        ca, cert, key = self._tls
+        replica = EtcdStore(
+            self._endpoints, ca=ca, cert=cert, key=key, server_name=self._server_name, user=self._user,
+            password=self._password, timeout=self._timeout, max_message_bytes=self._max_message_bytes,
+            page_bytes=self._page_bytes,
+        )
+        await replica.connect()  # closes itself when it fails
+        return replica

@@ -8,8 +8,8 @@ DESIGN.md "State in etcd" gives it::
     peers/<peer>/alive               liveness, attached to a lease
     certs/<peer>/server              the peer's server certificate slot
     certs/<peer>/domain/<name>       a domain certificate slot
-    orders/<id>                      in-flight order
-    schedule/<peer>/<YYYY-MM-DD>     the day's sign times
+    orders/<id>                      an order; ended ones are compacted after the retention
+    schedule/<peer>/<period start>   the period's sign times (YYYY-MM-DDTHH:MM:SSZ)
     events/<peer>/<seq:020d>         history; zero-padded so key order is seq order
     trust/<sha256>                   trusted CA certificate
     leader                           election key
@@ -115,6 +115,20 @@ class Keys:
 
     def schedules(self, peer_id: str) -> str:
         return self._key("schedule", _component("peer id", peer_id), "")
+
+    def all_schedules(self) -> str:
+        return self._key("schedule", "")
+
+    def parse_schedule(self, key: str) -> tuple[str, datetime]:
+        """For a key under ``all_schedules()``: ``(peer_id, period_start)``."""
+        peer_id, sep, stamp = key.removeprefix(self.all_schedules()).partition("/")
+        if key == key.removeprefix(self.all_schedules()) or not sep:
+            raise InvalidArgument(f"{key!r} is not a schedule key")
+        try:
+            start = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            raise InvalidArgument(f"{key!r} is not a schedule key: bad period start {stamp!r}") from None
+        return _component("peer id", peer_id), start
 
     # events/<peer>/<seq>
     def event(self, peer_id: str, seq: int) -> str:

@@ -14,7 +14,7 @@ import bisect
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from clusteracme.errors import InvalidArgument
 
@@ -44,8 +44,11 @@ class _Lease:
 class MemoryStore(TransactionalStore):
     """Single-process store; every method is atomic (no await inside a change)."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, page_keys: int = 100) -> None:
+        if page_keys < 1:
+            raise InvalidArgument(f"page_keys must be positive, not {page_keys}")
         self._clock = clock
+        self._page_keys = page_keys  # small pages, so callers meet the paging etcd does
         self._data: dict[str, Entry] = {}
         self._revision = 1
         self._history: list[WatchEvent] = []
@@ -84,6 +87,18 @@ class MemoryStore(TransactionalStore):
         await self._enter()
         entries = [e for k, e in sorted(self._data.items()) if k.startswith(prefix)]
         return entries, self._revision
+
+    async def range_pages(self, prefix: str, *, keys_only: bool = False,
+                          reverse: bool = False) -> AsyncIterator[list[Entry]]:
+        entries, _ = await self.range_with_revision(prefix)  # the snapshot of the first page
+        if reverse:
+            entries.reverse()
+        if keys_only:
+            entries = [replace(e, value=b"") for e in entries]
+        for start in range(0, len(entries), self._page_keys):
+            yield entries[start:start + self._page_keys]
+            if start + self._page_keys < len(entries):
+                await self._enter()  # a later page is another round trip: it can fail too
 
     async def _commit(self, checks: Sequence[Check], ops: Sequence[Op]) -> Committed:
         validate_ops(ops)

@@ -18,6 +18,9 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
+import etcd3aio
+import grpc
+import grpc.aio
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -197,6 +200,45 @@ async def test_range_returns_every_key_of_a_large_prefix(h: Harness) -> None:
         await h.store.txn([], [Put(h.k("many/" + n), b"x" * 64) for n in names[start:start + 100]])
     entries = await h.store.range(h.k("many/"))
     assert [e.key for e in entries] == [h.k("many/" + n) for n in names]
+
+
+async def _fill(h: Harness, sub: str, count: int, size: int) -> list[str]:
+    """``count`` keys of ``size``-byte values under ``sub/``, in key order."""
+    keys = [h.k(f"{sub}/{i:05d}") for i in range(count)]
+    per_txn = max(1, min(100, 1_000_000 // size))  # each request under etcd's 1.5 MiB --max-request-bytes
+    for start in range(0, count, per_txn):
+        await h.store.txn([], [Put(k, k.encode()[-5:] * (size // 5)) for k in keys[start:start + per_txn]])
+    return keys
+
+
+async def test_range_pages_cover_the_range_in_order(h: Harness) -> None:
+    keys = await _fill(h, "pages", 250, 20_000)  # 5 MB: several pages in both stores
+    whole = await h.store.range(h.k("pages/"))
+    pages = [page async for page in h.store.range_pages(h.k("pages/"))]
+    assert len(pages) > 1 and all(pages)
+    assert [e for page in pages for e in page] == whole and [e.key for e in whole] == keys
+    backwards = [e async for page in h.store.range_pages(h.k("pages/"), reverse=True) for e in page]
+    assert backwards == whole[::-1]
+    bare = [e async for page in h.store.range_pages(h.k("pages/"), keys_only=True) for e in page]
+    assert [(e.key, e.value, e.mod_revision, e.create_revision) for e in bare] == [
+        (e.key, b"", e.mod_revision, e.create_revision) for e in whole]
+    newest = h.store.range_pages(h.k("pages/"), reverse=True)
+    async with aclosing(newest):
+        assert (await anext(newest))[0].key == keys[-1]  # the head only, then leave
+    assert [page async for page in h.store.range_pages(h.k("nothing/"))] == []
+
+
+async def test_range_pages_survive_compaction_under_a_slow_reader(h: Harness) -> None:
+    keys = await _fill(h, "slow", 250, 20_000)
+    seen: list[str] = []
+    async with aclosing(h.store.range_pages(h.k("slow/"))) as pages:
+        async for page in pages:
+            if not seen:
+                # The snapshot's revision is compacted away before the next page.
+                revision = await h.store.put_if(h.k("slow/zzz"), b"late", expect_mod_revision=None)
+                await h.store.compact(revision)
+            seen.extend(e.key for e in page)
+    assert seen[:len(keys)] == keys and set(seen) <= {*keys, h.k("slow/zzz")}
 
 
 # Leases.
@@ -450,3 +492,56 @@ async def test_etcd_over_mutual_tls(tmp_path: Path) -> None:
                 await anonymous.get("/tls/a")
     finally:
         etcd.stop()
+
+
+async def test_etcd_reads_beyond_grpc_message_limits(etcd_endpoint: str) -> None:
+    """The replies that broke at scale: a 500-key page of ~10 KB records is
+    over gRPC's default 4 MiB; values near etcd's 1.5 MiB maximum add up to
+    more than the channel's 16 MiB in one range, one failed transaction's
+    read-back, or one watch reply catching up."""
+    store = EtcdStore([etcd_endpoint], timeout=10)
+    async with store:
+        h = Harness(store, f"/big/{uuid.uuid4().hex}/", asyncio.sleep, None)  # type: ignore[arg-type]
+        records = await _fill(h, "orders", 600, 10_000)
+        # The premise: the old fixed page of 500 keys, at gRPC's defaults, is refused.
+        raw = etcd3aio.Etcd3Client([etcd_endpoint])
+        await raw.connect()
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await raw.kv.get(h.k("orders/"), etcd3aio.prefix_range_end(h.k("orders/")), limit=500)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            await raw.close()
+        assert [e.key for e in await store.range(h.k("orders/"))] == records
+
+        first = await store.put_if(h.k("start"), b"", expect_mod_revision=None)
+        large = await _fill(h, "large", 20, 1200 * 1024)  # 24 MiB; etcd's default max request is 1.5 MiB
+        entries = await store.range(h.k("large/"))
+        assert [(e.key, len(e.value)) for e in entries] == [(k, 1200 * 1024) for k in large]
+        assert [e.key async for page in store.range_pages(h.k("large/"), reverse=True) for e in page] == large[::-1]
+        with pytest.raises(Conflict) as lost:
+            await store.txn([Check(e.key, e.mod_revision - 1) for e in entries], [Put(h.k("never"), b"x")])
+        assert lost.value.keys == set(large)
+        async with aclosing(store.watch(h.k("large/"), first)) as events:
+            caught_up = await _next_events(events, len(large))
+        assert [(e.key, len(e.value)) for e in caught_up] == [(k, 1200 * 1024) for k in large]
+
+
+async def test_etcd_range_reads_a_new_snapshot_when_compacted_between_pages(etcd_endpoint: str) -> None:
+    store = EtcdStore([etcd_endpoint], page_bytes=64 * 1024)  # pages of a few keys
+    async with store:
+        h = Harness(store, f"/snap/{uuid.uuid4().hex}/", asyncio.sleep, None)  # type: ignore[arg-type]
+        keys = await _fill(h, "k", 60, 20_000)
+        read = store._call
+        late: list[int] = []
+
+        async def compact_after_first_page(operation: str, fn, **kwargs):  # type: ignore[no-untyped-def]
+            result = await read(operation, fn, **kwargs)
+            if operation == "KV.Range" and not late:
+                late.append(await store.put_if(h.k("k/zzz"), b"late", expect_mod_revision=None))
+                await store.compact(late[0])  # the first page's revision is gone
+            return result
+
+        store._call = compact_after_first_page  # type: ignore[method-assign]
+        entries, revision = await store.range_with_revision(h.k("k/"))
+        assert [e.key for e in entries] == [*keys, h.k("k/zzz")] and revision >= late[0]

@@ -1,0 +1,348 @@
+"""Retention (DESIGN "Nothing in etcd grows without bound"): the leader's job
+that keeps the keyspace bounded over years of operation.
+
+Every ``retention.interval_seconds`` (and once when it starts leading) it:
+
+- compacts every ended order (``OrderRecord.done``) whose last update is
+  older than ``retention.order_retention_seconds``: one ``order`` event in
+  its peer's history (order URL, outcome, serial, error) and the deletion of
+  ``orders/<id>``, in one transaction guarded by the record's mod_revision,
+  so an order that changed since it was read is left for the next run. An
+  order a slot still points at (``current_order``) is never compacted; an
+  authorization-only order (revocation) has no peer: it is deleted, with a
+  log line. A record that cannot be parsed is left alone, and logged.
+- prunes ``schedule/<peer>/<period>`` keys whose period is over (the current
+  and the previous period are kept: the scheduler reads both), and every
+  schedule key of a peer no longer registered;
+- closes the agent channels of (endpoint, peer) pairs no registered peer
+  uses any more.
+
+The decisions are pure functions of what was read (``compaction``,
+``schedule_cutoff``, ``prunable_schedule``); :class:`RetentionJob` is the
+thin driver. Its writes go through the leader's fenced store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from clusteracme import certinfo, errors
+from coordinator import records
+from coordinator.history import Event, History
+from coordinator.metrics import ORDERS_COMPACTED
+from coordinator.orders import OrderRecord, Phase
+from coordinator.peers import AgentPool, Registry
+from coordinator.settings import RetentionSettings
+from coordinator.store.base import Check, Conflict, Delete, Entry, Op, Store
+from coordinator.store.keys import Keys
+
+log = logging.getLogger(__name__)
+UTC = datetime.UTC
+
+BATCH = 40
+"""Orders per transaction: 40 deletes + 40 event puts and 81 checks (with
+the fence) stay under etcd's ``--max-txn-ops`` (128)."""
+MAX_COMMIT_ATTEMPTS = 5
+DETAIL_LIMIT = 2000  # characters of an order's error kept in its event
+_DAY = 86400.0
+_LISTED = 5  # keys named in one summary log line
+_YIELD_EVERY = 16  # records parsed between two turns of the event loop (~10 KB of JSON each)
+
+
+# --- pure decisions ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What compacting one order writes: delete ``key`` if it is still at
+    ``mod_revision`` and, unless the order has no peer, add ``event`` to the
+    peer's history at sequence ``seq`` (the order's end, in nanoseconds)."""
+
+    key: str
+    mod_revision: int
+    order_id: str
+    event: Event | None
+    seq: int
+
+
+def parse_order(entry: Entry) -> OrderRecord:
+    """The order record in ``entry``; ValueError says why it cannot be read."""
+    try:
+        rec = OrderRecord.from_json(records.decode(entry.value))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not JSON, not an object, a field missing
+        raise ValueError(f"{exc.__class__.__name__}: {exc}") from exc
+    ended_at(rec)  # an order without a valid update time cannot be aged
+    return rec
+
+
+def ended_at(rec: OrderRecord) -> datetime.datetime:
+    """When the record last changed (for an ended order: when it ended)."""
+    try:
+        at = datetime.datetime.fromisoformat(rec.updated_at)
+    except (TypeError, ValueError):
+        raise ValueError(f"updated_at {rec.updated_at!r} is not an ISO 8601 time") from None
+    if at.tzinfo is None:
+        raise ValueError(f"updated_at {rec.updated_at!r} has no time zone")
+    return at
+
+
+def compactable(rec: OrderRecord, now: datetime.datetime, retention_seconds: float,
+                pointed: frozenset[str]) -> bool:
+    """Ended and cleaned up, not the current order of any slot, and older
+    than the retention."""
+    if not rec.done or rec.order_id in pointed:
+        return False
+    return (now - ended_at(rec)).total_seconds() >= retention_seconds
+
+
+def order_serial(rec: OrderRecord) -> str:
+    """The issued certificate's serial (hex), or "" when there is none."""
+    if not rec.chain_pem:
+        return ""
+    try:
+        return format(certinfo.leaf(rec.chain_pem).serial_number, "x")
+    except errors.InvalidArgument:
+        return ""
+
+
+def compaction(entry: Entry, rec: OrderRecord) -> Compaction:
+    """The history event and deletion that replace an ended order's record."""
+    end = ended_at(rec)
+    seq = int(end.timestamp()) * 1_000_000_000 + end.microsecond * 1000
+    if rec.authorize_only or not rec.peer_id:
+        return Compaction(entry.key, entry.mod_revision, rec.order_id, None, seq)
+    detail = f"order {rec.order_id} {rec.order_url or '(never opened at the CA)'}"
+    if rec.error:
+        error = rec.error if len(rec.error) <= DETAIL_LIMIT else rec.error[:DETAIL_LIMIT] + "..."
+        detail += f": {error}"
+    event = Event(at=rec.updated_at, peer_id=rec.peer_id, domain=rec.domain, who=rec.requested_by,
+                  what="order", result="ok" if rec.phase is Phase.DONE else "failed",
+                  serial_hex=order_serial(rec), detail=detail)
+    return Compaction(entry.key, entry.mod_revision, rec.order_id, event, seq)
+
+
+def schedule_cutoff(now: datetime.datetime, period_seconds: float) -> datetime.datetime:
+    """Schedule keys of periods starting before this are older than the
+    previous period, whatever the zone: the scheduler no longer reads them.
+
+    The previous period starts after ``now - 2 periods``; a one-day period is
+    a local day, which a DST change stretches to 25 hours, hence the slack.
+    """
+    slack = datetime.timedelta(hours=2) if period_seconds == _DAY else datetime.timedelta(0)
+    return now - datetime.timedelta(seconds=2 * period_seconds) - slack
+
+
+def prunable_schedule(peer_id: str, period_start: datetime.datetime, registered: frozenset[str],
+                      cutoff: datetime.datetime) -> bool:
+    return peer_id not in registered or period_start < cutoff
+
+
+def _listed(items: Iterable[str]) -> str:
+    items = list(items)
+    more = f" and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
+    return ", ".join(items[:_LISTED]) + more
+
+
+# --- the driver ----------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What one run did."""
+
+    orders_compacted: int = 0
+    orders_kept: int = 0          # ended orders within the retention, or still pointed at
+    orders_unreadable: int = 0
+    orders_changed: int = 0       # changed between read and write: left for the next run
+    schedules_pruned: int = 0
+    channels_closed: int = 0
+    seconds: float = 0.0
+
+
+class RetentionJob:
+    """The leader's retention job; ``store`` is the leader's fenced view."""
+
+    def __init__(self, store: Store, keys: Keys, registry: Registry, pool: AgentPool, history: History,
+                 settings: RetentionSettings, *, period_seconds: float,
+                 clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(UTC)) -> None:
+        self._store = store
+        self._keys = keys
+        self._registry = registry
+        self._pool = pool
+        self._history = history
+        self._settings = settings
+        self._period_seconds = period_seconds
+        self._clock = clock
+
+    async def run(self) -> None:
+        """Run now, then every ``interval_seconds``, until cancelled."""
+        while True:
+            try:
+                report = await self.run_once()
+            except errors.ClusterAcmeError as exc:
+                log.warning("retention: %s", exc.message)
+            else:
+                if report.orders_compacted or report.schedules_pruned or report.channels_closed:
+                    log.info("retention: %d ended order(s) compacted into history, %d schedule key(s) pruned, "
+                             "%d agent channel(s) closed in %.2fs", report.orders_compacted,
+                             report.schedules_pruned, report.channels_closed, report.seconds)
+            await asyncio.sleep(self._settings.interval_seconds)
+
+    async def run_once(self) -> Report:
+        started = time.monotonic()
+        report = Report()
+        now = self._clock()
+        pointed, guarded = await self._slot_pointers()
+        touched = await self._compact_orders(now, pointed, guarded, report)
+        for peer_id in sorted(touched):
+            await self._history.trim(peer_id)
+        # Schedule keys first, then the registry: a peer registered after the
+        # first read draws its keys after it, so none of them is judged
+        # against a registry that does not know the peer yet.
+        schedules = [e async for page in self._store.range_pages(self._keys.all_schedules(), keys_only=True)
+                     for e in page]
+        peers = await self._registry.list()
+        report.schedules_pruned = await self._prune_schedules(
+            schedules, frozenset(p.peer_id for p in peers), schedule_cutoff(now, self._period_seconds))
+        closed = await self._pool.prune({(p.grpc_endpoint, p.peer_id) for p in peers})
+        if closed:
+            log.info("retention: closed agent channel(s) no peer uses any more: %s",
+                     _listed(f"{peer} at {endpoint}" for endpoint, peer in closed))
+        report.channels_closed = len(closed)
+        report.seconds = time.monotonic() - started
+        return report
+
+    async def _slot_pointers(self) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
+        """Orders some slot points at, and (peer, domain) of slots that cannot
+        be read: their orders are never compacted, whatever they point at."""
+        pointed: set[str] = set()
+        guarded: set[tuple[str, str]] = set()
+        prefix = self._keys.all_certs()
+        async for page in self._store.range_pages(prefix):
+            for n, entry in enumerate(page, 1):
+                if n % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                try:
+                    current = records.decode(entry.value).get("current_order")
+                except (ValueError, AttributeError):  # not JSON, or not an object
+                    peer_id, _, slot = entry.key.removeprefix(prefix).partition("/")
+                    guarded.add((peer_id, slot.removeprefix("domain/") if slot != "server" else ""))
+                    continue
+                if current:
+                    pointed.add(current)
+        return frozenset(pointed), frozenset(guarded)
+
+    async def _compact_orders(self, now: datetime.datetime, pointed: frozenset[str],
+                              guarded: frozenset[tuple[str, str]], report: Report) -> set[str]:
+        retention = self._settings.order_retention_seconds
+        unreadable: list[str] = []
+        authorize_only: list[str] = []
+        touched: set[str] = set()
+        pages = self._store.range_pages(self._keys.orders())
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                due: list[Compaction] = []
+                for n, entry in enumerate(page, 1):
+                    if n % _YIELD_EVERY == 0:
+                        await asyncio.sleep(0)  # parsing records is the heavy part: let the loop breathe
+                    try:
+                        rec = parse_order(entry)
+                    except ValueError as exc:
+                        unreadable.append(f"{self._keys.last(entry.key)} ({exc})")
+                        continue
+                    if not rec.done:
+                        continue
+                    if (rec.peer_id, rec.domain) in guarded or not compactable(rec, now, retention, pointed):
+                        report.orders_kept += 1
+                        continue
+                    due.append(compaction(entry, rec))
+                for start in range(0, len(due), BATCH):
+                    done = await self._commit(due[start:start + BATCH], report)
+                    ORDERS_COMPACTED.inc(len(done))
+                    report.orders_compacted += len(done)
+                    for c in done:
+                        if c.event is None:
+                            authorize_only.append(c.order_id)
+                        else:
+                            touched.add(c.event.peer_id)
+        report.orders_unreadable = len(unreadable)
+        if unreadable:
+            log.warning("retention: %d order record(s) cannot be read and are left alone: %s",
+                        len(unreadable), _listed(unreadable))
+        if authorize_only:
+            log.info("retention: %d authorization-only order(s) deleted (no peer history to keep them in): %s",
+                     len(authorize_only), _listed(authorize_only))
+        return touched
+
+    async def _commit(self, batch: list[Compaction], report: Report) -> list[Compaction]:
+        """Write ``batch`` in one transaction; orders that changed since they
+        were read drop out, an event key already taken moves one nanosecond
+        on. Returns what was written. ``NotLeader`` propagates: stop."""
+        pending = list(batch)
+        for _ in range(MAX_COMMIT_ATTEMPTS):
+            if not pending:
+                return []
+            checks: list[Check] = []
+            ops: list[Op] = []
+            taken: set[str] = set()
+            for i, c in enumerate(pending):
+                checks.append(Check(c.key, c.mod_revision))
+                ops.append(Delete(c.key))
+                if c.event is not None:
+                    while self._keys.event(c.event.peer_id, c.seq) in taken:  # orders that ended together
+                        c = pending[i] = dataclasses.replace(c, seq=c.seq + 1)
+                    put = self._history.put_at(c.event, c.seq)
+                    taken.add(put.key)
+                    checks.append(Check(put.key, 0))
+                    ops.append(put)
+            try:
+                await self._store.txn(checks, ops)
+                return pending
+            except Conflict as exc:
+                changed = [c for c in pending if c.key in exc.keys]
+                if changed:
+                    report.orders_changed += len(changed)
+                    log.info("retention: order(s) changed since read, left for the next run: %s",
+                             _listed(c.order_id for c in changed))
+                pending = [
+                    dataclasses.replace(c, seq=c.seq + 1)
+                    if c.event is not None and self._keys.event(c.event.peer_id, c.seq) in exc.keys else c
+                    for c in pending if c.key not in exc.keys
+                ]
+        log.warning("retention: gave up on %d order(s) after %d attempts; next run", len(pending),
+                    MAX_COMMIT_ATTEMPTS)
+        return []
+
+    async def _prune_schedules(self, entries: list[Entry], registered: frozenset[str],
+                               cutoff: datetime.datetime) -> int:
+        doomed: list[Entry] = []
+        for entry in entries:
+            try:
+                peer_id, start = self._keys.parse_schedule(entry.key)
+            except errors.InvalidArgument as exc:
+                log.warning("retention: %s; left alone", exc.message)
+                continue
+            if prunable_schedule(peer_id, start, registered, cutoff):
+                doomed.append(entry)
+        pruned = 0
+        for first in range(0, len(doomed), BATCH * 2):
+            batch = doomed[first:first + BATCH * 2]
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                if not batch:
+                    break
+                try:
+                    await self._store.txn([Check(e.key, e.mod_revision) for e in batch],
+                                          [Delete(e.key) for e in batch])
+                except Conflict as exc:
+                    batch = [e for e in batch if e.key not in exc.keys]  # rewritten meanwhile: keep it
+                    continue
+                pruned += len(batch)
+                break
+        return pruned

@@ -1,0 +1,394 @@
+"""Retention: which ended orders are compacted into history, which schedule
+keys are pruned, which agent channels are closed; the pure decisions, then
+the job against the in-memory store."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import grpc.aio
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from clusteracme import pki
+from clusteracme.errors import NotFound
+from clusteracme.rpcutil import TLSFiles
+from clusteracme.v1 import agent_pb2
+from coordinator import history as history_module
+from coordinator import records, renewal, retention
+from coordinator.history import Event, History
+from coordinator.metrics import ORDERS_COMPACTED
+from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase
+from coordinator.peers import AgentPool, PeerInfo, Registry
+from coordinator.retention import RetentionJob
+from coordinator.scheduler import RenewalScheduler
+from coordinator.settings import RenewalSettings, RetentionSettings
+from coordinator.store.base import Check, Committed, Delete, Entry, NotLeader, Op, Put
+from coordinator.store.keys import Keys
+from coordinator.store.memory import MemoryStore
+
+UTC = datetime.UTC
+NOW = datetime.datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+WEEK = 7 * 86400.0
+KEYS = Keys("/t/")
+
+
+def chain(serial: int) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "www.example.com")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(serial).not_valid_before(NOW - datetime.timedelta(days=20))
+            .not_valid_after(NOW + datetime.timedelta(days=70)).sign(key, hashes.SHA256()))
+    return cert.public_bytes(Encoding.PEM).decode()
+
+
+def order(order_id: str, *, peer: str = "p1", domain: str = "", age_days: float = 8, phase: Phase = Phase.DONE,
+          cleaned: bool = True, **changes: Any) -> OrderRecord:
+    ended = (NOW - datetime.timedelta(days=age_days)).isoformat(timespec="milliseconds")
+    rec = OrderRecord(order_id=order_id, peer_id=peer, domain=domain, provider="pebble", names=("www.example.com",),
+                      csr_pem="-----BEGIN CERTIFICATE REQUEST-----\n...", phase=phase, cleaned=cleaned,
+                      order_url=f"https://ca.test/order/{order_id}", created_at=ended, updated_at=ended,
+                      requested_by="operator:alice",
+                      authorizations=(Authz("www.example.com", "https://ca.test/authz/1", AcmeStatus.VALID),),
+                      peers=(PeerProgress(peer, acknowledged=True, self_checked=True),))
+    return dataclasses.replace(rec, **changes)
+
+
+def entry(rec: OrderRecord, mod_revision: int = 7) -> Entry:
+    return Entry(KEYS.order(rec.order_id), records.encode(rec.to_json()), mod_revision, mod_revision, 0)
+
+
+# --- pure decisions ----------------------------------------------------------------
+
+
+def test_only_ended_cleaned_unpointed_orders_past_the_retention_are_compactable() -> None:
+    none: frozenset[str] = frozenset()
+    assert retention.compactable(order("a"), NOW, WEEK, none)
+    assert retention.compactable(order("a", age_days=7), NOW, WEEK, none)  # exactly the retention
+    assert not retention.compactable(order("a", age_days=6.9), NOW, WEEK, none)
+    assert retention.compactable(order("a", phase=Phase.FAILED), NOW, WEEK, none)
+    assert not retention.compactable(order("a", phase=Phase.FAILED, cleaned=False), NOW, WEEK, none)
+    assert not retention.compactable(order("a", phase=Phase.FINALIZING, cleaned=False), NOW, WEEK, none)
+    assert not retention.compactable(order("a"), NOW, WEEK, frozenset({"a"}))
+    assert retention.compactable(order("a", age_days=0.001), NOW, 60, none)  # a short retention
+
+
+def test_compaction_event_says_url_outcome_serial_and_error() -> None:
+    ok = order("a", domain="shop.example.com", chain_pem=chain(0xABC123))
+    c = retention.compaction(entry(ok, 42), retention.parse_order(entry(ok, 42)))
+    assert (c.key, c.mod_revision, c.order_id) == (KEYS.order("a"), 42, "a")
+    assert c.event == Event(at=ok.updated_at, peer_id="p1", domain="shop.example.com", who="operator:alice",
+                            what="order", result="ok", serial_hex="abc123",
+                            detail="order a https://ca.test/order/a")
+    ended = datetime.datetime.fromisoformat(ok.updated_at)
+    assert c.seq == int(ended.timestamp() * 1000) * 1_000_000  # the order's end: history stays in time order
+
+    failed = order("b", phase=Phase.FAILED, error="x" * 5000)
+    event = retention.compaction(entry(failed), failed).event
+    assert event is not None and event.result == "failed" and event.serial_hex == ""
+    assert event.detail.startswith("order b https://ca.test/order/b: xxx") and len(event.detail) < 2100
+
+    never = order("c", phase=Phase.FAILED, order_url="", error="rateLimited")
+    assert retention.compaction(entry(never), never).event.detail == "order c (never opened at the CA): rateLimited"  # type: ignore[union-attr]
+
+    revocation = order("d", peer="", authorize_only=True)
+    assert retention.compaction(entry(revocation), revocation).event is None
+
+
+def test_unreadable_order_records_are_refused() -> None:
+    good = order("a")
+    with pytest.raises(ValueError, match="schema"):
+        retention.parse_order(Entry("k", json.dumps({**good.to_json(), "schema": 99}).encode(), 1, 1, 0))
+    with pytest.raises(ValueError):
+        retention.parse_order(Entry("k", b"not json", 1, 1, 0))
+    with pytest.raises(ValueError):
+        retention.parse_order(Entry("k", b"[1, 2]", 1, 1, 0))
+    with pytest.raises(ValueError, match="updated_at"):
+        retention.parse_order(entry(dataclasses.replace(good, updated_at="")))
+    with pytest.raises(ValueError, match="time zone"):
+        retention.parse_order(entry(dataclasses.replace(good, updated_at="2026-03-01T10:00:00")))
+
+
+@pytest.mark.parametrize("tz", ["UTC", "America/New_York", "Europe/Paris", "Pacific/Kiritimati", "Pacific/Pago_Pago"])
+def test_schedule_cutoff_keeps_the_current_and_previous_day_in_any_zone(tz: str) -> None:
+    zone = ZoneInfo(tz)
+    # Every hour around the 2026 DST changes in Europe and America.
+    for base in (datetime.datetime(2026, 3, 7, tzinfo=UTC), datetime.datetime(2026, 3, 27, tzinfo=UTC),
+                 datetime.datetime(2026, 10, 24, tzinfo=UTC), datetime.datetime(2026, 10, 31, tzinfo=UTC)):
+        for hour in range(0, 96):
+            now = base + datetime.timedelta(hours=hour, minutes=17)
+            cutoff = retention.schedule_cutoff(now, 86400)
+            starts = [renewal.period_start(now, 86400, zone)]
+            for _ in range(3):
+                starts.append(renewal.period_start(starts[-1] - datetime.timedelta(microseconds=1), 86400, zone))
+            current, previous, _, third = starts
+            assert not retention.prunable_schedule("p", current, frozenset({"p"}), cutoff)
+            assert not retention.prunable_schedule("p", previous, frozenset({"p"}), cutoff)
+            assert retention.prunable_schedule("p", third, frozenset({"p"}), cutoff)
+            assert retention.prunable_schedule("gone", current, frozenset({"p"}), cutoff)
+
+
+def test_schedule_cutoff_for_short_periods() -> None:
+    for second in range(0, 200, 7):
+        now = NOW + datetime.timedelta(seconds=second, microseconds=123)
+        current = renewal.period_start(now, 60, ZoneInfo("UTC"))
+        cutoff = retention.schedule_cutoff(now, 60)
+        assert current - datetime.timedelta(seconds=60) >= cutoff > current - datetime.timedelta(seconds=180)
+
+
+# --- the job ----------------------------------------------------------------------------
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.in_use: set[tuple[str, str]] | None = None
+
+    async def prune(self, in_use: set[tuple[str, str]]) -> list[tuple[str, str]]:
+        self.in_use = in_use
+        return [("127.0.0.9:1", "gone")]
+
+
+async def register(store: MemoryStore, *peers: str) -> Registry:
+    registry = Registry(store, KEYS, lease_ttl=10)
+    for peer in peers:
+        await registry.register(PeerInfo(peer, ("127.0.0.2",), f"{peer}.test:7000", "127.0.0.2:80", "closed", "1",
+                                         True, NOW.isoformat()))
+    return registry
+
+
+async def put_orders(store: MemoryStore, *recs: OrderRecord) -> None:
+    await store.txn([], [Put(KEYS.order(r.order_id), records.encode(r.to_json())) for r in recs])
+
+
+def job(store: Any, registry: Registry, pool: Any = None, **settings: float) -> RetentionJob:
+    return RetentionJob(store, KEYS, registry, pool or FakePool(), History(store, KEYS),
+                        RetentionSettings(**{"order_retention_seconds": WEEK, **settings}),
+                        period_seconds=86400, clock=lambda: NOW)
+
+
+async def order_ids(store: MemoryStore) -> list[str]:
+    return [KEYS.last(e.key) for e in await store.range(KEYS.orders())]
+
+
+async def test_the_job_compacts_old_ended_orders_into_history_and_prunes_schedules(
+        caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryStore(page_keys=3)  # several pages of every prefix
+    registry = await register(store, "p1", "p2")
+    await store.txn([], [
+        Put(KEYS.cert("p1", "server"), records.encode({"peer_id": "p1", "domain": "", "current_order": "pointed"})),
+        Put(KEYS.cert("p2", "domain/shop.example.com"), b"{garbage"),  # its orders are never judged
+        Put(KEYS.cert("p1", "domain/other.example.com"), b"[]"),  # not an object: guarded too
+    ])
+    await put_orders(
+        store,
+        order("done", chain_pem=chain(0x1D)),
+        order("failed", peer="p2", phase=Phase.FAILED, error="the CA refused"),
+        order("young", age_days=2),
+        order("running", phase=Phase.ANSWERED, cleaned=False),
+        order("uncleaned", phase=Phase.FAILED, cleaned=False),
+        order("pointed"),
+        order("revocation", peer="", authorize_only=True),
+        order("guarded", peer="p2", domain="shop.example.com"),
+    )
+    await store.put_if(KEYS.order("future"), json.dumps({**order("future").to_json(), "schema": 99}).encode(),
+                       expect_mod_revision=0)
+    day = datetime.timedelta(days=1)
+    midnight = NOW.replace(hour=0)
+    schedules = {KEYS.schedule("p1", midnight): True, KEYS.schedule("p1", midnight - day): True,
+                 KEYS.schedule("p1", midnight + day): True,  # drawn ahead by `schedule show`
+                 KEYS.schedule("p1", midnight - 3 * day): False, KEYS.schedule("p1", midnight - 30 * day): False,
+                 KEYS.schedule("p3", midnight): False,  # p3 is not registered
+                 KEYS.all_schedules() + "p1/garbage": True}
+    await store.txn([], [Put(k, b'{"times":[],"schema":1}') for k in schedules])
+    pool = FakePool()
+    before = ORDERS_COMPACTED._value.get()
+
+    with caplog.at_level(logging.INFO, logger="coordinator.retention"):
+        report = await job(store, registry, pool).run_once()
+
+    assert sorted(await order_ids(store)) == ["future", "guarded", "pointed", "running", "uncleaned", "young"]
+    assert (report.orders_compacted, report.orders_unreadable, report.orders_kept) == (3, 1, 3)
+    assert ORDERS_COMPACTED._value.get() - before == 3
+    history = History(store, KEYS)
+    [(_, p1_event)] = await history.list("p1")
+    assert (p1_event.what, p1_event.result, p1_event.serial_hex, p1_event.detail) == (
+        "order", "ok", "1d", "order done https://ca.test/order/done")
+    [(_, p2_event)] = await history.list("p2")
+    assert (p2_event.result, p2_event.detail) == ("failed", "order failed https://ca.test/order/failed: the CA refused")
+    assert "future" in caplog.text and "cannot be read" in caplog.text  # logged, left alone
+    assert "authorization-only order(s) deleted" in caplog.text and "revocation" in caplog.text
+
+    left = {e.key for e in await store.range(KEYS.all_schedules())}
+    assert left == {k for k, keep in schedules.items() if keep}
+    assert report.schedules_pruned == 3
+    assert pool.in_use == {("p1.test:7000", "p1"), ("p2.test:7000", "p2")} and report.channels_closed == 1
+
+    again = await job(store, registry).run_once()  # nothing more to do, nothing done twice
+    assert (again.orders_compacted, again.schedules_pruned) == (0, 0)
+    assert len(await history.list("p1")) == 1
+
+
+class RacingStore(MemoryStore):
+    """Rewrites ``victim`` just before the first transaction that deletes it."""
+
+    def __init__(self, victim: str) -> None:
+        super().__init__()
+        self.victim = victim
+        self.raced = False
+
+    async def _commit(self, checks: Sequence[Check], ops: Sequence[Op]) -> Committed:
+        if not self.raced and any(isinstance(op, Delete) and op.key == self.victim for op in ops):
+            self.raced = True
+            current = await self.get(self.victim)
+            assert current is not None
+            await super()._commit([], [Put(self.victim, current.value)])
+        return await super()._commit(checks, ops)
+
+
+async def test_an_order_that_changed_since_it_was_read_is_left_alone() -> None:
+    store = RacingStore(KEYS.order("b"))
+    registry = await register(store, "p1")
+    await put_orders(store, order("a"), order("b"), order("c"))
+    report = await job(store, registry).run_once()
+    assert store.raced and report.orders_changed == 1 and report.orders_compacted == 2
+    assert await order_ids(store) == ["b"]
+    assert sorted(e.detail.split()[1] for _, e in await History(store, KEYS).list("p1")) == ["a", "c"]
+    assert (await job(store, registry).run_once()).orders_compacted == 1  # the next run takes it
+    assert await order_ids(store) == []
+
+
+async def test_an_event_already_at_the_orders_time_is_kept_and_the_compaction_moves_on() -> None:
+    store = MemoryStore()
+    registry = await register(store, "p1")
+    rec = order("a")
+    seq = retention.compaction(entry(rec), rec).seq
+    history = History(store, KEYS)
+    existing = Event(at=rec.updated_at, peer_id="p1", domain="", who="operator:bob", what="deploy", result="ok")
+    await store.txn([], [history.put_at(existing, seq)])
+    await put_orders(store, rec)
+    assert (await job(store, registry).run_once()).orders_compacted == 1
+    listed = await history.list("p1")
+    assert [(key, e.what) for key, e in listed] == [(f"{seq + 1:020d}", "order"), (f"{seq:020d}", "deploy")]
+
+
+class CountingStore(MemoryStore):
+    """Records the (checks, ops) sizes of every transaction."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sizes: list[tuple[int, int]] = []
+
+    async def _commit(self, checks: Sequence[Check], ops: Sequence[Op]) -> Committed:
+        self.sizes.append((len(checks), len(ops)))
+        return await super()._commit(checks, ops)
+
+
+async def test_many_orders_go_in_batches_and_history_keeps_the_newest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(history_module, "MAX_EVENTS", 30)
+    store = CountingStore(page_keys=25)
+    registry = await register(store, "p1")
+    history = History(store, KEYS)
+    recent = Event(at=NOW.isoformat(), peer_id="p1", domain="", who="c", what="deploy", result="ok")
+    await store.txn([], [history.put(recent)])  # today: newer than every compacted order
+    for first in range(0, 250, 50):
+        await put_orders(store, *(order(f"o{i:03d}", age_days=8 + i / 100) for i in range(first, first + 50)))
+    store.sizes.clear()
+    report = await job(store, registry).run_once()
+    assert report.orders_compacted == 250 and await order_ids(store) == []
+    # Every transaction within etcd's --max-txn-ops (128), with room for the leader's fence check.
+    assert store.sizes and all(checks < 128 and ops <= 128 for checks, ops in store.sizes)
+    deletes_of_events = [ops for checks, ops in store.sizes if checks == 0]
+    assert sum(deletes_of_events) == 221 and len(deletes_of_events) == 3  # 251 events trimmed to 30
+    listed = [e for _, e in await history.list("p1")]
+    assert len(listed) == 30 and listed[0] == recent
+    # The 29 most recently ended orders remain (o000 ended last), newest first.
+    assert [e.detail.split()[1] for e in listed[1:]] == [f"o{i:03d}" for i in range(29)]
+
+
+async def test_a_deposed_leader_compacts_nothing() -> None:
+    store = MemoryStore()
+    registry = await register(store, "p1")
+    await put_orders(store, order("a"))
+    fence = await store.put_if(KEYS.leader(), b"c1", expect_mod_revision=0)
+    await store.put_if(KEYS.leader(), b"c2", expect_mod_revision=fence)  # someone else leads now
+    with pytest.raises(NotLeader):
+        await job(store.fenced(KEYS.leader(), fence), registry).run_once()
+    assert await order_ids(store) == ["a"] and await History(store, KEYS).list("p1") == []
+
+
+async def test_the_schedulers_own_keys_survive_while_in_use() -> None:
+    store = MemoryStore()
+    registry = await register(store, "p1")
+    settings = RenewalSettings()
+    now = datetime.datetime(2026, 3, 29, 0, 30, tzinfo=UTC)  # Paris springs forward in the night
+    for when in (now, now - datetime.timedelta(days=1), now - datetime.timedelta(days=5)):
+        scheduler = RenewalScheduler(store, KEYS, registry, None, None, None, settings, "c",  # type: ignore[arg-type]
+                                     clock=lambda when=when: when)
+        start, end = scheduler._period({"tz": "Europe/Paris"}, when)
+        await scheduler._opportunities("p1", start, end)
+    keep = {e.key async for page in store.range_pages(KEYS.all_schedules()) for e in page}
+    retention_job = RetentionJob(store, KEYS, registry, FakePool(), History(store, KEYS),  # type: ignore[arg-type]
+                                 RetentionSettings(), period_seconds=settings.period_seconds, clock=lambda: now)
+    assert (await retention_job.run_once()).schedules_pruned == 1
+    left = [e.key for e in await store.range(KEYS.all_schedules())]
+    assert len(left) == 2 and set(left) < keep
+
+
+async def test_a_failed_automatic_order_compacted_before_it_is_counted_still_counts() -> None:
+    store = MemoryStore()
+    registry = await register(store, "p1")
+
+    class Compacted:
+        async def get_order(self, order_id: str) -> OrderRecord:
+            raise NotFound(f"no order {order_id!r}")
+
+    slot = {"peer_id": "p1", "domain": "", "pending": None, "current_order": None,
+            "csr": {"names": ["www.example.com"], "key_type": "ec-p256", "created_at": NOW.isoformat()},
+            "schedule": {"auto": True}, "renewal": {"last_auto_order": "gone"},
+            "last_sign": {"status": "failed", "at": NOW.isoformat(), "error": "boom", "order_id": "gone"}}
+    await store.put_if(KEYS.cert("p1", "server"), records.encode(slot), expect_mod_revision=0)
+    scheduler = RenewalScheduler(store, KEYS, registry, None, Compacted(), None,  # type: ignore[arg-type]
+                                 RenewalSettings(), "c", clock=lambda: NOW)
+    assert await scheduler.tick() == 1
+    state = records.decode((await store.get(KEYS.cert("p1", "server"))).value)["renewal"]  # type: ignore[union-attr]
+    assert (state["failures"], state["counted_order"], state["last_error"]) == (1, "gone", "boom")
+    assert state["retry_at"] == (NOW + datetime.timedelta(hours=1)).isoformat(timespec="seconds")
+
+
+# --- AgentPool.prune -------------------------------------------------------------------
+
+
+async def test_pool_prune_closes_only_channels_no_registered_peer_uses(tmp_path: Path) -> None:
+    pki.init_ca(tmp_path, cluster="t")
+    cert, key = pki.issue(tmp_path, pki.Identity(pki.Role.COORDINATOR, "c1"), out_dir=tmp_path)
+    pool = AgentPool(TLSFiles(tmp_path / pki.CA_CERT, cert, key), timeout=0.5)
+
+    def peer(peer_id: str, endpoint: str) -> PeerInfo:
+        return PeerInfo(peer_id, (), endpoint, "", "closed", "1", True, "")
+
+    kept, moved, removed = peer("a", "127.0.0.1:9"), peer("b", "127.0.0.1:10"), peer("c", "127.0.0.1:11")
+    stubs = {p: pool.stub(p) for p in (kept, moved, removed)}
+    moved_now = peer("b", "127.0.0.1:12")  # b registered again at another endpoint
+    pool.stub(moved_now)
+    closed = await pool.prune({("127.0.0.1:9", "a"), ("127.0.0.1:12", "b")})
+    assert set(closed) == {("127.0.0.1:10", "b"), ("127.0.0.1:11", "c")}
+    for p in (moved, removed):
+        with pytest.raises(grpc.aio.UsageError):
+            await stubs[p].Status(agent_pb2.AgentStatusRequest(), timeout=0.5)
+    with pytest.raises(grpc.aio.AioRpcError):  # still open: it tries (nothing listens there)
+        await stubs[kept].Status(agent_pb2.AgentStatusRequest(), timeout=0.5)
+    assert await pool.prune({("127.0.0.1:9", "a"), ("127.0.0.1:12", "b")}) == []
+    with pytest.raises(grpc.aio.AioRpcError):  # a pruned pair that comes back gets a fresh channel
+        await pool.stub(removed).Status(agent_pb2.AgentStatusRequest(), timeout=0.5)
+    await pool.close()
