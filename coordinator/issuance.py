@@ -10,6 +10,7 @@ step, so a coordinator started after a crash resumes the same order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -25,7 +26,7 @@ from clusteracme.v1 import agent_pb2, common_pb2
 from coordinator import orders, preflight, records
 from coordinator.accounts import Accounts
 from coordinator.acme_client import AcmeClient
-from coordinator.admission import Admission, Limits
+from coordinator.admission import BUDGET_WINDOW, Admission, Limits
 from coordinator.errors import PreflightFailed, RateLimited
 from coordinator.history import Event, History
 from coordinator.metrics import ORDERS_ACTIVE, ORDERS_QUEUED, SIGNS
@@ -91,6 +92,27 @@ class _OrderWriter:
 def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _scan_orders(entries: list[Any], now: float) -> list[OrderRecord | tuple[str, float]]:
+    """From a page of ``orders/``: every unfinished order (parsed), and the
+    (provider, time) of every new order the CA saw within the budget window."""
+    out: list[OrderRecord | tuple[str, float]] = []
+    for entry in entries:
+        try:
+            data = records.decode(entry.value)
+            if data.get("ordered_at"):
+                at = datetime.datetime.fromisoformat(data["ordered_at"]).timestamp()
+                if now - at < BUDGET_WINDOW:
+                    out.append((data["provider"], at))
+            if data.get("cleaned") and data.get("phase") in (Phase.DONE.value, Phase.FAILED.value):
+                continue  # ended: only the retention job looks at it again
+            out.append(OrderRecord.from_json(data))
+        except (ValueError, KeyError, TypeError) as exc:
+            # One unreadable record (a newer schema, a manual edit) must not
+            # keep every replica from serving.
+            log.error("order record %s is unreadable (%s); skipped", entry.key, exc)
+    return out
 
 
 def utcnow() -> str:
@@ -303,23 +325,18 @@ class Issuance:
 
     async def resume_all(self) -> list[str]:
         """Drive every order a previous leader left unfinished."""
-        unfinished = []
+        unfinished: list[OrderRecord] = []
         now = self._clock()
-        for entry in await self._store.range(self._keys.orders()):
-            try:
-                rec = OrderRecord.from_json(records.decode(entry.value))
-            except (ValueError, KeyError, TypeError) as exc:
-                # One unreadable record (a newer schema, a manual edit) must not
-                # keep every replica from serving.
-                log.error("order record %s is unreadable (%s); skipped", entry.key, exc)
-                continue
-            if rec.ordered_at:
-                # New orders the CA saw within the budget window still count.
-                at = datetime.datetime.fromisoformat(rec.ordered_at).timestamp()
-                if now - at < 3600:
-                    self._admission.record_use(rec.provider, at)
-            if not rec.done:
-                unfinished.append(rec)
+        # Page by page, decoded in the executor: years of ended orders (until
+        # the retention job compacts them) must neither exceed a message limit
+        # nor hold the event loop while a new leader starts.
+        async with contextlib.aclosing(self._store.range_pages(self._keys.orders())) as pages:
+            async for page in pages:
+                for rec_or_use in await asyncio.to_thread(_scan_orders, page, now):
+                    if isinstance(rec_or_use, OrderRecord):
+                        unfinished.append(rec_or_use)
+                    else:
+                        self._admission.record_use(*rec_or_use)
         # Queued orders are admitted again in submission order.
         unfinished.sort(key=lambda r: (r.created_at, r.order_id))
         for rec in unfinished:
@@ -371,7 +388,8 @@ class Issuance:
     async def get_order(self, order_id: str) -> OrderRecord:
         rec = await self._load_order(order_id)
         if rec is None:
-            raise errors.NotFound(f"no order {order_id!r}")
+            raise errors.NotFound(f"no order {order_id!r} (ended orders are compacted into their peer's history "
+                                  "after the retention period: acmectl events PEER)")
         return rec
 
     async def refresh_authorizations(self, rec: OrderRecord) -> OrderRecord:

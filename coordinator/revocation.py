@@ -172,12 +172,20 @@ class Revocation:
         return Known(provider, peer_id, domain, tuple(active_on))
 
     async def _issuers(self) -> dict[str, set[x509.Name]]:
-        """provider -> the issuers of the certificates obtained through it."""
+        """provider -> the issuers of the certificates obtained through it:
+        from the orders still kept, and from every slot's certificates (ended
+        orders are compacted after the retention period; slots keep theirs)."""
         out: dict[str, set[x509.Name]] = {}
         for entry in await self._store.range(self._keys.orders()):
             rec = OrderRecord.from_json(records.decode(entry.value))
             if rec.chain_pem:
                 out.setdefault(rec.provider, set()).add(certinfo.leaf(rec.chain_pem).issuer)
+        for entry in await self._store.range(self._keys.all_certs()):
+            slot = records.decode(entry.value)
+            for role in ("active", "pending", "previous"):
+                held = slot.get(role) or {}
+                if held.get("chain_pem") and held.get("provider"):
+                    out.setdefault(held["provider"], set()).add(certinfo.leaf(held["chain_pem"]).issuer)
         return out
 
     async def _provider_of_issuer(self, leaf: x509.Certificate) -> str:
