@@ -311,6 +311,10 @@ class Issuance:
             task.add_done_callback(_retrieve)  # waiters read the record; a lost leader exits anyway
         return task
 
+    def check_room(self) -> None:
+        """Raise ``QueueFull`` (RESOURCE_EXHAUSTED) when no order could be queued now."""
+        self._admission.check_room()
+
     def queue_position(self, order_id: str) -> int:
         """1-based place of a queued order in this leader's admission queue (0: not queued)."""
         return self._admission.position(order_id)

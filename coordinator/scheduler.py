@@ -24,6 +24,7 @@ from typing import Any
 from clusteracme import certinfo, errors
 from coordinator import records, renewal
 from coordinator.accounts import Accounts
+from coordinator.admission import QueueFull
 from coordinator.deployment import Deployment
 from coordinator.issuance import KEY_TYPE_LABELS, Issuance, slot_name
 from coordinator.metrics import AUTO_FAILURES, CERT_NOT_AFTER, DEPLOYS, PEERS_ALIVE, RENEWAL_OVERDUE
@@ -204,6 +205,7 @@ class RenewalScheduler:
                     active: dict[str, Any] | None, now: datetime.datetime, state: dict[str, Any]) -> None:
         csr = slot["csr"]
         try:
+            self._issuance.check_room()  # before a new key: a full queue is load, not a failure
             if schedule["key_policy"] == "rotate":
                 names = csr["names"]
                 await self._issuance.create_csr(peer_id, domain, names[0], names[1:],
@@ -218,6 +220,12 @@ class RenewalScheduler:
             provider = (active or {}).get("provider", "")
             rec = await self._issuance.start_sign(peer_id, domain, provider, False, self._identity, auto=True,
                                                   replaces=replaces)
+        except QueueFull as exc:
+            # Load never counts as a failure: give the opportunity back and
+            # try again at a later tick (no order was saved).
+            log.warning("automatic sign for %s %s waits: %s", peer_id, domain or "server", exc.message)
+            await self._save_state(peer_id, domain, {"handled_opportunity": state.get("handled_opportunity", "")})
+            return
         except errors.ClusterAcmeError as exc:
             failures = state.get("failures", 0) + 1
             retry_at = now + datetime.timedelta(seconds=self._backoff(failures))
