@@ -24,7 +24,9 @@ test-integration: deps $(STAMP)
 
 bench: deps $(STAMP)
 	$(PY) -m bench.sign_latency
+	$(PY) -m bench.sign_latency --peers 30
 	$(PY) -m bench.rollout_connections
+	$(PY) -m bench.fleet --peers 30 --slots 7
 
 deps:
 	@deploy/dev-deps.sh

@@ -16,7 +16,8 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,25 @@ from clusteracme import pki
 from clusteracme.localcluster.infra import Infra, InfraError, Process, free_port, tcp_check
 
 COORDINATOR_HOST = "127.0.0.1"
+MAX_DNS_PEERS = 8
+"""The most peers the benchmarks point one name at (fewer when the name is
+too long for that many: ``dns_answer_limit``)."""
+DNS_UDP_LIMIT = 512
+_SOA_BYTES = 106  # the SOA record challtestsrv adds to the authority section
+
+
+def dns_answer_limit(name: str) -> int:
+    """How many A records of ``name`` pebble can resolve.
+
+    Pebble's DNS client fails on answers longer than the classic 512-byte
+    UDP limit ("dns: buffer size too small"), and challtestsrv repeats the
+    full name in every record and adds an SOA.
+    Measured: an answer is exactly 12 + (n+6) + k*(n+16) + 106 bytes for k
+    records of an n-character name; 504 bytes validate, 524 and 540 fail. So
+    a 36-character name takes 6 addresses, a 20-character one 10.
+    """
+    wire = len(name.rstrip(".")) + 2  # the labels' length octets and the root
+    return max(0, (DNS_UDP_LIMIT - 12 - (wire + 4) - _SOA_BYTES) // (wire + 14))
 
 
 def served_serial(endpoint: str, sni: str | None) -> str:
@@ -125,17 +145,19 @@ class LocalCluster:
             self.start_coordinator()
             for i in range(1, self.peers + 1):
                 self.agents.append(self._make_agent(i))
-                self.start_agent(i)
-            self.wait_peers_alive()
+            self.start_agents(range(1, self.peers + 1))
+            self.wait_peers_alive(timeout=30 + self.peers)
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
-        for agent in self.agents:
-            if agent.process is not None:
-                agent.process.stop()
+        # In parallel: each agent may take its grace period to exit.
+        processes = [a.process for a in self.agents if a.process is not None]
+        if processes:
+            with ThreadPoolExecutor(len(processes)) as pool:
+                list(pool.map(Process.stop, processes))
         if self.coordinator is not None:
             self.coordinator.stop(timeout=10)
         if self.infra is not None:
@@ -212,10 +234,22 @@ class LocalCluster:
         return self.agents[index - 1]
 
     def start_agent(self, index: int) -> None:
-        agent = self.agent(index)
-        agent.process = Process(agent.peer_id, self._python("peer_agent.app", agent.config),
-                                log_path=self.run_dir / f"agent-{agent.peer_id}.log", env=self._env())
-        agent.process.wait_ready(tcp_check(agent.address, agent.grpc_port), timeout=30)
+        self.start_agents([index])
+
+    def start_agents(self, indexes: Iterable[int]) -> None:
+        """Start these agents all at once, then wait until each listens (a
+        30-peer fleet starts in the time of its slowest agent, not the sum)."""
+        started = []
+        for index in indexes:
+            agent = self.agent(index)
+            agent.process = Process(agent.peer_id, self._python("peer_agent.app", agent.config),
+                                    log_path=self.run_dir / f"agent-{agent.peer_id}.log", env=self._env())
+            started.append(agent)
+        # Python start-up is CPU-bound: many agents on few cores take longer each.
+        timeout = 30 + 2 * len(started)
+        for agent in started:
+            assert agent.process is not None
+            agent.process.wait_ready(tcp_check(agent.address, agent.grpc_port), timeout=timeout)
 
     def stop_agent(self, index: int) -> None:
         agent = self.agent(index)
@@ -260,9 +294,31 @@ class LocalCluster:
             time.sleep(0.2)
 
     def set_dns(self, name: str, peer_indexes: Sequence[int]) -> None:
-        """Point ``name`` at the given peers, in this order (pebble uses the first)."""
+        """Point ``name`` at the given peers, in this order (pebble uses the
+        first). Pebble cannot resolve more than ``dns_answer_limit(name)``
+        addresses: ``set_dns_rotating`` keeps within it."""
         assert self.infra is not None
         self.infra.challtestsrv.set_a(name, [peer_address(i) for i in peer_indexes])
+
+    def rotating_peers(self, k: int, limit: int = MAX_DNS_PEERS) -> list[int]:
+        """Peer indexes for the ``k``-th name: ``limit`` consecutive peers (all
+        of them when there are fewer), starting at peer ``k mod peers`` and
+        wrapping round. Over consecutive ``k`` every peer comes first in turn,
+        so every peer serves validations (pebble uses the first address)."""
+        count = min(self.peers, limit)
+        return [(k + j) % self.peers + 1 for j in range(count)]
+
+    def set_dns_rotating(self, name: str, k: int, limit: int = MAX_DNS_PEERS) -> list[int]:
+        """Point ``name`` at ``rotating_peers(k, ...)``: at most ``limit``
+        peers, and no more than pebble can resolve for this name
+        (``dns_answer_limit``); returns them. Every peer still serves: the
+        coordinator asks all registered peers."""
+        fits = dns_answer_limit(name)
+        if fits < 1:
+            raise ValueError(f"{name} is too long for pebble to resolve even one address")
+        peers = self.rotating_peers(k, min(limit, fits))
+        self.set_dns(name, peers)
+        return peers
 
     @property
     def ca_bundle(self) -> Path:
