@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from peer_agent.challenge_server import ChallengeServer
 from peer_agent.errors import NotStarted
 from peer_agent.front import Front, FrontMode
-from peer_agent.tokens import DEFAULT_MAX_TTL, TokenStore
+from peer_agent.tokens import DEFAULT_MAX_TTL, OrderTokens, TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -111,20 +111,37 @@ class ChallengeService:
         nothing. Re-presenting the same tokens only extends their expiry.
         Returns how many tokens the order now holds.
         """
+        held, _ = await self._open([(order_id, tokens)], ttl)
+        return held[order_id]
+
+    async def present_batch(self, orders: Sequence[OrderTokens], ttl: float) -> int:
+        """Open the tokens of several orders at once, each as ``present``
+        would, all with the same ``ttl``; the listeners open once for the batch.
+
+        All or nothing: one invalid token or conflict refuses the whole batch
+        and opens none. Returns how many tokens are open after the call.
+        """
+        _, open_now = await self._open(orders, ttl)
+        return open_now
+
+    async def _open(self, orders: Sequence[OrderTokens], ttl: float) -> tuple[dict[str, int], int]:
+        """Validate and open ``orders``; (tokens held per order, tokens open)."""
         async with self._lock:
             if self._expiry_task is None:
                 raise NotStarted("the challenge service is not started")
-            self._store.validate(order_id, tokens, ttl)
+            self._store.validate_batch(orders, ttl)
             try:
                 await self._server.start()
                 if self._front.mode is FrontMode.CLOSED:
                     await self._front.start()
-                held = self._store.add(order_id, tokens, ttl)
+                open_now = self._store.add_batch(orders, ttl)
             finally:
                 await self._close_if_idle()
+            held = {order_id: self._store.held(order_id) for order_id, _ in orders}
         self._wake.set()
-        log.info("order %s: %d challenge token(s) open", order_id, held)
-        return held
+        for order_id, count in held.items():
+            log.info("order %s: %d challenge token(s) open", order_id, count)
+        return held, open_now
 
     async def remove(self, order_id: str, tokens: list[str] | None = None) -> int:
         """Release ``order_id``'s tokens (all when None); unknown ones are
@@ -135,6 +152,22 @@ class ChallengeService:
         if released:
             log.info("order %s: %d challenge token(s) removed", order_id, released)
         return released
+
+    async def remove_batch(self, removals: Iterable[tuple[str, list[str] | None]]) -> int:
+        """Release the tokens of several orders at once, each as ``remove``
+        would (a None token list: all the order's tokens); the listeners close
+        at most once, after the whole batch. Returns how many tokens are still
+        open after the call."""
+        released: dict[str, int] = {}
+        async with self._lock:
+            for order_id, tokens in removals:
+                released[order_id] = released.get(order_id, 0) + self._store.remove(order_id, tokens)
+            await self._close_if_idle()
+            open_now = self._store.live_count()
+        for order_id, count in released.items():
+            if count:
+                log.info("order %s: %d challenge token(s) removed", order_id, count)
+        return open_now
 
     async def purge_expired(self) -> int:
         """Drop expired tokens now (the expiry task calls this on time)."""

@@ -8,6 +8,10 @@ forwarded, everything else is 404.
 
 The front never answers a token itself: it forwards to the challenge server
 over loopback, so there is one place that knows what is served.
+
+Like the challenge server, the front imports aiohttp when it first starts
+(see ``peer_agent.challenge_server``): a ``closed`` front is not listening
+most of the time, and an agent with nothing to serve never needs it.
 """
 
 from __future__ import annotations
@@ -16,10 +20,7 @@ import enum
 import logging
 import re
 from collections.abc import Callable
-
-import aiohttp
-from aiohttp import hdrs, web
-from yarl import URL
+from typing import TYPE_CHECKING
 
 from peer_agent.challenge_server import (
     CHALLENGE_PREFIX,
@@ -28,7 +29,12 @@ from peer_agent.challenge_server import (
     method_not_allowed,
     not_found,
     raw_path_only,
+    text_response,
 )
+
+if TYPE_CHECKING:
+    import aiohttp
+    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +87,7 @@ class Front:
         # bracketed when IPv6, so the forward URL can be formatted directly
         self._upstream_host = f"[{upstream_host}]" if ":" in upstream_host else upstream_host
         self._https_suffix = "" if https_port == 443 else f":{https_port}"
-        self._timeout = aiohttp.ClientTimeout(total=forward_timeout)
+        self._forward_timeout = forward_timeout
         self._session: aiohttp.ClientSession | None = None
         self._listener = Listener(
             self._handle, host, port, what=f"port-80 front ({mode.value})",
@@ -98,10 +104,13 @@ class Front:
 
     async def start(self) -> int:
         if self._session is None:
+            # Imported at the first start, not with the module: see the module docstring.
+            import aiohttp
+
             # force_close: the challenge server comes and goes, and a pooled
             # connection to a closed one would fail the next forward
             self._session = aiohttp.ClientSession(
-                timeout=self._timeout,
+                timeout=aiohttp.ClientTimeout(total=self._forward_timeout),
                 connector=aiohttp.TCPConnector(force_close=True),
             )
         try:
@@ -131,13 +140,16 @@ class Front:
             response = await self._forward(upstream, token)
             # Operators (and the tests) see which validator reached which peer.
             log.info("challenge %s requested by %s (%s) for Host %s: HTTP %d", token, request.remote,
-                     request.headers.get(hdrs.USER_AGENT, "-"), request.headers.get(hdrs.HOST, "-"), response.status)
+                     request.headers.get("User-Agent", "-"), request.headers.get("Host", "-"), response.status)
             return response
         if self.mode is FrontMode.CLOSED:
             return not_found()
         return self._redirect(request)
 
     async def _forward(self, upstream: int, token: str) -> web.StreamResponse:
+        import aiohttp  # loaded by start(), which made the session
+        from yarl import URL
+
         session = self._session
         if session is None:
             return not_found()
@@ -148,25 +160,20 @@ class Front:
         try:
             async with session.get(url, allow_redirects=False) as resp:
                 body = await resp.content.read(_MAX_RELAYED_BODY)
-                return web.Response(
-                    status=resp.status, body=body, content_type="text/plain"
-                )
+                return text_response(resp.status, body)
         except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("forwarding token %s to %s failed: %r", token, url, exc)
-            return web.Response(
-                status=502, body=b"challenge server unavailable\n",
-                content_type="text/plain",
-            )
+            return text_response(502, b"challenge server unavailable\n")
 
     def _redirect(self, request: web.BaseRequest) -> web.StreamResponse:
-        host = host_without_port(request.headers.get(hdrs.HOST))
+        from aiohttp import web  # loaded by start(), which runs the listener calling us
+
+        host = host_without_port(request.headers.get("Host"))
         target = request.raw_path
         # origin-form only: an absolute-form or "*" target has no path to keep
         if host is None or not target.startswith("/"):
-            return web.Response(
-                status=400, body=b"bad request\n", content_type="text/plain"
-            )
+            return text_response(400, b"bad request\n")
         return web.Response(
             status=301,
-            headers={hdrs.LOCATION: f"https://{host}{self._https_suffix}{target}"},
+            headers={"Location": f"https://{host}{self._https_suffix}{target}"},
         )

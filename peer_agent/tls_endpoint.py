@@ -13,6 +13,12 @@ new certificate.
 
 An endpoint answers every request with a one-line health page naming the
 serial the connection was served, or proxies to a local ``upstream``.
+
+The certificate half of this module (contexts, SNI choice) needs only
+``ssl``. aiohttp, the largest part of an idle agent's memory, is imported
+when an endpoint starts listening (at start-up when a certificate is already
+deployed, else at the first deploy), so an agent with nothing to serve does
+not carry it; the request handlers run only after that.
 """
 
 from __future__ import annotations
@@ -23,14 +29,14 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-
-import aiohttp
-from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
+from typing import TYPE_CHECKING, Protocol
 
 from peer_agent.errors import EndpointError, TLSLoadError
+
+if TYPE_CHECKING:
+    import aiohttp
+    from aiohttp import web
+    from multidict import CIMultiDict, CIMultiDictProxy
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +45,8 @@ _HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "trailers", "transfer-encoding", "upgrade",
 })
-_UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=60.0)
+_UPSTREAM_CONNECT_TIMEOUT = 5.0
+_UPSTREAM_READ_TIMEOUT = 60.0
 
 
 class PairFiles(Protocol):
@@ -112,6 +119,10 @@ class TLSEndpoint:
 
     def __init__(self, host: str, port: int, *, peer_id: str, upstream: str = "") -> None:
         if upstream:
+            # Only an endpoint configured as a proxy needs yarl, and it needs it at
+            # once: a bad upstream is a configuration error at start-up.
+            from yarl import URL
+
             url = URL(upstream)
             if url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/") or url.query_string:
                 raise ValueError(f"upstream must be http(s)://host:port without a path, not {upstream!r}")
@@ -173,6 +184,10 @@ class TLSEndpoint:
             if not self._contexts.by_domain:
                 log.info("TLS endpoint %s waits for its first certificate", self.address)
                 return False
+            # Imported when there is something to serve: see the module docstring.
+            import aiohttp
+            from aiohttp import web
+
             runner = web.ServerRunner(web.Server(self._handle), shutdown_timeout=2.0)
             await runner.setup()
             site = web.TCPSite(
@@ -187,7 +202,9 @@ class TLSEndpoint:
                 ) from exc
             if self._upstream:
                 # auto_decompress off: bodies are relayed as they come, with their Content-Encoding.
-                self._session = aiohttp.ClientSession(timeout=_UPSTREAM_TIMEOUT, auto_decompress=False)
+                timeout = aiohttp.ClientTimeout(
+                    total=None, sock_connect=_UPSTREAM_CONNECT_TIMEOUT, sock_read=_UPSTREAM_READ_TIMEOUT)
+                self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
             self._runner = runner
             self._port = runner.addresses[0][1]
             log.info("TLS endpoint listening on %s (serials %s)", self.address, self._contexts.serials)
@@ -205,6 +222,8 @@ class TLSEndpoint:
             self._port = None
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        from aiohttp import hdrs, web  # loaded by start(), which runs the listener calling us
+
         if self._upstream:
             return await self._proxy(request)
         if request.method not in (hdrs.METH_GET, hdrs.METH_HEAD):
@@ -215,6 +234,10 @@ class TLSEndpoint:
         return web.Response(text=f"ok {self.peer_id} serial={serial}\n")
 
     async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
+        import aiohttp  # loaded by start(), which made the session
+        from aiohttp import hdrs, web
+        from yarl import URL
+
         assert self._session is not None
         if not request.raw_path.startswith("/"):
             # Only origin-form targets are proxied: an absolute URL or "*" must
@@ -259,7 +282,9 @@ class TLSEndpoint:
 def _end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """``headers`` without hop-by-hop ones (also those named in Connection)
     and without Content-Length, which the relaying side sets itself."""
-    named = {token.strip().lower() for value in headers.getall(hdrs.CONNECTION, []) for token in value.split(",")}
+    from multidict import CIMultiDict  # aiohttp's, loaded with it by TLSEndpoint.start
+
+    named = {token.strip().lower() for value in headers.getall("Connection", []) for token in value.split(",")}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lowered = name.lower()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from peer_agent.errors import InvalidToken, TokenConflict
@@ -28,6 +28,9 @@ _THUMBPRINT_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 DEFAULT_MAX_TTL = 3600.0
 MAX_ORDER_ID_LEN = 256
+
+# One order's part of a batched call: (order id, token -> key authorization).
+OrderTokens = tuple[str, Mapping[str, str]]
 
 
 @dataclass
@@ -77,8 +80,8 @@ def validate_order_id(order_id: object) -> str:
 class TokenStore:
     """Open tokens with their key authorizations and expiries.
 
-    ``add`` validates the whole request before changing anything, so a
-    rejected call leaves the store as it was. Expired holdings are never
+    ``add`` and ``add_batch`` validate the whole request before changing
+    anything, so a rejected call leaves the store as it was. Expired holdings are never
     served, even before ``purge_expired`` drops them.
     """
 
@@ -95,9 +98,21 @@ class TokenStore:
 
     def validate(self, order_id: str, tokens: Mapping[str, str], ttl: float) -> None:
         """Raise InvalidToken or TokenConflict if ``add`` would; change nothing."""
-        validate_order_id(order_id)
-        if not isinstance(tokens, Mapping) or not tokens:
+        self.validate_batch([(order_id, tokens)], ttl)
+
+    def validate_batch(self, orders: Sequence[OrderTokens], ttl: float) -> None:
+        """Raise InvalidToken or TokenConflict if ``add_batch`` would; change nothing.
+
+        The orders are checked as if added one after the other, so a token
+        that two orders of the batch open with different key authorizations
+        conflicts just as it would in two calls.
+        """
+        if not orders:
             raise InvalidToken("at least one challenge token is required")
+        for order_id, tokens in orders:
+            validate_order_id(order_id)
+            if not isinstance(tokens, Mapping) or not tokens:
+                raise InvalidToken("at least one challenge token is required")
         if (
             isinstance(ttl, bool)
             or not isinstance(ttl, (int, float))
@@ -107,17 +122,19 @@ class TokenStore:
                 f"the token TTL must be more than 0 and at most {self.max_ttl:g} seconds"
             )
         now = self._clock()
-        for token, key_authorization in tokens.items():
-            validate_key_authorization(validate_token(token), key_authorization)
-            entry = self._entries.get(token)
-            if (
-                entry is not None
-                and entry.live(now)
-                and entry.key_authorization != key_authorization
-            ):
-                raise TokenConflict(
-                    f"token {token} is already open with a different key authorization"
-                )
+        opened: dict[str, str] = {}  # what the earlier orders of the batch open
+        for _, tokens in orders:
+            for token, key_authorization in tokens.items():
+                validate_key_authorization(validate_token(token), key_authorization)
+                current = opened.get(token)
+                entry = self._entries.get(token)
+                if current is None and entry is not None and entry.live(now):
+                    current = entry.key_authorization
+                if current is not None and current != key_authorization:
+                    raise TokenConflict(
+                        f"token {token} is already open with a different key authorization"
+                    )
+                opened[token] = key_authorization
 
     def add(self, order_id: str, tokens: Mapping[str, str], ttl: float) -> int:
         """Open ``tokens`` for ``order_id`` until now + ``ttl``.
@@ -125,20 +142,26 @@ class TokenStore:
         Re-adding a token the order already holds only moves its expiry.
         Returns how many tokens this order now holds.
         """
-        self.validate(order_id, tokens, ttl)
+        self.add_batch([(order_id, tokens)], ttl)
+        return self.held(order_id)
+
+    def add_batch(self, orders: Sequence[OrderTokens], ttl: float) -> int:
+        """Open the tokens of several orders, each as ``add`` would, until
+        now + ``ttl``: all of them, or (when one is refused) none.
+
+        Returns how many tokens are open after the call.
+        """
+        self.validate_batch(orders, ttl)
         now = self._clock()
-        for token, key_authorization in tokens.items():
-            entry = self._entries.get(token)
-            if entry is None or not entry.live(now):
-                # an expired, not yet purged entry may carry another key
-                # authorization: start afresh rather than inherit its holders
-                entry = self._entries[token] = _Entry(key_authorization)
-            entry.holders[order_id] = now + ttl
-        return sum(
-            1
-            for entry in self._entries.values()
-            if entry.holders.get(order_id, -math.inf) > now
-        )
+        for order_id, tokens in orders:
+            for token, key_authorization in tokens.items():
+                entry = self._entries.get(token)
+                if entry is None or not entry.live(now):
+                    # an expired, not yet purged entry may carry another key
+                    # authorization: start afresh rather than inherit its holders
+                    entry = self._entries[token] = _Entry(key_authorization)
+                entry.holders[order_id] = now + ttl
+        return self.live_count(now)
 
     def remove(self, order_id: str, tokens: Iterable[str] | None = None) -> int:
         """Release ``order_id``'s hold on ``tokens`` (all of them when None).
@@ -180,6 +203,20 @@ class TokenStore:
                 del self._entries[token]
                 purged += 1
         return purged
+
+    def held(self, order_id: str, now: float | None = None) -> int:
+        """How many unexpired tokens ``order_id`` holds."""
+        now = self._clock() if now is None else now
+        return sum(
+            1
+            for entry in self._entries.values()
+            if entry.holders.get(order_id, -math.inf) > now
+        )
+
+    def live_count(self, now: float | None = None) -> int:
+        """Tokens open now (expired holdings, even if not purged, do not count)."""
+        now = self._clock() if now is None else now
+        return sum(1 for entry in self._entries.values() if entry.live(now))
 
     def next_expiry(self) -> float | None:
         """The earliest expiry of any holding, or None when nothing is open."""

@@ -8,6 +8,7 @@ import hashlib
 import os
 import tempfile
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ from peer_agent.challenges import ChallengeService
 from peer_agent.deployer import Deployer, DeployOutcome
 from peer_agent.errors import InvalidChain, StorageError
 from peer_agent.keys import KEY_TYPES, KeyStore
-from peer_agent.revocation import sign_revocation
 
 COORDINATOR = Role.COORDINATOR
 _LABEL_TO_ENUM = {label: enum for enum, (label, _) in KEY_TYPES.items()}
@@ -40,13 +40,25 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     @rpc_method(COORDINATOR)
     async def PresentTokens(self, request: pb.PresentTokensRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
-        tokens = {t.token: t.key_authorization for t in request.tokens}
-        n = await self._challenges.present(request.order_id, tokens, float(request.ttl_seconds))
+        if not request.orders:  # the single-order form, answered as it always was: tokens the order holds
+            tokens = _tokens(request.tokens)
+            n = await self._challenges.present(request.order_id, tokens, float(request.ttl_seconds))
+            return pb.PresentTokensResponse(open_tokens=n)
+        orders = [(request.order_id, _tokens(request.tokens))] if request.order_id or request.tokens else []
+        orders += [(o.order_id, _tokens(o.tokens)) for o in request.orders]
+        n = await self._challenges.present_batch(orders, float(request.ttl_seconds))
         return pb.PresentTokensResponse(open_tokens=n)
 
     @rpc_method(COORDINATOR)
     async def RemoveTokens(self, request: pb.RemoveTokensRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
-        n = await self._challenges.remove(request.order_id, list(request.tokens) or None)
+        if not request.order_ids:  # the single-order form, answered as it always was: tokens released
+            n = await self._challenges.remove(request.order_id, list(request.tokens) or None)
+            return pb.RemoveTokensResponse(open_tokens=n)
+        removals: list[tuple[str, list[str] | None]] = []
+        if request.order_id or request.tokens:
+            removals.append((request.order_id, list(request.tokens) or None))
+        removals += [(order_id, None) for order_id in request.order_ids]
+        n = await self._challenges.remove_batch(removals)
         return pb.RemoveTokensResponse(open_tokens=n)
 
     @rpc_method(COORDINATOR)
@@ -88,6 +100,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     @rpc_method(COORDINATOR)
     async def SignRevocation(self, request: pb.SignRevocationRequest, context: grpc.aio.ServicerContext,
                              who: Identity) -> Any:
+        # Imported at the first revocation: josepy and acme's JWS code are needed
+        # for nothing else, and most agents never sign one.
+        from peer_agent.revocation import sign_revocation
+
         jws_json = await asyncio.to_thread(sign_revocation, self._keys, request.certificate_der, request.reason,
                                            request.nonce, request.url)
         return pb.SignRevocationResponse(jws_json=jws_json)
@@ -129,6 +145,10 @@ def write_trust_bundle(path: Path, bundle_pem: str, sha256: str) -> None:
                 os.close(dir_fd)
     except OSError as exc:
         raise StorageError(f"cannot write the trust bundle {path}: {exc.strerror or exc}") from exc
+
+
+def _tokens(tokens: Iterable[common_pb2.ChallengeToken]) -> dict[str, str]:
+    return {t.token: t.key_authorization for t in tokens}
 
 
 def _deployed(outcome: DeployOutcome) -> pb.AgentDeployResponse:

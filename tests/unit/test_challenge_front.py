@@ -8,6 +8,7 @@ traversal, overlong paths) are written byte for byte on a raw socket.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -489,6 +490,91 @@ async def test_front_answers_502_when_the_challenge_server_is_gone() -> None:
         await front.stop()
     assert not front.listening
     await assert_refused(port)
+
+
+# --- batches: the tokens of several orders in one call ------------------------------
+
+
+def batch_tokens(n: int) -> dict[str, str]:
+    return {f"batchTok{i}": f"batchTok{i}.{THUMB}" for i in range(n)}
+
+
+def challenge_server_starts(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(1 for r in caplog.records
+               if r.name == "peer_agent.challenge_server" and r.getMessage().startswith("challenge server listening"))
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+async def test_a_batch_opens_the_listeners_once_and_serves_every_order(
+    make_service: Factory, mode: FrontMode, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    service, port = await make_service(mode)
+    tokens = batch_tokens(6)
+    items = list(tokens.items())
+    orders = [(f"o{i}", dict(items[2 * i:2 * i + 2])) for i in range(3)]
+    assert await service.present_batch(orders, 60) == 6
+    assert challenge_server_starts(caplog) == 1
+    assert service.front_listening and service.challenge_listening
+    for token, key_auth in tokens.items():
+        status, _, body = await request(port, f"/.well-known/acme-challenge/{token}")
+        assert (status, body) == (200, key_auth.encode())
+    # each order holds its own tokens, as if presented alone
+    assert await service.remove("o1") == 2
+    assert (await request(port, f"/.well-known/acme-challenge/{items[2][0]}"))[0] == 404
+    assert (await request(port, f"/.well-known/acme-challenge/{items[0][0]}"))[0] == 200
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+async def test_one_invalid_token_refuses_the_whole_batch_and_opens_nothing(
+    make_service: Factory, mode: FrontMode
+) -> None:
+    service, port = await make_service(mode)
+    with pytest.raises(InvalidToken):
+        await service.present_batch(
+            [("o1", {TOKEN: KEY_AUTH}), ("o2", {"../x": "../x." + THUMB})], 60)
+    assert service.open_tokens == 0 and not service.challenge_listening
+    assert service.front_listening is (mode is FrontMode.REDIRECT)
+    if mode is FrontMode.CLOSED:
+        await assert_refused(port)
+    else:
+        assert (await request(port, PATH))[0] == 301  # not served: redirected like any path
+
+
+async def test_a_refused_batch_leaves_the_open_tokens_as_they_were(make_service: Factory) -> None:
+    service, port = await make_service(FrontMode.CLOSED)
+    await service.present("o0", {TOKEN: KEY_AUTH}, 60)
+    other = "otherToken"
+    with pytest.raises(TokenConflict):
+        await service.present_batch([("o1", {other: f"{other}.{THUMB}"}), ("o2", {TOKEN: f"{TOKEN}.otherThumb"})], 60)
+    assert service.open_tokens == 1
+    assert (await request(port, PATH))[2] == KEY_AUTH.encode()
+    assert (await request(port, f"/.well-known/acme-challenge/{other}"))[0] == 404
+    assert await service.remove("o0") == 1
+    await assert_refused(port)
+
+
+async def test_remove_batch_closes_several_orders_and_the_port_once_empty(make_service: Factory) -> None:
+    service, port = await make_service(FrontMode.CLOSED)
+    tokens = batch_tokens(4)
+    items = list(tokens.items())
+    await service.present_batch([("o1", dict(items[:2])), ("o2", dict(items[2:3])), ("o3", dict(items[3:]))], 60)
+    # o1 entirely, o2 entirely, only one token of o3 (the mixed form a request can carry)
+    assert await service.remove_batch([("o3", ["nope"]), ("o1", None), ("o2", None)]) == 1
+    assert service.front_listening
+    assert (await request(port, f"/.well-known/acme-challenge/{items[3][0]}"))[2] == items[3][1].encode()
+    for token, _ in items[:3]:
+        assert (await request(port, f"/.well-known/acme-challenge/{token}"))[0] == 404
+    assert await service.remove_batch([("o3", [items[3][0]]), ("o1", None)]) == 0
+    assert not service.front_listening and not service.challenge_listening
+    await assert_refused(port)
+    assert await service.remove_batch([("o3", None)]) == 0  # repeatable
+
+
+async def test_present_batch_before_start_is_refused() -> None:
+    service = ChallengeService(HOST, free_port(), FrontMode.CLOSED)
+    with pytest.raises(NotStarted):
+        await service.present_batch([("o1", {TOKEN: KEY_AUTH})], 60)
 
 
 # --- external mode: the node's web server owns port 80 -------------------------

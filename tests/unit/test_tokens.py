@@ -231,3 +231,67 @@ def test_one_bad_token_in_a_batch_adds_nothing(store: TokenStore) -> None:
         store.add("o1", {T1: ka(T1), "bad/token": "bad/token." + THUMB}, 60)
     assert store.get(T1) is None
     assert len(store) == 0
+
+
+# --- batches: several orders in one call ---------------------------------------
+
+
+def test_a_batch_opens_every_order_as_if_added_one_by_one(store: TokenStore, clock: FakeClock) -> None:
+    assert store.add_batch([("o1", {T1: ka(T1)}), ("o2", {T2: ka(T2), T1: ka(T1)})], 60) == 2
+    assert (store.get(T1), store.get(T2)) == (ka(T1), ka(T2))
+    assert (store.held("o1"), store.held("o2")) == (1, 2)
+    store.remove("o1")
+    assert store.get(T1) == ka(T1)  # o2 still holds it
+    clock.advance(60)
+    assert store.get(T2) is None and store.live_count() == 0
+
+
+def test_an_order_twice_in_a_batch_merges(store: TokenStore) -> None:
+    assert store.add_batch([("o1", {T1: ka(T1)}), ("o1", {T2: ka(T2)})], 60) == 2
+    assert store.held("o1") == 2
+
+
+@pytest.mark.parametrize(
+    "orders",
+    [
+        [("o1", {T1: ka(T1)}), ("o2", {"bad/token": "bad/token." + THUMB})],
+        [("o1", {T1: ka(T1)}), ("o2", {T2: "not-the-token." + THUMB})],
+        [("o1", {T1: ka(T1)}), ("o2", {})],
+        [("o1", {T1: ka(T1)}), ("", {T2: ka(T2)})],
+        [],
+    ],
+    ids=["bad-token", "bad-key-authorization", "order-without-tokens", "empty-order-id", "no-orders"],
+)
+def test_one_invalid_order_refuses_the_whole_batch(store: TokenStore, orders: list) -> None:  # type: ignore[type-arg]
+    store.add("o0", {T3: ka(T3)}, 60)
+    with pytest.raises(InvalidToken):
+        store.add_batch(orders, 60)
+    assert store.get(T1) is None and store.get(T2) is None
+    assert len(store) == 1 and store.held("o0") == 1
+
+
+def test_a_conflict_inside_a_batch_refuses_it(store: TokenStore) -> None:
+    with pytest.raises(TokenConflict):
+        store.add_batch([("o1", {T1: ka(T1)}), ("o2", {T1: f"{T1}.otherThumb"})], 60)
+    assert len(store) == 0
+
+
+def test_a_conflict_with_an_open_token_refuses_the_batch(store: TokenStore) -> None:
+    store.add("o0", {T1: ka(T1)}, 60)
+    with pytest.raises(TokenConflict):
+        store.add_batch([("o1", {T2: ka(T2)}), ("o2", {T1: f"{T1}.otherThumb"})], 60)
+    assert store.get(T2) is None and store.get(T1) == ka(T1)
+    assert store.held("o0") == 1 and store.held("o1") == 0
+
+
+def test_a_batch_with_a_bad_ttl_adds_nothing(store: TokenStore) -> None:
+    with pytest.raises(InvalidToken):
+        store.add_batch([("o1", {T1: ka(T1)}), ("o2", {T2: ka(T2)})], 0)
+    assert len(store) == 0
+
+
+def test_live_count_ignores_expired_holdings_not_yet_purged(store: TokenStore, clock: FakeClock) -> None:
+    store.add("o1", {T1: ka(T1)}, 10)
+    store.add("o2", {T2: ka(T2)}, 60)
+    clock.advance(10)
+    assert (store.live_count(), len(store)) == (1, 2)
