@@ -125,6 +125,9 @@ class PeerProgress:
     checked): the CA may validate there, so it must serve."""
     skipped: bool = False
     """Not required and could not serve: reported, not fatal."""
+    timed_out: bool = False
+    """Its last failure was a timeout (a busy node, not a wrong answer):
+    worth another try before it fails the order."""
 
 
 @dataclass(frozen=True)
