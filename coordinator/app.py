@@ -4,13 +4,18 @@ Connects to etcd, campaigns for leadership, and once leader serves the
 operator and agent API over mTLS gRPC and resumes every order a previous
 leader left unfinished. Losing leadership stops the process (the supervisor
 restarts it as a candidate): a coordinator that might no longer be the
-leader must not act.
+leader must not act. Being busy does not lose it: the lease keep-alive has a
+thread and an etcd channel of its own (``election``). The loop measures its
+own lag (``looplag``), and blocking work runs in a bounded thread pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 from grpc_health.v1 import health_pb2
 
@@ -24,13 +29,15 @@ from coordinator.deployment import Deployment
 from coordinator.election import Election
 from coordinator.history import History
 from coordinator.issuance import Issuance
+from coordinator.looplag import LoopLagMonitor
 from coordinator.peers import AgentPool, Registry
 from coordinator.preflight import DnsResolver
+from coordinator.retention import RetentionJob
 from coordinator.revocation import Revocation
 from coordinator.rpc.servicer import CoordinatorServicer
 from coordinator.scheduler import RenewalScheduler
 from coordinator.secretbox import SecretBox
-from coordinator.settings import CoordinatorSettings
+from coordinator.settings import CoordinatorSettings, TimingSettings
 from coordinator.store.etcd import EtcdStore
 from coordinator.store.keys import Keys
 from coordinator.trust import TrustStore
@@ -44,7 +51,26 @@ def etcd_store(settings: CoordinatorSettings) -> EtcdStore:
     return EtcdStore(list(e.endpoints), ca=e.ca, cert=e.cert, key=e.key, user=e.user or None, password=password)
 
 
+def blocking_executor(timing: TimingSettings) -> ThreadPoolExecutor:
+    """The bounded pool behind ``asyncio.to_thread`` (see ``timing.blocking_threads``)."""
+    if timing.blocking_threads < 0:
+        raise errors.InvalidArgument(f"timing.blocking_threads must be 0 (automatic) or more, not "
+                                     f"{timing.blocking_threads}")
+    threads = timing.blocking_threads or max(4, 2 * (os.cpu_count() or 1))
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blocking")
+
+
 async def run(settings: CoordinatorSettings) -> int:
+    async with contextlib.AsyncExitStack() as cleanup:
+        return await _serve(settings, cleanup)
+
+
+async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitStack) -> int:
+    if settings.timing.loop_lag_warning <= 0:
+        raise errors.InvalidArgument("timing.loop_lag_warning must be positive")
+    # Every asyncio.to_thread (the acme library, parsing) runs in this
+    # bounded pool; it is shut down, waiting for calls in flight, at exit.
+    asyncio.get_running_loop().set_default_executor(blocking_executor(settings.timing))
     sup = Supervisor()
     sup.install_signal_handlers()
     box = SecretBox.from_file(settings.account_key_file)  # refuse to start without a usable key file
@@ -57,7 +83,9 @@ async def run(settings: CoordinatorSettings) -> int:
     await store.connect()
     t = settings.timing
 
-    election = Election(store, keys.leader(), settings.name, ttl=t.leader_ttl)
+    # The lease keep-alive runs on a thread with its own etcd channel: a busy loop cannot starve it.
+    election = Election(store, keys.leader(), settings.name, ttl=t.leader_ttl, keepalive_store=store.open_replica)
+    cleanup.push_async_callback(election.abandon)  # however this ends, the thread does not outlive it
     log.info("coordinator %s campaigning for leadership", settings.name)
     campaign = asyncio.ensure_future(election.campaign())
     stop_wait = asyncio.ensure_future(sup.stopping.wait())
@@ -69,6 +97,7 @@ async def run(settings: CoordinatorSettings) -> int:
     stop_wait.cancel()
     leadership = campaign.result()
     log.info("coordinator %s is the leader (fence revision %d)", settings.name, leadership.revision)
+    sup.spawn("loop-lag", LoopLagMonitor(warn_after=t.loop_lag_warning).run())
 
     fenced = store.fenced(keys.leader(), leadership.revision)
     registry = Registry(fenced, keys, lease_ttl=t.lease_ttl)
@@ -102,6 +131,8 @@ async def run(settings: CoordinatorSettings) -> int:
 
     sup.spawn("leadership-watch", watch_leadership())
     sup.spawn("renewal-scheduler", scheduler.run())
+    sup.spawn("retention", RetentionJob(fenced, keys, registry, pool, history, settings.retention,
+                                        period_seconds=settings.renewal.period_seconds).run())
     metrics_runner = await metrics.serve(settings.metrics_listen) if settings.metrics_listen else None
     await sup.stopping.wait()
     await health.enter_graceful_shutdown()
@@ -111,9 +142,12 @@ async def run(settings: CoordinatorSettings) -> int:
     if metrics_runner is not None:
         await metrics_runner.cleanup()
     await pool.close()
-    if not sup.failed:
+    if sup.failed:
+        await election.abandon()  # stop the keep-alive thread; the lease expires within the TTL
+    else:
         await election.resign()
     await store.close()
+    await asyncio.get_running_loop().shutdown_default_executor()
     return 1 if sup.failed else 0
 
 

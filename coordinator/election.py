@@ -6,11 +6,25 @@ mod_revision is the fencing token: every state write by the leader goes
 through ``leadership.fence(store)``, which fails with ``NotLeader`` once the
 key has changed, even if this process has not noticed yet.
 
-A lost lease is lost leadership: the keep-alive task sets ``Leadership.lost``
-when the lease is gone, when the leader key no longer carries our revision,
-or when no keep-alive has succeeded for a whole TTL (measured from the send
-time of the last good one, so we give up no later than etcd does). A
-process killed without resigning is replaced once its lease expires.
+A lost lease is lost leadership: the keep-alive sets ``Leadership.lost`` when
+the lease is gone, when the leader key no longer carries our revision, or
+when no keep-alive has succeeded for a whole TTL (measured from the send time
+of the last good one, so we give up no later than etcd does). A process
+killed (or stopped) without resigning is replaced once its lease expires.
+
+The keep-alive never waits behind the leader's own work: it runs on a thread
+of its own, with its own event loop and its own store connection (opened by
+a factory on that loop; ``EtcdStore.open_replica`` in production). A main
+loop that is busy or blocked for longer than the TTL keeps its leadership;
+only the thread's verdict, handed to the main loop thread-safely, ends it.
+grpc.aio (>= 1.85, as pinned) serves several event loops in several threads:
+every loop that has made a call is bound to grpc's one completion-queue
+poller, and any bound loop dispatches the events (to their own loop,
+thread-safely), so a blocked main loop does not stall the keep-alive loop
+(``tests/integration/test_leadership_busy.py`` holds it to that). The price:
+each gRPC event of the process also wakes the keep-alive loop (a few per cent
+more CPU per call, measured). The campaign and ``resign`` stay on the main
+loop.
 
 etcd3aio's own Election and Lock are not used: they let their lease lapse.
 """
@@ -20,15 +34,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from clusteracme.errors import InvalidArgument
 from coordinator.store.base import (
     Check,
     Compacted,
     Conflict,
+    Entry,
     EventKind,
     LeaseLost,
     Put,
@@ -40,6 +57,35 @@ _log = logging.getLogger(__name__)
 
 KEEPALIVE_ATTEMPT_TIMEOUT = 1.0
 KEEPALIVE_RETRY_PAUSE = 0.2
+KEEPALIVE_STOP_TIMEOUT = 5.0
+"""How long ``resign``/``abandon`` wait for the keep-alive thread to end
+(it is cancelled, then closes its store connection)."""
+
+
+class KeepAliveStore(Protocol):
+    """What the keep-alive thread needs of its own store connection: these
+    ``Store`` methods, with the ``Store`` contract (``LeaseLost`` when the
+    lease is gone, ``StoreUnavailable`` when unreachable). It is used only on
+    the thread's event loop, and closed there when the thread ends."""
+
+    async def keepalive_once(self, lease_id: int) -> int: ...
+
+    async def get(self, key: str) -> Entry | None: ...
+
+    async def close(self) -> None: ...
+
+
+KeepAliveStoreFactory = Callable[[], Awaitable[KeepAliveStore]]
+"""Opens the keep-alive thread's store connection. Called on the thread's own
+event loop (grpc.aio objects belong to the loop that made them); may raise
+``StoreUnavailable``, and is then called again until the lease would lapse."""
+
+
+@runtime_checkable
+class OpensReplica(Protocol):
+    """A store that can open a connection of its own on the running loop."""
+
+    async def open_replica(self) -> KeepAliveStore: ...
 
 
 @dataclass
@@ -52,6 +98,7 @@ class Leadership:
     """The leader key's mod_revision: the fencing token."""
     lease: int
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set on the main loop, by ``resign`` or (thread-safely) by the keep-alive."""
 
     def fence(self, store: Store) -> Store:
         """``store`` as seen by this leader: every write also checks the token."""
@@ -62,8 +109,10 @@ class Election:
     """Campaign for ``key`` as ``identity`` with a lease of ``ttl`` seconds.
 
     One campaign at a time per instance; after ``lost`` is set, campaign again.
-    ``clock`` is a monotonic clock in seconds; ``retry_delay`` is the pause
-    after the store was unreachable.
+    ``keepalive_store`` opens the keep-alive thread's own connection (default:
+    ``store.open_replica``, which an ``EtcdStore`` has). ``clock`` is a
+    monotonic clock in seconds, read from both threads; ``retry_delay`` is the
+    pause after the store was unreachable.
     """
 
     def __init__(
@@ -73,6 +122,7 @@ class Election:
         identity: str,
         ttl: int,
         *,
+        keepalive_store: KeepAliveStoreFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
         retry_delay: float = 1.0,
     ) -> None:
@@ -80,14 +130,20 @@ class Election:
             raise InvalidArgument("election identity must not be empty")
         if ttl < 1:
             raise InvalidArgument(f"election TTL must be at least 1 s, not {ttl}")
+        if keepalive_store is None:
+            if not isinstance(store, OpensReplica):
+                raise InvalidArgument("the election needs a keep-alive store factory: this store cannot open "
+                                      "a connection of its own")
+            keepalive_store = store.open_replica
         self._store = store
         self._key = key
         self._identity = identity
         self._ttl = ttl
+        self._open_keepalive_store = keepalive_store
         self._clock = clock
         self._retry_delay = retry_delay
         self._leadership: Leadership | None = None
-        self._keepalive: asyncio.Task[None] | None = None
+        self._keepalive: _KeepAliveThread | None = None
 
     @property
     def leadership(self) -> Leadership | None:
@@ -140,32 +196,42 @@ class Election:
             raise
 
     async def resign(self) -> None:
-        """Stop leading: stop the keep-alive and revoke the lease, which
-        deletes the leader key and wakes the other campaigners. If the store
-        is unreachable the lease simply expires within the TTL."""
-        leadership, task = self._leadership, self._keepalive
-        self._leadership = self._keepalive = None
+        """Stop leading: stop the keep-alive thread and revoke the lease,
+        which deletes the leader key and wakes the other campaigners. If the
+        store is unreachable the lease simply expires within the TTL."""
+        leadership = await self._stop_leading()
         if leadership is None:
             return
-        leadership.lost.set()
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         try:
             await self._store.revoke_lease(leadership.lease)
         except StoreUnavailable as exc:
             _log.warning("election %s: could not revoke lease on resign (%s); it expires in %d s",
                          self._key, exc, self._ttl)
 
+    async def abandon(self) -> None:
+        """Stop leading without touching the store: stop the keep-alive
+        thread and let the lease expire (within the TTL), as after a crash.
+        For a process that stops because something failed."""
+        await self._stop_leading()
+
+    async def _stop_leading(self) -> Leadership | None:
+        leadership, keepalive = self._leadership, self._keepalive
+        self._leadership = self._keepalive = None
+        if leadership is not None:
+            leadership.lost.set()
+        if keepalive is not None:
+            await keepalive.stop(KEEPALIVE_STOP_TIMEOUT)
+        return leadership
+
     def _lead(self, revision: int, lease: int, valid_from: float) -> Leadership:
+        if self._keepalive is not None:  # a previous leadership whose ``lost`` was set: its thread is ending
+            self._keepalive.request_stop()
         leadership = Leadership(self._key, self._identity, revision, lease)
         self._leadership = leadership
-        self._keepalive = asyncio.create_task(
-            self._keep_alive(leadership, valid_from + self._ttl),
-            name=f"election-keepalive:{self._identity}",
+        self._keepalive = _KeepAliveThread(
+            self._open_keepalive_store, leadership, valid_from + self._ttl, self._ttl, self._clock
         )
-        self._keepalive.add_done_callback(self._keepalive_done)
+        self._keepalive.start()
         _log.info("election %s: %s leads at revision %d", self._key, self._identity, revision)
         return leadership
 
@@ -179,19 +245,117 @@ class Election:
         except Compacted:
             return  # the caller reads the key again
 
-    async def _keep_alive(self, leadership: Leadership, valid_until: float) -> None:
-        """Renew the lease every ttl/3 until it is lost; then set ``lost``.
+
+class _KeepAliveThread:
+    """Renews one leadership's lease on a thread of its own until the lease
+    is lost or ``stop`` is called; then closes its store and ends.
+
+    The thread runs its own event loop and store connection, so nothing the
+    main loop does delays a renewal. It tells the main loop only one thing,
+    thread-safely: ``leadership.lost`` (and, for ``stop``, that it ended).
+    It is a daemon thread: should the process exit without stopping it, it
+    dies with the process instead of holding the lease for a dead leader; it
+    also stops by itself once the main loop is closed.
+    """
+
+    def __init__(
+        self,
+        open_store: KeepAliveStoreFactory,
+        leadership: Leadership,
+        valid_until: float,
+        ttl: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self._open_store = open_store
+        self._leadership = leadership
+        self._valid_until = valid_until
+        self._ttl = ttl
+        self._clock = clock
+        self._main_loop = asyncio.get_running_loop()
+        self._ended = asyncio.Event()  # on the main loop
+        self._lock = threading.Lock()  # guards the three fields below, shared by both threads
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._store: KeepAliveStore | None = None  # the thread's own connection, used only there
+        self._thread = threading.Thread(
+            target=self._run, name=f"election-keepalive:{leadership.identity}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request_stop(self) -> None:
+        """Ask the thread to stop renewing (without waiting). Thread-safe."""
+        with self._lock:
+            self._stopping = True
+            loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: the thread is ending anyway
+                loop.call_soon_threadsafe(task.cancel)
+
+    async def stop(self, timeout: float) -> None:
+        """Stop renewing and wait (on the main loop) until the thread ended."""
+        self.request_stop()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ended.wait()
+        except TimeoutError:
+            _log.error("election %s: keep-alive thread did not end within %.0f s", self._leadership.key, timeout)
+            return
+        self._thread.join()  # it is past its last statement: returns at once
+
+    # On the keep-alive thread.
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException:  # the thread must never die silently
+            _log.exception("election %s: keep-alive thread died", self._leadership.key)
+            self._tell_main(self._leadership.lost.set)
+        finally:
+            self._tell_main(self._ended.set)
+
+    async def _main(self) -> None:
+        work = asyncio.create_task(self._renew())
+        with self._lock:
+            self._loop, self._task = asyncio.get_running_loop(), work
+            if self._stopping:
+                work.cancel()
+        try:
+            await work
+        except asyncio.CancelledError:
+            if not work.cancelled():
+                raise
+        finally:
+            if self._store is not None:
+                try:
+                    await self._store.close()
+                except Exception as exc:  # the lease is settled either way
+                    _log.debug("election %s: closing the keep-alive store: %r", self._leadership.key, exc)
+
+    async def _renew(self) -> None:
+        """Renew every ttl/3 until the lease is lost; then set ``lost``.
 
         ``valid_until`` is the earliest moment the store may expire the lease:
         the send time of the last successful renewal plus the TTL.
         """
+        leadership = self._leadership
+        valid_until = self._valid_until
         reason = "keep-alive stopped"
-        pause = self._ttl / 3
+        pause = 0.0  # open the connection and renew at once: a problem shows now, not in ttl/3 s
         try:
             while True:
                 await asyncio.sleep(max(0.0, min(pause, valid_until - self._clock())))
+                if self._main_loop.is_closed():
+                    reason = "the process's event loop has ended"
+                    return
                 sent = self._clock()
                 try:
+                    if self._store is None:
+                        async with asyncio.timeout(max(0.0, valid_until - sent)):
+                            self._store = await self._open_store()
+                        sent = self._clock()
                     # One attempt may hang on a channel that is reconnecting
                     # (etcd restarted): give each at most a second, and retry
                     # quickly until the lease would have run out.
@@ -212,11 +376,16 @@ class Election:
                     reason = "leader key changed"
                     return
                 valid_until = sent + ttl
+        except Exception as exc:
+            reason = f"keep-alive failed: {exc!r}"
+            raise
         finally:
-            if not leadership.lost.is_set():
-                _log.warning("election %s: %s lost leadership: %s", self._key, leadership.identity, reason)
-            leadership.lost.set()
+            with self._lock:
+                stopping = self._stopping
+            if not stopping:
+                _log.warning("election %s: %s lost leadership: %s", leadership.key, leadership.identity, reason)
+            self._tell_main(leadership.lost.set)
 
-    def _keepalive_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            _log.error("election %s: keep-alive task died", self._key, exc_info=task.exception())
+    def _tell_main(self, callback: Callable[[], object]) -> None:
+        with contextlib.suppress(RuntimeError):  # the main loop is closed: nobody is left to tell
+            self._main_loop.call_soon_threadsafe(callback)

@@ -57,6 +57,17 @@ class TimingSettings:
     """Leader lease TTL: how long a crashed leader blocks a successor."""
     acme_timeout: float = 10.0
     """Network timeout of one ACME HTTP request."""
+    blocking_threads: int = 0
+    """Threads for blocking work off the event loop (the ``acme`` library's
+    HTTP calls and JWS signing, certificate parsing); 0 = max(4, 2 x CPUs).
+    Python runs one thread at a time, so more threads only help while they
+    wait on the network, and each busy one takes the interpreter from the
+    event loop: two per CPU keeps one computing while another waits on the
+    CA. Raise it for a distant CA (long round trips, mostly waiting)."""
+    loop_lag_warning: float = 0.5
+    """Log a warning when the event loop runs a timer this many seconds late
+    (at most one line per 30 s); every sample goes to
+    ``clusteracme_event_loop_lag_seconds``."""
 
 
 @dataclass(frozen=True)
