@@ -299,7 +299,7 @@ async def burst(cluster: LocalCluster, certs: list[Cert], deadline: float) -> Ru
                 order = await stub.Sign(pb.SignRequest(peer_id=cert.peer_id, slot=common_pb2.Slot(domain=cert.domain),
                                                        wait=True), timeout=deadline)
             except grpc.aio.AioRpcError as exc:
-                run.failures.append((exc.code().name, f"{label}: {exc.code().name}: {exc.details()}"))
+                run.failures.append((exc.code().name, f"{label}: {exc.code().name}: {exc.details()} after {time.perf_counter() - started:.1f} s ({exc.debug_error_string()})"))
                 return
             if not order.succeeded:
                 run.failures.append((f"order ended {order.phase}",
@@ -482,6 +482,7 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=600.0, help="seconds each Sign(wait) may take")
     parser.add_argument("--no-baseline", action="store_true", help="skip the acme-alone run")
     parser.add_argument("--run-dir", help="keep logs and state here (default: a temp dir, kept only on failure)")
+    parser.add_argument("--log-level", default="warning", help="the daemons' log level")
     args = parser.parse_args()
     if not 1 <= args.peers <= 250:
         parser.error("--peers must be between 1 and 250 (peers live on 127.0.0.2..)")
@@ -515,7 +516,7 @@ def bench(args: argparse.Namespace, run_dir: Path) -> bool:
     started = time.monotonic()
     # NONCEREJECT=0: pebble otherwise rejects 5 % of good nonces at random,
     # which adds retry noise to both sides of the comparison.
-    with LocalCluster(run_dir, peers=args.peers, log_level="warning", coordinator_settings=settings,
+    with LocalCluster(run_dir, peers=args.peers, log_level=args.log_level, coordinator_settings=settings,
                       pebble_env={"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}) as cluster:
         assert cluster.coordinator is not None and cluster.infra is not None and cluster.infra.pebble.pid
         print(f"cluster up in {time.monotonic() - started:.1f} s ({args.peers} agents started in parallel)",

@@ -140,7 +140,10 @@ _OPTIONS = [
 def server(tls: TLSFiles, address: str) -> tuple[grpc.aio.Server, int]:
     """A gRPC server that requires a client certificate from the cluster CA."""
     ca, cert, key = tls.read()
-    srv = grpc.aio.server(options=_OPTIONS)
+    # A call waits in gRPC's core until the (busy) event loop takes it; the
+    # default cancels it after 30 s. Under a burst of hundreds of calls that
+    # turns load into failures: let it wait (the client's deadline still holds).
+    srv = grpc.aio.server(options=[*_OPTIONS, ("grpc.server_max_unrequested_time_in_server", 3600)])
     creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
     port = srv.add_secure_port(address, creds)
     if port == 0:

@@ -48,6 +48,7 @@ KEY_TYPE_LABELS = {
     common_pb2.KEY_TYPE_RSA_4096: "rsa-4096",
 }
 CHALLENGE_PATH = "/.well-known/acme-challenge/"
+PEERS_CACHE_SECONDS = 0.5
 SELF_CHECK_ATTEMPTS = 3  # for required peers that only timed out (1 s, then 2 s apart)
 
 
@@ -57,37 +58,51 @@ class _OrderWriter:
     Progress-only phases are written behind the driver (it goes on with the
     next step while the write is in flight); ``flush`` waits for everything
     submitted, and the driver calls it for every phase in ``orders.DURABLE``.
-    A failed write (lost leadership, etcd down) surfaces at the next flush.
+    While a write is in flight, newer submissions coalesce: only the newest
+    is written next (progress phases only show progress; a durable phase is
+    always the newest when it is flushed). Under load this saves most of an
+    order's writes. A failed write (lost leadership, etcd down) fails every
+    later flush: the driver starts over from what etcd holds.
     """
 
     def __init__(self, save: Callable[[OrderRecord, OrderRecord, int], Awaitable[int]], revision: int,
                  in_flight: set[asyncio.Task[None]]) -> None:
         self._save = save
         self._revision = revision
-        self._tail: asyncio.Task[None] | None = None
         self._in_flight = in_flight
+        self._written: OrderRecord | None = None  # the record etcd holds (the "old" of the next write)
+        self._newest: OrderRecord | None = None   # submitted, not written yet
+        self._task: asyncio.Task[None] | None = None
 
     def submit(self, old: OrderRecord, new: OrderRecord) -> None:
-        previous = self._tail
+        if self._written is None:
+            self._written = old
+        self._newest = new
+        if self._task is None or (self._task.done() and not self._failed()):
+            self._task = asyncio.create_task(self._drain(), name=f"order-{new.order_id}-save")
+            self._in_flight.add(self._task)
+            self._task.add_done_callback(self._in_flight.discard)
+            # A failed write surfaces at the next flush; a driver that stopped
+            # first (lost leadership) never looks: mark it retrieved so it is
+            # not reported as lost.
+            self._task.add_done_callback(_retrieve)
 
-        async def write() -> None:
-            if previous is not None:
-                await previous
-            self._revision = await self._save(old, new, self._revision)
+    def _failed(self) -> bool:
+        return self._task is not None and self._task.done() and (
+            self._task.cancelled() or self._task.exception() is not None)
 
-        self._tail = asyncio.create_task(write(), name=f"order-{new.order_id}-save-{new.phase.value}")
-        self._in_flight.add(self._tail)
-        self._tail.add_done_callback(self._in_flight.discard)
-        # A failed write surfaces at the next flush, or through the next
-        # write that awaits it; a driver that stopped first (lost leadership)
-        # never looks: mark it retrieved so it is not reported as lost.
-        self._tail.add_done_callback(_retrieve)
+    async def _drain(self) -> None:
+        while self._newest is not None:
+            new, self._newest = self._newest, None
+            assert self._written is not None
+            self._revision = await self._save(self._written, new, self._revision)
+            self._written = new
 
     async def flush(self) -> None:
-        if self._tail is not None:
+        if self._task is not None:
             # shield: cancelling the driver (shutdown) must not cancel a write
             # already on its way; Issuance.close() waits for it.
-            await asyncio.shield(self._tail)
+            await asyncio.shield(self._task)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -163,6 +178,7 @@ class Issuance:
                                            dict(settings.orders_per_hour)))
         self._admit_waiters: dict[str, asyncio.Future[None]] = {}
         self._budget_timer: asyncio.TimerHandle | None = None
+        self._peers_cache: tuple[float, list[PeerInfo]] | None = None
         self._tokens = TokenPusher(pool, ttl_seconds=timing.token_ttl, window=settings.token_batch_window)
 
     async def close(self) -> None:
@@ -588,7 +604,12 @@ class Issuance:
         # point at any of them. Those DNS points at for the order's names
         # must pass the self-check (a dead one fails the order rather than a
         # validation at the CA, SPEC R2, R15); the others are best effort.
-        return await self._registry.list()
+        # Read at most every PEERS_CACHE_SECONDS: hundreds of concurrent
+        # orders ask at every push, check and cleanup.
+        now = self._monotonic()
+        if self._peers_cache is None or now - self._peers_cache[0] > PEERS_CACHE_SECONDS:
+            self._peers_cache = (now, await self._registry.list())
+        return self._peers_cache[1]
 
     async def _push(self, rec: OrderRecord, only: set[str] | None = None) -> tuple[PeerProgress, ...]:
         peers = [p for p in await self._serving_peers() if only is None or p.peer_id in only]
