@@ -293,9 +293,10 @@ def dns_names(rec: OrderRecord, peer_id: str) -> list[str]:
 
 def after_self_check(rec: OrderRecord, peers: tuple[PeerProgress, ...]) -> OrderRecord:
     """A required peer that does not serve fails the order before the CA is
-    asked; any other peer that does not serve is marked skipped."""
+    asked. The others were asked to serve as a best effort (they are not
+    fetched through): one that did not take the tokens is marked skipped."""
     peers = tuple(
-        dataclasses.replace(p, skipped=not p.self_checked and not p.required) for p in peers
+        dataclasses.replace(p, skipped=not p.required and not p.acknowledged) for p in peers
     )
     failed = [p for p in peers if not p.self_checked and p.required]
     if failed:
