@@ -462,6 +462,7 @@ class Issuance:
             # The CA is validating: make sure the tokens are (still) served;
             # agents forget them on restart. Best effort: polling decides.
             await self._push(rec)
+        last_step: Step | None = None
         while True:
             step = orders.next_step(rec)
             if step is Step.NOTHING:
@@ -476,10 +477,13 @@ class Issuance:
                 writer.submit(rec, new)
                 rec = new
                 continue
+            # Only right after FINALIZE in this run (never on a retry or a
+            # resumed order) is the order known to be ready at the CA.
+            known_ready, last_step = last_step is Step.FINALIZE, step
             try:
                 if client is None and step is not Step.CLEANUP:
                     client = await self._accounts.client(rec.provider)
-                new = await self._perform(step, rec, client, deadline)
+                new = await self._perform(step, rec, client, deadline, known_ready=known_ready)
                 log.debug("order %s: %s took %.1f ms", order_id, step.value, (self._monotonic() - step_started) * 1000)
             except errors.ClusterAcmeError as exc:
                 if self._retry(step, exc, deadline):
@@ -555,7 +559,8 @@ class Issuance:
             "order_url": rec.order_url, "signed_at": utcnow(), "auto": rec.auto,
         }
 
-    async def _perform(self, step: Step, rec: OrderRecord, client: AcmeClient | None, deadline: float) -> OrderRecord:
+    async def _perform(self, step: Step, rec: OrderRecord, client: AcmeClient | None, deadline: float, *,
+                       known_ready: bool = False) -> OrderRecord:
         assert client is not None or step is Step.CLEANUP
         if step is Step.CREATE_ORDER:
             view = await asyncio.to_thread(client.new_order, rec.names, rec.replaces)  # type: ignore[union-attr]
@@ -592,7 +597,7 @@ class Issuance:
         if step is Step.FINALIZE:
             return orders.advance(rec, Phase.FINALIZING)  # saved before the finalize request is sent
         if step is Step.POLL_ORDER:
-            return await self._finish(rec, client, deadline)  # type: ignore[arg-type]
+            return await self._finish(rec, client, deadline, known_ready)  # type: ignore[arg-type]
         if step is Step.CLEANUP:
             await self._cleanup(rec)
             to = Phase.DONE if rec.phase in (Phase.ISSUED, Phase.READY) else Phase.FAILED
@@ -751,10 +756,15 @@ class Issuance:
             await asyncio.sleep(wait)
             interval = min(interval * 1.5, self._timing.poll_max_interval)
 
-    async def _finish(self, rec: OrderRecord, client: AcmeClient, deadline: float) -> OrderRecord:
-        """Finalize (again, if the CA still says ready), poll, download."""
+    async def _finish(self, rec: OrderRecord, client: AcmeClient, deadline: float, known_ready: bool) -> OrderRecord:
+        """Finalize (again, if the CA still says ready), poll, download.
+        ``known_ready``: this driver saw the order ready a moment ago and has
+        not sent finalize yet (not a resumed order): skip asking the CA."""
         interval = self._timing.poll_interval
-        view = await asyncio.to_thread(client.get_order, rec.order_url)
+        if known_ready:
+            view = await asyncio.to_thread(client.finalize, rec.finalize_url, rec.order_url, rec.csr_pem)
+        else:
+            view = await asyncio.to_thread(client.get_order, rec.order_url)
         while True:
             if view.status is AcmeStatus.READY:
                 view = await asyncio.to_thread(client.finalize, rec.finalize_url, rec.order_url, rec.csr_pem)
