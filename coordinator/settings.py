@@ -104,11 +104,27 @@ class AdmissionSettings:
     """Optional budget of new orders per provider per rolling hour, e.g.
     ``{letsencrypt = 100}`` (Let's Encrypt allows 300 per account per 3 hours):
     orders past it wait in the queue instead of meeting ``rateLimited``."""
-    token_batch_window: float = 0.005
-    """Token pushes and removals for one peer that arrive within this many
-    seconds (across orders) go out as one call."""
+    token_batch_window: float = 0.0
+    """Token pushes and removals for one peer go out as one call when they
+    arrive while a call to that peer is in flight (across orders); this adds
+    an extra wait, in seconds, before a call leaves, to gather more."""
     self_check_connections_per_peer: int = 4
     """Concurrent self-check fetches (kept-alive connections) per peer front."""
+
+    def __post_init__(self) -> None:
+        if self.max_active_orders < 1:
+            raise ValueError(f"admission.max_active_orders must be at least 1, not {self.max_active_orders}")
+        if self.max_queued_orders < 0:
+            raise ValueError(f"admission.max_queued_orders must not be negative, not {self.max_queued_orders}")
+        if self.token_batch_window < 0 or self.token_batch_window > 1:
+            raise ValueError(f"admission.token_batch_window must be within [0, 1] s, not {self.token_batch_window}")
+        if self.self_check_connections_per_peer < 1:
+            raise ValueError("admission.self_check_connections_per_peer must be at least 1, "
+                             f"not {self.self_check_connections_per_peer}")
+        for provider, budget in self.orders_per_hour.items():
+            if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+                raise ValueError(f"admission.orders_per_hour.{provider} must be a whole number of at least 1, "
+                                 f"not {budget!r}")
 
 
 @dataclass(frozen=True)
