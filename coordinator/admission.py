@@ -59,6 +59,7 @@ class Admission:
         self.limits = limits
         self._queue: list[tuple[str, str]] = []  # (order_id, provider), submission order
         self._active: set[str] = set()
+        self._reserved = 0  # places promised to orders being saved (check_room .. enqueue)
         self._uses: dict[str, deque[float]] = {}
         self._typical = typical_order_seconds
 
@@ -89,19 +90,33 @@ class Admission:
 
     # --- moves -----------------------------------------------------------------
     def check_room(self) -> None:
-        """Raise :class:`QueueFull` when one more order would not fit."""
-        if self.queued >= self.limits.max_queued:
+        """Raise :class:`QueueFull` when one more order would have to wait
+        beyond the bound (an order that finds a free slot never waits)."""
+        waiting = self.queued + self._reserved
+        if waiting >= self.limits.max_queued and self.active + waiting >= self.limits.max_active:
             hint = self.retry_hint()
             raise QueueFull(
-                f"{self.queued} orders are already waiting (max_queued_orders = {self.limits.max_queued}); "
+                f"{waiting} orders are already waiting (max_queued_orders = {self.limits.max_queued}); "
                 f"try again in about {hint:.0f} s",
                 retry_after=hint,
             )
 
-    def enqueue(self, order_id: str, provider: str) -> None:
+    def reserve(self) -> None:
+        """:meth:`check_room` and hold the place while the order is saved
+        (concurrent signs cannot all pass the check); then :meth:`enqueue`
+        with ``reserved=True``, or :meth:`unreserve` when saving failed."""
+        self.check_room()
+        self._reserved += 1
+
+    def unreserve(self) -> None:
+        self._reserved = max(0, self._reserved - 1)
+
+    def enqueue(self, order_id: str, provider: str, *, reserved: bool = False) -> None:
         """Queue an order (no-op when it is already queued or running). The
-        bound is checked by :meth:`check_room` before the order is saved;
+        bound is checked by :meth:`reserve` before the order is saved;
         orders already saved (a new leader resuming) are always taken."""
+        if reserved:
+            self.unreserve()
         if order_id in self._active or self.position(order_id):
             return
         self._queue.append((order_id, provider))

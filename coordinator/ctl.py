@@ -168,8 +168,8 @@ def _order_lines(o: Any) -> list[str]:
     for p in o.peers:
         if p.skipped:
             state = "skipped (not in DNS for this order, could not serve)"
-        elif not p.required and p.acknowledged:
-            state = "acknowledged (best effort: not in DNS for this order)"
+        elif not p.required and p.self_checked:
+            state = "served (best effort: not in DNS for this order, one token checked)"
         else:
             state = "served+checked" if p.self_checked else ("acknowledged" if p.acknowledged else "not acknowledged")
         lines.append(f"  peer {p.peer_id}: {state}" + (f" ({p.error})" if p.error else ""))

@@ -178,6 +178,9 @@ class Issuance:
                                            dict(settings.orders_per_hour)))
         self._admit_waiters: dict[str, asyncio.Future[None]] = {}
         self._budget_timer: asyncio.TimerHandle | None = None
+        self._stepping_down = False
+        self._admitted_at: dict[str, float] = {}
+        self._confirmed_ready: set[str] = set()  # orders this driver saw "ready" at the CA, not finalized yet
         self._peers_cache: tuple[float, list[PeerInfo]] | None = None
         self._tokens = TokenPusher(pool, ttl_seconds=timing.token_ttl, window=settings.token_batch_window)
 
@@ -272,33 +275,37 @@ class Issuance:
                 f"(serial {slot['pending']['serial_hex']}); deploy it or discard it (acmectl pending discard) first"
             )
         names = tuple(slot["csr"]["names"])
-        self._admission.check_room()
-        dns: dict[str, tuple[str, ...]] | None = None
-        if not force:
-            peers = await self._serving_peers()
-            resolution = await preflight.resolve_names(names, {p.peer_id: p.addresses for p in peers}, self._resolver)
-            if resolution.problems:
-                raise PreflightFailed(resolution.problems)
-            dns = resolution.peers_by_name
-        now = utcnow()
-        rec = OrderRecord(
-            order_id=uuid.uuid4().hex[:16], peer_id=peer_id, domain=domain, provider=provider, names=names,
-            csr_pem=slot["csr"]["pem"], created_at=now, updated_at=now, requested_by=who, auto=auto,
-            replaces=replaces, phase=Phase.QUEUED, dns=dns,
-        )
-        new_slot = {**slot, "current_order": rec.order_id,
-                    "last_sign": {"status": "running", "at": now, "error": "", "order_id": rec.order_id}}
-        # Order record and slot pointer in one transaction: two concurrent
-        # `sign` calls for one slot cannot both start an order.
+        self._admission.reserve()  # a place in the queue, held while the order is saved
         try:
-            await self._store.txn(
-                checks=[Check(self._keys.cert(peer_id, slot_name(domain)), slot_rev), Check(self._keys.order(rec.order_id), 0)],
-                ops=[Put(self._keys.order(rec.order_id), records.encode(rec.to_json())),
-                     Put(self._keys.cert(peer_id, slot_name(domain)), records.encode(new_slot))],
+            dns: dict[str, tuple[str, ...]] | None = None
+            if not force:
+                peers = await self._serving_peers()
+                resolution = await preflight.resolve_names(names, {p.peer_id: p.addresses for p in peers}, self._resolver)
+                if resolution.problems:
+                    raise PreflightFailed(resolution.problems)
+                dns = resolution.peers_by_name
+            now = utcnow()
+            rec = OrderRecord(
+                order_id=uuid.uuid4().hex[:16], peer_id=peer_id, domain=domain, provider=provider, names=names,
+                csr_pem=slot["csr"]["pem"], created_at=now, updated_at=now, requested_by=who, auto=auto,
+                replaces=replaces, phase=Phase.QUEUED, dns=dns,
             )
-        except Conflict:
-            raise errors.Aborted(f"peer {peer_id}{_peer_label(domain)} changed while starting the order; try again") from None
-        self._admission.enqueue(rec.order_id, rec.provider)
+            new_slot = {**slot, "current_order": rec.order_id,
+                        "last_sign": {"status": "running", "at": now, "error": "", "order_id": rec.order_id}}
+            # Order record and slot pointer in one transaction: two concurrent
+            # `sign` calls for one slot cannot both start an order.
+            try:
+                await self._store.txn(
+                    checks=[Check(self._keys.cert(peer_id, slot_name(domain)), slot_rev), Check(self._keys.order(rec.order_id), 0)],
+                    ops=[Put(self._keys.order(rec.order_id), records.encode(rec.to_json())),
+                         Put(self._keys.cert(peer_id, slot_name(domain)), records.encode(new_slot))],
+                )
+            except Conflict:
+                raise errors.Aborted(f"peer {peer_id}{_peer_label(domain)} changed while starting the order; try again") from None
+        except BaseException:
+            self._admission.unreserve()
+            raise
+        self._admission.enqueue(rec.order_id, rec.provider, reserved=True)
         self._pump()
         self.spawn(rec.order_id)
         return rec
@@ -309,12 +316,17 @@ class Issuance:
         account that holds valid authorizations for every name of a
         certificate revoke it."""
         now = utcnow()
-        self._admission.check_room()
+        self._admission.reserve()
         rec = OrderRecord(order_id=uuid.uuid4().hex[:16], peer_id="", domain="", provider=provider, names=names,
                           csr_pem="", created_at=now, updated_at=now, requested_by=who, authorize_only=True,
                           phase=Phase.QUEUED)
-        await self._store.put_if(self._keys.order(rec.order_id), records.encode(rec.to_json()), expect_mod_revision=0)
-        self._admission.enqueue(rec.order_id, rec.provider)
+        try:
+            await self._store.put_if(self._keys.order(rec.order_id), records.encode(rec.to_json()),
+                                     expect_mod_revision=0)
+        except BaseException:
+            self._admission.unreserve()
+            raise
+        self._admission.enqueue(rec.order_id, rec.provider, reserved=True)
         self._pump()
         self.spawn(rec.order_id)
         return rec
@@ -340,8 +352,9 @@ class Issuance:
         """The order once its driver has stopped (ended, or failed to write)."""
         task = self._tasks.get(order_id)
         if task is not None:
-            # shield: a caller that gives up must not cancel the order.
-            await asyncio.wait([asyncio.shield(task)])
+            # asyncio.wait never cancels what it waits for: a caller that
+            # gives up does not cancel the order.
+            await asyncio.wait([task])
         return await self.get_order(order_id)
 
     async def resume_all(self) -> list[str]:
@@ -371,8 +384,17 @@ class Issuance:
         return [r.order_id for r in unfinished]
 
     # --- admission (SPEC R19) ------------------------------------------------
+    def _step_down(self) -> None:
+        """Leadership is lost: admit nothing more (the next leader does)."""
+        self._stepping_down = True
+        if self._budget_timer is not None:
+            self._budget_timer.cancel()
+            self._budget_timer = None
+
     def _pump(self) -> None:
         """Admit what may start now; wake their drivers; arm the budget timer."""
+        if self._stepping_down:
+            return
         now = self._clock()
         for order_id in self._admission.admit(now):
             waiter = self._admit_waiters.pop(order_id, None)
@@ -386,6 +408,26 @@ class Issuance:
         at = self._admission.next_budget_at(now)
         if at is not None:
             self._budget_timer = asyncio.get_running_loop().call_later(max(0.05, at - now), self._pump)
+
+    async def _admit(self, rec: OrderRecord) -> OrderRecord:
+        """The admitted order, with DNS read again: it may have waited long in
+        the queue, and the peers that must serve are those DNS points at when
+        the CA validates, not when the order was submitted."""
+        changes: dict[str, Any] = {"updated_at": utcnow()}
+        if rec.dns is not None:
+            try:
+                peers = await self._serving_peers()
+                resolution = await preflight.resolve_names(rec.names, {p.peer_id: p.addresses for p in peers},
+                                                           self._resolver)
+            except errors.ClusterAcmeError as exc:
+                return orders.advance(rec, Phase.FAILED, error=f"DNS check at admission failed: {exc.message}",
+                                      cleaned=True, **changes)
+            if resolution.problems:
+                detail = "; ".join(f"{p.name}: {p.reason}" for p in resolution.problems)
+                return orders.advance(rec, Phase.FAILED, cleaned=True, **changes,
+                                      error=f"DNS changed while the order was queued; nothing was asked of the CA: {detail}")
+            changes["dns"] = resolution.peers_by_name
+        return orders.advance(rec, Phase.NEW, **changes)
 
     async def _admitted(self, rec: OrderRecord) -> None:
         """Wait until the order may run: a free slot, and room in its
@@ -428,12 +470,13 @@ class Issuance:
         outcome, lost race), start over from what etcd holds: that is exactly
         the crash-resume path, so no special recovery exists to get wrong.
         Losing leadership stops the driver; the next leader resumes."""
-        started = self._monotonic()
         try:
             return await self._drive_until_end(order_id)
         finally:
-            if self._admission.is_active(order_id):
-                self._admission.observe_duration(self._monotonic() - started)
+            admitted_at = self._admitted_at.pop(order_id, None)
+            if admitted_at is not None:  # its run time, not its wait in the queue: the retry hint
+                self._admission.observe_duration(self._monotonic() - admitted_at)
+            self._confirmed_ready.discard(order_id)
             self._admission.release(order_id)
             self._admit_waiters.pop(order_id, None)
             self._pump()
@@ -445,6 +488,7 @@ class Issuance:
                 return await self._run(order_id)
             except NotLeader:
                 log.warning("order %s: no longer the leader; leaving the order to the next one", order_id)
+                self._step_down()
                 raise
             except (errors.Unavailable, errors.Aborted) as exc:
                 log.warning("order %s: state write failed (%s); resuming from etcd in %.1fs", order_id, exc, delay)
@@ -473,13 +517,18 @@ class Issuance:
                 await self._admitted(rec)
                 # The order's time starts when it runs, not while it waits.
                 deadline = self._monotonic() + self._timing.order_timeout
-                new = dataclasses.replace(orders.advance(rec, Phase.NEW), updated_at=utcnow())
+                self._admitted_at.setdefault(order_id, self._monotonic())
+                new = await self._admit(rec)
                 writer.submit(rec, new)
+                await writer.flush()  # NEW is durable: see orders.DURABLE
                 rec = new
                 continue
             # Only right after FINALIZE in this run (never on a retry or a
             # resumed order) is the order known to be ready at the CA.
-            known_ready, last_step = last_step is Step.FINALIZE, step
+            known_ready = last_step is Step.FINALIZE and order_id in self._confirmed_ready
+            if step is Step.POLL_ORDER:
+                self._confirmed_ready.discard(order_id)
+            last_step = step
             try:
                 if client is None and step is not Step.CLEANUP:
                     client = await self._accounts.client(rec.provider)
@@ -692,15 +741,18 @@ class Issuance:
 
         async def check(progress: PeerProgress) -> PeerProgress:
             if not progress.required:
-                # Not where the CA validates: it was asked to serve (best
-                # effort), and its answer to that is its whole report. Fetching
-                # through every such peer would make an order's cost grow with
-                # the fleet (30 peers, 8 in DNS: 73 % of the fetches) for
-                # nothing the CA will ever see.
-                if progress.acknowledged:
+                # Not where the CA validates: asked to serve as a best effort,
+                # and tried once, with one token, so a dead agent or a broken
+                # front is reported as skipped; every token through every such
+                # peer would make an order's cost grow with the fleet.
+                if not progress.acknowledged:
+                    return dataclasses.replace(progress, self_checked=False,
+                                               error=f"not in DNS for this order; did not take the tokens: {progress.error}")
+                if not rec.open_challenges:
                     return progress
-                return dataclasses.replace(progress, self_checked=False,
-                                           error=f"not in DNS for this order; did not take the tokens: {progress.error}")
+                problem, _ = await fetch(peers[progress.peer_id], rec.open_challenges[0])
+                return dataclasses.replace(progress, self_checked=not problem,
+                                           error=f"not in DNS for this order; {problem}" if problem else "")
             fetched = await asyncio.gather(*(fetch(peers[progress.peer_id], a) for a in rec.open_challenges))
             problems = [problem for problem, _ in fetched if problem]
             timed_out = progress.timed_out or any(slow for _, slow in fetched)
@@ -733,6 +785,8 @@ class Issuance:
         while True:
             view = await asyncio.to_thread(client.get_order, rec.order_url)
             if view.status in (AcmeStatus.READY, AcmeStatus.PROCESSING, AcmeStatus.VALID):
+                if view.status is AcmeStatus.READY:
+                    self._confirmed_ready.add(rec.order_id)  # finalize may follow without asking again
                 valid = tuple(dataclasses.replace(a, status=AcmeStatus.VALID, challenge_status=AcmeStatus.VALID)
                               if a.status is not AcmeStatus.VALID else a for a in rec.authorizations)
                 return orders.advance(rec, Phase.READY, authorizations=valid)

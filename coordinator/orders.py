@@ -77,7 +77,10 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 # writes them behind itself, and a resumed order repeats their (idempotent)
 # steps: re-fetching authorizations, re-pushing tokens, re-checking, and
 # re-answering challenges the CA already took.
-DURABLE = frozenset({Phase.ORDERED, Phase.FINALIZING, Phase.ISSUED, Phase.DONE, Phase.FAILED})
+#
+# NEW (admitted) is durable too: it is a fenced write, so a coordinator that
+# lost leadership cannot go on opening the orders of its queue at the CA.
+DURABLE = frozenset({Phase.NEW, Phase.ORDERED, Phase.FINALIZING, Phase.ISSUED, Phase.DONE, Phase.FAILED})
 
 
 class Step(str, Enum):
@@ -293,10 +296,10 @@ def dns_names(rec: OrderRecord, peer_id: str) -> list[str]:
 
 def after_self_check(rec: OrderRecord, peers: tuple[PeerProgress, ...]) -> OrderRecord:
     """A required peer that does not serve fails the order before the CA is
-    asked. The others were asked to serve as a best effort (they are not
-    fetched through): one that did not take the tokens is marked skipped."""
+    asked. The others were asked to serve as a best effort: one that could not
+    is marked skipped."""
     peers = tuple(
-        dataclasses.replace(p, skipped=not p.required and not p.acknowledged) for p in peers
+        dataclasses.replace(p, skipped=not p.required and not p.self_checked) for p in peers
     )
     failed = [p for p in peers if not p.self_checked and p.required]
     if failed:

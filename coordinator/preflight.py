@@ -142,11 +142,10 @@ async def resolve_names(
 ) -> Resolution:
     """Resolve every name once (A and AAAA, concurrently) and judge it."""
     known = _peer_ips(peer_addresses)
-    owner = {
-        ipaddress.ip_address(address): peer
-        for peer, addresses in sorted(peer_addresses.items())
-        for address in addresses
-    }
+    owners: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, set[str]] = {}
+    for peer, addresses in peer_addresses.items():
+        for address in addresses:  # several peers may share an address (one front behind it)
+            owners.setdefault(ipaddress.ip_address(address), set()).add(peer)
     lookups = await asyncio.gather(
         *(resolver.resolve(name, rdtype) for name in names for rdtype in ("A", "AAAA"))
     )
@@ -157,8 +156,8 @@ async def resolve_names(
         reason = _judge(a, aaaa, known)
         if reason is not None:
             problems.append(NameProblem(name, reason))
-        found = (owner.get(ipaddress.ip_address(address)) for address in a.addresses + aaaa.addresses)
-        peers_by_name[name] = tuple(sorted({peer for peer in found if peer is not None}))
+        found = set().union(*(owners.get(ipaddress.ip_address(ip), set()) for ip in a.addresses + aaaa.addresses))
+        peers_by_name[name] = tuple(sorted(found))
     return Resolution(problems, peers_by_name)
 
 

@@ -12,7 +12,9 @@ gather more.
 
 A batched ``PresentTokens`` is all or nothing at the agent: when one is
 refused as invalid, its orders are retried one by one so only the order with
-the bad token fails.
+the bad token fails. A call for one order uses the single-order fields every
+agent version understands; agents older than ``BATCHING_SINCE`` (upgraded
+node by node, SPEC R14) get one call per order.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ from clusteracme.v1 import agent_pb2, common_pb2
 from coordinator.peers import AgentPool, PeerInfo
 
 Result = agent_pb2.PresentTokensResponse | agent_pb2.RemoveTokensResponse | errors.ClusterAcmeError
+BATCHING_SINCE = (0, 2)
+"""The first agent version that takes several orders in one call."""
+
+
+def batches(version: str) -> bool:
+    """Whether an agent of ``version`` takes batched calls (unknown: no)."""
+    try:
+        return tuple(int(part) for part in version.split(".")[:2]) >= BATCHING_SINCE
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -34,6 +46,7 @@ class _Item:
     order_id: str
     tokens: tuple[common_pb2.ChallengeToken, ...]
     done: asyncio.Future[Result]
+    peer: PeerInfo  # as the registry knew it when this item was queued
 
 
 @dataclass
@@ -69,27 +82,31 @@ class TokenPusher:
 
     async def _fan_out(self, kind: str, peers: Sequence[PeerInfo], order_id: str,
                        tokens: tuple[common_pb2.ChallengeToken, ...]) -> dict[str, Result]:
+        if not peers:
+            return {}
         loop = asyncio.get_running_loop()
         futures: dict[str, asyncio.Future[Result]] = {}
         for peer in peers:
-            item = _Item(order_id, tokens, loop.create_future())
+            item = _Item(order_id, tokens, loop.create_future(), peer)
             lane = self._lanes.setdefault((kind, peer.peer_id), _Lane())
             lane.waiting.append(item)
             if lane.sender is None or lane.sender.done():
-                lane.sender = asyncio.create_task(self._drain(kind, peer, lane), name=f"tokens-{kind}-{peer.peer_id}")
+                lane.sender = asyncio.create_task(self._drain(kind, lane), name=f"tokens-{kind}-{peer.peer_id}")
             futures[peer.peer_id] = item.done
-        # shield: a cancelled order must not cancel a batch that carries others.
-        await asyncio.wait([asyncio.shield(f) for f in futures.values()])
+        # asyncio.wait never cancels what it waits for: a cancelled order
+        # leaves the batch that carries others alone.
+        await asyncio.wait(futures.values())
         return {pid: f.result() for pid, f in futures.items()}
 
-    async def _drain(self, kind: str, peer: PeerInfo, lane: _Lane) -> None:
+    async def _drain(self, kind: str, lane: _Lane) -> None:
         """Send what waits in the lane, batch after batch, until it is empty."""
         try:
             while lane.waiting:
                 if self._window:
                     await asyncio.sleep(self._window)
                 batch, lane.waiting = lane.waiting, []
-                await self._send(kind, peer, batch)
+                # The newest registration wins (a peer may have moved).
+                await self._send(kind, batch[-1].peer, batch)
         finally:  # cancelled (shutdown) or failed: nobody may wait for ever
             for item in lane.waiting:
                 item.done.cancel()
@@ -113,7 +130,18 @@ class TokenPusher:
     async def _call(self, kind: str, peer: PeerInfo, batch: list[_Item]) -> list[Result]:
         request: Any
         call: Callable[[Any, dict[str, Any]], Awaitable[Any]]
-        if kind == "present":
+        if len(batch) > 1 and not batches(peer.version):
+            return [(await self._call(kind, peer, [item]))[0] for item in batch]
+        if len(batch) == 1:  # the single-order form: every agent version takes it
+            item = batch[0]
+            if kind == "present":
+                request = agent_pb2.PresentTokensRequest(order_id=item.order_id, tokens=item.tokens,
+                                                         ttl_seconds=self._ttl)
+                call, what = (lambda stub, kw: stub.PresentTokens(request, **kw)), "presenting tokens"
+            else:
+                request = agent_pb2.RemoveTokensRequest(order_id=item.order_id)
+                call, what = (lambda stub, kw: stub.RemoveTokens(request, **kw)), "removing tokens"
+        elif kind == "present":
             request = agent_pb2.PresentTokensRequest(
                 ttl_seconds=self._ttl,
                 orders=[agent_pb2.OrderTokens(order_id=i.order_id, tokens=i.tokens) for i in batch],
