@@ -169,7 +169,7 @@ def _order_lines(o: Any) -> list[str]:
         if p.skipped:
             state = "skipped (not in DNS for this order, could not serve)"
         elif not p.required and p.self_checked:
-            state = "served (best effort: not in DNS for this order, one token checked)"
+            state = "served (best effort: not in DNS for this order; its front probed with one token)"
         else:
             state = "served+checked" if p.self_checked else ("acknowledged" if p.acknowledged else "not acknowledged")
         lines.append(f"  peer {p.peer_id}: {state}" + (f" ({p.error})" if p.error else ""))

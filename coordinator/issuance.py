@@ -49,6 +49,7 @@ KEY_TYPE_LABELS = {
 }
 CHALLENGE_PATH = "/.well-known/acme-challenge/"
 PEERS_CACHE_SECONDS = 0.5
+BEST_EFFORT_RECHECK_SECONDS = 10.0  # a peer outside DNS that took the tokens: its front probed this often
 SELF_CHECK_ATTEMPTS = 3  # for required peers that only timed out (1 s, then 2 s apart)
 
 
@@ -180,6 +181,7 @@ class Issuance:
         self._budget_timer: asyncio.TimerHandle | None = None
         self._stepping_down = False
         self._admitted_at: dict[str, float] = {}
+        self._front_served: dict[str, float] = {}  # peer -> when its front last served a token (monotonic)
         self._confirmed_ready: set[str] = set()  # orders this driver saw "ready" at the CA, not finalized yet
         self._peers_cache: tuple[float, list[PeerInfo]] | None = None
         self._tokens = TokenPusher(pool, ttl_seconds=timing.token_ttl, window=settings.token_batch_window)
@@ -748,13 +750,24 @@ class Issuance:
                 if not progress.acknowledged:
                     return dataclasses.replace(progress, self_checked=False,
                                                error=f"not in DNS for this order; did not take the tokens: {progress.error}")
-                if not rec.open_challenges:
-                    return progress
+                last_good = self._front_served.get(progress.peer_id)
+                if not rec.open_challenges or (
+                        last_good is not None and self._monotonic() - last_good < BEST_EFFORT_RECHECK_SECONDS):
+                    # It took these tokens, and its front served a token
+                    # moments ago: under a burst, one probe per peer per
+                    # interval, not one per order.
+                    return dataclasses.replace(progress, self_checked=True)
                 problem, _ = await fetch(peers[progress.peer_id], rec.open_challenges[0])
+                if not problem:
+                    self._front_served[progress.peer_id] = self._monotonic()
                 return dataclasses.replace(progress, self_checked=not problem,
                                            error=f"not in DNS for this order; {problem}" if problem else "")
             fetched = await asyncio.gather(*(fetch(peers[progress.peer_id], a) for a in rec.open_challenges))
             problems = [problem for problem, _ in fetched if problem]
+            if fetched and not problems:
+                self._front_served[progress.peer_id] = self._monotonic()
+            elif problems:
+                self._front_served.pop(progress.peer_id, None)
             timed_out = progress.timed_out or any(slow for _, slow in fetched)
             if not progress.acknowledged:
                 problems.insert(0, f"did not take the tokens: {progress.error}")
