@@ -139,22 +139,46 @@ class Registry:
 
 
 class AgentPool:
-    """gRPC channels to the agents, one per endpoint, and the fan-out helper."""
+    """gRPC channels to the agents, one per (endpoint, peer), and the fan-out helper.
+
+    Every call goes through :meth:`call`, which counts the calls in flight on
+    each channel: :meth:`prune` closes only a channel with none, idle for at
+    least the longest deadline a call was given, so closing never cancels a
+    call (grpc.aio would raise CancelledError in the caller, which a task
+    such as the renewal scheduler takes for its own cancellation).
+    """
+
+    @dataclass
+    class _Pooled:
+        """One channel and its use: calls in flight, since when it is idle."""
+
+        channel: grpc.aio.Channel
+        in_flight: int = 0
+        idle_since: float = 0.0
 
     def __init__(self, tls: TLSFiles, *, timeout: float) -> None:
         self._tls = tls
         self._timeout = timeout
-        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, str], AgentPool._Pooled] = {}
+        self._longest_call = timeout  # the longest deadline given to a call so far
 
-    def stub(self, peer: PeerInfo) -> agent_pb2_grpc.AgentServiceStub:
+    def _channel(self, peer: PeerInfo) -> AgentPool._Pooled:
         key = (peer.grpc_endpoint, peer.peer_id)
-        chan = self._channels.get(key)
-        if chan is None:
+        pooled = self._channels.get(key)
+        if pooled is None:
             # Verify the agent's identity, not just its address: a peer that
             # registered someone else's endpoint gets a failed handshake.
             server_name = Identity(Role.AGENT, peer.peer_id).server_name
-            chan = self._channels[key] = channel(self._tls, peer.grpc_endpoint, server_name)
-        return agent_pb2_grpc.AgentServiceStub(chan)
+            chan = channel(self._tls, peer.grpc_endpoint, server_name)
+            pooled = self._channels[key] = self._Pooled(chan, idle_since=time.monotonic())
+        return pooled
+
+    def stub(self, peer: PeerInfo) -> agent_pb2_grpc.AgentServiceStub:
+        """A stub on the peer's pooled channel. Calls made on it directly are
+        not counted: use :meth:`call`, or a prune may close it under them."""
+        pooled = self._channel(peer)
+        pooled.idle_since = time.monotonic()
+        return agent_pb2_grpc.AgentServiceStub(pooled.channel)
 
     async def call(self, peer: PeerInfo, what: str, fn: Callable[[agent_pb2_grpc.AgentServiceStub, dict[str, Any]], Awaitable[T]],
                    timeout: float | None = None) -> T:
@@ -163,20 +187,39 @@ class AgentPool:
         An unreachable peer that heartbeats is tried a few more times within
         a second or two (it may have just restarted while the channel backs
         off); a peer known dead, or one that keeps failing (a TLS identity
-        mismatch, say), fails without costing the whole deadline.
+        mismatch, say), fails without costing the whole deadline. A channel
+        closed under the call (the pool closing) is Unavailable too, never a
+        CancelledError posing as the caller's own cancellation.
         """
         budget = timeout or self._timeout
+        self._longest_call = max(self._longest_call, budget)
         deadline = time.monotonic() + budget
         attempts = UNAVAILABLE_ATTEMPTS if peer.alive else 1
+        where = f"peer {peer.peer_id} ({what})"
         for attempt in range(1, attempts + 1):
+            pooled = self._channel(peer)
+            pooled.in_flight += 1  # before any await: prune sees it
             try:
-                return await fn(self.stub(peer), {"timeout": max(0.1, deadline - time.monotonic())})
+                return await fn(agent_pb2_grpc.AgentServiceStub(pooled.channel),
+                                {"timeout": max(0.1, deadline - time.monotonic())})
             except grpc.aio.AioRpcError as exc:
                 retry = exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < attempts
                 pause = 0.2 * attempt
                 if not retry or time.monotonic() + pause >= deadline:
-                    raise error_from_rpc(exc, f"peer {peer.peer_id} ({what})") from exc
-                await asyncio.sleep(pause)
+                    raise error_from_rpc(exc, where) from exc
+            except grpc.aio.UsageError as exc:  # the channel was closed before the call started
+                raise errors.Unavailable(f"{where}: the channel to {peer.grpc_endpoint} is closed ({exc})") from exc
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # our caller is being cancelled: let it
+                # grpc.aio's answer for a call whose channel was closed under it.
+                raise errors.Unavailable(f"{where}: the channel to {peer.grpc_endpoint} was closed "
+                                         "during the call") from exc
+            finally:
+                pooled.in_flight -= 1
+                pooled.idle_since = time.monotonic()
+            await asyncio.sleep(pause)
         raise AssertionError("unreachable")
 
     async def fan_out(self, peers: list[PeerInfo], what: str,
@@ -194,14 +237,22 @@ class AgentPool:
 
     async def prune(self, in_use: set[tuple[str, str]]) -> list[tuple[str, str]]:
         """Close the channels whose (endpoint, peer) no registered peer uses
-        any more (a peer removed, or registered again at another endpoint);
-        return them. Calls in flight on them get ``timeout`` seconds to end."""
-        stale = [key for key in self._channels if key not in in_use]
-        closing = [self._channels.pop(key) for key in stale]
-        await asyncio.gather(*(chan.close(grace=self._timeout) for chan in closing))
+        any more (a peer removed, or registered again at another endpoint)
+        and return them; only those with no call in flight and idle for at
+        least the longest call deadline seen: the others wait for a later
+        prune. Read ``in_use`` from the registry right before the call: a
+        peer that registered (or moved back) since an older read would lose
+        a channel it is about to use."""
+        now = time.monotonic()
+        stale = [key for key, pooled in self._channels.items()
+                 if key not in in_use and pooled.in_flight == 0 and now - pooled.idle_since >= self._longest_call]
+        # Decided and removed before any await: a call starting now opens a new channel.
+        closing = [self._channels.pop(key).channel for key in stale]
+        await asyncio.gather(*(chan.close() for chan in closing))
         return stale
 
     async def close(self) -> None:
-        for chan in self._channels.values():
-            await chan.close()
+        channels = [pooled.channel for pooled in self._channels.values()]
         self._channels.clear()
+        for chan in channels:
+            await chan.close()

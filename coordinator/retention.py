@@ -211,7 +211,11 @@ class RetentionJob:
         peers = await self._registry.list()
         report.schedules_pruned = await self._prune_schedules(
             schedules, frozenset(p.peer_id for p in peers), schedule_cutoff(now, self._period_seconds))
-        closed = await self._pool.prune({(p.grpc_endpoint, p.peer_id) for p in peers})
+        # The registry again, right before pruning (nothing awaited between the
+        # two): a peer that registered, or moved, since the read above keeps
+        # its fresh channel. The pool itself closes only idle channels.
+        in_use = {(p.grpc_endpoint, p.peer_id) for p in await self._registry.list()}
+        closed = await self._pool.prune(in_use)
         if closed:
             log.info("retention: closed agent channel(s) no peer uses any more: %s",
                      _listed(f"{peer} at {endpoint}" for endpoint, peer in closed))
@@ -281,10 +285,28 @@ class RetentionJob:
                      len(authorize_only), _listed(authorize_only))
         return touched
 
+    async def _free_seq(self, peer_id: str, seq: int) -> int:
+        """A sequence for an event of ``peer_id`` at ``seq`` whose key is
+        taken: one past the highest key of that peer's events within the
+        same millisecond (the keys-only tail of that range). Orders that
+        ended in the same millisecond (``updated_at`` has no finer
+        precision) pile up there; jumping past them all takes one read,
+        however many there are. Only that millisecond: past the peer's whole
+        history would put an old order at its head, as if it had just ended."""
+        prefix = self._keys.event(peer_id, seq)[:-6]  # seq has 20 digits, nanoseconds: drop the last 6
+        tail = self._store.range_pages(prefix, keys_only=True, reverse=True)
+        async with contextlib.aclosing(tail):
+            async for page in tail:
+                highest = self._keys.last(page[0].key)
+                if highest.isdigit():
+                    return max(seq, int(highest)) + 1
+        return seq + 1
+
     async def _commit(self, batch: list[Compaction], report: Report) -> list[Compaction]:
         """Write ``batch`` in one transaction; orders that changed since they
-        were read drop out, an event key already taken moves one nanosecond
-        on. Returns what was written. ``NotLeader`` propagates: stop."""
+        were read drop out, an event key already taken moves past the events
+        of that millisecond (``_free_seq``). Returns what was written.
+        ``NotLeader`` propagates: stop."""
         pending = list(batch)
         for _ in range(MAX_COMMIT_ATTEMPTS):
             if not pending:
@@ -311,11 +333,14 @@ class RetentionJob:
                     report.orders_changed += len(changed)
                     log.info("retention: order(s) changed since read, left for the next run: %s",
                              _listed(c.order_id for c in changed))
-                pending = [
-                    dataclasses.replace(c, seq=c.seq + 1)
-                    if c.event is not None and self._keys.event(c.event.peer_id, c.seq) in exc.keys else c
-                    for c in pending if c.key not in exc.keys
-                ]
+                moved: list[Compaction] = []
+                for c in pending:
+                    if c.key in exc.keys:
+                        continue
+                    if c.event is not None and self._keys.event(c.event.peer_id, c.seq) in exc.keys:
+                        c = dataclasses.replace(c, seq=await self._free_seq(c.event.peer_id, c.seq))
+                    moved.append(c)
+                pending = moved
         log.warning("retention: gave up on %d order(s) after %d attempts; next run", len(pending),
                     MAX_COMMIT_ATTEMPTS)
         return []

@@ -32,6 +32,15 @@ errors of ``base`` (``raise ... from``). Working around etcd3aio 0.3.0:
   Txn reads back only the keys it checked, not their values, and watches
   ask etcd to split large replies (``fragment``), which etcd3aio's watch
   cannot do: the watch stream is opened on etcd3aio's stub directly.
+  Ascending pages go out unsorted (``SortOrder.NONE``): etcd returns keys in
+  key order anyway, and any sort order makes it drop the limit, read the
+  whole rest of the range, sort it and truncate. A *request* over etcd's
+  ``--max-request-bytes`` (refused by etcd, or by its gRPC server when over
+  that plus 512 KiB) is the caller's mistake, not an outage:
+  InvalidArgument, never retried.
+- The watch's request stream (etcd3aio's stub runs it in a task of grpc's)
+  stays open until we are done with the stream, then ends: a stream that
+  etcd ended by itself (a restart) leaves no task behind.
 """
 
 from __future__ import annotations
@@ -113,6 +122,19 @@ class _ReplyTooLarge(StoreUnavailable):
     """A reply exceeded the channel's receive limit (a smaller page fits)."""
 
 
+def _too_large(detail: str) -> str | None:
+    """Which message of a RESOURCE_EXHAUSTED "larger than max" was too large:
+    "reply" for grpc-core's own receive limit on this channel (``CLIENT:
+    Received message larger than max``), "request" for etcd's gRPC server
+    refusing what we sent (Go: ``grpc: received message larger than max``)
+    or our own send limit (``CLIENT: Sent message larger than max``); None
+    for another RESOURCE_EXHAUSTED (etcd's NOSPACE, too many requests)."""
+    if "larger than max" not in detail:
+        return None
+    # Case matters: grpc-core (this client) writes "Received", Go's server "received".
+    return "reply" if "Received message" in detail else "request"
+
+
 class _RevisionCompacted(StoreUnavailable):
     """A read at a revision etcd has compacted away."""
 
@@ -152,9 +174,13 @@ def _translate(exc: BaseException, operation: str) -> Exception:
     """The store error for an exception raised by etcd3aio, grpc or a timeout."""
     if isinstance(exc, grpc.aio.AioRpcError):
         code, detail = exc.code(), exc.details() or ""
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in detail:
-            # gRPC's own receive limit (etcd uses RESOURCE_EXHAUSTED for NOSPACE and too many requests).
+        too_large = _too_large(detail) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+        if too_large == "reply":  # a smaller page fits: the reader halves its limit
             return _ReplyTooLarge(f"etcd {operation}: reply too large for the client: {detail}")
+        if too_large == "request" or (code == grpc.StatusCode.INVALID_ARGUMENT and "request is too large" in detail):
+            # Sending it again cannot help: the write itself must shrink.
+            return InvalidArgument(f"etcd {operation} refused: the request is larger than etcd accepts "
+                                   f"(its --max-request-bytes, 1.5 MiB by default): {detail}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "space exceeded" in detail:
             return StoreUnavailable(f"etcd {operation} refused: its database reached its quota (NOSPACE alarm); "
                                     "compact, defragment and disarm it (README: etcd at scale)")
@@ -172,15 +198,21 @@ def _translate(exc: BaseException, operation: str) -> Exception:
     return StoreUnavailable(f"etcd {operation} failed: {exc}")
 
 
-def _open_watch(services: _Services, start: bytes, end: bytes, revision: int) -> Any:
+def _open_watch(services: _Services, start: bytes, end: bytes, revision: int,
+                done: asyncio.Event) -> Any:
     """A raw etcd watch stream from ``revision``, with fragmented replies:
     etcd splits a reply over its ``--max-request-bytes`` (a watch catching
-    up sends up to 1,000 revisions in one) into pieces we can receive."""
+    up sends up to 1,000 revisions in one) into pieces we can receive.
+
+    Its request side stays open until ``done`` is set (closing it ends the
+    watch); set it once done with the stream. grpc consumes the requests in
+    a task of its own, which ``cancel()`` stops only while the call runs: a
+    stream that etcd ended (a restart) would otherwise leave it pending."""
 
     async def requests() -> AsyncIterator[WatchRequest]:
         yield WatchRequest(create_request=WatchCreateRequest(
             key=start, range_end=end, start_revision=revision, fragment=True))
-        await asyncio.Future()  # keep the request side open: closing it ends the watch
+        await done.wait()
 
     # etcd3aio's stub and auth metadata (pinned 0.3.0): its watch() cannot fragment.
     return services.watch._stub.Watch(requests(), metadata=services.watch._metadata or None)
@@ -346,7 +378,12 @@ class EtcdStore(TransactionalStore):
         consumer is left for the newest one, after the last key yielded.
         """
         low, high = _span(prefix)
-        order = SortOrder.DESCEND if reverse else SortOrder.ASCEND
+        # etcd honours the limit only without a sort order: with one it reads
+        # the whole rest of the range, sorts it and truncates. Keys come in
+        # key order unsorted, so ascending pages ask for none. Descending has
+        # no such shortcut: each reverse page reads everything below its end
+        # (fine for the small prefixes read newest first, like one peer's events).
+        order = SortOrder.DESCEND if reverse else SortOrder.NONE
         limit, revision, seen_keys, seen_bytes = _FIRST_PAGE_KEYS, 0, 0, 0
         while True:
             def read(s: _Services, low: bytes = low, high: bytes = high, limit: int = limit,
@@ -452,7 +489,8 @@ class EtcdStore(TransactionalStore):
         while True:
             services = self._require()
             generation = self._auth_generation
-            stream = _open_watch(services, start, end, next_revision)
+            done = asyncio.Event()
+            stream = _open_watch(services, start, end, next_revision, done)
             try:
                 events: list[Any] = []
                 async for resp in stream:
@@ -489,6 +527,7 @@ class EtcdStore(TransactionalStore):
                           next_revision, pause)
             finally:
                 stream.cancel()
+                done.set()  # ends grpc's request task, whether the call is still running or not
             await asyncio.sleep(pause)
             pause = min(pause * 2, _WATCH_RETRY_PAUSE_MAX)
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import ipaddress
 import json
+import logging
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,7 +43,7 @@ from coordinator.store.base import (
     StoreUnavailable,
     WatchEvent,
 )
-from coordinator.store.etcd import EtcdStore
+from coordinator.store.etcd import EtcdStore, _too_large
 from coordinator.store.memory import MemoryStore
 from tests.conftest import start_etcd
 
@@ -384,25 +386,47 @@ async def test_bad_watch_start_is_refused(h: Harness) -> None:
 # etcd only.
 
 
-async def test_etcd_watch_resumes_after_restart(tmp_path: Path) -> None:
+def _watch_request_tasks() -> set[asyncio.Task[object]]:
+    """grpc's tasks feeding the request side of stream calls (our watches), still running."""
+    return {t for t in asyncio.all_tasks()
+            if not t.done() and t.get_coro().__qualname__.endswith("_consume_request_iterator")}
+
+
+async def test_etcd_watch_resumes_after_restart_and_leaves_no_task_behind(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     etcd = start_etcd(tmp_path)
     store = EtcdStore([etcd.endpoint], timeout=5)
     await store.connect()
     try:
         first = await store.put_if("/r/a", b"1", expect_mod_revision=None)
-        async with aclosing(store.watch("/r/", first)) as events:
-            assert [e.value for e in await _next_events(events, 1)] == [b"1"]
-            etcd.stop()
-            etcd.start()
-            async with asyncio.timeout(15):
-                while True:
-                    try:
-                        await store.put_if("/r/b", b"2", expect_mod_revision=None)
-                        break
-                    except StoreUnavailable:
-                        await asyncio.sleep(0.2)
-            resumed = await _next_events(events, 1)
-            assert [(e.key, e.value) for e in resumed] == [("/r/b", b"2")]
+        with caplog.at_level(logging.INFO):
+            async with aclosing(store.watch("/r/", first)) as events:
+                assert [e.value for e in await _next_events(events, 1)] == [b"1"]
+                [first_stream] = _watch_request_tasks()  # held: a leaked task must not vanish by GC
+                waiting = asyncio.ensure_future(anext(events))  # the watch runs through the outage
+                etcd.stop()
+                # The stream ended by itself (UNAVAILABLE): its request task ends too, before
+                # any restart, instead of staying pending until GC logs it destroyed.
+                async with asyncio.timeout(10):
+                    while not first_stream.done():
+                        await asyncio.sleep(0.05)
+                assert "UNAVAILABLE; resuming" in caplog.text
+                etcd.start()
+                async with asyncio.timeout(15):
+                    while True:
+                        try:
+                            await store.put_if("/r/b", b"2", expect_mod_revision=None)
+                            break
+                        except StoreUnavailable:
+                            await asyncio.sleep(0.2)
+                resumed = await asyncio.wait_for(waiting, 10)
+                assert (resumed.key, resumed.value) == ("/r/b", b"2")
+                assert len(_watch_request_tasks()) == 1  # the live stream's only
+            await asyncio.sleep(0.05)
+            assert _watch_request_tasks() == set()  # closing the watch ends it too
+            gc.collect()
+            await asyncio.sleep(0.05)
+        assert "Task was destroyed" not in caplog.text and "never retrieved" not in caplog.text
     finally:
         await store.close()
         etcd.stop()
@@ -545,3 +569,59 @@ async def test_etcd_range_reads_a_new_snapshot_when_compacted_between_pages(etcd
         store._call = compact_after_first_page  # type: ignore[method-assign]
         entries, revision = await store.range_with_revision(h.k("k/"))
         assert [e.key for e in entries] == [*keys, h.k("k/zzz")] and revision >= late[0]
+
+
+async def test_etcd_ascending_pages_go_unsorted_so_etcd_honours_their_limit(etcd_endpoint: str) -> None:
+    """etcd drops the limit of a sorted range (it reads the rest of the
+    range, sorts, truncates): ascending pages ask for no sort order and
+    still come in key order; reverse pages must sort (descending)."""
+    store = EtcdStore([etcd_endpoint], page_bytes=64 * 1024)  # pages of a few keys
+    async with store:
+        h = Harness(store, f"/sort/{uuid.uuid4().hex}/", asyncio.sleep, None)  # type: ignore[arg-type]
+        keys = await _fill(h, "k", 60, 20_000)
+        kv = store._services.kv  # type: ignore[union-attr]
+        real_get = kv.get
+        sent: list[tuple[int, int]] = []
+
+        async def get(*args, **kwargs):  # type: ignore[no-untyped-def]
+            sent.append((kwargs["sort_order"], kwargs["limit"]))
+            return await real_get(*args, **kwargs)
+
+        kv.get = get  # type: ignore[method-assign]
+        pages = [[e.key for e in page] async for page in store.range_pages(h.k("k/"))]
+        assert len(pages) > 3 and [k for page in pages for k in page] == keys
+        assert sent and all(order == etcd3aio.SortOrder.NONE and limit > 0 for order, limit in sent)
+        sent.clear()
+        assert [e.key for e in await store.range(h.k("k/"))] == keys
+        assert {order for order, _ in sent} == {etcd3aio.SortOrder.NONE}
+        sent.clear()
+        assert [e.key async for page in store.range_pages(h.k("k/"), reverse=True) for e in page] == keys[::-1]
+        assert {order for order, _ in sent} == {etcd3aio.SortOrder.DESCEND}
+
+
+async def test_etcd_refuses_an_oversized_write_as_invalid_argument(etcd_endpoint: str) -> None:
+    """A request over etcd's --max-request-bytes (1.5 MiB) can never succeed:
+    InvalidArgument, not a StoreUnavailable its writer would retry forever,
+    whichever layer refuses it: etcd itself, etcd's gRPC server (over 2 MiB)
+    or our channel's send limit."""
+    store = EtcdStore([etcd_endpoint], max_message_bytes=3 * 2**20, page_bytes=2**20)
+    async with store:
+        key = f"/oversized/{uuid.uuid4().hex}"
+        for size in (1_600_000, 2_200_000, 4_000_000):
+            with pytest.raises(InvalidArgument, match="larger than etcd accepts") as refused:
+                await store.put_if(key, b"x" * size, expect_mod_revision=None)
+            assert not isinstance(refused.value, StoreUnavailable)
+        await store.put_if(key, b"x" * 1_000_000, expect_mod_revision=0)
+        # Replies over the receive limit are still a matter of smaller pages.
+        for n in range(4):
+            await store.put_if(f"{key}/{n}", b"y" * 1_400_000, expect_mod_revision=0)
+        assert [len(e.value) for e in await store.range(f"{key}/")] == [1_400_000] * 4
+
+
+def test_too_large_tells_a_reply_from_a_request() -> None:
+    assert _too_large("Stream removed (CLIENT: Received message larger than max (4200090 vs. 3145728))") == "reply"
+    assert _too_large("Received message larger than max (4200090 vs. 4194304)") == "reply"  # older grpc-core
+    assert _too_large("grpc: received message larger than max (2200023 vs. 2097152)") == "request"  # etcd's server
+    assert _too_large("CLIENT: Sent message larger than max (4000023 vs. 3145728)") == "request"
+    assert _too_large("etcdserver: mvcc: database space exceeded") is None
+    assert _too_large("etcdserver: too many requests") is None

@@ -4,6 +4,7 @@ the job against the in-memory store."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import json
@@ -22,7 +23,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from clusteracme import pki
-from clusteracme.errors import NotFound
+from clusteracme.config import build
+from clusteracme.errors import InvalidArgument, NotFound
 from clusteracme.rpcutil import TLSFiles
 from clusteracme.v1 import agent_pb2
 from coordinator import history as history_module
@@ -33,7 +35,7 @@ from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Pha
 from coordinator.peers import AgentPool, PeerInfo, Registry
 from coordinator.retention import RetentionJob
 from coordinator.scheduler import RenewalScheduler
-from coordinator.settings import RenewalSettings, RetentionSettings
+from coordinator.settings import CoordinatorSettings, RenewalSettings, RetentionSettings
 from coordinator.store.base import Check, Committed, Delete, Entry, NotLeader, Op, Put
 from coordinator.store.keys import Keys
 from coordinator.store.memory import MemoryStore
@@ -282,6 +284,31 @@ async def test_an_event_already_at_the_orders_time_is_kept_and_the_compaction_mo
     assert [(key, e.what) for key, e in listed] == [(f"{seq + 1:020d}", "order"), (f"{seq:020d}", "deploy")]
 
 
+async def test_orders_ending_in_a_crowded_millisecond_jump_past_its_events(caplog: pytest.LogCaptureFixture) -> None:
+    """``updated_at`` has millisecond precision: many orders of a peer can
+    end in the same one. Moving one nanosecond per conflict, five attempts,
+    never got past eight events already there; one read of that
+    millisecond's tail does, and the events stay in time order."""
+    store = MemoryStore()
+    registry = await register(store, "p1")
+    recs = [order(f"o{i}") for i in range(3)]  # all ended in the same millisecond
+    seq = retention.compaction(entry(recs[0]), recs[0]).seq
+    assert seq % 1_000_000 == 0
+    history = History(store, KEYS)
+    earlier = Event(at=recs[0].updated_at, peer_id="p1", domain="", who="c", what="order", result="ok")
+    later = Event(at=NOW.isoformat(), peer_id="p1", domain="", who="c", what="deploy", result="ok")
+    await store.txn([], [*(history.put_at(earlier, seq + n) for n in range(8)),  # that millisecond, crowded
+                         history.put_at(earlier, seq - 1),
+                         history.put_at(later, int(NOW.timestamp()) * 1_000_000_000)])  # today's: the head
+    await put_orders(store, *recs)
+    with caplog.at_level(logging.WARNING, logger="coordinator.retention"):
+        report = await job(store, registry).run_once()
+    assert report.orders_compacted == 3 and await order_ids(store) == [] and "gave up" not in caplog.text
+    listed = [key for key, _ in await history.list("p1")]
+    assert listed == [f"{int(NOW.timestamp()) * 1_000_000_000:020d}",
+                      *(f"{seq + n:020d}" for n in range(10, -1, -1)), f"{seq - 1:020d}"]
+
+
 class CountingStore(MemoryStore):
     """Records the (checks, ops) sizes of every transaction."""
 
@@ -369,10 +396,24 @@ async def test_a_failed_automatic_order_compacted_before_it_is_counted_still_cou
 # --- AgentPool.prune -------------------------------------------------------------------
 
 
+def test_retention_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="interval_seconds must be positive"):
+        RetentionSettings(interval_seconds=0)
+    with pytest.raises(ValueError, match="interval_seconds must be positive"):
+        RetentionSettings(interval_seconds=float("nan"))
+    with pytest.raises(ValueError, match=r"order_retention_seconds must be at least 3600 \(one hour\).*budget"):
+        RetentionSettings(order_retention_seconds=3599)
+    assert RetentionSettings(order_retention_seconds=3600, interval_seconds=0.5).interval_seconds == 0.5
+    with pytest.raises(InvalidArgument, match="retention.order_retention_seconds must be at least 3600"):
+        build(CoordinatorSettings, {"retention": {"order_retention_seconds": 60}})
+    with pytest.raises(InvalidArgument, match="retention.interval_seconds must be positive"):
+        build(CoordinatorSettings, {"retention": {"interval_seconds": -1}})
+
+
 async def test_pool_prune_closes_only_channels_no_registered_peer_uses(tmp_path: Path) -> None:
     pki.init_ca(tmp_path, cluster="t")
     cert, key = pki.issue(tmp_path, pki.Identity(pki.Role.COORDINATOR, "c1"), out_dir=tmp_path)
-    pool = AgentPool(TLSFiles(tmp_path / pki.CA_CERT, cert, key), timeout=0.5)
+    pool = AgentPool(TLSFiles(tmp_path / pki.CA_CERT, cert, key), timeout=0.2)
 
     def peer(peer_id: str, endpoint: str) -> PeerInfo:
         return PeerInfo(peer_id, (), endpoint, "", "closed", "1", True, "")
@@ -381,6 +422,8 @@ async def test_pool_prune_closes_only_channels_no_registered_peer_uses(tmp_path:
     stubs = {p: pool.stub(p) for p in (kept, moved, removed)}
     moved_now = peer("b", "127.0.0.1:12")  # b registered again at another endpoint
     pool.stub(moved_now)
+    assert await pool.prune(set()) == []  # none idle yet: a channel just opened is kept
+    await asyncio.sleep(0.25)  # idle for the longest call deadline given (the pool's 0.2 s)
     closed = await pool.prune({("127.0.0.1:9", "a"), ("127.0.0.1:12", "b")})
     assert set(closed) == {("127.0.0.1:10", "b"), ("127.0.0.1:11", "c")}
     for p in (moved, removed):
