@@ -84,7 +84,9 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
     t = settings.timing
 
     # The lease keep-alive runs on a thread with its own etcd channel: a busy loop cannot starve it.
-    election = Election(store, keys.leader(), settings.name, ttl=t.leader_ttl, keepalive_store=store.open_replica)
+    # It also stops renewing if this loop is stuck for timing.leader_stuck_seconds, so a standby takes over.
+    election = Election(store, keys.leader(), settings.name, ttl=t.leader_ttl, keepalive_store=store.open_replica,
+                        stuck_after=t.leader_stuck_seconds)
     cleanup.push_async_callback(election.abandon)  # however this ends, the thread does not outlive it
     log.info("coordinator %s campaigning for leadership", settings.name)
     campaign = asyncio.ensure_future(election.campaign())
@@ -118,10 +120,12 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
         srv,
     )
     health = await add_health(srv)
-    await srv.start()
+    # The previous leader's queue first: a sign that arrived while it is being
+    # read would otherwise jump it (and its provider's budget).
     resumed = await issuance.resume_all()
     if resumed:
         log.info("resumed %d unfinished order(s): %s", len(resumed), ", ".join(resumed))
+    await srv.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("coordinator %s serving on %s (port %d)", settings.name, settings.listen, port)
 

@@ -17,6 +17,7 @@ of its own, with its own event loop and its own store connection (opened by
 a factory on that loop; ``EtcdStore.open_replica`` in production). A main
 loop that is busy or blocked for longer than the TTL keeps its leadership;
 only the thread's verdict, handed to the main loop thread-safely, ends it.
+
 grpc.aio (>= 1.85, as pinned) serves several event loops in several threads:
 every loop that has made a call is bound to grpc's one completion-queue
 poller, and any bound loop dispatches the events (to their own loop,
@@ -25,6 +26,22 @@ thread-safely), so a blocked main loop does not stall the keep-alive loop
 each gRPC event of the process also wakes the keep-alive loop (a few per cent
 more CPU per call, measured). The campaign and ``resign`` stay on the main
 loop.
+
+But a leader whose loop is *stuck* (a deadlock, a write to a stalled pipe, a
+hung file system read) must not hold the lease for ever while it issues
+nothing: the main loop stamps a heartbeat every ``LOOP_HEARTBEAT_INTERVAL``
+seconds (a timer of the election's own), and once that stamp is older than
+``stuck_after`` seconds (``timing.leader_stuck_seconds``, far above the TTL
+and any legitimate block) the thread stops renewing and logs an error. The
+lease then expires within the TTL and a standby takes over; should the loop
+ever run again it finds ``lost`` set (and its fenced writes refused).
+
+Standbys wait on a watch of the leader key from its revision + 1. When etcd
+has compacted that revision away (auto-compaction), the watch is refused
+with ``Compacted``: the standby reads the key again and, while it still
+holds the same leader, watches from the compaction revision instead (a
+deletion after it is still delivered; one before it shows in the read), so
+a compaction costs one read, not a read-and-watch loop.
 
 etcd3aio's own Election and Lock are not used: they let their lease lapse.
 """
@@ -60,6 +77,10 @@ KEEPALIVE_RETRY_PAUSE = 0.2
 KEEPALIVE_STOP_TIMEOUT = 5.0
 """How long ``resign``/``abandon`` wait for the keep-alive thread to end
 (it is cancelled, then closes its store connection)."""
+LOOP_HEARTBEAT_INTERVAL = 0.5
+"""How often the main loop stamps the heartbeat the keep-alive thread checks."""
+DEFAULT_STUCK_AFTER = 60.0
+"""Stop renewing once the main loop has not run for this long (seconds)."""
 
 
 class KeepAliveStore(Protocol):
@@ -112,7 +133,9 @@ class Election:
     ``keepalive_store`` opens the keep-alive thread's own connection (default:
     ``store.open_replica``, which an ``EtcdStore`` has). ``clock`` is a
     monotonic clock in seconds, read from both threads; ``retry_delay`` is the
-    pause after the store was unreachable.
+    pause after the store was unreachable. ``stuck_after`` (> ``ttl``): the
+    keep-alive stops renewing once the main loop has not run for this many
+    seconds, so a stuck leader is replaced.
     """
 
     def __init__(
@@ -125,11 +148,15 @@ class Election:
         keepalive_store: KeepAliveStoreFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
         retry_delay: float = 1.0,
+        stuck_after: float = DEFAULT_STUCK_AFTER,
     ) -> None:
         if not identity:
             raise InvalidArgument("election identity must not be empty")
         if ttl < 1:
             raise InvalidArgument(f"election TTL must be at least 1 s, not {ttl}")
+        if not stuck_after > ttl:
+            raise InvalidArgument(f"the stuck-leader bound ({stuck_after} s) must be longer than the election "
+                                  f"TTL ({ttl} s)")
         if keepalive_store is None:
             if not isinstance(store, OpensReplica):
                 raise InvalidArgument("the election needs a keep-alive store factory: this store cannot open "
@@ -142,6 +169,7 @@ class Election:
         self._open_keepalive_store = keepalive_store
         self._clock = clock
         self._retry_delay = retry_delay
+        self._stuck_after = stuck_after
         self._leadership: Leadership | None = None
         self._keepalive: _KeepAliveThread | None = None
 
@@ -229,21 +257,33 @@ class Election:
         leadership = Leadership(self._key, self._identity, revision, lease)
         self._leadership = leadership
         self._keepalive = _KeepAliveThread(
-            self._open_keepalive_store, leadership, valid_from + self._ttl, self._ttl, self._clock
+            self._open_keepalive_store, leadership, valid_from + self._ttl, self._ttl, self._clock, self._stuck_after
         )
         self._keepalive.start()
         _log.info("election %s: %s leads at revision %d", self._key, self._identity, revision)
         return leadership
 
     async def _wait_vacant(self, seen_revision: int) -> None:
-        """Return once the leader key is deleted after ``seen_revision``."""
-        try:
-            async with contextlib.aclosing(self._store.watch(self._key, seen_revision + 1)) as events:
-                async for event in events:
-                    if event.key == self._key and event.kind is EventKind.DELETE:
-                        return
-        except Compacted:
-            return  # the caller reads the key again
+        """Return once the leader key, last written at ``seen_revision``, is
+        deleted or replaced (the caller then reads it again)."""
+        start = seen_revision + 1
+        while True:
+            try:
+                async with contextlib.aclosing(self._store.watch(self._key, start)) as events:
+                    async for event in events:
+                        if event.key == self._key and event.kind is EventKind.DELETE:
+                            return
+            except Compacted as exc:
+                # The history since ``seen_revision`` is gone. If the key is
+                # still the one we saw, it has not changed up to this read,
+                # which is at or past the compaction: a watch from the
+                # compaction revision misses nothing.
+                entry = await self._store.get(self._key)
+                if entry is None or entry.mod_revision != seen_revision:
+                    return
+                _log.debug("election %s: revisions before %d compacted; watching from there",
+                           self._key, exc.compact_revision)
+                start = max(start, exc.compact_revision)
 
 
 class _KeepAliveThread:
@@ -255,7 +295,8 @@ class _KeepAliveThread:
     thread-safely: ``leadership.lost`` (and, for ``stop``, that it ended).
     It is a daemon thread: should the process exit without stopping it, it
     dies with the process instead of holding the lease for a dead leader; it
-    also stops by itself once the main loop is closed.
+    also stops by itself once the main loop is closed, or has not run its
+    heartbeat timer for ``stuck_after`` seconds (a stuck leader).
     """
 
     def __init__(
@@ -265,14 +306,20 @@ class _KeepAliveThread:
         valid_until: float,
         ttl: int,
         clock: Callable[[], float],
+        stuck_after: float,
     ) -> None:
         self._open_store = open_store
         self._leadership = leadership
         self._valid_until = valid_until
         self._ttl = ttl
         self._clock = clock
+        self._stuck_after = stuck_after
         self._main_loop = asyncio.get_running_loop()
         self._ended = asyncio.Event()  # on the main loop
+        # The main loop's heartbeat: written there by a timer, read by the
+        # thread (a float attribute: one atomic store and load).
+        self._heartbeat = clock()
+        self._beat_timer: asyncio.TimerHandle | None = None  # on the main loop
         self._lock = threading.Lock()  # guards the three fields below, shared by both threads
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -283,7 +330,21 @@ class _KeepAliveThread:
         )
 
     def start(self) -> None:
+        self._beat()
         self._thread.start()
+
+    def _beat(self) -> None:
+        """On the main loop: stamp the heartbeat, and again in a while."""
+        self._heartbeat = self._clock()
+        if not self._ended.is_set():
+            self._beat_timer = self._main_loop.call_later(LOOP_HEARTBEAT_INTERVAL, self._beat)
+
+    def _on_ended(self) -> None:
+        """On the main loop, once the thread has ended."""
+        if self._beat_timer is not None:
+            self._beat_timer.cancel()
+            self._beat_timer = None
+        self._ended.set()
 
     def request_stop(self) -> None:
         """Ask the thread to stop renewing (without waiting). Thread-safe."""
@@ -314,7 +375,7 @@ class _KeepAliveThread:
             _log.exception("election %s: keep-alive thread died", self._leadership.key)
             self._tell_main(self._leadership.lost.set)
         finally:
-            self._tell_main(self._ended.set)
+            self._tell_main(self._on_ended)
 
     async def _main(self) -> None:
         work = asyncio.create_task(self._renew())
@@ -343,12 +404,20 @@ class _KeepAliveThread:
         leadership = self._leadership
         valid_until = self._valid_until
         reason = "keep-alive stopped"
+        level = logging.WARNING
         pause = 0.0  # open the connection and renew at once: a problem shows now, not in ttl/3 s
         try:
             while True:
                 await asyncio.sleep(max(0.0, min(pause, valid_until - self._clock())))
                 if self._main_loop.is_closed():
                     reason = "the process's event loop has ended"
+                    return
+                silent = self._clock() - self._heartbeat
+                if silent > self._stuck_after:
+                    reason = (f"the event loop has not run for {silent:.0f} s (past timing.leader_stuck_seconds = "
+                              f"{self._stuck_after:g} s): the process is stuck; keep-alive stopped so that a "
+                              f"standby takes over once the lease expires")
+                    level = logging.ERROR
                     return
                 sent = self._clock()
                 try:
@@ -380,11 +449,12 @@ class _KeepAliveThread:
             reason = f"keep-alive failed: {exc!r}"
             raise
         finally:
+            # Tell the main loop first: logging may block behind what holds it.
+            self._tell_main(leadership.lost.set)
             with self._lock:
                 stopping = self._stopping
             if not stopping:
-                _log.warning("election %s: %s lost leadership: %s", leadership.key, leadership.identity, reason)
-            self._tell_main(leadership.lost.set)
+                _log.log(level, "election %s: %s lost leadership: %s", leadership.key, leadership.identity, reason)
 
     def _tell_main(self, callback: Callable[[], object]) -> None:
         with contextlib.suppress(RuntimeError):  # the main loop is closed: nobody is left to tell

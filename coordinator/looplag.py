@@ -11,7 +11,9 @@ storm does not flood the log.
 
 Lag does not cost the leadership (its lease keep-alive has a thread of its
 own, see ``election``), but it delays everything else: it is the number to
-watch when the leader is slow.
+watch when the leader is slow. Only a loop that stands still for
+``timing.leader_stuck_seconds`` (a stuck process, not a busy one) gives the
+leadership up, so that a standby takes over.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clusteracme.rpcutil import TLSFiles
+from coordinator.admission import BUDGET_WINDOW
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,13 @@ class TimingSettings:
     heartbeat_interval: int = 3
     leader_ttl: int = 5
     """Leader lease TTL: how long a crashed leader blocks a successor."""
+    leader_stuck_seconds: float = 60.0
+    """A leader whose event loop has not run for this long (a deadlock, a
+    write to a stalled pipe, a hung file system) is stuck: its lease
+    keep-alive (on a thread of its own) stops renewing, so a standby takes
+    over within ``leader_ttl`` more seconds. Must exceed ``leader_ttl``, and
+    any block the loop may legitimately see (a busy loop runs seconds late,
+    not minutes)."""
     acme_timeout: float = 10.0
     """Network timeout of one ACME HTTP request."""
     blocking_threads: int = 0
@@ -68,6 +76,11 @@ class TimingSettings:
     """Log a warning when the event loop runs a timer this many seconds late
     (at most one line per 30 s); every sample goes to
     ``clusteracme_event_loop_lag_seconds``."""
+
+    def __post_init__(self) -> None:
+        if not self.leader_stuck_seconds > self.leader_ttl:
+            raise ValueError(f"timing.leader_stuck_seconds ({self.leader_stuck_seconds:g}) must be longer than "
+                             f"timing.leader_ttl ({self.leader_ttl})")
 
 
 @dataclass(frozen=True)
@@ -131,10 +144,21 @@ class AdmissionSettings:
 class RetentionSettings:
     order_retention_seconds: float = 7 * 86400.0
     """Ended orders stay in ``orders/`` this long (``acmectl order show``),
-    then are compacted into one history event of their peer and deleted."""
+    then are compacted into one history event of their peer and deleted.
+    At least an hour: a new leader counts each provider's hourly order
+    budget (``admission.orders_per_hour``) from the order records."""
     interval_seconds: float = 600.0
     """How often the leader runs the retention job (orders, past schedule
     keys, unused agent channels)."""
+
+    def __post_init__(self) -> None:
+        if not self.interval_seconds > 0:  # also refuses NaN
+            raise ValueError(f"retention.interval_seconds must be positive, not {self.interval_seconds}")
+        if not self.order_retention_seconds >= BUDGET_WINDOW:
+            raise ValueError(
+                f"retention.order_retention_seconds must be at least {BUDGET_WINDOW:.0f} (one hour), not "
+                f"{self.order_retention_seconds}: a new leader counts the hourly order budget "
+                "(admission.orders_per_hour) from the records of the orders of the last hour")
 
 
 @dataclass(frozen=True)

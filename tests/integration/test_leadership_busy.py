@@ -7,7 +7,11 @@ writes still go through, and the standby never takes over. First for an
 ``Election`` alone, then for the coordinator's real start-up path
 (``coordinator.app.run``) with a real standby coordinator. And the reverse:
 a leader stopped entirely (SIGSTOP: every thread) is replaced after its TTL,
-and once it runs again it finds itself deposed and fenced off.
+and once it runs again it finds itself deposed and fenced off; so is a
+leader whose loop is stuck past ``timing.leader_stuck_seconds`` although its
+keep-alive thread still runs. And standbys: one that starts after etcd
+compacted the leader key's revision away waits on its watch quietly instead
+of polling etcd.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from clusteracme.localcluster.infra import Process, free_port, tcp_check
 from coordinator import app, metrics
 from coordinator.election import Election
 from coordinator.settings import CoordinatorSettings, EtcdSettings, TimingSettings, TLSSettings
-from coordinator.store.base import NotLeader
+from coordinator.store.base import Entry, NotLeader, WatchEvent
 from coordinator.store.etcd import EtcdStore
 from coordinator.store.keys import Keys
 
@@ -194,19 +198,129 @@ async def test_a_stopped_leader_is_replaced_after_its_ttl_and_then_fenced_off(
     await successor.resign()
 
 
-async def test_the_coordinator_keeps_leadership_through_a_blocked_loop(
-    etcd_endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_a_stuck_leader_is_replaced_while_still_stuck_and_then_fenced_off(
+    etcd_endpoint: str, store: EtcdStore, campaigners: list[Campaigner], caplog: pytest.LogCaptureFixture
 ) -> None:
+    key = "/clusteracme/busy-stuck/leader"
+    # Stuck past 3 s, its keep-alive thread (alive and well) stops renewing the 1 s lease.
+    election = Election(store, key, "stuck", 1, stuck_after=3)
+    leadership = await election.campaign()
+    standby = Campaigner(etcd_endpoint, key, "standby")
+    campaigners.append(standby)
+    assert await standby.line("sees", 15) == "sees stuck"
+    await asyncio.sleep(0.5)  # the standby is now watching the leader key
+
+    time.sleep(7)  # stuck: 3 s to notice (+ TTL/3), 1 s for the lease to expire, then the standby leads
+
+    assert any(line.startswith("leads") for line in standby.lines), standby.lines  # while we were stuck
+    assert keepalive_threads() == []
+    await asyncio.sleep(0.1)
+    assert leadership.lost.is_set() and election.leadership is None  # running again, it knows
+    entry = await store.get(key)
+    assert entry is not None and entry.value == b"standby"
+    with pytest.raises(NotLeader):
+        await leadership.fence(store).put_if(key + "/after-stuck", b"stale", expect_mod_revision=None)
+    assert await store.get(key + "/after-stuck") is None
+    assert any(r.name == "coordinator.election" and r.levelno == logging.ERROR and "event loop has not run" in
+               r.getMessage() for r in caplog.records)
+    await election.abandon()
+
+
+class CountingEtcdStore(EtcdStore):
+    """A standby's store that counts its reads and watches."""
+
+    gets = 0
+    watches = 0
+
+    async def get(self, key: str) -> Entry | None:
+        self.gets += 1
+        return await super().get(key)
+
+    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+        self.watches += 1
+        async with contextlib.aclosing(super().watch(prefix, start_revision)) as events:
+            async for event in events:
+                yield event
+
+
+async def test_a_standby_after_a_compaction_watches_instead_of_polling(etcd_endpoint: str, store: EtcdStore) -> None:
+    key = "/clusteracme/busy-compacted/leader"
+    leader = Election(store, key, "leader", TTL)
+    leadership = await leader.campaign()
+    for i in range(5):  # etcd moves on, and auto-compaction (here: now) discards the leader key's revision
+        await store.put_if(f"/clusteracme/busy-compacted/other/{i}", b"x", expect_mod_revision=None)
+    _, revision = await store.range_with_revision("/clusteracme/busy-compacted/")
+    await store.compact(revision)
+
+    async with CountingEtcdStore([etcd_endpoint]) as standby_store:
+        standby = Election(standby_store, key, "standby", TTL)
+        waiting = asyncio.create_task(standby.campaign())
+        try:
+            await asyncio.sleep(2)
+            assert not waiting.done()
+            # Read, watch refused (compacted), read again, watch from the compaction: then quiet.
+            assert (standby_store.gets, standby_store.watches) == (2, 2)
+            await leader.resign()  # the deletion reaches that watch: it takes over at once
+            async with asyncio.timeout(2):
+                taken = await waiting
+            assert taken.revision > leadership.revision and await standby.current_leader() == "standby"
+        finally:
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await waiting
+            await standby.resign()
+
+
+def coordinator_tls(tmp_path: Path) -> TLSSettings:
+    """A cluster CA, a coordinator and an operator certificate, and an account key secret under ``tmp_path``."""
     pki_dir = tmp_path / "pki"
     pki.init_ca(pki_dir, cluster="busy")
     pki.issue(pki_dir, pki.Identity(pki.Role.COORDINATOR, "c1"), out_dir=pki_dir, ips=["127.0.0.1"],
               dns_names=["localhost"])
     pki.issue(pki_dir, pki.Identity(pki.Role.OPERATOR, "admin"), out_dir=pki_dir)
     pki.create_secret(tmp_path / "account-key.secret")
+    return TLSSettings(ca=pki_dir / "ca.pem", cert=pki_dir / "coordinator-c1.pem", key=pki_dir / "coordinator-c1.key")
+
+
+async def test_a_stuck_coordinator_gives_up_leadership_and_exits(etcd_endpoint: str, tmp_path: Path) -> None:
+    prefix = "/clusteracme/busy-app-stuck/"
+    leader_key = Keys(prefix).leader()
+    port = free_port()
+    settings = CoordinatorSettings(
+        name="stuck-leader", listen=f"127.0.0.1:{port}", account_key_file=tmp_path / "account-key.secret",
+        tls=coordinator_tls(tmp_path), etcd=EtcdSettings(endpoints=(etcd_endpoint,), prefix=prefix),
+        timing=TimingSettings(leader_ttl=1, leader_stuck_seconds=3),
+    )
+    async with EtcdStore([etcd_endpoint]) as store:
+        coordinator = asyncio.create_task(app.run(settings), name="coordinator")
+        try:
+            async with asyncio.timeout(30):  # leader, and serving
+                while (entry := await store.get(leader_key)) is None or not tcp_check("127.0.0.1", port)():
+                    assert not coordinator.done(), coordinator
+                    await asyncio.sleep(0.1)
+            assert entry.value == b"stuck-leader"
+
+            time.sleep(6)  # stuck past timing.leader_stuck_seconds: its lease is left to expire
+
+            assert await store.get(leader_key) is None  # its lease expired: vacant for a standby
+            async with asyncio.timeout(20):  # running again, it finds leadership lost and stops
+                assert await coordinator == 1
+            assert keepalive_threads() == []
+        finally:
+            if not coordinator.done():
+                coordinator.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await coordinator
+
+
+async def test_the_coordinator_keeps_leadership_through_a_blocked_loop(
+    etcd_endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tls = coordinator_tls(tmp_path)
+    pki_dir = tmp_path / "pki"
     prefix = "/clusteracme/busy-app/"
     leader_key = Keys(prefix).leader()
     port, standby_port = free_port(), free_port()
-    tls = TLSSettings(ca=pki_dir / "ca.pem", cert=pki_dir / "coordinator-c1.pem", key=pki_dir / "coordinator-c1.key")
     settings = CoordinatorSettings(
         name="busy-leader", listen=f"127.0.0.1:{port}", account_key_file=tmp_path / "account-key.secret",
         tls=tls, etcd=EtcdSettings(endpoints=(etcd_endpoint,), prefix=prefix), timing=TimingSettings(leader_ttl=TTL),

@@ -5,22 +5,26 @@ Here that connection is ``OnTestLoop``: each call hops back to the test's
 loop, where the in-memory store lives (it is not thread-safe), so the tests
 drive the real thread against the fake store. ``ThreadSafeLease`` is a
 keep-alive store that needs no other loop, for the tests that block the
-main loop.
+main loop (for a while, or until it counts as stuck).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
 
+from clusteracme.config import build
 from clusteracme.errors import InvalidArgument
 from coordinator.election import Election, KeepAliveStore, Leadership
-from coordinator.store.base import Entry, LeaseLost, NotLeader, StoreUnavailable
+from coordinator.settings import CoordinatorSettings, TimingSettings
+from coordinator.store.base import Entry, LeaseLost, NotLeader, StoreUnavailable, WatchEvent
 from coordinator.store.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(20)
@@ -91,6 +95,12 @@ class ThreadSafeLease:
 
 def keepalive_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("election-keepalive:")]
+
+
+def heartbeat_timers() -> list[asyncio.TimerHandle]:
+    """The elections' heartbeat timers pending on the running loop (asyncio internals: test only)."""
+    scheduled: list[asyncio.TimerHandle] = getattr(asyncio.get_running_loop(), "_scheduled", [])
+    return [h for h in scheduled if not h.cancelled() and "_beat" in getattr(h._callback, "__qualname__", "")]
 
 
 async def no_keepalive_thread_left() -> None:
@@ -359,8 +369,10 @@ async def test_resign_right_after_campaign_stops_the_thread(store: MemoryStore, 
     for identity in ("a", "b", "c"):
         e = election(identity)
         await e.campaign()
+        assert len(heartbeat_timers()) == 1
         await e.resign()
         assert keepalive_threads() == []
+        assert heartbeat_timers() == []  # the main loop's heartbeat ends with the thread
     assert connections.all_closed()
     assert await store.get(KEY) is None
 
@@ -368,3 +380,148 @@ async def test_resign_right_after_campaign_stops_the_thread(store: MemoryStore, 
 async def test_a_store_that_cannot_open_its_own_connection_needs_a_factory(store: MemoryStore) -> None:
     with pytest.raises(InvalidArgument, match="keep-alive store factory"):
         Election(store, KEY, "a", TTL)
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "coordinator.election" and r.levelno >= logging.ERROR]
+
+
+async def lead_on_thread_safe_lease(lease: ThreadSafeLease, stuck_after: float) -> tuple[Election, Leadership]:
+    election = Election(MemoryStore(), KEY, "a", 1, keepalive_store=_returning(lease), stuck_after=stuck_after)
+    leader = await election.campaign()
+    lease.entry = await election._store.get(KEY)
+    return election, leader
+
+
+def _returning(lease: ThreadSafeLease) -> Callable[[], Awaitable[KeepAliveStore]]:
+    async def open_store() -> KeepAliveStore:
+        return lease
+
+    return open_store
+
+
+async def test_a_stuck_loop_stops_the_keepalive_so_a_standby_can_take_over(caplog: pytest.LogCaptureFixture) -> None:
+    lease = ThreadSafeLease(ttl=1)
+    election, leader = await lead_on_thread_safe_lease(lease, stuck_after=2)
+    blocked_from = time.monotonic()
+    time.sleep(4)  # the main loop is stuck, past the 2 s bound
+    blocked_until = time.monotonic()
+    # While the loop was still stuck, the thread stopped renewing and ended
+    # (closing its store): the lease now expires and a standby can lead.
+    assert keepalive_threads() == [] and lease.closed
+    during = [t - blocked_from for t in lease.renewals if t > blocked_from]
+    assert len([t for t in during if t < 1.4]) >= 3, during  # renewed every TTL/3 s while under the bound,
+    assert max(during) < 2.0 + 1 / 3 + 0.3, during  # then stopped (checked every TTL/3 s)
+    assert not leader.lost.is_set()  # nobody could tell the stuck loop yet
+    await settle()
+    assert leader.lost.is_set() and election.leadership is None  # the loop runs again: it has lost
+    [message] = errors_logged(caplog)
+    assert "event loop has not run for 2 s" in message and "leader_stuck_seconds = 2 s" in message
+    assert len(lease.renewals) == len([t for t in lease.renewals if t < blocked_until])
+    await election.resign()
+
+
+async def test_a_loop_that_runs_late_but_runs_keeps_leadership(caplog: pytest.LogCaptureFixture) -> None:
+    lease = ThreadSafeLease(ttl=1)
+    election, leader = await lead_on_thread_safe_lease(lease, stuck_after=2)
+    started = time.monotonic()
+    for _ in range(5):  # busy for 5 s: 1 s blocks, with the loop running its timers in between
+        time.sleep(1)
+        await asyncio.sleep(0)
+    assert not leader.lost.is_set() and keepalive_threads() != []
+    assert len([t for t in lease.renewals if t > started]) >= 12  # every TTL/3 s throughout
+    assert errors_logged(caplog) == []
+    await election.resign()
+
+
+async def test_the_stuck_bound_must_exceed_the_ttl(store: MemoryStore) -> None:
+    with pytest.raises(InvalidArgument, match="longer than the election TTL"):
+        Election(store, KEY, "a", 3, keepalive_store=_returning(ThreadSafeLease(3)), stuck_after=3)
+    assert TimingSettings().leader_stuck_seconds == 60 > TimingSettings().leader_ttl
+    with pytest.raises(ValueError, match="leader_stuck_seconds"):
+        TimingSettings(leader_ttl=10, leader_stuck_seconds=10)
+    with pytest.raises(InvalidArgument, match="leader_stuck_seconds"):  # as a config file or --set gives it
+        build(CoordinatorSettings, {"timing": {"leader_ttl": 60}})
+    assert build(CoordinatorSettings, {"timing": {"leader_stuck_seconds": 6}}).timing.leader_stuck_seconds == 6.0
+
+
+class Counting:
+    """A standby's store: counts its reads and watches; ``before_watch``
+    runs (once) before the next watch opens."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+        self.gets = 0
+        self.watches = 0
+        self.before_watch: Callable[[], Awaitable[None]] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def get(self, key: str) -> Entry | None:
+        self.gets += 1
+        return await self._store.get(key)
+
+    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+        self.watches += 1
+        if self.before_watch is not None:
+            hook, self.before_watch = self.before_watch, None
+            await hook()
+        async with contextlib.aclosing(self._store.watch(prefix, start_revision)) as events:
+            async for event in events:
+                yield event
+
+
+async def compact_all(store: MemoryStore) -> None:
+    for i in range(5):  # history moves on, then is compacted past the leader key's revision
+        await store.put_if(f"/clusteracme/test/other/{i}", b"x", expect_mod_revision=None)
+    _, revision = await store.range_with_revision("/")
+    await store.compact(revision)
+
+
+async def test_a_standby_waits_quietly_after_a_compaction(store: MemoryStore, election: Any) -> None:
+    a = election("a")
+    leader_a = await a.campaign()
+    await compact_all(store)
+    counting = Counting(store)
+    b = Election(counting, KEY, "b", TTL, keepalive_store=_returning(ThreadSafeLease(TTL)))  # type: ignore[arg-type]
+    waiting = asyncio.create_task(b.campaign())
+    await asyncio.sleep(1)
+    assert not waiting.done()
+    # One read, one watch refused (compacted), one read again, one watch from the compaction: then quiet.
+    assert (counting.gets, counting.watches) == (2, 2)
+    await a.resign()  # the deletion reaches the watch opened at the compaction revision
+    leader_b = await within(2, waiting)
+    assert leader_b.revision > leader_a.revision
+    await b.abandon()
+
+
+@pytest.mark.parametrize("change", ["vacated", "replaced"])
+async def test_a_leader_change_hidden_by_a_compaction_is_seen(store: MemoryStore, election: Any, change: str) -> None:
+    a, c = election("a"), election("c")
+    await a.campaign()
+    counting = Counting(store)
+    b = Election(counting, KEY, "b", TTL, keepalive_store=_returning(ThreadSafeLease(TTL)))  # type: ignore[arg-type]
+
+    async def change_then_compact() -> None:
+        # Between the standby's read and its watch: the leader goes (and
+        # another may come), and the compaction discards the deletion.
+        await a.resign()
+        if change == "replaced":
+            await c.campaign()
+        await compact_all(store)
+
+    counting.before_watch = change_then_compact
+    waiting = asyncio.create_task(b.campaign())
+    if change == "vacated":
+        leader_b = await within(2, waiting)  # the re-read found the key gone
+        assert await b.current_leader() == "b" and not leader_b.lost.is_set()
+        await b.abandon()
+        return
+    await asyncio.sleep(0.5)
+    assert not waiting.done() and await a.current_leader() == "c"  # it waits on the new leader, quietly:
+    # read (a), watch refused, read (c), read again in campaign (c), watch refused, read (c), watch.
+    assert (counting.gets, counting.watches) == (4, 3)
+    await c.resign()
+    await within(2, waiting)
+    await b.abandon()
