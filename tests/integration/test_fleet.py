@@ -136,6 +136,30 @@ def test_a_dead_peer_inside_dns_fails_the_order_before_the_ca(
     assert forced.returncode != 0 and "peer peer4" in forced.stderr, forced.stderr
 
 
+def test_a_new_leader_resumes_the_queue_in_submission_order(
+        ready: LocalCluster, stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> None:
+    """The queue lives in etcd: a coordinator SIGKILLed with orders waiting is
+    replaced by one that admits them in the order they were submitted, and an
+    order already open at the CA is resumed, not opened again."""
+    cluster = ready
+    slots = [(1, "r1.resume.example"), (2, "r2.resume.example"), (3, "r3.resume.example")]
+    for peer, domain in slots:
+        _csr(cluster, peer, domain, [domain], [1, 2, 3])
+    started = [stub.Sign(pb.SignRequest(peer_id=f"peer{p}", slot=common_pb2.Slot(domain=d)), timeout=30)
+               for p, d in slots]
+    assert [o.queue_position for o in started[1:]] == [1, 2]
+    cluster.kill_coordinator()
+    before = [record(cluster, f"orders/{o.order_id}") for o in started]
+    assert [r["phase"] for r in before[1:]] == ["queued", "queued"]
+    cluster.start_coordinator()
+    ended = [_wait_done(stub, o.order_id) for o in started]
+    assert [o.succeeded for o in ended] == [True, True, True], [o.error for o in ended]
+    after = [record(cluster, f"orders/{o.order_id}") for o in started]
+    assert [r["ordered_at"] for r in after] == sorted(r["ordered_at"] for r in after)  # submission order
+    if before[0]["order_url"]:  # already at the CA when killed: the same order, not a second one
+        assert after[0]["order_url"] == before[0]["order_url"]
+
+
 def test_a_provider_budget_delays_its_orders_but_not_the_others(
         ready: LocalCluster, stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> None:
     """Last in the module: a second account makes --provider necessary."""
