@@ -183,6 +183,7 @@ class Issuance:
         self._admitted_at: dict[str, float] = {}
         self._front_served: dict[str, float] = {}  # peer -> when its front last served a token (monotonic)
         self._confirmed_ready: set[str] = set()  # orders this driver saw "ready" at the CA, not finalized yet
+        self._resolved_now: set[str] = set()  # submitted here, DNS just read: no second lookup if admitted at once
         self._peers_cache: tuple[float, list[PeerInfo]] | None = None
         self._tokens = TokenPusher(pool, ttl_seconds=timing.token_ttl, window=settings.token_batch_window)
 
@@ -281,8 +282,7 @@ class Issuance:
         try:
             dns: dict[str, tuple[str, ...]] | None = None
             if not force:
-                peers = await self._serving_peers()
-                resolution = await preflight.resolve_names(names, {p.peer_id: p.addresses for p in peers}, self._resolver)
+                resolution = await self._resolve(names)
                 if resolution.problems:
                     raise PreflightFailed(resolution.problems)
                 dns = resolution.peers_by_name
@@ -308,9 +308,15 @@ class Issuance:
             self._admission.unreserve()
             raise
         self._admission.enqueue(rec.order_id, rec.provider, reserved=True)
+        self._resolved_now.add(rec.order_id)
         self._pump()
         self.spawn(rec.order_id)
         return rec
+
+    async def _resolve(self, names: tuple[str, ...]) -> preflight.Resolution:
+        """The preflight's DNS resolution of ``names`` against the registered peers."""
+        peers = await self._serving_peers()
+        return await preflight.resolve_names(names, {p.peer_id: p.addresses for p in peers}, self._resolver)
 
     async def start_authorization(self, names: tuple[str, ...], provider: str, who: str) -> OrderRecord:
         """An order that only validates ``names`` (every peer serving the
@@ -411,16 +417,14 @@ class Issuance:
         if at is not None:
             self._budget_timer = asyncio.get_running_loop().call_later(max(0.05, at - now), self._pump)
 
-    async def _admit(self, rec: OrderRecord) -> OrderRecord:
-        """The admitted order, with DNS read again: it may have waited long in
-        the queue, and the peers that must serve are those DNS points at when
-        the CA validates, not when the order was submitted."""
+    async def _admit(self, rec: OrderRecord, waited: bool) -> OrderRecord:
+        """The admitted order, with DNS read again if it waited (in the queue,
+        or for a new leader): the peers that must serve are those DNS points at
+        when the CA validates, not when the order was submitted."""
         changes: dict[str, Any] = {"updated_at": utcnow()}
-        if rec.dns is not None:
+        if rec.dns is not None and waited:
             try:
-                peers = await self._serving_peers()
-                resolution = await preflight.resolve_names(rec.names, {p.peer_id: p.addresses for p in peers},
-                                                           self._resolver)
+                resolution = await self._resolve(rec.names)
             except errors.ClusterAcmeError as exc:
                 return orders.advance(rec, Phase.FAILED, error=f"DNS check at admission failed: {exc.message}",
                                       cleaned=True, **changes)
@@ -431,12 +435,15 @@ class Issuance:
             changes["dns"] = resolution.peers_by_name
         return orders.advance(rec, Phase.NEW, **changes)
 
-    async def _admitted(self, rec: OrderRecord) -> None:
+    async def _admitted(self, rec: OrderRecord) -> bool:
         """Wait until the order may run: a free slot, and room in its
-        provider's hourly budget. Queued orders never fail for load."""
+        provider's hourly budget. Queued orders never fail for load. Returns
+        whether it waited since its preflight (queued, or resumed)."""
+        fresh = rec.order_id in self._resolved_now
+        self._resolved_now.discard(rec.order_id)
         self._admission.enqueue(rec.order_id, rec.provider)
         if self._admission.is_active(rec.order_id):
-            return
+            return not fresh
         waiter = self._admit_waiters.get(rec.order_id)
         if waiter is None or waiter.done():
             waiter = self._admit_waiters[rec.order_id] = asyncio.get_running_loop().create_future()
@@ -445,6 +452,8 @@ class Issuance:
             log.info("order %s queued at position %d (%d running)", rec.order_id,
                      self._admission.position(rec.order_id), self._admission.active)
             await waiter
+            return True
+        return not fresh
 
     async def _load_order(self, order_id: str) -> OrderRecord | None:
         data, _ = await records.read(self._store, self._keys.order(order_id))
@@ -479,6 +488,7 @@ class Issuance:
             if admitted_at is not None:  # its run time, not its wait in the queue: the retry hint
                 self._admission.observe_duration(self._monotonic() - admitted_at)
             self._confirmed_ready.discard(order_id)
+            self._resolved_now.discard(order_id)
             self._admission.release(order_id)
             self._admit_waiters.pop(order_id, None)
             self._pump()
@@ -508,7 +518,6 @@ class Issuance:
             # The CA is validating: make sure the tokens are (still) served;
             # agents forget them on restart. Best effort: polling decides.
             await self._push(rec)
-        last_step: Step | None = None
         while True:
             step = orders.next_step(rec)
             if step is Step.NOTHING:
@@ -516,21 +525,20 @@ class Issuance:
                 return rec
             step_started = self._monotonic()
             if step is Step.ADMIT:
-                await self._admitted(rec)
+                waited = await self._admitted(rec)
                 # The order's time starts when it runs, not while it waits.
                 deadline = self._monotonic() + self._timing.order_timeout
                 self._admitted_at.setdefault(order_id, self._monotonic())
-                new = await self._admit(rec)
+                new = await self._admit(rec, waited)
                 writer.submit(rec, new)
                 await writer.flush()  # NEW is durable: see orders.DURABLE
                 rec = new
                 continue
-            # Only right after FINALIZE in this run (never on a retry or a
-            # resumed order) is the order known to be ready at the CA.
-            known_ready = last_step is Step.FINALIZE and order_id in self._confirmed_ready
-            if step is Step.POLL_ORDER:
+            # The CA said "ready" and finalize was not sent yet: only the
+            # first attempt of POLL_ORDER may finalize without asking again.
+            known_ready = step is Step.POLL_ORDER and order_id in self._confirmed_ready
+            if known_ready:
                 self._confirmed_ready.discard(order_id)
-            last_step = step
             try:
                 if client is None and step is not Step.CLEANUP:
                     client = await self._accounts.client(rec.provider)
