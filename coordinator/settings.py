@@ -149,16 +149,56 @@ class RetentionSettings:
     budget (``admission.orders_per_hour``) from the order records."""
     interval_seconds: float = 600.0
     """How often the leader runs the retention job (orders, past schedule
-    keys, unused agent channels)."""
+    keys, unused agent channels, retired private keys)."""
+    key_retention_seconds: float = 30 * 86400.0
+    """A private key on a peer that no pending, active or previous
+    certificate and no current CSR uses any more is deleted this long after
+    it was first seen unused (the agent keeps a tombstone)."""
 
     def __post_init__(self) -> None:
         if not self.interval_seconds > 0:  # also refuses NaN
             raise ValueError(f"retention.interval_seconds must be positive, not {self.interval_seconds}")
+        if not self.key_retention_seconds >= 0:
+            raise ValueError(f"retention.key_retention_seconds must not be negative, not {self.key_retention_seconds}")
         if not self.order_retention_seconds >= BUDGET_WINDOW:
             raise ValueError(
                 f"retention.order_retention_seconds must be at least {BUDGET_WINDOW:.0f} (one hour), not "
                 f"{self.order_retention_seconds}: a new leader counts the hourly order budget "
                 "(admission.orders_per_hour) from the records of the orders of the last hour")
+
+
+@dataclass(frozen=True)
+class AlarmSettings:
+    interval_seconds: float = 30.0
+    """How often the leader evaluates the alarms."""
+    expiry_days: float = 14.0
+    """Raise ``expiring`` when an active certificate has fewer days left."""
+    webhook_url: str = ""
+    """http(s) URL that gets a JSON POST on every raise and clear; empty: off."""
+    webhook_ca: Path | None = None
+    """CA bundle for an https webhook (default: the system's)."""
+    webhook_timeout: float = 5.0
+    webhook_backoff_base: float = 1.0
+    """First retry after a failed POST; doubles per attempt up to webhook_backoff_cap."""
+    webhook_backoff_cap: float = 300.0
+    webhook_max_attempts: int = 20
+    """A notification is dropped (and logged) after this many failed POSTs."""
+    cleared_retention_seconds: float = 30 * 86400.0
+    """Cleared alarms stay listed (``acmectl alarms --all``) this long."""
+
+    def __post_init__(self) -> None:
+        if not self.interval_seconds > 0:
+            raise ValueError(f"alarms.interval_seconds must be positive, not {self.interval_seconds}")
+        if not self.expiry_days >= 0:
+            raise ValueError(f"alarms.expiry_days must not be negative, not {self.expiry_days}")
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            raise ValueError(f"alarms.webhook_url must be an http:// or https:// URL, not {self.webhook_url[:80]!r}")
+        if not self.webhook_timeout > 0 or not self.webhook_backoff_base > 0 \
+                or not self.webhook_backoff_cap >= self.webhook_backoff_base:
+            raise ValueError("alarms.webhook_timeout and webhook_backoff_base must be positive, "
+                             "webhook_backoff_cap at least webhook_backoff_base")
+        if self.webhook_max_attempts < 1:
+            raise ValueError(f"alarms.webhook_max_attempts must be at least 1, not {self.webhook_max_attempts}")
 
 
 @dataclass(frozen=True)
@@ -179,3 +219,4 @@ class CoordinatorSettings:
     renewal: RenewalSettings = field(default_factory=RenewalSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    alarms: AlarmSettings = field(default_factory=AlarmSettings)

@@ -7,6 +7,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PruneKeysRequest(_message.Message):
+    __slots__ = ("keep", "retention_seconds", "dry_run")
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    keep: _containers.RepeatedScalarFieldContainer[str]
+    retention_seconds: int
+    dry_run: bool
+    def __init__(self, keep: _Optional[_Iterable[str]] = ..., retention_seconds: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class RetiredKey(_message.Message):
+    __slots__ = ("slot", "public_key_sha256", "retired_at", "deleted_at")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_AT_FIELD_NUMBER: _ClassVar[int]
+    DELETED_AT_FIELD_NUMBER: _ClassVar[int]
+    slot: _common_pb2.Slot
+    public_key_sha256: str
+    retired_at: str
+    deleted_at: str
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., public_key_sha256: _Optional[str] = ..., retired_at: _Optional[str] = ..., deleted_at: _Optional[str] = ...) -> None: ...
+
+class PruneKeysResponse(_message.Message):
+    __slots__ = ("retired", "deleted")
+    RETIRED_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    retired: _containers.RepeatedCompositeFieldContainer[RetiredKey]
+    deleted: _containers.RepeatedCompositeFieldContainer[RetiredKey]
+    def __init__(self, retired: _Optional[_Iterable[_Union[RetiredKey, _Mapping]]] = ..., deleted: _Optional[_Iterable[_Union[RetiredKey, _Mapping]]] = ...) -> None: ...
+
 class SignRevocationRequest(_message.Message):
     __slots__ = ("certificate_der", "reason", "nonce", "url")
     CERTIFICATE_DER_FIELD_NUMBER: _ClassVar[int]
@@ -110,16 +140,18 @@ class RemoveTokensResponse(_message.Message):
     def __init__(self, open_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateCSRRequest(_message.Message):
-    __slots__ = ("slot", "common_name", "sans", "key_type")
+    __slots__ = ("slot", "common_name", "sans", "key_type", "subject")
     SLOT_FIELD_NUMBER: _ClassVar[int]
     COMMON_NAME_FIELD_NUMBER: _ClassVar[int]
     SANS_FIELD_NUMBER: _ClassVar[int]
     KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
     slot: _common_pb2.Slot
     common_name: str
     sans: _containers.RepeatedScalarFieldContainer[str]
     key_type: _common_pb2.KeyType
-    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., common_name: _Optional[str] = ..., sans: _Optional[_Iterable[str]] = ..., key_type: _Optional[_Union[_common_pb2.KeyType, str]] = ...) -> None: ...
+    subject: _common_pb2.CsrSubject
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., common_name: _Optional[str] = ..., sans: _Optional[_Iterable[str]] = ..., key_type: _Optional[_Union[_common_pb2.KeyType, str]] = ..., subject: _Optional[_Union[_common_pb2.CsrSubject, _Mapping]] = ...) -> None: ...
 
 class GenerateCSRResponse(_message.Message):
     __slots__ = ("csr_pem", "public_key_sha256")
@@ -146,7 +178,7 @@ class SlotKey(_message.Message):
     def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., public_key_sha256: _Optional[str] = ..., key_type: _Optional[_Union[_common_pb2.KeyType, str]] = ..., held_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AgentStatusResponse(_message.Message):
-    __slots__ = ("peer_id", "version", "front_mode", "front_listening", "open_tokens", "challenge_server_listening", "keys", "certificates", "tls_endpoints")
+    __slots__ = ("peer_id", "version", "front_mode", "front_listening", "open_tokens", "challenge_server_listening", "keys", "certificates", "tls_endpoints", "retired_keys")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FRONT_MODE_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +188,7 @@ class AgentStatusResponse(_message.Message):
     KEYS_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
     TLS_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_KEYS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     version: str
     front_mode: str
@@ -165,4 +198,5 @@ class AgentStatusResponse(_message.Message):
     keys: _containers.RepeatedCompositeFieldContainer[SlotKey]
     certificates: _containers.RepeatedCompositeFieldContainer[_common_pb2.SlotCertificates]
     tls_endpoints: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, peer_id: _Optional[str] = ..., version: _Optional[str] = ..., front_mode: _Optional[str] = ..., front_listening: _Optional[bool] = ..., open_tokens: _Optional[int] = ..., challenge_server_listening: _Optional[bool] = ..., keys: _Optional[_Iterable[_Union[SlotKey, _Mapping]]] = ..., certificates: _Optional[_Iterable[_Union[_common_pb2.SlotCertificates, _Mapping]]] = ..., tls_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
+    retired_keys: _containers.RepeatedCompositeFieldContainer[RetiredKey]
+    def __init__(self, peer_id: _Optional[str] = ..., version: _Optional[str] = ..., front_mode: _Optional[str] = ..., front_listening: _Optional[bool] = ..., open_tokens: _Optional[int] = ..., challenge_server_listening: _Optional[bool] = ..., keys: _Optional[_Iterable[_Union[SlotKey, _Mapping]]] = ..., certificates: _Optional[_Iterable[_Union[_common_pb2.SlotCertificates, _Mapping]]] = ..., tls_endpoints: _Optional[_Iterable[str]] = ..., retired_keys: _Optional[_Iterable[_Union[RetiredKey, _Mapping]]] = ...) -> None: ...

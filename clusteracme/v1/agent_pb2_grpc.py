@@ -74,6 +74,11 @@ class AgentServiceStub:
                 request_serializer=clusteracme_dot_v1_dot_agent__pb2.SetTrustBundleRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_agent__pb2.SetTrustBundleResponse.FromString,
                 _registered_method=True)
+        self.PruneKeys = channel.unary_unary(
+                '/clusteracme.v1.AgentService/PruneKeys',
+                request_serializer=clusteracme_dot_v1_dot_agent__pb2.PruneKeysRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_agent__pb2.PruneKeysResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -139,6 +144,17 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PruneKeys(self, request, context):
+        """Retire the keys the cluster no longer needs and delete those retired for
+        longer than the retention. A key is in use when it is in `keep`, is the
+        key of a slot's latest CSR, or belongs to the active or previous pair on
+        disk; the agent notes when a key stopped being in use and deletes it
+        (leaving a tombstone) once retention_seconds have passed since.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +197,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.SetTrustBundle,
                     request_deserializer=clusteracme_dot_v1_dot_agent__pb2.SetTrustBundleRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_agent__pb2.SetTrustBundleResponse.SerializeToString,
+            ),
+            'PruneKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneKeys,
+                    request_deserializer=clusteracme_dot_v1_dot_agent__pb2.PruneKeysRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_agent__pb2.PruneKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +420,33 @@ class AgentService:
             '/clusteracme.v1.AgentService/SetTrustBundle',
             clusteracme_dot_v1_dot_agent__pb2.SetTrustBundleRequest.SerializeToString,
             clusteracme_dot_v1_dot_agent__pb2.SetTrustBundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.AgentService/PruneKeys',
+            clusteracme_dot_v1_dot_agent__pb2.PruneKeysRequest.SerializeToString,
+            clusteracme_dot_v1_dot_agent__pb2.PruneKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63lusteracme/v1/common.proto\x12\x0e\x63lusteracme.v1\"\x16\n\x04Slot\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\":\n\x0e\x43hallengeToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x19\n\x11key_authorization\x18\x02 \x01(\t\"\xd9\x01\n\x12\x43\x65rtificateSummary\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04sans\x18\x02 \x03(\t\x12\x0e\n\x06issuer\x18\x03 \x01(\t\x12\x12\n\nserial_hex\x18\x04 \x01(\t\x12\x12\n\nnot_before\x18\x05 \x01(\t\x12\x11\n\tnot_after\x18\x06 \x01(\t\x12\x10\n\x08key_type\x18\x07 \x01(\t\x12\x18\n\x10matches_peer_key\x18\x08 \x01(\x08\x12\x11\n\tkey_check\x18\t \x01(\t\x12\x1a\n\x12sha256_fingerprint\x18\n \x01(\t\"K\n\x0cReloadResult\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\x88\x01\n\x10SlotCertificates\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x19\n\x11\x61\x63tive_serial_hex\x18\x02 \x01(\t\x12\x18\n\x10\x61\x63tive_not_after\x18\x03 \x01(\t\x12\x1b\n\x13previous_serial_hex\x18\x04 \x01(\t*\x94\x01\n\x07KeyType\x12\x18\n\x14KEY_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_TYPE_EC_P256\x10\x01\x12\x14\n\x10KEY_TYPE_EC_P384\x10\x02\x12\x15\n\x11KEY_TYPE_RSA_2048\x10\x03\x12\x15\n\x11KEY_TYPE_RSA_3072\x10\x04\x12\x15\n\x11KEY_TYPE_RSA_4096\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63lusteracme/v1/common.proto\x12\x0e\x63lusteracme.v1\"\x16\n\x04Slot\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\":\n\x0e\x43hallengeToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x19\n\x11key_authorization\x18\x02 \x01(\t\"\xd9\x01\n\x12\x43\x65rtificateSummary\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04sans\x18\x02 \x03(\t\x12\x0e\n\x06issuer\x18\x03 \x01(\t\x12\x12\n\nserial_hex\x18\x04 \x01(\t\x12\x12\n\nnot_before\x18\x05 \x01(\t\x12\x11\n\tnot_after\x18\x06 \x01(\t\x12\x10\n\x08key_type\x18\x07 \x01(\t\x12\x18\n\x10matches_peer_key\x18\x08 \x01(\x08\x12\x11\n\tkey_check\x18\t \x01(\t\x12\x1a\n\x12sha256_fingerprint\x18\n \x01(\t\"K\n\x0cReloadResult\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\x88\x01\n\x10SlotCertificates\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x19\n\x11\x61\x63tive_serial_hex\x18\x02 \x01(\t\x12\x18\n\x10\x61\x63tive_not_after\x18\x03 \x01(\t\x12\x1b\n\x13previous_serial_hex\x18\x04 \x01(\t\"q\n\nCsrSubject\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x1b\n\x13organizational_unit\x18\x02 \x01(\t\x12\x10\n\x08locality\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x05 \x01(\t*\x94\x01\n\x07KeyType\x12\x18\n\x14KEY_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_TYPE_EC_P256\x10\x01\x12\x14\n\x10KEY_TYPE_EC_P384\x10\x02\x12\x15\n\x11KEY_TYPE_RSA_2048\x10\x03\x12\x15\n\x11KEY_TYPE_RSA_3072\x10\x04\x12\x15\n\x11KEY_TYPE_RSA_4096\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clusteracme.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KEYTYPE']._serialized_start=568
-  _globals['_KEYTYPE']._serialized_end=716
+  _globals['_KEYTYPE']._serialized_start=683
+  _globals['_KEYTYPE']._serialized_end=831
   _globals['_SLOT']._serialized_start=47
   _globals['_SLOT']._serialized_end=69
   _globals['_CHALLENGETOKEN']._serialized_start=71
@@ -43,4 +43,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELOADRESULT']._serialized_end=426
   _globals['_SLOTCERTIFICATES']._serialized_start=429
   _globals['_SLOTCERTIFICATES']._serialized_end=565
+  _globals['_CSRSUBJECT']._serialized_start=567
+  _globals['_CSRSUBJECT']._serialized_end=680
 # @@protoc_insertion_point(module_scope)

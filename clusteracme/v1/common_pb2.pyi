@@ -83,3 +83,17 @@ class SlotCertificates(_message.Message):
     active_not_after: str
     previous_serial_hex: str
     def __init__(self, slot: _Optional[_Union[Slot, _Mapping]] = ..., active_serial_hex: _Optional[str] = ..., active_not_after: _Optional[str] = ..., previous_serial_hex: _Optional[str] = ...) -> None: ...
+
+class CsrSubject(_message.Message):
+    __slots__ = ("organization", "organizational_unit", "locality", "state", "country")
+    ORGANIZATION_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATIONAL_UNIT_FIELD_NUMBER: _ClassVar[int]
+    LOCALITY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    COUNTRY_FIELD_NUMBER: _ClassVar[int]
+    organization: str
+    organizational_unit: str
+    locality: str
+    state: str
+    country: str
+    def __init__(self, organization: _Optional[str] = ..., organizational_unit: _Optional[str] = ..., locality: _Optional[str] = ..., state: _Optional[str] = ..., country: _Optional[str] = ...) -> None: ...

@@ -7,6 +7,110 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Alarm(_message.Message):
+    __slots__ = ("kind", "peer_id", "slot", "severity", "detail", "raised_at", "cleared_at", "active")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    RAISED_AT_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    peer_id: str
+    slot: _common_pb2.Slot
+    severity: str
+    detail: str
+    raised_at: str
+    cleared_at: str
+    active: bool
+    def __init__(self, kind: _Optional[str] = ..., peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., severity: _Optional[str] = ..., detail: _Optional[str] = ..., raised_at: _Optional[str] = ..., cleared_at: _Optional[str] = ..., active: _Optional[bool] = ...) -> None: ...
+
+class ListAlarmsRequest(_message.Message):
+    __slots__ = ("peer_id", "all")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    all: bool
+    def __init__(self, peer_id: _Optional[str] = ..., all: _Optional[bool] = ...) -> None: ...
+
+class ListAlarmsResponse(_message.Message):
+    __slots__ = ("alarms",)
+    ALARMS_FIELD_NUMBER: _ClassVar[int]
+    alarms: _containers.RepeatedCompositeFieldContainer[Alarm]
+    def __init__(self, alarms: _Optional[_Iterable[_Union[Alarm, _Mapping]]] = ...) -> None: ...
+
+class SetDefaultProviderRequest(_message.Message):
+    __slots__ = ("provider",)
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    provider: str
+    def __init__(self, provider: _Optional[str] = ...) -> None: ...
+
+class GetCSRRequest(_message.Message):
+    __slots__ = ("peer_id", "slot")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ...) -> None: ...
+
+class ImportPendingRequest(_message.Message):
+    __slots__ = ("peer_id", "slot", "chain")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    chain: bytes
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., chain: _Optional[bytes] = ...) -> None: ...
+
+class DomainSlot(_message.Message):
+    __slots__ = ("slot", "acme_enabled", "names", "active_serial", "active_not_after", "days_left", "mode", "provider", "active_provider", "paused")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    ACME_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    DAYS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    slot: _common_pb2.Slot
+    acme_enabled: bool
+    names: str
+    active_serial: str
+    active_not_after: str
+    days_left: int
+    mode: str
+    provider: str
+    active_provider: str
+    paused: str
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., acme_enabled: _Optional[bool] = ..., names: _Optional[str] = ..., active_serial: _Optional[str] = ..., active_not_after: _Optional[str] = ..., days_left: _Optional[int] = ..., mode: _Optional[str] = ..., provider: _Optional[str] = ..., active_provider: _Optional[str] = ..., paused: _Optional[str] = ...) -> None: ...
+
+class ListDomainsRequest(_message.Message):
+    __slots__ = ("peer_id",)
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
+
+class ListDomainsResponse(_message.Message):
+    __slots__ = ("slots",)
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    slots: _containers.RepeatedCompositeFieldContainer[DomainSlot]
+    def __init__(self, slots: _Optional[_Iterable[_Union[DomainSlot, _Mapping]]] = ...) -> None: ...
+
+class SetDomainAcmeRequest(_message.Message):
+    __slots__ = ("peer_id", "slot", "enabled")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    enabled: bool
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., enabled: _Optional[bool] = ...) -> None: ...
+
 class DeployRequest(_message.Message):
     __slots__ = ("peer_id", "slot")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -148,7 +252,7 @@ class HeartbeatResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Provider(_message.Message):
-    __slots__ = ("name", "directory_url", "terms_of_service", "account_url", "account_status", "contact", "has_ca_bundle")
+    __slots__ = ("name", "directory_url", "terms_of_service", "account_url", "account_status", "contact", "has_ca_bundle", "is_default")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIRECTORY_URL_FIELD_NUMBER: _ClassVar[int]
     TERMS_OF_SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +260,7 @@ class Provider(_message.Message):
     ACCOUNT_STATUS_FIELD_NUMBER: _ClassVar[int]
     CONTACT_FIELD_NUMBER: _ClassVar[int]
     HAS_CA_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     name: str
     directory_url: str
     terms_of_service: str
@@ -163,7 +268,8 @@ class Provider(_message.Message):
     account_status: str
     contact: str
     has_ca_bundle: bool
-    def __init__(self, name: _Optional[str] = ..., directory_url: _Optional[str] = ..., terms_of_service: _Optional[str] = ..., account_url: _Optional[str] = ..., account_status: _Optional[str] = ..., contact: _Optional[str] = ..., has_ca_bundle: _Optional[bool] = ...) -> None: ...
+    is_default: bool
+    def __init__(self, name: _Optional[str] = ..., directory_url: _Optional[str] = ..., terms_of_service: _Optional[str] = ..., account_url: _Optional[str] = ..., account_status: _Optional[str] = ..., contact: _Optional[str] = ..., has_ca_bundle: _Optional[bool] = ..., is_default: _Optional[bool] = ...) -> None: ...
 
 class AddProviderRequest(_message.Message):
     __slots__ = ("name", "directory_url", "ca_bundle_pem")
@@ -180,10 +286,12 @@ class ListProvidersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListProvidersResponse(_message.Message):
-    __slots__ = ("providers",)
+    __slots__ = ("providers", "default_provider")
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     providers: _containers.RepeatedCompositeFieldContainer[Provider]
-    def __init__(self, providers: _Optional[_Iterable[_Union[Provider, _Mapping]]] = ...) -> None: ...
+    default_provider: str
+    def __init__(self, providers: _Optional[_Iterable[_Union[Provider, _Mapping]]] = ..., default_provider: _Optional[str] = ...) -> None: ...
 
 class RegisterAccountRequest(_message.Message):
     __slots__ = ("provider", "email", "agree_tos", "eab_kid", "eab_hmac_key")
@@ -252,21 +360,25 @@ class RemovePeerResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class CreateCSRRequest(_message.Message):
-    __slots__ = ("peer_id", "slot", "common_name", "sans", "key_type")
+    __slots__ = ("peer_id", "slot", "common_name", "sans", "key_type", "subject", "provider")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     COMMON_NAME_FIELD_NUMBER: _ClassVar[int]
     SANS_FIELD_NUMBER: _ClassVar[int]
     KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     slot: _common_pb2.Slot
     common_name: str
     sans: _containers.RepeatedScalarFieldContainer[str]
     key_type: _common_pb2.KeyType
-    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., common_name: _Optional[str] = ..., sans: _Optional[_Iterable[str]] = ..., key_type: _Optional[_Union[_common_pb2.KeyType, str]] = ...) -> None: ...
+    subject: _common_pb2.CsrSubject
+    provider: str
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., common_name: _Optional[str] = ..., sans: _Optional[_Iterable[str]] = ..., key_type: _Optional[_Union[_common_pb2.KeyType, str]] = ..., subject: _Optional[_Union[_common_pb2.CsrSubject, _Mapping]] = ..., provider: _Optional[str] = ...) -> None: ...
 
 class CSRInfo(_message.Message):
-    __slots__ = ("peer_id", "slot", "common_name", "names", "key_type", "csr_pem", "created_at")
+    __slots__ = ("peer_id", "slot", "common_name", "names", "key_type", "csr_pem", "created_at", "subject", "subject_text", "public_key_sha256", "provider")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     COMMON_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +386,10 @@ class CSRInfo(_message.Message):
     KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
     CSR_PEM_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     slot: _common_pb2.Slot
     common_name: str
@@ -281,7 +397,11 @@ class CSRInfo(_message.Message):
     key_type: str
     csr_pem: str
     created_at: str
-    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., common_name: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., key_type: _Optional[str] = ..., csr_pem: _Optional[str] = ..., created_at: _Optional[str] = ...) -> None: ...
+    subject: _common_pb2.CsrSubject
+    subject_text: str
+    public_key_sha256: str
+    provider: str
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., common_name: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., key_type: _Optional[str] = ..., csr_pem: _Optional[str] = ..., created_at: _Optional[str] = ..., subject: _Optional[_Union[_common_pb2.CsrSubject, _Mapping]] = ..., subject_text: _Optional[str] = ..., public_key_sha256: _Optional[str] = ..., provider: _Optional[str] = ...) -> None: ...
 
 class SignRequest(_message.Message):
     __slots__ = ("peer_id", "slot", "wait", "force", "provider")
@@ -374,7 +494,7 @@ class GetPendingRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ...) -> None: ...
 
 class PendingCertificate(_message.Message):
-    __slots__ = ("peer_id", "slot", "certificate", "chain_pem", "provider", "order_url", "signed_at")
+    __slots__ = ("peer_id", "slot", "certificate", "chain_pem", "provider", "order_url", "signed_at", "requested_subject", "imported")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
@@ -382,6 +502,8 @@ class PendingCertificate(_message.Message):
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     ORDER_URL_FIELD_NUMBER: _ClassVar[int]
     SIGNED_AT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    IMPORTED_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     slot: _common_pb2.Slot
     certificate: _common_pb2.CertificateSummary
@@ -389,7 +511,9 @@ class PendingCertificate(_message.Message):
     provider: str
     order_url: str
     signed_at: str
-    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., certificate: _Optional[_Union[_common_pb2.CertificateSummary, _Mapping]] = ..., chain_pem: _Optional[str] = ..., provider: _Optional[str] = ..., order_url: _Optional[str] = ..., signed_at: _Optional[str] = ...) -> None: ...
+    requested_subject: str
+    imported: bool
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., certificate: _Optional[_Union[_common_pb2.CertificateSummary, _Mapping]] = ..., chain_pem: _Optional[str] = ..., provider: _Optional[str] = ..., order_url: _Optional[str] = ..., signed_at: _Optional[str] = ..., requested_subject: _Optional[str] = ..., imported: _Optional[bool] = ...) -> None: ...
 
 class DiscardPendingRequest(_message.Message):
     __slots__ = ("peer_id", "slot")
@@ -410,7 +534,7 @@ class StatusRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
 
 class SlotStatus(_message.Message):
-    __slots__ = ("slot", "csr_names", "csr_created_at", "pending_serial", "pending_not_after", "last_sign_status", "last_sign_at", "last_sign_error", "current_order", "active_serial", "active_not_after", "previous_serial", "last_deploy_status", "last_deploy_at", "last_deploy_error", "agent_matches", "agent_state", "schedule")
+    __slots__ = ("slot", "csr_names", "csr_created_at", "pending_serial", "pending_not_after", "last_sign_status", "last_sign_at", "last_sign_error", "current_order", "active_serial", "active_not_after", "previous_serial", "last_deploy_status", "last_deploy_at", "last_deploy_error", "agent_matches", "agent_state", "schedule", "acme_enabled", "active_provider", "alarms")
     SLOT_FIELD_NUMBER: _ClassVar[int]
     CSR_NAMES_FIELD_NUMBER: _ClassVar[int]
     CSR_CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -429,6 +553,9 @@ class SlotStatus(_message.Message):
     AGENT_MATCHES_FIELD_NUMBER: _ClassVar[int]
     AGENT_STATE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    ACME_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    ALARMS_FIELD_NUMBER: _ClassVar[int]
     slot: _common_pb2.Slot
     csr_names: str
     csr_created_at: str
@@ -447,15 +574,20 @@ class SlotStatus(_message.Message):
     agent_matches: bool
     agent_state: str
     schedule: ScheduleInfo
-    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., csr_names: _Optional[str] = ..., csr_created_at: _Optional[str] = ..., pending_serial: _Optional[str] = ..., pending_not_after: _Optional[str] = ..., last_sign_status: _Optional[str] = ..., last_sign_at: _Optional[str] = ..., last_sign_error: _Optional[str] = ..., current_order: _Optional[str] = ..., active_serial: _Optional[str] = ..., active_not_after: _Optional[str] = ..., previous_serial: _Optional[str] = ..., last_deploy_status: _Optional[str] = ..., last_deploy_at: _Optional[str] = ..., last_deploy_error: _Optional[str] = ..., agent_matches: _Optional[bool] = ..., agent_state: _Optional[str] = ..., schedule: _Optional[_Union[ScheduleInfo, _Mapping]] = ...) -> None: ...
+    acme_enabled: bool
+    active_provider: str
+    alarms: _containers.RepeatedCompositeFieldContainer[Alarm]
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., csr_names: _Optional[str] = ..., csr_created_at: _Optional[str] = ..., pending_serial: _Optional[str] = ..., pending_not_after: _Optional[str] = ..., last_sign_status: _Optional[str] = ..., last_sign_at: _Optional[str] = ..., last_sign_error: _Optional[str] = ..., current_order: _Optional[str] = ..., active_serial: _Optional[str] = ..., active_not_after: _Optional[str] = ..., previous_serial: _Optional[str] = ..., last_deploy_status: _Optional[str] = ..., last_deploy_at: _Optional[str] = ..., last_deploy_error: _Optional[str] = ..., agent_matches: _Optional[bool] = ..., agent_state: _Optional[str] = ..., schedule: _Optional[_Union[ScheduleInfo, _Mapping]] = ..., acme_enabled: _Optional[bool] = ..., active_provider: _Optional[str] = ..., alarms: _Optional[_Iterable[_Union[Alarm, _Mapping]]] = ...) -> None: ...
 
 class PeerStatus(_message.Message):
-    __slots__ = ("peer", "slots")
+    __slots__ = ("peer", "slots", "alarms")
     PEER_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ALARMS_FIELD_NUMBER: _ClassVar[int]
     peer: Peer
     slots: _containers.RepeatedCompositeFieldContainer[SlotStatus]
-    def __init__(self, peer: _Optional[_Union[Peer, _Mapping]] = ..., slots: _Optional[_Iterable[_Union[SlotStatus, _Mapping]]] = ...) -> None: ...
+    alarms: _containers.RepeatedCompositeFieldContainer[Alarm]
+    def __init__(self, peer: _Optional[_Union[Peer, _Mapping]] = ..., slots: _Optional[_Iterable[_Union[SlotStatus, _Mapping]]] = ..., alarms: _Optional[_Iterable[_Union[Alarm, _Mapping]]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("peers",)
@@ -464,7 +596,7 @@ class StatusResponse(_message.Message):
     def __init__(self, peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...
 
 class SetScheduleRequest(_message.Message):
-    __slots__ = ("peer_id", "slot", "auto", "days", "time", "tz", "key_policy")
+    __slots__ = ("peer_id", "slot", "auto", "days", "time", "tz", "key_policy", "provider")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     AUTO_FIELD_NUMBER: _ClassVar[int]
@@ -472,6 +604,7 @@ class SetScheduleRequest(_message.Message):
     TIME_FIELD_NUMBER: _ClassVar[int]
     TZ_FIELD_NUMBER: _ClassVar[int]
     KEY_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     slot: _common_pb2.Slot
     auto: str
@@ -479,7 +612,8 @@ class SetScheduleRequest(_message.Message):
     time: str
     tz: str
     key_policy: str
-    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., auto: _Optional[str] = ..., days: _Optional[str] = ..., time: _Optional[str] = ..., tz: _Optional[str] = ..., key_policy: _Optional[str] = ...) -> None: ...
+    provider: str
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., auto: _Optional[str] = ..., days: _Optional[str] = ..., time: _Optional[str] = ..., tz: _Optional[str] = ..., key_policy: _Optional[str] = ..., provider: _Optional[str] = ...) -> None: ...
 
 class GetScheduleRequest(_message.Message):
     __slots__ = ("peer_id",)
@@ -488,7 +622,7 @@ class GetScheduleRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
 
 class ScheduleInfo(_message.Message):
-    __slots__ = ("peer_id", "slot", "auto", "days", "time", "tz", "key_policy", "renewal_due_at", "renewal_reason", "next_sign_opportunity", "next_deploy_slot", "retry_at", "failures", "warning", "last_sign_status", "last_sign_at", "last_deploy_status", "last_deploy_at")
+    __slots__ = ("peer_id", "slot", "auto", "days", "time", "tz", "key_policy", "renewal_due_at", "renewal_reason", "next_sign_opportunity", "next_deploy_slot", "retry_at", "failures", "warning", "last_sign_status", "last_sign_at", "last_deploy_status", "last_deploy_at", "provider", "paused")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     AUTO_FIELD_NUMBER: _ClassVar[int]
@@ -507,6 +641,8 @@ class ScheduleInfo(_message.Message):
     LAST_SIGN_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_DEPLOY_STATUS_FIELD_NUMBER: _ClassVar[int]
     LAST_DEPLOY_AT_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     slot: _common_pb2.Slot
     auto: bool
@@ -525,7 +661,9 @@ class ScheduleInfo(_message.Message):
     last_sign_at: str
     last_deploy_status: str
     last_deploy_at: str
-    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., auto: _Optional[bool] = ..., days: _Optional[str] = ..., time: _Optional[str] = ..., tz: _Optional[str] = ..., key_policy: _Optional[str] = ..., renewal_due_at: _Optional[str] = ..., renewal_reason: _Optional[str] = ..., next_sign_opportunity: _Optional[str] = ..., next_deploy_slot: _Optional[str] = ..., retry_at: _Optional[str] = ..., failures: _Optional[int] = ..., warning: _Optional[str] = ..., last_sign_status: _Optional[str] = ..., last_sign_at: _Optional[str] = ..., last_deploy_status: _Optional[str] = ..., last_deploy_at: _Optional[str] = ...) -> None: ...
+    provider: str
+    paused: str
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., auto: _Optional[bool] = ..., days: _Optional[str] = ..., time: _Optional[str] = ..., tz: _Optional[str] = ..., key_policy: _Optional[str] = ..., renewal_due_at: _Optional[str] = ..., renewal_reason: _Optional[str] = ..., next_sign_opportunity: _Optional[str] = ..., next_deploy_slot: _Optional[str] = ..., retry_at: _Optional[str] = ..., failures: _Optional[int] = ..., warning: _Optional[str] = ..., last_sign_status: _Optional[str] = ..., last_sign_at: _Optional[str] = ..., last_deploy_status: _Optional[str] = ..., last_deploy_at: _Optional[str] = ..., provider: _Optional[str] = ..., paused: _Optional[str] = ...) -> None: ...
 
 class GetScheduleResponse(_message.Message):
     __slots__ = ("slots",)
@@ -546,21 +684,23 @@ class RevokeRequest(_message.Message):
     def __init__(self, certificate: _Optional[bytes] = ..., provider: _Optional[str] = ..., reason: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class RevokeResponse(_message.Message):
-    __slots__ = ("serial_hex", "provider", "authorization", "ca_answer", "reason")
+    __slots__ = ("serial_hex", "provider", "authorization", "ca_answer", "reason", "refused")
     SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
     CA_ANSWER_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     serial_hex: str
     provider: str
     authorization: str
     ca_answer: str
     reason: str
-    def __init__(self, serial_hex: _Optional[str] = ..., provider: _Optional[str] = ..., authorization: _Optional[str] = ..., ca_answer: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    refused: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, serial_hex: _Optional[str] = ..., provider: _Optional[str] = ..., authorization: _Optional[str] = ..., ca_answer: _Optional[str] = ..., reason: _Optional[str] = ..., refused: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TrustedCA(_message.Message):
-    __slots__ = ("sha256", "subject", "issuer", "not_before", "not_after", "self_signed", "added")
+    __slots__ = ("sha256", "subject", "issuer", "not_before", "not_after", "self_signed", "added", "type")
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     ISSUER_FIELD_NUMBER: _ClassVar[int]
@@ -568,6 +708,7 @@ class TrustedCA(_message.Message):
     NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
     SELF_SIGNED_FIELD_NUMBER: _ClassVar[int]
     ADDED_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     subject: str
     issuer: str
@@ -575,13 +716,16 @@ class TrustedCA(_message.Message):
     not_after: str
     self_signed: bool
     added: bool
-    def __init__(self, sha256: _Optional[str] = ..., subject: _Optional[str] = ..., issuer: _Optional[str] = ..., not_before: _Optional[str] = ..., not_after: _Optional[str] = ..., self_signed: _Optional[bool] = ..., added: _Optional[bool] = ...) -> None: ...
+    type: str
+    def __init__(self, sha256: _Optional[str] = ..., subject: _Optional[str] = ..., issuer: _Optional[str] = ..., not_before: _Optional[str] = ..., not_after: _Optional[str] = ..., self_signed: _Optional[bool] = ..., added: _Optional[bool] = ..., type: _Optional[str] = ...) -> None: ...
 
 class TrustAddRequest(_message.Message):
-    __slots__ = ("certificates",)
+    __slots__ = ("certificates", "preset")
     CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
     certificates: bytes
-    def __init__(self, certificates: _Optional[bytes] = ...) -> None: ...
+    preset: str
+    def __init__(self, certificates: _Optional[bytes] = ..., preset: _Optional[str] = ...) -> None: ...
 
 class TrustListRequest(_message.Message):
     __slots__ = ()

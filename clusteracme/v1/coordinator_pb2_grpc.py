@@ -59,6 +59,11 @@ class CoordinatorServiceStub:
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.RegisterAccountRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.Provider.FromString,
                 _registered_method=True)
+        self.SetDefaultProvider = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/SetDefaultProvider',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.SetDefaultProviderRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListProvidersResponse.FromString,
+                _registered_method=True)
         self.ListPeers = channel.unary_unary(
                 '/clusteracme.v1.CoordinatorService/ListPeers',
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListPeersRequest.SerializeToString,
@@ -77,6 +82,11 @@ class CoordinatorServiceStub:
         self.CreateCSR = channel.unary_unary(
                 '/clusteracme.v1.CoordinatorService/CreateCSR',
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.CreateCSRRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.CSRInfo.FromString,
+                _registered_method=True)
+        self.GetCSR = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/GetCSR',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.GetCSRRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.CSRInfo.FromString,
                 _registered_method=True)
         self.Sign = channel.unary_unary(
@@ -98,6 +108,21 @@ class CoordinatorServiceStub:
                 '/clusteracme.v1.CoordinatorService/DiscardPending',
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.DiscardPendingRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.DiscardPendingResponse.FromString,
+                _registered_method=True)
+        self.ImportPending = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/ImportPending',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ImportPendingRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.PendingCertificate.FromString,
+                _registered_method=True)
+        self.ListDomains = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/ListDomains',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListDomainsRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListDomainsResponse.FromString,
+                _registered_method=True)
+        self.SetDomainAcme = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/SetDomainAcme',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.SetDomainAcmeRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.DomainSlot.FromString,
                 _registered_method=True)
         self.Deploy = channel.unary_unary(
                 '/clusteracme.v1.CoordinatorService/Deploy',
@@ -159,6 +184,11 @@ class CoordinatorServiceStub:
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListEventsRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListEventsResponse.FromString,
                 _registered_method=True)
+        self.ListAlarms = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/ListAlarms',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListAlarmsRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListAlarmsResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -196,6 +226,13 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetDefaultProvider(self, request, context):
+        """The provider used where neither the request nor the slot names one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListPeers(self, request, context):
         """--- peers (SPEC R2) ---
         """
@@ -222,6 +259,13 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCSR(self, request, context):
+        """The slot's stored CSR, decoded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Sign(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -241,6 +285,27 @@ class CoordinatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DiscardPending(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportPending(self, request, context):
+        """Store a certificate signed outside ACME (any CA) for the slot's CSR as
+        pending, provider "manual"; then review and deploy as usual.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDomains(self, request, context):
+        """--- domain slots: ACME on/off per slot ---
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDomainAcme(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -323,6 +388,13 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAlarms(self, request, context):
+        """--- alarms ---
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -351,6 +423,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.RegisterAccountRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.Provider.SerializeToString,
             ),
+            'SetDefaultProvider': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDefaultProvider,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.SetDefaultProviderRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListProvidersResponse.SerializeToString,
+            ),
             'ListPeers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListPeers,
                     request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListPeersRequest.FromString,
@@ -369,6 +446,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
             'CreateCSR': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateCSR,
                     request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.CreateCSRRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.CSRInfo.SerializeToString,
+            ),
+            'GetCSR': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCSR,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.GetCSRRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.CSRInfo.SerializeToString,
             ),
             'Sign': grpc.unary_unary_rpc_method_handler(
@@ -390,6 +472,21 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.DiscardPending,
                     request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.DiscardPendingRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.DiscardPendingResponse.SerializeToString,
+            ),
+            'ImportPending': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportPending,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ImportPendingRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.PendingCertificate.SerializeToString,
+            ),
+            'ListDomains': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDomains,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListDomainsRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListDomainsResponse.SerializeToString,
+            ),
+            'SetDomainAcme': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDomainAcme,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.SetDomainAcmeRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.DomainSlot.SerializeToString,
             ),
             'Deploy': grpc.unary_unary_rpc_method_handler(
                     servicer.Deploy,
@@ -450,6 +547,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListEvents,
                     request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListEventsRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'ListAlarms': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlarms,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListAlarmsRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListAlarmsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -598,6 +700,33 @@ class CoordinatorService:
             _registered_method=True)
 
     @staticmethod
+    def SetDefaultProvider(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/SetDefaultProvider',
+            clusteracme_dot_v1_dot_coordinator__pb2.SetDefaultProviderRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.ListProvidersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListPeers(request,
             target,
             options=(),
@@ -694,6 +823,33 @@ class CoordinatorService:
             target,
             '/clusteracme.v1.CoordinatorService/CreateCSR',
             clusteracme_dot_v1_dot_coordinator__pb2.CreateCSRRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.CSRInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCSR(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/GetCSR',
+            clusteracme_dot_v1_dot_coordinator__pb2.GetCSRRequest.SerializeToString,
             clusteracme_dot_v1_dot_coordinator__pb2.CSRInfo.FromString,
             options,
             channel_credentials,
@@ -803,6 +959,87 @@ class CoordinatorService:
             '/clusteracme.v1.CoordinatorService/DiscardPending',
             clusteracme_dot_v1_dot_coordinator__pb2.DiscardPendingRequest.SerializeToString,
             clusteracme_dot_v1_dot_coordinator__pb2.DiscardPendingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportPending(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/ImportPending',
+            clusteracme_dot_v1_dot_coordinator__pb2.ImportPendingRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.PendingCertificate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDomains(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/ListDomains',
+            clusteracme_dot_v1_dot_coordinator__pb2.ListDomainsRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.ListDomainsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDomainAcme(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/SetDomainAcme',
+            clusteracme_dot_v1_dot_coordinator__pb2.SetDomainAcmeRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.DomainSlot.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1127,6 +1364,33 @@ class CoordinatorService:
             '/clusteracme.v1.CoordinatorService/ListEvents',
             clusteracme_dot_v1_dot_coordinator__pb2.ListEventsRequest.SerializeToString,
             clusteracme_dot_v1_dot_coordinator__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlarms(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/ListAlarms',
+            clusteracme_dot_v1_dot_coordinator__pb2.ListAlarmsRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.ListAlarmsResponse.FromString,
             options,
             channel_credentials,
             insecure,

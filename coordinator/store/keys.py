@@ -12,6 +12,9 @@ DESIGN.md "State in etcd" gives it::
     schedule/<peer>/<period start>   the period's sign times (YYYY-MM-DDTHH:MM:SSZ)
     events/<peer>/<seq:020d>         history; zero-padded so key order is seq order
     trust/<sha256>                   trusted CA certificate
+    settings/<name>                  a cluster-wide setting (e.g. default_provider)
+    alarms/<kind>/<peer>/<slot>      an alarm: raised and cleared times (slot: server, or the domain;
+                                     "-" for alarms of the peer itself)
     leader                           election key
 
 ``peers/<peer>`` and ``peers/<peer>/alive`` share the ``peers/`` prefix (the
@@ -147,6 +150,28 @@ class Keys:
 
     def trusts(self) -> str:
         return self._key("trust", "")
+
+    # settings/<name>
+    def setting(self, name: str) -> str:
+        return self._key("settings", _component("setting name", name))
+
+    # alarms/<kind>/<peer>/<slot>
+    def alarm(self, kind: str, peer_id: str, domain: str | None) -> str:
+        """``domain``: "" for the server slot, None for an alarm of the peer itself."""
+        slot = "-" if domain is None else (_component("domain name", domain) if domain else "server")
+        return self._key("alarms", _component("alarm kind", kind), _component("peer id", peer_id), slot)
+
+    def alarms(self) -> str:
+        return self._key("alarms", "")
+
+    def parse_alarm(self, key: str) -> tuple[str, str, str | None]:
+        """For a key under ``alarms()``: ``(kind, peer_id, domain)`` as :meth:`alarm` takes them."""
+        rest = key.removeprefix(self.alarms())
+        parts = rest.split("/")
+        if rest == key or len(parts) != 3:
+            raise InvalidArgument(f"{key!r} is not an alarm key")
+        kind, peer_id, slot = parts
+        return kind, peer_id, None if slot == "-" else ("" if slot == "server" else slot)
 
     # leader
     def leader(self) -> str:
