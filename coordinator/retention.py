@@ -15,11 +15,21 @@ Every ``retention.interval_seconds`` (and once when it starts leading) it:
   and the previous period are kept: the scheduler reads both), and every
   schedule key of a peer no longer registered;
 - closes the agent channels of (endpoint, peer) pairs no registered peer
-  uses any more.
+  uses any more;
+- has every alive peer retire the private keys etcd no longer refers to and
+  delete those retired for ``retention.key_retention_seconds``
+  (``AgentService.PruneKeys``): it sends the SHA-256 of the SPKI of every key
+  the peer's slots still name (each slot's CSR, and the pending, active and
+  previous certificates); the agent adds its current CSR keys and the pairs on
+  its disk (a ``previous`` etcd knows only by serial is protected there). A
+  peer whose slot records cannot all be read, or that has none, gets no call:
+  an incomplete ``keep`` must never retire a key still in use. Agents older
+  than the call (UNIMPLEMENTED) are skipped quietly.
 
 The decisions are pure functions of what was read (``compaction``,
-``schedule_cutoff``, ``prunable_schedule``); :class:`RetentionJob` is the
-thin driver. Its writes go through the leader's fenced store.
+``schedule_cutoff``, ``prunable_schedule``, ``keys_referenced``);
+:class:`RetentionJob` is the thin driver. Its writes go through the leader's
+fenced store.
 """
 
 from __future__ import annotations
@@ -29,16 +39,23 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import math
+import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
 
 from clusteracme import certinfo, errors
+from clusteracme.v1 import agent_pb2
 from coordinator import records
 from coordinator.history import Event, History
 from coordinator.metrics import ORDERS_COMPACTED
 from coordinator.orders import OrderRecord, Phase
-from coordinator.peers import AgentPool, Registry
+from coordinator.peers import AgentPool, PeerInfo, Registry
 from coordinator.settings import RetentionSettings
 from coordinator.store.base import Check, Conflict, Delete, Entry, Op, Store
 from coordinator.store.keys import Keys
@@ -54,6 +71,9 @@ DETAIL_LIMIT = 2000  # characters of an order's error kept in its event
 _DAY = 86400.0
 _LISTED = 5  # keys named in one summary log line
 _YIELD_EVERY = 16  # records parsed between two turns of the event loop (~10 KB of JSON each)
+PRUNE_KEYS_TIMEOUT = 30.0  # one agent's PruneKeys: a few files per slot
+PRUNE_KEYS_CONCURRENCY = 8
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 # --- pure decisions ----------------------------------------------------------------
@@ -144,10 +164,62 @@ def prunable_schedule(peer_id: str, period_start: datetime.datetime, registered:
     return peer_id not in registered or period_start < cutoff
 
 
+def keys_referenced(slots: Iterable[Mapping[str, Any]]) -> frozenset[str]:
+    """The SHA-256 of the SPKI of every key these slot records refer to: each
+    CSR's key and the public key of the pending, active and previous
+    certificates (a ``previous`` known only by its serial adds nothing: the
+    agent protects the pairs on its disk). ValueError says why a record
+    cannot be read: then nothing may be pruned on that peer."""
+    out: set[str] = set()
+    for slot in slots:
+        if not isinstance(slot, Mapping):
+            raise ValueError("a slot record is not an object")
+        csr = slot.get("csr")
+        if csr:
+            if not isinstance(csr, Mapping):
+                raise ValueError("a slot's csr is not an object")
+            fingerprint = csr.get("public_key_sha256") or ""
+            if not fingerprint and csr.get("pem"):
+                try:
+                    fingerprint = certinfo.spki_sha256(certinfo.load_csr(csr["pem"]).public_key())
+                except (errors.InvalidArgument, TypeError) as exc:
+                    raise ValueError(f"a slot's CSR does not parse ({exc})") from exc
+            if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
+                raise ValueError(f"a slot's CSR key fingerprint {str(fingerprint)[:70]!r} is not a SHA-256")
+            out.add(fingerprint)
+        for role in ("pending", "active", "previous"):
+            held = slot.get(role)
+            if not held:
+                continue
+            if not isinstance(held, Mapping):
+                raise ValueError(f"a slot's {role} certificate is not an object")
+            chain = held.get("chain_pem")
+            if not chain:
+                if role == "previous" and held.get("serial_hex"):
+                    continue
+                raise ValueError(f"a slot's {role} certificate has no chain")
+            try:
+                out.add(certinfo.spki_sha256(certinfo.leaf(chain).public_key()))
+            except (errors.InvalidArgument, TypeError, IndexError) as exc:
+                raise ValueError(f"a slot's {role} certificate does not parse ({exc})") from exc
+    return frozenset(out)
+
+
 def _listed(items: Iterable[str]) -> str:
     items = list(items)
     more = f" and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
     return ", ".join(items[:_LISTED]) + more
+
+
+def _key_label(key: agent_pb2.RetiredKey) -> str:
+    slot = f"domain {key.slot.domain}" if key.slot.domain else "server"
+    return f"{key.public_key_sha256} ({slot})"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= _DAY:
+        return f"{seconds / _DAY:.4g} day(s)"
+    return f"{seconds:.4g} s"
 
 
 # --- the driver ----------------------------------------------------------------------
@@ -163,6 +235,9 @@ class Report:
     orders_changed: int = 0       # changed between read and write: left for the next run
     schedules_pruned: int = 0
     channels_closed: int = 0
+    keys_waiting: int = 0         # private keys retired on the peers, waiting for the key retention
+    keys_deleted: int = 0         # private keys deleted by the peers in this run
+    key_peers_skipped: int = 0    # alive peers not asked to prune (slots unreadable, none, call failed)
     seconds: float = 0.0
 
 
@@ -180,6 +255,7 @@ class RetentionJob:
         self._settings = settings
         self._period_seconds = period_seconds
         self._clock = clock
+        self._waiting_keys: dict[str, frozenset[str]] = {}  # per peer, as last reported: log only news
 
     async def run(self) -> None:
         """Run now, then every ``interval_seconds``, until cancelled."""
@@ -193,6 +269,7 @@ class RetentionJob:
                     log.info("retention: %d ended order(s) compacted into history, %d schedule key(s) pruned, "
                              "%d agent channel(s) closed in %.2fs", report.orders_compacted,
                              report.schedules_pruned, report.channels_closed, report.seconds)
+                # (keys retired and deleted are logged per peer as they are reported)
             await asyncio.sleep(self._settings.interval_seconds)
 
     async def run_once(self) -> Report:
@@ -220,8 +297,90 @@ class RetentionJob:
             log.info("retention: closed agent channel(s) no peer uses any more: %s",
                      _listed(f"{peer} at {endpoint}" for endpoint, peer in closed))
         report.channels_closed = len(closed)
+        await self._prune_keys(report)
         report.seconds = time.monotonic() - started
         return report
+
+    # --- retired private keys on the peers -------------------------------------------
+
+    async def _prune_keys(self, report: Report) -> None:
+        """Ask every alive peer to prune its keys, with the keys etcd still names for it."""
+        peers = [p for p in await self._registry.list() if p.alive]
+        if not peers:
+            return
+        # Read after the registry: a slot written meanwhile is in it or is
+        # the peer's current CSR (which the agent keeps on its own).
+        slots: dict[str, list[Any]] = {}
+        unreadable: dict[str, str] = {}
+        prefix = self._keys.all_certs()
+        async for page in self._store.range_pages(prefix):
+            for n, entry in enumerate(page, 1):
+                if n % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                peer_id, _, slot = entry.key.removeprefix(prefix).partition("/")
+                try:
+                    slots.setdefault(peer_id, []).append(records.decode(entry.value))
+                except (ValueError, AttributeError) as exc:  # not JSON, not an object, another schema
+                    unreadable.setdefault(peer_id, f"record {slot}: {exc}")
+        calls: list[tuple[PeerInfo, frozenset[str]]] = []
+        for peer in peers:
+            why = unreadable.get(peer.peer_id)
+            if why is None and not slots.get(peer.peer_id):
+                log.debug("retention: peer %s has no slot in etcd: its keys are left alone", peer.peer_id)
+                report.key_peers_skipped += 1
+                continue
+            if why is None:
+                try:
+                    keep = keys_referenced(slots[peer.peer_id])
+                except ValueError as exc:
+                    why = str(exc)
+                else:
+                    calls.append((peer, keep))
+                    continue
+            log.warning("retention: peer %s not asked to prune its keys: %s", peer.peer_id, why)
+            report.key_peers_skipped += 1
+        limit = asyncio.Semaphore(PRUNE_KEYS_CONCURRENCY)
+
+        async def one(peer: PeerInfo, keep: frozenset[str]) -> None:
+            async with limit:
+                await self._prune_peer_keys(peer, keep, report)
+
+        await asyncio.gather(*(one(peer, keep) for peer, keep in calls))
+
+    async def _prune_peer_keys(self, peer: PeerInfo, keep: frozenset[str], report: Report) -> None:
+        request = agent_pb2.PruneKeysRequest(keep=sorted(keep),
+                                             retention_seconds=math.ceil(self._settings.key_retention_seconds))
+
+        async def call(stub: Any, kw: dict[str, Any]) -> agent_pb2.PruneKeysResponse | None:
+            try:
+                return await stub.PruneKeys(request, **kw)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # an agent older than key retention
+                    return None
+                raise
+
+        try:
+            reply = await self._pool.call(peer, "pruning retired keys", call, timeout=PRUNE_KEYS_TIMEOUT)
+        except errors.ClusterAcmeError as exc:
+            log.warning("retention: %s", exc.message)
+            report.key_peers_skipped += 1
+            return
+        if reply is None:
+            log.debug("retention: peer %s (version %s) does not prune keys", peer.peer_id, peer.version)
+            report.key_peers_skipped += 1
+            return
+        report.keys_waiting += len(reply.retired)
+        report.keys_deleted += len(reply.deleted)
+        seen = self._waiting_keys.get(peer.peer_id, frozenset())
+        new = [k for k in reply.retired if k.public_key_sha256 not in seen]
+        self._waiting_keys[peer.peer_id] = frozenset(k.public_key_sha256 for k in reply.retired)
+        if new:
+            log.info("retention: peer %s retired %d private key(s) no certificate or CSR uses any more, deleted "
+                     "%s after retirement: %s", peer.peer_id, len(new),
+                     _duration(self._settings.key_retention_seconds), _listed(_key_label(k) for k in new))
+        if reply.deleted:
+            log.info("retention: peer %s deleted %d retired private key(s): %s", peer.peer_id, len(reply.deleted),
+                     _listed(f"{_key_label(k)}, retired {k.retired_at}" for k in reply.deleted))
 
     async def _slot_pointers(self) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
         """Orders some slot points at, and (peer, domain) of slots that cannot

@@ -50,6 +50,7 @@ class ChallengeService:
         self._front = Front(
             front_host, front_port, FrontMode(front_mode),
             upstream_port=lambda: self._server.port,
+            is_open=lambda token: self._store.get(token) is not None,
             https_port=https_port, upstream_host=challenge_host,
         )
         self._lock = asyncio.Lock()

@@ -1,13 +1,19 @@
 """The port-80 front of a peer (SPEC R6) and its two modes.
 
-``redirect``: always listening; while a challenge is open, GETs on the
-challenge path are forwarded to the localhost challenge server, and every
-other request is answered ``301`` to https. ``closed``: listening only while a
-challenge is open (the owner starts and stops it); challenge GETs are
-forwarded, everything else is 404.
+``redirect``: always listening, and every request is answered ``301`` to
+https, with one exception that exists only while a challenge is open: a
+``GET`` of ``/.well-known/acme-challenge/<token>`` for a token that is open
+right now is forwarded to the localhost challenge server. Anything else on
+that path (another method, HEAD included; an unknown, expired or closed token;
+a malformed token or a sub-path) is redirected like every other path, as the
+appliance guide's exception to its 80-to-443 rule is "GET of the challenge
+files only". ``closed``: listening only while a challenge is open (the owner
+starts and stops it); challenge GETs are forwarded, other methods on the
+challenge path get 405, everything else 404.
 
 The front never answers a token itself: it forwards to the challenge server
-over loopback, so there is one place that knows what is served.
+over loopback, so there is one place that knows what is served. Whether a
+token is open is asked (``is_open``) on every request, never cached.
 
 Like the challenge server, the front imports aiohttp when it first starts
 (see ``peer_agent.challenge_server``): a ``closed`` front is not listening
@@ -67,8 +73,10 @@ class Front:
     """The port-80 listener.
 
     ``upstream_port`` returns the challenge server's port while a challenge is
-    open and None otherwise; it is asked on every request, so the front never
-    caches whether a challenge is open.
+    open and None otherwise; ``is_open(token)`` says whether a token is open
+    now. Both are asked on every request, so the front never caches whether a
+    challenge (or a token) is open. Without ``is_open`` the challenge server's
+    own answer decides (a token it does not serve is not open).
     """
 
     def __init__(
@@ -78,12 +86,14 @@ class Front:
         mode: FrontMode,
         upstream_port: Callable[[], int | None],
         *,
+        is_open: Callable[[str], bool] | None = None,
         https_port: int = 443,
         upstream_host: str = "127.0.0.1",
         forward_timeout: float = 5.0,
     ) -> None:
         self.mode = mode
         self._upstream_port = upstream_port
+        self._is_open = is_open
         # bracketed when IPv6, so the forward URL can be formatted directly
         self._upstream_host = f"[{upstream_host}]" if ":" in upstream_host else upstream_host
         self._https_suffix = "" if https_port == 443 else f":{https_port}"
@@ -129,6 +139,8 @@ class Front:
             await session.close()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.mode is FrontMode.REDIRECT:
+            return await self._handle_redirect(request)
         raw_path = raw_path_only(request)
         upstream = self._upstream_port()
         if upstream is not None and raw_path.startswith(CHALLENGE_PREFIX):
@@ -137,14 +149,30 @@ class Front:
             token = challenge_token(raw_path)
             if token is None:
                 return not_found()
-            response = await self._forward(upstream, token)
-            # Operators (and the tests) see which validator reached which peer.
-            log.info("challenge %s requested by %s (%s) for Host %s: HTTP %d", token, request.remote,
-                     request.headers.get("User-Agent", "-"), request.headers.get("Host", "-"), response.status)
-            return response
-        if self.mode is FrontMode.CLOSED:
-            return not_found()
-        return self._redirect(request)
+            return await self._forward_logged(request, upstream, token)
+        return not_found()
+
+    async def _handle_redirect(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The one exception to the redirect: GET of an open token."""
+        upstream = self._upstream_port()
+        if upstream is None or request.method != "GET":  # HEAD is not GET: redirected too
+            return self._redirect(request)
+        token = challenge_token(raw_path_only(request))
+        if token is None or (self._is_open is not None and not self._is_open(token)):
+            return self._redirect(request)
+        response = await self._forward_logged(request, upstream, token)
+        if response.status != 200 and (self._is_open is None or not self._is_open(token)):
+            # not served (closed between the check and the forward, or no
+            # is_open to ask first): answered as any closed token
+            return self._redirect(request)
+        return response
+
+    async def _forward_logged(self, request: web.BaseRequest, upstream: int, token: str) -> web.StreamResponse:
+        response = await self._forward(upstream, token)
+        # Operators (and the tests) see which validator reached which peer.
+        log.info("challenge %s requested by %s (%s) for Host %s: HTTP %d", token, request.remote,
+                 request.headers.get("User-Agent", "-"), request.headers.get("Host", "-"), response.status)
+        return response
 
     async def _forward(self, upstream: int, token: str) -> web.StreamResponse:
         import aiohttp  # loaded by start(), which made the session

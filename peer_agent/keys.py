@@ -2,21 +2,41 @@
 
 Layout under the agent's state directory::
 
-    slots/<slot>/keys/<sha256>.key   every key generated for the slot (0600),
-                                     named by the SHA-256 of its public key
-    slots/<slot>/csr.pem             the latest CSR
-    slots/<slot>/current             <sha256> of the latest CSR's key
+    slots/<slot>/keys/<sha256>.key      every key generated for the slot (0600),
+                                        named by the SHA-256 of its public key
+    slots/<slot>/keys/<sha256>.retired  when the key was first seen unused (RFC 3339, 0600)
+    slots/<slot>/keys/<sha256>.deleted  tombstone of a deleted key: JSON with
+                                        retired_at and deleted_at (0600)
+    slots/<slot>/csr.pem                the latest CSR
+    slots/<slot>/current                <sha256> of the latest CSR's key
 
 ``<slot>`` is ``server`` or ``domain-<name>``. A new CSR never overwrites a
 key: a certificate signed for an earlier CSR still finds its key by the
 fingerprint of its public key. Private keys never leave this module except as
 signatures (the CSR).
+
+Retired keys (:meth:`KeyStore.prune`): a key is in use while the cluster
+still refers to it (the ``keep`` list the coordinator sends: the keys of
+every pending, active and previous certificate and current CSR in etcd), while
+it is the slot's current CSR key, and while it belongs to the active or
+previous pair on this disk. A key in none of these gets a ``.retired`` marker
+the first time it is seen so; once the marker is older than the retention the
+key file is deleted (overwritten first) and a small ``.deleted`` tombstone
+stays, so a later revocation can say what happened. A key back in use loses
+its marker. Tombstones are dropped after :data:`TOMBSTONE_SECONDS`.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
+import logging
+import os
 import re
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -25,9 +45,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from clusteracme.certinfo import key_label, spki_sha256
+from clusteracme.errors import InvalidArgument
 from clusteracme.pki import write_private
 from clusteracme.v1 import common_pb2
-from peer_agent.errors import InvalidSlot, UnknownKeyType
+from peer_agent.errors import AgentError, InvalidSlot, UnknownKeyType
+
+log = logging.getLogger(__name__)
 
 # proto enum -> (label, generator). Labels match acmectl's --key-type values.
 KEY_TYPES = {
@@ -38,6 +61,97 @@ KEY_TYPES = {
     common_pb2.KEY_TYPE_RSA_4096: ("rsa-4096", lambda: rsa.generate_private_key(65537, 4096)),
 }
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$")
+_FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
+KEY_SUFFIX = ".key"
+RETIRED_SUFFIX = ".retired"
+DELETED_SUFFIX = ".deleted"
+TOMBSTONE_SECONDS = 366 * 86400.0
+"""A tombstone says for a year that a key was deleted, then goes too (a
+certificate signed for that key has expired long before)."""
+
+# Optional CSR subject attributes besides the CN, in the order they go into
+# the subject: (CsrSubject field, OID, label, upper bound from RFC 5280 appendix A).
+SUBJECT_ATTRIBUTES = (
+    ("country", NameOID.COUNTRY_NAME, "C", 2),
+    ("state", NameOID.STATE_OR_PROVINCE_NAME, "ST", 128),
+    ("locality", NameOID.LOCALITY_NAME, "L", 128),
+    ("organization", NameOID.ORGANIZATION_NAME, "O", 64),
+    ("organizational_unit", NameOID.ORGANIZATIONAL_UNIT_NAME, "OU", 64),
+)
+
+
+class InvalidSubject(AgentError, InvalidArgument):
+    """A CSR subject attribute (O, OU, L, ST, C) is malformed or too long."""
+
+
+def validate_subject(subject: Mapping[str, str] | None) -> dict[str, str]:
+    """The non-empty subject attributes, checked (C upper-cased); raises
+    InvalidSubject naming the attribute. Empty values mean "absent"."""
+    known = {name for name, *_ in SUBJECT_ATTRIBUTES}
+    unknown = sorted(set(subject or {}) - known)
+    if unknown:
+        raise InvalidSubject(f"unknown CSR subject attribute(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
+    out: dict[str, str] = {}
+    for name, _, label, bound in SUBJECT_ATTRIBUTES:
+        value = (subject or {}).get(name, "")
+        if not isinstance(value, str):
+            raise InvalidSubject(f"the subject's {label} must be text")
+        if not value:
+            continue
+        if name == "country":
+            if len(value) != 2 or not value.isascii() or not value.isalpha():
+                raise InvalidSubject(
+                    f"the subject's C must be two letters (ISO 3166 code, e.g. JP), not {value[:10]!r}")
+            out[name] = value.upper()
+            continue
+        if len(value) > bound:
+            raise InvalidSubject(f"the subject's {label} has {len(value)} characters, more than {bound} (RFC 5280)")
+        if not value.isprintable():
+            raise InvalidSubject(f"the subject's {label} holds a control or non-printable character")
+        if not value.strip():
+            raise InvalidSubject(f"the subject's {label} is blank")
+        out[name] = value
+    return out
+
+
+@dataclass(frozen=True)
+class RetiredKey:
+    """A key no longer in use: waiting for the retention (``deleted_at`` None)
+    or deleted (a tombstone)."""
+
+    domain: str
+    fingerprint: str
+    retired_at: datetime.datetime
+    deleted_at: datetime.datetime | None = None
+
+
+@dataclass
+class PruneResult:
+    retired: list[RetiredKey] = field(default_factory=list)  # waiting: still on disk
+    deleted: list[RetiredKey] = field(default_factory=list)  # deleted by this call
+    skipped: list[str] = field(default_factory=list)  # slots left alone, with the reason
+
+
+def rfc3339(at: datetime.datetime) -> str:
+    return at.astimezone(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _parse_time(text: str) -> datetime.datetime | None:
+    try:
+        at = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return at if at.tzinfo is not None else None
+
+
+def _domain_of(slot_dir: Path) -> str | None:
+    """The domain of a slot directory ("" for the server slot), None for anything else."""
+    if slot_dir.name == "server":
+        return ""
+    if slot_dir.name.startswith("domain-") and _DOMAIN_RE.match(slot_dir.name.removeprefix("domain-")):
+        return slot_dir.name.removeprefix("domain-")
+    return None
 
 
 def slot_dirname(domain: str) -> str:
@@ -57,14 +171,21 @@ class SlotKeyInfo:
 
 
 class KeyStore:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, clock: Callable[[], float] = time.time) -> None:
+        self.state_dir = state_dir
         self._root = state_dir / "slots"
+        self._clock = clock
+        # A CSR switching the current key and a prune deciding what is in use
+        # never interleave (both run in threads).
+        self._lock = threading.Lock()
 
-    def generate_csr(self, domain: str, common_name: str, sans: list[str], key_type: int) -> tuple[str, str]:
+    def generate_csr(self, domain: str, common_name: str, sans: list[str], key_type: int,
+                     subject: Mapping[str, str] | None = None) -> tuple[str, str]:
         """New key + CSR for the slot; returns (csr_pem, spki_sha256).
 
-        Everything is checked before the old CSR key is replaced, so a refused
-        request leaves the slot as it was.
+        ``subject``: optional O, OU, L, ST, C (CsrSubject field names) put in
+        the CSR's subject besides the CN. Everything is checked before the old
+        CSR key is replaced, so a refused request leaves the slot as it was.
         """
         if key_type not in KEY_TYPES:
             raise UnknownKeyType(
@@ -75,10 +196,16 @@ class KeyStore:
         for name in names:
             if not _DOMAIN_RE.match(name):
                 raise InvalidSlot(f"{name!r} is not a valid A-label DNS name")
+        attributes = validate_subject(subject)
         key = KEY_TYPES[key_type][1]()
+        subject_name = x509.Name([
+            *(x509.NameAttribute(oid, attributes[name])
+              for name, oid, _, _ in SUBJECT_ATTRIBUTES if name in attributes),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ])
         csr = (
             x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .subject_name(subject_name)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
             .sign(key, hashes.SHA256())
         )
@@ -87,12 +214,13 @@ class KeyStore:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         fingerprint = spki_sha256(key.public_key())
-        for directory in (self._root, slot_dir, slot_dir / "keys"):
-            directory.mkdir(exist_ok=True, mode=0o700)
-            directory.chmod(0o700)  # mkdir's mode is filtered by the umask
-        write_private(slot_dir / "keys" / f"{fingerprint}.key", key_pem)
-        write_private(slot_dir / "csr.pem", csr_pem)
-        write_private(slot_dir / "current", fingerprint.encode())  # last: the switch to the new key
+        with self._lock:
+            for directory in (self._root, slot_dir, slot_dir / "keys"):
+                directory.mkdir(exist_ok=True, mode=0o700)
+                directory.chmod(0o700)  # mkdir's mode is filtered by the umask
+            write_private(slot_dir / "keys" / f"{fingerprint}.key", key_pem)
+            write_private(slot_dir / "csr.pem", csr_pem)
+            write_private(slot_dir / "current", fingerprint.encode())  # last: the switch to the new key
         return csr_pem.decode(), fingerprint
 
     def key_file(self, domain: str, fingerprint: str) -> Path | None:
@@ -126,3 +254,197 @@ class KeyStore:
             held = tuple(sorted(p.stem for p in (slot_dir / "keys").glob("*.key")))
             out.append(SlotKeyInfo(domain, fingerprint, key_label(key.public_key()), held))
         return out
+
+    # -- retired keys ---------------------------------------------------------
+
+    def _now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+
+    def _slot_dirs(self) -> list[tuple[str, Path]]:
+        if not self._root.is_dir():
+            return []
+        out = []
+        for slot_dir in sorted(self._root.iterdir()):
+            domain = _domain_of(slot_dir)
+            if domain is not None and (slot_dir / "keys").is_dir():
+                out.append((domain, slot_dir))
+        return out
+
+    def prune(self, keep: Iterable[str], retention_seconds: float,
+              pairs_in_use: Callable[[str], Iterable[str]], *, dry_run: bool = False) -> PruneResult:
+        """Retire the keys not in use, delete those retired for at least
+        ``retention_seconds`` (see the module docstring); with ``dry_run``
+        report the same and change nothing.
+
+        ``keep``: fingerprints the cluster still refers to. ``pairs_in_use(domain)``:
+        the fingerprints of the slot's active and previous pairs on disk; when
+        it raises (a pair that cannot be read), the slot is left alone, as is
+        a slot whose current CSR key cannot be read: what is in use there is
+        not known. A key is deleted at the earliest on the call after the one
+        that retired it, whatever the retention.
+        """
+        keep = set(keep)
+        bad = sorted(fp for fp in keep if not _FINGERPRINT_RE.fullmatch(fp))
+        if bad:
+            raise InvalidArgument(f"keep holds {len(bad)} value(s) that are not SHA-256 fingerprints "
+                                  f"(64 lowercase hex digits), e.g. {bad[0][:70]!r}; nothing was changed")
+        if not retention_seconds >= 0:
+            raise InvalidArgument(f"the key retention must not be negative, not {retention_seconds}")
+        result = PruneResult()
+        with self._lock:
+            now = self._now()
+            for domain, slot_dir in self._slot_dirs():
+                label = f"domain {domain}" if domain else "server"
+                try:
+                    current = (slot_dir / "current").read_text().strip()
+                except FileNotFoundError:
+                    current = ""
+                except OSError as exc:
+                    current = f"unreadable ({exc.strerror or exc})"
+                if not _FINGERPRINT_RE.fullmatch(current):
+                    result.skipped.append(f"{label}: the current CSR key is {current or 'not recorded'}")
+                    continue
+                try:
+                    on_disk = set(pairs_in_use(domain))
+                except (AgentError, OSError, ValueError) as exc:
+                    result.skipped.append(f"{label}: the certificate pairs on disk cannot be read ({exc})")
+                    continue
+                self._prune_slot(domain, slot_dir / "keys", keep | on_disk | {current}, retention_seconds, now,
+                                 dry_run, result)
+        for reason in result.skipped:
+            log.warning("key retention: slot %s; its keys are left alone", reason)
+        return result
+
+    def _prune_slot(self, domain: str, keys_dir: Path, in_use: set[str], retention_seconds: float,
+                    now: datetime.datetime, dry_run: bool, result: PruneResult) -> None:
+        held = {p.name.removesuffix(KEY_SUFFIX) for p in keys_dir.glob("*" + KEY_SUFFIX)}
+        for fingerprint in sorted(fp for fp in held if _FINGERPRINT_RE.fullmatch(fp)):
+            marker = keys_dir / (fingerprint + RETIRED_SUFFIX)
+            tombstone = keys_dir / (fingerprint + DELETED_SUFFIX)
+            if fingerprint in in_use:
+                for stale in (marker, tombstone):  # back in use (a tombstone: a deletion cut short)
+                    if stale.exists() and not dry_run:
+                        _unlink(stale)
+                        if stale is marker:
+                            log.info("key retention: key %s (%s) is in use again", fingerprint, _label(domain))
+                continue
+            retired_at = _read_marker(marker)
+            if retired_at is None:
+                if not dry_run:
+                    write_private(marker, (rfc3339(now) + "\n").encode())
+                    log.info("key retention: key %s (%s) is no longer in use: retired, deleted after the retention",
+                             fingerprint, _label(domain))
+                result.retired.append(RetiredKey(domain, fingerprint, now))
+                continue
+            if (now - retired_at).total_seconds() < retention_seconds:
+                result.retired.append(RetiredKey(domain, fingerprint, retired_at))
+                continue
+            if not dry_run:
+                try:
+                    self._delete(keys_dir, fingerprint, retired_at, now)
+                except OSError as exc:
+                    log.error("key retention: cannot delete key %s (%s): %s", fingerprint, _label(domain), exc)
+                    result.retired.append(RetiredKey(domain, fingerprint, retired_at))
+                    continue
+            result.deleted.append(RetiredKey(domain, fingerprint, retired_at, now))
+        if dry_run:
+            return
+        for marker in keys_dir.glob("*" + RETIRED_SUFFIX):  # a marker whose key is gone by other hands
+            if marker.name.removesuffix(RETIRED_SUFFIX) not in held:
+                _unlink(marker)
+        for tombstone in keys_dir.glob("*" + DELETED_SUFFIX):
+            info = _read_tombstone(domain, tombstone)
+            if info is not None and info.deleted_at is not None and \
+                    (now - info.deleted_at).total_seconds() > TOMBSTONE_SECONDS:
+                _unlink(tombstone)
+
+    def _delete(self, keys_dir: Path, fingerprint: str, retired_at: datetime.datetime,
+                now: datetime.datetime) -> None:
+        """Tombstone first, then the key (overwritten, then unlinked), then the marker:
+        a crash in between leaves a key that the next call deletes again."""
+        key_file = keys_dir / (fingerprint + KEY_SUFFIX)
+        write_private(keys_dir / (fingerprint + DELETED_SUFFIX), json.dumps(
+            {"retired_at": rfc3339(retired_at), "deleted_at": rfc3339(now)}).encode() + b"\n")
+        fd = os.open(key_file, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            os.write(fd, b"\0" * os.fstat(fd).st_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        key_file.unlink()
+        _unlink(keys_dir / (fingerprint + RETIRED_SUFFIX))
+        dir_fd = os.open(keys_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        log.info("key retention: key %s deleted (retired %s)", fingerprint, rfc3339(retired_at))
+
+    def retired(self) -> list[RetiredKey]:
+        """Keys waiting for the retention, then tombstones of deleted keys."""
+        waiting: list[RetiredKey] = []
+        deleted: list[RetiredKey] = []
+        for domain, slot_dir in self._slot_dirs():
+            keys_dir = slot_dir / "keys"
+            for marker in sorted(keys_dir.glob("*" + RETIRED_SUFFIX)):
+                fingerprint = marker.name.removesuffix(RETIRED_SUFFIX)
+                retired_at = _read_marker(marker)
+                if retired_at is not None and (keys_dir / (fingerprint + KEY_SUFFIX)).is_file():
+                    waiting.append(RetiredKey(domain, fingerprint, retired_at))
+            for tombstone in sorted(keys_dir.glob("*" + DELETED_SUFFIX)):
+                info = _read_tombstone(domain, tombstone)
+                if info is not None and not (keys_dir / (info.fingerprint + KEY_SUFFIX)).exists():
+                    deleted.append(info)
+        return waiting + deleted
+
+    def deleted_key(self, fingerprint: str) -> RetiredKey | None:
+        """The tombstone of a key this peer deleted, if any slot has one."""
+        if not _FINGERPRINT_RE.fullmatch(fingerprint):
+            return None
+        for domain, slot_dir in self._slot_dirs():
+            keys_dir = slot_dir / "keys"
+            info = _read_tombstone(domain, keys_dir / (fingerprint + DELETED_SUFFIX))
+            if info is not None and not (keys_dir / (fingerprint + KEY_SUFFIX)).exists():
+                return info
+        return None
+
+
+def _label(domain: str) -> str:
+    return f"domain {domain}" if domain else "server slot"
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("key retention: cannot delete %s: %s", path, exc)
+
+
+def _read_marker(path: Path) -> datetime.datetime | None:
+    """When a key was retired, None without a (readable) marker: a marker that
+    does not parse counts as absent, so the key is retired afresh (the
+    retention starts again rather than deleting early)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("key retention: cannot read %s: %s", path, exc)
+        return None
+    return _parse_time(text)
+
+
+def _read_tombstone(domain: str, path: Path) -> RetiredKey | None:
+    try:
+        data = json.loads(path.read_text())
+        retired_at, deleted_at = _parse_time(data["retired_at"]), _parse_time(data["deleted_at"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("key retention: cannot read the tombstone %s: %s", path, exc)
+        return None
+    if retired_at is None or deleted_at is None:
+        return None
+    return RetiredKey(domain, path.name.removesuffix(DELETED_SUFFIX), retired_at, deleted_at)

@@ -6,10 +6,14 @@ the peer. So the agent signs the revokeCert request itself: a JWS carrying
 the public key (``jwk``), the coordinator's fresh nonce and the revokeCert
 URL. It signs nothing else: the payload is built here, for a certificate
 whose public key is one this peer holds.
+
+A key deleted by the key retention (``KeyStore.prune``) cannot sign any more;
+the refusal says when it was deleted and which other ways remain.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import josepy as jose
@@ -20,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from clusteracme.certinfo import spki_sha256
 from peer_agent.errors import InvalidChain, KeyNotHeld
-from peer_agent.keys import KeyStore
+from peer_agent.keys import KeyStore, RetiredKey
 
 REASONS = frozenset({0, 1, 3, 4, 5})  # unspecified, keyCompromise, affiliationChanged, superseded, cessationOfOperation
 
@@ -34,8 +38,12 @@ def sign_revocation(keys: KeyStore, certificate_der: bytes, reason: int, nonce: 
         raise InvalidChain(f"revocation reason {reason} is not one ACME accepts here")
     if not url.startswith("https://") or not nonce:
         raise InvalidChain("a revocation needs the CA's https revokeCert URL and a nonce")
-    path = keys.find_key(spki_sha256(cert.public_key()))
+    fingerprint = spki_sha256(cert.public_key())
+    path = keys.find_key(fingerprint)
     if path is None:
+        deleted = keys.deleted_key(fingerprint)
+        if deleted is not None:
+            raise KeyNotHeld(deleted_key_message(deleted, f"{cert.serial_number:x}"))
         raise KeyNotHeld(f"this peer does not hold the key of certificate {cert.serial_number:x}")
     key = serialization.load_pem_private_key(path.read_bytes(), None)
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in ("secp256r1", "secp384r1"):
@@ -52,3 +60,23 @@ def sign_revocation(keys: KeyStore, certificate_der: bytes, reason: int, nonce: 
     payload = json.dumps({"certificate": jose.encode_b64jose(certificate_der), "reason": reason}).encode()
     signed = jws.JWS.sign(payload, key=jwk, alg=alg, nonce=raw_nonce, url=url)
     return signed.json_dumps()
+
+
+def deleted_key_message(deleted: RetiredKey, serial_hex: str) -> str:
+    assert deleted.deleted_at is not None
+    waited = (deleted.deleted_at - deleted.retired_at).total_seconds()
+    slot = f"domain {deleted.domain}" if deleted.domain else "server slot"
+    deleted_on = deleted.deleted_at.astimezone(datetime.UTC)
+    return (f"the key {deleted.fingerprint} of certificate {serial_hex} ({slot}) was deleted on "
+            f"{deleted_on:%Y-%m-%d %H:%M:%S} UTC, {_span(waited)} after it was retired (no pending, active or "
+            "previous certificate nor current CSR used it; retention.key_retention_seconds): this peer can no "
+            "longer sign its revocation; revoke it with the issuing account or by fresh authorizations instead")
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    count = max(0, int(seconds))
+    return f"{count} second{'s' if count != 1 else ''}"

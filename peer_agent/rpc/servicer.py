@@ -13,16 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc.aio
+from cryptography import x509
 
-from clusteracme import __version__
+from clusteracme import __version__, certinfo
 from clusteracme.pki import Identity, Role
 from clusteracme.rpcutil import rpc_method
 from clusteracme.v1 import agent_pb2 as pb
 from clusteracme.v1 import agent_pb2_grpc, common_pb2
+from peer_agent.certs import CertStore, LivePair
 from peer_agent.challenges import ChallengeService
 from peer_agent.deployer import Deployer, DeployOutcome
-from peer_agent.errors import InvalidChain, StorageError
-from peer_agent.keys import KEY_TYPES, KeyStore
+from peer_agent.errors import BrokenPair, InvalidChain, StorageError
+from peer_agent.keys import KEY_TYPES, SUBJECT_ATTRIBUTES, KeyStore, PruneResult, RetiredKey, rfc3339
 
 COORDINATOR = Role.COORDINATOR
 _LABEL_TO_ENUM = {label: enum for enum, (label, _) in KEY_TYPES.items()}
@@ -30,8 +32,11 @@ _LABEL_TO_ENUM = {label: enum for enum, (label, _) in KEY_TYPES.items()}
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, peer_id: str, challenges: ChallengeService, keys: KeyStore, deployer: Deployer,
-                 tls_endpoints: list[str], trust_bundle_file: Path | None = None) -> None:
+                 tls_endpoints: list[str], trust_bundle_file: Path | None = None,
+                 certs: CertStore | None = None) -> None:
         self._trust_bundle_file = trust_bundle_file
+        # read only: which keys the pairs on disk use (a CertStore reads what the deployer's left)
+        self._certs = certs or CertStore(keys.state_dir, keys)
         self._peer_id = peer_id
         self._challenges = challenges
         self._keys = keys
@@ -64,15 +69,45 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     @rpc_method(COORDINATOR)
     async def GenerateCSR(self, request: pb.GenerateCSRRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         # RSA-4096 generation takes a second or more: keep it off the event loop.
+        subject = {name: getattr(request.subject, name) for name, *_ in SUBJECT_ATTRIBUTES}
         csr_pem, spki = await asyncio.to_thread(
-            self._keys.generate_csr, request.slot.domain, request.common_name, list(request.sans), request.key_type
+            self._keys.generate_csr, request.slot.domain, request.common_name, list(request.sans), request.key_type,
+            subject,
         )
         return pb.GenerateCSRResponse(csr_pem=csr_pem, public_key_sha256=spki)
+
+    @rpc_method(COORDINATOR)
+    async def PruneKeys(self, request: pb.PruneKeysRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        def prune() -> PruneResult:
+            try:
+                return self._keys.prune(list(request.keep), float(request.retention_seconds), self._pairs_in_use,
+                                        dry_run=request.dry_run)
+            except OSError as exc:  # a marker or tombstone that cannot be written
+                raise StorageError(f"cannot prune the keys: {exc.filename or ''} {exc.strerror or exc}") from exc
+
+        result = await asyncio.to_thread(prune)
+        return pb.PruneKeysResponse(retired=[_retired(k) for k in result.retired],
+                                    deleted=[_retired(k) for k in result.deleted])
+
+    def _pairs_in_use(self, domain: str) -> set[str]:
+        """Fingerprints of the keys of the slot's active and previous pairs on disk."""
+        pairs: list[LivePair | None] = [self._certs.active(domain), self._certs.previous(domain)]
+        out = set()
+        for pair in pairs:
+            if pair is None:
+                continue
+            try:
+                leaf = x509.load_pem_x509_certificates(pair.fullchain.read_bytes())[0]
+            except (OSError, ValueError, IndexError) as exc:
+                raise BrokenPair(f"{pair.fullchain} cannot be read ({exc})") from exc
+            out.add(certinfo.spki_sha256(leaf.public_key()))
+        return out
 
     @rpc_method(COORDINATOR)
     async def Status(self, request: pb.AgentStatusRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         keys = await asyncio.to_thread(self._keys.slots)
         certs = await asyncio.to_thread(self._deployer.status)
+        retired = await asyncio.to_thread(self._keys.retired)
         return pb.AgentStatusResponse(
             certificates=[common_pb2.SlotCertificates(
                 slot=common_pb2.Slot(domain=c.domain), active_serial_hex=c.active_serial,
@@ -85,6 +120,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             keys=[pb.SlotKey(slot=common_pb2.Slot(domain=k.domain), public_key_sha256=k.public_key_sha256,
                              key_type=_LABEL_TO_ENUM.get(k.key_type, common_pb2.KEY_TYPE_UNSPECIFIED),
                              held_keys=k.held_keys) for k in keys],
+            retired_keys=[_retired(k) for k in retired],
         )
 
     @rpc_method(COORDINATOR)
@@ -145,6 +181,12 @@ def write_trust_bundle(path: Path, bundle_pem: str, sha256: str) -> None:
                 os.close(dir_fd)
     except OSError as exc:
         raise StorageError(f"cannot write the trust bundle {path}: {exc.strerror or exc}") from exc
+
+
+def _retired(key: RetiredKey) -> pb.RetiredKey:
+    return pb.RetiredKey(slot=common_pb2.Slot(domain=key.domain), public_key_sha256=key.fingerprint,
+                         retired_at=rfc3339(key.retired_at),
+                         deleted_at=rfc3339(key.deleted_at) if key.deleted_at is not None else "")
 
 
 def _tokens(tokens: Iterable[common_pb2.ChallengeToken]) -> dict[str, str]:

@@ -1,16 +1,25 @@
-"""The agent's key store: keys stay on disk (0600), CSRs carry the names."""
+"""The agent's key store: keys stay on disk (0600), CSRs carry the names and the optional
+subject attributes; keys no longer in use are retired, then deleted after the retention."""
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from clusteracme import certinfo
-from clusteracme.v1 import common_pb2
-from peer_agent.errors import InvalidSlot, UnknownKeyType
-from peer_agent.keys import KeyStore
+from clusteracme.errors import FailedPrecondition, InvalidArgument
+from clusteracme.v1 import agent_pb2, common_pb2
+from peer_agent.certs import CertStore
+from peer_agent.errors import BrokenPair, InvalidSlot, KeyNotHeld, UnknownKeyType
+from peer_agent.keys import TOMBSTONE_SECONDS, InvalidSubject, KeyStore
+from peer_agent.revocation import sign_revocation
+from peer_agent.rpc.servicer import AgentServicer
+from tests.unit.test_cert_store import CertFactory, issue
 
 
 @pytest.mark.parametrize(("key_type", "label"), [
@@ -59,3 +68,309 @@ def test_domain_slots_are_separate(tmp_path: Path) -> None:
     assert sorted(s.domain for s in store.slots()) == ["", "shop.example"]
     assert isinstance(x509.load_pem_x509_csr((tmp_path / "slots" / "domain-shop.example" / "csr.pem").read_bytes()),
                       x509.CertificateSigningRequest)
+
+
+# --- CSR subject attributes (issue 9 item 2) ------------------------------------------
+
+
+def subject_of(csr_pem: str) -> list[tuple[str, str]]:
+    return [(a.rfc4514_attribute_name, str(a.value)) for a in certinfo.load_csr(csr_pem).subject]
+
+
+def test_subject_attributes_go_into_the_csr_in_order(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    csr_pem, _ = store.generate_csr("", "a.example", [], common_pb2.KEY_TYPE_EC_P256, {
+        "organization": "Acme Co., Ltd.", "organizational_unit": "Web", "locality": "Chiyoda-ku",
+        "state": "Tōkyō", "country": "jp"})
+    assert subject_of(csr_pem) == [("C", "JP"), ("ST", "Tōkyō"), ("L", "Chiyoda-ku"), ("O", "Acme Co., Ltd."),
+                                   ("OU", "Web"), ("CN", "a.example")]
+    # empty values are absent; none at all is the plain CN subject
+    csr_pem, _ = store.generate_csr("", "a.example", [], common_pb2.KEY_TYPE_EC_P256,
+                                    {"organization": "Acme", "state": "", "country": ""})
+    assert subject_of(csr_pem) == [("O", "Acme"), ("CN", "a.example")]
+    csr_pem, _ = store.generate_csr("", "a.example", [], common_pb2.KEY_TYPE_EC_P256)
+    assert subject_of(csr_pem) == [("CN", "a.example")]
+
+
+@pytest.mark.parametrize(("subject", "fragment"), [
+    ({"country": "JPN"}, "C must be two letters"),
+    ({"country": "J1"}, "C must be two letters"),
+    ({"country": "日本"}, "C must be two letters"),
+    ({"organization": "x" * 65}, "O has 65 characters, more than 64"),
+    ({"organizational_unit": "x" * 65}, "OU has 65 characters, more than 64"),
+    ({"locality": "x" * 129}, "L has 129 characters, more than 128"),
+    ({"state": "x" * 129}, "ST has 129 characters, more than 128"),
+    ({"locality": "Paris\nCN=evil.example"}, "L holds a control"),
+    ({"organization": "Acme\x00"}, "O holds a control"),
+    ({"organizational_unit": "   "}, "OU is blank"),
+    ({"email": "a@b.example"}, "unknown CSR subject attribute"),
+])
+def test_bad_subject_attributes_are_refused_before_anything_changes(
+        tmp_path: Path, subject: dict[str, str], fragment: str) -> None:
+    store = KeyStore(tmp_path)
+    _, spki = store.generate_csr("", "a.example", [], common_pb2.KEY_TYPE_EC_P256)
+    before = (tmp_path / "slots" / "server" / "csr.pem").read_bytes()
+    with pytest.raises(InvalidSubject, match=fragment):
+        store.generate_csr("", "a.example", [], common_pb2.KEY_TYPE_EC_P256, subject)
+    [info] = store.slots()
+    assert (info.public_key_sha256, info.held_keys) == (spki, (spki,))
+    assert (tmp_path / "slots" / "server" / "csr.pem").read_bytes() == before
+
+
+def test_the_upper_bounds_themselves_are_accepted(tmp_path: Path) -> None:
+    csr_pem, _ = KeyStore(tmp_path).generate_csr("", "a.example", [], common_pb2.KEY_TYPE_EC_P256, {
+        "organization": "o" * 64, "organizational_unit": "u" * 64, "locality": "l" * 128, "state": "s" * 128})
+    assert [len(v) for _, v in subject_of(csr_pem)] == [128, 128, 64, 64, len("a.example")]
+
+
+# --- retired keys (issue 9 item 11) ----------------------------------------------------
+
+DAY = 86400.0
+RETENTION = 30 * DAY
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def no_pairs(domain: str) -> set[str]:
+    return set()
+
+
+def keys_dir(tmp_path: Path, slot: str = "server") -> Path:
+    return tmp_path / "slots" / slot / "keys"
+
+
+def files(tmp_path: Path, slot: str = "server") -> set[str]:
+    return {p.name for p in keys_dir(tmp_path, slot).iterdir()}
+
+
+def new_key(store: KeyStore, domain: str = "") -> str:
+    return store.generate_csr(domain, domain or "a.example", [], common_pb2.KEY_TYPE_EC_P256)[1]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def test_an_unused_key_is_retired_then_deleted_after_the_retention(tmp_path: Path, clock: Clock) -> None:
+    store = KeyStore(tmp_path, clock=clock)
+    old, kept, on_disk, current = (new_key(store) for _ in range(4))
+    pairs = {"": {on_disk}}
+
+    result = store.prune([kept], RETENTION, lambda d: pairs[d])
+    assert [(k.fingerprint, k.retired_at.timestamp()) for k in result.retired] == [(old, clock.now)]
+    assert result.deleted == [] and result.skipped == []
+    marker = keys_dir(tmp_path) / f"{old}.retired"
+    assert marker.stat().st_mode & 0o777 == 0o600
+    assert datetime.datetime.fromisoformat(marker.read_text().strip()).timestamp() == clock.now  # RFC 3339
+    retired_at = clock.now
+
+    clock.now += RETENTION - 1  # not yet: still waiting, retired when first seen
+    result = store.prune([kept], RETENTION, lambda d: pairs[d])
+    assert [(k.fingerprint, k.retired_at.timestamp()) for k in result.retired] == [(old, retired_at)]
+    assert result.deleted == [] and store.key_file("", old) is not None
+
+    clock.now += 1
+    result = store.prune([kept], RETENTION, lambda d: pairs[d])
+    assert result.retired == []
+    [gone] = result.deleted
+    assert (gone.fingerprint, gone.retired_at.timestamp(), gone.deleted_at.timestamp()) == (  # type: ignore[union-attr]
+        old, retired_at, clock.now)
+    assert store.key_file("", old) is None and store.find_key(old) is None
+    assert files(tmp_path) == {f"{k}.key" for k in (kept, on_disk, current)} | {f"{old}.deleted"}
+    tombstone = keys_dir(tmp_path) / f"{old}.deleted"
+    assert tombstone.stat().st_mode & 0o777 == 0o600 and len(tombstone.read_bytes()) < 200
+    assert store.deleted_key(old) == gone
+    assert store.retired() == [gone]
+    [info] = store.slots()
+    assert set(info.held_keys) == {kept, on_disk, current}
+
+
+def test_a_key_back_in_use_loses_its_marker(tmp_path: Path, clock: Clock) -> None:
+    store = KeyStore(tmp_path, clock=clock)
+    pending, _ = new_key(store), new_key(store)
+    assert [k.fingerprint for k in store.prune([], RETENTION, no_pairs).retired] == [pending]
+    clock.now += RETENTION + 1
+    # the cluster refers to it again (say, a certificate for it came back as pending)
+    result = store.prune([pending], RETENTION, no_pairs)
+    assert (result.retired, result.deleted) == ([], [])
+    assert not (keys_dir(tmp_path) / f"{pending}.retired").exists() and store.retired() == []
+    # unused once more: the retention starts again from now
+    retired = store.prune([], RETENTION, no_pairs).retired
+    assert [k.retired_at.timestamp() for k in retired] == [clock.now]
+
+
+def test_a_dry_run_reports_and_changes_nothing(tmp_path: Path, clock: Clock) -> None:
+    store = KeyStore(tmp_path, clock=clock)
+    first, second, _ = new_key(store), new_key(store), new_key(store)
+    before = files(tmp_path)
+    result = store.prune([], RETENTION, no_pairs, dry_run=True)
+    assert sorted(k.fingerprint for k in result.retired) == sorted([first, second])
+    assert files(tmp_path) == before
+    store.prune([second], RETENTION, no_pairs)  # first retired for real
+    clock.now += RETENTION
+    snapshot = {p.name: p.read_bytes() for p in keys_dir(tmp_path).iterdir()}
+    result = store.prune([], RETENTION, no_pairs, dry_run=True)
+    assert [k.fingerprint for k in result.deleted] == [first]  # would be deleted
+    assert [k.fingerprint for k in result.retired] == [second]  # would be retired now
+    assert {p.name: p.read_bytes() for p in keys_dir(tmp_path).iterdir()} == snapshot
+
+
+def test_the_current_csr_key_and_the_pairs_on_disk_are_never_retired(tmp_path: Path, clock: Clock) -> None:
+    store = KeyStore(tmp_path, clock=clock)
+    active, previous, current = new_key(store), new_key(store), new_key(store)
+    for _ in range(3):
+        result = store.prune([], 0, lambda d: {active, previous})
+        clock.now += DAY
+        assert (result.retired, result.deleted, result.skipped) == ([], [], [])
+    assert files(tmp_path) == {f"{k}.key" for k in (active, previous, current)}
+
+
+def test_a_zero_retention_still_deletes_only_on_the_next_call(tmp_path: Path, clock: Clock) -> None:
+    store = KeyStore(tmp_path, clock=clock)
+    old, _ = new_key(store), new_key(store)
+    assert [k.fingerprint for k in store.prune([], 0, no_pairs).retired] == [old]
+    assert store.key_file("", old) is not None
+    assert [k.fingerprint for k in store.prune([], 0, no_pairs).deleted] == [old]
+
+
+def test_a_slot_whose_pairs_cannot_be_read_is_left_alone(tmp_path: Path, clock: Clock,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    store = KeyStore(tmp_path, clock=clock)
+    server_old, _ = new_key(store), new_key(store)
+    domain_old, _ = new_key(store, "shop.example"), new_key(store, "shop.example")
+
+    def pairs(domain: str) -> set[str]:
+        if domain:
+            raise BrokenPair("domain-shop.example/active points to 'x', not to a certificate directory")
+        return set()
+
+    result = store.prune([], 0, pairs)
+    assert [(k.domain, k.fingerprint) for k in result.retired] == [("", server_old)]
+    assert len(result.skipped) == 1 and "domain shop.example" in result.skipped[0]
+    assert "left alone" in caplog.text
+    assert not (keys_dir(tmp_path, "domain-shop.example") / f"{domain_old}.retired").exists()
+    # nor a slot whose current CSR key is not recorded
+    (tmp_path / "slots" / "domain-shop.example" / "current").unlink()
+    result = store.prune([], 0, no_pairs)
+    assert "not recorded" in result.skipped[0]
+    assert store.key_file("shop.example", domain_old) is not None
+
+
+def test_keep_must_hold_fingerprints(tmp_path: Path, clock: Clock) -> None:
+    store = KeyStore(tmp_path, clock=clock)
+    new_key(store)
+    new_key(store)
+    before = files(tmp_path)
+    with pytest.raises(InvalidArgument, match="not SHA-256 fingerprints"):
+        store.prune(["../../etc/passwd"], 0, no_pairs)
+    assert files(tmp_path) == before
+
+
+def test_markers_that_do_not_parse_restart_the_retention_and_stray_ones_go(tmp_path: Path, clock: Clock) -> None:
+    store = KeyStore(tmp_path, clock=clock)
+    old, _ = new_key(store), new_key(store)
+    (keys_dir(tmp_path) / f"{old}.retired").write_text("yesterday\n")
+    (keys_dir(tmp_path) / f"{'0' * 64}.retired").write_text("2020-01-01T00:00:00+00:00\n")  # its key is gone
+    result = store.prune([], RETENTION, no_pairs)
+    assert [(k.fingerprint, k.retired_at.timestamp()) for k in result.retired] == [(old, clock.now)]
+    assert f"{'0' * 64}.retired" not in files(tmp_path)
+
+
+def test_tombstones_go_after_a_year(tmp_path: Path, clock: Clock) -> None:
+    store = KeyStore(tmp_path, clock=clock)
+    old, _ = new_key(store), new_key(store)
+    store.prune([], 0, no_pairs)
+    clock.now += DAY
+    store.prune([], 0, no_pairs)
+    assert store.deleted_key(old) is not None
+    clock.now += TOMBSTONE_SECONDS
+    store.prune([], 0, no_pairs)
+    assert store.deleted_key(old) is not None  # a year to the second: still there
+    clock.now += 1
+    store.prune([], 0, no_pairs)
+    assert store.deleted_key(old) is None and store.retired() == []
+
+
+def test_the_pairs_on_disk_protect_their_keys_through_the_agent(tmp_path: Path, clock: Clock) -> None:
+    """The servicer's view of the disk: the active and previous pairs' keys
+    are in use even when the cluster's keep list forgets them."""
+    keys = KeyStore(tmp_path, clock=clock)
+    certs = CertStore(tmp_path, keys)
+    factory = CertFactory()
+    for _ in range(2):  # active, then previous
+        chain, leaf = issue(keys, factory, "", ["a.example"])
+        certs.install("", certs.validate("", chain, ["a.example"]))
+    unused = new_key(keys)
+    current = new_key(keys)
+    servicer = AgentServicer("p1", None, keys, None, [], certs=certs)  # type: ignore[arg-type]
+    active, previous = certs.active(""), certs.previous("")
+    assert active is not None and previous is not None
+    assert servicer._pairs_in_use("") == {certinfo.spki_sha256(leaf.public_key()),
+                                          certinfo.spki_sha256(certinfo.leaf(previous.fullchain.read_text())
+                                                               .public_key())}
+    store_result = keys.prune([], 0, servicer._pairs_in_use)
+    assert [k.fingerprint for k in store_result.retired] == [unused]
+    assert [k.fingerprint for k in keys.prune([], 0, servicer._pairs_in_use).deleted] == [unused]
+    assert len(keys.slots()[0].held_keys) == 3 and keys.slots()[0].public_key_sha256 == current
+
+
+def test_revoking_with_a_deleted_key_says_when_and_what_to_do_instead(tmp_path: Path, clock: Clock) -> None:
+    keys = KeyStore(tmp_path, clock=clock)
+    factory = CertFactory()
+    chain, leaf = issue(keys, factory, "", ["a.example"])
+    der = leaf.public_bytes(serialization.Encoding.DER)
+    fingerprint = certinfo.spki_sha256(leaf.public_key())
+    new_key(keys)
+    # while the key is held (retired or not), the peer signs
+    assert sign_revocation(keys, der, 4, "AAAA", "https://ca.example/revoke")
+    keys.prune([], RETENTION, no_pairs)
+    clock.now += RETENTION + 3 * 3600
+    assert [k.fingerprint for k in keys.prune([], RETENTION, no_pairs).deleted] == [fingerprint]
+    with pytest.raises(KeyNotHeld) as info:
+        sign_revocation(keys, der, 4, "AAAA", "https://ca.example/revoke")
+    deleted_on = datetime.datetime.fromtimestamp(clock.now, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    message = info.value.message
+    assert f"the key {fingerprint} of certificate {leaf.serial_number:x}" in message
+    assert f"was deleted on {deleted_on} UTC, 30 days after it was retired" in message
+    assert "revoke it with the issuing account or by fresh authorizations instead" in message
+    assert isinstance(info.value, FailedPrecondition)
+    # a key this peer never had: the plain refusal
+    other = factory.leaf(ec.generate_private_key(ec.SECP256R1()).public_key(), ["b.example"])
+    with pytest.raises(KeyNotHeld, match="does not hold the key"):
+        sign_revocation(keys, other.public_bytes(serialization.Encoding.DER), 4, "AAAA", "https://ca.example/r")
+
+
+async def test_the_servicer_passes_the_subject_and_answers_prune_keys(tmp_path: Path, clock: Clock) -> None:
+    keys = KeyStore(tmp_path, clock=clock)
+    servicer = AgentServicer("p1", None, keys, None, [])  # type: ignore[arg-type]
+    generate = AgentServicer.GenerateCSR.__wrapped__  # type: ignore[attr-defined]
+    reply = await generate(servicer, agent_pb2.GenerateCSRRequest(
+        common_name="a.example", key_type=common_pb2.KEY_TYPE_EC_P256,
+        subject=common_pb2.CsrSubject(organization="Acme", country="fr")), None, None)
+    assert subject_of(reply.csr_pem) == [("C", "FR"), ("O", "Acme"), ("CN", "a.example")]
+    with pytest.raises(InvalidSubject, match="C must be two letters"):
+        await generate(servicer, agent_pb2.GenerateCSRRequest(
+            common_name="a.example", key_type=common_pb2.KEY_TYPE_EC_P256,
+            subject=common_pb2.CsrSubject(country="FRA")), None, None)
+    old = reply.public_key_sha256
+    new_key(keys)
+    prune = AgentServicer.PruneKeys.__wrapped__  # type: ignore[attr-defined]
+    dry = await prune(servicer, agent_pb2.PruneKeysRequest(retention_seconds=10, dry_run=True), None, None)
+    assert [k.public_key_sha256 for k in dry.retired] == [old] and not (keys_dir(tmp_path) / f"{old}.retired").exists()
+    first = await prune(servicer, agent_pb2.PruneKeysRequest(retention_seconds=10), None, None)
+    [retired] = first.retired
+    assert (retired.slot.domain, retired.public_key_sha256, retired.deleted_at) == ("", old, "")
+    assert datetime.datetime.fromisoformat(retired.retired_at).timestamp() == clock.now
+    clock.now += 10
+    second = await prune(servicer, agent_pb2.PruneKeysRequest(retention_seconds=10), None, None)
+    assert [(k.public_key_sha256, k.retired_at) for k in second.deleted] == [(old, retired.retired_at)]
+    assert datetime.datetime.fromisoformat(second.deleted[0].deleted_at).timestamp() == clock.now
+    assert (await prune(servicer, agent_pb2.PruneKeysRequest(keep=[old], retention_seconds=10), None, None)) \
+        == agent_pb2.PruneKeysResponse()

@@ -154,11 +154,24 @@ async def test_query_string_does_not_matter(opened: tuple[ChallengeService, int]
     assert (status, body) == (200, KEY_AUTH.encode())
 
 
-async def test_unknown_token_is_404(opened: tuple[ChallengeService, int]) -> None:
-    _, port = opened
-    status, _, body = await request(port, "/.well-known/acme-challenge/unknownToken123")
-    assert status == 404
+def assert_404_closed_or_301_redirect(service: ChallengeService, response: Response, target: str) -> None:
+    """Closed mode: 404 (405 for another method); redirect mode: the 301 any path gets."""
+    status, headers, body = response
     assert_not_a_file(body)
+    if service.front_mode is FrontMode.CLOSED:
+        assert status in (404, 405)
+        assert "location" not in headers
+    else:
+        assert (status, headers["location"]) == (301, f"https://example.com{target}")
+
+
+async def test_unknown_token_is_404_closed_or_301_redirect(opened: tuple[ChallengeService, int]) -> None:
+    service, port = opened
+    target = "/.well-known/acme-challenge/unknownToken123"
+    response = await request(port, target)
+    assert_404_closed_or_301_redirect(service, response, target)
+    if service.front_mode is FrontMode.CLOSED:
+        assert response[0] == 404
 
 
 @pytest.mark.parametrize(
@@ -179,13 +192,14 @@ async def test_unknown_token_is_404(opened: tuple[ChallengeService, int]) -> Non
         "/.well-known/acme-challenge/" + "A" * 300,  # over the raw-path bound
     ],
 )
-async def test_malformed_challenge_paths_are_404_in_both_modes(
+async def test_malformed_challenge_paths_are_404_closed_or_301_redirect(
     opened: tuple[ChallengeService, int], target: str
 ) -> None:
-    _, port = opened
-    status, _, body = await request(port, target)
-    assert status == 404
-    assert_not_a_file(body)
+    service, port = opened
+    response = await request(port, target)
+    assert_404_closed_or_301_redirect(service, response, target)
+    if service.front_mode is FrontMode.CLOSED:
+        assert response[0] == 404
 
 
 @pytest.mark.parametrize(
@@ -227,17 +241,22 @@ async def test_path_beyond_the_request_line_limit_is_rejected(
     assert KEY_AUTH.encode() not in body
 
 
-@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "HEAD", "OPTIONS"])
-async def test_non_get_on_the_challenge_path_is_405(
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"])
+async def test_non_get_of_an_open_token_is_405_closed_or_301_redirect(
     opened: tuple[ChallengeService, int], method: str
 ) -> None:
-    # Both modes: while a challenge is open the challenge path belongs to the
-    # challenge server, which allows GET only, so redirect mode answers 405 too.
-    _, port = opened
+    # Closed mode: the challenge path belongs to the challenge server, which
+    # allows GET only. Redirect mode: only GET of an open token is excepted
+    # from the redirect (the guide's rule), so every other method is a 301.
+    service, port = opened
     status, headers, body = await request(port, PATH, method=method)
-    assert status == 405
-    assert headers["allow"] == "GET"
     assert KEY_AUTH.encode() not in body
+    if service.front_mode is FrontMode.CLOSED:
+        assert status == 405
+        assert headers["allow"] == "GET"
+    else:
+        assert (status, headers["location"]) == (301, f"https://example.com{PATH}")
+        assert "allow" not in headers
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
@@ -365,6 +384,60 @@ async def test_redirect_mode_redirects_the_challenge_path_when_nothing_is_open(
     assert service.front_listening and not service.challenge_listening
     status, headers, _ = await request(port, PATH)
     assert (status, headers["location"]) == (301, f"https://example.com{PATH}")
+
+
+async def test_redirect_mode_excepts_only_get_of_an_open_token(make_service: Factory) -> None:
+    """During a challenge: the open token's GET is served; the same path
+    with another method, another (unknown, expired, closed) token, a sub-path
+    or a malformed token is redirected like any other path."""
+    now = [1000.0]
+    service, port = await make_service(FrontMode.REDIRECT, clock=lambda: now[0])
+    other = "otherOpenToken"
+    await service.present("o1", {TOKEN: KEY_AUTH}, 60)
+    await service.present("o2", {other: f"{other}.{THUMB}"}, 30)
+    status, _, body = await request(port, PATH)
+    assert (status, body) == (200, KEY_AUTH.encode())
+    redirected = [
+        ("HEAD", PATH), ("POST", PATH), ("PUT", PATH), ("OPTIONS", PATH),
+        ("GET", "/.well-known/acme-challenge/neverOpened"), ("GET", PATH + "/"), ("GET", PATH + "/x"),
+        ("GET", "/.well-known/acme-challenge/"), ("GET", "/.well-known/acme-challenge/%2e%2e/etc/passwd"),
+        ("GET", "/.well-known/acme-challenge/" + TOKEN.replace("e", "%65", 1)), ("GET", "/"),
+    ]
+    for method, target in redirected:
+        status, headers, body = await request(port, target, method=method)
+        assert (method, target, status, headers.get("location")) == (
+            method, target, 301, f"https://example.com{target}")
+        assert KEY_AUTH.encode() not in body
+    # an expired token (not purged yet) is closed: redirected, the other still served
+    now[0] += 45
+    other_path = f"/.well-known/acme-challenge/{other}"
+    status, headers, _ = await request(port, other_path)
+    assert (status, headers["location"]) == (301, f"https://example.com{other_path}")
+    assert (await request(port, PATH))[2] == KEY_AUTH.encode()
+    # a removed token, while another challenge keeps the challenge server up
+    await service.present("o3", {other: f"{other}.{THUMB}"}, 60)
+    await service.remove("o1")
+    assert service.challenge_listening
+    status, headers, _ = await request(port, PATH)
+    assert (status, headers["location"]) == (301, f"https://example.com{PATH}")
+    assert (await request(port, other_path))[0] == 200
+
+
+async def test_redirect_front_without_is_open_redirects_what_the_server_does_not_serve() -> None:
+    store = TokenStore()
+    store.add("o1", {TOKEN: KEY_AUTH}, 60)
+    server = ChallengeServer(store)
+    await server.start()
+    front = Front(HOST, 0, FrontMode.REDIRECT, lambda: server.port)
+    port = await front.start()
+    try:
+        status, _, body = await request(port, PATH)
+        assert (status, body) == (200, KEY_AUTH.encode())
+        status, headers, _ = await request(port, "/.well-known/acme-challenge/unknown")
+        assert (status, headers["location"]) == (301, "https://example.com/.well-known/acme-challenge/unknown")
+    finally:
+        await front.stop()
+        await server.stop()
 
 
 async def test_redirect_keeps_query_and_names_a_non_default_https_port(
@@ -521,7 +594,8 @@ async def test_a_batch_opens_the_listeners_once_and_serves_every_order(
         assert (status, body) == (200, key_auth.encode())
     # each order holds its own tokens, as if presented alone
     assert await service.remove("o1") == 2
-    assert (await request(port, f"/.well-known/acme-challenge/{items[2][0]}"))[0] == 404
+    released = f"/.well-known/acme-challenge/{items[2][0]}"
+    assert (await request(port, released))[0] == (404 if mode is FrontMode.CLOSED else 301)
     assert (await request(port, f"/.well-known/acme-challenge/{items[0][0]}"))[0] == 200
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import grpc
 import grpc.aio
 import pytest
 from cryptography import x509
@@ -22,11 +23,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from clusteracme import pki
+from clusteracme import certinfo, pki
 from clusteracme.config import build
-from clusteracme.errors import InvalidArgument, NotFound
+from clusteracme.errors import InvalidArgument, NotFound, Unavailable
 from clusteracme.rpcutil import TLSFiles
-from clusteracme.v1 import agent_pb2
+from clusteracme.v1 import agent_pb2, common_pb2
 from coordinator import history as history_module
 from coordinator import records, renewal, retention
 from coordinator.history import Event, History
@@ -435,3 +436,160 @@ async def test_pool_prune_closes_only_channels_no_registered_peer_uses(tmp_path:
     with pytest.raises(grpc.aio.AioRpcError):  # a pruned pair that comes back gets a fresh channel
         await pool.stub(removed).Status(agent_pb2.AgentStatusRequest(), timeout=0.5)
     await pool.close()
+
+
+# --- retired private keys on the peers (issue 9 item 11) ---------------------------------
+
+
+def spki_of(chain_pem: str) -> str:
+    return certinfo.spki_sha256(certinfo.leaf(chain_pem).public_key())
+
+
+def csr_record() -> dict[str, Any]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "www.example.com")]))
+           .sign(key, hashes.SHA256()))
+    return {"pem": csr.public_bytes(Encoding.PEM).decode(), "names": ["www.example.com"],
+            "public_key_sha256": certinfo.spki_sha256(key.public_key())}
+
+
+def test_keys_referenced_are_every_csr_and_certificate_key_of_the_slots() -> None:
+    csr = csr_record()
+    pending, active, previous = chain(1), chain(2), chain(3)
+    server = {"csr": csr, "pending": {"chain_pem": pending, "serial_hex": "1"},
+              "active": {"chain_pem": active, "serial_hex": "2"}, "previous": {"serial_hex": "9"}}
+    domain_csr = {**csr_record(), "public_key_sha256": ""}  # an old record: the fingerprint from the CSR itself
+    domain = {"csr": domain_csr, "pending": None, "active": None, "previous": {"chain_pem": previous}}
+    assert retention.keys_referenced([server, domain, {"current_order": "x"}]) == {
+        csr["public_key_sha256"], spki_of(pending), spki_of(active), spki_of(previous),
+        certinfo.spki_sha256(certinfo.load_csr(domain_csr["pem"]).public_key())}
+    assert retention.keys_referenced([]) == frozenset()
+
+
+@pytest.mark.parametrize(("slot", "fragment"), [
+    ([1, 2], "not an object"),
+    ({"csr": {"public_key_sha256": "abc"}}, "is not a SHA-256"),
+    ({"csr": {"pem": "-----BEGIN CERTIFICATE REQUEST-----\nxx"}}, "CSR does not parse"),
+    ({"pending": {"serial_hex": "1"}}, "pending certificate has no chain"),
+    ({"active": {"chain_pem": "-----BEGIN CERTIFICATE-----\nxx\n-----END CERTIFICATE-----\n"}}, "does not parse"),
+    ({"previous": {}}, None),  # empty: nothing held
+    ({"previous": {"names": ["a"]}}, "previous certificate has no chain"),
+])
+def test_a_slot_that_cannot_be_read_refuses_the_whole_keep(slot: Any, fragment: str | None) -> None:
+    if fragment is None:
+        assert retention.keys_referenced([slot]) == frozenset()
+        return
+    with pytest.raises(ValueError, match=fragment):
+        retention.keys_referenced([{"csr": csr_record()}, slot])
+
+
+class FakeStub:
+    def __init__(self, answers: dict[str, Any], peer_id: str, calls: list[tuple[str, Any, Any]]) -> None:
+        self._answers, self._peer_id, self._calls = answers, peer_id, calls
+
+    async def PruneKeys(self, request: agent_pb2.PruneKeysRequest, timeout: float) -> Any:
+        self._calls.append((self._peer_id, request, timeout))
+        answer = self._answers.get(self._peer_id)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer or agent_pb2.PruneKeysResponse()
+
+
+class KeyPool(FakePool):
+    """Answers PruneKeys per peer: a reply, or a gRPC error raised by the stub."""
+
+    def __init__(self, answers: dict[str, Any]) -> None:
+        super().__init__()
+        self.answers = answers
+        self.calls: list[tuple[str, agent_pb2.PruneKeysRequest, Any]] = []
+
+    async def call(self, peer: PeerInfo, what: str, fn: Any, timeout: float | None = None) -> Any:
+        try:
+            return await fn(FakeStub(self.answers, peer.peer_id, self.calls), {"timeout": timeout})
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"peer {peer.peer_id} ({what}): {exc.details()}") from exc
+
+
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+def retired_key(fingerprint: str, domain: str = "", deleted: bool = False) -> agent_pb2.RetiredKey:
+    return agent_pb2.RetiredKey(slot=common_pb2.Slot(domain=domain), public_key_sha256=fingerprint,
+                                retired_at="2026-02-01T00:00:00.000+00:00",
+                                deleted_at="2026-03-10T12:00:00.000+00:00" if deleted else "")
+
+
+async def test_every_alive_peer_prunes_with_the_keys_etcd_names_for_it(caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryStore(page_keys=2)
+    registry = await register(store, "p1", "p2", "p3", "p4", "p5", "p6", "dead")
+    await store.txn([], [Delete(KEYS.peer_alive("dead"))])
+    csr, pending, active = csr_record(), chain(1), chain(2)
+    domain_csr = csr_record()
+    good = {"csr": csr_record()}
+
+    def slot(**fields: Any) -> bytes:
+        return records.encode({"peer_id": "x", "domain": "", **fields})
+
+    await store.txn([], [
+        Put(KEYS.cert("p1", "server"), slot(csr=csr, pending={"chain_pem": pending, "serial_hex": "1"},
+                                            active={"chain_pem": active, "serial_hex": "2"},
+                                            previous={"serial_hex": "3"})),
+        Put(KEYS.cert("p1", "domain/shop.example.com"), slot(csr=domain_csr)),
+        Put(KEYS.cert("p2", "server"), slot(**good)),
+        Put(KEYS.cert("p2", "domain/broken.example.com"), b"{garbage"),  # one unreadable slot: no call at all
+        # p3: no slot in etcd at all: no call either
+        Put(KEYS.cert("p4", "server"), slot(csr=csr_record(), active={"chain_pem": "not a certificate"})),
+        Put(KEYS.cert("p5", "server"), slot(**good)),  # an older agent
+        Put(KEYS.cert("p6", "server"), slot(**good)),  # unreachable
+        Put(KEYS.cert("dead", "server"), slot(**good)),
+    ])
+    old, older = "a" * 64, "b" * 64
+    pool = KeyPool({
+        "p1": agent_pb2.PruneKeysResponse(retired=[retired_key(old)],
+                                          deleted=[retired_key(older, "shop.example.com", deleted=True)]),
+        "p5": rpc_error(grpc.StatusCode.UNIMPLEMENTED, "Method not found!"),
+        "p6": rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused"),
+    })
+    with caplog.at_level(logging.DEBUG, logger="coordinator.retention"):
+        report = await job(store, registry, pool, key_retention_seconds=86400.5).run_once()
+
+    assert sorted(peer for peer, _, _ in pool.calls) == ["p1", "p5", "p6"]
+    [(_, request, timeout)] = [c for c in pool.calls if c[0] == "p1"]
+    assert set(request.keep) == {csr["public_key_sha256"], domain_csr["public_key_sha256"], spki_of(pending),
+                                 spki_of(active)}
+    assert (request.retention_seconds, request.dry_run, timeout) == (86401, False, retention.PRUNE_KEYS_TIMEOUT)
+    assert (report.keys_waiting, report.keys_deleted, report.key_peers_skipped) == (1, 1, 5)
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    warnings = " | ".join(m for level, m in messages if level == "WARNING")
+    assert "peer p2 not asked to prune its keys: record domain/broken.example.com" in warnings
+    assert "peer p4 not asked to prune its keys: a slot's active certificate does not parse" in warnings
+    assert "p6" in warnings and "connection refused" in warnings
+    assert "p5" not in warnings and "p3" not in warnings and "dead" not in warnings  # quietly
+    infos = " | ".join(m for level, m in messages if level == "INFO")
+    assert "peer p1 retired 1 private key(s)" in infos and f"{old} (server)" in infos
+    assert f"peer p1 deleted 1 retired private key(s): {older} (domain shop.example.com)" in infos
+
+    caplog.clear()
+    pool.answers["p1"] = agent_pb2.PruneKeysResponse(retired=[retired_key(old)])
+    with caplog.at_level(logging.INFO, logger="coordinator.retention"):
+        again = await job(store, registry, pool).run_once()
+    assert again.keys_waiting == 1
+    # a new job (a new leader) reports what is waiting once; the same job does not repeat itself
+    same = job(store, registry, pool)
+    await same.run_once()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="coordinator.retention"):
+        await same.run_once()
+    assert "peer p1 retired" not in caplog.text
+
+
+async def test_no_alive_peer_no_key_call() -> None:
+    store = MemoryStore()
+    registry = await register(store, "p1")
+    await store.txn([], [Delete(KEYS.peer_alive("p1"))])
+    await store.txn([], [Put(KEYS.cert("p1", "server"), records.encode({"csr": csr_record()}))])
+    pool = KeyPool({})
+    report = await job(store, registry, pool).run_once()
+    assert pool.calls == [] and report.key_peers_skipped == 0
