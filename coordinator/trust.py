@@ -6,6 +6,10 @@ disk, and checking that a chain validates against the store. Validation is
 cryptography's own path builder under its web-PKI server policy; this module
 only chooses the roots and intermediates and words the outcome.
 
+Presets are sets of CA certificates shipped with the package (PEM files under
+``clusteracme/data``), added by name instead of pasted: ``letsencrypt`` is
+ISRG Root X1 and X2.
+
 Records never change once written (the key is the content's hash), so adding
 guards each new key with "must be absent" and removing needs no revision.
 """
@@ -19,6 +23,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import resources
 from typing import Any
 
 from cryptography import x509
@@ -39,6 +44,9 @@ MAX_ADD = 100
 _PEM_LABEL = re.compile(rb"-----BEGIN ([^-\r\n]*)-----")
 _CERT_LABELS = {b"CERTIFICATE", b"X509 CERTIFICATE"}
 
+# Preset name -> PEM file in the clusteracme.data package.
+PRESETS = {"letsencrypt": "letsencrypt-roots.pem"}
+
 
 @dataclass(frozen=True)
 class TrustedCA:
@@ -54,6 +62,11 @@ class TrustedCA:
     self_signed: bool
     added: bool = False
 
+    @property
+    def type(self) -> str:
+        """``root`` for a self-signed certificate (a trust anchor), else ``intermediate``."""
+        return ca_type(self.self_signed)
+
 
 @dataclass(frozen=True)
 class VerifyResult:
@@ -66,6 +79,18 @@ class VerifyResult:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def ca_type(self_signed: bool) -> str:
+    return "root" if self_signed else "intermediate"
+
+
+def preset_pem(name: str) -> bytes:
+    """The PEM text of the preset ``name``; an unknown name is ``InvalidArgument`` listing the presets."""
+    filename = PRESETS.get(name.strip().lower())
+    if filename is None:
+        raise InvalidArgument(f"unknown trust preset {name!r}; the presets are: {', '.join(sorted(PRESETS))}")
+    return resources.files("clusteracme.data").joinpath(filename).read_bytes()
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -181,15 +206,18 @@ class TrustStore:
         """Every record, sorted by fingerprint (the key order)."""
         return [records.decode(e.value) for e in await self._store.range(self._keys.trusts())]
 
-    async def add(self, pem_or_der: bytes) -> builtins.list[TrustedCA]:
-        """Trust the CA certificates in ``pem_or_der``: all of them or none.
+    async def add(self, pem_or_der: bytes = b"", *, preset: str = "") -> builtins.list[TrustedCA]:
+        """Trust the CA certificates in ``pem_or_der``, or those of the
+        ``preset`` (see ``PRESETS``): all of them or none.
 
         Every certificate is checked before anything is written; the first bad
         one refuses the request with ``InvalidArgument``. Certificates already
         trusted are reported with ``added=False`` and not rewritten. The new
         ones land in one transaction.
         """
-        certs = parse_certificates(pem_or_der)
+        if preset and pem_or_der:
+            raise InvalidArgument("give either certificates or a preset, not both; nothing was added")
+        certs = parse_certificates(preset_pem(preset) if preset else pem_or_der)
         now = self._clock()
         for index, cert in enumerate(certs, start=1):
             _check_ca(index, cert, now)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 
 import pytest
 from cryptography import x509
@@ -16,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from clusteracme.errors import InvalidArgument, NotFound
-from coordinator import records
+from coordinator import ctl, records
+from coordinator import trust as trust_module
+from coordinator.rpc.servicer import _trusted
 from coordinator.store.base import Entry
 from coordinator.store.keys import Keys
 from coordinator.store.memory import MemoryStore
@@ -369,3 +372,116 @@ async def test_verify_a_wildcard_only_leaf_by_default(trust: TrustStore, pki: Pk
     result = await trust.verify(chain(wildcard, pki.intermediate))
     assert result.ok, result.reason
     assert not (await trust.verify(chain(wildcard, pki.intermediate), "a.b.example.test")).ok
+
+
+# --- presets and type --------------------------------------------------------
+
+# SHA-256 of ISRG Root X1 and X2 as Let's Encrypt publishes them. The shipped
+# PEM file must hold exactly these: a changed byte fails here.
+ISRG_ROOTS = {
+    "CN=ISRG Root X1,O=Internet Security Research Group,C=US":
+        "96:BC:EC:06:26:49:76:F3:74:60:77:9A:CF:28:C5:A7:CF:E8:A3:C0:AA:E1:1A:8F:FC:EE:05:C0:BD:DF:08:C6",
+    "CN=ISRG Root X2,O=Internet Security Research Group,C=US":
+        "69:72:9B:8E:15:A8:6E:FC:17:7A:57:AF:B7:17:1D:FC:64:AD:D2:8C:2F:CA:8C:F1:50:7E:34:45:3C:CB:14:70",
+}
+
+
+def _hex(colon_form: str) -> str:
+    return colon_form.replace(":", "").lower()
+
+
+def test_shipped_letsencrypt_file_pins_the_isrg_fingerprints() -> None:
+    # Read as the installed package ships it, not by a path in the source tree.
+    data = resources.files("clusteracme.data").joinpath("letsencrypt-roots.pem").read_bytes()
+    assert trust_module.preset_pem("letsencrypt") == data
+    certs = x509.load_pem_x509_certificates(data)
+    assert {c.subject.rfc4514_string(): c.fingerprint(hashes.SHA256()).hex() for c in certs} == {
+        subject: _hex(sha) for subject, sha in ISRG_ROOTS.items()
+    }
+    assert all(trust_module.is_self_signed(c) for c in certs)
+    # The comment header names both roots with their fingerprints and the source.
+    header = data.split(b"-----BEGIN")[0].decode()
+    assert all(line.startswith("#") for line in header.splitlines() if line)
+    for subject, sha in ISRG_ROOTS.items():
+        assert subject.split(",")[0].removeprefix("CN=") in header and sha in header
+    assert "ca-certificates" in header
+    # Every preset names a file that is there.
+    for name in trust_module.PRESETS:
+        assert x509.load_pem_x509_certificates(trust_module.preset_pem(name))
+
+
+async def test_add_preset_letsencrypt(store: MemoryStore) -> None:
+    # The real roots, checked at today's date (they are valid until 2035 and 2040).
+    live = TrustStore(store, Keys())
+    added = await live.add(preset="letsencrypt")
+
+    assert {(a.subject, a.sha256, a.type, a.self_signed, a.added) for a in added} == {
+        (subject, _hex(sha), "root", True, True) for subject, sha in ISRG_ROOTS.items()
+    }
+    assert all(a.issuer == a.subject for a in added)
+    assert {a.not_after[:10] for a in added} == {"2035-06-04", "2040-09-17"}
+    listed = await live.list()
+    assert sorted(c.sha256 for c in listed) == sorted(_hex(s) for s in ISRG_ROOTS.values())
+    assert {c.type for c in listed} == {"root"}
+    text, _ = await live.bundle()
+    assert {c.fingerprint(hashes.SHA256()).hex() for c in x509.load_pem_x509_certificates(text.encode())} == {
+        _hex(s) for s in ISRG_ROOTS.values()
+    }
+
+    # Idempotent: a second add (by name, in any case, or by the same PEM) writes nothing.
+    before = await snapshot(store)
+    for again in (await live.add(preset="letsencrypt"), await live.add(preset=" LetsEncrypt "),
+                  await live.add(trust_module.preset_pem("letsencrypt"))):
+        assert len(again) == 2 and not any(a.added for a in again)
+    assert await snapshot(store) == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"preset": "digicert"}, "unknown trust preset 'digicert'; the presets are: letsencrypt"),
+        ({"preset": " "}, "the presets are: letsencrypt"),
+        ({"pem_or_der": b"-----BEGIN CERTIFICATE-----", "preset": "letsencrypt"},
+         "either certificates or a preset, not both"),
+    ],
+    ids=["unknown", "blank", "both"],
+)
+async def test_preset_refusals_change_nothing(trust: TrustStore, store: MemoryStore, pki: Pki, kwargs,
+                                              message) -> None:
+    await trust.add(pki.root.pem)
+    before = await snapshot(store)
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        await trust.add(**kwargs)
+    assert await snapshot(store) == before
+
+
+async def test_type_root_or_intermediate(trust: TrustStore, pki: Pki) -> None:
+    added = await trust.add(pki.root.pem + pki.intermediate.pem)
+    assert [(a.subject, a.type) for a in added] == [("CN=Test Root", "root"), ("CN=Test Intermediate", "intermediate")]
+    assert {c.subject: c.type for c in await trust.list()} == {"CN=Test Root": "root",
+                                                               "CN=Test Intermediate": "intermediate"}
+    # The RPC answer carries it too (TrustedCA.type).
+    message = _trusted(added[1])
+    assert (message.type, message.issuer, message.not_after) == ("intermediate", "CN=Test Root", added[1].not_after)
+
+
+async def test_acmectl_trust_table(trust: TrustStore, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    added = await trust.add(pki.root.pem + pki.intermediate.pem)
+    ctl._trust_rows([_trusted(added[0]), _trusted(replace(added[1], added=False))], add=True)
+    header, root_row, inter_row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["TYPE", "SUBJECT", "ISSUER", "NOT", "AFTER", "SHA256"]
+    assert root_row.split() == ["root", "CN=Test", "Root", "CN=Test", "Root", added[0].not_after[:19], pki.root.sha256]
+    assert inter_row.split()[:5] == ["intermediate", "CN=Test", "Intermediate", "CN=Test", "Root"]
+    assert f"{pki.intermediate.sha256}  (already trusted)" in inter_row
+    # A listing has no such remark.
+    ctl._trust_rows([_trusted(c) for c in await trust.list()])
+    assert "already" not in capsys.readouterr().out
+
+
+def test_acmectl_trust_add_takes_exactly_one_of_file_and_preset(capsys: pytest.CaptureFixture[str]) -> None:
+    # Refused before any connection is made.
+    for argv in (["trust", "add"], ["trust", "add", "roots.pem", "--preset", "letsencrypt"]):
+        with pytest.raises(SystemExit) as exit_info:
+            ctl.main(argv)
+        assert exit_info.value.code == 2
+        assert "exactly one of FILE and --preset NAME" in capsys.readouterr().err

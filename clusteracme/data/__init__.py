@@ -1,0 +1,1 @@
+"""Files shipped with the package: the trust store presets (``letsencrypt-roots.pem``)."""
