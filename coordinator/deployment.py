@@ -115,6 +115,8 @@ class Deployment:
         new_active = {"serial_hex": reply.active_serial_hex, "chain_pem": pending["chain_pem"],
                       "not_after": pending["not_after"], "names": names, "provider": pending.get("provider", ""),
                       "deployed_at": at}
+        if pending.get("imported"):
+            new_active["imported"] = True  # signed outside ACME: automatic renewal never signs over it
 
         def change(current: dict[str, Any]) -> tuple[dict[str, Any], Event]:
             # etcd follows what the agent reports it did (it may have done it
