@@ -21,10 +21,13 @@ Every ``retention.interval_seconds`` (and once when it starts leading) it:
   (``AgentService.PruneKeys``): it sends the SHA-256 of the SPKI of every key
   the peer's slots still name (each slot's CSR, and the pending, active and
   previous certificates); the agent adds its current CSR keys and the pairs on
-  its disk (a ``previous`` etcd knows only by serial is protected there). A
-  peer whose slot records cannot all be read, or that has none, gets no call:
-  an incomplete ``keep`` must never retire a key still in use. Agents older
-  than the call (UNIMPLEMENTED) are skipped quietly.
+  its disk (an ``active`` or ``previous`` etcd knows only by serial is
+  protected there). Each peer's slot records are read right before its own
+  call. A peer whose slot records cannot all be read, that has none, or whose
+  agent holds keys of a slot etcd has no record of (``Status``: etcd wiped
+  or restored) gets no call: an incomplete ``keep`` must never retire a key
+  still in use. Agents older than the call (UNIMPLEMENTED) are skipped
+  quietly. Whatever fails for one peer skips that peer only.
 
 The decisions are pure functions of what was read (``compaction``,
 ``schedule_cutoff``, ``prunable_schedule``, ``keys_referenced``);
@@ -74,6 +77,7 @@ _YIELD_EVERY = 16  # records parsed between two turns of the event loop (~10 KB 
 PRUNE_KEYS_TIMEOUT = 30.0  # one agent's PruneKeys: a few files per slot
 PRUNE_KEYS_CONCURRENCY = 8
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+UINT64_MAX = 2**64 - 1  # PruneKeysRequest.retention_seconds
 
 
 # --- pure decisions ----------------------------------------------------------------
@@ -167,9 +171,9 @@ def prunable_schedule(peer_id: str, period_start: datetime.datetime, registered:
 def keys_referenced(slots: Iterable[Mapping[str, Any]]) -> frozenset[str]:
     """The SHA-256 of the SPKI of every key these slot records refer to: each
     CSR's key and the public key of the pending, active and previous
-    certificates (a ``previous`` known only by its serial adds nothing: the
-    agent protects the pairs on its disk). ValueError says why a record
-    cannot be read: then nothing may be pruned on that peer."""
+    certificates (an ``active`` or ``previous`` known only by its serial adds
+    nothing: the agent protects the pairs on its disk). ValueError says why a
+    record cannot be read: then nothing may be pruned on that peer."""
     out: set[str] = set()
     for slot in slots:
         if not isinstance(slot, Mapping):
@@ -179,10 +183,13 @@ def keys_referenced(slots: Iterable[Mapping[str, Any]]) -> frozenset[str]:
             if not isinstance(csr, Mapping):
                 raise ValueError("a slot's csr is not an object")
             fingerprint = csr.get("public_key_sha256") or ""
-            if not fingerprint and csr.get("pem"):
+            pem = csr.get("pem")
+            if not fingerprint and pem:
+                if not isinstance(pem, str):
+                    raise ValueError(f"a slot's CSR is a {type(pem).__name__}, not PEM text")
                 try:
-                    fingerprint = certinfo.spki_sha256(certinfo.load_csr(csr["pem"]).public_key())
-                except (errors.InvalidArgument, TypeError) as exc:
+                    fingerprint = certinfo.spki_sha256(certinfo.load_csr(pem).public_key())
+                except Exception as exc:  # any parse failure: this record cannot be read
                     raise ValueError(f"a slot's CSR does not parse ({exc})") from exc
             if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
                 raise ValueError(f"a slot's CSR key fingerprint {str(fingerprint)[:70]!r} is not a SHA-256")
@@ -195,14 +202,33 @@ def keys_referenced(slots: Iterable[Mapping[str, Any]]) -> frozenset[str]:
                 raise ValueError(f"a slot's {role} certificate is not an object")
             chain = held.get("chain_pem")
             if not chain:
-                if role == "previous" and held.get("serial_hex"):
+                # deployment.py writes a serial-only active or previous when
+                # etcd and the agent's disk disagree: that pair is on the disk
+                if role != "pending" and isinstance(held.get("serial_hex"), str) and held["serial_hex"]:
                     continue
                 raise ValueError(f"a slot's {role} certificate has no chain")
+            if not isinstance(chain, str):
+                raise ValueError(f"a slot's {role} certificate chain is a {type(chain).__name__}, not PEM text")
             try:
                 out.add(certinfo.spki_sha256(certinfo.leaf(chain).public_key()))
-            except (errors.InvalidArgument, TypeError, IndexError) as exc:
+            except Exception as exc:  # any parse failure: this record cannot be read
                 raise ValueError(f"a slot's {role} certificate does not parse ({exc})") from exc
     return frozenset(out)
+
+
+def slot_domain(slot: str) -> str:
+    """The domain of an etcd slot name (``server`` -> "", ``domain/<name>`` -> name)."""
+    return "" if slot == "server" else slot.removeprefix("domain/")
+
+
+def key_retention_request(seconds: object) -> int:
+    """``retention.key_retention_seconds`` as the agent's uint64, rounded up;
+    ValueError when it is not a finite number from 1 to 2**64 - 1."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        raise ValueError(f"retention.key_retention_seconds {seconds!r} is not a finite number")
+    if not 1 <= seconds <= UINT64_MAX:
+        raise ValueError(f"retention.key_retention_seconds {seconds!r} is not between 1 and {UINT64_MAX}")
+    return min(math.ceil(seconds), UINT64_MAX)
 
 
 def _listed(items: Iterable[str]) -> str:
@@ -211,9 +237,12 @@ def _listed(items: Iterable[str]) -> str:
     return ", ".join(items[:_LISTED]) + more
 
 
+def _slot_label(domain: str) -> str:
+    return f"domain {domain}" if domain else "server"
+
+
 def _key_label(key: agent_pb2.RetiredKey) -> str:
-    slot = f"domain {key.slot.domain}" if key.slot.domain else "server"
-    return f"{key.public_key_sha256} ({slot})"
+    return f"{key.public_key_sha256} ({_slot_label(key.slot.domain)})"
 
 
 def _duration(seconds: float) -> str:
@@ -264,6 +293,8 @@ class RetentionJob:
                 report = await self.run_once()
             except errors.ClusterAcmeError as exc:
                 log.warning("retention: %s", exc.message)
+            except Exception:  # a record nobody foresaw must not stop the coordinator
+                log.exception("retention: the run failed; next run in %s", _duration(self._settings.interval_seconds))
             else:
                 if report.orders_compacted or report.schedules_pruned or report.channels_closed:
                     log.info("retention: %d ended order(s) compacted into history, %d schedule key(s) pruned, "
@@ -297,59 +328,106 @@ class RetentionJob:
             log.info("retention: closed agent channel(s) no peer uses any more: %s",
                      _listed(f"{peer} at {endpoint}" for endpoint, peer in closed))
         report.channels_closed = len(closed)
-        await self._prune_keys(report)
+        try:
+            await self._prune_keys(report)
+        except errors.ClusterAcmeError as exc:  # the registry cannot be read: next run
+            log.warning("retention: pruning retired keys: %s", exc.message)
+        except Exception:  # the orders and schedules above are done; keys next run
+            log.exception("retention: pruning retired keys failed; next run")
         report.seconds = time.monotonic() - started
         return report
 
     # --- retired private keys on the peers -------------------------------------------
 
     async def _prune_keys(self, report: Report) -> None:
-        """Ask every alive peer to prune its keys, with the keys etcd still names for it."""
+        """Ask every alive peer to prune its keys, with the keys etcd still
+        names for it, ``PRUNE_KEYS_CONCURRENCY`` peers at a time; whatever
+        goes wrong with one peer (an unreadable record, a failed call, a bug)
+        skips that peer only."""
         peers = [p for p in await self._registry.list() if p.alive]
         if not peers:
             return
-        # Read after the registry: a slot written meanwhile is in it or is
-        # the peer's current CSR (which the agent keeps on its own).
-        slots: dict[str, list[Any]] = {}
-        unreadable: dict[str, str] = {}
-        prefix = self._keys.all_certs()
-        async for page in self._store.range_pages(prefix):
-            for n, entry in enumerate(page, 1):
-                if n % _YIELD_EVERY == 0:
-                    await asyncio.sleep(0)
-                peer_id, _, slot = entry.key.removeprefix(prefix).partition("/")
-                try:
-                    slots.setdefault(peer_id, []).append(records.decode(entry.value))
-                except (ValueError, AttributeError) as exc:  # not JSON, not an object, another schema
-                    unreadable.setdefault(peer_id, f"record {slot}: {exc}")
-        calls: list[tuple[PeerInfo, frozenset[str]]] = []
-        for peer in peers:
-            why = unreadable.get(peer.peer_id)
-            if why is None and not slots.get(peer.peer_id):
-                log.debug("retention: peer %s has no slot in etcd: its keys are left alone", peer.peer_id)
-                report.key_peers_skipped += 1
-                continue
-            if why is None:
-                try:
-                    keep = keys_referenced(slots[peer.peer_id])
-                except ValueError as exc:
-                    why = str(exc)
-                else:
-                    calls.append((peer, keep))
-                    continue
-            log.warning("retention: peer %s not asked to prune its keys: %s", peer.peer_id, why)
-            report.key_peers_skipped += 1
+        try:
+            retention_seconds = key_retention_request(self._settings.key_retention_seconds)
+        except ValueError as exc:  # RetentionSettings refuses it already; never send an overflow
+            log.error("retention: no peer asked to prune its keys: %s", exc)
+            report.key_peers_skipped += len(peers)
+            return
         limit = asyncio.Semaphore(PRUNE_KEYS_CONCURRENCY)
 
-        async def one(peer: PeerInfo, keep: frozenset[str]) -> None:
+        async def one(peer: PeerInfo) -> None:
             async with limit:
-                await self._prune_peer_keys(peer, keep, report)
+                try:
+                    why = await self._prune_peer_keys(peer, retention_seconds, report)
+                except errors.ClusterAcmeError as exc:  # the agent or etcd failed: next run
+                    why = exc.message
+                except Exception:  # one peer must never stop the others, nor the job
+                    log.exception("retention: pruning the keys of peer %s failed; its keys are left alone",
+                                  peer.peer_id)
+                    report.key_peers_skipped += 1
+                    return
+                if why:
+                    log.warning("retention: peer %s not asked to prune its keys: %s", peer.peer_id, why)
+                if why is not None:
+                    report.key_peers_skipped += 1
 
-        await asyncio.gather(*(one(peer, keep) for peer, keep in calls))
+        await asyncio.gather(*(one(peer) for peer in peers))
 
-    async def _prune_peer_keys(self, peer: PeerInfo, keep: frozenset[str], report: Report) -> None:
-        request = agent_pb2.PruneKeysRequest(keep=sorted(keep),
-                                             retention_seconds=math.ceil(self._settings.key_retention_seconds))
+    async def _has_slots(self, peer_id: str) -> bool:
+        pages = self._store.range_pages(self._keys.certs(peer_id), keys_only=True)
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                if page:
+                    return True
+        return False
+
+    async def _peer_slots(self, peer_id: str) -> dict[str, Any]:
+        """The peer's slot records by domain ("" for the server slot), read
+        now; ValueError names a record that cannot be read."""
+        prefix = self._keys.certs(peer_id)
+        out: dict[str, Any] = {}
+        pages = self._store.range_pages(prefix)
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                for entry in page:
+                    slot = entry.key.removeprefix(prefix)
+                    try:
+                        out[slot_domain(slot)] = records.decode(entry.value)
+                    except (ValueError, AttributeError, TypeError) as exc:  # not JSON, not an object, another schema
+                        raise ValueError(f"record {slot}: {exc}") from exc
+        return out
+
+    async def _prune_peer_keys(self, peer: PeerInfo, retention_seconds: int, report: Report) -> str | None:
+        """Prune one peer's keys. Returns None when it was asked, else why
+        not ("" when that is no news: no slot in etcd, an older agent)."""
+        if not await self._has_slots(peer.peer_id):
+            log.debug("retention: peer %s has no slot in etcd: its keys are left alone", peer.peer_id)
+            return ""
+        # Which slots the agent holds keys for. A slot etcd has no record of
+        # (etcd wiped, restored from an old backup or partly re-created) has
+        # keys etcd cannot vouch for: the peer is left alone.
+        status = await self._pool.call(peer, "listing its key slots",
+                                       lambda stub, kw: stub.Status(agent_pb2.AgentStatusRequest(), **kw),
+                                       timeout=PRUNE_KEYS_TIMEOUT)
+        # The peer's records read right before its call, not at the start of
+        # the run: a certificate imported or a CSR created while other peers
+        # were being called is in them.
+        try:
+            slots = await self._peer_slots(peer.peer_id)
+        except ValueError as exc:
+            return str(exc)
+        if not slots:
+            log.debug("retention: peer %s has no slot in etcd: its keys are left alone", peer.peer_id)
+            return ""
+        unknown = sorted({k.slot.domain for k in status.keys} - set(slots))
+        if unknown:
+            return (f"the agent holds keys of slot(s) etcd has no record of ({_listed(_slot_label(d) for d in unknown)}; "
+                    "etcd restored or re-created?): its keys are left alone")
+        try:
+            keep = keys_referenced(slots.values())
+        except ValueError as exc:
+            return str(exc)
+        request = agent_pb2.PruneKeysRequest(keep=sorted(keep), retention_seconds=retention_seconds)
 
         async def call(stub: Any, kw: dict[str, Any]) -> agent_pb2.PruneKeysResponse | None:
             try:
@@ -359,16 +437,10 @@ class RetentionJob:
                     return None
                 raise
 
-        try:
-            reply = await self._pool.call(peer, "pruning retired keys", call, timeout=PRUNE_KEYS_TIMEOUT)
-        except errors.ClusterAcmeError as exc:
-            log.warning("retention: %s", exc.message)
-            report.key_peers_skipped += 1
-            return
+        reply = await self._pool.call(peer, "pruning retired keys", call, timeout=PRUNE_KEYS_TIMEOUT)
         if reply is None:
             log.debug("retention: peer %s (version %s) does not prune keys", peer.peer_id, peer.version)
-            report.key_peers_skipped += 1
-            return
+            return ""
         report.keys_waiting += len(reply.retired)
         report.keys_deleted += len(reply.deleted)
         seen = self._waiting_keys.get(peer.peer_id, frozenset())
@@ -381,6 +453,7 @@ class RetentionJob:
         if reply.deleted:
             log.info("retention: peer %s deleted %d retired private key(s): %s", peer.peer_id, len(reply.deleted),
                      _listed(f"{_key_label(k)}, retired {k.retired_at}" for k in reply.deleted))
+        return None
 
     async def _slot_pointers(self) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
         """Orders some slot points at, and (peer, domain) of slots that cannot

@@ -153,13 +153,16 @@ class RetentionSettings:
     key_retention_seconds: float = 30 * 86400.0
     """A private key on a peer that no pending, active or previous
     certificate and no current CSR uses any more is deleted this long after
-    it was first seen unused (the agent keeps a tombstone)."""
+    it was first seen unused (the agent keeps a tombstone). At least 1."""
 
     def __post_init__(self) -> None:
         if not self.interval_seconds > 0:  # also refuses NaN
             raise ValueError(f"retention.interval_seconds must be positive, not {self.interval_seconds}")
-        if not self.key_retention_seconds >= 0:
-            raise ValueError(f"retention.key_retention_seconds must not be negative, not {self.key_retention_seconds}")
+        # at least a second (0, the agent's proto default, means "not given"), and a number
+        # the agent's uint64 holds once rounded up (this also refuses inf and NaN)
+        if not 1 <= self.key_retention_seconds <= 2**64 - 1:
+            raise ValueError(f"retention.key_retention_seconds must be a number of seconds from 1 to 2**64 - 1 "
+                             f"(default 2592000, 30 days), not {self.key_retention_seconds}")
         if not self.order_retention_seconds >= BUDGET_WINDOW:
             raise ValueError(
                 f"retention.order_retention_seconds must be at least {BUDGET_WINDOW:.0f} (one hour), not "

@@ -4,7 +4,11 @@ Layout under the agent's state directory::
 
     slots/<slot>/keys/<sha256>.key      every key generated for the slot (0600),
                                         named by the SHA-256 of its public key
-    slots/<slot>/keys/<sha256>.retired  when the key was first seen unused (RFC 3339, 0600)
+    slots/<slot>/keys/<sha256>.retired  a key seen unused (JSON, 0600): retired_at (first
+                                        seen so), seen (calls that found it so), last_seen,
+                                        due_at (first call past the retention)
+    slots/<slot>/keys/<sha256>.deleting a key being deleted (renamed there first);
+                                        left by a crash, the next prune finishes it
     slots/<slot>/keys/<sha256>.deleted  tombstone of a deleted key: JSON with
                                         retired_at and deleted_at (0600)
     slots/<slot>/csr.pem                the latest CSR
@@ -20,10 +24,16 @@ still refers to it (the ``keep`` list the coordinator sends: the keys of
 every pending, active and previous certificate and current CSR in etcd), while
 it is the slot's current CSR key, and while it belongs to the active or
 previous pair on this disk. A key in none of these gets a ``.retired`` marker
-the first time it is seen so; once the marker is older than the retention the
-key file is deleted (overwritten first) and a small ``.deleted`` tombstone
-stays, so a later revocation can say what happened. A key back in use loses
-its marker. Tombstones are dropped after :data:`TOMBSTONE_SECONDS`.
+the first time it is seen so, updated by every later call. It is deleted
+(renamed to ``.deleting``, overwritten, unlinked) and a small ``.deleted``
+tombstone stays, so a later revocation can say what happened, once a call
+finds the retention over that an earlier call had already found over: never
+before the third call that saw it unused, and a clock jumping forward does
+not delete on the first call after the jump. The times come from this
+host's clock: a marker dated after now (the clock was stepped back), or
+before the key file's mtime (written while the clock was behind), restarts
+the retention. A key back in use loses its marker. Tombstones are dropped
+after :data:`TOMBSTONE_SECONDS`.
 """
 
 from __future__ import annotations
@@ -33,8 +43,10 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +77,10 @@ _FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 KEY_SUFFIX = ".key"
 RETIRED_SUFFIX = ".retired"
 DELETED_SUFFIX = ".deleted"
+DELETING_SUFFIX = ".deleting"
+MTIME_SLACK = 1.0
+"""Seconds a marker may predate its key file's mtime (the marker's time is
+kept to the millisecond, file systems stamp from a coarse clock)."""
 TOMBSTONE_SECONDS = 366 * 86400.0
 """A tombstone says for a year that a key was deleted, then goes too (a
 certificate signed for that key has expired long before)."""
@@ -78,6 +94,12 @@ SUBJECT_ATTRIBUTES = (
     ("organization", NameOID.ORGANIZATION_NAME, "O", 64),
     ("organizational_unit", NameOID.ORGANIZATIONAL_UNIT_NAME, "OU", 64),
 )
+
+
+REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"})
+"""Unicode categories refused in subject attributes: controls, format
+characters (zero-width, bidi), line and paragraph separators, private use,
+surrogates, unassigned."""
 
 
 class InvalidSubject(AgentError, InvalidArgument):
@@ -99,6 +121,13 @@ def validate_subject(subject: Mapping[str, str] | None) -> dict[str, str]:
             raise InvalidSubject(f"the subject's {label} must be text")
         if not value:
             continue
+        bad = next((ch for ch in value if unicodedata.category(ch) in REFUSED_CATEGORIES), None)
+        if bad is not None:  # spaces of any kind (Zs: NBSP, U+3000) are fine
+            raise InvalidSubject(f"the subject's {label} holds a control or non-printable character "
+                                 f"(U+{ord(bad):04X})")
+        value = value.strip()  # as the coordinator does
+        if not value:
+            raise InvalidSubject(f"the subject's {label} is blank")
         if name == "country":
             if len(value) != 2 or not value.isascii() or not value.isalpha():
                 raise InvalidSubject(
@@ -107,10 +136,6 @@ def validate_subject(subject: Mapping[str, str] | None) -> dict[str, str]:
             continue
         if len(value) > bound:
             raise InvalidSubject(f"the subject's {label} has {len(value)} characters, more than {bound} (RFC 5280)")
-        if not value.isprintable():
-            raise InvalidSubject(f"the subject's {label} holds a control or non-printable character")
-        if not value.strip():
-            raise InvalidSubject(f"the subject's {label} is blank")
         out[name] = value
     return out
 
@@ -126,6 +151,27 @@ class RetiredKey:
     deleted_at: datetime.datetime | None = None
 
 
+@dataclass(frozen=True)
+class Marker:
+    """A retired key's ``.retired`` file."""
+
+    retired_at: datetime.datetime            # first seen unused
+    seen: int                                # prune calls that found it unused
+    last_seen: datetime.datetime             # the latest of them
+    due_at: datetime.datetime | None = None  # the first of them that found the retention over
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"retired_at": rfc3339(self.retired_at), "seen": self.seen,
+                                  "last_seen": rfc3339(self.last_seen)}
+        if self.due_at is not None:
+            out["due_at"] = rfc3339(self.due_at)
+        return out
+
+
+class LinkedKey(Exception):
+    """A key file to delete has other hard links: left alone."""
+
+
 @dataclass
 class PruneResult:
     retired: list[RetiredKey] = field(default_factory=list)  # waiting: still on disk
@@ -137,7 +183,9 @@ def rfc3339(at: datetime.datetime) -> str:
     return at.astimezone(datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def _parse_time(text: str) -> datetime.datetime | None:
+def _parse_time(text: object) -> datetime.datetime | None:
+    if not isinstance(text, str):
+        return None
     try:
         at = datetime.datetime.fromisoformat(text.strip())
     except ValueError:
@@ -280,105 +328,190 @@ class KeyStore:
         the fingerprints of the slot's active and previous pairs on disk; when
         it raises (a pair that cannot be read), the slot is left alone, as is
         a slot whose current CSR key cannot be read: what is in use there is
-        not known. A key is deleted at the earliest on the call after the one
-        that retired it, whatever the retention.
+        not known. A key whose marker cannot be written is left alone, the
+        other keys go on. ``retention_seconds`` must be at least 1 (0 is what
+        a request that forgot the field carries).
         """
         keep = set(keep)
         bad = sorted(fp for fp in keep if not _FINGERPRINT_RE.fullmatch(fp))
         if bad:
             raise InvalidArgument(f"keep holds {len(bad)} value(s) that are not SHA-256 fingerprints "
                                   f"(64 lowercase hex digits), e.g. {bad[0][:70]!r}; nothing was changed")
-        if not retention_seconds >= 0:
-            raise InvalidArgument(f"the key retention must not be negative, not {retention_seconds}")
+        if not 1 <= retention_seconds < float("inf"):  # also refuses NaN
+            raise InvalidArgument(f"the key retention (retention_seconds) must be at least 1 second, not "
+                                  f"{retention_seconds} (0 is an unset field); nothing was changed")
         result = PruneResult()
         with self._lock:
             now = self._now()
             for domain, slot_dir in self._slot_dirs():
-                label = f"domain {domain}" if domain else "server"
+                label = _label(domain)
                 try:
                     current = (slot_dir / "current").read_text().strip()
                 except FileNotFoundError:
                     current = ""
-                except OSError as exc:
-                    current = f"unreadable ({exc.strerror or exc})"
+                except (OSError, UnicodeDecodeError) as exc:
+                    current = f"unreadable ({getattr(exc, 'strerror', None) or exc})"
                 if not _FINGERPRINT_RE.fullmatch(current):
-                    result.skipped.append(f"{label}: the current CSR key is {current or 'not recorded'}")
+                    result.skipped.append(f"{label}: the current CSR key is {current or 'not recorded'}; "
+                                          "its keys are left alone")
                     continue
                 try:
                     on_disk = set(pairs_in_use(domain))
                 except (AgentError, OSError, ValueError) as exc:
-                    result.skipped.append(f"{label}: the certificate pairs on disk cannot be read ({exc})")
+                    result.skipped.append(f"{label}: the certificate pairs on disk cannot be read ({exc}); "
+                                          "its keys are left alone")
                     continue
-                self._prune_slot(domain, slot_dir / "keys", keep | on_disk | {current}, retention_seconds, now,
-                                 dry_run, result)
+                try:
+                    self._prune_slot(domain, slot_dir / "keys", keep | on_disk | {current}, retention_seconds, now,
+                                     dry_run, result)
+                except OSError as exc:  # the directory itself: what was done is done, the rest next call
+                    result.skipped.append(f"{label}: {exc.filename or ''} {exc.strerror or exc}; "
+                                          "its other keys are left alone")
         for reason in result.skipped:
-            log.warning("key retention: slot %s; its keys are left alone", reason)
+            log.warning("key retention: %s", reason)
         return result
 
     def _prune_slot(self, domain: str, keys_dir: Path, in_use: set[str], retention_seconds: float,
                     now: datetime.datetime, dry_run: bool, result: PruneResult) -> None:
+        if not dry_run:
+            for doomed in keys_dir.glob("*" + DELETING_SUFFIX):  # a deletion a crash cut short
+                self._finish_deleting(domain, keys_dir, doomed, now)
         held = {p.name.removesuffix(KEY_SUFFIX) for p in keys_dir.glob("*" + KEY_SUFFIX)}
         for fingerprint in sorted(fp for fp in held if _FINGERPRINT_RE.fullmatch(fp)):
-            marker = keys_dir / (fingerprint + RETIRED_SUFFIX)
+            marker_path = keys_dir / (fingerprint + RETIRED_SUFFIX)
             tombstone = keys_dir / (fingerprint + DELETED_SUFFIX)
             if fingerprint in in_use:
-                for stale in (marker, tombstone):  # back in use (a tombstone: a deletion cut short)
+                for stale in (marker_path, tombstone):  # back in use (a tombstone: a deletion cut short)
                     if stale.exists() and not dry_run:
                         _unlink(stale)
-                        if stale is marker:
+                        if stale is marker_path:
                             log.info("key retention: key %s (%s) is in use again", fingerprint, _label(domain))
                 continue
-            retired_at = _read_marker(marker)
-            if retired_at is None:
+            marker = self._trusted_marker(domain, keys_dir, fingerprint, now)
+            if marker is None:  # first seen unused (or the retention restarts)
                 if not dry_run:
-                    write_private(marker, (rfc3339(now) + "\n").encode())
+                    try:
+                        _write_marker(marker_path, Marker(now, 1, now))
+                    except OSError as exc:
+                        result.skipped.append(f"{_label(domain)}: key {fingerprint}: its retirement marker cannot "
+                                              f"be written ({exc.strerror or exc}); left alone")
+                        continue
                     log.info("key retention: key %s (%s) is no longer in use: retired, deleted after the retention",
                              fingerprint, _label(domain))
                 result.retired.append(RetiredKey(domain, fingerprint, now))
                 continue
-            if (now - retired_at).total_seconds() < retention_seconds:
-                result.retired.append(RetiredKey(domain, fingerprint, retired_at))
+            due = (now - marker.retired_at).total_seconds() >= retention_seconds
+            if due and marker.due_at is not None and marker.seen >= 2:  # over at an earlier call too
+                if not dry_run:
+                    try:
+                        self._delete(keys_dir, fingerprint, marker.retired_at, now)
+                    except (OSError, LinkedKey) as exc:
+                        log.error("key retention: cannot delete key %s (%s): %s", fingerprint, _label(domain), exc)
+                        result.retired.append(RetiredKey(domain, fingerprint, marker.retired_at))
+                        continue
+                result.deleted.append(RetiredKey(domain, fingerprint, marker.retired_at, now))
                 continue
             if not dry_run:
                 try:
-                    self._delete(keys_dir, fingerprint, retired_at, now)
+                    _write_marker(marker_path, Marker(marker.retired_at, marker.seen + 1, now,
+                                                      (marker.due_at or now) if due else None))
                 except OSError as exc:
-                    log.error("key retention: cannot delete key %s (%s): %s", fingerprint, _label(domain), exc)
-                    result.retired.append(RetiredKey(domain, fingerprint, retired_at))
-                    continue
-            result.deleted.append(RetiredKey(domain, fingerprint, retired_at, now))
+                    result.skipped.append(f"{_label(domain)}: key {fingerprint}: its retirement marker cannot be "
+                                          f"updated ({exc.strerror or exc}); left alone")
+            result.retired.append(RetiredKey(domain, fingerprint, marker.retired_at))
         if dry_run:
             return
-        for marker in keys_dir.glob("*" + RETIRED_SUFFIX):  # a marker whose key is gone by other hands
-            if marker.name.removesuffix(RETIRED_SUFFIX) not in held:
-                _unlink(marker)
+        for marker_path in keys_dir.glob("*" + RETIRED_SUFFIX):  # a marker whose key is gone by other hands
+            if marker_path.name.removesuffix(RETIRED_SUFFIX) not in held:
+                _unlink(marker_path)
         for tombstone in keys_dir.glob("*" + DELETED_SUFFIX):
             info = _read_tombstone(domain, tombstone)
             if info is not None and info.deleted_at is not None and \
                     (now - info.deleted_at).total_seconds() > TOMBSTONE_SECONDS:
                 _unlink(tombstone)
 
+    def _trusted_marker(self, domain: str, keys_dir: Path, fingerprint: str,
+                        now: datetime.datetime) -> Marker | None:
+        """The key's marker, None when there is none or it cannot be trusted
+        (the retention then starts again from now)."""
+        marker = _read_marker(keys_dir / (fingerprint + RETIRED_SUFFIX))
+        if marker is None:
+            return None
+        if max(marker.retired_at, marker.last_seen, marker.due_at or marker.retired_at) > now:
+            log.warning("key retention: the marker of key %s (%s) is dated after now, %s (the clock was stepped "
+                        "back?): its retention starts again", fingerprint, _label(domain), rfc3339(now))
+            return None
+        try:
+            mtime = (keys_dir / (fingerprint + KEY_SUFFIX)).stat().st_mtime
+        except OSError:
+            return marker  # gone meanwhile: nothing to protect
+        if marker.retired_at.timestamp() + MTIME_SLACK < mtime:
+            log.warning("key retention: the marker of key %s (%s), %s, is older than the key file (written while "
+                        "the clock was behind, or the file restored?): its retention starts again", fingerprint,
+                        _label(domain), rfc3339(marker.retired_at))
+            return None
+        return marker
+
     def _delete(self, keys_dir: Path, fingerprint: str, retired_at: datetime.datetime,
                 now: datetime.datetime) -> None:
-        """Tombstone first, then the key (overwritten, then unlinked), then the marker:
-        a crash in between leaves a key that the next call deletes again."""
+        """Tombstone first, then the key: renamed to ``.deleting`` (no
+        revocation finds it any more), overwritten, unlinked; then the
+        marker. A crash in between leaves a key the next call deletes again,
+        or a ``.deleting`` file it finishes. A key file with other hard
+        links is refused (LinkedKey): overwriting it would wipe the other
+        names' content, unlinking ours would leave the key behind."""
         key_file = keys_dir / (fingerprint + KEY_SUFFIX)
-        write_private(keys_dir / (fingerprint + DELETED_SUFFIX), json.dumps(
-            {"retired_at": rfc3339(retired_at), "deleted_at": rfc3339(now)}).encode() + b"\n")
         fd = os.open(key_file, os.O_WRONLY | os.O_NOFOLLOW)
         try:
-            os.write(fd, b"\0" * os.fstat(fd).st_size)
-            os.fsync(fd)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                raise LinkedKey(f"{key_file} has {info.st_nlink} hard links (or is not a regular file): not "
+                                "deleted; remove the other links")
+            write_private(keys_dir / (fingerprint + DELETED_SUFFIX), json.dumps(
+                {"retired_at": rfc3339(retired_at), "deleted_at": rfc3339(now)}).encode() + b"\n")
+            os.rename(key_file, keys_dir / (fingerprint + DELETING_SUFFIX))
+            _overwrite(fd, info.st_size)
         finally:
             os.close(fd)
-        key_file.unlink()
+        (keys_dir / (fingerprint + DELETING_SUFFIX)).unlink()
         _unlink(keys_dir / (fingerprint + RETIRED_SUFFIX))
-        dir_fd = os.open(keys_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(keys_dir)
         log.info("key retention: key %s deleted (retired %s)", fingerprint, rfc3339(retired_at))
+
+    def _finish_deleting(self, domain: str, keys_dir: Path, doomed: Path, now: datetime.datetime) -> None:
+        """Complete a deletion a crash cut short (``<sha256>.deleting``)."""
+        fingerprint = doomed.name.removesuffix(DELETING_SUFFIX)
+        tombstone = keys_dir / (fingerprint + DELETED_SUFFIX)
+        try:
+            if _FINGERPRINT_RE.fullmatch(fingerprint) and _read_tombstone(domain, tombstone) is None:
+                marker = _read_marker(keys_dir / (fingerprint + RETIRED_SUFFIX))
+                write_private(tombstone, json.dumps({
+                    "retired_at": rfc3339(marker.retired_at if marker is not None else now),
+                    "deleted_at": rfc3339(now)}).encode() + b"\n")
+            fd = os.open(doomed, os.O_WRONLY | os.O_NOFOLLOW)
+            try:
+                info = os.fstat(fd)
+                if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+                    _overwrite(fd, info.st_size)
+                else:
+                    log.warning("key retention: %s has %d hard links: unlinked without overwriting", doomed,
+                                info.st_nlink)
+            finally:
+                os.close(fd)
+            doomed.unlink()
+            _unlink(keys_dir / (fingerprint + RETIRED_SUFFIX))
+            _fsync_dir(keys_dir)
+        except OSError as exc:
+            log.error("key retention: cannot finish deleting %s: %s", doomed, exc)
+            return
+        log.info("key retention: finished deleting key %s (%s), interrupted earlier", fingerprint, _label(domain))
+
+    def read_key(self, fingerprint: str) -> bytes | None:
+        """The PEM of the key with this fingerprint, None when no slot holds
+        it. Read under the store's lock: never a key being deleted."""
+        with self._lock:
+            path = self.find_key(fingerprint)
+            return None if path is None else path.read_bytes()
 
     def retired(self) -> list[RetiredKey]:
         """Keys waiting for the retention, then tombstones of deleted keys."""
@@ -386,11 +519,11 @@ class KeyStore:
         deleted: list[RetiredKey] = []
         for domain, slot_dir in self._slot_dirs():
             keys_dir = slot_dir / "keys"
-            for marker in sorted(keys_dir.glob("*" + RETIRED_SUFFIX)):
-                fingerprint = marker.name.removesuffix(RETIRED_SUFFIX)
-                retired_at = _read_marker(marker)
-                if retired_at is not None and (keys_dir / (fingerprint + KEY_SUFFIX)).is_file():
-                    waiting.append(RetiredKey(domain, fingerprint, retired_at))
+            for marker_path in sorted(keys_dir.glob("*" + RETIRED_SUFFIX)):
+                fingerprint = marker_path.name.removesuffix(RETIRED_SUFFIX)
+                marker = _read_marker(marker_path)
+                if marker is not None and (keys_dir / (fingerprint + KEY_SUFFIX)).is_file():
+                    waiting.append(RetiredKey(domain, fingerprint, marker.retired_at))
             for tombstone in sorted(keys_dir.glob("*" + DELETED_SUFFIX)):
                 info = _read_tombstone(domain, tombstone)
                 if info is not None and not (keys_dir / (info.fingerprint + KEY_SUFFIX)).exists():
@@ -422,10 +555,31 @@ def _unlink(path: Path) -> None:
         log.warning("key retention: cannot delete %s: %s", path, exc)
 
 
-def _read_marker(path: Path) -> datetime.datetime | None:
-    """When a key was retired, None without a (readable) marker: a marker that
+def _overwrite(fd: int, size: int) -> None:
+    zeros = b"\0" * size
+    written = 0
+    while written < size:
+        written += os.pwrite(fd, zeros[written:], written)
+    os.fsync(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_marker(path: Path, marker: Marker) -> None:
+    write_private(path, json.dumps(marker.to_json()).encode() + b"\n")
+
+
+def _read_marker(path: Path) -> Marker | None:
+    """A key's retirement marker, None without a (readable) one: a marker that
     does not parse counts as absent, so the key is retired afresh (the
-    retention starts again rather than deleting early)."""
+    retention starts again rather than deleting early). A marker of the first
+    release holds only the RFC 3339 time: seen once."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -433,7 +587,20 @@ def _read_marker(path: Path) -> datetime.datetime | None:
     except (OSError, UnicodeDecodeError) as exc:
         log.warning("key retention: cannot read %s: %s", path, exc)
         return None
-    return _parse_time(text)
+    if not text.lstrip().startswith("{"):
+        retired_at = _parse_time(text)
+        return Marker(retired_at, 1, retired_at) if retired_at is not None else None
+    try:
+        data = json.loads(text)
+        retired_at, last_seen = _parse_time(data["retired_at"]), _parse_time(data["last_seen"])
+        due_at = _parse_time(data["due_at"]) if data.get("due_at") else None
+        seen = data["seen"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if retired_at is None or last_seen is None or (data.get("due_at") and due_at is None) or \
+            type(seen) is not int or seen < 1:
+        return None
+    return Marker(retired_at, seen, last_seen, due_at)
 
 
 def _read_tombstone(domain: str, path: Path) -> RetiredKey | None:

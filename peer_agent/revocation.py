@@ -8,7 +8,8 @@ URL. It signs nothing else: the payload is built here, for a certificate
 whose public key is one this peer holds.
 
 A key deleted by the key retention (``KeyStore.prune``) cannot sign any more;
-the refusal says when it was deleted and which other ways remain.
+the refusal says when it was deleted and which other ways remain. A key file
+that cannot be read or loaded is a FailedPrecondition too, never INTERNAL.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import josepy as jose
 from acme import jws
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -39,13 +41,25 @@ def sign_revocation(keys: KeyStore, certificate_der: bytes, reason: int, nonce: 
     if not url.startswith("https://") or not nonce:
         raise InvalidChain("a revocation needs the CA's https revokeCert URL and a nonce")
     fingerprint = spki_sha256(cert.public_key())
-    path = keys.find_key(fingerprint)
-    if path is None:
+    serial = f"{cert.serial_number:x}"
+    try:
+        pem = keys.read_key(fingerprint)
+        key = serialization.load_pem_private_key(pem, None) if pem is not None else None
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # deleted meanwhile, or a key file a crash left overwritten (an older agent)
         deleted = keys.deleted_key(fingerprint)
         if deleted is not None:
-            raise KeyNotHeld(deleted_key_message(deleted, f"{cert.serial_number:x}"))
-        raise KeyNotHeld(f"this peer does not hold the key of certificate {cert.serial_number:x}")
-    key = serialization.load_pem_private_key(path.read_bytes(), None)
+            raise KeyNotHeld(deleted_key_message(deleted, serial)) from exc
+        raise KeyNotHeld(f"this peer's key file for certificate {serial} ({fingerprint}) cannot be read or does "
+                         f"not load ({exc}); revoke it with the issuing account or by fresh authorizations "
+                         "instead") from exc
+    if key is None:
+        deleted = keys.deleted_key(fingerprint)
+        if deleted is not None:
+            raise KeyNotHeld(deleted_key_message(deleted, serial))
+        raise KeyNotHeld(f"this peer does not hold the key of certificate {serial}")
+    if spki_sha256(key.public_key()) != fingerprint:
+        raise KeyNotHeld(f"this peer's key file {fingerprint}.key does not hold the key of certificate {serial}")
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in ("secp256r1", "secp384r1"):
         jwk: jose.JWK = jose.JWKEC(key=key)
         alg = {"secp256r1": jose.ES256, "secp384r1": jose.ES384}[key.curve.name]

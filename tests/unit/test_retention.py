@@ -397,6 +397,23 @@ async def test_a_failed_automatic_order_compacted_before_it_is_counted_still_cou
 # --- AgentPool.prune -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("seconds", [0, 0.5, -1, float("inf"), float("nan"), 2.0**64, 2**64, 1e300])
+def test_a_key_retention_the_agent_cannot_take_is_refused(seconds: float) -> None:
+    with pytest.raises(ValueError, match="key_retention_seconds must be a number of seconds from 1 to 2\\*\\*64 - 1"):
+        RetentionSettings(key_retention_seconds=seconds)
+    with pytest.raises(ValueError, match="key_retention_seconds"):
+        retention.key_retention_request(seconds)
+
+
+def test_the_key_retention_is_sent_rounded_up() -> None:
+    assert RetentionSettings(key_retention_seconds=1).key_retention_seconds == 1
+    assert retention.key_retention_request(1) == 1
+    assert retention.key_retention_request(86400.5) == 86401
+    assert retention.key_retention_request(2**64 - 1) == retention.UINT64_MAX
+    with pytest.raises(InvalidArgument, match="retention.key_retention_seconds must be a number of seconds from 1"):
+        build(CoordinatorSettings, {"retention": {"key_retention_seconds": 0}})
+
+
 def test_retention_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="interval_seconds must be positive"):
         RetentionSettings(interval_seconds=0)
@@ -475,6 +492,15 @@ def test_keys_referenced_are_every_csr_and_certificate_key_of_the_slots() -> Non
     ({"active": {"chain_pem": "-----BEGIN CERTIFICATE-----\nxx\n-----END CERTIFICATE-----\n"}}, "does not parse"),
     ({"previous": {}}, None),  # empty: nothing held
     ({"previous": {"names": ["a"]}}, "previous certificate has no chain"),
+    # deployment.py writes a serial-only active when etcd and the disk disagree: the agent protects its pairs
+    ({"active": {"serial_hex": "2f"}, "previous": {"serial_hex": "1e"}}, None),
+    ({"active": {"serial_hex": 47}}, "active certificate has no chain"),
+    # wrong types: a clear ValueError, never an AttributeError that would stop the job
+    ({"csr": {"pem": 12}}, "CSR is a int, not PEM text"),
+    ({"csr": {"pem": ["-----BEGIN CERTIFICATE REQUEST-----"]}}, "not PEM text"),
+    ({"active": {"chain_pem": ["-----BEGIN CERTIFICATE-----"]}}, "active certificate chain is a list"),
+    ({"pending": {"chain_pem": {"a": 1}}}, "pending certificate chain is a dict"),
+    ({"csr": {"public_key_sha256": 5}}, "is not a SHA-256"),
 ])
 def test_a_slot_that_cannot_be_read_refuses_the_whole_keep(slot: Any, fragment: str | None) -> None:
     if fragment is None:
@@ -485,28 +511,43 @@ def test_a_slot_that_cannot_be_read_refuses_the_whole_keep(slot: Any, fragment: 
 
 
 class FakeStub:
-    def __init__(self, answers: dict[str, Any], peer_id: str, calls: list[tuple[str, Any, Any]]) -> None:
-        self._answers, self._peer_id, self._calls = answers, peer_id, calls
+    def __init__(self, pool: KeyPool, peer_id: str) -> None:
+        self._pool, self._peer_id = pool, peer_id
+
+    async def Status(self, request: agent_pb2.AgentStatusRequest, timeout: float) -> Any:
+        self._pool.status_calls.append(self._peer_id)
+        answer = self._pool.statuses.get(self._peer_id)
+        if isinstance(answer, BaseException):
+            raise answer
+        if answer is None:  # the agent's key slots: by default, the server slot
+            answer = agent_pb2.AgentStatusResponse(keys=[agent_pb2.SlotKey(slot=common_pb2.Slot(domain=""))])
+        return answer
 
     async def PruneKeys(self, request: agent_pb2.PruneKeysRequest, timeout: float) -> Any:
-        self._calls.append((self._peer_id, request, timeout))
-        answer = self._answers.get(self._peer_id)
+        self._pool.calls.append((self._peer_id, request, timeout))
+        hook = self._pool.hooks.get(self._peer_id)
+        if hook is not None:
+            await hook()
+        answer = self._pool.answers.get(self._peer_id)
         if isinstance(answer, BaseException):
             raise answer
         return answer or agent_pb2.PruneKeysResponse()
 
 
 class KeyPool(FakePool):
-    """Answers PruneKeys per peer: a reply, or a gRPC error raised by the stub."""
+    """Answers Status and PruneKeys per peer: a reply, or an error raised by the stub."""
 
-    def __init__(self, answers: dict[str, Any]) -> None:
+    def __init__(self, answers: dict[str, Any], statuses: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.answers = answers
+        self.statuses = statuses or {}
+        self.hooks: dict[str, Any] = {}  # peer -> coroutine function run inside its PruneKeys
         self.calls: list[tuple[str, agent_pb2.PruneKeysRequest, Any]] = []
+        self.status_calls: list[str] = []
 
     async def call(self, peer: PeerInfo, what: str, fn: Any, timeout: float | None = None) -> Any:
         try:
-            return await fn(FakeStub(self.answers, peer.peer_id, self.calls), {"timeout": timeout})
+            return await fn(FakeStub(self, peer.peer_id), {"timeout": timeout})
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(f"peer {peer.peer_id} ({what}): {exc.details()}") from exc
 
@@ -593,3 +634,123 @@ async def test_no_alive_peer_no_key_call() -> None:
     pool = KeyPool({})
     report = await job(store, registry, pool).run_once()
     assert pool.calls == [] and report.key_peers_skipped == 0
+
+
+def slot(**fields: Any) -> bytes:
+    return records.encode({"peer_id": "x", "domain": "", **fields})
+
+
+async def test_each_peer_s_records_are_read_right_before_its_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A certificate imported for p2 (say, for an older key the peer still
+    holds) while p1 was being called is in p2's keep."""
+    monkeypatch.setattr(retention, "PRUNE_KEYS_CONCURRENCY", 1)
+    store = MemoryStore()
+    registry = await register(store, "p1", "p2")
+    p2_csr = csr_record()
+    await store.txn([], [Put(KEYS.cert("p1", "server"), slot(csr=csr_record())),
+                         Put(KEYS.cert("p2", "server"), slot(csr=p2_csr))])
+    imported = chain(77)
+
+    async def import_for_p2() -> None:
+        await store.txn([], [Put(KEYS.cert("p2", "server"), slot(
+            csr=p2_csr, pending={"chain_pem": imported, "serial_hex": "4d", "imported": True}))])
+
+    pool = KeyPool({})
+    pool.hooks["p1"] = import_for_p2
+    await job(store, registry, pool).run_once()
+    assert [peer for peer, _, _ in pool.calls] == ["p1", "p2"]
+    assert set(pool.calls[1][1].keep) == {p2_csr["public_key_sha256"], spki_of(imported)}
+
+
+async def test_a_peer_holding_keys_of_a_slot_etcd_does_not_know_is_left_alone(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """etcd wiped and partly re-created: the server slot is back, the shop
+    slot is not; its keys (a still valid certificate's) must not be retired."""
+    store = MemoryStore()
+    registry = await register(store, "p1", "p2")
+    await store.txn([], [Put(KEYS.cert("p1", "server"), slot(csr=csr_record())),
+                         Put(KEYS.cert("p2", "server"), slot(csr=csr_record())),
+                         Put(KEYS.cert("p2", "domain/shop.example.com"), slot(csr=csr_record()))])
+
+    def agent_slots(*domains: str) -> agent_pb2.AgentStatusResponse:
+        return agent_pb2.AgentStatusResponse(keys=[agent_pb2.SlotKey(slot=common_pb2.Slot(domain=d))
+                                                   for d in domains])
+
+    pool = KeyPool({}, {"p1": agent_slots("", "shop.example.com", "old.example.com"),
+                        "p2": agent_slots("", "shop.example.com")})
+    with caplog.at_level(logging.WARNING, logger="coordinator.retention"):
+        report = await job(store, registry, pool).run_once()
+    assert sorted(pool.status_calls) == ["p1", "p2"]
+    assert [peer for peer, _, _ in pool.calls] == ["p2"] and report.key_peers_skipped == 1
+    assert ("peer p1 not asked to prune its keys: the agent holds keys of slot(s) etcd has no record of "
+            "(domain old.example.com, domain shop.example.com; etcd restored or re-created?)") in caplog.text
+    # once a run, not once a slot
+    assert sum("peer p1 not asked" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_one_bad_peer_never_stops_the_others_nor_the_job(caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryStore()
+    registry = await register(store, "p1", "p2", "p3", "p4")
+    good = csr_record()
+    await store.txn([], [
+        Put(KEYS.cert("p1", "server"), slot(csr={"pem": 12})),  # an AttributeError before the fix
+        Put(KEYS.cert("p2", "server"), slot(csr=good, active={"chain_pem": ["x"], "serial_hex": "1"})),
+        Put(KEYS.cert("p3", "server"), slot(csr=good)),
+        Put(KEYS.cert("p4", "server"), slot(csr=good)),
+    ])
+    pool = KeyPool({"p3": RuntimeError("a bug in a reply")})
+    with caplog.at_level(logging.WARNING, logger="coordinator.retention"):
+        report = await job(store, registry, pool).run_once()
+    assert sorted(peer for peer, _, _ in pool.calls) == ["p3", "p4"]
+    assert report.key_peers_skipped == 3
+    assert "peer p1 not asked to prune its keys: a slot's CSR is a int, not PEM text" in caplog.text
+    assert "peer p2 not asked to prune its keys: a slot's active certificate chain is a list" in caplog.text
+    [failed] = [r for r in caplog.records if "pruning the keys of peer p3 failed" in r.getMessage()]
+    assert failed.exc_info is not None and "a bug in a reply" in str(failed.exc_info[1])
+
+
+async def test_an_unexpected_failure_of_the_key_step_leaves_the_rest_of_the_run(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryStore()
+    registry = await register(store, "p1")
+    await put_orders(store, order("old", age_days=8))
+    retention_job = job(store, registry, KeyPool({}))
+
+    async def broken(report: retention.Report) -> None:
+        raise AttributeError("'list' object has no attribute 'encode'")
+
+    monkeypatch.setattr(retention_job, "_prune_keys", broken)
+    report = await retention_job.run_once()
+    assert report.orders_compacted == 1
+    assert "pruning retired keys failed" in caplog.text
+
+
+async def test_the_job_survives_a_run_that_fails(monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryStore()
+    retention_job = job(store, await register(store), interval_seconds=0.01)
+    runs: list[int] = []
+
+    async def run_once() -> retention.Report:
+        runs.append(1)
+        if len(runs) == 1:
+            raise TypeError("a record nobody foresaw")
+        if len(runs) == 3:
+            raise asyncio.CancelledError
+        return retention.Report()
+
+    monkeypatch.setattr(retention_job, "run_once", run_once)
+    with pytest.raises(asyncio.CancelledError):
+        await retention_job.run()
+    assert len(runs) == 3 and "retention: the run failed" in caplog.text
+
+
+async def test_a_key_retention_that_does_not_fit_is_never_sent(caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryStore()
+    registry = await register(store, "p1")
+    await store.txn([], [Put(KEYS.cert("p1", "server"), slot(csr=csr_record()))])
+    retention_job = job(store, registry, pool := KeyPool({}))
+    object.__setattr__(retention_job._settings, "key_retention_seconds", float("inf"))  # past the settings' check
+    report = await retention_job.run_once()
+    assert pool.calls == [] and report.key_peers_skipped == 1
+    assert "no peer asked to prune its keys: retention.key_retention_seconds inf is not a finite number" in caplog.text
