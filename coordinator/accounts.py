@@ -31,6 +31,11 @@ _PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # (Let's Encrypt refuses quoted local parts, IP literals and unknown TLDs).
 _EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
 
+# "default" means "no provider of its own" (schedule set --provider default);
+# "manual" is the provider recorded with an imported certificate.
+RESERVED_NAMES = frozenset({"default", "manual"})
+DEFAULT_PROVIDER_SETTING = "default_provider"
+
 PRESETS = {
     "letsencrypt": "https://acme-v02.api.letsencrypt.org/directory",
     "letsencrypt-staging": "https://acme-staging-v02.api.letsencrypt.org/directory",
@@ -53,6 +58,69 @@ def _view(data: dict[str, Any]) -> ProviderView:
         data["name"], data["directory_url"], data.get("terms_of_service", ""), data.get("account_url", ""),
         data.get("account_status", ""), data.get("contact", ""), bool(data.get("ca_bundle_pem")),
     )
+
+
+class ProviderUnresolved(errors.FailedPrecondition):
+    """No provider can sign: none is chosen among several accounts, none has
+    an account, or the chosen one has no account (any more). Automatic renewal
+    treats it as a pause, not as a failure: only an operator can fix it."""
+
+
+@dataclass(frozen=True)
+class ProviderBook:
+    """The providers (with whether each has an account) and the cluster
+    default: all that the choice of a provider depends on."""
+
+    default: str
+    accounts: dict[str, bool]
+
+    def choose(self, *, explicit: str = "", slot: dict[str, Any] | None = None, renewal: bool = False) -> str:
+        """The provider that signs for a slot, by the one rule of the cluster:
+        the request's ``--provider``, else the slot's saved provider, else the
+        cluster default, else (renewal only) the provider of the certificate in
+        service unless it was imported, else the only provider with an account.
+
+        Raises ``NotFound`` for an explicit name that does not exist and
+        ``ProviderUnresolved`` (FailedPrecondition) when nothing can sign:
+        several accounts and no choice anywhere, no account at all, or a
+        chosen provider without an account (or gone).
+        """
+        slot = slot or {}
+        if explicit:
+            return self._with_account(explicit, "")
+        saved = slot.get("provider") or ""
+        if saved:
+            return self._with_account(saved, "the slot's provider")
+        if self.default:
+            return self._with_account(self.default, "the cluster default provider")
+        if renewal:
+            active_provider = (slot.get("active") or {}).get("provider") or ""
+            if active_provider and active_provider not in RESERVED_NAMES:
+                return self._with_account(active_provider, "the provider of the certificate in service")
+        with_account = sorted(name for name, has in self.accounts.items() if has)
+        if len(with_account) == 1:
+            return with_account[0]
+        if not with_account:
+            raise ProviderUnresolved(
+                "no ACME account registered yet (acmectl provider add, then acmectl account register)")
+        listed = ", ".join(with_account)
+        if renewal:
+            raise ProviderUnresolved(
+                f"no provider chosen: providers {listed} have accounts; choose with acmectl schedule set "
+                "--provider or acmectl provider default")
+        raise ProviderUnresolved(
+            f"no provider chosen: providers {listed} have accounts; give --provider, save one with the slot "
+            "(acmectl schedule set --provider) or set the cluster default (acmectl provider default)")
+
+    def _with_account(self, name: str, chosen_as: str) -> str:
+        if name not in self.accounts:
+            if not chosen_as:
+                raise errors.NotFound(f"no provider named {name[:64]!r} (acmectl provider list)")
+            raise ProviderUnresolved(f"{chosen_as} {name!r} does not exist (acmectl provider list)")
+        if not self.accounts[name]:
+            what = f"{chosen_as} {name}" if chosen_as else f"provider {name}"
+            raise ProviderUnresolved(f"{what} has no account yet (acmectl account register --provider {name})")
+        return name
 
 
 def check_ca_bundle(pem: str) -> None:
@@ -86,6 +154,9 @@ class Accounts:
             raise errors.InvalidArgument(
                 f"{name!r} is not a valid provider name (lowercase letters, digits, '-' and '_', up to 63)"
             )
+        if name in RESERVED_NAMES:
+            raise errors.InvalidArgument(f"{name!r} is reserved ('default': the cluster default, "
+                                         "'manual': imported certificates); choose another provider name")
         directory_url = directory_url or PRESETS.get(name, "")
         parts = urlsplit(directory_url)
         if parts.scheme != "https" or not parts.hostname:
@@ -149,21 +220,43 @@ class Accounts:
 
     async def resolve(self, name: str) -> str:
         """The provider to sign with: the named one, or the only one with an account."""
-        if name:
-            data, _ = await self._get(name)
-            if not data.get("account_url"):
-                raise errors.FailedPrecondition(f"provider {name} has no account yet (acmectl account register)")
-            return name
-        with_account = [p.name for p in await self.list() if p.account_url]
-        if not with_account:
-            raise errors.FailedPrecondition(
-                "no ACME account registered yet (acmectl provider add, then acmectl account register)"
-            )
-        if len(with_account) > 1:
-            raise errors.FailedPrecondition(
-                "several providers have accounts (" + ", ".join(with_account) + "); choose one with --provider"
-            )
-        return with_account[0]
+        return await self.choose(explicit=name)
+
+    async def exists(self, name: str) -> str:
+        """``name`` if such a provider exists (raises NotFound otherwise)."""
+        if not _PROVIDER_NAME.match(name):
+            raise errors.NotFound(f"no provider named {name[:64]!r} (acmectl provider list)")
+        await self._get(name)
+        return name
+
+    # --- which provider signs (the one rule, for sign and for renewal) ----------
+    async def default_provider(self) -> str:
+        """The cluster default (``acmectl provider default``), "" when none is set."""
+        data, _ = await records.read(self._store, self._keys.setting(DEFAULT_PROVIDER_SETTING))
+        return (data or {}).get("provider", "")
+
+    async def set_default(self, name: str) -> str:
+        """Make ``name`` the cluster default ("" clears it); it must exist."""
+        key = self._keys.setting(DEFAULT_PROVIDER_SETTING)
+        if not name:
+            await self._store.delete_if(key, expect_mod_revision=None)
+            return ""
+        await self.exists(name)
+
+        def change(current: dict[str, Any] | None) -> dict[str, Any]:
+            return current if current is not None and current.get("provider") == name else {"provider": name}
+
+        await records.update(self._store, key, change)
+        return name
+
+    async def book(self) -> ProviderBook:
+        """What the provider choice depends on, read once (two reads)."""
+        providers = await self.list()
+        return ProviderBook(await self.default_provider(), {p.name: bool(p.account_url) for p in providers})
+
+    async def choose(self, *, explicit: str = "", slot: dict[str, Any] | None = None, renewal: bool = False) -> str:
+        """The provider that signs for a slot (see :meth:`ProviderBook.choose`)."""
+        return (await self.book()).choose(explicit=explicit, slot=slot, renewal=renewal)
 
     async def client(self, name: str) -> AcmeClient:
         """A fresh ACME session as the provider's account (one per order)."""

@@ -25,6 +25,8 @@ from clusteracme.rpcutil import server
 from clusteracme.v1 import coordinator_pb2_grpc
 from coordinator import metrics
 from coordinator.accounts import Accounts
+from coordinator.alarm_webhook import WebhookNotifier
+from coordinator.alarms import AlarmBook, AlarmJob
 from coordinator.deployment import Deployment
 from coordinator.election import Election
 from coordinator.history import History
@@ -116,7 +118,8 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
         CoordinatorServicer(registry, accounts, issuance, deployment, history, scheduler, pool,
                             Revocation(fenced, keys, registry, accounts, issuance, pool, history),
                             TrustStore(fenced, keys),
-                            heartbeat_interval=t.heartbeat_interval, lease_ttl=t.lease_ttl),
+                            heartbeat_interval=t.heartbeat_interval, lease_ttl=t.lease_ttl,
+                            alarms=AlarmBook(fenced, keys)),
         srv,
     )
     health = await add_health(srv)
@@ -137,6 +140,13 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
     sup.spawn("renewal-scheduler", scheduler.run())
     sup.spawn("retention", RetentionJob(fenced, keys, registry, pool, history, settings.retention,
                                         period_seconds=settings.renewal.period_seconds).run())
+    # Alarms: evaluated by the leader only; the webhook (optional) never holds up the evaluation.
+    notifier = (WebhookNotifier(settings.alarms, cluster=keys.prefix, coordinator=settings.name)
+                if settings.alarms.webhook_url else None)
+    if notifier is not None:
+        sup.spawn("alarm-webhook", notifier.run())
+    sup.spawn("alarms", AlarmJob(fenced, keys, registry, pool, scheduler, settings.alarms,
+                                 notifier=notifier).run())
     metrics_runner = await metrics.serve(settings.metrics_listen) if settings.metrics_listen else None
     await sup.stopping.wait()
     await health.enter_graceful_shutdown()

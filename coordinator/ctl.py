@@ -26,6 +26,7 @@ from clusteracme import errors, pki
 from clusteracme.rpcutil import TLSFiles, channel, error_from_rpc
 from clusteracme.v1 import common_pb2, coordinator_pb2_grpc
 from clusteracme.v1 import coordinator_pb2 as pb
+from coordinator import imports
 
 KEY_TYPES = {
     "ec-p256": common_pb2.KEY_TYPE_EC_P256,
@@ -101,8 +102,9 @@ def cmd_pki(ctl: Ctl, a: argparse.Namespace) -> None:
 
 # --- providers and accounts -----------------------------------------------------
 def _provider_rows(providers: list[Any]) -> None:
-    _print_table([[p.name, p.directory_url, p.account_url or "-", p.account_status or "no account"] for p in providers],
-                 ["PROVIDER", "DIRECTORY", "ACCOUNT", "STATUS"])
+    _print_table([[p.name, "yes" if p.is_default else "", p.directory_url, p.account_url or "-",
+                   p.account_status or "no account"] for p in providers],
+                 ["PROVIDER", "DEFAULT", "DIRECTORY", "ACCOUNT", "STATUS"])
 
 
 async def cmd_provider(ctl: Ctl, a: argparse.Namespace) -> None:
@@ -117,6 +119,14 @@ async def cmd_provider(ctl: Ctl, a: argparse.Namespace) -> None:
                                                                  ca_bundle_pem=bundle))
         ctl.out(p, lambda: print(f"provider {p.name} added: {p.directory_url}\n"
                                  f"terms of service: {p.terms_of_service or '(none published)'}"))
+    elif a.provider_cmd == "default":
+        if bool(a.name) == a.clear:
+            raise CtlError("provider default takes a provider NAME, or --clear")
+        r = await ctl.call("SetDefaultProvider", pb.SetDefaultProviderRequest(provider=a.name or ""))
+        ctl.out(r, lambda: print(f"cluster default provider: {r.default_provider} (signs for every slot that has "
+                                 "no provider of its own)" if r.default_provider else
+                                 "no cluster default provider: slots without a provider of their own sign with the "
+                                 "only provider that has an account"))
     else:
         r = await ctl.call("ListProviders", pb.ListProvidersRequest())
         ctl.out(r, lambda: _provider_rows(list(r.providers)))
@@ -150,13 +160,56 @@ def _slot(a: argparse.Namespace) -> common_pb2.Slot:
     return common_pb2.Slot(domain=getattr(a, "domain", "") or "")
 
 
+# (option, CsrSubject field, RFC 4514 name)
+SUBJECT_OPTIONS = (("org", "organization", "O"), ("ou", "organizational_unit", "OU"), ("locality", "locality", "L"),
+                   ("state", "state", "ST"), ("country", "country", "C"))
+SUBJECT_NOTE = ("The CA may drop O, OU, L, ST and C: Let's Encrypt (like every domain-validated CA) issues "
+                "certificates whose subject holds no such attribute.")
+
+
+def _csr_lines(r: Any) -> None:
+    print(f"CSR of peer {r.peer_id}" + (f" (domain {r.slot.domain})" if r.slot.domain else ""))
+    rows = [("subject", r.subject_text)]
+    rows += [(f"  {short}", getattr(r.subject, field)) for _, field, short in SUBJECT_OPTIONS
+             if getattr(r.subject, field)]
+    rows += [("names", ", ".join(r.names)), ("key type", r.key_type), ("key sha256", r.public_key_sha256),
+             ("created at", r.created_at), ("provider", r.provider or "- (none saved: the cluster default applies)")]
+    for label, value in rows:
+        print(f"  {label + ':':13} {value}")
+
+
 async def cmd_csr(ctl: Ctl, a: argparse.Namespace) -> None:
+    if a.csr_cmd == "show":
+        r = await ctl.call("GetCSR", pb.GetCSRRequest(peer_id=a.peer, slot=_slot(a)))
+        if a.pem and not ctl.args.json:  # --json wins, as for pending show: the JSON holds csr_pem
+            print(r.csr_pem, end="")  # just the PEM, for any CA: acmectl csr show PEER --pem > peer.csr
+            return
+        ctl.out(r, lambda: _csr_lines(r))
+        return
     if a.key_type not in KEY_TYPES:
         raise errors.InvalidArgument(f"unknown key type {a.key_type!r}; choose one of {', '.join(KEY_TYPES)}")
-    r = await ctl.call("CreateCSR", pb.CreateCSRRequest(peer_id=a.peer, slot=_slot(a), common_name=a.cn,
-                                                        sans=a.san, key_type=KEY_TYPES[a.key_type]), timeout=60)
-    ctl.out(r, lambda: print(f"CSR created on peer {r.peer_id} ({r.key_type}, key kept on the peer) for "
-                             f"{', '.join(r.names)}\n{r.csr_pem}", end=""))
+    subject = {}
+    for option, field, _ in SUBJECT_OPTIONS:
+        value = getattr(a, option)
+        if value == "":
+            raise errors.InvalidArgument(f"--{option} is empty; give a value or leave the option out")
+        if value is not None:
+            subject[field] = value
+    r = await ctl.call("CreateCSR", pb.CreateCSRRequest(
+        peer_id=a.peer, slot=_slot(a), common_name=a.cn, sans=a.san, key_type=KEY_TYPES[a.key_type],
+        subject=common_pb2.CsrSubject(**subject), provider=a.provider or ""), timeout=60)
+
+    def human() -> None:
+        print(f"CSR created on peer {r.peer_id} ({r.key_type}, key kept on the peer) for {', '.join(r.names)}")
+        if subject:
+            print(f"  subject: {r.subject_text} (the CA may drop O, OU, L, ST, C)")
+        else:
+            print(f"  subject: {r.subject_text} (no O, OU, L, ST or C: a new CSR has only the attributes given)")
+        if r.provider:
+            print(f"  provider: {r.provider} (saved with the slot)")
+        print(r.csr_pem, end="")
+
+    ctl.out(r, human)
 
 
 def _order_lines(o: Any) -> list[str]:
@@ -205,26 +258,46 @@ async def cmd_order(ctl: Ctl, a: argparse.Namespace) -> None:
     ctl.out(o, lambda: print("\n".join([*_order_lines(o), f"  order URL: {o.order_url or '-'}"])))
 
 
+def _pending_lines(p: Any, pem: bool) -> None:
+    c = p.certificate
+    print(f"pending certificate of peer {p.peer_id}" + (f" (domain {p.slot.domain})" if p.slot.domain else ""))
+    rows = [("subject", c.subject), ("requested subject", p.requested_subject or "-"), ("names", ", ".join(c.sans)),
+            ("issuer", c.issuer), ("serial", c.serial_hex), ("valid from", c.not_before), ("valid until", c.not_after),
+            ("key type", c.key_type),
+            ("peer's key", ("MATCHES" if c.matches_peer_key else "DOES NOT MATCH") + f" ({c.key_check})"),
+            ("sha256", c.sha256_fingerprint), ("provider", p.provider), ("signed at", p.signed_at)]
+    if p.imported:
+        rows.append(("imported", "yes (signed outside ACME; never renewed automatically)"))
+    for label, value in rows:
+        print(f"  {label + ':':19} {value}")
+    if pem:
+        print(p.chain_pem, end="")
+
+
 async def cmd_pending(ctl: Ctl, a: argparse.Namespace) -> None:
     if a.pending_cmd == "discard":
         r = await ctl.call("DiscardPending", pb.DiscardPendingRequest(peer_id=a.peer, slot=_slot(a)))
         ctl.out(r, lambda: print(f"pending certificate of {a.peer} discarded"))
         return
+    if a.pending_cmd == "import":
+        chain = _read_small_file(a.file, "certificate file", imports.MAX_FILE)
+        p = await ctl.call("ImportPending", pb.ImportPendingRequest(peer_id=a.peer, slot=_slot(a), chain=chain))
+        if p.chain_pem.count("-----BEGIN CERTIFICATE-----") == 1:
+            # On stderr: visible with --json too.
+            print("acmectl: note: the file held the leaf only, no intermediate certificates were given; clients "
+                  "that lack them cannot build the chain (import the full chain if the CA provides one: acmectl "
+                  "pending discard, then import again)", file=sys.stderr)
+
+        def imported() -> None:
+            print(f"certificate {p.certificate.serial_hex} imported as the pending certificate (provider manual)")
+            _pending_lines(p, False)
+            domain = f" --domain {p.slot.domain}" if p.slot.domain else ""
+            print(f"next: acmectl trust verify {p.peer_id}{domain}; acmectl deploy {p.peer_id}{domain}")
+
+        ctl.out(p, imported)
+        return
     p = await ctl.call("GetPending", pb.GetPendingRequest(peer_id=a.peer, slot=_slot(a)))
-    c = p.certificate
-
-    def human() -> None:
-        print(f"pending certificate of peer {p.peer_id}" + (f" (domain {p.slot.domain})" if p.slot.domain else ""))
-        for label, value in (("subject", c.subject), ("names", ", ".join(c.sans)), ("issuer", c.issuer),
-                             ("serial", c.serial_hex), ("valid from", c.not_before), ("valid until", c.not_after),
-                             ("key type", c.key_type),
-                             ("peer's key", ("MATCHES" if c.matches_peer_key else "DOES NOT MATCH") + f" ({c.key_check})"),
-                             ("sha256", c.sha256_fingerprint), ("provider", p.provider), ("signed at", p.signed_at)):
-            print(f"  {label + ':':13} {value}")
-        if a.pem:
-            print(p.chain_pem, end="")
-
-    ctl.out(p, human)
+    ctl.out(p, lambda: _pending_lines(p, a.pem))
 
 
 def _deploy_lines(r: Any, verb: str) -> None:
@@ -278,11 +351,36 @@ async def cmd_events(ctl: Ctl, a: argparse.Namespace) -> None:
         ["AT", "SLOT", "WHAT", "RESULT", "SERIAL", "PREVIOUS", "WHO", "DETAIL"]))
 
 
+def _domain_rows(slots: list[Any]) -> None:
+    _print_table([[d.slot.domain or "server", "on" if d.acme_enabled else "OFF", d.names or "-",
+                   d.active_serial or "-", str(d.days_left) if d.days_left >= 0 else "-", d.mode,
+                   d.provider or "(default)", d.active_provider or "-", d.paused or "-"] for d in slots],
+                 ["SLOT", "ACME", "NAMES", "ACTIVE", "DAYS LEFT", "MODE", "PROVIDER", "ISSUED BY", "PAUSED"])
+
+
+async def cmd_domain(ctl: Ctl, a: argparse.Namespace) -> None:
+    if a.domain_cmd == "list":
+        r = await ctl.call("ListDomains", pb.ListDomainsRequest(peer_id=a.peer))
+        ctl.out(r, lambda: _domain_rows(list(r.slots)) if r.slots else
+                print(f"peer {a.peer} has no certificate slot yet (acmectl csr create {a.peer} --cn NAME)"))
+        return
+    d = await ctl.call("SetDomainAcme", pb.SetDomainAcmeRequest(
+        peer_id=a.peer, slot=common_pb2.Slot(domain="" if a.domain == "server" else a.domain),
+        enabled=a.domain_cmd == "enable"))
+    what = f"domain {d.slot.domain}" if d.slot.domain else "the server certificate"
+    ctl.out(d, lambda: print(f"ACME {'enabled' if d.acme_enabled else 'disabled'} for {what} on peer {a.peer}"
+                             + ("" if d.acme_enabled else ": never signed nor renewed; it keeps serving "
+                                f"{d.active_serial or 'nothing yet'}")))
+
+
 def _schedule_lines(s: Any) -> None:
     slot = s.slot.domain or "server"
     mode = "automatic" if s.auto else "manual"
     print(f"{s.peer_id} {slot}: {mode}; deploy on {s.days} at {s.time} ({s.tz}); key policy {s.key_policy}")
-    for label, value in (("renewal due", f"{s.renewal_due_at} ({s.renewal_reason})" if s.renewal_due_at else "-"),
+    if s.paused:
+        print(f"  {'paused:':23} {s.paused}")
+    for label, value in (("provider", s.provider or "- (none can be chosen)"),
+                         ("renewal due", f"{s.renewal_due_at} ({s.renewal_reason})" if s.renewal_due_at else "-"),
                          ("next sign opportunity", s.next_sign_opportunity or "-"),
                          ("next deploy slot", s.next_deploy_slot or "-"),
                          ("last sign", f"{s.last_sign_status} {s.last_sign_at}".strip() or "-"),
@@ -298,7 +396,7 @@ async def cmd_schedule(ctl: Ctl, a: argparse.Namespace) -> None:
     if a.schedule_cmd == "set":
         r = await ctl.call("SetSchedule", pb.SetScheduleRequest(
             peer_id=a.peer, slot=_slot(a), auto=a.auto or "", days=a.days or "", time=a.time or "", tz=a.tz or "",
-            key_policy=a.key_policy or ""))
+            key_policy=a.key_policy or "", provider=a.provider or ""))
         ctl.out(r, lambda: _schedule_lines(r))
     else:
         r = await ctl.call("GetSchedule", pb.GetScheduleRequest(peer_id=a.peer))
@@ -312,24 +410,51 @@ def _read_file(path: str, what: str) -> bytes:
         raise CtlError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
+def _read_small_file(path: str, what: str, limit: int) -> bytes:
+    """A file of at most ``limit`` bytes; a larger one is refused after
+    reading ``limit`` + 1 bytes, never read in full."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise CtlError(f"cannot read the {what} {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise errors.InvalidArgument(f"the {what} {path} is larger than {limit // 1024} KiB; not a certificate chain")
+    return data
+
+
+REVOKE_TIMEOUT = 900.0  # two orders (fresh authorizations, then a new order) and the CA's answers
+
+
 async def cmd_revoke(ctl: Ctl, a: argparse.Namespace) -> None:
-    r = await ctl.call("Revoke", pb.RevokeRequest(certificate=_read_file(a.certfile, "certificate file"),
-                                                  provider=a.provider or "", reason=a.reason, force=a.force),
-                       timeout=max(ctl.args.timeout, 300))
+    try:
+        r = await ctl.call("Revoke", pb.RevokeRequest(certificate=_read_file(a.certfile, "certificate file"),
+                                                      provider=a.provider or "", reason=a.reason, force=a.force),
+                           timeout=max(ctl.args.timeout, REVOKE_TIMEOUT))
+    except errors.DeadlineExceeded as exc:
+        raise errors.DeadlineExceeded(
+            f"{exc.message}; the revocation goes on at the coordinator and its outcome is recorded in the "
+            "history (acmectl events PEER)") from None
     ctl.out(r, lambda: print(f"certificate {r.serial_hex} revoked at provider {r.provider} (reason {r.reason})\n"
-                             f"  authorised by: {r.authorization}\n  the CA answered: {r.ca_answer}"))
+                             + "".join(f"  refused: {why}\n" for why in r.refused)
+                             + f"  authorised by: {r.authorization}\n  the CA answered: {r.ca_answer}"))
 
 
-def _trust_rows(certs: list[Any]) -> None:
-    _print_table([[c.sha256, "root" if c.self_signed else "intermediate", c.subject, c.not_after[:19],
-                   "" if c.added else "(already trusted)"] for c in certs],
-                 ["SHA256", "KIND", "SUBJECT", "NOT AFTER", ""])
+def _trust_rows(certs: list[Any], *, add: bool = False) -> None:
+    """The trust store table; an add answer marks what was already there."""
+    _print_table([[c.type or ("root" if c.self_signed else "intermediate"), c.subject, c.issuer, c.not_after[:19],
+                   c.sha256, "" if c.added or not add else "(already trusted)"] for c in certs],
+                 ["TYPE", "SUBJECT", "ISSUER", "NOT AFTER", "SHA256", ""])
 
 
 async def cmd_trust(ctl: Ctl, a: argparse.Namespace) -> None:
     if a.trust_cmd == "add":
-        r = await ctl.call("TrustAdd", pb.TrustAddRequest(certificates=_read_file(a.file, "certificate file")))
-        ctl.out(r, lambda: _trust_rows(list(r.certificates)))
+        if (a.file is None) == (a.preset is None):
+            raise CtlError("trust add takes exactly one of FILE and --preset NAME")
+        request = (pb.TrustAddRequest(preset=a.preset) if a.preset is not None
+                   else pb.TrustAddRequest(certificates=_read_file(a.file, "certificate file")))
+        r = await ctl.call("TrustAdd", request)
+        ctl.out(r, lambda: _trust_rows(list(r.certificates), add=True))
     elif a.trust_cmd == "list":
         r = await ctl.call("TrustList", pb.TrustListRequest())
         ctl.out(r, lambda: _trust_rows(list(r.certificates)) if r.certificates else print("the trust store is empty"))
@@ -342,6 +467,28 @@ async def cmd_trust(ctl: Ctl, a: argparse.Namespace) -> None:
                                  + ("VALID: " + " <- ".join(r.path) if r.ok else f"NOT VALID: {r.reason}")))
         if not r.ok:
             raise errors.FailedPrecondition(f"the chain does not validate against the trust store: {r.reason}")
+
+
+def _alarm_slot(x: Any) -> str:
+    return (x.slot.domain or "server") if x.HasField("slot") else "-"
+
+
+def _alarm_line(x: Any) -> str:
+    return f"ALARM {x.kind} ({x.severity}) since {x.raised_at}: {x.detail}"
+
+
+async def cmd_alarms(ctl: Ctl, a: argparse.Namespace) -> None:
+    r = await ctl.call("ListAlarms", pb.ListAlarmsRequest(peer_id=a.peer or "", all=a.all))
+
+    def human() -> None:
+        if not r.alarms:
+            print("no alarm " + ("raised or kept" if a.all else "raised") + (f" on peer {a.peer}" if a.peer else ""))
+            return
+        header = ["KIND", "PEER", "SLOT", "SEVERITY", "RAISED", *(["CLEARED"] if a.all else []), "DETAIL"]
+        _print_table([[x.kind, x.peer_id, _alarm_slot(x), x.severity, x.raised_at,
+                       *([x.cleared_at or "-"] if a.all else []), x.detail] for x in r.alarms], header)
+
+    ctl.out(r, human)
 
 
 STATUS_HEADER = ["PEER", "LIVENESS", "ACME", "SLOT", "CSR NAMES", "ACTIVE", "PENDING", "LAST SIGN", "LAST DEPLOY",
@@ -364,13 +511,16 @@ async def cmd_status(ctl: Ctl, a: argparse.Namespace) -> None:
                 active = f"{s.active_serial} until {s.active_not_after}" if s.active_serial else "-"
                 deployed = f"{s.last_deploy_status} {s.last_deploy_at}" if s.last_deploy_status else "-"
                 sched = s.schedule
-                mode = "auto" if sched.auto else "manual"
+                mode = ("auto" + (" (paused)" if sched.paused else "")) if sched.auto else "manual"
+                acme = base[2] if s.acme_enabled or not p.enabled else "off (slot)"
                 due = sched.renewal_due_at or "-"
                 upcoming = sched.next_sign_opportunity or (f"deploy {sched.next_deploy_slot}" if sched.next_deploy_slot else "-")
-                rows.append([*base, s.slot.domain or "server", s.csr_names or "-", active, pending, last, deployed,
-                             "yes" if s.agent_matches else "NO", mode, due, upcoming])
+                rows.append([*base[:2], acme, s.slot.domain or "server", s.csr_names or "-", active, pending, last,
+                             deployed, "yes" if s.agent_matches else "NO", mode, due, upcoming])
         _print_table(rows, STATUS_HEADER)
         for ps in r.peers:
+            for x in ps.alarms:
+                print(f"{ps.peer.peer_id}: {_alarm_line(x)}")
             for s in ps.slots:
                 slot = f"{ps.peer.peer_id} {s.slot.domain or 'server'}"
                 if s.last_sign_error:
@@ -379,8 +529,12 @@ async def cmd_status(ctl: Ctl, a: argparse.Namespace) -> None:
                     print(f"{slot}: last deploy: {s.last_deploy_error}")
                 if not s.agent_matches and s.agent_state:
                     print(f"{slot}: {s.agent_state}")
+                if s.schedule.paused:
+                    print(f"{slot}: paused: {s.schedule.paused}")
                 if s.schedule.warning:
                     print(f"{slot}: WARNING: {s.schedule.warning}")
+                for x in s.alarms:
+                    print(f"{slot}: {_alarm_line(x)}")
 
     ctl.out(r, human)
 
@@ -415,7 +569,10 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("name", help="a name, or a preset: letsencrypt, letsencrypt-staging")
     x.add_argument("--directory", help="ACME directory URL (optional for presets)")
     x.add_argument("--ca-bundle", help="PEM file of CAs that verify the directory's TLS")
-    s.add_parser("list")
+    s.add_parser("list", help="providers, their accounts, and which is the cluster default")
+    x = s.add_parser("default", help="the provider that signs for slots without a provider of their own")
+    x.add_argument("name", nargs="?")
+    x.add_argument("--clear", action="store_true", help="no cluster default")
 
     s = sub.add_parser("account", help="ACME accounts").add_subparsers(dest="account_cmd", required=True)
     x = s.add_parser("register")
@@ -431,12 +588,30 @@ def parser() -> argparse.ArgumentParser:
         s.add_parser(name).add_argument("peer")
 
     s = sub.add_parser("csr", help="certificate signing requests").add_subparsers(dest="csr_cmd", required=True)
-    x = s.add_parser("create", help="have the peer generate a key and a CSR")
+    x = s.add_parser("create", help="have the peer generate a key and a CSR",
+                     description="Have the peer generate a key (kept on the peer) and a CSR for the names, "
+                                 "optionally with subject attributes. The subject is part of the CSR: the new "
+                                 "CSR has exactly the attributes given here (none given: none, even if the "
+                                 "previous CSR had some); a key rotation repeats the saved ones. The provider "
+                                 "belongs to the slot: left out, the slot keeps its saved provider. "
+                                 + SUBJECT_NOTE)
     x.add_argument("peer")
     x.add_argument("--cn", required=True)
     x.add_argument("--san", action="append", default=[])
     x.add_argument("--key-type", default="ec-p256", help=", ".join(KEY_TYPES))
     x.add_argument("--domain", help="a domain (SNI) slot instead of the server certificate")
+    for option, text in (("org", "organization (O), at most 64 characters"),
+                         ("ou", "organizational unit (OU), at most 64 characters"),
+                         ("locality", "locality or city (L), at most 128 characters"),
+                         ("state", "state or province (ST), at most 128 characters"),
+                         ("country", "country (C): two letters, ISO 3166, e.g. FR")):
+        x.add_argument(f"--{option}", help=f"subject {text}; the CA may drop it")
+    x.add_argument("--provider", help="ACME provider saved with the slot (left out: the slot keeps its saved one)")
+    x = s.add_parser("show", help="the stored CSR, decoded (or --pem: just the PEM, to send to any CA)")
+    x.add_argument("peer")
+    x.add_argument("--domain")
+    x.add_argument("--pem", action="store_true", help="print only the CSR in PEM (acmectl csr show P --pem > p.csr); "
+                                                      "with --json, the JSON (it holds the PEM as csr_pem)")
 
     x = sub.add_parser("sign", help="sign the peer's CSR through ACME")
     x.add_argument("peer")
@@ -457,7 +632,14 @@ def parser() -> argparse.ArgumentParser:
         x.add_argument("peer")
         x.add_argument("--domain")
         if name == "show":
-            x.add_argument("--pem", action="store_true", help="also print the chain")
+            x.add_argument("--pem", action="store_true", help="also print the chain; with --json, the JSON (it holds "
+                                                              "the chain as chain_pem)")
+    x = s.add_parser("import", help="store a certificate any CA signed for the slot's CSR as pending (provider "
+                                    "manual); then review and deploy as usual")
+    x.add_argument("peer")
+    x.add_argument("--domain")
+    x.add_argument("file", help="the leaf and its intermediates: PEM, DER (the leaf alone) or PKCS#7 (PEM or DER), "
+                                "at most 64 KiB; the leaf must be for the key of the slot's current CSR")
 
     for name, text in (("deploy", "install the pending certificate as the active one, without restarts"),
                        ("rollback", "swap the previous certificate back in")):
@@ -482,19 +664,38 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--time", help="HH:MM[:SS] deploy time, or 'now' (deploy as soon as signed)")
     x.add_argument("--tz", help="IANA time zone of days and time, e.g. Europe/Paris")
     x.add_argument("--key-policy", choices=("rotate", "reuse"))
+    x.add_argument("--provider", help="ACME provider saved with the slot; 'default': follow the cluster default")
     x = s.add_parser("show")
     x.add_argument("peer")
 
-    x = sub.add_parser("revoke", help="revoke a certificate (PEM or DER, leaf or chain)")
+    s = sub.add_parser("domain", help="certificate slots of a peer, ACME on/off per slot").add_subparsers(
+        dest="domain_cmd", required=True)
+    s.add_parser("list", help="every slot: ACME on/off, names, active certificate, days left, mode, provider") \
+        .add_argument("peer")
+    for name, text in (("enable", "sign and renew this slot through ACME again"),
+                       ("disable", "never sign nor renew this slot (it keeps serving what it has; refused while "
+                                   "an order runs for it)")):
+        x = s.add_parser(name, help=text)
+        x.add_argument("peer")
+        x.add_argument("domain", help="the domain of the slot, or 'server' for the server certificate")
+
+    x = sub.add_parser("revoke", help="revoke a certificate (PEM or DER, leaf or chain); waits up to "
+                       f"{REVOKE_TIMEOUT:g} s or --timeout if longer (it may take two orders); a revocation "
+                       "cut off by the deadline still ends at the coordinator and is recorded in the history")
     x.add_argument("certfile")
-    x.add_argument("--provider", help="the CA to ask (default: the one that issued it)")
+    x.add_argument("--provider", help="the CA to ask (default: the one that issued it); required for a "
+                   "certificate the cluster did not obtain (another CA, or before a reset)")
     x.add_argument("--reason", default="unspecified",
                    choices=("unspecified", "keyCompromise", "superseded", "cessationOfOperation", "affiliationChanged"))
-    x.add_argument("--force", action="store_true", help="revoke even if it is active on a peer")
+    x.add_argument("--force", action="store_true", help="revoke even if it is active on a peer (or, for a "
+                   "certificate not in the records, while a peer cannot be asked whether it serves it)")
 
     s = sub.add_parser("trust", help="the CA certificates the cluster trusts").add_subparsers(dest="trust_cmd",
                                                                                               required=True)
-    s.add_parser("add").add_argument("file", help="PEM file with one or more CA certificates, or one DER certificate")
+    x = s.add_parser("add", help="trust the CA certificates of FILE, or of a preset shipped with clusteracme")
+    x.add_argument("file", nargs="?", help="PEM file with one or more CA certificates, or one DER certificate")
+    x.add_argument("--preset", metavar="NAME",
+                   help="instead of FILE: letsencrypt (Let's Encrypt's roots ISRG Root X1 and ISRG Root X2)")
     s.add_parser("list")
     s.add_parser("remove").add_argument("sha256")
     x = s.add_parser("verify", help="validate a peer's pending (or --active) chain against the trust store")
@@ -506,6 +707,11 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("peer")
     x.add_argument("--limit", type=int, default=0)
 
+    x = sub.add_parser("alarms", help="raised alarms: renewal overdue, automatic sign failing, expiring, peer dead, "
+                                      "disk differs from etcd, imported certificate aging")
+    x.add_argument("--peer", help="one peer's alarms only")
+    x.add_argument("--all", action="store_true", help="cleared alarms too (kept alarms.cleared_retention_seconds)")
+
     x = sub.add_parser("status", help="per-peer status")
     x.add_argument("peer", nargs="?")
     return p
@@ -514,7 +720,7 @@ def parser() -> argparse.ArgumentParser:
 COMMANDS = {"provider": cmd_provider, "account": cmd_account, "peer": cmd_peer, "csr": cmd_csr, "sign": cmd_sign,
             "order": cmd_order, "pending": cmd_pending, "status": cmd_status, "deploy": cmd_deploy,
             "rollback": cmd_rollback, "rollout": cmd_rollout, "events": cmd_events, "schedule": cmd_schedule,
-            "revoke": cmd_revoke, "trust": cmd_trust}
+            "revoke": cmd_revoke, "trust": cmd_trust, "domain": cmd_domain, "alarms": cmd_alarms}
 
 
 async def _run(args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ import aiohttp
 
 from clusteracme import __version__, certinfo, errors
 from clusteracme.v1 import agent_pb2, common_pb2
-from coordinator import orders, preflight, records
+from coordinator import imports, orders, preflight, records
 from coordinator.accounts import Accounts
 from coordinator.acme_client import AcmeClient
 from coordinator.admission import BUDGET_WINDOW, Admission, Limits
@@ -34,6 +34,7 @@ from coordinator.names import normalize_names
 from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase, Step
 from coordinator.peers import AgentPool, PeerInfo, Registry
 from coordinator.settings import AdmissionSettings, TimingSettings
+from coordinator.slots import check_may_sign
 from coordinator.store.base import Check, Conflict, NotLeader, Op, Put, Store
 from coordinator.store.keys import Keys
 from coordinator.tokenpush import TokenPusher
@@ -215,24 +216,48 @@ class Issuance:
                 )
 
     # --- CSR (R3) ----------------------------------------------------------
-    async def create_csr(self, peer_id: str, domain: str, common_name: str, sans: list[str], key_type: int) -> dict[str, Any]:
+    async def create_csr(self, peer_id: str, domain: str, common_name: str, sans: list[str], key_type: int, *,
+                         subject: dict[str, str] | None = None, provider: str = "") -> dict[str, Any]:
+        """Have the peer generate a key and a CSR; returns the slot record as stored.
+
+        The subject is part of the CSR: a new CSR has exactly the attributes
+        given (``subject``: O, OU, L, ST, C, ``imports.check_subject``; {} for
+        none). None is for a key rotation only: the new CSR repeats the slot's
+        saved subject. The provider is a setting of the slot, not of the CSR:
+        ``provider`` is saved with the slot, "" keeps the slot's saved one.
+        """
         if key_type not in KEY_TYPE_LABELS:
             raise errors.InvalidArgument(
                 f"unknown key type {key_type}; choose one of " + ", ".join(KEY_TYPE_LABELS.values())
             )
         names = normalize_names(common_name, sans)
+        if len(names[0]) > imports.MAX_COMMON_NAME:
+            raise errors.InvalidArgument(
+                f"the common name {names[0]} has {len(names[0])} characters; a certificate's CN holds at most "
+                f"{imports.MAX_COMMON_NAME} (RFC 5280 ub-common-name): give a name of at most "
+                f"{imports.MAX_COMMON_NAME} characters as --cn and this one as --san")
         if domain:
             domain = normalize_names(domain, [])[0]
             if domain not in names:
                 raise errors.InvalidArgument(f"the domain slot {domain} must be one of the certificate's names")
+        if subject is not None:
+            subject = imports.check_subject(subject)
+        if provider:
+            known = [p.name for p in await self._accounts.list()]
+            if provider not in known:
+                raise errors.NotFound(f"no provider named {provider[:64]!r} (known: {', '.join(known) or 'none'}; "
+                                      f"acmectl provider add NAME)")
         peer = await self._registry.get(peer_id)
         slot, _ = await self._slot(peer_id, domain)
         await self._refuse_if_running(peer_id, domain, slot, "replacing the CSR")
+        if subject is None:
+            subject = dict(((slot or {}).get("csr") or {}).get("subject") or {})
         reply = await self._pool.call(
             peer, "generating the key and CSR",
             lambda stub, kw: stub.GenerateCSR(
                 agent_pb2.GenerateCSRRequest(
-                    slot=common_pb2.Slot(domain=domain), common_name=names[0], sans=names[1:], key_type=key_type
+                    slot=common_pb2.Slot(domain=domain), common_name=names[0], sans=names[1:], key_type=key_type,
+                    subject=common_pb2.CsrSubject(**subject),
                 ),
                 **kw,
             ),
@@ -241,9 +266,15 @@ class Issuance:
         csr = certinfo.load_csr(reply.csr_pem)
         if sorted(certinfo.csr_names(csr)) != sorted(names) or certinfo.spki_sha256(csr.public_key()) != reply.public_key_sha256:
             raise errors.Unavailable(f"peer {peer_id} returned a CSR that does not match the request")
+        if imports.name_subject(csr.subject) != subject:
+            raise errors.Unavailable(
+                f"peer {peer_id} returned a CSR whose subject ({csr.subject.rfc4514_string()}) lacks or changes the "
+                f"requested attributes ({imports.subject_text(subject) or 'none'}); is its agent older than the "
+                "coordinator?")
         csr_record = {
             "pem": reply.csr_pem, "names": names, "key_type": KEY_TYPE_LABELS[key_type],
             "public_key_sha256": reply.public_key_sha256, "created_at": utcnow(),
+            "subject": subject, "subject_text": csr.subject.rfc4514_string(),
         }
 
         async def change(current: dict[str, Any] | None) -> dict[str, Any]:
@@ -253,20 +284,31 @@ class Issuance:
             await self._refuse_if_running(peer_id, domain, current, "replacing the CSR")
             base = current or {"peer_id": peer_id, "domain": domain, "pending": None, "last_sign": None,
                                "current_order": None}
-            return {**base, "csr": csr_record}
+            return {**base, "csr": csr_record, **({"provider": provider} if provider else {})}
 
-        await records.update(self._store, self._keys.cert(peer_id, slot_name(domain)), change)
-        return csr_record
+        stored = await records.update(self._store, self._keys.cert(peer_id, slot_name(domain)), change)
+        assert stored is not None
+        return stored
+
+    async def csr(self, peer_id: str, domain: str) -> dict[str, Any]:
+        """The slot record of a slot that has a CSR (NotFound otherwise)."""
+        await self._registry.get(peer_id)
+        slot, _ = await self._slot(peer_id, domain)
+        if not slot or not slot.get("csr"):
+            raise errors.NotFound(f"peer {peer_id}{_peer_label(domain)} has no CSR "
+                                  f"(acmectl csr create {peer_id} --cn NAME" + (f" --domain {domain})" if domain else ")"))
+        return slot
 
     # --- sign (R4, R5) -----------------------------------------------------
     async def start_sign(self, peer_id: str, domain: str, provider: str, force: bool, who: str = "", *,
                          auto: bool = False, replaces: str = "") -> OrderRecord:
         """Check everything, save the new order record, start its driver."""
         peer = await self._registry.get(peer_id)
-        if not peer.enabled:
-            raise errors.FailedPrecondition(f"ACME is disabled on peer {peer_id} (acmectl peer enable {peer_id})")
-        provider = await self._accounts.resolve(provider)
         slot, slot_rev = await self._slot(peer_id, domain)
+        check_may_sign(peer_id, peer.enabled, slot)  # ACME off for the peer or the slot
+        # --provider, else the slot's, else the cluster default (else, when
+        # renewing, the active certificate's), else the only account.
+        provider = await self._accounts.choose(explicit=provider, slot=slot, renewal=auto)
         if not slot or not slot.get("csr"):
             raise errors.FailedPrecondition(
                 f"peer {peer_id}{_peer_label(domain)} has no CSR yet (acmectl csr create {peer_id} --cn NAME)"
@@ -322,19 +364,25 @@ class Issuance:
         """An order that only validates ``names`` (every peer serving the
         challenges, as in signing) and ends there: RFC 8555 7.6 lets an
         account that holds valid authorizations for every name of a
-        certificate revoke it."""
-        now = utcnow()
+        certificate revoke it. DNS is checked first, as for a sign: a name
+        DNS does not point at the cluster raises ``PreflightFailed`` (nothing
+        asked of the CA), and only the peers DNS points at must serve."""
         self._admission.reserve()
-        rec = OrderRecord(order_id=uuid.uuid4().hex[:16], peer_id="", domain="", provider=provider, names=names,
-                          csr_pem="", created_at=now, updated_at=now, requested_by=who, authorize_only=True,
-                          phase=Phase.QUEUED)
         try:
+            resolution = await self._resolve(names)
+            if resolution.problems:
+                raise PreflightFailed(resolution.problems)
+            now = utcnow()
+            rec = OrderRecord(order_id=uuid.uuid4().hex[:16], peer_id="", domain="", provider=provider, names=names,
+                              csr_pem="", created_at=now, updated_at=now, requested_by=who, authorize_only=True,
+                              phase=Phase.QUEUED, dns=resolution.peers_by_name)
             await self._store.put_if(self._keys.order(rec.order_id), records.encode(rec.to_json()),
                                      expect_mod_revision=0)
         except BaseException:
             self._admission.unreserve()
             raise
         self._admission.enqueue(rec.order_id, rec.provider, reserved=True)
+        self._resolved_now.add(rec.order_id)
         self._pump()
         self.spawn(rec.order_id)
         return rec
@@ -908,6 +956,78 @@ class Issuance:
             except Conflict:
                 continue
         await self._history.trim(peer_id)
+
+    def _check_importable(self, peer_id: str, domain: str, slot: dict[str, Any] | None) -> dict[str, Any]:
+        """The slot's CSR record, if a certificate may be imported for it now."""
+        if not slot or not slot.get("csr"):
+            raise errors.FailedPrecondition(
+                f"peer {peer_id}{_peer_label(domain)} has no CSR to import a certificate for "
+                f"(acmectl csr create {peer_id} --cn NAME, then have the CSR signed: acmectl csr show {peer_id} --pem)")
+        if slot.get("pending"):
+            raise errors.FailedPrecondition(
+                f"peer {peer_id}{_peer_label(domain)} already has a pending certificate "
+                f"(serial {slot['pending']['serial_hex']}); deploy it or discard it (acmectl pending discard) first")
+        return slot["csr"]
+
+    async def import_pending(self, peer_id: str, domain: str, data: bytes, who: str = "") -> dict[str, Any]:
+        """Store a chain signed outside ACME as the slot's pending certificate
+        (provider "manual"). Whether ACME is enabled does not matter: this is
+        how strict sites skip ACME. Only a certificate for the key of the
+        slot's current CSR is accepted, and the peer must confirm it holds
+        that key. Every refusal changes nothing."""
+        peer = await self._registry.get(peer_id)
+        chain = await asyncio.to_thread(imports.load_chain, data)
+        key = self._keys.cert(peer_id, slot_name(domain))
+        slot, _ = await records.read(self._store, key)
+        csr = self._check_importable(peer_id, domain, slot)
+        await self._refuse_if_running(peer_id, domain, slot, "importing a certificate")
+        now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+        imports.check_for_slot(chain, csr["names"], now)
+        imports.check_serial_unused(chain, slot or {}, {})
+        # The key must be confirmed by the peer itself: a certificate for a
+        # key the peer does not hold could never be deployed.
+        try:
+            status = await self._pool.call(peer, "status",
+                                           lambda stub, kw: stub.Status(agent_pb2.AgentStatusRequest(), **kw))
+        except errors.ClusterAcmeError as exc:
+            raise errors.Unavailable(f"cannot confirm that peer {peer_id} holds the key of certificate "
+                                     f"{chain.serial_hex} ({exc.message}); nothing was imported, try again when "
+                                     "the peer answers") from None
+        held = next((list(k.held_keys) for k in status.keys if k.slot.domain == domain), [])
+        imports.check_key(chain, csr["public_key_sha256"], held)
+        on_peer = next(({"active": c.active_serial_hex, "previous": c.previous_serial_hex}
+                        for c in status.certificates if c.slot.domain == domain), {})
+        imports.check_serial_unused(chain, slot or {}, on_peer)
+        pending = imports.pending_record(chain, csr["names"], utcnow())
+        issuer = imports.printable(chain.leaf.issuer.rfc4514_string())
+        event = Event(at=pending["signed_at"], peer_id=peer_id, domain=domain, who=who, what="import", result="ok",
+                      serial_hex=chain.serial_hex,
+                      detail=f"{chain.describe()}; issuer {issuer}; key: the current CSR's key "
+                             f"{csr['public_key_sha256'][:16]}...")
+        for _ in range(records.MAX_CAS_ATTEMPTS):
+            current, revision = await records.read(self._store, key)
+            # Check again under compare-and-swap: a sign, a discard, a deploy
+            # or a new CSR may have landed while the peer was asked.
+            now_csr = self._check_importable(peer_id, domain, current)
+            await self._refuse_if_running(peer_id, domain, current, "importing a certificate")
+            if now_csr.get("public_key_sha256") != csr["public_key_sha256"] or now_csr["names"] != csr["names"]:
+                raise errors.Aborted(f"the CSR of peer {peer_id}{_peer_label(domain)} changed during the import; "
+                                     "nothing was imported (the certificate is for the CSR replaced since)")
+            assert current is not None
+            imports.check_serial_unused(chain, current, on_peer)
+            try:
+                await self._store.txn(checks=[Check(key, revision)],
+                                      ops=[Put(key, records.encode({**current, "pending": pending})),
+                                           self._history.put(event)])
+                break
+            except Conflict:
+                continue
+        else:
+            raise errors.Aborted(f"peer {peer_id}{_peer_label(domain)} kept changing; nothing was imported")
+        log.info("imported certificate %s for %s%s (%s)", chain.serial_hex, peer_id, _peer_label(domain),
+                 chain.describe())
+        await self._history.trim(peer_id)
+        return {**current, "pending": pending}
 
     async def slots(self, peer_id: str) -> list[dict[str, Any]]:
         return [records.decode(e.value) for e in await self._store.range(self._keys.certs(peer_id))]

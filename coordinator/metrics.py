@@ -31,6 +31,12 @@ LOOP_LAG = Histogram("clusteracme_event_loop_lag_seconds",
 ORDERS_COMPACTED = Counter("clusteracme_orders_compacted_total",
                            "Ended orders compacted into their peer's history by the retention job",
                            registry=REGISTRY)
+ALARM = Gauge("clusteracme_alarm", "1 while the alarm is raised (the series goes away when it clears); "
+              "domain: server, the domain, or empty for an alarm of the peer itself",
+              ["kind", "peer", "domain"], registry=REGISTRY)
+ALARM_WEBHOOK_POSTS = Counter("clusteracme_alarm_webhook_posts",
+                              "Alarm webhook POSTs, by result: delivered, failed (retried), dropped (gave up)",
+                              ["result"], registry=REGISTRY)
 
 
 async def serve(listen: str) -> web.AppRunner:

@@ -7,6 +7,13 @@ drawn sign opportunities under ``schedule/``), so a restarted or new leader
 carries on where the last one stopped: no opportunity is used twice, nothing
 is signed twice, and a certificate signed before a crash is deployed at its
 slot by whoever leads then.
+
+Automatic mode pauses (signs nothing, counts no failure, backs off nothing)
+while ACME is disabled on the peer or for the slot, while the certificate in
+service was imported, and while no provider can be chosen; the reason is in
+the plan (status). Opportunities that pass during a pause are spent, so work
+resumes at the next one. The slot settings written here: the schedule, the
+slot's provider, ACME on/off for the slot.
 """
 
 from __future__ import annotations
@@ -22,13 +29,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from clusteracme import certinfo, errors
-from coordinator import records, renewal
-from coordinator.accounts import Accounts
+from coordinator import records, renewal, slots
+from coordinator.accounts import Accounts, ProviderBook, ProviderUnresolved
 from coordinator.admission import QueueFull
 from coordinator.deployment import Deployment
 from coordinator.issuance import KEY_TYPE_LABELS, Issuance, slot_name
 from coordinator.metrics import AUTO_FAILURES, CERT_NOT_AFTER, DEPLOYS, PEERS_ALIVE, RENEWAL_OVERDUE
-from coordinator.peers import Registry
+from coordinator.peers import PeerInfo, Registry
 from coordinator.settings import RenewalSettings
 from coordinator.store.base import Store
 from coordinator.store.keys import Keys
@@ -59,6 +66,8 @@ class Plan:
     retry_at: datetime.datetime | None
     failures: int
     warning: str
+    paused: str = ""    # why automatic mode signs nothing now (auto mode only)
+    provider: str = ""  # the provider automatic renewal would sign with ("" when none can be chosen)
 
 
 class RenewalScheduler:
@@ -89,9 +98,15 @@ class RenewalScheduler:
             raise errors.InvalidArgument(f"key policy {schedule['key_policy']!r}: choose rotate or reuse")
         return {**schedule, "days": ",".join(renewal.WEEKDAYS[d] for d in sorted(days))}
 
-    async def set_schedule(self, peer_id: str, domain: str, changes: dict[str, Any]) -> dict[str, Any]:
+    async def set_schedule(self, peer_id: str, domain: str, changes: dict[str, Any], *,
+                           provider: str = "") -> dict[str, Any]:
+        """Change a slot's schedule; ``provider``: save it with the slot
+        (it must exist), "default" to follow the cluster default, "" to keep."""
         await self._registry.get(peer_id)
+        if provider and provider != "default":
+            await self._accounts.exists(provider)
         key = self._keys.cert(peer_id, slot_name(domain))
+        now = _iso_ms(self._clock())
 
         def change(current: dict[str, Any] | None) -> dict[str, Any]:
             if current is None or not current.get("csr"):
@@ -99,9 +114,16 @@ class RenewalScheduler:
                     f"peer {peer_id}{f' (domain {domain})' if domain else ''} has no CSR yet: "
                     "create one first (acmectl csr create), the renewals reuse its names and key type")
             schedule = self.validated({**DEFAULT_SCHEDULE, **(current.get("schedule") or {}), **changes})
-            if schedule == current.get("schedule"):
-                return current
-            return {**current, "schedule": schedule}
+            updated = {**current, "schedule": schedule}
+            if schedule["auto"] and not (current.get("schedule") or {}).get("auto"):
+                # Turned on now: only opportunities from now on count (status
+                # shows the next one, and that is the one used).
+                updated["renewal"] = {**(current.get("renewal") or {}), "auto_since": now}
+            if provider == "default":
+                updated.pop("provider", None)
+            elif provider:
+                updated["provider"] = provider
+            return current if updated == current else updated
 
         updated = await records.update(self._store, key, change)
         assert updated is not None
@@ -138,7 +160,7 @@ class RenewalScheduler:
                         continue
                     seen += 1
                     try:
-                        await self._slot_tick(peer_id, records.decode(entry.value))
+                        await self._slot_tick(peers[peer_id], records.decode(entry.value))
                     except errors.ClusterAcmeError as exc:
                         log.warning("renewal of %s: %s", entry.key.removeprefix(prefix), exc.message)
                     except Exception:
@@ -152,8 +174,9 @@ class RenewalScheduler:
         self._ticks += 1
         return seen
 
-    async def _slot_tick(self, peer_id: str, slot: dict[str, Any]) -> None:
+    async def _slot_tick(self, peer: PeerInfo, slot: dict[str, Any]) -> None:
         now = self._clock()
+        peer_id = peer.peer_id
         domain = slot.get("domain", "")
         labels = {"peer": peer_id, "domain": domain or "server"}
         schedule = {**DEFAULT_SCHEDULE, **(slot.get("schedule") or {})}
@@ -163,11 +186,15 @@ class RenewalScheduler:
         if active:
             CERT_NOT_AFTER.labels(**labels).set(_parse(active["not_after"]).timestamp())  # type: ignore[union-attr]
         due = await self._due(peer_id, domain, slot, now, fetch_ari=True)
+        aging = _aging(slot, now)
+        if aging is not None and state.get("warned_imported") != aging.serial_hex:
+            log.warning("%s %s: %s", peer_id, labels["domain"], aging.warning())
+            await self._save_state(peer_id, domain, {"warned_imported": aging.serial_hex})
 
         if not schedule["auto"]:
             overdue = bool(active) and due is not None and now >= due.at
-            RENEWAL_OVERDUE.labels(**labels).set(1 if overdue else 0)
-            if overdue and state.get("warned_serial") != active["serial_hex"]:  # type: ignore[index]
+            RENEWAL_OVERDUE.labels(**labels).set(1 if overdue or aging else 0)
+            if overdue and aging is None and state.get("warned_serial") != active["serial_hex"]:  # type: ignore[index]
                 log.warning("renewal due for %s %s (manual mode): certificate %s reached %s at %s; "
                             "sign a new one (acmectl sign) or turn on automatic mode", peer_id, labels["domain"],
                             active["serial_hex"], due.reason, _iso(due.at))  # type: ignore[index,union-attr]
@@ -177,11 +204,13 @@ class RenewalScheduler:
         # say so through the same signal as manual mode when renewal is due.
         manual_pending = bool(pending) and not pending.get("auto")  # type: ignore[union-attr]
         RENEWAL_OVERDUE.labels(**labels).set(
-            1 if manual_pending and active and due is not None and now >= due.at else 0)
+            1 if aging or (manual_pending and active and due is not None and now >= due.at) else 0)
         if slot.get("current_order"):
             return  # an order is running; its end is accounted for on a later tick
         if pending:
             if pending.get("auto"):
+                # Signed before any pause: deployed at its slot all the same
+                # (no ACME involved; left alone it would expire unused).
                 await self._deploy_if_slot(peer_id, domain, schedule, pending, state, now)
             return  # a certificate signed by hand is the operator's to deploy
         if not slot.get("csr") or due is None or now < due.at:
@@ -189,35 +218,59 @@ class RenewalScheduler:
         retry_at = _parse(state.get("retry_at"))
         if retry_at and now < retry_at:
             return
-        # Only an opportunity drawn after the renewal point (and after any
-        # backoff) counts: signing right at a due time anyone can compute
-        # from the certificate would make the time predictable.
-        earliest = max(t for t in (due.at, retry_at) if t is not None)
+        # Only an opportunity drawn after the renewal point (after any backoff,
+        # and after automatic mode was turned on) counts: signing right at a
+        # due time anyone can compute from the certificate would make the time
+        # predictable.
+        earliest = max(t for t in (due.at, retry_at, _parse(state.get("auto_since"))) if t is not None)
         opportunity = await self._passed_opportunity(peer_id, schedule, state, now, earliest)
         if opportunity is None:
             return
+        paused = slots.standing_pause(peer.enabled, slot)
+        provider = ""
+        if not paused:
+            try:
+                provider = await self._accounts.choose(slot=slot, renewal=True)
+            except ProviderUnresolved as exc:
+                paused = exc.message
+        if paused:
+            await self._skip(peer_id, domain, state, opportunity, paused)
+            return
         # Persist the opportunity as used *before* acting: a crash here can
         # cost this opportunity, never cause a second order for it.
-        await self._save_state(peer_id, domain, {"handled_opportunity": _iso_ms(opportunity)})
-        await self._sign(peer_id, domain, slot, schedule, active, now, state)
+        await self._save_state(peer_id, domain, {"handled_opportunity": _iso_ms(opportunity), "paused": ""})
+        await self._sign(peer_id, domain, slot, schedule, active, now, state, provider)
+
+    async def _skip(self, peer_id: str, domain: str, state: dict[str, Any], opportunity: datetime.datetime,
+                    paused: str) -> None:
+        """A pause: the opportunity is spent without signing, and nothing
+        counts as a failure (no backoff: work resumes at the next opportunity)."""
+        changes: dict[str, Any] = {"handled_opportunity": _iso_ms(opportunity)}
+        if state.get("paused") != paused:
+            deliberate = paused in (slots.PAUSED_PEER, slots.PAUSED_DOMAIN, slots.PAUSED_IMPORTED)
+            log.log(logging.INFO if deliberate else logging.WARNING,
+                    "automatic renewal of %s %s is paused, nothing is signed: %s", peer_id, slots.label(domain), paused)
+            changes["paused"] = paused
+        await self._save_state(peer_id, domain, changes)
 
     async def _sign(self, peer_id: str, domain: str, slot: dict[str, Any], schedule: dict[str, Any],
-                    active: dict[str, Any] | None, now: datetime.datetime, state: dict[str, Any]) -> None:
+                    active: dict[str, Any] | None, now: datetime.datetime, state: dict[str, Any],
+                    provider: str) -> None:
         csr = slot["csr"]
         try:
             self._issuance.check_room()  # before a new key: a full queue is load, not a failure
-            if schedule["key_policy"] == "rotate":
+            if schedule["key_policy"] == "rotate" and active:
+                # A new key per renewal; the first certificate uses the CSR
+                # the operator made (its key has signed nothing yet).
                 names = csr["names"]
                 await self._issuance.create_csr(peer_id, domain, names[0], names[1:],
                                                 _LABEL_TO_KEY_TYPE.get(csr["key_type"], 1))
             replaces = ""
-            if active:
+            if active and not slots.is_imported(active):
                 try:
                     replaces = renewal.ari_cert_id(certinfo.leaf(active["chain_pem"]))
                 except errors.InvalidArgument:
                     pass  # no Authority Key Identifier: renew without "replaces"
-            # Renew with the provider that signed the certificate in service.
-            provider = (active or {}).get("provider", "")
             rec = await self._issuance.start_sign(peer_id, domain, provider, False, self._identity, auto=True,
                                                   replaces=replaces)
         except QueueFull as exc:
@@ -225,6 +278,14 @@ class RenewalScheduler:
             # try again at a later tick (no order was saved).
             log.warning("automatic sign for %s %s waits: %s", peer_id, domain or "server", exc.message)
             await self._save_state(peer_id, domain, {"handled_opportunity": state.get("handled_opportunity", "")})
+            return
+        except (slots.SigningPaused, ProviderUnresolved) as exc:
+            # Switched off (or the provider lost its account) since the check
+            # a moment ago: a pause, not a failure.
+            paused = exc.paused if isinstance(exc, slots.SigningPaused) else exc.message
+            log.info("automatic renewal of %s %s is paused, nothing is signed: %s", peer_id, slots.label(domain),
+                     paused)
+            await self._save_state(peer_id, domain, {"paused": paused})
             return
         except errors.ClusterAcmeError as exc:
             failures = state.get("failures", 0) + 1
@@ -234,7 +295,8 @@ class RenewalScheduler:
             await self._save_state(peer_id, domain, {"failures": failures, "retry_at": _iso(retry_at),
                                                      "last_error": exc.message})
             return
-        log.info("automatic sign for %s %s: order %s", peer_id, domain or "server", rec.order_id)
+        log.info("automatic sign for %s %s: order %s (provider %s)", peer_id, domain or "server", rec.order_id,
+                 rec.provider)
         await self._save_state(peer_id, domain, {"last_auto_order": rec.order_id})
 
     def _backoff(self, failures: int) -> float:
@@ -358,6 +420,10 @@ class RenewalScheduler:
                 return None
             return renewal.Due(_parse(csr.get("created_at")) or now, "no certificate deployed yet")
         cert = certinfo.leaf(active["chain_pem"])
+        if slots.is_imported(active):
+            # Not from an ACME CA: no renewal information to ask for.
+            return renewal.renewal_due(cert.not_valid_before_utc, cert.not_valid_after_utc,
+                                       fraction=self._settings.fraction)
         ari = (slot.get("renewal") or {}).get("ari") or {}
         if ari.get("serial") != active["serial_hex"] or (fetch_ari and now >= _parse(ari["next_check"])):  # type: ignore[operator]
             if fetch_ari:
@@ -410,27 +476,99 @@ class RenewalScheduler:
         return result
 
     # --- what status shows ---------------------------------------------------------
-    async def plan(self, peer_id: str, slot: dict[str, Any]) -> Plan:
+    async def provider_book(self) -> ProviderBook:
+        """Read once, pass to :meth:`plan` for every slot of a status."""
+        return await self._accounts.book()
+
+    async def plan(self, peer_id: str, slot: dict[str, Any], *, peer: PeerInfo | None = None,
+                   book: ProviderBook | None = None) -> Plan:
         now = self._clock()
+        peer = peer or await self._registry.get(peer_id)
+        book = book or await self._accounts.book()
         schedule = {**DEFAULT_SCHEDULE, **(slot.get("schedule") or {})}
         state = slot.get("renewal") or {}
         due = await self._due(peer_id, slot.get("domain", ""), slot, now, fetch_ari=False)
         retry_at = _parse(state.get("retry_at"))
+        paused = slots.standing_pause(peer.enabled, slot)
+        try:
+            provider = book.choose(slot=slot, renewal=True)
+        except ProviderUnresolved as exc:
+            provider = ""
+            paused = paused or exc.message
+        if not schedule["auto"]:
+            paused = ""  # nothing automatic to pause
         warning = ""
         next_sign = next_deploy = None
         pending = slot.get("pending")
-        if not schedule["auto"]:
-            if slot.get("active") and due and now >= due.at:
-                warning = (f"renewal due since {_iso(due.at)} ({due.reason}) and the slot is in manual mode: "
-                           "sign a new certificate or turn on automatic mode")
-        elif pending and pending.get("auto"):
+        aging = _aging(slot, now)
+        if aging is not None:
+            warning = aging.warning()
+        elif not schedule["auto"] and slot.get("active") and due and now >= due.at:
+            warning = (f"renewal due since {_iso(due.at)} ({due.reason}) and the slot is in manual mode: "
+                       "sign a new certificate or turn on automatic mode")
+        if schedule["auto"] and pending and pending.get("auto"):
             next_deploy = self._deploy_slot(schedule, _parse(pending["signed_at"]))  # type: ignore[arg-type]
-        elif due is not None and not pending:
-            not_before = max(t for t in (due.at, now, retry_at) if t is not None)
+        elif schedule["auto"] and due is not None and not pending and not paused:
+            not_before = max(t for t in (due.at, now, retry_at, _parse(state.get("auto_since"))) if t is not None)
             next_sign = await self._next_opportunity(peer_id, schedule, not_before)
             if next_sign is not None:
                 next_deploy = self._deploy_slot(schedule, next_sign)
-        return Plan(schedule, due, next_sign, next_deploy, retry_at, state.get("failures", 0), warning)
+        return Plan(schedule, due, next_sign, next_deploy, retry_at, state.get("failures", 0), warning, paused,
+                    provider)
+
+    # --- domain slots: ACME on/off ---------------------------------------------------
+    async def set_domain_acme(self, peer_id: str, domain: str, enabled: bool) -> dict[str, Any]:
+        """Switch ACME on or off for one slot ("" or "server": the server
+        slot). Disabling is refused while an order runs for the slot: an
+        order finishing on a switched-off slot would leave a certificate no
+        one asked for; wait for it, then disable."""
+        await self._registry.get(peer_id)
+        domain = slots.parse_slot(domain)
+        key = self._keys.cert(peer_id, slot_name(domain))
+        what = f"domain {domain}" if domain else "the server certificate"
+
+        async def change(current: dict[str, Any] | None) -> dict[str, Any]:
+            if current is None:
+                raise errors.NotFound(f"peer {peer_id} has no slot for {what} (acmectl domain list {peer_id}; "
+                                      "a slot exists once a CSR was created for it)")
+            if slots.acme_enabled(current) == enabled:
+                return current
+            order_id = current.get("current_order")
+            if not enabled and order_id:
+                try:
+                    running = await self._issuance.get_order(order_id)
+                except errors.NotFound:
+                    running = None
+                if running is not None and not running.done:
+                    raise errors.FailedPrecondition(
+                        f"order {order_id} for {what} on peer {peer_id} is still running ({running.phase.value}); "
+                        f"ACME is switched off only between orders: wait for it (acmectl order show {order_id}), "
+                        "then disable")
+            return {**current, "acme_enabled": enabled}
+
+        updated = await records.update(self._store, key, change)
+        assert updated is not None
+        log.info("ACME %s for %s on peer %s", "enabled" if enabled else "disabled", what, peer_id)
+        return updated
+
+    async def domains(self, peer_id: str) -> list[slots.DomainView]:
+        """Every certificate slot of the peer, as ``acmectl domain list`` shows it."""
+        peer = await self._registry.get(peer_id)
+        book = await self._accounts.book()
+        return [await self.domain_view(peer, slot, book) for slot in await self._issuance.slots(peer_id)]
+
+    async def domain_view(self, peer: PeerInfo, slot: dict[str, Any], book: ProviderBook | None = None
+                          ) -> slots.DomainView:
+        plan = await self.plan(peer.peer_id, slot, peer=peer, book=book)
+        return slots.view(slot, self._clock(), mode="auto" if plan.schedule["auto"] else "manual",
+                          paused=plan.paused)
+
+
+def _aging(slot: dict[str, Any], now: datetime.datetime) -> slots.Aging | None:
+    try:
+        return slots.imported_aging(slot, now)
+    except errors.ClusterAcmeError:
+        return None  # an unreadable chain: nothing to say about its age
 
 
 def _iso_ms(when: datetime.datetime) -> str:

@@ -16,7 +16,9 @@ from clusteracme.pki import Identity, Role
 from clusteracme.rpcutil import rpc_method
 from clusteracme.v1 import agent_pb2, common_pb2, coordinator_pb2_grpc
 from clusteracme.v1 import coordinator_pb2 as pb
-from coordinator.accounts import Accounts, ProviderView
+from coordinator import imports
+from coordinator.accounts import Accounts, ProviderBook, ProviderView
+from coordinator.alarms import AlarmBook, AlarmRecord, compare_disk
 from coordinator.deployment import Deployment, DeployOutcome
 from coordinator.history import History
 from coordinator.issuance import Issuance
@@ -24,6 +26,7 @@ from coordinator.orders import OrderRecord, Phase
 from coordinator.peers import AgentPool, PeerInfo, Registry
 from coordinator.revocation import Revocation
 from coordinator.scheduler import RenewalScheduler
+from coordinator.slots import DomainView
 from coordinator.trust import TrustedCA, TrustStore
 
 AGENT, OPERATOR = Role.AGENT, Role.OPERATOR
@@ -39,12 +42,25 @@ def _provider(v: ProviderView) -> pb.Provider:
     )
 
 
+def _domain_slot(v: DomainView) -> pb.DomainSlot:
+    return pb.DomainSlot(
+        slot=common_pb2.Slot(domain=v.domain), acme_enabled=v.acme_enabled, names=v.names,
+        active_serial=v.active_serial, active_not_after=v.active_not_after, days_left=v.days_left, mode=v.mode,
+        provider=v.provider, active_provider=v.active_provider, paused=v.paused)
+
+
 def _peer(p: PeerInfo) -> pb.Peer:
     return pb.Peer(
         peer_id=p.peer_id, addresses=p.addresses, grpc_endpoint=p.grpc_endpoint, http_front=p.http_front,
         front_mode=p.front_mode, version=p.version, enabled=p.enabled, alive=p.alive, registered_at=p.registered_at,
         tls_endpoints=p.tls_endpoints,
     )
+
+
+def _alarm(r: AlarmRecord) -> pb.Alarm:
+    return pb.Alarm(kind=r.kind, peer_id=r.peer_id, slot=None if r.domain is None else common_pb2.Slot(domain=r.domain),
+                    severity=r.severity, detail=r.detail, raised_at=r.raised_at, cleared_at=r.cleared_at,
+                    active=r.active)
 
 
 def order_info(rec: OrderRecord, queue_position: int = 0) -> pb.OrderInfo:
@@ -70,7 +86,20 @@ def _deploy_result(o: DeployOutcome, slot: common_pb2.Slot) -> pb.DeployResult:
 
 def _trusted(c: TrustedCA) -> pb.TrustedCA:
     return pb.TrustedCA(sha256=c.sha256, subject=c.subject, issuer=c.issuer, not_before=str(c.not_before),
-                        not_after=str(c.not_after), self_signed=c.self_signed, added=c.added)
+                        not_after=str(c.not_after), self_signed=c.self_signed, added=c.added, type=c.type)
+
+
+def _csr_info(peer_id: str, slot: dict[str, Any]) -> pb.CSRInfo:
+    """A slot's stored CSR, decoded from its PEM (the record's names and dates besides)."""
+    csr = slot["csr"]
+    parsed = certinfo.load_csr(csr["pem"])
+    return pb.CSRInfo(
+        peer_id=peer_id, slot=common_pb2.Slot(domain=slot.get("domain", "")), common_name=csr["names"][0],
+        names=csr["names"], key_type=certinfo.key_label(parsed.public_key()), csr_pem=csr["pem"],
+        created_at=csr["created_at"], subject=common_pb2.CsrSubject(**imports.name_subject(parsed.subject)),
+        subject_text=parsed.subject.rfc4514_string(), public_key_sha256=certinfo.spki_sha256(parsed.public_key()),
+        provider=slot.get("provider", ""),
+    )
 
 
 def _required(value: str, what: str) -> str:
@@ -82,7 +111,8 @@ def _required(value: str, what: str) -> str:
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, registry: Registry, accounts: Accounts, issuance: Issuance, deployment: Deployment,
                  history: History, scheduler: RenewalScheduler, pool: AgentPool, revocation: Revocation,
-                 trust: TrustStore, *, heartbeat_interval: int, lease_ttl: int) -> None:
+                 trust: TrustStore, *, heartbeat_interval: int, lease_ttl: int, alarms: AlarmBook) -> None:
+        self._alarms = alarms
         self._scheduler = scheduler
         self._revocation = revocation
         self._trust = trust
@@ -142,7 +172,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @rpc_method(OPERATOR)
     async def ListProviders(self, request: pb.ListProvidersRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
-        return pb.ListProvidersResponse(providers=[_provider(v) for v in await self._accounts.list()])
+        return await self._providers()
+
+    async def _providers(self) -> pb.ListProvidersResponse:
+        default = await self._accounts.default_provider()
+        providers = [_provider(v) for v in await self._accounts.list()]
+        for p in providers:
+            p.is_default = p.name == default
+        return pb.ListProvidersResponse(providers=providers, default_provider=default)
+
+    @rpc_method(OPERATOR)
+    async def SetDefaultProvider(self, request: pb.SetDefaultProviderRequest, context: grpc.aio.ServicerContext,
+                                 who: Identity) -> Any:
+        await self._accounts.set_default(request.provider)
+        return await self._providers()
 
     @rpc_method(OPERATOR)
     async def RegisterAccount(self, request: pb.RegisterAccountRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
@@ -167,12 +210,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     # --- CSR, sign, pending ------------------------------------------------
     @rpc_method(OPERATOR)
     async def CreateCSR(self, request: pb.CreateCSRRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
-        csr = await self._issuance.create_csr(
+        subject = {f.key: getattr(request.subject, f.key) for f in imports.SUBJECT_FIELDS}
+        slot = await self._issuance.create_csr(
             _required(request.peer_id, "a peer id"), request.slot.domain, request.common_name,
-            list(request.sans), request.key_type,
+            list(request.sans), request.key_type, subject=subject, provider=request.provider,
         )
-        return pb.CSRInfo(peer_id=request.peer_id, slot=request.slot, common_name=csr["names"][0], names=csr["names"],
-                          key_type=csr["key_type"], csr_pem=csr["pem"], created_at=csr["created_at"])
+        return _csr_info(request.peer_id, slot)
+
+    @rpc_method(OPERATOR)
+    async def GetCSR(self, request: pb.GetCSRRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        peer_id = _required(request.peer_id, "a peer id")
+        return _csr_info(peer_id, await self._issuance.csr(peer_id, request.slot.domain))
 
     @rpc_method(OPERATOR)
     async def Sign(self, request: pb.SignRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
@@ -194,14 +242,31 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def GetPending(self, request: pb.GetPendingRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         peer_id = _required(request.peer_id, "a peer id")
         slot = await self._issuance.pending(peer_id, request.slot.domain)
+        return await self._pending_info(peer_id, request.slot, slot)
+
+    @rpc_method(OPERATOR)
+    async def ImportPending(self, request: pb.ImportPendingRequest, context: grpc.aio.ServicerContext,
+                            who: Identity) -> Any:
+        peer_id = _required(request.peer_id, "a peer id")
+        slot = await self._issuance.import_pending(peer_id, request.slot.domain, request.chain, who.common_name)
+        return await self._pending_info(peer_id, request.slot, slot)
+
+    async def _pending_info(self, peer_id: str, slot_pb: common_pb2.Slot, slot: dict[str, Any]) -> pb.PendingCertificate:
         pending = slot["pending"]
         s = certinfo.summarize(certinfo.leaf(pending["chain_pem"]))
-        matches, how = await self._key_match(peer_id, request.slot.domain, s.public_key_sha256, slot)
+        matches, how = await self._key_match(peer_id, slot_pb.domain, s.public_key_sha256, slot)
+        csr = slot.get("csr") or {}
+        requested = csr.get("subject_text") or (certinfo.load_csr(csr["pem"]).subject.rfc4514_string()
+                                                if csr.get("pem") else "")
         return pb.PendingCertificate(
-            peer_id=peer_id, slot=request.slot, chain_pem=pending["chain_pem"], provider=pending["provider"],
+            peer_id=peer_id, slot=slot_pb, chain_pem=pending["chain_pem"], provider=pending["provider"],
             order_url=pending["order_url"], signed_at=pending["signed_at"],
+            requested_subject=imports.printable(requested),
+            imported=bool(pending.get("imported")),
+            # Names from the certificate, escaped: they reach terminals.
             certificate=common_pb2.CertificateSummary(
-                subject=s.subject, sans=s.sans, issuer=s.issuer, serial_hex=s.serial_hex, not_before=s.not_before,
+                subject=imports.printable(s.subject), sans=[imports.printable(n) for n in s.sans],
+                issuer=imports.printable(s.issuer), serial_hex=s.serial_hex, not_before=s.not_before,
                 not_after=s.not_after, key_type=s.key_type, matches_peer_key=matches, key_check=how,
                 sha256_fingerprint=s.sha256_fingerprint,
             ),
@@ -229,6 +294,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         await self._issuance.discard_pending(_required(request.peer_id, "a peer id"), request.slot.domain,
                                              who.common_name)
         return pb.DiscardPendingResponse()
+
+    # --- domain slots: ACME on/off ---------------------------------------------
+    @rpc_method(OPERATOR)
+    async def ListDomains(self, request: pb.ListDomainsRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        views = await self._scheduler.domains(_required(request.peer_id, "a peer id"))
+        return pb.ListDomainsResponse(slots=[_domain_slot(v) for v in views])
+
+    @rpc_method(OPERATOR)
+    async def SetDomainAcme(self, request: pb.SetDomainAcmeRequest, context: grpc.aio.ServicerContext,
+                            who: Identity) -> Any:
+        peer_id = _required(request.peer_id, "a peer id")
+        slot = await self._scheduler.set_domain_acme(peer_id, request.slot.domain, request.enabled)
+        return _domain_slot(await self._scheduler.domain_view(await self._registry.get(peer_id), slot))
 
     # --- deploy, rollback, rollout -------------------------------------------
     @rpc_method(OPERATOR)
@@ -264,7 +342,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 raise errors.InvalidArgument(f"{name} is too long")
             if value:
                 changes[name] = value
-        slot = await self._scheduler.set_schedule(peer_id, request.slot.domain, changes)
+        if len(request.provider) > 100:
+            raise errors.InvalidArgument("provider is too long")
+        slot = await self._scheduler.set_schedule(peer_id, request.slot.domain, changes, provider=request.provider)
         return await self._schedule_info(peer_id, slot)
 
     @rpc_method(OPERATOR)
@@ -274,8 +354,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return pb.GetScheduleResponse(slots=[await self._schedule_info(peer_id, s)
                                              for s in await self._issuance.slots(peer_id)])
 
-    async def _schedule_info(self, peer_id: str, slot: dict[str, Any]) -> pb.ScheduleInfo:
-        plan = await self._scheduler.plan(peer_id, slot)
+    async def _schedule_info(self, peer_id: str, slot: dict[str, Any], peer: PeerInfo | None = None,
+                             book: ProviderBook | None = None) -> pb.ScheduleInfo:
+        plan = await self._scheduler.plan(peer_id, slot, peer=peer, book=book)
         s, last, deployed = plan.schedule, slot.get("last_sign") or {}, slot.get("last_deploy") or {}
 
         def iso(when: Any) -> str:
@@ -289,19 +370,22 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             retry_at=iso(plan.retry_at), failures=plan.failures, warning=plan.warning,
             last_sign_status=last.get("status", ""), last_sign_at=last.get("at", ""),
             last_deploy_status=deployed.get("status", ""), last_deploy_at=deployed.get("at", ""),
+            provider=plan.provider, paused=plan.paused,
         )
 
     # --- revocation and trust store -------------------------------------------
     @rpc_method(OPERATOR)
     async def Revoke(self, request: pb.RevokeRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        # The revocation runs in a task of its own: a caller whose deadline
+        # passes gets DEADLINE_EXCEEDED, the revocation ends and is recorded.
         done = await self._revocation.revoke(request.certificate, request.provider, request.reason, request.force,
                                              who.common_name)
-        return pb.RevokeResponse(serial_hex=done.serial_hex, provider=done.provider, authorization=done.authorization,
-                                 ca_answer=done.ca_answer, reason=done.reason)
+        return pb.RevokeResponse(serial_hex=done.serial_hex, provider=done.provider, authorization=done.answer,
+                                 ca_answer=done.ca_answer, reason=done.reason, refused=list(done.refused))
 
     @rpc_method(OPERATOR)
     async def TrustAdd(self, request: pb.TrustAddRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
-        added = await self._trust.add(request.certificates)
+        added = await self._trust.add(request.certificates, preset=request.preset)
         await self._push_trust_bundle()
         return pb.TrustedCAs(certificates=[_trusted(c) for c in added])
 
@@ -346,6 +430,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             result=e.result, serial_hex=e.serial_hex, previous_serial_hex=e.previous_serial_hex, detail=e.detail,
             certificate_pem=e.certificate_pem) for event_id, e in events])
 
+    # --- alarms ----------------------------------------------------------
+    @rpc_method(OPERATOR)
+    async def ListAlarms(self, request: pb.ListAlarmsRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        alarms = await self._alarms.list(request.peer_id, include_cleared=request.all)
+        if request.peer_id and not alarms:
+            await self._registry.get(request.peer_id)  # an unknown peer: NotFound (a removed one keeps its records)
+        return pb.ListAlarmsResponse(alarms=[_alarm(r) for r in alarms])
+
     # --- status ----------------------------------------------------------
     @rpc_method(OPERATOR)
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
@@ -355,6 +447,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         agent_views = await self._pool.fan_out(
             [p for p in peers if p.alive], "status",
             lambda stub, kw: stub.Status(agent_pb2.AgentStatusRequest(), **{**kw, "timeout": STATUS_AGENT_TIMEOUT}))
+        raised = await self._alarms.raised_by_slot(request.peer_id)
+        book = await self._scheduler.provider_book()  # read once for every slot's plan
         out = []
         for peer in peers:
             view = agent_views.get(peer.peer_id)
@@ -373,7 +467,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     if position:
                         last = {**last, "status": f"queued (position {position})"}
                 deployed = slot.get("last_deploy") or {}
-                matches, agent_state = _compare_disk(active, previous, on_disk, domain, view)
+                matches, agent_state = compare_disk(active, previous, on_disk, domain, view)
                 slots.append(pb.SlotStatus(
                     slot=common_pb2.Slot(domain=domain), csr_names=",".join(csr.get("names", [])),
                     csr_created_at=csr.get("created_at", ""), pending_serial=pending.get("serial_hex", ""),
@@ -384,21 +478,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     previous_serial=previous.get("serial_hex", ""), last_deploy_status=deployed.get("status", ""),
                     last_deploy_at=deployed.get("at", ""), last_deploy_error=deployed.get("error", ""),
                     agent_matches=matches, agent_state=agent_state,
-                    schedule=await self._schedule_info(peer.peer_id, slot),
+                    schedule=await self._schedule_info(peer.peer_id, slot, peer, book),
+                    acme_enabled=slot.get("acme_enabled", True) is not False,
+                    active_provider=active.get("provider", ""),
+                    alarms=[_alarm(r) for r in raised.get((peer.peer_id, domain), [])],
                 ))
-            out.append(pb.PeerStatus(peer=_peer(peer), slots=slots))
+            out.append(pb.PeerStatus(peer=_peer(peer), slots=slots,
+                                     alarms=[_alarm(r) for r in raised.get((peer.peer_id, None), [])]))
         return pb.StatusResponse(peers=out)
 
-
-def _compare_disk(active: dict[str, Any], previous: dict[str, Any], on_disk: dict[str, Any] | None, domain: str,
-                  view: object) -> tuple[bool, str]:
-    """Does the agent's disk agree with etcd about the slot's active and previous pairs?"""
-    if on_disk is None:
-        reason = view.message if isinstance(view, errors.ClusterAcmeError) else "agent not alive"
-        return False, f"not checked: {reason}"
-    disk = on_disk.get(domain)
-    disk_active = disk.active_serial_hex if disk else ""
-    disk_previous = disk.previous_serial_hex if disk else ""
-    if (disk_active, disk_previous) == (active.get("serial_hex", ""), previous.get("serial_hex", "")):
-        return True, ""
-    return False, f"agent holds active {disk_active or '-'}, previous {disk_previous or '-'}"
