@@ -604,7 +604,7 @@ def parser() -> argparse.ArgumentParser:
                          ("ou", "organizational unit (OU), at most 64 characters"),
                          ("locality", "locality or city (L), at most 128 characters"),
                          ("state", "state or province (ST), at most 128 characters"),
-                         ("country", "country (C): two letters, ISO 3166, e.g. FR")):
+                         ("country", "country (C): an ISO 3166-1 two-letter code, e.g. FR or GB (not UK)")):
         x.add_argument(f"--{option}", help=f"subject {text}; the CA may drop it")
     x.add_argument("--provider", help="ACME provider saved with the slot (left out: the slot keeps its saved one)")
     x = s.add_parser("show", help="the stored CSR, decoded (or --pem: just the PEM, to send to any CA)")

@@ -221,7 +221,7 @@ class Issuance:
         """Have the peer generate a key and a CSR; returns the slot record as stored.
 
         The subject is part of the CSR: a new CSR has exactly the attributes
-        given (``subject``: O, OU, L, ST, C, ``imports.check_subject``; {} for
+        given (``subject``: O, OU, L, ST, C, ``imports.check_csr_subject``; {} for
         none). None is for a key rotation only: the new CSR repeats the slot's
         saved subject. The provider is a setting of the slot, not of the CSR:
         ``provider`` is saved with the slot, "" keeps the slot's saved one.
@@ -241,7 +241,7 @@ class Issuance:
             if domain not in names:
                 raise errors.InvalidArgument(f"the domain slot {domain} must be one of the certificate's names")
         if subject is not None:
-            subject = imports.check_subject(subject)
+            subject = imports.check_csr_subject(subject)
         if provider:
             known = [p.name for p in await self._accounts.list()]
             if provider not in known:

@@ -2,7 +2,9 @@
 
 - a certificate of an unrelated CA: refused without --provider before any
   request; with --provider the ways are tried in order and the CA's refusal
-  comes back in plain words, nothing stored lost;
+  comes back in plain words, nothing stored lost; for names DNS does not
+  point at the cluster, fresh authorizations and a new order are refused
+  locally (no order, nothing sent to the CA);
 - a CA that refuses authorization-only revocation (a strict test double in
   front of pebble): the chain falls back to the appliance guide's way, a new
   order for the same names whose certificate is left pending, and the answer
@@ -145,6 +147,40 @@ def test_a_certificate_from_an_unrelated_ca(cluster: LocalCluster, tmp_path: Pat
     assert "Unable to find specified certificate" in kept[1]["detail"]
 
 
+@pytest.mark.parametrize("dns", ["elsewhere", "missing"])
+def test_names_dns_does_not_point_at_the_cluster(cluster: LocalCluster, tmp_path: Path, dns: str) -> None:
+    """Fresh authorizations and a new order need DNS to point every name at
+    the cluster: otherwise both ways are refused locally, no order is opened
+    and nothing reaches the CA, even with a CSR for the names on a peer."""
+    name = f"{dns}.revoke.example"
+    assert cluster.infra is not None
+    if dns == "elsewhere":
+        cluster.infra.challtestsrv.set_a(name, ["192.0.2.10"])
+        why = f"{name}: resolves to 192.0.2.10, which is not a registered peer"
+    else:
+        cluster.infra.challtestsrv.clear_a(name)
+        why = f"{name}: no A/AAAA record"
+    cert = foreign_certificate(name)
+    serial = format(cert.serial_number, "x")
+    path = tmp_path / "foreign.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    orders_before = records_under(cluster, "orders/")
+    before = pebble_requests(cluster)
+
+    result = cluster.ctl("revoke", str(path), "--provider", "pebble", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    err = " ".join(result.stderr.split())
+    assert f"certificate {serial} was not revoked: every way was refused" in err, err
+    refusal = f"DNS does not point every name at the cluster, nothing was asked of the CA ({why})"
+    assert f"fresh authorizations: {refusal}" in err and f"a new order for the same names: {refusal}" in err, err
+    assert "--force skips" not in err
+    # No order opened, no request to the CA.
+    assert records_under(cluster, "orders/") == orders_before
+    assert pebble_requests(cluster) == before
+    kept = [e for e in events(cluster, "_unattached") if e["serial_hex"] == serial]
+    assert [e["result"] for e in kept] == ["requested", "failed"]
+
+
 def test_a_ca_that_refuses_authorization_only_revocation(cluster: LocalCluster, strict: RevokeDouble,
                                                          tmp_path: Path) -> None:
     name = "chain.revoke.example"
@@ -171,7 +207,8 @@ def test_a_ca_that_refuses_authorization_only_revocation(cluster: LocalCluster, 
     assert "names the account has just ordered" in refused[2]
     how = out["authorization"]
     assert how.startswith("a new order for the same names (provider strict, order "), how
-    assert "is pending on peer peer2; discard or deploy it" in how
+    assert ("is pending on peer peer2; discard or deploy it (until then no certificate is signed for that slot, "
+            "automatic renewal included)") in how
     assert revoked_reason(cluster, serial) == 4
     # The CA refused the two account-signed requests without authority, then
     # accepted the one after the new order.
@@ -184,6 +221,13 @@ def test_a_ca_that_refuses_authorization_only_revocation(cluster: LocalCluster, 
     assert revoked_reason(cluster, fresh) is None
     slot = slot_record(cluster, 2)
     assert not slot.get("active") and slot["pending"]["serial_hex"] == fresh
+    assert slot["pending"]["for_revocation"] == serial and slot["current_order"] is None
+    link = [e for e in events(cluster, "peer2") if e["what"] == "revoke" and e["result"] == "kept-pending"]
+    assert len(link) == 1 and link[0]["serial_hex"] == fresh and link[0]["previous_serial_hex"] == serial
+    # The authorization-only order (refused revocation) required only the peers DNS points at.
+    orders = [json.loads(v) for v in records_under(cluster, "orders/").values()]
+    authz = [o for o in orders if o.get("authorize_only") and o["names"] == [name]]
+    assert len(authz) == 1 and authz[0]["dns"] == {name: ["peer1", "peer2"]}
     # peer1's slot untouched (its CSR stays), and the history keeps the copy.
     assert slot_record(cluster, 1) == peer1_slot
     kept = [e for e in events(cluster, "peer1") if e["what"] == "revoke" and e["serial_hex"] == serial]
@@ -239,9 +283,10 @@ def test_reset_story(cluster: LocalCluster, tmp_path: Path) -> None:
     assert active.returncode != 0 and "active on peer1, on its disk" in active.stderr, active.stderr
     assert revoked_reason(cluster, serial) is None
 
+    # keyCompromise: the key itself is tried first (the CA then blocks the key).
     out = ctl_json(cluster, "revoke", str(path), "--provider", "pebble", "--reason", "keyCompromise", "--force")
     assert out["authorization"] == "the certificate's own key, signed on peer peer1", out
-    assert out["refused"] == ["the issuing account: the cluster has no record of issuing this certificate"]
+    assert out.get("refused", []) == []
     assert revoked_reason(cluster, serial) == 1
     # Pebble says so again when asked a second time.
     again = cluster.ctl("revoke", str(path), "--provider", "pebble", "--force", check=False)
