@@ -137,6 +137,15 @@ class CertStore:
         certs = _parse_chain(chain_pem)
         leaf = certs[0]
         serial = format(leaf.serial_number, "x")
+        # The serial names the generation directory: one the symlinks could
+        # not name (negative, or longer than the slack allows) would leave
+        # ``active`` pointing at a directory that reads as broken.
+        if leaf.serial_number <= 0:
+            raise InvalidChain(f"certificate {serial[:48]} has a serial number that is not positive (RFC 5280); "
+                               "the peer files certificates by serial and cannot install it")
+        if not _TARGET_RE.fullmatch(f"{CERTS}/{serial}"):
+            raise InvalidChain(f"certificate {serial[:48]}... has a serial number of {len(serial)} hex digits, more "
+                               "than the peer accepts (RFC 5280 allows 20 octets)")
         key_pem = self._held_key(domain, leaf, serial)
         for i, (cert, issuer) in enumerate(zip(certs, certs[1:], strict=False)):
             try:

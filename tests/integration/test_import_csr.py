@@ -5,6 +5,7 @@ here, then the usual review, trust check, deploy and rollout on real daemons."""
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,16 +80,19 @@ class AnyCA:
         self.root = _ca_cert(f"{name} Root", self.root_key, f"{name} Root", self.root_key)
         self.inter = _ca_cert(f"{name} Issuing CA", self.inter_key, f"{name} Root", self.root_key)
 
-    def issue(self, public_key: object, names: list[str]) -> x509.Certificate:
+    def issue(self, public_key: object, names: list[str], *, serial: int | None = None,
+              usage: x509.ObjectIdentifier = x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+              extra: tuple[x509.GeneralName, ...] = ()) -> x509.Certificate:
         """What a DV CA does: the CN and SANs only, whatever else the CSR asked for."""
         return (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
                 .issuer_name(self.inter.subject).public_key(public_key)  # type: ignore[arg-type]
-                .serial_number(x509.random_serial_number())
+                .serial_number(serial or x509.random_serial_number())
                 .not_valid_before(NOW - DAY).not_valid_after(NOW + 90 * DAY)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                .add_extension(x509.SubjectAlternativeName([*(x509.DNSName(n) for n in names), *extra]),
+                               critical=False)
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.inter_key.public_key()),
                                critical=False)
                 .sign(self.inter_key, hashes.SHA256()))
@@ -122,6 +126,8 @@ def csr(cluster: LocalCluster) -> x509.CertificateSigningRequest:
     assert created["subject"]["country"] == "FR" and created["provider"] == "pebble"
     shown = cluster.ctl("csr", "show", "peer1", "--pem").stdout
     assert shown.startswith("-----BEGIN CERTIFICATE REQUEST-----") and shown == created["csr_pem"]
+    # --json wins over --pem (as for pending show): the JSON holds the PEM.
+    assert ctl_json(cluster, "csr", "show", "peer1", "--pem")["csr_pem"] == shown
     return x509.load_pem_x509_csr(shown.encode())
 
 
@@ -158,6 +164,8 @@ def test_bad_subject_is_refused_and_changes_nothing(cluster: LocalCluster, csr: 
     base = ("csr", "create", "peer1", "--cn", NAMES[0], "--san", NAMES[1])
     with unchanged(cluster):
         fails(cluster, *base, "--country", "FRA", code=2, fragments=("--country (C) must be a two-letter",))
+        fails(cluster, *base, "--country", "UK", code=2,
+              fragments=("--country (C) UK is not an ISO 3166-1 country code; did you mean GB",))
         fails(cluster, *base, "--org", "x" * 65, code=2,
               fragments=("--org (O) has 65 characters; RFC 5280 allows at most 64",))
         fails(cluster, *base, "--locality", "L" * 129, code=2, fragments=("--locality (L) has 129 characters",))
@@ -165,6 +173,10 @@ def test_bad_subject_is_refused_and_changes_nothing(cluster: LocalCluster, csr: 
         fails(cluster, *base, "--state", "  ", code=2, fragments=("--state (ST) is blank",))
         fails(cluster, *base, "--org", "", code=2, fragments=("--org is empty",))
         fails(cluster, *base, "--provider", "nope", code=3, fragments=("no provider named 'nope'",))
+        long_cn = "a" * 60 + ".import.example"
+        fails(cluster, "csr", "create", "peer1", "--cn", long_cn, "--san", NAMES[0], code=2,
+              fragments=(f"the common name {long_cn} has 75 characters; a certificate's CN holds at most 64",
+                         "as --san"))
         fails(cluster, "csr", "show", "peer2", code=3, fragments=("peer peer2 has no CSR",))
         fails(cluster, "csr", "show", "peer1", "--domain", "import.example", code=3,
               fragments=("peer peer1 (domain import.example) has no CSR",))
@@ -184,6 +196,24 @@ def test_import_refusals_change_nothing(cluster: LocalCluster, csr: x509.Certifi
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     only_cas = write(cluster, "cas.pem", pem(any_ca.inter, any_ca.root))
     empty = write(cluster, "empty.pem", b"")
+    dotted = write(cluster, "dotted.pem", pem(any_ca.issue(csr.public_key(), [NAMES[0] + ".", NAMES[1]]), any_ca.inter))
+    client = write(cluster, "client.pem", pem(any_ca.issue(csr.public_key(), NAMES,
+                                                           usage=x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)))
+    with_ip = write(cluster, "with-ip.pem", pem(any_ca.issue(csr.public_key(), NAMES, extra=(
+        x509.IPAddress(ipaddress.ip_address("192.0.2.7")),)), any_ca.inter))
+    not_ca_key = ec.generate_private_key(ec.SECP256R1())
+    not_ca = (x509.CertificateBuilder().subject_name(any_ca.inter.subject).issuer_name(any_ca.root.subject)
+              .public_key(not_ca_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(NOW - DAY).not_valid_after(NOW + 90 * DAY)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .sign(any_ca.root_key, hashes.SHA256()))
+    through_not_ca = write(cluster, "not-ca.pem", pem(
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, NAMES[0])]))
+        .issuer_name(not_ca.subject).public_key(csr.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - DAY).not_valid_after(NOW + 90 * DAY)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in NAMES]), critical=False)
+        .sign(not_ca_key, hashes.SHA256()), not_ca))
+    big = write(cluster, "big.pem", b"#" * (64 * 1024 + 1))
     good = write(cluster, "good.pem", pem(any_ca.issue(csr.public_key(), NAMES), any_ca.inter))
     with unchanged(cluster):
         fails(cluster, "pending", "import", "peer1", wrong_key, code=2, fragments=("a key the peer does not hold",))
@@ -194,6 +224,16 @@ def test_import_refusals_change_nothing(cluster: LocalCluster, csr: x509.Certifi
         fails(cluster, "pending", "import", "peer1", with_key, code=2, fragments=("holds a private key",))
         fails(cluster, "pending", "import", "peer1", only_cas, code=2, fragments=("no leaf certificate",))
         fails(cluster, "pending", "import", "peer1", empty, code=2, fragments=("the file is empty",))
+        fails(cluster, "pending", "import", "peer1", dotted, code=2,
+              fragments=(f"names {NAMES[0]}. with a trailing dot", "would refuse to deploy it"))
+        fails(cluster, "pending", "import", "peer1", client, code=2,
+              fragments=("may not be used by a TLS server", "lists clientAuth but not serverAuth"))
+        fails(cluster, "pending", "import", "peer1", with_ip, code=2,
+              fragments=("also names IP address 192.0.2.7, which the CSR does not ask for",))
+        fails(cluster, "pending", "import", "peer1", through_not_ca, code=2,
+              fragments=("Any Issuing CA", "is not a CA certificate (BasicConstraints cA false)"))
+        fails(cluster, "pending", "import", "peer1", big, code=2,
+              fragments=(f"the certificate file {big} is larger than 64 KiB",))
         fails(cluster, "pending", "import", "peer2", good, code=4, fragments=("has no CSR to import",))
         fails(cluster, "pending", "import", "nobody", good, code=3, fragments=("no peer named 'nobody'",))
         fails(cluster, "pending", "import", "peer1", str(cluster.run_dir / "missing.pem"), code=2,
@@ -277,3 +317,35 @@ def test_import_pkcs7_and_roll_it_out(cluster: LocalCluster, csr: x509.Certifica
     slot = ctl_json(cluster, "status", "peer1")["peers"][0]["slots"][0]
     assert (slot["active_serial"], slot["previous_serial"], slot["pending_serial"]) == (serial(leaf), before, "")
     assert slot["agent_matches"] is True
+
+
+def test_import_for_a_reused_serial_or_an_older_key_is_refused(cluster: LocalCluster,
+                                                                csr: x509.CertificateSigningRequest,
+                                                                any_ca: AnyCA) -> None:
+    active_serial = record(cluster, "certs/peer1/server")["active"]["serial_hex"]  # deployed by the tests above
+    twin = any_ca.issue(csr.public_key(), NAMES, serial=int(active_serial, 16))  # another certificate, same serial
+    old_leaf = any_ca.issue(csr.public_key(), NAMES)
+    old_fp = certinfo.spki_sha256(csr.public_key())
+    with unchanged(cluster):
+        fails(cluster, "pending", "import", "peer1", write(cluster, "twin.pem", pem(twin, any_ca.inter)), code=2,
+              fragments=(f"certificate {active_serial} has the serial number of the active certificate of this "
+                         "slot, a different certificate",))
+    # A new CSR (new key; the old one stays on the peer, it serves the active certificate): a certificate the CA
+    # signed for the old CSR is refused, naming the current CSR's key.
+    new = ctl_json(cluster, "csr", "create", "peer1", "--cn", NAMES[0], "--san", NAMES[1], "--org", "Acme Corp")
+    assert new["public_key_sha256"] != old_fp and new["provider"] == "pebble"  # the provider is the slot's: kept
+    given = {k: v for k, v in new["subject"].items() if v}
+    assert given == {"organization": "Acme Corp"}  # the subject is the CSR's: exactly as given
+    with unchanged(cluster):
+        fails(cluster, "pending", "import", "peer1", write(cluster, "old-key.pem", pem(old_leaf, any_ca.inter)),
+              code=2, fragments=(f"is for an older key of this slot ({old_fp}), not the current CSR's key "
+                                 f"{new['public_key_sha256']}", "have the current CSR signed"))
+    # The certificate for the current CSR is accepted, and pending show compares with that CSR's subject.
+    current = any_ca.issue(x509.load_pem_x509_csr(new["csr_pem"].encode()).public_key(), NAMES)
+    cluster.ctl("pending", "import", "peer1", write(cluster, "current.pem", pem(current, any_ca.inter)))
+    pending = ctl_json(cluster, "pending", "show", "peer1")
+    assert pending["certificate"]["serial_hex"] == serial(current)
+    assert pending["requested_subject"] == new["subject_text"] and "O=Acme Corp" in new["subject_text"]
+    assert "OU=" not in pending["requested_subject"]
+    assert pending["certificate"]["matches_peer_key"] is True
+    cluster.ctl("pending", "discard", "peer1")
