@@ -113,10 +113,10 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
     scheduler = RenewalScheduler(fenced, keys, registry, accounts, issuance, deployment, settings.renewal,
                                  f"coordinator:{settings.name}")
 
+    revocation = Revocation(fenced, keys, registry, accounts, issuance, pool, history)
     srv, port = server(settings.tls.files(), settings.listen)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
-        CoordinatorServicer(registry, accounts, issuance, deployment, history, scheduler, pool,
-                            Revocation(fenced, keys, registry, accounts, issuance, pool, history),
+        CoordinatorServicer(registry, accounts, issuance, deployment, history, scheduler, pool, revocation,
                             TrustStore(fenced, keys),
                             heartbeat_interval=t.heartbeat_interval, lease_ttl=t.lease_ttl,
                             alarms=AlarmBook(fenced, keys)),
@@ -152,6 +152,10 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
     await health.enter_graceful_shutdown()
     await srv.stop(grace=2)
     await issuance.close()
+    # A revocation whose order was just stopped records how far it got
+    # (its history event) before the store closes; it does not hold shutdown up.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(revocation.wait_idle(), timeout=5)
     await sup.shutdown()
     if metrics_runner is not None:
         await metrics_runner.cleanup()

@@ -24,7 +24,7 @@ from coordinator.history import History
 from coordinator.issuance import Issuance
 from coordinator.orders import OrderRecord, Phase
 from coordinator.peers import AgentPool, PeerInfo, Registry
-from coordinator.revocation import Revocation
+from coordinator.revocation import UNATTACHED, Revocation
 from coordinator.scheduler import RenewalScheduler
 from coordinator.slots import DomainView
 from coordinator.trust import TrustedCA, TrustStore
@@ -423,7 +423,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @rpc_method(OPERATOR)
     async def ListEvents(self, request: pb.ListEventsRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         peer_id = _required(request.peer_id, "a peer id")
-        await self._registry.get(peer_id)
+        if peer_id != UNATTACHED:  # copies of revoked certificates no peer held
+            await self._registry.get(peer_id)
         events = await self._history.list(peer_id, request.limit)
         return pb.ListEventsResponse(events=[pb.HistoryEvent(
             id=event_id, at=e.at, peer_id=e.peer_id, slot=common_pb2.Slot(domain=e.domain), who=e.who, what=e.what,

@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import re
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -611,10 +610,11 @@ def test_pem_parsing_is_linear_and_many_blocks_are_refused_early() -> None:
     assert len(data) <= imports.MAX_FILE
     with pytest.raises(errors.InvalidArgument, match="the file holds 3600 PEM blocks; a chain of at most 10 "):
         imports.load_chain(data)
-    started = time.perf_counter()
+    # The body cannot contain '-', so a BEGIN without its END never scans past
+    # the next marker (linear; the speed itself is not asserted here).
+    assert "[^-]" in imports._PEM_BLOCK.pattern.decode()
     assert imports._PEM_BLOCK.findall(data) == []
     assert imports._PEM_BLOCK.findall(data + b"-----END A-----\n") == [(b"A", b"")]
-    assert time.perf_counter() - started < 1.0  # linear: milliseconds
     with pytest.raises(errors.InvalidArgument, match="the file holds 21 PEM blocks"):
         imports.load_chain(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n" * 21)
 
