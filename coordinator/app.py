@@ -81,6 +81,10 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
     except ValueError as exc:
         raise errors.InvalidArgument(f"dns_resolvers: {exc}") from exc
     keys = Keys(settings.etcd.prefix)
+    # The alarm webhook's URL and CA are checked here, before campaigning: a bad
+    # setting stops every replica at start, not each one once it leads.
+    notifier = (WebhookNotifier(settings.alarms, cluster=keys.prefix, coordinator=settings.name)
+                if settings.alarms.webhook_url else None)
     store = etcd_store(settings)
     await store.connect()
     t = settings.timing
@@ -141,12 +145,10 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
     sup.spawn("retention", RetentionJob(fenced, keys, registry, pool, history, settings.retention,
                                         period_seconds=settings.renewal.period_seconds).run())
     # Alarms: evaluated by the leader only; the webhook (optional) never holds up the evaluation.
-    notifier = (WebhookNotifier(settings.alarms, cluster=keys.prefix, coordinator=settings.name)
-                if settings.alarms.webhook_url else None)
     if notifier is not None:
         sup.spawn("alarm-webhook", notifier.run())
-    sup.spawn("alarms", AlarmJob(fenced, keys, registry, pool, scheduler, settings.alarms,
-                                 notifier=notifier).run())
+    sup.spawn("alarms", AlarmJob(fenced, keys, registry, pool, scheduler, settings.alarms, notifier=notifier,
+                                 lease_ttl=t.lease_ttl, heartbeat_interval=t.heartbeat_interval).run())
     metrics_runner = await metrics.serve(settings.metrics_listen) if settings.metrics_listen else None
     await sup.stopping.wait()
     await health.enter_graceful_shutdown()

@@ -107,6 +107,27 @@ def _provider_rows(providers: list[Any]) -> None:
                  ["PROVIDER", "DEFAULT", "DIRECTORY", "ACCOUNT", "STATUS"])
 
 
+def _no_account_note(name: str, providers: list[Any]) -> str:
+    """" (no account yet: ...)" when the provider just chosen cannot sign yet
+    (it is accepted all the same: the account may be registered next)."""
+    if not name or any(p.name == name and p.account_url for p in providers):
+        return ""
+    return f" (no account yet: acmectl account register --provider {name})"
+
+
+async def _provider_note(ctl: Ctl, name: str) -> str:
+    """``_no_account_note`` for a provider given on the command line ("" for
+    none or "default": nothing is saved then). Best effort: asked after the
+    change succeeded, so a failed lookup never turns it into an error."""
+    if not name or name == "default":
+        return ""
+    try:
+        r = await ctl.call("ListProviders", pb.ListProvidersRequest())
+    except Exception:  # noqa: BLE001 (the command succeeded; only its note is missing)
+        return ""
+    return _no_account_note(name, list(r.providers))
+
+
 async def cmd_provider(ctl: Ctl, a: argparse.Namespace) -> None:
     if a.provider_cmd == "add":
         bundle = ""
@@ -123,8 +144,9 @@ async def cmd_provider(ctl: Ctl, a: argparse.Namespace) -> None:
         if bool(a.name) == a.clear:
             raise CtlError("provider default takes a provider NAME, or --clear")
         r = await ctl.call("SetDefaultProvider", pb.SetDefaultProviderRequest(provider=a.name or ""))
+        note = _no_account_note(r.default_provider, list(r.providers))
         ctl.out(r, lambda: print(f"cluster default provider: {r.default_provider} (signs for every slot that has "
-                                 "no provider of its own)" if r.default_provider else
+                                 f"no provider of its own){note}" if r.default_provider else
                                  "no cluster default provider: slots without a provider of their own sign with the "
                                  "only provider that has an account"))
     else:
@@ -198,6 +220,7 @@ async def cmd_csr(ctl: Ctl, a: argparse.Namespace) -> None:
     r = await ctl.call("CreateCSR", pb.CreateCSRRequest(
         peer_id=a.peer, slot=_slot(a), common_name=a.cn, sans=a.san, key_type=KEY_TYPES[a.key_type],
         subject=common_pb2.CsrSubject(**subject), provider=a.provider or ""), timeout=60)
+    note = "" if ctl.args.json else await _provider_note(ctl, a.provider or "")
 
     def human() -> None:
         print(f"CSR created on peer {r.peer_id} ({r.key_type}, key kept on the peer) for {', '.join(r.names)}")
@@ -206,7 +229,9 @@ async def cmd_csr(ctl: Ctl, a: argparse.Namespace) -> None:
         else:
             print(f"  subject: {r.subject_text} (no O, OU, L, ST or C: a new CSR has only the attributes given)")
         if r.provider:
-            print(f"  provider: {r.provider} (saved with the slot)")
+            print(f"  provider: {r.provider} (saved with the slot){note}")
+        elif a.provider == "default":
+            print("  provider: none saved (the cluster default applies)")
         print(r.csr_pem, end="")
 
     ctl.out(r, human)
@@ -397,7 +422,14 @@ async def cmd_schedule(ctl: Ctl, a: argparse.Namespace) -> None:
         r = await ctl.call("SetSchedule", pb.SetScheduleRequest(
             peer_id=a.peer, slot=_slot(a), auto=a.auto or "", days=a.days or "", time=a.time or "", tz=a.tz or "",
             key_policy=a.key_policy or "", provider=a.provider or ""))
-        ctl.out(r, lambda: _schedule_lines(r))
+        note = "" if ctl.args.json else await _provider_note(ctl, a.provider or "")
+
+        def human() -> None:
+            _schedule_lines(r)
+            if note:
+                print(f"  provider {a.provider} saved with the slot{note}")
+
+        ctl.out(r, human)
     else:
         r = await ctl.call("GetSchedule", pb.GetScheduleRequest(peer_id=a.peer))
         ctl.out(r, lambda: [_schedule_lines(s) for s in r.slots] or print(f"peer {a.peer} has no certificate slot yet"))
@@ -473,11 +505,21 @@ def _alarm_slot(x: Any) -> str:
     return (x.slot.domain or "server") if x.HasField("slot") else "-"
 
 
+def _one_line(text: str) -> str:
+    """A detail (an automatic sign's last error may span lines) on one line:
+    its first line, control characters escaped, " [...]" when more follows."""
+    first, _, rest = text.strip().partition("\n")
+    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in first.rstrip("\r"))
+    return shown + (" [...]" if rest.strip() else "")
+
+
 def _alarm_line(x: Any) -> str:
-    return f"ALARM {x.kind} ({x.severity}) since {x.raised_at}: {x.detail}"
+    return f"ALARM {x.kind} ({x.severity}) since {x.raised_at}: {_one_line(x.detail)}"
 
 
 async def cmd_alarms(ctl: Ctl, a: argparse.Namespace) -> None:
+    """Exits 0 whether alarms are raised or not: it is a listing (checks read
+    ``--json`` or the clusteracme_alarm metric)."""
     r = await ctl.call("ListAlarms", pb.ListAlarmsRequest(peer_id=a.peer or "", all=a.all))
 
     def human() -> None:
@@ -486,7 +528,7 @@ async def cmd_alarms(ctl: Ctl, a: argparse.Namespace) -> None:
             return
         header = ["KIND", "PEER", "SLOT", "SEVERITY", "RAISED", *(["CLEARED"] if a.all else []), "DETAIL"]
         _print_table([[x.kind, x.peer_id, _alarm_slot(x), x.severity, x.raised_at,
-                       *([x.cleared_at or "-"] if a.all else []), x.detail] for x in r.alarms], header)
+                       *([x.cleared_at or "-"] if a.all else []), _one_line(x.detail)] for x in r.alarms], header)
 
     ctl.out(r, human)
 
@@ -531,7 +573,8 @@ async def cmd_status(ctl: Ctl, a: argparse.Namespace) -> None:
                     print(f"{slot}: {s.agent_state}")
                 if s.schedule.paused:
                     print(f"{slot}: paused: {s.schedule.paused}")
-                if s.schedule.warning:
+                # Once: a raised renewal-overdue or imported-aging alarm says the same.
+                if s.schedule.warning and not any(x.kind in ("renewal-overdue", "imported-aging") for x in s.alarms):
                     print(f"{slot}: WARNING: {s.schedule.warning}")
                 for x in s.alarms:
                     print(f"{slot}: {_alarm_line(x)}")
@@ -708,7 +751,8 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--limit", type=int, default=0)
 
     x = sub.add_parser("alarms", help="raised alarms: renewal overdue, automatic sign failing, expiring, peer dead, "
-                                      "disk differs from etcd, imported certificate aging")
+                                      "disk differs from etcd, imported certificate aging (exit status 0 either "
+                                      "way: a listing)")
     x.add_argument("--peer", help="one peer's alarms only")
     x.add_argument("--all", action="store_true", help="cleared alarms too (kept alarms.cleared_retention_seconds)")
 

@@ -176,13 +176,28 @@ class AlarmSettings:
     """How often the leader evaluates the alarms."""
     expiry_days: float = 14.0
     """Raise ``expiring`` when an active certificate has fewer days left."""
+    disk_check_interval_seconds: float = 300.0
+    """How often the leader asks every live agent what it holds on disk
+    (``disk-mismatch``); between two checks those alarms keep their state."""
+    disk_check_timeout: float = 10.0
+    """How long one agent may take to answer that question."""
+    disk_settle_seconds: float = 300.0
+    """No ``disk-mismatch`` is raised for a slot whose deploy or rollback
+    ended less than this ago, and a disk state that a deploy or rollback in
+    flight produces must be seen this long first (default: the deploy
+    timeout)."""
     webhook_url: str = ""
-    """http(s) URL that gets a JSON POST on every raise and clear; empty: off."""
+    """http(s) URL that gets a JSON POST on every raise, update and clear;
+    empty: off. Never logged whole: its user info and query are left out."""
     webhook_ca: Path | None = None
     """CA bundle for an https webhook (default: the system's)."""
     webhook_timeout: float = 5.0
+    """One POST: connecting, sending and the answer (waiting for a free sender is not counted)."""
+    webhook_concurrency: int = 8
+    """POSTs in flight at once, whatever the number of alarms waiting."""
     webhook_backoff_base: float = 1.0
-    """First retry after a failed POST; doubles per attempt up to webhook_backoff_cap."""
+    """First retry after a failed POST; doubles per attempt up to
+    webhook_backoff_cap, each wait drawn between half and all of that."""
     webhook_backoff_cap: float = 300.0
     webhook_max_attempts: int = 20
     """A notification is dropped (and logged) after this many failed POSTs."""
@@ -194,14 +209,39 @@ class AlarmSettings:
             raise ValueError(f"alarms.interval_seconds must be positive, not {self.interval_seconds}")
         if not self.expiry_days >= 0:
             raise ValueError(f"alarms.expiry_days must not be negative, not {self.expiry_days}")
-        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
-            raise ValueError(f"alarms.webhook_url must be an http:// or https:// URL, not {self.webhook_url[:80]!r}")
+        if not self.disk_check_interval_seconds > 0 or not self.disk_check_timeout > 0:
+            raise ValueError("alarms.disk_check_interval_seconds and disk_check_timeout must be positive")
+        if not 0 <= self.disk_settle_seconds < float("inf"):
+            raise ValueError(f"alarms.disk_settle_seconds must be 0 or more, not {self.disk_settle_seconds}")
+        if self.webhook_url:
+            self.webhook_target()
         if not self.webhook_timeout > 0 or not self.webhook_backoff_base > 0 \
                 or not self.webhook_backoff_cap >= self.webhook_backoff_base:
             raise ValueError("alarms.webhook_timeout and webhook_backoff_base must be positive, "
                              "webhook_backoff_cap at least webhook_backoff_base")
         if self.webhook_max_attempts < 1:
             raise ValueError(f"alarms.webhook_max_attempts must be at least 1, not {self.webhook_max_attempts}")
+        if self.webhook_concurrency < 1:
+            raise ValueError(f"alarms.webhook_concurrency must be at least 1, not {self.webhook_concurrency}")
+
+    def webhook_target(self) -> object:
+        """``webhook_url`` parsed (a ``yarl.URL``); ValueError when it is not an
+        absolute http(s) URL with a host. The message never repeats the URL:
+        it may carry a secret (user info, a token in the query)."""
+        import yarl  # aiohttp's URL type, what the webhook posts to
+
+        hidden = "(the URL is not repeated: it may hold a secret)"
+        try:
+            url = yarl.URL(self.webhook_url)
+            host, _ = url.host, url.port
+        except (ValueError, TypeError) as exc:
+            reason = str(exc).replace(self.webhook_url, "<url>")
+            raise ValueError(f"alarms.webhook_url is not a valid URL: {reason} {hidden}") from None
+        if url.scheme not in ("http", "https") or not url.is_absolute() or not host \
+                or any(ch.isspace() for ch in host):
+            raise ValueError(f"alarms.webhook_url must be an absolute http:// or https:// URL with a host name "
+                             f"{hidden}")
+        return url
 
 
 @dataclass(frozen=True)

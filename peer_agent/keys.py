@@ -226,6 +226,9 @@ class KeyStore:
         # A CSR switching the current key and a prune deciding what is in use
         # never interleave (both run in threads).
         self._lock = threading.Lock()
+        # slots(): each key's type by (path, mtime, size, inode): a status loads no key it has loaded before
+        # (RSA-4096 takes ~0.4 s to load).
+        self._key_types: dict[Path, tuple[tuple[int, int, int], str]] = {}
 
     def generate_csr(self, domain: str, common_name: str, sans: list[str], key_type: int,
                      subject: Mapping[str, str] | None = None) -> tuple[str, str]:
@@ -292,15 +295,25 @@ class KeyStore:
         out: list[SlotKeyInfo] = []
         if not self._root.is_dir():
             return out
+        known, seen = self._key_types, {}
         for slot_dir in sorted(self._root.iterdir()):
             current = slot_dir / "current"
             if not current.is_file():
                 continue
             fingerprint = current.read_text().strip()
-            key = serialization.load_pem_private_key((slot_dir / "keys" / f"{fingerprint}.key").read_bytes(), None)
+            path = slot_dir / "keys" / f"{fingerprint}.key"
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            cached = known.get(path)
+            if cached is not None and cached[0] == stamp:
+                key_type = cached[1]
+            else:
+                key_type = key_label(serialization.load_pem_private_key(path.read_bytes(), None).public_key())
+            seen[path] = (stamp, key_type)
             domain = "" if slot_dir.name == "server" else slot_dir.name.removeprefix("domain-")
             held = tuple(sorted(p.stem for p in (slot_dir / "keys").glob("*.key")))
-            out.append(SlotKeyInfo(domain, fingerprint, key_label(key.public_key()), held))
+            out.append(SlotKeyInfo(domain, fingerprint, key_type, held))
+        self._key_types = seen  # only the current keys: the cache never outgrows the slots
         return out
 
     # -- retired keys ---------------------------------------------------------

@@ -350,8 +350,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @rpc_method(OPERATOR)
     async def GetSchedule(self, request: pb.GetScheduleRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         peer_id = _required(request.peer_id, "a peer id")
-        await self._registry.get(peer_id)
-        return pb.GetScheduleResponse(slots=[await self._schedule_info(peer_id, s)
+        peer = await self._registry.get(peer_id)
+        book = await self._scheduler.provider_book()  # read once for every slot's plan, as in Status
+        return pb.GetScheduleResponse(slots=[await self._schedule_info(peer_id, s, peer, book)
                                              for s in await self._issuance.slots(peer_id)])
 
     async def _schedule_info(self, peer_id: str, slot: dict[str, Any], peer: PeerInfo | None = None,
@@ -434,9 +435,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     # --- alarms ----------------------------------------------------------
     @rpc_method(OPERATOR)
     async def ListAlarms(self, request: pb.ListAlarmsRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        # The peer need not be registered: a removed peer keeps its cleared alarms for the retention.
+        # The id's syntax is checked (InvalidArgument); an id no alarm names lists nothing.
         alarms = await self._alarms.list(request.peer_id, include_cleared=request.all)
-        if request.peer_id and not alarms:
-            await self._registry.get(request.peer_id)  # an unknown peer: NotFound (a removed one keeps its records)
         return pb.ListAlarmsResponse(alarms=[_alarm(r) for r in alarms])
 
     # --- status ----------------------------------------------------------

@@ -1,10 +1,11 @@
 """Alarms on real daemons, etcd and pebble (issue 9 item 10; SPEC R21).
 
-The coordinator evaluates every 0.5 s and posts each raise and clear to a
-webhook receiver run by this test, which answers its first request 500 to
-prove the retry. pebble issues 90-second certificates, so with
-``expiry_days`` 30 every deployed certificate is ``expiring`` (critical: less
-than 3 days) and, in manual mode, its renewal point passes a minute later.
+The coordinator evaluates every 0.5 s (and asks the agents' disks as often)
+and posts each raise and clear to a webhook receiver run by this test, which
+answers its first request 500 to prove the retry. pebble issues 90-second
+certificates, so with ``expiry_days`` 30 every deployed certificate is
+``expiring`` (critical: less than 3 days) and, in manual mode, its renewal
+point passes a minute later.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
+    def refused_then_delivered(self) -> set[str]:
+        """Ids of events answered 500 and then, POSTed again, 200."""
+        with self.lock:
+            refused = {b["id"] for status, b in self.requests if status == 500}
+            return refused & {b["id"] for status, b in self.requests if status == 200}
+
     def delivered(self, event: str, kind: str, peer: str) -> list[dict[str, Any]]:
         with self.lock:
             return [b for status, b in self.requests if status == 200 and b["event"] == event
@@ -76,6 +83,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Ite
     metrics_port = free_port()
     settings = {"metrics_listen": f"127.0.0.1:{metrics_port}",
                 "alarms": {"interval_seconds": 0.5, "expiry_days": 30, "webhook_url": receiver.url,
+                           "disk_check_interval_seconds": 0.5, "disk_check_timeout": 10.0, "disk_settle_seconds": 2.0,
                            "webhook_backoff_base": 0.2, "webhook_backoff_cap": 1.0, "webhook_timeout": 5.0}}
     with LocalCluster(tmp_path_factory.mktemp("alarms"), peers=3,
                       pebble_config={"certificateValidityPeriod": VALIDITY},
@@ -172,11 +180,13 @@ def test_a_dead_peer_is_raised_then_cleared_with_times_in_etcd_status_metric_and
     # To the webhook: its first POST was answered 500 and tried again.
     raised = wait_for("the raise at the webhook", lambda: receiver.delivered("raised", "peer-dead", "peer3"), 30)
     assert raised[0]["alarm"]["raised_at"] == dead["raised_at"] and raised[0]["cluster"] == "/clusteracme/local/"
-    assert raised[0]["coordinator"] == "c1"
-    first_status, first = receiver.requests[0]
-    assert first_status == 500
-    assert any(status == 200 and body["event"] == first["event"] and body["alarm"] == first["alarm"]
-               for status, body in receiver.requests[1:])
+    assert raised[0]["coordinator"] == "c1" and raised[0]["id"] == f"peer-dead/peer3/-@{dead['raised_at']}/raised"
+    assert "slot" not in raised[0]["alarm"]  # as the API's JSON: no slot for the peer's own alarm
+    # The receiver refused its first POST: that event came again, with the same id, and was taken.
+    wait_for("a refused event sent again", receiver.refused_then_delivered, 30)
+    # Once delivered, it is recorded with the alarm (a new leader does not send it again).
+    notified = wait_for("the delivery recorded", lambda: record(cluster, "alarms/peer-dead/peer3/-").get("notified"))
+    assert (notified["id"], notified["result"]) == (raised[0]["id"], "delivered")
 
     cluster.start_agent(3)
     cluster.wait_peers_alive()
@@ -216,7 +226,10 @@ def test_a_certificate_close_to_expiry_is_raised(cluster: LocalCluster, receiver
     assert f"peer1 server: ALARM expiring (critical) since {expiring['raised_at']}" in cluster.ctl("status").stdout
     assert record(cluster, "alarms/expiring/peer1/server")["raised_at"] == expiring["raised_at"]
     assert metric(cluster, "expiring", "peer1", "server") == "1.0"
-    wait_for("the expiring raise at the webhook", lambda: receiver.delivered("raised", "expiring", "peer1"), 30)
+    [sent, *_] = wait_for("the expiring raise at the webhook", lambda: [
+        b for b in receiver.delivered("raised", "expiring", "peer1") if b["alarm"].get("slot") == {"domain": ""}], 30)
+    # The alarm in the payload has the shape of the API's JSON (acmectl --json alarms).
+    assert set(sent["alarm"]) == set(expiring) and sent["alarm"]["raised_at"] == expiring["raised_at"]
 
 
 def test_a_disk_that_differs_from_etcd_is_raised_and_cleared(cluster: LocalCluster, receiver: Receiver) -> None:
@@ -245,10 +258,25 @@ def test_a_disk_that_differs_from_etcd_is_raised_and_cleared(cluster: LocalClust
     wait_for("the mismatch clear at the webhook", lambda: receiver.delivered("cleared", "disk-mismatch", "peer2"), 30)
 
 
-def test_manual_mode_past_the_renewal_point_is_raised(cluster: LocalCluster) -> None:
-    # peer1's certificate (test above) reaches 2/3 of its 90 s lifetime a minute after issuance.
-    overdue = wait_for("renewal-overdue on peer1",
-                       lambda: find(alarms(cluster), "renewal-overdue", "peer1"), timeout=VALIDITY + 30)
+def test_manual_mode_past_the_renewal_point_is_raised(cluster: LocalCluster, receiver: Receiver) -> None:
+    # A slot of its own: a certificate deployed here reaches 2/3 of its 90 s lifetime a minute later.
+    domain = "overdue.p1.alarms.example"
+    cluster.set_dns(domain, [1, 2, 3])
+    cluster.ctl("csr", "create", "peer1", "--cn", domain, "--domain", domain)
+    assert ctl_json(cluster, "sign", "peer1", "--domain", domain, "--wait")["succeeded"]
+    serial = ctl_json(cluster, "deploy", "peer1", "--domain", domain)["active_serial_hex"]
+
+    overdue = wait_for("renewal-overdue on peer1", lambda: find(alarms(cluster), "renewal-overdue", "peer1", domain),
+                       timeout=VALIDITY + 30)
     assert overdue["detail"].startswith("renewal due since ") and "manual mode" in overdue["detail"]
-    assert record(cluster, "alarms/renewal-overdue/peer1/server")["active"]
-    assert metric(cluster, "renewal-overdue", "peer1", "server") == "1.0"
+    assert record(cluster, f"alarms/renewal-overdue/peer1/{domain}")["active"]
+    assert metric(cluster, "renewal-overdue", "peer1", domain) == "1.0"
+    # status says it once: as the alarm, not again as a WARNING line
+    text = cluster.ctl("status", "peer1").stdout
+    assert f"peer1 {domain}: ALARM renewal-overdue (warning)" in text
+    assert f"peer1 {domain}: WARNING: renewal due" not in text
+    sent = wait_for("the overdue raise at the webhook", lambda: [
+        b for b in receiver.delivered("raised", "renewal-overdue", "peer1") if b["alarm"]["slot"]["domain"] == domain])
+    assert sent[0]["alarm"]["detail"] == overdue["detail"]
+    assert find(alarms(cluster, "--all"), "expiring", "peer1", domain)["detail"].startswith(  # type: ignore[index]
+        f"certificate {serial} ")

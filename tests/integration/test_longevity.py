@@ -409,7 +409,10 @@ def test_a_scheduler_tick_over_1000_slots_succeeds(coordinator: Coordinator) -> 
     assert (int(tick[1]), int(tick[2])) == (PEERS * SLOTS_PER_PEER, PEERS)
     log = coordinator.log()
     assert "renewal scheduler:" not in log.replace(tick[0], "")  # no failed tick
-    assert "renewal of " not in log  # no slot failed
+    # No slot failed ("renewal of KEY: why" / "... failed unexpectedly"); a
+    # pause ("automatic renewal of ... is paused": the seeded certificates'
+    # provider is not configured here) is not a failure.
+    assert "scheduler: renewal of " not in log
 
 
 def test_retention_compacts_old_orders_into_history_and_prunes_schedules(filled: Filled,
