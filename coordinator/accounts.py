@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import tempfile
 from dataclasses import dataclass
@@ -23,8 +24,11 @@ from clusteracme import errors
 from coordinator import records
 from coordinator.acme_client import AcmeClient, generate_account_key
 from coordinator.secretbox import SecretBox
+from coordinator.slots import is_imported
 from coordinator.store.base import Store
 from coordinator.store.keys import Keys
+
+log = logging.getLogger(__name__)
 
 _PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # A pragmatic address check: RFC 5322 in full is not what CAs accept either
@@ -94,8 +98,17 @@ class ProviderBook:
         if self.default:
             return self._with_account(self.default, "the cluster default provider")
         if renewal:
-            active_provider = (slot.get("active") or {}).get("provider") or ""
-            if active_provider and active_provider not in RESERVED_NAMES:
+            active = slot.get("active") or {}
+            active_provider = active.get("provider") or ""
+            # An imported certificate has no provider to follow. A reserved
+            # name is followed only when such a provider exists (one added
+            # before the names were reserved: it signs with ACME), and then
+            # only the ``imported`` flag makes its certificate imported.
+            if active_provider in RESERVED_NAMES:
+                followable = active_provider in self.accounts and active.get("imported") is not True
+            else:
+                followable = not is_imported(active)
+            if active_provider and followable:
                 return self._with_account(active_provider, "the provider of the certificate in service")
         with_account = sorted(name for name, has in self.accounts.items() if has)
         if len(with_account) == 1:
@@ -139,6 +152,7 @@ class Accounts:
         self._box = box
         self._timeout = acme_timeout
         self._bundle_dir = Path(tempfile.mkdtemp(prefix="clusteracme-ca-"))
+        self._reserved_warned: set[str] = set()
 
     def _bundle_path(self, pem: str) -> str | None:
         """The CA bundle as a file for ``requests`` (written once per content)."""
@@ -178,7 +192,25 @@ class Accounts:
 
     async def list(self) -> list[ProviderView]:
         entries = await self._store.range(self._keys.providers())
-        return [_view(records.decode(e.value)) for e in entries]
+        views = [_view(records.decode(e.value)) for e in entries]
+        self._warn_reserved(views)
+        return views
+
+    def _warn_reserved(self, views: list[ProviderView]) -> None:
+        """A provider named "default" or "manual" (added before the names were
+        reserved) still signs, but ``--provider default`` means the cluster
+        default and "manual" reads as "imported": say so once per process."""
+        for view in views:
+            if view.name in RESERVED_NAMES and view.name not in self._reserved_warned:
+                self._reserved_warned.add(view.name)
+                log.error("provider %r has a reserved name ('default': the cluster default, 'manual': imported "
+                          "certificates); it still signs, but add it again under another name (acmectl provider "
+                          "add NAME --directory %s), register its account and move the slots to it "
+                          "(acmectl schedule set --provider NAME)", view.name, view.directory_url)
+
+    async def warn_reserved(self) -> None:
+        """Log the providers with a reserved name (at the scheduler's start)."""
+        await self.list()
 
     async def _get(self, name: str) -> tuple[dict[str, Any], int]:
         data, rev = await records.read(self._store, self._keys.provider(name))

@@ -115,8 +115,10 @@ class Deployment:
         new_active = {"serial_hex": reply.active_serial_hex, "chain_pem": pending["chain_pem"],
                       "not_after": pending["not_after"], "names": names, "provider": pending.get("provider", ""),
                       "deployed_at": at}
-        if pending.get("imported"):
-            new_active["imported"] = True  # signed outside ACME: automatic renewal never signs over it
+        if "imported" in pending:
+            # True: signed outside ACME, automatic renewal never signs over it.
+            # False (ACME): says so even when a provider is named "manual".
+            new_active["imported"] = bool(pending["imported"])
 
         def change(current: dict[str, Any]) -> tuple[dict[str, Any], Event]:
             # etcd follows what the agent reports it did (it may have done it

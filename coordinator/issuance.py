@@ -27,14 +27,14 @@ from coordinator import imports, orders, preflight, records
 from coordinator.accounts import Accounts
 from coordinator.acme_client import AcmeClient
 from coordinator.admission import BUDGET_WINDOW, Admission, Limits
-from coordinator.errors import PreflightFailed, RateLimited
+from coordinator.errors import CAError, PreflightFailed, RateLimited
 from coordinator.history import Event, History
 from coordinator.metrics import ORDERS_ACTIVE, ORDERS_QUEUED, SIGNS
 from coordinator.names import normalize_names
 from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase, Step
 from coordinator.peers import AgentPool, PeerInfo, Registry
 from coordinator.settings import AdmissionSettings, TimingSettings
-from coordinator.slots import check_may_sign
+from coordinator.slots import SigningPaused, check_may_sign
 from coordinator.store.base import Check, Conflict, NotLeader, Op, Put, Store
 from coordinator.store.keys import Keys
 from coordinator.tokenpush import TokenPusher
@@ -52,6 +52,9 @@ CHALLENGE_PATH = "/.well-known/acme-challenge/"
 PEERS_CACHE_SECONDS = 0.5
 BEST_EFFORT_RECHECK_SECONDS = 10.0  # a peer outside DNS that took the tokens: its front probed this often
 SELF_CHECK_ATTEMPTS = 3  # for required peers that only timed out (1 s, then 2 s apart)
+# How CAs refuse an order's "replaces" (RFC 9773): Boulder answers malformed or
+# unauthorized, RFC 9773 names alreadyReplaced; a plain 404 reads as malformed.
+REPLACES_REFUSALS = frozenset({"malformed", "unauthorized", "alreadyReplaced", "notFound"})
 
 
 class _OrderWriter:
@@ -224,7 +227,8 @@ class Issuance:
         given (``subject``: O, OU, L, ST, C, ``imports.check_csr_subject``; {} for
         none). None is for a key rotation only: the new CSR repeats the slot's
         saved subject. The provider is a setting of the slot, not of the CSR:
-        ``provider`` is saved with the slot, "" keeps the slot's saved one.
+        ``provider`` is saved with the slot, "" keeps the slot's saved one,
+        "default" clears it (the cluster default applies), as ``schedule set``.
         """
         if key_type not in KEY_TYPE_LABELS:
             raise errors.InvalidArgument(
@@ -242,7 +246,7 @@ class Issuance:
                 raise errors.InvalidArgument(f"the domain slot {domain} must be one of the certificate's names")
         if subject is not None:
             subject = imports.check_csr_subject(subject)
-        if provider:
+        if provider and provider != "default":
             known = [p.name for p in await self._accounts.list()]
             if provider not in known:
                 raise errors.NotFound(f"no provider named {provider[:64]!r} (known: {', '.join(known) or 'none'}; "
@@ -284,6 +288,8 @@ class Issuance:
             await self._refuse_if_running(peer_id, domain, current, "replacing the CSR")
             base = current or {"peer_id": peer_id, "domain": domain, "pending": None, "last_sign": None,
                                "current_order": None}
+            if provider == "default":
+                return {k: v for k, v in {**base, "csr": csr_record}.items() if k != "provider"}
             return {**base, "csr": csr_record, **({"provider": provider} if provider else {})}
 
         stored = await records.update(self._store, self._keys.cert(peer_id, slot_name(domain)), change)
@@ -305,7 +311,8 @@ class Issuance:
         """Check everything, save the new order record, start its driver."""
         peer = await self._registry.get(peer_id)
         slot, slot_rev = await self._slot(peer_id, domain)
-        check_may_sign(peer_id, peer.enabled, slot)  # ACME off for the peer or the slot
+        # ACME off for the peer or the slot; automatic renewal: an imported certificate in service.
+        check_may_sign(peer_id, peer.enabled, slot, renewal=auto)
         # --provider, else the slot's, else the cluster default (else, when
         # renewing, the active certificate's), else the only account.
         provider = await self._accounts.choose(explicit=provider, slot=slot, renewal=auto)
@@ -468,8 +475,26 @@ class Issuance:
     async def _admit(self, rec: OrderRecord, waited: bool) -> OrderRecord:
         """The admitted order, with DNS read again if it waited (in the queue,
         or for a new leader): the peers that must serve are those DNS points at
-        when the CA validates, not when the order was submitted."""
+        when the CA validates, not when the order was submitted.
+
+        ACME switched off for the peer or the slot since the order was
+        started (it waited in the queue, or for a new leader: resumed orders
+        come through here too) ends it, cleaned, before anything is asked of
+        the CA; automatic renewal counts that as a pause, not a failure."""
         changes: dict[str, Any] = {"updated_at": utcnow()}
+        if not rec.authorize_only:
+            try:
+                peer = await self._registry.get(rec.peer_id)
+            except errors.NotFound:
+                peer = None  # unregistered meanwhile: the DNS check and the self-check decide, as before
+            if peer is not None:
+                slot, _ = await self._slot(rec.peer_id, rec.domain)
+                try:
+                    check_may_sign(rec.peer_id, peer.enabled, slot)
+                except SigningPaused as exc:
+                    log.info("order %s ends unsent: %s", rec.order_id, exc.message)
+                    return orders.advance(rec, Phase.FAILED, cleaned=True, **changes,
+                                          error=f"{exc.message}; the order ended before anything was asked of the CA")
         if rec.dns is not None and waited:
             try:
                 resolution = await self._resolve(rec.names)
@@ -663,14 +688,26 @@ class Issuance:
         return {
             "chain_pem": rec.chain_pem, "serial_hex": format(cert.serial_number, "x"), "names": list(rec.names),
             "not_after": cert.not_valid_after_utc.isoformat(), "provider": rec.provider,
-            "order_url": rec.order_url, "signed_at": utcnow(), "auto": rec.auto,
+            "order_url": rec.order_url, "signed_at": utcnow(), "auto": rec.auto, "imported": False,
         }
 
     async def _perform(self, step: Step, rec: OrderRecord, client: AcmeClient | None, deadline: float, *,
                        known_ready: bool = False) -> OrderRecord:
         assert client is not None or step is Step.CLEANUP
         if step is Step.CREATE_ORDER:
-            view = await asyncio.to_thread(client.new_order, rec.names, rec.replaces)  # type: ignore[union-attr]
+            try:
+                view = await asyncio.to_thread(client.new_order, rec.names, rec.replaces)  # type: ignore[union-attr]
+            except CAError as exc:
+                if not rec.replaces or exc.problem not in REPLACES_REFUSALS:
+                    raise
+                # The CA refused the RFC 9773 link to the certificate renewed
+                # (unknown to it, issued to another account, replaced
+                # already): the link is a hint, the certificate is what
+                # matters. Asked once more without it.
+                log.warning("order %s: the CA refused \"replaces\" (%s); ordering without it", rec.order_id,
+                            exc.message)
+                rec = dataclasses.replace(rec, replaces="")
+                view = await asyncio.to_thread(client.new_order, rec.names, "")  # type: ignore[union-attr]
             if view.status is AcmeStatus.INVALID:
                 return orders.advance(rec, Phase.FAILED, order_url=view.url, error=f"the CA opened an invalid order ({view.error})")
             placeholders = tuple(Authz(name="", url=u, status=AcmeStatus.PENDING) for u in view.authorization_urls)

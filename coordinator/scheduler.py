@@ -11,9 +11,13 @@ slot by whoever leads then.
 Automatic mode pauses (signs nothing, counts no failure, backs off nothing)
 while ACME is disabled on the peer or for the slot, while the certificate in
 service was imported, and while no provider can be chosen; the reason is in
-the plan (status). Opportunities that pass during a pause are spent, so work
-resumes at the next one. The slot settings written here: the schedule, the
-slot's provider, ACME on/off for the slot.
+the plan (status). A paused slot costs no etcd read per tick (no
+opportunity, no renewal information is read for it): the opportunities are
+marked spent once when the pause starts and once when it ends, so work
+resumes at the next opportunity. An order that ACME switched off ended before
+the CA was asked anything (``Issuance._admit``) is a pause too, not a failure.
+The slot settings written here: the schedule, the slot's provider, ACME on/off
+for the slot.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from clusteracme import certinfo, errors
@@ -53,6 +57,16 @@ def _iso(when: datetime.datetime | None) -> str:
 
 def _parse(text: str | None) -> datetime.datetime | None:
     return datetime.datetime.fromisoformat(text) if text else None
+
+
+@dataclass
+class _TickCache:
+    """Read once per tick for all its slots: the providers (what the choice
+    of a provider depends on) and each peer's drawn opportunities per period."""
+
+    previous_at: datetime.datetime | None = None  # the previous tick (of this leader): the pauses it saw
+    book: ProviderBook | None = None
+    opportunities: dict[tuple[str, datetime.datetime], tuple[datetime.datetime, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,8 @@ class RenewalScheduler:
         self._clock = clock
         self._randbelow = randbelow
         self._ticks = 0
+        self._tick: _TickCache | None = None  # what a tick reads once for all its slots (None between ticks)
+        self._last_tick_at: datetime.datetime | None = None  # when the previous tick of this leader started
 
     # --- schedule settings --------------------------------------------------
     @staticmethod
@@ -132,6 +148,8 @@ class RenewalScheduler:
     # --- the loop -------------------------------------------------------------
     async def run(self) -> None:
         """Tick until cancelled; one slot's trouble never stops the others."""
+        with contextlib.suppress(errors.ClusterAcmeError):
+            await self._accounts.warn_reserved()  # providers named "default"/"manual" from older versions
         while True:
             try:
                 await self.tick()
@@ -152,22 +170,27 @@ class RenewalScheduler:
         prefix = self._keys.all_certs()
         seen = 0
         pages = self._store.range_pages(prefix)
-        async with contextlib.aclosing(pages):
-            async for page in pages:
-                for entry in page:
-                    peer_id, _, _ = entry.key.removeprefix(prefix).partition("/")
-                    if peer_id not in peers:
-                        continue
-                    seen += 1
-                    try:
-                        await self._slot_tick(peers[peer_id], records.decode(entry.value))
-                    except errors.ClusterAcmeError as exc:
-                        log.warning("renewal of %s: %s", entry.key.removeprefix(prefix), exc.message)
-                    except Exception:
-                        # One odd slot must not stop the renewals of all the others
-                        # (nor, by killing this task, the coordinator).
-                        log.exception("renewal of %s failed unexpectedly", entry.key.removeprefix(prefix))
-                    await asyncio.sleep(0)  # let RPCs and keep-alives in between slots
+        self._tick = _TickCache(previous_at=self._last_tick_at)
+        self._last_tick_at = self._clock()
+        try:
+            async with contextlib.aclosing(pages):
+                async for page in pages:
+                    for entry in page:
+                        peer_id, _, _ = entry.key.removeprefix(prefix).partition("/")
+                        if peer_id not in peers:
+                            continue
+                        seen += 1
+                        try:
+                            await self._slot_tick(peers[peer_id], records.decode(entry.value))
+                        except errors.ClusterAcmeError as exc:
+                            log.warning("renewal of %s: %s", entry.key.removeprefix(prefix), exc.message)
+                        except Exception:
+                            # One odd slot must not stop the renewals of all the others
+                            # (nor, by killing this task, the coordinator).
+                            log.exception("renewal of %s failed unexpectedly", entry.key.removeprefix(prefix))
+                        await asyncio.sleep(0)  # let RPCs and keep-alives in between slots
+        finally:
+            self._tick = None
         elapsed = time.monotonic() - started
         level = logging.INFO if self._ticks == 0 or elapsed >= SLOW_TICK_SECONDS else logging.DEBUG
         log.log(level, "renewal scheduler: tick over %d slot(s) of %d peer(s) took %.3fs", seen, len(peers), elapsed)
@@ -185,16 +208,20 @@ class RenewalScheduler:
         AUTO_FAILURES.labels(**labels).set(state.get("failures", 0))
         if active:
             CERT_NOT_AFTER.labels(**labels).set(_parse(active["not_after"]).timestamp())  # type: ignore[union-attr]
-        due = await self._due(peer_id, domain, slot, now, fetch_ari=True)
+        # Asked first: a paused slot reads no renewal information and no opportunity.
+        paused, provider = await self._pause_of(peer, slot) if schedule["auto"] else ("", "")
+        due = await self._due(peer_id, domain, slot, now, fetch_ari=not paused)
         aging = _aging(slot, now)
         if aging is not None and state.get("warned_imported") != aging.serial_hex:
             log.warning("%s %s: %s", peer_id, labels["domain"], aging.warning())
             await self._save_state(peer_id, domain, {"warned_imported": aging.serial_hex})
 
         if not schedule["auto"]:
-            overdue = bool(active) and due is not None and now >= due.at
+            # An imported certificate is watched by its 2/3 age alone (aging):
+            # "sign a new one or turn on automatic mode" is no advice for it.
+            overdue = bool(active) and not slots.is_imported(active) and due is not None and now >= due.at
             RENEWAL_OVERDUE.labels(**labels).set(1 if overdue or aging else 0)
-            if overdue and aging is None and state.get("warned_serial") != active["serial_hex"]:  # type: ignore[index]
+            if overdue and state.get("warned_serial") != active["serial_hex"]:  # type: ignore[index]
                 log.warning("renewal due for %s %s (manual mode): certificate %s reached %s at %s; "
                             "sign a new one (acmectl sign) or turn on automatic mode", peer_id, labels["domain"],
                             active["serial_hex"], due.reason, _iso(due.at))  # type: ignore[index,union-attr]
@@ -213,6 +240,19 @@ class RenewalScheduler:
                 # (no ACME involved; left alone it would expire unused).
                 await self._deploy_if_slot(peer_id, domain, schedule, pending, state, now)
             return  # a certificate signed by hand is the operator's to deploy
+        if paused:
+            if state.get("paused") != paused:
+                await self._pause(peer_id, domain, paused, now)
+            return
+        if state.get("paused"):
+            # The pause is over: the opportunities that passed during it (up
+            # to the previous tick, the last that saw it; up to now when this
+            # leader saw none) are spent, marked once here: work resumes at
+            # the next one.
+            previous = self._tick.previous_at if self._tick is not None else None
+            spent = min(previous, now) if previous is not None else now
+            log.info("automatic renewal of %s %s resumes at the next sign opportunity", peer_id, labels["domain"])
+            state = await self._save_state(peer_id, domain, {"paused": "", "handled_opportunity": _iso_ms(spent)})
         if not slot.get("csr") or due is None or now < due.at:
             return
         retry_at = _parse(state.get("retry_at"))
@@ -226,31 +266,49 @@ class RenewalScheduler:
         opportunity = await self._passed_opportunity(peer_id, schedule, state, now, earliest)
         if opportunity is None:
             return
-        paused = slots.standing_pause(peer.enabled, slot)
-        provider = ""
-        if not paused:
-            try:
-                provider = await self._accounts.choose(slot=slot, renewal=True)
-            except ProviderUnresolved as exc:
-                paused = exc.message
-        if paused:
-            await self._skip(peer_id, domain, state, opportunity, paused)
-            return
         # Persist the opportunity as used *before* acting: a crash here can
         # cost this opportunity, never cause a second order for it.
         await self._save_state(peer_id, domain, {"handled_opportunity": _iso_ms(opportunity), "paused": ""})
         await self._sign(peer_id, domain, slot, schedule, active, now, state, provider)
 
-    async def _skip(self, peer_id: str, domain: str, state: dict[str, Any], opportunity: datetime.datetime,
-                    paused: str) -> None:
-        """A pause: the opportunity is spent without signing, and nothing
-        counts as a failure (no backoff: work resumes at the next opportunity)."""
-        changes: dict[str, Any] = {"handled_opportunity": _iso_ms(opportunity)}
-        if state.get("paused") != paused:
-            deliberate = paused in (slots.PAUSED_PEER, slots.PAUSED_DOMAIN, slots.PAUSED_IMPORTED)
-            log.log(logging.INFO if deliberate else logging.WARNING,
-                    "automatic renewal of %s %s is paused, nothing is signed: %s", peer_id, slots.label(domain), paused)
-            changes["paused"] = paused
+    async def _pause_of(self, peer: PeerInfo, slot: dict[str, Any], *, fresh: bool = False) -> tuple[str, str]:
+        """(why automatic renewal signs nothing for the slot now, "" when it
+        may; the provider it would sign with). The providers are read once
+        per tick (``fresh``: read now)."""
+        paused = slots.standing_pause(peer.enabled, slot)
+        if paused:
+            return paused, ""
+        tick = None if fresh else self._tick
+        if tick is None:
+            book = await self._accounts.book()
+        else:
+            if tick.book is None:
+                tick.book = await self._accounts.book()
+            book = tick.book
+        try:
+            return "", book.choose(slot=slot, renewal=True)
+        except ProviderUnresolved as exc:
+            return exc.message, ""
+
+    async def _current_pause(self, peer_id: str, domain: str) -> tuple[str, str, dict[str, Any] | None]:
+        """``_pause_of`` on the peer and the slot as etcd holds them now (and the slot)."""
+        peer = await self._registry.get(peer_id)
+        slot, _ = await records.read(self._store, self._keys.cert(peer_id, slot_name(domain)))
+        if slot is None:
+            return "", "", None
+        paused, provider = await self._pause_of(peer, slot, fresh=True)
+        return paused, provider, slot
+
+    async def _pause(self, peer_id: str, domain: str, paused: str, now: datetime.datetime | None = None) -> None:
+        """A pause starts (or its reason changes): nothing is signed and
+        nothing counts as a failure (no backoff). With ``now``, every
+        opportunity until now is marked spent, once."""
+        deliberate = paused in (slots.PAUSED_PEER, slots.PAUSED_DOMAIN, slots.PAUSED_IMPORTED)
+        log.log(logging.INFO if deliberate else logging.WARNING,
+                "automatic renewal of %s %s is paused, nothing is signed: %s", peer_id, slots.label(domain), paused)
+        changes: dict[str, Any] = {"paused": paused}
+        if now is not None:
+            changes["handled_opportunity"] = _iso_ms(now)
         await self._save_state(peer_id, domain, changes)
 
     async def _sign(self, peer_id: str, domain: str, slot: dict[str, Any], schedule: dict[str, Any],
@@ -260,13 +318,27 @@ class RenewalScheduler:
         try:
             self._issuance.check_room()  # before a new key: a full queue is load, not a failure
             if schedule["key_policy"] == "rotate" and active:
+                # The peer and the slot as they are now, not as the tick read
+                # them: a slot switched off (or imported into, or left without
+                # a provider) meanwhile must not get a new key.
+                paused, provider, fresh = await self._current_pause(peer_id, domain)
+                if paused:
+                    raise slots.SigningPaused(paused, paused)
+                if fresh is None or not fresh.get("csr") or fresh.get("current_order") or fresh.get("pending"):
+                    log.info("automatic sign for %s %s skipped: the slot changed meanwhile (an order or a pending "
+                             "certificate)", peer_id, slots.label(domain))
+                    return
+                csr, active = fresh["csr"], fresh.get("active")
                 # A new key per renewal; the first certificate uses the CSR
                 # the operator made (its key has signed nothing yet).
                 names = csr["names"]
                 await self._issuance.create_csr(peer_id, domain, names[0], names[1:],
                                                 _LABEL_TO_KEY_TYPE.get(csr["key_type"], 1))
             replaces = ""
-            if active and not slots.is_imported(active):
+            # RFC 9773 "replaces" only towards the CA that issued the
+            # certificate in service: another CA (or account) refuses an order
+            # that claims to replace a certificate it did not issue to it.
+            if active and not slots.is_imported(active) and active.get("provider") == provider:
                 try:
                     replaces = renewal.ari_cert_id(certinfo.leaf(active["chain_pem"]))
                 except errors.InvalidArgument:
@@ -282,10 +354,20 @@ class RenewalScheduler:
         except (slots.SigningPaused, ProviderUnresolved) as exc:
             # Switched off (or the provider lost its account) since the check
             # a moment ago: a pause, not a failure.
-            paused = exc.paused if isinstance(exc, slots.SigningPaused) else exc.message
-            log.info("automatic renewal of %s %s is paused, nothing is signed: %s", peer_id, slots.label(domain),
-                     paused)
-            await self._save_state(peer_id, domain, {"paused": paused})
+            await self._pause(peer_id, domain, exc.paused if isinstance(exc, slots.SigningPaused) else exc.message)
+            return
+        except errors.Aborted as exc:
+            # The slot changed while the order was being saved (a race, e.g.
+            # with a switch-off): a pause if it is one now, otherwise nothing
+            # happened; either way no failure.
+            paused, _, _ = await self._current_pause(peer_id, domain)
+            if paused:
+                await self._pause(peer_id, domain, paused)
+            else:
+                log.info("automatic sign for %s %s raced a change of the slot (%s); trying again at the next tick",
+                         peer_id, slots.label(domain), exc.message)
+                await self._save_state(peer_id, domain,
+                                       {"handled_opportunity": state.get("handled_opportunity", "")})
             return
         except errors.ClusterAcmeError as exc:
             failures = state.get("failures", 0) + 1
@@ -312,7 +394,14 @@ class RenewalScheduler:
                 or last.get("status") not in ("valid", "failed"):
             return state
         now = self._clock()
-        if last["status"] == "failed":
+        paused = slots.pause_of_order_error(last.get("error", "")) if last["status"] == "failed" else ""
+        if paused:
+            # Ended before the CA was asked anything because ACME was switched
+            # off meanwhile: a pause, no failure, no backoff.
+            log.info("automatic order %s for %s %s ended unsent: %s", order_id, peer_id, slots.label(domain),
+                     last.get("error", ""))
+            changes: dict[str, Any] = {"paused": paused}
+        elif last["status"] == "failed":
             failures = state.get("failures", 0) + 1
             wait = self._backoff(failures)
             try:
@@ -369,7 +458,12 @@ class RenewalScheduler:
     async def _opportunities(self, peer_id: str, period_start: datetime.datetime,
                              period_end: datetime.datetime) -> tuple[datetime.datetime, ...]:
         """The period's two sign times: drawn once (cryptographic RNG) and
-        stored, so every replica and every restart uses the same ones."""
+        stored, so every replica and every restart uses the same ones.
+        Within a tick, read once per peer and period."""
+        tick = self._tick
+        cached = tick.opportunities.get((peer_id, period_start)) if tick is not None else None
+        if cached is not None:
+            return cached
         key = self._keys.schedule(peer_id, period_start)
         data, _ = await records.read(self._store, key)
         if data is None:
@@ -381,7 +475,10 @@ class RenewalScheduler:
                 pass  # another writer drew them first: theirs count
             data, _ = await records.read(self._store, key)
             assert data is not None
-        return tuple(_parse(t) for t in data["times"])  # type: ignore[misc]
+        times: tuple[datetime.datetime, ...] = tuple(_parse(t) for t in data["times"])  # type: ignore[misc]
+        if tick is not None and tick is self._tick:
+            tick.opportunities[(peer_id, period_start)] = times
+        return times
 
     def _period(self, schedule: dict[str, Any], when: datetime.datetime) -> tuple[datetime.datetime, datetime.datetime]:
         tz = renewal.parse_tz(schedule["tz"])
@@ -421,9 +518,10 @@ class RenewalScheduler:
             return renewal.Due(_parse(csr.get("created_at")) or now, "no certificate deployed yet")
         cert = certinfo.leaf(active["chain_pem"])
         if slots.is_imported(active):
-            # Not from an ACME CA: no renewal information to ask for.
-            return renewal.renewal_due(cert.not_valid_before_utc, cert.not_valid_after_utc,
-                                       fraction=self._settings.fraction)
+            # Not from an ACME CA: no renewal information to ask for, and the
+            # 2/3 of its lifetime at which status warns (slots.imported_aging),
+            # whatever fraction the cluster renews its own certificates at.
+            return renewal.renewal_due(cert.not_valid_before_utc, cert.not_valid_after_utc)
         ari = (slot.get("renewal") or {}).get("ari") or {}
         if ari.get("serial") != active["serial_hex"] or (fetch_ari and now >= _parse(ari["next_check"])):  # type: ignore[operator]
             if fetch_ari:
@@ -503,7 +601,8 @@ class RenewalScheduler:
         aging = _aging(slot, now)
         if aging is not None:
             warning = aging.warning()
-        elif not schedule["auto"] and slot.get("active") and due and now >= due.at:
+        elif not schedule["auto"] and slot.get("active") and not slots.is_imported(slot.get("active")) \
+                and due and now >= due.at:
             warning = (f"renewal due since {_iso(due.at)} ({due.reason}) and the slot is in manual mode: "
                        "sign a new certificate or turn on automatic mode")
         if schedule["auto"] and pending and pending.get("auto"):

@@ -4,9 +4,9 @@ Pure: no I/O, time is an argument. A slot (``certs/<peer>/server`` or
 ``certs/<peer>/domain/<name>``) may have ACME switched off (``acme_enabled``
 false: never signed, manually or automatically; it keeps serving what it has
 and its pending certificate may still be deployed), may hold an imported
-certificate (signed outside ACME, provider ``manual``: automatic renewal never
-signs over it and warns once it passes 2/3 of its lifetime), and belongs to a
-peer that may have ACME disabled. The scheduler and ``Issuance.start_sign``
+certificate (signed outside ACME, marked ``imported``: automatic renewal
+never signs over it and warns once it passes 2/3 of its lifetime), and belongs
+to a peer that may have ACME disabled. The scheduler and ``Issuance.start_sign``
 ask these functions; status and ``acmectl domain list`` show their answers.
 """
 
@@ -58,19 +58,51 @@ def acme_enabled(slot: dict[str, Any]) -> bool:
 
 
 def is_imported(cert: dict[str, Any] | None) -> bool:
-    """A pending or active record of a certificate signed outside ACME."""
-    return bool(cert) and (bool(cert.get("imported")) or cert.get("provider") == IMPORTED_PROVIDER)  # type: ignore[union-attr]
+    """A pending or active record of a certificate signed outside ACME: the
+    ``imported`` flag when the record has one (every import writes it, every
+    deploy copies it), else the provider ``manual``. (Choosing a provider asks
+    the flag alone: a provider named "manual" from before the name was
+    reserved signs with ACME, ``accounts.ProviderBook.choose``.)"""
+    if not cert:
+        return False
+    if "imported" in cert:
+        return bool(cert["imported"])
+    return cert.get("provider") == IMPORTED_PROVIDER
 
 
-def check_may_sign(peer_id: str, peer_enabled: bool, slot: dict[str, Any] | None) -> None:
-    """Raise ``SigningPaused`` when ACME is off for the peer or for the slot."""
+_OFF_ON_PEER = "ACME is disabled on peer "
+_OFF_FOR_SLOT = "ACME is disabled for "
+
+
+def check_may_sign(peer_id: str, peer_enabled: bool, slot: dict[str, Any] | None, *, renewal: bool = False) -> None:
+    """Raise ``SigningPaused`` when ACME is off for the peer or for the slot,
+    and for an automatic renewal (``renewal``) when the certificate in service
+    was imported."""
     if not peer_enabled:
-        raise SigningPaused(f"ACME is disabled on peer {peer_id} (acmectl peer enable {peer_id})", PAUSED_PEER)
-    if slot is not None and not acme_enabled(slot):
-        domain = slot.get("domain", "")
-        what = f"domain {domain}" if domain else "the server certificate"
-        raise SigningPaused(f"ACME is disabled for {what} on peer {peer_id} "
+        raise SigningPaused(f"{_OFF_ON_PEER}{peer_id} (acmectl peer enable {peer_id})", PAUSED_PEER)
+    if slot is None:
+        return
+    domain = slot.get("domain", "")
+    what = f"domain {domain}" if domain else "the server certificate"
+    if not acme_enabled(slot):
+        raise SigningPaused(f"{_OFF_FOR_SLOT}{what} on peer {peer_id} "
                             f"(acmectl domain enable {peer_id} {label(domain)})", PAUSED_DOMAIN)
+    if renewal and is_imported(slot.get("active")):
+        raise SigningPaused(f"the certificate in service for {what} on peer {peer_id} was imported: automatic "
+                            "renewal never signs over it (import a renewed one, or sign explicitly: acmectl sign)",
+                            PAUSED_IMPORTED)
+
+
+def pause_of_order_error(error: str) -> str:
+    """The pause an ended order's error stands for ("" for a real failure):
+    an order whose peer or slot had ACME switched off before the CA was asked
+    anything ends with ``check_may_sign``'s message, and automatic renewal
+    counts that as a pause, not as a failure."""
+    if error.startswith(_OFF_ON_PEER):
+        return PAUSED_PEER
+    if error.startswith(_OFF_FOR_SLOT):
+        return PAUSED_DOMAIN
+    return ""
 
 
 def standing_pause(peer_enabled: bool, slot: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ renewal), what ACME off means for a slot, and acmectl's output for them."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 from typing import Any
 
@@ -12,10 +13,14 @@ import pytest
 from clusteracme.errors import FailedPrecondition, InvalidArgument, NotFound
 from clusteracme.v1 import common_pb2
 from clusteracme.v1 import coordinator_pb2 as pb
-from coordinator import ctl, slots
+from coordinator import ctl, orders, records, slots
 from coordinator.accounts import Accounts, ProviderBook, ProviderUnresolved
+from coordinator.acme_client import OrderView
+from coordinator.errors import CAError
+from coordinator.orders import AcmeStatus, Phase, Step
 from coordinator.store.keys import Keys
 from coordinator.store.memory import MemoryStore
+from tests.unit import test_revocation_ways as ways  # the real Issuance, its CA, agents and DNS faked
 from tests.unit.test_ctl_output import FakeCtl
 
 NOW = datetime.datetime(2026, 5, 4, 12, 0, tzinfo=datetime.UTC)
@@ -113,7 +118,8 @@ async def test_acmectl_domain_list_schedule_and_providers_output(capsys: pytest.
     assert "ACME disabled for domain b.example on peer p1" in capsys.readouterr().out
     info = pb.ScheduleInfo(peer_id="p1", auto=True, days="all", time="now", tz="UTC", key_policy="rotate",
                            paused=slots.PAUSED_PEER, provider="pebble")
-    await ctl.cmd_schedule(FakeCtl({"SetSchedule": info}), argparse.Namespace(
+    known = pb.ListProvidersResponse(providers=[pb.Provider(name="pebble", account_url="https://p/acct/1")])
+    await ctl.cmd_schedule(FakeCtl({"SetSchedule": info, "ListProviders": known}), argparse.Namespace(
         schedule_cmd="set", peer="p1", domain="", auto="on", days=None, time=None, tz=None, key_policy=None,
         provider="pebble"))
     out = capsys.readouterr().out
@@ -143,3 +149,143 @@ def test_acmectl_parses_the_new_commands() -> None:
     assert a.provider == "default"
     a = p.parse_args(["provider", "default", "--clear"])
     assert a.clear and a.name is None
+
+
+# --- review fixes: the issuance side (the real Issuance, its CA and agents faked) --------
+def test_only_the_imported_flag_makes_a_certificate_imported_when_there_is_one() -> None:
+    assert slots.is_imported({"provider": "manual", "imported": True})
+    assert slots.is_imported({"provider": "manual"})  # records from before the flag: the provider says so
+    assert not slots.is_imported({"provider": "manual", "imported": False})
+    assert not slots.is_imported({"provider": "pebble"}) and not slots.is_imported(None)
+    # A provider named "manual" from before the name was reserved signs with ACME: renewal follows it.
+    legacy = ProviderBook("", {"manual": True, "beta": True})
+    assert legacy.choose(slot={"active": {"provider": "manual"}}, renewal=True) == "manual"
+    with pytest.raises(ProviderUnresolved, match="no provider chosen"):
+        legacy.choose(slot={"active": {"provider": "manual", "imported": True}}, renewal=True)
+
+
+async def test_a_provider_with_a_reserved_name_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryStore()
+    keys = Keys("/t/")
+    await store.put_if(keys.provider("manual"),
+                       records.encode({"name": "manual", "directory_url": "https://ca.example/dir"}),
+                       expect_mod_revision=0)
+    accounts = Accounts(store, keys, None, acme_timeout=1)  # type: ignore[arg-type]
+    await accounts.warn_reserved()
+    await accounts.list()
+    errors_logged = [r for r in caplog.records if r.levelname == "ERROR" and "'manual' has a reserved name" in r.getMessage()]
+    assert len(errors_logged) == 1
+
+
+async def test_start_sign_for_a_renewal_pauses_over_an_imported_certificate_an_explicit_sign_goes_on() -> None:
+    world = ways.World()
+    world.peer("p1")
+    cert = ways.make_cert([ways.NAME])
+    imported = {"serial_hex": ways.serial(cert), "chain_pem": ways.pem(cert), "provider": "manual", "imported": True,
+                "not_after": cert.not_valid_after_utc.isoformat()}
+    await world.slot("p1", [ways.NAME], active=imported)
+    with pytest.raises(slots.SigningPaused, match="was imported: automatic renewal never signs over it") as caught:
+        await world.issuance.start_sign("p1", "", "pebble", False, "coordinator:c", auto=True)
+    assert caught.value.paused == slots.PAUSED_IMPORTED and await world.orders() == []
+    rec = await world.issuance.start_sign("p1", "", "pebble", False, "operator:t")  # the operator's choice
+    assert rec.provider == "pebble" and [o["order_id"] for o in await world.orders()] == [rec.order_id]
+
+
+@pytest.mark.parametrize("switched", ["peer", "slot", "peer, then a new leader resumes"])
+async def test_an_order_whose_peer_or_slot_had_acme_switched_off_ends_unsent_at_admission(switched: str) -> None:
+    world = ways.World()
+    world.peer("p1")
+    await world.slot("p1", [ways.NAME])
+    rec = await world.issuance.start_sign("p1", "", "pebble", False, "coordinator:c", auto=True)
+    if switched == "slot":
+        # (acmectl domain disable refuses while an order runs; an older coordinator did not)
+        await ways.put(world.store, ways.KEYS.cert("p1", "server"), {**await world.read_slot("p1"), "acme_enabled": False})
+    else:
+        world.peers["p1"] = dataclasses.replace(world.peers["p1"], enabled=False)
+    issuance = world.issuance
+    if switched.endswith("resumes"):
+        # Admitted by the previous leader (NEW), nothing asked of the CA yet: the new leader admits it again.
+        await ways.put(world.store, ways.KEYS.order(rec.order_id),
+                       dataclasses.replace(rec, phase=Phase.NEW).to_json())
+        issuance = ways.DrivenIssuance(world)
+        assert await issuance.resume_all() == [rec.order_id]
+    end = await issuance._drive(rec.order_id)  # the real driver; the CA would be its next step
+    what = "on peer p1" if switched != "slot" else "for the server certificate on peer p1"
+    assert end.phase is Phase.FAILED and end.cleaned and end.order_url == ""
+    assert end.error.startswith(f"ACME is disabled {what}") and "before anything was asked of the CA" in end.error
+    slot, _ = await records.read(world.store, ways.KEYS.cert("p1", "server"))
+    assert slot is not None and slot["current_order"] is None and slot["last_sign"]["status"] == "failed"
+    assert slots.pause_of_order_error(slot["last_sign"]["error"]) == (
+        slots.PAUSED_DOMAIN if switched == "slot" else slots.PAUSED_PEER)
+    assert slots.pause_of_order_error("creating the order: the CA answered malformed") == ""
+
+
+class OrderingClient:
+    """A CA that refuses an order's "replaces" with ``refusal``."""
+
+    def __init__(self, refusal: Exception | None, *, always: bool = False) -> None:
+        self.refusal, self.always = refusal, always
+        self.asked: list[str] = []
+
+    def new_order(self, names: tuple[str, ...], replaces: str = "") -> Any:
+        self.asked.append(replaces)
+        if self.refusal is not None and (replaces or self.always):
+            raise self.refusal
+        return OrderView(url="https://ca.test/order/1", status=AcmeStatus.PENDING,
+                         authorization_urls=("https://ca.test/authz/1",), finalize_url="https://ca.test/finalize/1",
+                         certificate_url="", error="", retry_after=None)
+
+
+@pytest.mark.parametrize(("problem", "replaces", "asked"), [
+    ("unauthorized", "aki.serial", ["aki.serial", ""]),     # Boulder: another account's certificate
+    ("malformed", "aki.serial", ["aki.serial", ""]),
+    ("alreadyReplaced", "aki.serial", ["aki.serial", ""]),  # RFC 9773
+    ("rejectedIdentifier", "aki.serial", ["aki.serial"]),   # not about "replaces": the order fails as before
+    ("unauthorized", "", [""]),                             # nothing to leave out
+])
+async def test_an_order_refused_for_its_replaces_is_asked_once_more_without(
+        problem: str, replaces: str, asked: list[str]) -> None:
+    world = ways.World()
+    world.peer("p1")
+    await world.slot("p1", [ways.NAME])
+    rec = await world.issuance.start_sign("p1", "", "pebble", False, "coordinator:c", auto=True, replaces=replaces)
+    admitted = orders.advance(rec, Phase.NEW)
+    client = OrderingClient(CAError(f"creating the order: the CA answered {problem}", problem=problem),
+                            always=not replaces)
+    if len(asked) == 2:
+        new = await world.issuance._perform(Step.CREATE_ORDER, admitted, client, 1e18)  # type: ignore[arg-type]
+        assert new.phase is Phase.ORDERED and new.order_url == "https://ca.test/order/1" and new.replaces == ""
+    else:
+        with pytest.raises(CAError, match=problem):
+            await world.issuance._perform(Step.CREATE_ORDER, admitted, client, 1e18)  # type: ignore[arg-type]
+    assert client.asked == asked
+
+
+# --- acmectl: a provider without an account is accepted, with a note ---------------------------
+async def test_acmectl_notes_a_chosen_provider_without_an_account(capsys: pytest.CaptureFixture[str]) -> None:
+    providers = pb.ListProvidersResponse(default_provider="gamma", providers=[
+        pb.Provider(name="alpha", directory_url="https://a/dir", account_url="https://a/acct/1"),
+        pb.Provider(name="gamma", directory_url="https://g/dir", is_default=True)])
+    note = "(no account yet: acmectl account register --provider gamma)"
+    await ctl.cmd_provider(FakeCtl({"SetDefaultProvider": providers}),
+                           argparse.Namespace(provider_cmd="default", name="gamma", clear=False))
+    assert note in capsys.readouterr().out
+    info = pb.ScheduleInfo(peer_id="p1", days="all", time="now", tz="UTC", key_policy="rotate")
+    await ctl.cmd_schedule(FakeCtl({"SetSchedule": info, "ListProviders": providers}), argparse.Namespace(
+        schedule_cmd="set", peer="p1", domain="", auto=None, days=None, time=None, tz=None, key_policy=None,
+        provider="gamma"))
+    assert f"provider gamma saved with the slot {note}" in capsys.readouterr().out
+    await ctl.cmd_schedule(FakeCtl({"SetSchedule": info, "ListProviders": providers}), argparse.Namespace(
+        schedule_cmd="set", peer="p1", domain="", auto=None, days=None, time=None, tz=None, key_policy=None,
+        provider="alpha"))
+    assert "no account yet" not in capsys.readouterr().out
+    csr = pb.CSRInfo(peer_id="p1", names=["a.example"], key_type="ec-p256", csr_pem="PEM\n",
+                     subject_text="CN=a.example", provider="gamma")
+    args = dict(csr_cmd="create", peer="p1", domain=None, cn="a.example", san=[], key_type="ec-p256", org=None,
+                ou=None, locality=None, state=None, country=None)
+    await ctl.cmd_csr(FakeCtl({"CreateCSR": csr, "ListProviders": providers}),
+                      argparse.Namespace(**args, provider="gamma"))
+    assert f"  provider: gamma (saved with the slot) {note}" in capsys.readouterr().out.splitlines()
+    await ctl.cmd_csr(FakeCtl({"CreateCSR": pb.CSRInfo(peer_id="p1", names=["a.example"], key_type="ec-p256")}),
+                      argparse.Namespace(**args, provider="default"))
+    assert "  provider: none saved (the cluster default applies)" in capsys.readouterr().out.splitlines()
