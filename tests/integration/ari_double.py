@@ -26,9 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
+def self_signed_listener(directory: Path, common_name: str, stem: str) -> tuple[Path, Path]:
+    """A self-signed certificate and key for a test double's HTTPS listener on 127.0.0.1."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ARI test double")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
@@ -37,7 +38,7 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
             .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                            critical=False)
             .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "ari.pem", directory / "ari.key"
+    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
@@ -49,7 +50,7 @@ class AriDouble:
         self._pebble_dir = pebble_directory_url
         self._pebble_ctx = ssl.create_default_context(cafile=str(pebble_ca))
         self._tmp = Path(tempfile.mkdtemp(prefix="ari-double-"))
-        self.cert_path, key_path = _self_signed(self._tmp)
+        self.cert_path, key_path = self_signed_listener(self._tmp, "ARI test double", "ari")
         self.windows: dict[str, tuple[datetime.datetime, datetime.datetime]] = {}
         self.default_window: tuple[datetime.datetime, datetime.datetime] | None = None
         self.asked: list[str] = []

@@ -4,14 +4,17 @@ coordinator and agents as separate processes) from the product's launcher."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from clusteracme.localcluster.cluster import LocalCluster
+from clusteracme.v1 import agent_pb2_grpc
 from coordinator.store.etcd import EtcdStore
 
 
@@ -55,3 +58,17 @@ def ctl_json(cluster: LocalCluster, *args: str) -> Any:
 
 def agent_log(cluster: LocalCluster, index: int) -> str:
     return Path(cluster.run_dir / f"agent-peer{index}.log").read_text()
+
+
+@contextlib.contextmanager
+def agent_stub(cluster: LocalCluster, index: int) -> Iterator[agent_pb2_grpc.AgentServiceStub]:
+    """Peer ``index``'s AgentService as the coordinator calls it (the coordinator's identity)."""
+    pki = cluster.pki_dir
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(pki / "ca.pem").read_bytes(),
+        private_key=(pki / "coordinator-c1.key").read_bytes(),
+        certificate_chain=(pki / "coordinator-c1.pem").read_bytes(),
+    )
+    peer = cluster.agent(index)
+    with grpc.secure_channel(f"{peer.address}:{peer.grpc_port}", creds) as chan:
+        yield agent_pb2_grpc.AgentServiceStub(chan)

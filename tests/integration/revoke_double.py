@@ -20,9 +20,7 @@ recorded. It is not part of the product.
 from __future__ import annotations
 
 import base64
-import datetime
 import http.server
-import ipaddress
 import json
 import ssl
 import tempfile
@@ -33,33 +31,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from tests.integration.ari_double import self_signed_listener
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
 
 
 def _b64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _listener_tls(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "strict CA test double")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "double.pem", directory / "double.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 def _dns_names(names: x509.Name, extensions: x509.Extensions) -> set[str]:
@@ -79,7 +59,7 @@ class RevokeDouble:
         self._pebble_ca = pebble_ca
         self._pebble_ctx = ssl.create_default_context(cafile=str(pebble_ca))
         self._tmp = Path(tempfile.mkdtemp(prefix="revoke-double-"))
-        self.cert_path, key_path = _listener_tls(self._tmp)
+        self.cert_path, key_path = self_signed_listener(self._tmp, "strict CA test double", "double")
         self._lock = threading.Lock()
         self._strict = False
         self._finalized: dict[str, list[set[str]]] = {}  # account URL -> names of each CSR finalized

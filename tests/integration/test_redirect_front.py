@@ -14,12 +14,11 @@ import http.client
 import socket
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
 from clusteracme.localcluster.cluster import LocalCluster
 from clusteracme.v1 import agent_pb2, agent_pb2_grpc, common_pb2
-from tests.integration.conftest import agent_log, ctl_json, make_cluster, register_account
+from tests.integration.conftest import agent_log, agent_stub, ctl_json, make_cluster, register_account
 
 pytestmark = pytest.mark.integration
 
@@ -38,15 +37,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 @pytest.fixture(scope="module")
 def agent(cluster: LocalCluster) -> Iterator[agent_pb2_grpc.AgentServiceStub]:
     """Peer 1's AgentService as the coordinator calls it (coordinator identity)."""
-    pki = cluster.pki_dir
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=(pki / "ca.pem").read_bytes(),
-        private_key=(pki / "coordinator-c1.key").read_bytes(),
-        certificate_chain=(pki / "coordinator-c1.pem").read_bytes(),
-    )
-    peer = cluster.agent(1)
-    with grpc.secure_channel(f"{peer.address}:{peer.grpc_port}", creds) as chan:
-        yield agent_pb2_grpc.AgentServiceStub(chan)
+    with agent_stub(cluster, 1) as stub:
+        yield stub
 
 
 def send(cluster: LocalCluster, method: str, target: str, host: str = f"{HOST}:80",
