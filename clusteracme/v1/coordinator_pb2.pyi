@@ -417,6 +417,42 @@ class SignRequest(_message.Message):
     provider: str
     def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., wait: _Optional[bool] = ..., force: _Optional[bool] = ..., provider: _Optional[str] = ...) -> None: ...
 
+class PreflightRequest(_message.Message):
+    __slots__ = ("peer_id", "slot")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ...) -> None: ...
+
+class DnsAddress(_message.Message):
+    __slots__ = ("address", "family", "peer_ids")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    PEER_IDS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    family: str
+    peer_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, address: _Optional[str] = ..., family: _Optional[str] = ..., peer_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class NameReport(_message.Message):
+    __slots__ = ("name", "addresses", "problem")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    addresses: _containers.RepeatedCompositeFieldContainer[DnsAddress]
+    problem: str
+    def __init__(self, name: _Optional[str] = ..., addresses: _Optional[_Iterable[_Union[DnsAddress, _Mapping]]] = ..., problem: _Optional[str] = ...) -> None: ...
+
+class PreflightReport(_message.Message):
+    __slots__ = ("names", "ok")
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedCompositeFieldContainer[NameReport]
+    ok: bool
+    def __init__(self, names: _Optional[_Iterable[_Union[NameReport, _Mapping]]] = ..., ok: _Optional[bool] = ...) -> None: ...
+
 class AuthorizationProgress(_message.Message):
     __slots__ = ("name", "status", "url")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -444,7 +480,7 @@ class PeerAck(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., acknowledged: _Optional[bool] = ..., self_checked: _Optional[bool] = ..., error: _Optional[str] = ..., required: _Optional[bool] = ..., skipped: _Optional[bool] = ...) -> None: ...
 
 class OrderInfo(_message.Message):
-    __slots__ = ("order_id", "peer_id", "slot", "phase", "order_url", "names", "authorizations", "peers", "error", "created_at", "updated_at", "done", "succeeded", "provider", "queue_position")
+    __slots__ = ("order_id", "peer_id", "slot", "phase", "order_url", "names", "authorizations", "peers", "error", "created_at", "updated_at", "done", "succeeded", "provider", "queue_position", "dns")
     ORDER_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
@@ -460,6 +496,7 @@ class OrderInfo(_message.Message):
     SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    DNS_FIELD_NUMBER: _ClassVar[int]
     order_id: str
     peer_id: str
     slot: _common_pb2.Slot
@@ -475,7 +512,8 @@ class OrderInfo(_message.Message):
     succeeded: bool
     provider: str
     queue_position: int
-    def __init__(self, order_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., phase: _Optional[str] = ..., order_url: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., authorizations: _Optional[_Iterable[_Union[AuthorizationProgress, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[PeerAck, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., done: _Optional[bool] = ..., succeeded: _Optional[bool] = ..., provider: _Optional[str] = ..., queue_position: _Optional[int] = ...) -> None: ...
+    dns: _containers.RepeatedCompositeFieldContainer[NameReport]
+    def __init__(self, order_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., phase: _Optional[str] = ..., order_url: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., authorizations: _Optional[_Iterable[_Union[AuthorizationProgress, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[PeerAck, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., done: _Optional[bool] = ..., succeeded: _Optional[bool] = ..., provider: _Optional[str] = ..., queue_position: _Optional[int] = ..., dns: _Optional[_Iterable[_Union[NameReport, _Mapping]]] = ...) -> None: ...
 
 class GetOrderRequest(_message.Message):
     __slots__ = ("order_id", "refresh")

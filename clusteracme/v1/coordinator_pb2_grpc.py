@@ -94,6 +94,11 @@ class CoordinatorServiceStub:
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.SignRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.OrderInfo.FromString,
                 _registered_method=True)
+        self.Preflight = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/Preflight',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.PreflightRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.PreflightReport.FromString,
+                _registered_method=True)
         self.GetOrder = channel.unary_unary(
                 '/clusteracme.v1.CoordinatorService/GetOrder',
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.GetOrderRequest.SerializeToString,
@@ -268,6 +273,13 @@ class CoordinatorServiceServicer:
 
     def Sign(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Preflight(self, request, context):
+        """What DNS says about the slot's names, per family, without ordering.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -457,6 +469,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.Sign,
                     request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.SignRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.OrderInfo.SerializeToString,
+            ),
+            'Preflight': grpc.unary_unary_rpc_method_handler(
+                    servicer.Preflight,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.PreflightRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.PreflightReport.SerializeToString,
             ),
             'GetOrder': grpc.unary_unary_rpc_method_handler(
                     servicer.GetOrder,
@@ -878,6 +895,33 @@ class CoordinatorService:
             '/clusteracme.v1.CoordinatorService/Sign',
             clusteracme_dot_v1_dot_coordinator__pb2.SignRequest.SerializeToString,
             clusteracme_dot_v1_dot_coordinator__pb2.OrderInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Preflight(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/Preflight',
+            clusteracme_dot_v1_dot_coordinator__pb2.PreflightRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.PreflightReport.FromString,
             options,
             channel_credentials,
             insecure,
