@@ -237,12 +237,28 @@ async def cmd_csr(ctl: Ctl, a: argparse.Namespace) -> None:
     ctl.out(r, human)
 
 
+def _dns_lines(reports: list[Any]) -> list[str]:
+    """Per name, each address DNS gives (A, then AAAA) and the peers it
+    belongs to: "A 127.0.0.2 -> peer1", "AAAA 2001:db8::9 -> no registered peer"."""
+    lines = []
+    for r in reports:
+        lines.append(f"  dns {r.name}:")
+        for x in r.addresses:
+            rdtype = "AAAA" if x.family == "IPv6" else "A"
+            owners = ", ".join(x.peer_ids) or "no registered peer"
+            lines.append(f"    {rdtype} {x.address} -> {owners}")
+        if r.problem:
+            lines.append(f"    problem: {r.problem}")
+    return lines
+
+
 def _order_lines(o: Any) -> list[str]:
     phase = o.phase + (f" (position {o.queue_position} in the admission queue)" if o.queue_position else "")
     lines = [f"order {o.order_id} for peer {o.peer_id}: {phase}" + (f" - {o.error}" if o.error else "")]
     for z in o.authorizations:
         if z.name:
             lines.append(f"  authorization {z.name}: {z.status}")
+    lines += _dns_lines(list(o.dns))
     for p in o.peers:
         if p.skipped:
             state = "skipped (not in DNS for this order, could not serve)"
@@ -276,6 +292,19 @@ async def cmd_sign(ctl: Ctl, a: argparse.Namespace) -> None:
     ctl.out(o, lambda: print("\n".join(_order_lines(o))))
     if not o.succeeded:
         raise errors.FailedPrecondition(f"signing failed: {o.error}")
+
+
+async def cmd_preflight(ctl: Ctl, a: argparse.Namespace) -> None:
+    """What DNS says now about the slot's names, per name and family; exits
+    4 (like a refused sign) when an order would be refused."""
+    r = await ctl.call("Preflight", pb.PreflightRequest(peer_id=a.peer, slot=_slot(a)))
+    slot = f" (domain {a.domain})" if a.domain else ""
+    problems = [n for n in r.names if n.problem]
+    ctl.out(r, lambda: print("\n".join([
+        f"preflight of peer {a.peer}{slot}: " + ("ok" if r.ok else f"{len(problems)} name(s) would stop an order"),
+        *_dns_lines(list(r.names))])))
+    if not r.ok:
+        raise errors.FailedPrecondition("DNS check failed: " + "; ".join(f"{n.name}: {n.problem}" for n in problems))
 
 
 async def cmd_order(ctl: Ctl, a: argparse.Namespace) -> None:
@@ -664,6 +693,11 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--provider")
     x.add_argument("--domain")
 
+    x = sub.add_parser("preflight", help="what DNS says now about the slot's names: A and AAAA records and the "
+                                         "peer of each address (exit status 4 when an order would be refused)")
+    x.add_argument("peer")
+    x.add_argument("--domain")
+
     s = sub.add_parser("order", help="orders").add_subparsers(dest="order_cmd", required=True)
     x = s.add_parser("show")
     x.add_argument("order_id")
@@ -764,7 +798,8 @@ def parser() -> argparse.ArgumentParser:
 COMMANDS = {"provider": cmd_provider, "account": cmd_account, "peer": cmd_peer, "csr": cmd_csr, "sign": cmd_sign,
             "order": cmd_order, "pending": cmd_pending, "status": cmd_status, "deploy": cmd_deploy,
             "rollback": cmd_rollback, "rollout": cmd_rollout, "events": cmd_events, "schedule": cmd_schedule,
-            "revoke": cmd_revoke, "trust": cmd_trust, "domain": cmd_domain, "alarms": cmd_alarms}
+            "revoke": cmd_revoke, "trust": cmd_trust, "domain": cmd_domain, "alarms": cmd_alarms,
+            "preflight": cmd_preflight}
 
 
 async def _run(args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from clusteracme import __version__, certinfo, errors
+from clusteracme import __version__, certinfo, errors, netaddr
 from clusteracme.v1 import agent_pb2, common_pb2
 from coordinator import imports, orders, preflight, records
 from coordinator.accounts import Accounts
@@ -48,10 +48,11 @@ KEY_TYPE_LABELS = {
     common_pb2.KEY_TYPE_RSA_3072: "rsa-3072",
     common_pb2.KEY_TYPE_RSA_4096: "rsa-4096",
 }
-CHALLENGE_PATH = "/.well-known/acme-challenge/"
 PEERS_CACHE_SECONDS = 0.5
 BEST_EFFORT_RECHECK_SECONDS = 10.0  # a peer outside DNS that took the tokens: its front probed this often
 SELF_CHECK_ATTEMPTS = 3  # for required peers that only timed out (1 s, then 2 s apart)
+SELF_CHECK_BODY_LIMIT = 1024  # a key authorization is about 90 bytes; a front's page is not read whole
+MAX_PROBLEMS_SHOWN = 8  # per peer, in the order's error
 # How CAs refuse an order's "replaces" (RFC 9773): Boulder answers malformed or
 # unauthorized, RFC 9773 names alreadyReplaced; a plain 404 reads as malformed.
 REPLACES_REFUSALS = frozenset({"malformed", "unauthorized", "alreadyReplaced", "notFound"})
@@ -134,6 +135,31 @@ def _scan_orders(entries: list[Any], now: float) -> list[OrderRecord | tuple[str
             # keep every replica from serving.
             log.error("order record %s is unreadable (%s); skipped", entry.key, exc)
     return out
+
+
+def _front_port(peer: PeerInfo) -> int:
+    """The port of the peer's front: the same on every address of the node."""
+    return netaddr.split_hostport(peer.http_front, "http_front")[1]
+
+
+def _probe(peer: PeerInfo, authz: Authz) -> orders.Fetch:
+    """The best-effort probe of a peer DNS does not point at: one token
+    through the front address it registered."""
+    host, port = netaddr.split_hostport(peer.http_front, "http_front")
+    return orders.Fetch(peer.peer_id, authz.name, host, orders.address_family(host), port, authz.token,
+                        authz.key_authorization)
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body, or None when it is longer than ``limit`` bytes: whatever
+    answers on port 80 (a web server's page) is never read whole."""
+    body = b""
+    while len(body) <= limit:
+        chunk = await resp.content.read(limit + 1 - len(body))
+        if not chunk:
+            return body
+        body += chunk
+    return None
 
 
 def utcnow() -> str:
@@ -330,16 +356,17 @@ class Issuance:
         self._admission.reserve()  # a place in the queue, held while the order is saved
         try:
             dns: dict[str, tuple[str, ...]] | None = None
+            dns_addresses: dict[str, tuple[orders.DnsAddress, ...]] | None = None
             if not force:
                 resolution = await self._resolve(names)
                 if resolution.problems:
                     raise PreflightFailed(resolution.problems)
-                dns = resolution.peers_by_name
+                dns, dns_addresses = resolution.peers_by_name, resolution.addresses_by_name
             now = utcnow()
             rec = OrderRecord(
                 order_id=uuid.uuid4().hex[:16], peer_id=peer_id, domain=domain, provider=provider, names=names,
                 csr_pem=slot["csr"]["pem"], created_at=now, updated_at=now, requested_by=who, auto=auto,
-                replaces=replaces, phase=Phase.QUEUED, dns=dns,
+                replaces=replaces, phase=Phase.QUEUED, dns=dns, dns_addresses=dns_addresses,
             )
             new_slot = {**slot, "current_order": rec.order_id,
                         "last_sign": {"status": "running", "at": now, "error": "", "order_id": rec.order_id}}
@@ -367,6 +394,16 @@ class Issuance:
         peers = await self._serving_peers()
         return await preflight.resolve_names(names, {p.peer_id: p.addresses for p in peers}, self._resolver)
 
+    async def dns_report(self, peer_id: str, domain: str) -> preflight.Resolution:
+        """What DNS says now about the names of the slot's CSR, per name and
+        family (``acmectl preflight``); nothing is ordered."""
+        await self._registry.get(peer_id)
+        slot, _ = await self._slot(peer_id, domain)
+        if not slot or not slot.get("csr"):
+            raise errors.FailedPrecondition(
+                f"peer {peer_id}{_peer_label(domain)} has no CSR yet (acmectl csr create {peer_id} --cn NAME)")
+        return await self._resolve(tuple(slot["csr"]["names"]))
+
     async def start_authorization(self, names: tuple[str, ...], provider: str, who: str) -> OrderRecord:
         """An order that only validates ``names`` (every peer serving the
         challenges, as in signing) and ends there: RFC 8555 7.6 lets an
@@ -382,7 +419,8 @@ class Issuance:
             now = utcnow()
             rec = OrderRecord(order_id=uuid.uuid4().hex[:16], peer_id="", domain="", provider=provider, names=names,
                               csr_pem="", created_at=now, updated_at=now, requested_by=who, authorize_only=True,
-                              phase=Phase.QUEUED, dns=resolution.peers_by_name)
+                              phase=Phase.QUEUED, dns=resolution.peers_by_name,
+                              dns_addresses=resolution.addresses_by_name)
             await self._store.put_if(self._keys.order(rec.order_id), records.encode(rec.to_json()),
                                      expect_mod_revision=0)
         except BaseException:
@@ -506,6 +544,7 @@ class Issuance:
                 return orders.advance(rec, Phase.FAILED, cleaned=True, **changes,
                                       error=f"DNS changed while the order was queued; nothing was asked of the CA: {detail}")
             changes["dns"] = resolution.peers_by_name
+            changes["dns_addresses"] = resolution.addresses_by_name
         return orders.advance(rec, Phase.NEW, **changes)
 
     async def _admitted(self, rec: OrderRecord) -> bool:
@@ -808,30 +847,37 @@ class Issuance:
         peers = {p.peer_id: p for p in await self._serving_peers()}
         http = self._session()
 
-        async def fetch(peer: PeerInfo, authz: Authz) -> tuple[str, bool]:
+        # Every token through every address DNS gave that belongs to each
+        # required peer, as the CA may validate through any of them.
+        plan = orders.self_check_plan(rec, {pid: (p.addresses, _front_port(p)) for pid, p in peers.items()})
+
+        async def fetch(f: orders.Fetch) -> tuple[str, bool]:
             """(problem or "", whether it was a timeout)."""
-            url = f"http://{peer.http_front}{CHALLENGE_PATH}{authz.token}"
             for attempt in (1, 2):
                 try:
-                    # Exactly what a validator sends: the name (with port) as Host.
-                    async with http.get(url, headers={"Host": f"{authz.name}:80"}, allow_redirects=False) as resp:
+                    # Exactly what a validator sends: a connection to the
+                    # address, the name (with port) as Host.
+                    async with http.get(f.url, headers={"Host": f"{f.name}:80"}, allow_redirects=False) as resp:
                         if resp.status != 200:
-                            return f"{url} (Host {authz.name}) answered HTTP {resp.status}", False
-                        body = await resp.text()
-                        if body.strip() != authz.key_authorization:
-                            return f"{url} (Host {authz.name}) served a different key authorization", False
+                            return f"{f.label} answered HTTP {resp.status}", False
+                        body = await _read_at_most(resp, SELF_CHECK_BODY_LIMIT)
+                        if body is None:
+                            return (f"{f.label} served more than {SELF_CHECK_BODY_LIMIT} bytes, "
+                                    "not a key authorization"), False
+                        if body.decode("utf-8", "replace").strip() != f.key_authorization:
+                            return f"{f.label} served a different key authorization", False
                         return "", False
                 except TimeoutError:
-                    return f"{url} (Host {authz.name}) did not answer within {self._timing.self_check_timeout:g}s", True
+                    return f"{f.label} did not answer within {self._timing.self_check_timeout:g}s", True
                 except aiohttp.ServerDisconnectedError as exc:
                     # A kept-alive connection the front closed meanwhile (a
                     # closed-mode front stops between orders): one more try
                     # on a fresh connection.
                     if attempt == 1:
                         continue
-                    return f"{url} (Host {authz.name}): {exc.__class__.__name__}: {exc}", False
+                    return f"{f.label}: {exc.__class__.__name__}: {exc}", False
                 except aiohttp.ClientError as exc:
-                    return f"{url} (Host {authz.name}): {exc.__class__.__name__}: {exc}", False
+                    return f"{f.label}: {exc.__class__.__name__}: {exc}", False
             raise AssertionError("unreachable")
 
         async def check(progress: PeerProgress) -> PeerProgress:
@@ -850,13 +896,15 @@ class Issuance:
                     # moments ago: under a burst, one probe per peer per
                     # interval, not one per order.
                     return dataclasses.replace(progress, self_checked=True)
-                problem, _ = await fetch(peers[progress.peer_id], rec.open_challenges[0])
+                problem, _ = await fetch(_probe(peers[progress.peer_id], rec.open_challenges[0]))
                 if not problem:
                     self._front_served[progress.peer_id] = self._monotonic()
                 return dataclasses.replace(progress, self_checked=not problem,
                                            error=f"not in DNS for this order; {problem}" if problem else "")
-            fetched = await asyncio.gather(*(fetch(peers[progress.peer_id], a) for a in rec.open_challenges))
+            fetched = await asyncio.gather(*(fetch(f) for f in plan.get(progress.peer_id, ())))
             problems = [problem for problem, _ in fetched if problem]
+            if len(problems) > MAX_PROBLEMS_SHOWN:  # 16 addresses x 100 names: the record stays small
+                problems[MAX_PROBLEMS_SHOWN:] = [f"and {len(problems) - MAX_PROBLEMS_SHOWN} more failed fetches"]
             if fetched and not problems:
                 self._front_served[progress.peer_id] = self._monotonic()
             elif problems:
@@ -869,8 +917,8 @@ class Issuance:
             return dataclasses.replace(progress, self_checked=not problems, error="; ".join(problems),
                                        timed_out=bool(problems) and timed_out)
 
-        # Every token through every peer, all at once; a peer removed since
-        # the push no longer serves and is not checked.
+        # Every peer at once; a peer removed since the push no longer serves
+        # and is not checked.
         out = list(await asyncio.gather(*(check(p) for p in progress if p.peer_id in peers)))
         if joined:
             missing = set(peers) - {p.peer_id for p in progress}

@@ -11,11 +11,15 @@ previous one stopped (no second order at the CA).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 SCHEMA = 1
+IPV4, IPV6 = "IPv4", "IPv6"  # the families, as the API and the messages name them
+CHALLENGE_PATH = "/.well-known/acme-challenge/"
 
 
 class AcmeStatus(str, Enum):
@@ -134,6 +138,21 @@ class PeerProgress:
 
 
 @dataclass(frozen=True)
+class DnsAddress:
+    """One address a name resolves to: an A record (IPv4) or an AAAA record
+    (IPv6), and the registered peers with that address (empty: none, which
+    stops the order in the preflight)."""
+
+    address: str
+    family: str
+    peers: tuple[str, ...] = ()
+
+    @property
+    def rdtype(self) -> str:
+        return "AAAA" if self.family == IPV6 else "A"
+
+
+@dataclass(frozen=True)
 class OrderRecord:
     order_id: str
     peer_id: str
@@ -160,6 +179,10 @@ class OrderRecord:
     dns: dict[str, tuple[str, ...]] | None = None
     """Per name, the peers DNS points it at, per the preflight's own
     resolution; None when DNS was not checked (--force): every peer is required."""
+    dns_addresses: dict[str, tuple[DnsAddress, ...]] | None = None
+    """Per name, what the peers in ``dns`` come from: the A then the AAAA
+    records, in DNS order, with their owners; the self-check fetches every
+    token through each. None with --force, and in records older than it."""
     ordered_at: str = ""         # when the order was opened at the CA (the provider's hourly budget)
     schema: int = SCHEMA
 
@@ -191,6 +214,10 @@ class OrderRecord:
         data["peers"] = [dict(p.__dict__) for p in self.peers]
         if self.dns is not None:
             data["dns"] = {name: list(peers) for name, peers in self.dns.items()}
+        if self.dns_addresses is not None:
+            data["dns_addresses"] = {
+                name: [{"address": a.address, "family": a.family, "peers": list(a.peers)} for a in addresses]
+                for name, addresses in self.dns_addresses.items()}
         return data
 
     @classmethod
@@ -207,6 +234,10 @@ class OrderRecord:
         fields["peers"] = tuple(PeerProgress(**p) for p in data["peers"])
         if fields.get("dns") is not None:
             fields["dns"] = {name: tuple(peers) for name, peers in fields["dns"].items()}
+        if fields.get("dns_addresses") is not None:
+            fields["dns_addresses"] = {
+                name: tuple(DnsAddress(a["address"], a["family"], tuple(a["peers"])) for a in addresses)
+                for name, addresses in fields["dns_addresses"].items()}
         return cls(**fields)
 
 
@@ -292,6 +323,85 @@ def is_required(rec: OrderRecord, peer_id: str) -> bool:
 def dns_names(rec: OrderRecord, peer_id: str) -> list[str]:
     """The order's names DNS points at ``peer_id`` (empty when DNS was not checked)."""
     return sorted(name for name, peers in (rec.dns or {}).items() if peer_id in peers)
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """One self-check request, as the CA would send it: the token of
+    ``name`` through ``address`` (a literal IP; for a best-effort probe, the
+    host of the peer's front) on the peer's front port, with ``Host: name:80``."""
+
+    peer_id: str
+    name: str
+    address: str
+    family: str  # IPV4, IPV6, or "" for a host name
+    port: int
+    token: str
+    key_authorization: str
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if self.family == IPV6 else self.address
+        return f"http://{host}:{self.port}{CHALLENGE_PATH}{self.token}"
+
+    @property
+    def label(self) -> str:
+        """The request in a problem: the address with its family, and the name."""
+        family = f"{self.family}, " if self.family else ""
+        return f"{self.url} ({family}Host {self.name})"
+
+
+def self_check_plan(rec: OrderRecord, fronts: Mapping[str, tuple[Sequence[str], int]]) -> dict[str, tuple[Fetch, ...]]:
+    """The self-check of every required peer, mirroring the CA: per open
+    challenge, the token through every address DNS gave for its name that
+    belongs to the peer, IPv4 and IPv6 alike.
+
+    ``fronts``: peer id -> (its registered addresses, its front port); the
+    front listens on every address of the node, on the same port. Without
+    DNS (--force) every registered address is fetched, for every token; a
+    record from before ``dns_addresses`` fetches the registered addresses for
+    the names ``dns`` points at the peer. Peers not required are left out
+    (their best-effort probe is the driver's). Pure: the driver does the I/O.
+    """
+    plan: dict[str, tuple[Fetch, ...]] = {}
+    for peer_id, (registered, port) in fronts.items():
+        if not is_required(rec, peer_id):
+            continue
+        own = tuple((a, address_family(a)) for a in registered)
+        fetches: list[Fetch] = []
+        seen: set[tuple[str, str, Any]] = set()
+        for authz in rec.open_challenges:
+            if rec.dns_addresses is not None:
+                through = tuple((a.address, a.family) for a in rec.dns_addresses.get(authz.name, ())
+                                if peer_id in a.peers)
+            elif rec.dns is not None:
+                through = own if peer_id in rec.dns.get(authz.name, ()) else ()
+            else:
+                through = own
+            for address, family in through:
+                key = (authz.name, authz.token, _ip(address))
+                if key in seen:  # one address written two ways
+                    continue
+                seen.add(key)
+                fetches.append(Fetch(peer_id, authz.name, address, family, port, authz.token,
+                                     authz.key_authorization))
+        plan[peer_id] = tuple(fetches)
+    return plan
+
+
+def _ip(address: str) -> Any:
+    try:
+        return ipaddress.ip_address(address)
+    except ValueError:
+        return address
+
+
+def address_family(address: str) -> str:
+    """IPV4 or IPV6 for an IP literal, "" for a host name."""
+    ip = _ip(address)
+    if isinstance(ip, str):
+        return ""
+    return IPV6 if ip.version == 6 else IPV4
 
 
 def after_self_check(rec: OrderRecord, peers: tuple[PeerProgress, ...]) -> OrderRecord:

@@ -20,6 +20,11 @@ import dns.resolver
 
 from coordinator.errors import InvalidNames, PreflightFailed, ResolverFailed
 from coordinator.names import NameProblem, normalize_names
+from coordinator.orders import IPV4, IPV6, DnsAddress
+
+__all__ = [
+    "DnsAddress", "DnsResolver", "Lookup", "NameReport", "Resolution", "check_dns", "preflight", "resolve_names",
+]
 
 SYSTEM = "system"
 DEFAULT_TIMEOUT = 2.0
@@ -122,12 +127,36 @@ async def check_dns(
 
 
 @dataclass(frozen=True)
-class Resolution:
-    """What DNS says about an order's names: the problems (as ``check_dns``)
-    and, per name, the peers its A/AAAA records point at."""
+class NameReport:
+    """What DNS says about one name: its A records, then its AAAA records,
+    in DNS order, each with its family and owners, and the problem that
+    stops an order for it ("" when none)."""
 
-    problems: list[NameProblem]
-    peers_by_name: dict[str, tuple[str, ...]]
+    name: str
+    addresses: tuple[DnsAddress, ...] = ()
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What DNS says about an order's names, per name in the order given."""
+
+    names: tuple[NameReport, ...]
+
+    @property
+    def problems(self) -> list[NameProblem]:
+        """One per name that stops an order (as ``check_dns``)."""
+        return [NameProblem(r.name, r.problem) for r in self.names if r.problem]
+
+    @property
+    def peers_by_name(self) -> dict[str, tuple[str, ...]]:
+        """Per name, the peers its A/AAAA records point at."""
+        return {r.name: tuple(sorted({p for a in r.addresses for p in a.peers})) for r in self.names}
+
+    @property
+    def addresses_by_name(self) -> dict[str, tuple[DnsAddress, ...]]:
+        """Per name, every address DNS gave (what the order record keeps)."""
+        return {r.name: r.addresses for r in self.names}
 
     @property
     def peers(self) -> tuple[str, ...]:
@@ -141,24 +170,20 @@ async def resolve_names(
     resolver: DnsResolver,
 ) -> Resolution:
     """Resolve every name once (A and AAAA, concurrently) and judge it."""
-    known = _peer_ips(peer_addresses)
-    owners: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, set[str]] = {}
-    for peer, addresses in peer_addresses.items():
-        for address in addresses:  # several peers may share an address (one front behind it)
-            owners.setdefault(ipaddress.ip_address(address), set()).add(peer)
+    owners = _owners(peer_addresses)
     lookups = await asyncio.gather(
         *(resolver.resolve(name, rdtype) for name in names for rdtype in ("A", "AAAA"))
     )
-    problems: list[NameProblem] = []
-    peers_by_name: dict[str, tuple[str, ...]] = {}
+    reports: list[NameReport] = []
     for index, name in enumerate(names):
         a, aaaa = lookups[2 * index], lookups[2 * index + 1]
-        reason = _judge(a, aaaa, known)
-        if reason is not None:
-            problems.append(NameProblem(name, reason))
-        found = set().union(*(owners.get(ipaddress.ip_address(ip), set()) for ip in a.addresses + aaaa.addresses))
-        peers_by_name[name] = tuple(sorted(found))
-    return Resolution(problems, peers_by_name)
+        addresses = tuple(
+            DnsAddress(address, family, tuple(sorted(owners.get(_parse(address), ()))))
+            for family, lookup in ((IPV4, a), (IPV6, aaaa))
+            for address in lookup.addresses
+        )
+        reports.append(NameReport(name, addresses, _judge(a, aaaa, addresses) or ""))
+    return Resolution(tuple(reports))
 
 
 async def preflight(
@@ -180,9 +205,7 @@ async def preflight(
     return names
 
 
-def _judge(
-    a: Lookup, aaaa: Lookup, known: set[ipaddress.IPv4Address | ipaddress.IPv6Address]
-) -> str | None:
+def _judge(a: Lookup, aaaa: Lookup, addresses: tuple[DnsAddress, ...]) -> str | None:
     """The reason one name fails, from its A and AAAA lookups, or None."""
     # One failed type is enough: the unseen records could point anywhere.
     if a.error and a.error == aaaa.error:
@@ -194,10 +217,11 @@ def _judge(
     ]
     if failed:
         return "; ".join(failed)
-    addresses = a.addresses + aaaa.addresses
     if not addresses:
         return "no A/AAAA record"
-    unknown = [address for address in addresses if ipaddress.ip_address(address) not in known]
+    # The family says which record to fix: an AAAA nobody thought of is the
+    # usual culprit, and the CA tries IPv6 first.
+    unknown = [f"{x.address} ({x.family}, {x.rdtype})" for x in addresses if not x.peers]
     if not unknown:
         return None
     if len(unknown) == 1:
@@ -205,20 +229,31 @@ def _judge(
     return f"resolves to {', '.join(unknown)}, which are not registered peers"
 
 
-def _peer_ips(
+def _parse(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+    # Parsed, so that equal addresses written differently (::1, 0:0::1) match;
+    # a record that does not parse (never from dnspython) owns nothing.
+    try:
+        return ipaddress.ip_address(address)
+    except ValueError:
+        return address
+
+
+def _owners(
     peer_addresses: Mapping[str, Sequence[str]],
-) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    # Parsed, so that equal addresses written differently (::1, 0:0::1) match.
-    known: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+) -> dict[ipaddress.IPv4Address | ipaddress.IPv6Address | str, set[str]]:
+    """Address -> the peers registered with it (several peers may share an
+    address: one front behind it)."""
+    owners: dict[ipaddress.IPv4Address | ipaddress.IPv6Address | str, set[str]] = {}
     for peer, addresses in peer_addresses.items():
         for address in addresses:
             try:
-                known.add(ipaddress.ip_address(address))
+                ip = ipaddress.ip_address(address)
             except ValueError:
                 raise ValueError(
                     f"peer {peer} has a public address that is not an IP address: {address!r}"
                 ) from None
-    return known
+            owners.setdefault(ip, set()).add(peer)
+    return owners
 
 
 def _parse_nameserver(spec: str) -> tuple[str, int]:

@@ -122,7 +122,7 @@ class AdmissionSettings:
     arrive while a call to that peer is in flight (across orders); this adds
     an extra wait, in seconds, before a call leaves, to gather more."""
     self_check_connections_per_peer: int = 4
-    """Concurrent self-check fetches (kept-alive connections) per peer front."""
+    """Concurrent self-check fetches (kept-alive connections) per front address (IPv4 and IPv6 alike)."""
 
     def __post_init__(self) -> None:
         if self.max_active_orders < 1:

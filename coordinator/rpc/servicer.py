@@ -22,8 +22,9 @@ from coordinator.alarms import AlarmBook, AlarmRecord, compare_disk
 from coordinator.deployment import Deployment, DeployOutcome
 from coordinator.history import History
 from coordinator.issuance import Issuance
-from coordinator.orders import OrderRecord, Phase
+from coordinator.orders import DnsAddress, OrderRecord, Phase
 from coordinator.peers import AgentPool, PeerInfo, Registry
+from coordinator.preflight import NameReport
 from coordinator.revocation import UNATTACHED, Revocation
 from coordinator.scheduler import RenewalScheduler
 from coordinator.slots import DomainView
@@ -63,6 +64,14 @@ def _alarm(r: AlarmRecord) -> pb.Alarm:
                     active=r.active)
 
 
+def _dns_address(a: DnsAddress) -> pb.DnsAddress:
+    return pb.DnsAddress(address=a.address, family=a.family, peer_ids=a.peers)
+
+
+def _name_report(r: NameReport) -> pb.NameReport:
+    return pb.NameReport(name=r.name, addresses=[_dns_address(a) for a in r.addresses], problem=r.problem)
+
+
 def order_info(rec: OrderRecord, queue_position: int = 0) -> pb.OrderInfo:
     return pb.OrderInfo(
         queue_position=queue_position if rec.phase is Phase.QUEUED else 0,
@@ -73,6 +82,10 @@ def order_info(rec: OrderRecord, queue_position: int = 0) -> pb.OrderInfo:
         peers=[pb.PeerAck(peer_id=p.peer_id, acknowledged=p.acknowledged, self_checked=p.self_checked, error=p.error,
                           required=p.required, skipped=p.skipped)
                for p in rec.peers],
+        # What the preflight saw, in the names' order (a stored record's keys
+        # are sorted); empty with --force (DNS not read).
+        dns=[pb.NameReport(name=name, addresses=[_dns_address(a) for a in rec.dns_addresses.get(name, ())])
+             for name in rec.names if rec.dns_addresses is not None],
     )
 
 
@@ -230,6 +243,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if request.wait:
             rec = await self._issuance.wait(rec.order_id)
         return order_info(rec, self._issuance.queue_position(rec.order_id))
+
+    @rpc_method(OPERATOR)
+    async def Preflight(self, request: pb.PreflightRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        resolution = await self._issuance.dns_report(_required(request.peer_id, "a peer id"), request.slot.domain)
+        return pb.PreflightReport(names=[_name_report(r) for r in resolution.names], ok=not resolution.problems)
 
     @rpc_method(OPERATOR)
     async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:

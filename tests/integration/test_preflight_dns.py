@@ -1,6 +1,8 @@
 """coordinator.preflight against real DNS servers on loopback: the real
 pebble-challtestsrv as mock DNS, plus a tiny NXDOMAIN responder (challtestsrv
-never answers NXDOMAIN)."""
+never answers NXDOMAIN). Then ``acmectl preflight`` and the per-name
+addresses of an order on a real local cluster (IPv4; the dual-stack cluster
+has its own tests)."""
 
 from __future__ import annotations
 
@@ -13,13 +15,17 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dns.message
 import dns.rcode
 import pytest
 
+from clusteracme.localcluster.cluster import LocalCluster, peer_address
 from coordinator.errors import InvalidNames, PreflightFailed
-from coordinator.preflight import DnsResolver, check_dns, preflight
+from coordinator.orders import DnsAddress
+from coordinator.preflight import DnsResolver, check_dns, preflight, resolve_names
+from tests.integration.conftest import ctl_json, make_cluster, record, register_account
 
 pytestmark = pytest.mark.integration
 
@@ -170,8 +176,8 @@ async def test_each_bad_name_is_reported(
     ]
     problems = await check_dns(names, PEERS, resolver)
     assert [str(p) for p in problems] == [
-        "stray.example.com: resolves to 203.0.113.9, which is not a registered peer",
-        "stray6.example.com: resolves to 2001:db8::99, 2001:db8::98, "
+        "stray.example.com: resolves to 203.0.113.9 (IPv4, A), which is not a registered peer",
+        "stray6.example.com: resolves to 2001:db8::99 (IPv6, AAAA), 2001:db8::98 (IPv6, AAAA), "
         "which are not registered peers",
         # challtestsrv answers NOERROR with no records (and an SOA) here.
         "none.example.com: no A/AAAA record",
@@ -192,6 +198,27 @@ async def test_each_bad_name_is_reported(
     ) == ["good.example.com", "none.example.com"]
     with pytest.raises(InvalidNames):
         await preflight("*.example.com", [], PEERS, resolver, force=True)
+
+
+async def test_the_report_gives_each_family_and_owner_in_dns_order(
+    challtestsrv: ChallTestSrv, resolver: DnsResolver
+) -> None:
+    challtestsrv.add_a("fam.example.com", "127.0.0.3", "127.0.0.2")
+    challtestsrv.add_aaaa("fam.example.com", "2001:db8::2")
+    challtestsrv.add_a("fam6.example.com", "127.0.0.2")
+    challtestsrv.add_aaaa("fam6.example.com", "::1")  # a ::1-like address no peer registered
+
+    resolution = await resolve_names(["fam.example.com", "fam6.example.com"], PEERS, resolver)
+    fam, fam6 = resolution.names
+    assert fam.addresses == (
+        DnsAddress("127.0.0.3", "IPv4", ("p2",)),
+        DnsAddress("127.0.0.2", "IPv4", ("p1",)),
+        DnsAddress("2001:db8::2", "IPv6", ("p1",)),
+    )
+    assert fam.problem == ""
+    assert fam6.addresses == (DnsAddress("127.0.0.2", "IPv4", ("p1",)), DnsAddress("::1", "IPv6", ()))
+    assert fam6.problem == "resolves to ::1 (IPv6, AAAA), which is not a registered peer"
+    assert resolution.peers_by_name == {"fam.example.com": ("p1", "p2"), "fam6.example.com": ("p1",)}
 
 
 async def test_nxdomain_is_reported_in_words() -> None:
@@ -255,3 +282,71 @@ def test_system_resolver_stands_alone() -> None:
     assert "/etc/resolv.conf" in DnsResolver(["system"]).description
     with pytest.raises(ValueError, match="cannot be combined"):
         DnsResolver(["system", "127.0.0.1"])
+
+
+# --- acmectl preflight and the order's addresses, on a real cluster --------------------
+def _post_aaaa(cluster: LocalCluster, path: str, body: dict[str, Any]) -> None:
+    """challtestsrv's own API (the launcher's helper sets A records)."""
+    assert cluster.infra is not None
+    request = urllib.request.Request(cluster.infra.challtestsrv.management_url + path,
+                                     data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    yield from make_cluster(tmp_path_factory, "preflight", peers=2, front_mode="closed")
+
+
+def test_acmectl_preflight_and_the_order_show_each_address_and_its_peer(cluster: LocalCluster) -> None:
+    register_account(cluster)
+    for i in (1, 2):
+        cluster.ctl("peer", "enable", f"peer{i}")
+    name, san = "www.pf.example", "alt.pf.example"
+    cluster.set_dns(name, [1, 2])
+    cluster.set_dns(san, [2])
+    cluster.ctl("csr", "create", "peer1", "--cn", name, "--san", san)
+    p1, p2 = peer_address(1), peer_address(2)
+
+    ok = cluster.ctl("preflight", "peer1")
+    assert ok.stdout.splitlines() == [
+        "preflight of peer peer1: ok",
+        f"  dns {name}:", f"    A {p1} -> peer1", f"    A {p2} -> peer2",
+        f"  dns {san}:", f"    A {p2} -> peer2",
+    ]
+    report = ctl_json(cluster, "preflight", "peer1")
+    assert report["ok"] is True
+    assert report["names"][0]["addresses"][0] == {"address": p1, "family": "IPv4", "peer_ids": ["peer1"]}
+
+    # An AAAA record no peer has: reported with its family, exit status 4, and a sign is refused the same way.
+    _post_aaaa(cluster, "/add-aaaa", {"host": san, "addresses": ["fd00:c1a5::99"]})
+    try:
+        bad = cluster.ctl("preflight", "peer1", check=False)
+        assert bad.returncode == 4, bad
+        assert "    AAAA fd00:c1a5::99 -> no registered peer" in bad.stdout
+        why = f"{san}: resolves to fd00:c1a5::99 (IPv6, AAAA), which is not a registered peer"
+        assert f"  dns {san}:\n    A {p2} -> peer2\n    AAAA fd00:c1a5::99 -> no registered peer\n" \
+               "    problem: resolves to fd00:c1a5::99 (IPv6, AAAA)" in bad.stdout
+        assert why in bad.stderr
+        as_json = cluster.ctl("--json", "preflight", "peer1", check=False)
+        assert as_json.returncode == 4 and json.loads(as_json.stdout)["ok"] is False
+        refused = cluster.ctl("sign", "peer1", check=False)
+        assert refused.returncode == 4 and why in refused.stderr
+    finally:
+        _post_aaaa(cluster, "/clear-aaaa", {"host": san})
+
+    signed = cluster.ctl("sign", "peer1", "--wait")
+    assert f"  dns {name}:\n    A {p1} -> peer1\n    A {p2} -> peer2\n" in signed.stdout, signed.stdout
+    order = ctl_json(cluster, "order", "show", record(cluster, "certs/peer1/server")["last_sign"]["order_id"])
+    assert order["succeeded"] is True
+    assert [(n["name"], [(a["address"], a["family"], a["peer_ids"]) for a in n["addresses"]]) for n in order["dns"]] == [
+        (name, [(p1, "IPv4", ["peer1"]), (p2, "IPv4", ["peer2"])]),
+        (san, [(p2, "IPv4", ["peer2"])]),
+    ]
+    # The record keeps them next to the peers per name.
+    saved = record(cluster, f"orders/{order['order_id']}")
+    assert saved["dns"] == {name: ["peer1", "peer2"], san: ["peer2"]}
+    assert saved["dns_addresses"][san] == [{"address": p2, "family": "IPv4", "peers": ["peer2"]}]
+    shown = cluster.ctl("order", "show", order["order_id"]).stdout
+    assert f"  dns {san}:\n    A {p2} -> peer2\n" in shown

@@ -156,7 +156,7 @@ def test_names_dns_does_not_point_at_the_cluster(cluster: LocalCluster, tmp_path
     assert cluster.infra is not None
     if dns == "elsewhere":
         cluster.infra.challtestsrv.set_a(name, ["192.0.2.10"])
-        why = f"{name}: resolves to 192.0.2.10, which is not a registered peer"
+        why = f"{name}: resolves to 192.0.2.10 (IPv4, A), which is not a registered peer"
     else:
         cluster.infra.challtestsrv.clear_a(name)
         why = f"{name}: no A/AAAA record"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
 from coordinator import orders
-from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase, Step
+from coordinator.orders import AcmeStatus, Authz, DnsAddress, OrderRecord, PeerProgress, Phase, Step
 
 
 def rec(**changes: object) -> OrderRecord:
@@ -179,3 +180,80 @@ def test_dns_map_survives_the_json_round_trip() -> None:
     back = OrderRecord.from_json(r.to_json())
     assert back == r and back.dns == {"a.example": ("peer1",)}
     assert OrderRecord.from_json(rec().to_json()).dns is None
+
+
+# --- the per-name addresses and the self-check plan (issue 10) --------------------------
+V4, V6 = "IPv4", "IPv6"
+ADDRESSES = {
+    "a.example": (DnsAddress("127.0.0.2", V4, ("peer1",)), DnsAddress("127.0.0.3", V4, ("peer2",)),
+                  DnsAddress("2001:db8::2", V6, ("peer1",)), DnsAddress("2001:db8::3", V6, ("peer2",))),
+    "b.example": (DnsAddress("127.0.0.3", V4, ("peer2",)),),
+}
+FRONTS = {"peer1": (("127.0.0.2", "2001:db8::2"), 80), "peer2": (("127.0.0.3", "2001:db8::3"), 8080),
+          "peer3": (("127.0.0.4",), 80)}
+
+
+def test_the_addresses_of_each_name_survive_the_json_round_trip() -> None:
+    r = rec(dns={"a.example": ("peer1", "peer2"), "b.example": ("peer2",)}, dns_addresses=ADDRESSES)
+    data = r.to_json()
+    assert data["dns_addresses"]["b.example"] == [{"address": "127.0.0.3", "family": "IPv4", "peers": ["peer2"]}]
+    assert OrderRecord.from_json(json.loads(json.dumps(data))) == r
+    # A record written before the per-name addresses existed still loads.
+    old = rec(dns={"a.example": ("peer1",)}).to_json()
+    del old["dns_addresses"]
+    assert OrderRecord.from_json(old).dns_addresses is None
+
+
+def test_every_token_through_every_address_dns_gives_for_its_name() -> None:
+    r = rec(authorizations=(authz("a.example", AcmeStatus.PENDING), authz("b.example", AcmeStatus.PENDING)),
+            dns={"a.example": ("peer1", "peer2"), "b.example": ("peer2",)}, dns_addresses=ADDRESSES)
+    plan = orders.self_check_plan(r, FRONTS)
+    assert set(plan) == {"peer1", "peer2"}  # peer3: not in DNS, best effort (the driver's probe)
+    assert [(f.name, f.address, f.family, f.port) for f in plan["peer1"]] == [
+        ("a.example", "127.0.0.2", V4, 80), ("a.example", "2001:db8::2", V6, 80)]
+    assert [(f.name, f.address, f.family, f.port) for f in plan["peer2"]] == [
+        ("a.example", "127.0.0.3", V4, 8080), ("a.example", "2001:db8::3", V6, 8080),
+        ("b.example", "127.0.0.3", V4, 8080)]
+    v6 = plan["peer2"][1]
+    assert (v6.token, v6.key_authorization) == ("tok-a.example", "tok-a.example.thumb")
+    assert v6.url == "http://[2001:db8::3]:8080/.well-known/acme-challenge/tok-a.example"
+    assert v6.label == ("http://[2001:db8::3]:8080/.well-known/acme-challenge/tok-a.example "
+                        "(IPv6, Host a.example)")
+    assert plan["peer1"][0].url == "http://127.0.0.2:80/.well-known/acme-challenge/tok-a.example"
+
+
+def test_validated_names_are_not_fetched() -> None:
+    r = rec(authorizations=(authz("a.example", AcmeStatus.VALID), authz("b.example", AcmeStatus.PENDING)),
+            dns={"a.example": ("peer1", "peer2"), "b.example": ("peer2",)}, dns_addresses=ADDRESSES)
+    plan = orders.self_check_plan(r, FRONTS)
+    assert plan["peer1"] == ()  # required, but nothing open points at it
+    assert [f.name for f in plan["peer2"]] == ["b.example"]
+
+
+def test_without_dns_every_registered_address_of_every_peer() -> None:
+    r = rec(authorizations=(authz("a.example", AcmeStatus.PENDING), authz("b.example", AcmeStatus.PENDING)))
+    plan = orders.self_check_plan(r, FRONTS)  # --force: dns is None
+    assert {pid: len(fetches) for pid, fetches in plan.items()} == {"peer1": 4, "peer2": 4, "peer3": 2}
+    assert [(f.name, f.address, f.family) for f in plan["peer1"]] == [
+        ("a.example", "127.0.0.2", V4), ("a.example", "2001:db8::2", V6),
+        ("b.example", "127.0.0.2", V4), ("b.example", "2001:db8::2", V6)]
+
+
+def test_a_record_from_before_the_addresses_fetches_the_registered_ones_for_its_names() -> None:
+    r = rec(authorizations=(authz("a.example", AcmeStatus.PENDING), authz("b.example", AcmeStatus.PENDING)),
+            dns={"a.example": ("peer1",), "b.example": ("peer2",)})
+    plan = orders.self_check_plan(r, FRONTS)
+    assert [(f.name, f.address) for f in plan["peer1"]] == [("a.example", "127.0.0.2"), ("a.example", "2001:db8::2")]
+    assert [(f.name, f.address) for f in plan["peer2"]] == [("b.example", "127.0.0.3"), ("b.example", "2001:db8::3")]
+
+
+def test_one_address_written_two_ways_is_fetched_once() -> None:
+    twice = {"a.example": (DnsAddress("2001:db8::2", V6, ("peer1",)), DnsAddress("2001:0db8::2", V6, ("peer1",)))}
+    r = rec(authorizations=(authz("a.example", AcmeStatus.PENDING),), dns={"a.example": ("peer1",)},
+            dns_addresses=twice)
+    assert len(orders.self_check_plan(r, FRONTS)["peer1"]) == 1
+
+
+def test_a_host_name_front_has_no_family() -> None:
+    f = orders.Fetch("peer1", "a.example", "edge.example", orders.address_family("edge.example"), 80, "t", "k")
+    assert f.url == "http://edge.example:80/.well-known/acme-challenge/t" and f.label.endswith("(Host a.example)")

@@ -809,7 +809,7 @@ async def test_names_http_01_cannot_authorise(world: World, sans: list[x509.Gene
 
 @pytest.mark.parametrize(("addresses", "why"), [
     ([], "www.example.test: no A/AAAA record"),
-    (["192.0.2.99"], "www.example.test: resolves to 192.0.2.99, which is not a registered peer"),
+    (["192.0.2.99"], "www.example.test: resolves to 192.0.2.99 (IPv4, A), which is not a registered peer"),
 ])
 async def test_names_dns_does_not_point_at_the_cluster(world: World, addresses: list[str], why: str) -> None:
     cert = make_cert([NAME])

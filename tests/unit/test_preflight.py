@@ -1,0 +1,192 @@
+"""The preflight's per-family view of DNS (issue 10, item 3): per name, the A
+records then the AAAA records in DNS order, each with its family and the
+registered peers it belongs to; an address no peer has is a problem naming
+its family. Also ``acmectl preflight`` and the per-name lines of ``order show``.
+(Real DNS servers: tests/integration/test_preflight_dns.py.)"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import pytest
+
+from clusteracme import errors
+from clusteracme.v1 import coordinator_pb2 as pb
+from coordinator import ctl, preflight
+from coordinator.orders import DnsAddress
+from coordinator.preflight import Lookup, NameReport, Resolution, check_dns, resolve_names
+
+PEERS = {
+    "peer1": ["127.0.0.2", "2001:db8::2"],
+    "peer2": ["127.0.0.3", "2001:db8::3"],
+    "edge": ["127.0.0.3"],  # shares peer2's IPv4 address: one front behind it
+}
+
+
+class FakeResolver:
+    """Answers from a table: (name, "A" | "AAAA") -> Lookup; anything else:
+    the name exists without records of that type."""
+
+    def __init__(self, table: dict[tuple[str, str], Lookup]) -> None:
+        self.table = table
+        self.asked: list[tuple[str, str]] = []
+
+    async def resolve(self, name: str, rdtype: str) -> Lookup:
+        self.asked.append((name, rdtype))
+        return self.table.get((name, rdtype), Lookup())
+
+
+def a(*addresses: str) -> Lookup:
+    return Lookup(addresses=addresses)
+
+
+async def resolve(table: dict[tuple[str, str], Lookup], names: list[str]) -> Resolution:
+    return await resolve_names(names, PEERS, FakeResolver(table))  # type: ignore[arg-type]
+
+
+async def test_a_then_aaaa_in_dns_order_with_family_and_owners() -> None:
+    r = await resolve({
+        ("www.x.example", "A"): a("127.0.0.3", "127.0.0.2"),
+        ("www.x.example", "AAAA"): a("2001:db8::3", "2001:0db8:0::2"),  # written differently: still peer1's
+    }, ["www.x.example"])
+    assert r.names == (NameReport("www.x.example", (
+        DnsAddress("127.0.0.3", "IPv4", ("edge", "peer2")),
+        DnsAddress("127.0.0.2", "IPv4", ("peer1",)),
+        DnsAddress("2001:db8::3", "IPv6", ("peer2",)),
+        DnsAddress("2001:0db8:0::2", "IPv6", ("peer1",)),
+    ), ""),)
+    assert r.problems == []
+    assert r.peers_by_name == {"www.x.example": ("edge", "peer1", "peer2")}
+    assert r.peers == ("edge", "peer1", "peer2")
+    assert [x.rdtype for x in r.addresses_by_name["www.x.example"]] == ["A", "A", "AAAA", "AAAA"]
+
+
+async def test_an_address_of_no_peer_names_its_family() -> None:
+    table = {
+        ("v6.x.example", "A"): a("127.0.0.2"),
+        ("v6.x.example", "AAAA"): a("2001:db8::9"),
+        ("v4.x.example", "A"): a("203.0.113.9"),
+        ("both.x.example", "A"): a("203.0.113.9", "127.0.0.2"),
+        ("both.x.example", "AAAA"): a("2001:db8::2", "2001:db8::9"),
+    }
+    names = ["v6.x.example", "v4.x.example", "both.x.example"]
+    r = await resolve(table, names)
+    assert [str(p) for p in r.problems] == [
+        "v6.x.example: resolves to 2001:db8::9 (IPv6, AAAA), which is not a registered peer",
+        "v4.x.example: resolves to 203.0.113.9 (IPv4, A), which is not a registered peer",
+        "both.x.example: resolves to 203.0.113.9 (IPv4, A), 2001:db8::9 (IPv6, AAAA), "
+        "which are not registered peers",
+    ]
+    # The report keeps every address, owned or not: the operator sees which record to fix.
+    v6 = r.names[0]
+    assert v6.problem == "resolves to 2001:db8::9 (IPv6, AAAA), which is not a registered peer"
+    assert [(x.address, x.family, x.peers) for x in v6.addresses] == [
+        ("127.0.0.2", "IPv4", ("peer1",)), ("2001:db8::9", "IPv6", ())]
+    # The peers it does point at are still known (only the problem stops an order).
+    assert r.peers_by_name["v6.x.example"] == ("peer1",)
+    # check_dns, for its callers: the same problems, in names order.
+    assert await check_dns(names, PEERS, FakeResolver(table)) == r.problems  # type: ignore[arg-type]
+
+
+async def test_lookup_failures_keep_their_words() -> None:
+    r = await resolve({
+        ("down.x.example", "A"): Lookup(error="no answer"),
+        ("down.x.example", "AAAA"): Lookup(error="no answer"),
+        ("half.x.example", "A"): a("127.0.0.2"),
+        ("half.x.example", "AAAA"): Lookup(error="the DNS server refused the query (REFUSED)"),
+    }, ["down.x.example", "half.x.example", "none.x.example"])
+    assert [(n.name, n.problem) for n in r.names] == [
+        ("down.x.example", "no answer"),
+        # One failed type is enough: the unseen records could point anywhere.
+        ("half.x.example", "AAAA lookup: the DNS server refused the query (REFUSED)"),
+        ("none.x.example", "no A/AAAA record"),
+    ]
+    assert r.names[1].addresses == (DnsAddress("127.0.0.2", "IPv4", ("peer1",)),)
+
+
+async def test_every_name_is_asked_both_types_at_once() -> None:
+    resolver = FakeResolver({})
+    await resolve_names(["a.x.example", "b.x.example"], PEERS, resolver)  # type: ignore[arg-type]
+    assert sorted(resolver.asked) == [("a.x.example", "A"), ("a.x.example", "AAAA"),
+                                      ("b.x.example", "A"), ("b.x.example", "AAAA")]
+
+
+async def test_a_peer_address_that_is_not_an_ip_is_a_configuration_error() -> None:
+    with pytest.raises(ValueError, match="peer bad has a public address that is not an IP address"):
+        await resolve_names(["a.x.example"], {"bad": ["edge.example"]}, FakeResolver({}))  # type: ignore[arg-type]
+
+
+async def test_preflight_raises_with_the_family() -> None:
+    resolver = FakeResolver({("a.x.example", "AAAA"): a("2001:db8::9")})
+    with pytest.raises(errors.FailedPrecondition, match=r"2001:db8::9 \(IPv6, AAAA\), which is not a registered peer"):
+        await preflight.preflight("a.x.example", [], PEERS, resolver, force=False)  # type: ignore[arg-type]
+
+
+# --- acmectl ------------------------------------------------------------------------
+class FakeCtl(ctl.Ctl):
+    def __init__(self, answers: dict[str, Any], *, json: bool = False) -> None:
+        super().__init__(argparse.Namespace(json=json, timeout=5, coordinator="c:1"))
+        self.answers = answers
+        self.requests: list[tuple[str, Any]] = []
+
+    async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        self.requests.append((method, request))
+        return self.answers[method]
+
+
+def report(ok: bool) -> pb.PreflightReport:
+    names = [pb.NameReport(name="www.x.example", addresses=[
+        pb.DnsAddress(address="127.0.0.2", family="IPv4", peer_ids=["peer1"]),
+        pb.DnsAddress(address="2001:db8::2", family="IPv6", peer_ids=["peer1", "edge"])])]
+    if not ok:
+        names.append(pb.NameReport(
+            name="v6.x.example", problem="resolves to 2001:db8::9 (IPv6, AAAA), which is not a registered peer",
+            addresses=[pb.DnsAddress(address="127.0.0.2", family="IPv4", peer_ids=["peer1"]),
+                       pb.DnsAddress(address="2001:db8::9", family="IPv6")]))
+    return pb.PreflightReport(names=names, ok=ok)
+
+
+async def test_acmectl_preflight_prints_each_address_and_its_peer(capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeCtl({"Preflight": report(ok=True)})
+    await ctl.cmd_preflight(fake, argparse.Namespace(peer="peer1", domain="www.x.example"))
+    assert fake.requests[0][1] == pb.PreflightRequest(peer_id="peer1", slot={"domain": "www.x.example"})
+    assert capsys.readouterr().out.splitlines() == [
+        "preflight of peer peer1 (domain www.x.example): ok",
+        "  dns www.x.example:",
+        "    A 127.0.0.2 -> peer1",
+        "    AAAA 2001:db8::2 -> peer1, edge",
+    ]
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+async def test_acmectl_preflight_fails_when_an_order_would_be_refused(
+        as_json: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        await ctl.cmd_preflight(FakeCtl({"Preflight": report(ok=False)}, json=as_json),
+                                argparse.Namespace(peer="peer1", domain=""))
+    assert caught.value.message == ("DNS check failed: v6.x.example: resolves to 2001:db8::9 (IPv6, AAAA), "
+                                    "which is not a registered peer")
+    out = capsys.readouterr().out
+    if as_json:
+        assert '"family": "IPv6"' in out and '"ok": false' in out
+    else:
+        assert "preflight of peer peer1: 1 name(s) would stop an order" in out
+        assert "    AAAA 2001:db8::9 -> no registered peer\n" in out
+        assert "    problem: resolves to 2001:db8::9 (IPv6, AAAA)" in out
+
+
+def test_acmectl_preflight_is_a_command() -> None:
+    args = ctl.parser().parse_args(["preflight", "peer1", "--domain", "www.x.example"])
+    assert ctl.COMMANDS[args.cmd] is ctl.cmd_preflight and args.domain == "www.x.example"
+
+
+def test_order_lines_show_the_addresses_of_each_name() -> None:
+    o = pb.OrderInfo(order_id="o1", peer_id="peer1", phase="done", dns=report(ok=True).names)
+    assert ctl._order_lines(o)[1:] == [
+        "  dns www.x.example:",
+        "    A 127.0.0.2 -> peer1",
+        "    AAAA 2001:db8::2 -> peer1, edge",
+    ]
+    # --force: DNS was not read, nothing to show.
+    assert ctl._order_lines(pb.OrderInfo(order_id="o1", phase="done")) == ["order o1 for peer : done"]
