@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system packages `make demo` and `make test` need, when missing:
 # etcd (Debian: etcd-server), pebble + pebble-challtestsrv (Debian: pebble),
-# nginx (a real web server the deploy tests reload), and the venv module for
-# python3. Uses apt-get; runs it through sudo when not root. Idempotent: does
+# nginx (a real web server the deploy tests reload), iproute2 (`ip netns`: the
+# dual-stack local cluster runs in a network namespace), and the venv module
+# for python3. Uses apt-get; runs it through sudo when not root. Idempotent: does
 # nothing when everything is present.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 { command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2>&1; } || need+=(pebble)
 { command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]]; } || need+=(nginx-light)
+{ command -v ip >/dev/null 2>&1 || [[ -x /usr/sbin/ip ]] || [[ -x /sbin/ip ]]; } || need+=(iproute2)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 
 if ((${#need[@]} == 0)); then

@@ -75,20 +75,24 @@ def build_deployer(settings: AgentSettings, keys: KeyStore) -> Deployer:
 
 def registration(settings: AgentSettings, grpc_port: int) -> cpb.RegisterPeerRequest:
     """What this peer announces, checked at start-up: a wildcard bind address
-    is never announced (the coordinator would dial itself)."""
+    is never announced (the coordinator would dial itself). Without
+    ``addresses`` the front's specific addresses are announced (all of them:
+    IPv4 and IPv6); ``http_front`` is the first of them with the front port."""
     listen_host = _host(settings.listen)
     if not settings.advertise and netaddr.is_unspecified(listen_host):
         raise errors.InvalidArgument(f"listen = {settings.listen!r} binds every address: set advertise = \"host:port\"")
     advertise = settings.advertise or f"{settings.listen.rsplit(':', 1)[0]}:{grpc_port}"
     front = settings.front
-    if not front.advertise and netaddr.is_unspecified(front.host):
-        raise errors.InvalidArgument(f"front.host = {front.host!r} binds every address: set front.advertise = \"host:port\"")
-    http_front = front.advertise or (f"[{front.host}]" if ":" in front.host else front.host) + f":{front.port}"
+    specific = [host for host in front.bind_hosts if not netaddr.is_unspecified(host)]
+    if not front.advertise and not specific:
+        where = f"front.host = {front.host!r}" if not front.hosts else f"front.hosts = {list(front.hosts)!r}"
+        raise errors.InvalidArgument(f"{where} binds every address: set front.advertise = \"host:port\"")
+    http_front = front.advertise or (f"[{specific[0]}]" if ":" in specific[0] else specific[0]) + f":{front.port}"
     addresses = list(settings.addresses)
     if not addresses:
-        if netaddr.is_unspecified(front.host):
+        if not specific:
             raise errors.InvalidArgument("set addresses = [...]: the public addresses DNS points at")
-        addresses = [front.host]
+        addresses = specific
     for address in addresses:
         netaddr.check_ip(address, "addresses")
     netaddr.split_hostport(advertise, "advertise")
@@ -140,7 +144,7 @@ async def run(settings: AgentSettings) -> int:
     sup.install_signal_handlers()
     try:
         challenges = ChallengeService(
-            settings.front.host, settings.front.port, settings.front.mode, https_port=settings.front.https_port,
+            settings.front.bind_hosts, settings.front.port, settings.front.mode, https_port=settings.front.https_port,
             challenge_host=settings.challenge.host, challenge_port=settings.challenge.port,
             max_ttl=settings.challenge.max_token_ttl,
         )
@@ -165,8 +169,8 @@ async def run(settings: AgentSettings) -> int:
         raise
     await srv.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("agent %s listening on %s (gRPC port %d), front %s:%s mode %s", settings.peer_id, settings.listen,
-             port, settings.front.host, settings.front.port, settings.front.mode)
+    log.info("agent %s listening on %s (gRPC port %d), front on %s port %s mode %s", settings.peer_id,
+             settings.listen, port, ", ".join(settings.front.bind_hosts), settings.front.port, settings.front.mode)
     sup.spawn("registration", keep_registered(settings, request))
     await sup.stopping.wait()
     await health.enter_graceful_shutdown()

@@ -1,5 +1,6 @@
 """The localhost challenge server, the challenge-path grammar, and the small
-listener both HTTP servers of the agent are built on.
+listener both HTTP servers of the agent are built on (on one address, or on
+several at once: the port-80 front listens on every address of the node).
 
 The server answers exactly ``GET /.well-known/acme-challenge/<token>`` for open
 tokens with the key authorization as ``text/plain``; every other request gets
@@ -19,7 +20,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from peer_agent.errors import FrontError
@@ -69,14 +71,22 @@ def method_not_allowed() -> web.Response:
 
 
 class Listener:
-    """One aiohttp low-level server on one address, started and stopped as a
-    unit. ``stop`` closes the listening socket and every open connection, so
-    the port is free (``reuse_address``) as soon as it returns."""
+    """One aiohttp low-level server on one or more addresses (the same port on
+    each), started and stopped as a unit: either every address listens or
+    none does. ``stop`` closes the listening sockets and every open
+    connection, so the port is free (``reuse_address``) as soon as it returns.
+
+    ``::`` is bound dual-stack (``IPV6_V6ONLY`` off, so it takes IPv4 too)
+    where the OS allows, unless IPv4 addresses are listed as well: those then
+    take IPv4 and ``::`` is IPv6 only (a dual-stack ``::`` would collide with
+    them on the port). With port 0 the first address picks a free port and the
+    others bind the same one.
+    """
 
     def __init__(
         self,
         handler: Handler,
-        host: str,
+        host: str | Sequence[str],
         port: int,
         *,
         what: str,
@@ -84,8 +94,11 @@ class Listener:
         max_field_size: int,
         max_headers: int,
     ) -> None:
+        hosts = (host,) if isinstance(host, str) else tuple(host)
+        if not hosts:
+            raise ValueError(f"the {what} needs at least one address to listen on")
         self._handler = handler
-        self._host = host
+        self._hosts = hosts
         self._configured_port = port
         self._what = what
         self._limits: dict[str, Any] = {
@@ -98,6 +111,10 @@ class Listener:
         }
         self._runner: web.ServerRunner | None = None
         self._port: int | None = None
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return self._hosts
 
     @property
     def listening(self) -> bool:
@@ -122,27 +139,75 @@ class Listener:
             web.Server(self._handler, **self._limits), shutdown_timeout=1.0
         )
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._configured_port, reuse_address=True)
+        port = self._configured_port
+        # cleanup() stops every site already started: all addresses or none
         try:
-            await site.start()
-        except OSError as exc:
+            for host in self._hosts:
+                try:
+                    await self._site(runner, host, port).start()
+                except OSError as exc:
+                    raise FrontError(
+                        f"cannot listen for the {self._what} on "
+                        f"{_hostport(host, port)}: {exc.strerror or exc}"
+                    ) from exc
+                if not port:
+                    port = runner.addresses[0][1]
+        except BaseException:
             await runner.cleanup()
-            raise FrontError(
-                f"cannot listen for the {self._what} on "
-                f"{self._host}:{self._configured_port}: {exc.strerror or exc}"
-            ) from exc
+            raise
         self._runner = runner
-        self._port = runner.addresses[0][1]
-        log.info("%s listening on %s:%s", self._what, self._host, self._port)
-        return self._port
+        self._port = port
+        log.info("%s listening on %s", self._what, self._where())
+        return port
+
+    def _site(self, runner: web.ServerRunner, host: str, port: int) -> web.BaseSite:
+        from aiohttp import web
+
+        if not _is_ipv6_any(host) or any(_is_ipv4(h) for h in self._hosts):
+            return web.TCPSite(runner, host, port, reuse_address=True)
+        # asyncio binds AF_INET6 sockets IPv6-only; the dual-stack socket is made here
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError as exc:
+                log.warning("%s: this OS keeps [::] IPv6-only (%s); list the IPv4 addresses too", self._what, exc)
+            sock.bind((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return web.SockSite(runner, sock)
+
+    def _where(self) -> str:
+        return ", ".join(_hostport(host, self._port or 0) for host in self._hosts)
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
         if runner is None:
             return
         await runner.cleanup()
-        log.info("%s on %s:%s closed", self._what, self._host, self._port)
+        log.info("%s on %s closed", self._what, self._where())
         self._port = None
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 4
+    except ValueError:
+        return False
+
+
+def _is_ipv6_any(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.version == 6 and address.is_unspecified
 
 
 class ChallengeServer:

@@ -28,6 +28,10 @@ EXPIRY_TASK_NAME = "challenge-token-expiry"
 class ChallengeService:
     """Present and remove HTTP-01 tokens on this peer.
 
+    ``front_hosts``: every address the front listens on (a string: one); in
+    ``redirect`` mode all of them listen from ``start``, in ``closed`` mode
+    all of them open and close together with the challenge server.
+
     When ``present`` returns, the tokens are servable through the front; when
     ``remove`` (or expiry) takes the last one away, the challenge server is
     closed and a ``closed``-mode front stops listening.
@@ -35,7 +39,7 @@ class ChallengeService:
 
     def __init__(
         self,
-        front_host: str,
+        front_hosts: str | Sequence[str],
         front_port: int,
         front_mode: FrontMode | str,
         https_port: int = 443,
@@ -48,7 +52,7 @@ class ChallengeService:
         self._store = TokenStore(clock=clock, max_ttl=max_ttl)
         self._server = ChallengeServer(self._store, challenge_host, challenge_port)
         self._front = Front(
-            front_host, front_port, FrontMode(front_mode),
+            front_hosts, front_port, FrontMode(front_mode),
             upstream_port=lambda: self._server.port,
             is_open=lambda token: self._store.get(token) is not None,
             https_port=https_port, upstream_host=challenge_host,

@@ -1,5 +1,9 @@
 """The port-80 front of a peer (SPEC R6) and its two modes.
 
+The front listens on every address the node is known by (``front.hosts``,
+the same port on each): a validator may reach the node over IPv6 or IPv4, and
+either way it must find the front, not something else.
+
 ``redirect``: always listening, and every request is answered ``301`` to
 https, with one exception that exists only while a challenge is open: a
 ``GET`` of ``/.well-known/acme-challenge/<token>`` for a token that is open
@@ -25,7 +29,7 @@ from __future__ import annotations
 import enum
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from peer_agent.challenge_server import (
@@ -70,7 +74,9 @@ def host_without_port(host_header: str | None) -> str | None:
 
 
 class Front:
-    """The port-80 listener.
+    """The port-80 listener, on every address of ``hosts`` (one string: one
+    address) with the same port; they start and stop together (see
+    ``Listener``, also for ``::`` taking IPv4 as well).
 
     ``upstream_port`` returns the challenge server's port while a challenge is
     open and None otherwise; ``is_open(token)`` says whether a token is open
@@ -81,7 +87,7 @@ class Front:
 
     def __init__(
         self,
-        host: str,
+        hosts: str | Sequence[str],
         port: int,
         mode: FrontMode,
         upstream_port: Callable[[], int | None],
@@ -100,9 +106,13 @@ class Front:
         self._forward_timeout = forward_timeout
         self._session: aiohttp.ClientSession | None = None
         self._listener = Listener(
-            self._handle, host, port, what=f"port-80 front ({mode.value})",
+            self._handle, hosts, port, what=f"port-80 front ({mode.value})",
             max_line_size=4096, max_field_size=8190, max_headers=64,
         )
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return self._listener.hosts
 
     @property
     def listening(self) -> bool:

@@ -21,7 +21,14 @@ class TLSSettings:
 @dataclass(frozen=True)
 class FrontSettings:
     host: str = "0.0.0.0"
-    """Address the port-80 front binds (the peer's public address)."""
+    """Address the port-80 front binds (the peer's public address), when
+    ``hosts`` is not set."""
+    hosts: tuple[str, ...] = ()
+    """Every address the front binds, the same port on each (default:
+    ``(host,)``): all the addresses DNS gives for the node, IPv4 and IPv6, so
+    a validator finds the front whichever family it uses. ``::`` alone takes
+    both families (IPV6_V6ONLY off; IPv6 only when IPv4 addresses are listed
+    too). Every one must bind, or the front does not start."""
     port: int = 80
     mode: str = "redirect"
     """"redirect": always listening, non-challenge requests 301 to https;
@@ -32,7 +39,14 @@ class FrontSettings:
     """Where redirect mode sends browsers."""
     advertise: str = ""
     """host:port through which the coordinator fetches tokens for its
-    self-check (default: host:port; required when host is 0.0.0.0 or ::)."""
+    self-check (default: the first specific address of ``bind_hosts`` and
+    port; required when they are all 0.0.0.0 or ::). Its port is the front's
+    port on every address."""
+
+    @property
+    def bind_hosts(self) -> tuple[str, ...]:
+        """The addresses the front listens on: ``hosts``, or ``(host,)``."""
+        return self.hosts or (self.host,)
 
 
 @dataclass(frozen=True)
@@ -83,8 +97,8 @@ class AgentSettings:
     """host:port the coordinator should dial (default: listen; required when
     listen is 0.0.0.0 or ::). The agent certificate must carry that address."""
     addresses: tuple[str, ...] = ()
-    """Public addresses DNS points at (default: the front host, when it is a
-    specific address)."""
+    """Public addresses DNS points at, IPv4 and IPv6 (default: the front's
+    addresses that are specific, i.e. not 0.0.0.0 or ::)."""
     coordinators: tuple[str, ...] = ("127.0.0.1:7443",)
     """Coordinator replicas to register with (tried in order)."""
     state_dir: Path = Path("/var/lib/clusteracme-agent")

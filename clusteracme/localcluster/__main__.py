@@ -5,11 +5,17 @@ loopback, then drives the main job through acmectl exactly as an operator
 would (account, CSR on the peer, sign with every peer serving the
 challenges, pending certificate, deploy without restart, status, history),
 printing each command and its output, and stops everything.
+
+``--ipv6`` runs the same demo dual-stack (root only): the cluster lives in a
+network namespace of its own, each peer also has an IPv6 address, DNS gives
+A and AAAA records, and the demo ends by showing which addresses the CA's
+validation requests came in on (``clusteracme.localcluster.netns``).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import shutil
 import sys
@@ -17,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from clusteracme.localcluster.cluster import LocalCluster, peer_address, served_serial
+from clusteracme.localcluster.cluster import LocalCluster, peer_address, peer_ipv6_address, served_serial
+from clusteracme.localcluster.netns import unavailable_reason
 
 NAMES = ("www.demo.example", "api.demo.example")
 
@@ -43,15 +50,21 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace, run_dir: Path) -> None:
-    print(f"== starting etcd, pebble, challtestsrv, a coordinator and {args.peers} agents in {run_dir}", flush=True)
+    where = " in a network namespace (dual-stack)" if args.ipv6 else ""
+    print(f"== starting etcd, pebble, challtestsrv, a coordinator and {args.peers} agents{where} in {run_dir}",
+          flush=True)
     started = time.monotonic()
-    with LocalCluster(run_dir, peers=args.peers, front_mode=args.front_mode) as cluster:
-        print(f"== cluster up in {time.monotonic() - started:.1f}s; peers on "
-              + ", ".join(peer_address(i) for i in range(1, args.peers + 1))
+    with LocalCluster(run_dir, peers=args.peers, front_mode=args.front_mode, ipv6=args.ipv6) as cluster:
+        peers = range(1, args.peers + 1)
+        addresses = [f"{peer_address(i)} + {peer_ipv6_address(i)}" if args.ipv6 else peer_address(i) for i in peers]
+        if cluster.netns is not None:
+            print(f"== network namespace {cluster.netns.name}", flush=True)
+        print(f"== cluster up in {time.monotonic() - started:.1f}s; peers on " + ", ".join(addresses)
               + f", port-80 fronts on port {cluster.front_port}", flush=True)
         for name in NAMES:
-            cluster.set_dns(name, range(1, args.peers + 1))
-        print("== DNS: " + ", ".join(NAMES) + " -> every peer", flush=True)
+            cluster.set_dns(name, peers)
+        records = "A and AAAA" if args.ipv6 else "A"
+        print("== DNS: " + ", ".join(NAMES) + f" -> every peer ({records} records)", flush=True)
         step(cluster, "provider", "add", "pebble", "--directory", cluster.directory_url,
              "--ca-bundle", str(cluster.ca_bundle))
         step(cluster, "account", "register", "--provider", "pebble", "--email", "ops@demo.example", "--agree-tos")
@@ -59,6 +72,8 @@ def _demo(args: argparse.Namespace, run_dir: Path) -> None:
         step(cluster, "peer", "enable", "peer1")
         step(cluster, "csr", "create", "peer1", "--cn", NAMES[0], "--san", NAMES[1])
         step(cluster, "sign", "peer1", "--wait")
+        if args.ipv6:
+            show_validations(cluster)
         step(cluster, "pending", "show", "peer1")
         agent = cluster.agent(1)
         step(cluster, "deploy", "peer1")
@@ -70,6 +85,20 @@ def _demo(args: argparse.Namespace, run_dir: Path) -> None:
     print("== demo finished", flush=True)
 
 
+_VALIDATION = re.compile(r"challenge (\S+) requested by (\S+) \(LetsEncrypt-Pebble-VA")
+
+
+def show_validations(cluster: LocalCluster) -> None:
+    """Which address each of pebble's validation requests came in on (the agents' logs)."""
+    print("\n== pebble's validation requests, as the fronts saw them:", flush=True)
+    for agent in cluster.agents:
+        log = (cluster.run_dir / f"agent-{agent.peer_id}.log").read_text(errors="replace")
+        remotes = [m.group(2) for m in _VALIDATION.finditer(log)]
+        families = sorted({"IPv6" if ":" in remote else "IPv4" for remote in remotes})
+        print(f"   {agent.peer_id}: {len(remotes)} request(s)" + (f" over {', '.join(families)}" if remotes else ""),
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m clusteracme.localcluster")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -77,7 +106,11 @@ def main() -> None:
     d.add_argument("--peers", type=int, default=3)
     d.add_argument("--front-mode", choices=("closed", "redirect"), default="closed")
     d.add_argument("--run-dir", help="keep logs and state here (default: a new temp dir)")
+    d.add_argument("--ipv6", action="store_true",
+                   help="dual-stack: run in a network namespace where every peer also has an IPv6 address (root)")
     args = parser.parse_args()
+    if args.ipv6 and (reason := unavailable_reason()) is not None:
+        parser.error(f"--ipv6: {reason}")
     demo(args)
 
 

@@ -5,6 +5,16 @@ The one launcher behind ``make demo`` and the integration tests. Peer ``i``
 the same port (pebble's ``httpPort``) on its own address, exactly like real
 nodes that all listen on port 80. Every process is started by this object and
 stopped by PID.
+
+Dual-stack (``ipv6=True``, root only): the whole cluster runs in a network
+namespace the launcher creates, where peer ``i`` also has the IPv6 address
+``2001:db8:c1a5::(i+1)`` (``peer_ipv6_address``), its front listens on both
+addresses and registers both, and ``set_dns`` gives A and AAAA records. How the
+launcher gets its processes and its own sockets inside: ``netns``.
+2001:db8::/32 rather than a ULA (fd00::/8): to RFC 6724 a ULA ranks below
+IPv4, 2001:db8:: above it, so clients that sort by it (Go's resolver, glibc)
+try IPv6 first, as they would with a real node's global address. Pebble does
+not sort: with AAAA records it dials the first one only (``infra``).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from cryptography import x509
 
 from clusteracme import pki
 from clusteracme.localcluster.infra import Infra, InfraError, Process, free_port, tcp_check
+from clusteracme.localcluster.netns import NetNamespace
 
 COORDINATOR_HOST = "127.0.0.1"
 MAX_DNS_PEERS = 8
@@ -33,20 +44,25 @@ MAX_DNS_PEERS = 8
 too long for that many: ``dns_answer_limit``)."""
 DNS_UDP_LIMIT = 512
 _SOA_BYTES = 106  # the SOA record challtestsrv adds to the authority section
+A_BYTES, AAAA_BYTES = 4, 16
+IPV6_PREFIX = "2001:db8:c1a5::"
 
 
-def dns_answer_limit(name: str) -> int:
-    """How many A records of ``name`` pebble can resolve.
+def dns_answer_limit(name: str, rdata_bytes: int = A_BYTES) -> int:
+    """How many A records (``rdata_bytes=AAAA_BYTES``: AAAA records) of
+    ``name`` pebble can resolve; it asks for each type separately, so each
+    has its own limit.
 
     Pebble's DNS client fails on answers longer than the classic 512-byte
     UDP limit ("dns: buffer size too small"), and challtestsrv repeats the
     full name in every record and adds an SOA.
     Measured: an answer is exactly 12 + (n+6) + k*(n+16) + 106 bytes for k
     records of an n-character name; 504 bytes validate, 524 and 540 fail. So
-    a 36-character name takes 6 addresses, a 20-character one 10.
+    a 36-character name takes 6 addresses, a 20-character one 10. An AAAA
+    record is 12 bytes longer: 5 and 7 addresses.
     """
     wire = len(name.rstrip(".")) + 2  # the labels' length octets and the root
-    return max(0, (DNS_UDP_LIMIT - 12 - (wire + 4) - _SOA_BYTES) // (wire + 14))
+    return max(0, (DNS_UDP_LIMIT - 12 - (wire + 4) - _SOA_BYTES) // (wire + 10 + rdata_bytes))
 
 
 def served_serial(endpoint: str, sni: str | None) -> str:
@@ -63,6 +79,11 @@ def served_serial(endpoint: str, sni: str | None) -> str:
 
 def peer_address(index: int) -> str:
     return f"127.0.0.{index + 1}"
+
+
+def peer_ipv6_address(index: int) -> str:
+    """Peer ``index``'s IPv6 address in a dual-stack cluster (``ipv6=True``)."""
+    return f"{IPV6_PREFIX}{index + 1:x}"
 
 
 def _toml(value: Any) -> str:
@@ -105,6 +126,8 @@ class Agent:
     config: Path
     state_dir: Path
     process: Process | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """The launcher's config for this agent before any overrides."""
 
     @property
     def tls_endpoint(self) -> str:
@@ -122,8 +145,12 @@ class LocalCluster:
     coordinator_settings: Mapping[str, Any] = field(default_factory=dict)
     """Extra coordinator settings, e.g. {"renewal": {"tick_seconds": 0.5}, "metrics_listen": "..."}."""
     agent_settings: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
-    """Extra settings per peer index (e.g. {2: {"hooks": [...]}}), merged over the defaults."""
+    """Extra settings per peer index (e.g. {2: {"hooks": [...]}}), merged over the
+    defaults; a table (e.g. "front") is merged key by key over the default table."""
     log_level: str = "info"
+    ipv6: bool = False
+    """Dual-stack: run everything in a network namespace of its own (root;
+    see ``netns``) where each peer also has ``peer_ipv6_address(i)``."""
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir).resolve()
@@ -134,10 +161,17 @@ class LocalCluster:
         self.infra: Infra | None = None
         self.coordinator: Process | None = None
         self.agents: list[Agent] = []
+        self.netns: NetNamespace | None = None
 
     # --- lifecycle ---------------------------------------------------------
     def start(self) -> LocalCluster:
+        """Start everything; with ``ipv6`` the calling thread first enters the
+        cluster's network namespace and stays there until ``stop()``, which
+        must be called from the same thread (``netns``)."""
         try:
+            if self.ipv6:
+                self.netns = NetNamespace.create()
+                self.netns.enter()
             self.infra = Infra(self.run_dir, http01_port=self.front_port, pebble_config=self.pebble_config,
                                pebble_env=self.pebble_env).start()
             self._make_pki()
@@ -153,15 +187,25 @@ class LocalCluster:
         return self
 
     def stop(self) -> None:
-        # In parallel: each agent may take its grace period to exit.
-        processes = [a.process for a in self.agents if a.process is not None]
-        if processes:
-            with ThreadPoolExecutor(len(processes)) as pool:
-                list(pool.map(Process.stop, processes))
-        if self.coordinator is not None:
-            self.coordinator.stop(timeout=10)
-        if self.infra is not None:
-            self.infra.stop()
+        try:
+            # In parallel: each agent may take its grace period to exit.
+            processes = [a.process for a in self.agents if a.process is not None]
+            if processes:
+                with ThreadPoolExecutor(len(processes)) as pool:
+                    list(pool.map(Process.stop, processes))
+            if self.coordinator is not None:
+                self.coordinator.stop(timeout=10)
+            if self.infra is not None:
+                self.infra.stop()
+        finally:
+            # After the processes (stopped by PID, wherever they live): back to
+            # where start() was called, then the namespace goes, by its name.
+            netns, self.netns = self.netns, None
+            if netns is not None:
+                try:
+                    netns.leave()
+                finally:
+                    netns.delete()
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -201,20 +245,37 @@ class LocalCluster:
         cert, key = pki.issue(self.pki_dir, pki.Identity(pki.Role.AGENT, peer_id), out_dir=self.pki_dir, ips=[address])
         agent = Agent(index, peer_id, address, free_port(), free_port(), self.run_dir / f"agent-{peer_id}.toml",
                       self.run_dir / "agents" / peer_id)
-        write_toml(agent.config, {
+        addresses = [address]
+        if self.netns is not None:
+            addresses.append(peer_ipv6_address(index))
+            self.netns.add_address(peer_ipv6_address(index))
+        defaults: dict[str, Any] = {
             "peer_id": peer_id,
             "listen": f"{address}:{agent.grpc_port}",
-            "addresses": [address],
+            "addresses": addresses,
             "coordinators": [self.coordinator_endpoint],
             "state_dir": str(agent.state_dir),
             "tls": {"ca": str(self.pki_dir / "ca.pem"), "cert": str(cert), "key": str(key)},
-            "front": {"host": address, "port": self.front_port, "mode": self.front_mode},
+            # The front listens on every address of the peer (both families when dual-stack).
+            "front": {"hosts": addresses, "port": self.front_port, "mode": self.front_mode},
             "challenge": {"host": "127.0.0.1", "port": 0},
             # The agent's own HTTPS endpoint: deployed certificates go live here.
             "endpoints": [{"listen": agent.tls_endpoint}],
-            **self.agent_settings.get(index, {}),
-        })
+        }
+        agent.defaults = defaults
+        self.write_agent_config(index, self.agent_settings.get(index, {}), agent)
         return agent
+
+    def write_agent_config(self, index: int, overrides: Mapping[str, Any], agent: Agent | None = None) -> None:
+        """(Re)write peer ``index``'s config: its defaults with ``overrides``
+        merged over them (tables key by key). Takes effect at the agent's next
+        start (``stop_agent`` then ``start_agent``)."""
+        agent = agent or self.agent(index)
+        merged = dict(agent.defaults)
+        for key, value in overrides.items():
+            base = merged.get(key)
+            merged[key] = {**base, **value} if isinstance(base, Mapping) and isinstance(value, Mapping) else value
+        write_toml(agent.config, merged)
 
     # --- processes ------------------------------------------------------------
     def _python(self, module: str, config: Path) -> list[str]:
@@ -295,10 +356,14 @@ class LocalCluster:
 
     def set_dns(self, name: str, peer_indexes: Sequence[int]) -> None:
         """Point ``name`` at the given peers, in this order (pebble uses the
-        first). Pebble cannot resolve more than ``dns_answer_limit(name)``
-        addresses: ``set_dns_rotating`` keeps within it."""
+        first): A records, and with ``ipv6`` AAAA records too, in the same
+        order (pebble then uses the first AAAA). Pebble cannot resolve more
+        than ``dns_answer_limit(name)`` addresses: ``set_dns_rotating`` keeps
+        within it."""
         assert self.infra is not None
         self.infra.challtestsrv.set_a(name, [peer_address(i) for i in peer_indexes])
+        if self.ipv6:
+            self.infra.challtestsrv.set_aaaa(name, [peer_ipv6_address(i) for i in peer_indexes])
 
     def rotating_peers(self, k: int, limit: int = MAX_DNS_PEERS) -> list[int]:
         """Peer indexes for the ``k``-th name: ``limit`` consecutive peers (all
@@ -313,7 +378,7 @@ class LocalCluster:
         peers, and no more than pebble can resolve for this name
         (``dns_answer_limit``); returns them. Every peer still serves: the
         coordinator asks all registered peers."""
-        fits = dns_answer_limit(name)
+        fits = dns_answer_limit(name, AAAA_BYTES if self.ipv6 else A_BYTES)
         if fits < 1:
             raise ValueError(f"{name} is too long for pebble to resolve even one address")
         peers = self.rotating_peers(k, min(limit, fits))

@@ -27,6 +27,13 @@ Observed behaviour of the Debian binaries this module relies on:
   A address (a token served only by the second address fails with 404), with
   ``Host: <name>:<httpPort>``. ``certificateValidityPeriod`` (seconds) is
   honoured by 2.4.
+- With AAAA records (``/add-aaaa``, answered in insertion order like A),
+  pebble 2.4 validates over IPv6 only: it asks for AAAA, then A, and dials
+  the first address of the combined list, i.e. the first AAAA. It never
+  falls back to IPv4: nothing listening there is a failed validation
+  ("connect: connection refused"), as is a 404 (checked with a name whose
+  A address served the token). Let's Encrypt does fall back to IPv4, but only
+  when the IPv6 connection fails.
 """
 
 from __future__ import annotations
@@ -375,6 +382,15 @@ class ChallTestSrv(_Service):
     def clear_a(self, host: str) -> None:
         """Remove every A record of ``host`` (it then resolves to nothing)."""
         self._post("/clear-a", {"host": host})
+
+    def set_aaaa(self, host: str, addresses: Sequence[str]) -> None:
+        """Make ``host`` have exactly these AAAA records, in this order (as ``set_a``)."""
+        self.clear_aaaa(host)
+        self._post("/add-aaaa", {"host": host, "addresses": list(addresses)})
+
+    def clear_aaaa(self, host: str) -> None:
+        """Remove every AAAA record of ``host``."""
+        self._post("/clear-aaaa", {"host": host})
 
     def _post(self, path: str, body: Mapping[str, Any]) -> None:
         self._require_process()

@@ -664,3 +664,145 @@ async def test_external_mode_runs_no_front_and_serves_on_the_fixed_challenge_por
     assert (status, body) == (200, KEY_AUTH.encode())
     await service.remove("o1")
     await assert_refused(challenge_port)
+
+
+# --- every address of the node: front.hosts -------------------------------------
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
+
+
+async def get_token_at(address: str, port: int) -> Response:
+    data = f"GET {PATH} HTTP/1.1\r\nConnection: close\r\nHost: example.com:80\r\n\r\n".encode()
+    return await raw_request(port, data, host=address)
+
+
+async def open_service(hosts: tuple[str, ...], mode: FrontMode, port: int = 0) -> tuple[ChallengeService, int]:
+    """A started service on ``hosts`` with TOKEN open; port 0: the first address picks one."""
+    service = ChallengeService(hosts, port, mode)
+    await service.start()
+    await service.present("o1", {TOKEN: KEY_AUTH}, 60)
+    assert service.front_port is not None
+    return service, service.front_port
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+async def test_the_front_serves_on_every_address_with_one_port_and_closes_them_together(mode: FrontMode) -> None:
+    hosts = ("127.0.0.1", "127.0.0.2", "::1") if has_ipv6_loopback() else ("127.0.0.1", "127.0.0.2")
+    service, port = await open_service(hosts, mode)
+    try:
+        for address in hosts:
+            assert (await get_token_at(address, port))[::2] == (200, KEY_AUTH.encode())
+        await service.remove("o1")
+        for address in hosts:
+            if mode is FrontMode.CLOSED:
+                await assert_refused(port, address)
+            else:
+                assert (await get_token_at(address, port))[0] == 301
+    finally:
+        await service.stop()
+    for address in hosts:
+        await assert_refused(port, address)
+
+
+@needs_ipv6
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+async def test_ipv6_any_alone_is_dual_stack(mode: FrontMode) -> None:
+    service, port = await open_service(("::",), mode)
+    try:
+        for address in ("127.0.0.1", "::1"):
+            assert (await get_token_at(address, port))[::2] == (200, KEY_AUTH.encode())
+    finally:
+        await service.stop()
+
+
+@needs_ipv6
+async def test_ipv6_any_next_to_ipv4_addresses_is_ipv6_only_and_both_bind() -> None:
+    service, port = await open_service(("0.0.0.0", "::"), FrontMode.CLOSED)
+    try:
+        for address in ("127.0.0.1", "::1"):
+            assert (await get_token_at(address, port))[::2] == (200, KEY_AUTH.encode())
+    finally:
+        await service.stop()
+
+
+@needs_ipv6
+async def test_the_remote_address_of_an_ipv6_request_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "peer_agent.front")
+    service, port = await open_service(("127.0.0.1", "::1"), FrontMode.CLOSED)
+    try:
+        await get_token_at("::1", port)
+    finally:
+        await service.stop()
+    assert any(r.getMessage().startswith(f"challenge {TOKEN} requested by ::1 ") for r in caplog.records)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+async def test_an_address_that_cannot_be_bound_is_an_error_naming_it_and_none_listens(mode: FrontMode) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.2", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        service = ChallengeService(("127.0.0.1", "127.0.0.2"), port, mode)
+        try:
+            if mode is FrontMode.REDIRECT:
+                with pytest.raises(FrontError, match=f"127.0.0.2:{port}"):
+                    await service.start()
+            else:
+                await service.start()
+                with pytest.raises(FrontError, match=f"127.0.0.2:{port}"):
+                    await service.present("o1", {TOKEN: KEY_AUTH}, 60)
+                assert service.open_tokens == 0 and not service.challenge_listening
+            assert not service.front_listening
+            await assert_refused(port, "127.0.0.1")
+        finally:
+            await service.stop()
+
+
+async def test_an_address_the_node_does_not_have_is_named_in_the_error() -> None:
+    service = ChallengeService(("127.0.0.1", "192.0.2.77"), free_port(), FrontMode.REDIRECT)
+    with pytest.raises(FrontError, match=r"192\.0\.2\.77:\d+: .*assign"):
+        await service.start()
+    assert not service.front_listening
+
+
+@needs_ipv6
+async def test_an_ipv6_address_in_use_is_named_in_brackets() -> None:
+    with socket.socket(socket.AF_INET6) as squatter:
+        squatter.bind(("::1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        service = ChallengeService(("127.0.0.1", "::1"), port, FrontMode.REDIRECT)
+        with pytest.raises(FrontError, match=rf"\[::1\]:{port}"):
+            await service.start()
+        await assert_refused(port, "127.0.0.1")
+
+
+def test_front_hosts_default_to_host_and_registration_announces_the_specific_ones() -> None:
+    from clusteracme.config import build
+    from clusteracme.errors import InvalidArgument
+    from peer_agent.app import registration
+    from peer_agent.settings import AgentSettings
+
+    def settings(front: dict[str, object], **data: object) -> AgentSettings:
+        return build(AgentSettings, {"peer_id": "p1", "listen": "10.0.0.5:7444", "front": front, **data})
+
+    assert settings({"host": "203.0.113.5"}).front.bind_hosts == ("203.0.113.5",)
+    both = registration(settings({"hosts": ["203.0.113.5", "2001:db8::5"], "port": 8080}), 7444)
+    assert (list(both.addresses), both.http_front) == (["203.0.113.5", "2001:db8::5"], "203.0.113.5:8080")
+    mixed = registration(settings({"hosts": ["0.0.0.0", "2001:db8::5"]}), 7444)
+    assert (list(mixed.addresses), mixed.http_front) == (["2001:db8::5"], "[2001:db8::5]:80")
+    explicit = registration(settings({"hosts": ["::"], "advertise": "203.0.113.5:80"},
+                                     addresses=["203.0.113.5", "2001:db8::5"]), 7444)
+    assert (list(explicit.addresses), explicit.http_front) == (["203.0.113.5", "2001:db8::5"], "203.0.113.5:80")
+    with pytest.raises(InvalidArgument, match=r"front.hosts = \['::'\] binds every address"):
+        registration(settings({"hosts": ["::"]}), 7444)
+    with pytest.raises(InvalidArgument, match="set addresses"):
+        registration(settings({"hosts": ["::", "0.0.0.0"], "advertise": "203.0.113.5:80"}), 7444)
