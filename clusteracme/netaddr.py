@@ -18,10 +18,17 @@ def is_unspecified(host: str) -> bool:
 
 
 def check_ip(value: str, what: str) -> str:
+    """An address others reach the node at, in its normalised form
+    (``2001:0db8::1`` -> ``2001:db8::1``): what to store and compare."""
     try:
         ip = ipaddress.ip_address(value)
     except ValueError:
         raise InvalidArgument(f"{what}: {value!r} is not an IP address") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        # A zone (an interface) means something on this node only: DNS never
+        # gives one, and it would never match an AAAA record.
+        raise InvalidArgument(f"{what}: {value[:80]!r} has a zone id, which only means something on this node; "
+                              "give the address as DNS gives it, without %zone")
     if ip.is_unspecified or ip.is_multicast:
         raise InvalidArgument(f"{what}: {value} cannot be dialled (unspecified or multicast)")
     return str(ip)

@@ -244,6 +244,9 @@ def _dns_lines(reports: list[Any]) -> list[str]:
     for r in reports:
         lines.append(f"  dns {r.name}:")
         for x in r.addresses:
+            if not x.address:  # an order from before the addresses were kept: its peers only
+                lines.append(f"    -> {', '.join(x.peer_ids) or 'no peer'} (addresses not recorded)")
+                continue
             rdtype = "AAAA" if x.family == "IPv6" else "A"
             owners = ", ".join(x.peer_ids) or "no registered peer"
             lines.append(f"    {rdtype} {x.address} -> {owners}")
@@ -295,16 +298,24 @@ async def cmd_sign(ctl: Ctl, a: argparse.Namespace) -> None:
 
 
 async def cmd_preflight(ctl: Ctl, a: argparse.Namespace) -> None:
-    """What DNS says now about the slot's names, per name and family; exits
-    4 (like a refused sign) when an order would be refused."""
+    """A sign's dry run: the sign's own preconditions that are not met (the
+    reports without a name), then what DNS says now about the slot's names,
+    per name and family; exits 4 (like a refused sign) when a sign would be
+    refused."""
     r = await ctl.call("Preflight", pb.PreflightRequest(peer_id=a.peer, slot=_slot(a)))
     slot = f" (domain {a.domain})" if a.domain else ""
-    problems = [n for n in r.names if n.problem]
+    refusals = [n.problem for n in r.names if not n.name]
+    names = [n for n in r.names if n.name]
+    problems = [n for n in names if n.problem]
+    why = [f"{len(refusals)} precondition(s) not met"] if refusals else []
+    why += [f"{len(problems)} name(s) would stop an order"] if problems else []
     ctl.out(r, lambda: print("\n".join([
-        f"preflight of peer {a.peer}{slot}: " + ("ok" if r.ok else f"{len(problems)} name(s) would stop an order"),
-        *_dns_lines(list(r.names))])))
+        f"preflight of peer {a.peer}{slot}: " + ("ok" if r.ok else "a sign would be refused: " + ", ".join(why)),
+        *(f"  cannot sign: {refusal}" for refusal in refusals),
+        *_dns_lines(names)])))
     if not r.ok:
-        raise errors.FailedPrecondition("DNS check failed: " + "; ".join(f"{n.name}: {n.problem}" for n in problems))
+        raise errors.FailedPrecondition("a sign would be refused: " + "; ".join(
+            [*refusals, *(f"{n.name}: {n.problem}" for n in problems)]))
 
 
 async def cmd_order(ctl: Ctl, a: argparse.Namespace) -> None:
@@ -693,8 +704,10 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--provider")
     x.add_argument("--domain")
 
-    x = sub.add_parser("preflight", help="what DNS says now about the slot's names: A and AAAA records and the "
-                                         "peer of each address (exit status 4 when an order would be refused)")
+    x = sub.add_parser("preflight", help="a sign's dry run: its preconditions (ACME on for the peer and the slot, "
+                                         "a provider, a CSR, no pending certificate, no order running) and what "
+                                         "DNS says now about the slot's names: A and AAAA records and the peer of "
+                                         "each address (exit status 4 when a sign would be refused)")
     x.add_argument("peer")
     x.add_argument("--domain")
 

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import resource
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -52,7 +53,7 @@ PEERS_CACHE_SECONDS = 0.5
 BEST_EFFORT_RECHECK_SECONDS = 10.0  # a peer outside DNS that took the tokens: its front probed this often
 SELF_CHECK_ATTEMPTS = 3  # for required peers that only timed out (1 s, then 2 s apart)
 SELF_CHECK_BODY_LIMIT = 1024  # a key authorization is about 90 bytes; a front's page is not read whole
-MAX_PROBLEMS_SHOWN = 8  # per peer, in the order's error
+MAX_SELF_CHECK_CONNECTIONS = 512  # open self-check connections in all, at most (see self_check_connection_limit)
 # How CAs refuse an order's "replaces" (RFC 9773): Boulder answers malformed or
 # unauthorized, RFC 9773 names alreadyReplaced; a plain 404 reads as malformed.
 REPLACES_REFUSALS = frozenset({"malformed", "unauthorized", "alreadyReplaced", "notFound"})
@@ -150,6 +151,51 @@ def _probe(peer: PeerInfo, authz: Authz) -> orders.Fetch:
                         authz.key_authorization)
 
 
+def self_check_connection_limit() -> int:
+    """Open self-check connections in all: a quarter of the file descriptors
+    the process may open (RLIMIT_NOFILE), at most MAX_SELF_CHECK_CONNECTIONS;
+    etcd, gRPC and the log need the rest."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return MAX_SELF_CHECK_CONNECTIONS
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return MAX_SELF_CHECK_CONNECTIONS
+    return max(4, min(MAX_SELF_CHECK_CONNECTIONS, soft // 4))
+
+
+class _FrontLimits:
+    """How many self-check requests run at once: at most ``cap`` per front
+    address (address, port), whatever the number of peers behind it, and at
+    most ``total`` in all. Waiting here is not part of a request's time
+    limit (the connector never has to queue a request: its limits are the
+    same). ``fit`` lowers ``cap`` for a large fleet: kept-alive connections
+    stay open after use, one per request that ran at once on each address,
+    so fronts x cap must stay within ``total``."""
+
+    def __init__(self, total: int, per_front: int) -> None:
+        self.total, self.per_front, self.cap = total, per_front, per_front
+        self._all = asyncio.Semaphore(total)
+        self._fronts: dict[tuple[str, int], list[Any]] = {}  # front -> [its semaphore, requests holding or waiting]
+
+    def fit(self, fronts: int) -> None:
+        self.cap = max(1, min(self.per_front, self.total // max(1, fronts)))
+
+    @contextlib.asynccontextmanager
+    async def hold(self, front: tuple[str, int]) -> Any:
+        entry = self._fronts.get(front)
+        if entry is None:
+            entry = self._fronts[front] = [asyncio.Semaphore(self.cap), 0]
+        entry[1] += 1
+        try:
+            async with entry[0], self._all:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1] and self._fronts.get(front) is entry:
+                del self._fronts[front]
+
+
 async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
     """The body, or None when it is longer than ``limit`` bytes: whatever
     answers on port 80 (a web server's page) is never read whole."""
@@ -203,6 +249,7 @@ class Issuance:
         self._tasks: dict[str, asyncio.Task[OrderRecord]] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
+        self._front_limits: _FrontLimits | None = None  # with _http
         settings = admission or AdmissionSettings()
         self._settings = settings
         self._admission = Admission(Limits(settings.max_active_orders, settings.max_queued_orders,
@@ -394,15 +441,34 @@ class Issuance:
         peers = await self._serving_peers()
         return await preflight.resolve_names(names, {p.peer_id: p.addresses for p in peers}, self._resolver)
 
-    async def dns_report(self, peer_id: str, domain: str) -> preflight.Resolution:
-        """What DNS says now about the names of the slot's CSR, per name and
-        family (``acmectl preflight``); nothing is ordered."""
-        await self._registry.get(peer_id)
+    async def dns_report(self, peer_id: str, domain: str) -> preflight.SlotReport:
+        """``acmectl preflight``, a sign's dry run: what would refuse a sign
+        of the slot now, both the sign's own preconditions (as ``start_sign``
+        checks them, every one rather than the first) and what DNS says about
+        the names of the slot's CSR, per name and family. Nothing is ordered."""
+        peer = await self._registry.get(peer_id)
         slot, _ = await self._slot(peer_id, domain)
+        refusals: list[str] = []
+        try:
+            check_may_sign(peer_id, peer.enabled, slot)
+        except SigningPaused as exc:
+            refusals.append(exc.message)
+        try:
+            await self._accounts.choose(slot=slot)
+        except errors.ClusterAcmeError as exc:
+            refusals.append(exc.message)
         if not slot or not slot.get("csr"):
-            raise errors.FailedPrecondition(
-                f"peer {peer_id}{_peer_label(domain)} has no CSR yet (acmectl csr create {peer_id} --cn NAME)")
-        return await self._resolve(tuple(slot["csr"]["names"]))
+            refusals.append(f"peer {peer_id}{_peer_label(domain)} has no CSR yet (acmectl csr create {peer_id} --cn NAME)")
+            return preflight.SlotReport(tuple(refusals), None)
+        try:
+            await self._refuse_if_running(peer_id, domain, slot, "starting another order")
+        except errors.FailedPrecondition as exc:
+            refusals.append(exc.message)
+        if slot.get("pending"):
+            refusals.append(f"peer {peer_id}{_peer_label(domain)} already has a pending certificate "
+                            f"(serial {slot['pending']['serial_hex']}); deploy it or discard it "
+                            "(acmectl pending discard) first")
+        return preflight.SlotReport(tuple(refusals), await self._resolve(tuple(slot["csr"]["names"])))
 
     async def start_authorization(self, names: tuple[str, ...], provider: str, who: str) -> OrderRecord:
         """An order that only validates ``names`` (every peer serving the
@@ -618,6 +684,37 @@ class Issuance:
                 log.warning("order %s: state write failed (%s); resuming from etcd in %.1fs", order_id, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+            except errors.InvalidArgument as exc:
+                # etcd refused a write of the order (a record larger than it
+                # accepts): the same write would be refused again, and a
+                # driver that stopped here would leave the slot blocked. The
+                # order ends as failed, from what etcd holds, with a short
+                # error; then the driver goes on (cleanup) from etcd.
+                log.error("order %s: etcd refused a write of its record (%s); ending the order as failed",
+                          order_id, exc.message)
+                if not await self._end_refused(order_id, exc):
+                    raise
+
+    async def _end_refused(self, order_id: str, exc: errors.InvalidArgument) -> bool:
+        """The order in etcd, failed (or, failed already, ended) with a short
+        error after etcd refused a write of it; False when it cannot fail
+        (issued or ended: nothing to undo)."""
+        data, revision = await records.read(self._store, self._keys.order(order_id))
+        if data is None:
+            return False
+        stored = OrderRecord.from_json(data)
+        now = utcnow()
+        if stored.phase is Phase.FAILED and not stored.cleaned:
+            # Refused again, after failing: end it; the tokens expire by themselves.
+            ended = dataclasses.replace(stored, cleaned=True, updated_at=now)
+        elif Phase.FAILED in orders.TRANSITIONS[stored.phase]:
+            ended = orders.advance(stored, Phase.FAILED, updated_at=now, error=(
+                f"internal error: etcd refused the order's record ({orders.clip(exc.message, 200)}); "
+                f"the order was ended in phase {stored.phase.value}"))
+        else:
+            return False
+        await self._save(stored, ended, revision)
+        return True
 
     async def _run(self, order_id: str) -> OrderRecord:
         rec = await self.get_order(order_id)
@@ -761,6 +858,10 @@ class Issuance:
         if step is Step.PUSH_TOKENS:
             return orders.after_push(rec, await self._push(rec))
         if step is Step.SELF_CHECK:
+            if rec.dns is not None and rec.dns_addresses is None:
+                rec = await self._with_dns_addresses(rec)
+                if rec.phase is Phase.FAILED:
+                    return rec
             return orders.after_self_check(rec, await self._self_check_with_retries(rec, deadline))
         if step is Step.ANSWER_CHALLENGES:
             for authz in rec.open_challenges:
@@ -786,6 +887,20 @@ class Issuance:
             to = Phase.DONE if rec.phase in (Phase.ISSUED, Phase.READY) else Phase.FAILED
             return orders.advance(rec, to, cleaned=True)
         raise orders.IllegalTransition(f"no handler for {step}")
+
+    async def _with_dns_addresses(self, rec: OrderRecord) -> OrderRecord:
+        """A record from before the per-name addresses were kept (``dns``
+        without ``dns_addresses``: written by an older coordinator) has DNS
+        read again for its self-check, which fetches through the addresses
+        DNS gives, not every registered address of the peers."""
+        resolution = await self._resolve(rec.names)
+        if resolution.problems:
+            detail = "; ".join(f"{p.name}: {p.reason}" for p in resolution.problems)
+            return orders.advance(rec, Phase.FAILED, error=f"DNS changed since the order's preflight; the CA was "
+                                                           f"not asked to validate: {detail}")
+        new = dataclasses.replace(rec, dns=resolution.peers_by_name, dns_addresses=resolution.addresses_by_name)
+        return dataclasses.replace(new, peers=tuple(dataclasses.replace(p, required=orders.is_required(new, p.peer_id))
+                                                    for p in rec.peers))
 
     async def _serving_peers(self) -> list[PeerInfo]:
         # Every registered peer serves, enabled or not, alive or not: DNS may
@@ -815,10 +930,15 @@ class Issuance:
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None:
-            # Kept-alive connections, a few per peer front: self-checks of many
-            # concurrent orders share them instead of a handshake per token.
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._settings.self_check_connections_per_peer,
-                                             keepalive_timeout=30)
+            # Kept-alive connections, a few per front address: self-checks of
+            # many concurrent orders share them instead of a handshake per
+            # token. _FrontLimits holds requests to the connector's limits
+            # before they start, so a request's timeout never includes a wait
+            # for a pooled connection.
+            total = self_check_connection_limit()
+            per_front = self._settings.self_check_connections_per_peer
+            self._front_limits = _FrontLimits(total, per_front)
+            connector = aiohttp.TCPConnector(limit=total, limit_per_host=per_front, keepalive_timeout=30)
             self._http = aiohttp.ClientSession(
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self._timing.self_check_timeout),
@@ -842,17 +962,12 @@ class Issuance:
             checked = tuple(again.get(p.peer_id, p) for p in checked)
         return checked
 
-    async def _self_check(self, rec: OrderRecord, progress: tuple[PeerProgress, ...], *,
-                          joined: bool = True) -> tuple[PeerProgress, ...]:
-        peers = {p.peer_id: p for p in await self._serving_peers()}
+    async def _fetch(self, f: orders.Fetch) -> tuple[str, bool]:
+        """One self-check request: (problem or "", whether it was a timeout).
+        The wait for a turn on its front address is outside the time limit."""
         http = self._session()
-
-        # Every token through every address DNS gave that belongs to each
-        # required peer, as the CA may validate through any of them.
-        plan = orders.self_check_plan(rec, {pid: (p.addresses, _front_port(p)) for pid, p in peers.items()})
-
-        async def fetch(f: orders.Fetch) -> tuple[str, bool]:
-            """(problem or "", whether it was a timeout)."""
+        assert self._front_limits is not None
+        async with self._front_limits.hold((f.address, f.port)):
             for attempt in (1, 2):
                 try:
                     # Exactly what a validator sends: a connection to the
@@ -875,51 +990,92 @@ class Issuance:
                     # on a fresh connection.
                     if attempt == 1:
                         continue
-                    return f"{f.label}: {exc.__class__.__name__}: {exc}", False
+                    return f"{f.label}: {exc.__class__.__name__}: {orders.clip(str(exc), 300)}", False
                 except aiohttp.ClientError as exc:
-                    return f"{f.label}: {exc.__class__.__name__}: {exc}", False
-            raise AssertionError("unreachable")
+                    return f"{f.label}: {exc.__class__.__name__}: {orders.clip(str(exc), 300)}", False
+        raise AssertionError("unreachable")
 
-        async def check(progress: PeerProgress) -> PeerProgress:
-            if not progress.required:
-                # Not where the CA validates: asked to serve as a best effort,
-                # and tried once, with one token, so a dead agent or a broken
-                # front is reported as skipped; every token through every such
-                # peer would make an order's cost grow with the fleet.
-                if not progress.acknowledged:
-                    return dataclasses.replace(progress, self_checked=False,
-                                               error=f"not in DNS for this order; did not take the tokens: {progress.error}")
-                last_good = self._front_served.get(progress.peer_id)
-                if not rec.open_challenges or (
-                        last_good is not None and self._monotonic() - last_good < BEST_EFFORT_RECHECK_SECONDS):
-                    # It took these tokens, and its front served a token
-                    # moments ago: under a burst, one probe per peer per
-                    # interval, not one per order.
-                    return dataclasses.replace(progress, self_checked=True)
-                problem, _ = await fetch(_probe(peers[progress.peer_id], rec.open_challenges[0]))
-                if not problem:
-                    self._front_served[progress.peer_id] = self._monotonic()
-                return dataclasses.replace(progress, self_checked=not problem,
-                                           error=f"not in DNS for this order; {problem}" if problem else "")
-            fetched = await asyncio.gather(*(fetch(f) for f in plan.get(progress.peer_id, ())))
+    async def _self_check(self, rec: OrderRecord, progress: tuple[PeerProgress, ...], *,
+                          joined: bool = True) -> tuple[PeerProgress, ...]:
+        peers = {p.peer_id: p for p in await self._serving_peers()}
+        self._session()
+        assert self._front_limits is not None
+
+        # Every token through every address DNS gave for its name, at the
+        # front port of each peer that address belonged to, as the CA may
+        # validate through any of them; an address of a peer removed since
+        # fails without a fetch.
+        plan = orders.self_check_plan(rec, {pid: (p.addresses, _front_port(p)) for pid, p in peers.items()})
+        fronts = {(orders.unmapped(a), _front_port(p)) for p in peers.values() for a in p.addresses}
+        fronts |= {netaddr.split_hostport(p.http_front, "http_front") for p in peers.values()}
+        self._front_limits.fit(len(fronts))
+
+        # What each peer needs fetched; the best-effort peers that need no
+        # fetch are decided at once.
+        decided: dict[str, PeerProgress] = {}
+        wanted: dict[str, tuple[orders.Fetch, ...]] = {}
+        for p in progress:
+            if p.peer_id not in peers:
+                continue  # removed since the push: no longer serves (its addresses DNS gave: plan.gone)
+            if p.required:
+                wanted[p.peer_id] = plan.fetches.get(p.peer_id, ())
+                continue
+            # Not where the CA validates: asked to serve as a best effort,
+            # and tried once, with one token, so a dead agent or a broken
+            # front is reported as skipped; every token through every such
+            # peer would make an order's cost grow with the fleet.
+            last_good = self._front_served.get(p.peer_id)
+            if not p.acknowledged:
+                decided[p.peer_id] = dataclasses.replace(
+                    p, self_checked=False, error=f"not in DNS for this order; did not take the tokens: {p.error}")
+            elif not rec.open_challenges or (
+                    last_good is not None and self._monotonic() - last_good < BEST_EFFORT_RECHECK_SECONDS):
+                # It took these tokens, and its front served a token moments
+                # ago: under a burst, one probe per peer per interval, not
+                # one per order.
+                decided[p.peer_id] = dataclasses.replace(p, self_checked=True)
+            else:
+                wanted[p.peer_id] = (_probe(peers[p.peer_id], rec.open_challenges[0]),)
+
+        # Each distinct request once, whichever peers share it (several
+        # peers behind one address), every one at once.
+        unique = {f.key: f for fetches in wanted.values() for f in fetches}
+        results = dict(zip(unique, await asyncio.gather(*(self._fetch(f) for f in unique.values())), strict=True))
+
+        out: list[PeerProgress] = []
+        for p in progress:
+            if p.peer_id in decided:
+                out.append(decided[p.peer_id])
+            if p.peer_id not in wanted:
+                continue
+            fetched = [results[f.key] for f in wanted[p.peer_id]]
             problems = [problem for problem, _ in fetched if problem]
-            if len(problems) > MAX_PROBLEMS_SHOWN:  # 16 addresses x 100 names: the record stays small
-                problems[MAX_PROBLEMS_SHOWN:] = [f"and {len(problems) - MAX_PROBLEMS_SHOWN} more failed fetches"]
             if fetched and not problems:
-                self._front_served[progress.peer_id] = self._monotonic()
+                self._front_served[p.peer_id] = self._monotonic()
             elif problems:
-                self._front_served.pop(progress.peer_id, None)
-            timed_out = progress.timed_out or any(slow for _, slow in fetched)
-            if not progress.acknowledged:
-                problems.insert(0, f"did not take the tokens: {progress.error}")
+                self._front_served.pop(p.peer_id, None)
+            if not p.required:
+                out.append(dataclasses.replace(p, self_checked=not problems,
+                                               error=f"not in DNS for this order; {problems[0]}" if problems else ""))
+                continue
+            if p.acknowledged:
+                # Worth another try only when every failure is a timeout (a
+                # busy node): a wrong answer on one address is not.
+                timed_out = all(slow for problem, slow in fetched if problem)
+            else:
+                # The push itself timed out (a busy node): the tokens again,
+                # and another check; the fetches could only miss them.
+                timed_out = p.timed_out
+                problems.insert(0, f"did not take the tokens: {p.error}")
             if problems and rec.dns is not None:
-                problems.insert(0, f"DNS points {', '.join(orders.dns_names(rec, progress.peer_id))} at it")
-            return dataclasses.replace(progress, self_checked=not problems, error="; ".join(problems),
-                                       timed_out=bool(problems) and timed_out)
-
-        # Every peer at once; a peer removed since the push no longer serves
-        # and is not checked.
-        out = list(await asyncio.gather(*(check(p) for p in progress if p.peer_id in peers)))
+                problems.insert(0, f"DNS points {orders.names_shown(orders.dns_names(rec, p.peer_id))} at it")
+            out.append(dataclasses.replace(
+                p, self_checked=not problems, timed_out=bool(problems) and timed_out,
+                error=orders.join_bounded(problems, orders.MAX_PEER_ERROR, "failures")))
+        # DNS gave an address of a peer that is no longer registered: the CA
+        # would validate there, and no peer of ours serves it.
+        out.extend(PeerProgress(pid, error=orders.join_bounded(reasons, orders.MAX_PEER_ERROR, "addresses"))
+                   for pid, reasons in sorted(plan.gone.items()))
         if joined:
             missing = set(peers) - {p.peer_id for p in progress}
             out.extend(PeerProgress(pid, error="joined after the tokens were pushed",

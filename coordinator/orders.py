@@ -12,14 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 SCHEMA = 1
 IPV4, IPV6 = "IPv4", "IPv6"  # the families, as the API and the messages name them
 CHALLENGE_PATH = "/.well-known/acme-challenge/"
+# Every error kept in a record is bounded: a failed order's record, its slot's
+# last_sign and its history event are written in one etcd transaction, which
+# etcd refuses above 1.5 MiB (100 names x 16 addresses x 30 peers of
+# messages would not fit).
+MAX_ERROR = 4096       # the order's error (and so last_sign.error and the history's detail)
+MAX_PEER_ERROR = 4096  # one peer's error in ``peers``
+MAX_NAMES_SHOWN = 5    # names listed in "DNS points ... at it"
 
 
 class AcmeStatus(str, Enum):
@@ -215,30 +225,71 @@ class OrderRecord:
         if self.dns is not None:
             data["dns"] = {name: list(peers) for name, peers in self.dns.items()}
         if self.dns_addresses is not None:
-            data["dns_addresses"] = {
-                name: [{"address": a.address, "family": a.family, "peers": list(a.peers)} for a in addresses]
-                for name, addresses in self.dns_addresses.items()}
+            # Each address's family and owners once (``dns_owners``), per name
+            # only the addresses: 100 names on the same 16 addresses repeat
+            # them 100 times otherwise. (The owners of an address come from
+            # one registry snapshot, so they are the same under every name.)
+            owners: dict[str, dict[str, Any]] = {}
+            per_name: dict[str, list[str]] = {}
+            for name, addresses in self.dns_addresses.items():
+                per_name[name] = [a.address for a in addresses]
+                for a in addresses:
+                    if a.address not in owners:
+                        owners[a.address] = {"family": a.family, "peers": list(a.peers)}
+            data["dns_addresses"], data["dns_owners"] = per_name, owners
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> OrderRecord:
         if data.get("schema") != SCHEMA:
             raise ValueError(f"unsupported order record schema {data.get('schema')!r}")
-        fields = dict(data)
+        fields = _known(cls, data, "order record", extra=("dns_owners",))
         fields["phase"] = Phase(data["phase"])
         fields["names"] = tuple(data["names"])
         fields["authorizations"] = tuple(
-            Authz(**{**a, "status": AcmeStatus(a["status"]), "challenge_status": AcmeStatus(a["challenge_status"])})
+            Authz(**{**_known(Authz, a, "authorization"), "status": AcmeStatus(a["status"]),
+                     "challenge_status": AcmeStatus(a["challenge_status"])})
             for a in data["authorizations"]
         )
-        fields["peers"] = tuple(PeerProgress(**p) for p in data["peers"])
+        fields["peers"] = tuple(PeerProgress(**_known(PeerProgress, p, "peer progress")) for p in data["peers"])
         if fields.get("dns") is not None:
             fields["dns"] = {name: tuple(peers) for name, peers in fields["dns"].items()}
         if fields.get("dns_addresses") is not None:
-            fields["dns_addresses"] = {
-                name: tuple(DnsAddress(a["address"], a["family"], tuple(a["peers"])) for a in addresses)
-                for name, addresses in fields["dns_addresses"].items()}
+            fields["dns_addresses"] = _dns_addresses_from_json(fields["dns_addresses"], data.get("dns_owners") or {})
         return cls(**fields)
+
+
+_UNKNOWN_LOGGED: set[tuple[str, str]] = set()
+
+
+def _known(cls: Any, data: dict[str, Any], what: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``data`` without the keys ``cls`` does not have: a record written by a
+    newer replica (a rolling upgrade) still loads; each unknown key is logged
+    once, at debug."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [key for key in data if key not in names and key not in extra]
+    for key in unknown:
+        if (what, key) not in _UNKNOWN_LOGGED:
+            _UNKNOWN_LOGGED.add((what, key))
+            log.debug("%s: ignoring the unknown key %r (written by a newer version?)", what, key)
+    return {k: v for k, v in data.items() if k in names} if unknown or extra else dict(data)
+
+
+def _dns_addresses_from_json(per_name: dict[str, Any], owners: dict[str, Any]) -> dict[str, tuple[DnsAddress, ...]]:
+    """Per name, its addresses (``to_json``'s shape: address strings, their
+    family and owners in ``owners``; the first shape of these records had
+    {address, family, peers} under every name, which still loads)."""
+    shared: dict[str, DnsAddress] = {}
+
+    def one(item: Any) -> DnsAddress:
+        if isinstance(item, dict):
+            return DnsAddress(item["address"], item["family"], tuple(item["peers"]))
+        if item not in shared:
+            owner = owners.get(item) or {}
+            shared[item] = DnsAddress(item, owner.get("family") or address_family(item), tuple(owner.get("peers", ())))
+        return shared[item]
+
+    return {name: tuple(one(item) for item in items) for name, items in per_name.items()}
 
 
 def next_step(rec: OrderRecord) -> Step:
@@ -288,7 +339,45 @@ def advance(rec: OrderRecord, to: Phase, **changes: Any) -> OrderRecord:
     """The record moved to phase ``to`` with ``changes``; illegal moves raise."""
     if to is not rec.phase and to not in TRANSITIONS[rec.phase]:
         raise IllegalTransition(f"order {rec.order_id}: {rec.phase.value} -> {to.value} is not allowed")
+    # Every record change comes through here: the errors it keeps stay bounded.
+    if "error" in changes:
+        changes["error"] = clip(changes["error"], MAX_ERROR)
+    if "peers" in changes:
+        changes["peers"] = tuple(p if len(p.error) <= MAX_PEER_ERROR
+                                 else dataclasses.replace(p, error=clip(p.error, MAX_PEER_ERROR))
+                                 for p in changes["peers"])
     return dataclasses.replace(rec, phase=to, **changes)
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    cut = limit - 40
+    return f"{text[:cut]} ... ({len(text) - cut} more characters)"
+
+
+def join_bounded(parts: Iterable[str], limit: int, what: str, sep: str = "; ") -> str:
+    """The parts joined while they fit in ``limit`` characters, then "and N
+    more <what>"; a first part longer than the limit is clipped."""
+    items = list(parts)
+    out: list[str] = []
+    size = 0
+    for index, item in enumerate(items):
+        after = len(items) - index - 1
+        tail = len(f"{sep}and {after} more {what}") if after else 0
+        room = limit - size - (len(sep) if out else 0) - tail
+        if len(item) <= room:
+            out.append(item)
+            size += len(item) + (len(sep) if len(out) > 1 else 0)
+            continue
+        if not out and room > 80:  # one long item: part of it rather than nothing
+            out.append(clip(item, room))
+        left = len(items) - len(out)
+        if left:
+            out.append(f"and {left} more {what}")
+        break
+    return sep.join(out)
 
 
 def after_authorizations(rec: OrderRecord, authzs: tuple[Authz, ...]) -> OrderRecord:
@@ -325,6 +414,18 @@ def dns_names(rec: OrderRecord, peer_id: str) -> list[str]:
     return sorted(name for name, peers in (rec.dns or {}).items() if peer_id in peers)
 
 
+def names_shown(names: Sequence[str]) -> str:
+    """A few names for a message: "a, b, c and 97 more names"."""
+    if len(names) <= MAX_NAMES_SHOWN:
+        return ", ".join(names)
+    return f"{', '.join(names[:MAX_NAMES_SHOWN])} and {len(names) - MAX_NAMES_SHOWN} more names"
+
+
+def dns_key(name: str) -> str:
+    """A name as the DNS maps of a record are compared: lower case, no trailing dot."""
+    return name.lower().rstrip(".")
+
+
 @dataclass(frozen=True)
 class Fetch:
     """One self-check request, as the CA would send it: the token of
@@ -340,6 +441,12 @@ class Fetch:
     key_authorization: str
 
     @property
+    def key(self) -> tuple[str, int, str, str]:
+        """What makes two fetches the same request, whichever peer they are
+        for (several peers behind one address: fetched once)."""
+        return (self.address, self.port, dns_key(self.name), self.token)
+
+    @property
     def url(self) -> str:
         host = f"[{self.address}]" if self.family == IPV6 else self.address
         return f"http://{host}:{self.port}{CHALLENGE_PATH}{self.token}"
@@ -351,73 +458,120 @@ class Fetch:
         return f"{self.url} ({family}Host {self.name})"
 
 
-def self_check_plan(rec: OrderRecord, fronts: Mapping[str, tuple[Sequence[str], int]]) -> dict[str, tuple[Fetch, ...]]:
-    """The self-check of every required peer, mirroring the CA: per open
-    challenge, the token through every address DNS gave for its name that
-    belongs to the peer, IPv4 and IPv6 alike.
+@dataclass(frozen=True)
+class SelfCheckPlan:
+    """What the self-check must fetch (``fetches``: per registered required
+    peer) and what fails without fetching (``gone``: per peer DNS gave an
+    address of that is no longer registered, the reasons)."""
 
-    ``fronts``: peer id -> (its registered addresses, its front port); the
-    front listens on every address of the node, on the same port. Without
-    DNS (--force) every registered address is fetched, for every token; a
-    record from before ``dns_addresses`` fetches the registered addresses for
-    the names ``dns`` points at the peer. Peers not required are left out
+    fetches: dict[str, tuple[Fetch, ...]]
+    gone: dict[str, tuple[str, ...]]
+
+
+def self_check_plan(rec: OrderRecord, fronts: Mapping[str, tuple[Sequence[str], int]]) -> SelfCheckPlan:
+    """The self-check of every required peer, mirroring the CA: per open
+    challenge, the token through every address DNS gave for its name (the
+    record's ``dns_addresses``, not the registry of now), IPv4 and IPv6
+    alike, on the front port of each peer the address belonged to. An
+    IPv4-mapped AAAA (``::ffff:a.b.c.d``) is fetched as the IPv4 address it
+    is. An owner no longer registered is a failure: the CA would still
+    validate at that address, and no one serves there.
+
+    ``fronts``: peer id -> (its registered addresses, its front port) for
+    every registered peer; the front listens on every address of the node,
+    on the same port. Without DNS (--force) every registered address of
+    every peer is fetched, for every token. Peers not required are left out
     (their best-effort probe is the driver's). Pure: the driver does the I/O.
     """
-    plan: dict[str, tuple[Fetch, ...]] = {}
-    for peer_id, (registered, port) in fronts.items():
-        if not is_required(rec, peer_id):
+    fetches: dict[str, list[Fetch]] = {pid: [] for pid in fronts if is_required(rec, pid)}
+    gone: dict[str, list[str]] = {}
+    seen: set[tuple[str, tuple[str, int, str, str]]] = set()
+
+    def add(peer_id: str, authz: Authz, address: str) -> None:
+        address = unmapped(address)
+        f = Fetch(peer_id, authz.name, address, address_family(address), fronts[peer_id][1], authz.token,
+                  authz.key_authorization)
+        if (peer_id, f.key) not in seen:  # one address written two ways, or given as A and mapped AAAA
+            seen.add((peer_id, f.key))
+            fetches.setdefault(peer_id, []).append(f)
+
+    by_name = None if rec.dns_addresses is None else {dns_key(n): a for n, a in rec.dns_addresses.items()}
+    dns = None if rec.dns is None else {dns_key(n): peers for n, peers in rec.dns.items()}
+    for authz in rec.open_challenges:
+        if by_name is not None:
+            for a in by_name.get(dns_key(authz.name), ()):
+                for owner in a.peers:
+                    if owner in fronts:
+                        add(owner, authz, a.address)
+                    else:
+                        gone.setdefault(owner, []).append(
+                            f"DNS gives {a.address} ({a.family}) for {authz.name}, the address of {owner}, "
+                            "which is no longer registered")
             continue
-        own = tuple((a, address_family(a)) for a in registered)
-        fetches: list[Fetch] = []
-        seen: set[tuple[str, str, Any]] = set()
-        for authz in rec.open_challenges:
-            if rec.dns_addresses is not None:
-                through = tuple((a.address, a.family) for a in rec.dns_addresses.get(authz.name, ())
-                                if peer_id in a.peers)
-            elif rec.dns is not None:
-                through = own if peer_id in rec.dns.get(authz.name, ()) else ()
-            else:
-                through = own
-            for address, family in through:
-                key = (authz.name, authz.token, _ip(address))
-                if key in seen:  # one address written two ways
-                    continue
-                seen.add(key)
-                fetches.append(Fetch(peer_id, authz.name, address, family, port, authz.token,
-                                     authz.key_authorization))
-        plan[peer_id] = tuple(fetches)
-    return plan
+        # --force, or a record from before ``dns_addresses`` (the driver
+        # resolves those again first): the registered addresses.
+        for peer_id in list(fetches):
+            if dns is None or peer_id in dns.get(dns_key(authz.name), ()):
+                for address in fronts[peer_id][0]:
+                    add(peer_id, authz, address)
+    return SelfCheckPlan({pid: tuple(f) for pid, f in fetches.items()},
+                         {pid: tuple(reasons) for pid, reasons in gone.items()})
 
 
-def _ip(address: str) -> Any:
+def names_without_dns(rec: OrderRecord) -> list[str]:
+    """Open challenges whose name the record's DNS view does not have: where
+    the CA validates them is unknown, so the self-check cannot pass (fail
+    closed rather than "nothing to fetch")."""
+    if rec.dns is None:
+        return []
+    known = {dns_key(n) for n in (rec.dns_addresses if rec.dns_addresses is not None else rec.dns)}
+    return [a.name for a in rec.open_challenges if dns_key(a.name) not in known]
+
+
+def ip_key(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+    """An address as addresses are compared: parsed (``::1`` is ``0:0::1``),
+    an IPv4-mapped IPv6 address as its IPv4 address; a host name as is."""
     try:
-        return ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def unmapped(address: str) -> str:
+    """An IP address in its normalised form (``2001:0db8::2`` as
+    ``2001:db8::2``), ``::ffff:a.b.c.d`` as ``a.b.c.d``; a host name unchanged."""
+    return str(ip_key(address))
 
 
 def address_family(address: str) -> str:
     """IPV4 or IPV6 for an IP literal, "" for a host name."""
-    ip = _ip(address)
-    if isinstance(ip, str):
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
         return ""
     return IPV6 if ip.version == 6 else IPV4
 
 
 def after_self_check(rec: OrderRecord, peers: tuple[PeerProgress, ...]) -> OrderRecord:
     """A required peer that does not serve fails the order before the CA is
-    asked. The others were asked to serve as a best effort: one that could not
-    is marked skipped."""
+    asked, and so does an open name the record has no DNS view of. The
+    others were asked to serve as a best effort: one that could not is
+    marked skipped."""
     peers = tuple(
         dataclasses.replace(p, skipped=not p.required and not p.self_checked) for p in peers
     )
-    failed = [p for p in peers if not p.self_checked and p.required]
+    failed = [f"peer {p.peer_id}: {p.error}" for p in peers if not p.self_checked and p.required]
+    unknown = names_without_dns(rec)
+    if unknown:
+        failed.insert(0, f"the order's DNS check has no answer for {names_shown(unknown)}, so where the CA "
+                         "validates is unknown")
     if failed:
-        detail = "; ".join(f"peer {p.peer_id}: {p.error}" for p in failed)
-        return advance(
-            rec, Phase.FAILED, peers=peers,
-            error=f"self-check failed, the CA was not asked to validate: {detail}",
-        )
+        prefix = "self-check failed, the CA was not asked to validate: "
+        return advance(rec, Phase.FAILED, peers=peers,
+                       error=prefix + join_bounded(failed, MAX_ERROR - len(prefix), "failed peers"))
     return advance(rec, Phase.CHECKED, peers=peers)
 
 

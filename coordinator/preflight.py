@@ -20,10 +20,11 @@ import dns.resolver
 
 from coordinator.errors import InvalidNames, PreflightFailed, ResolverFailed
 from coordinator.names import NameProblem, normalize_names
-from coordinator.orders import IPV4, IPV6, DnsAddress
+from coordinator.orders import IPV4, IPV6, DnsAddress, ip_key
 
 __all__ = [
-    "DnsAddress", "DnsResolver", "Lookup", "NameReport", "Resolution", "check_dns", "preflight", "resolve_names",
+    "DnsAddress", "DnsResolver", "Lookup", "NameReport", "Resolution", "SlotReport", "check_dns", "preflight",
+    "resolve_names",
 ]
 
 SYSTEM = "system"
@@ -164,6 +165,22 @@ class Resolution:
         return tuple(sorted({p for peers in self.peers_by_name.values() for p in peers}))
 
 
+@dataclass(frozen=True)
+class SlotReport:
+    """``acmectl preflight``: a sign's dry run for one slot. ``refusals``: the
+    sign's own preconditions that are not met (ACME off for the peer or the
+    slot, no provider, no CSR, a pending certificate, an order running);
+    ``resolution``: what DNS says now about the CSR's names (None without a
+    CSR). ``ok``: a sign now would not be refused."""
+
+    refusals: tuple[str, ...]
+    resolution: Resolution | None
+
+    @property
+    def ok(self) -> bool:
+        return not self.refusals and self.resolution is not None and not self.resolution.problems
+
+
 async def resolve_names(
     names: Sequence[str],
     peer_addresses: Mapping[str, Sequence[str]],
@@ -230,12 +247,11 @@ def _judge(a: Lookup, aaaa: Lookup, addresses: tuple[DnsAddress, ...]) -> str | 
 
 
 def _parse(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
-    # Parsed, so that equal addresses written differently (::1, 0:0::1) match;
-    # a record that does not parse (never from dnspython) owns nothing.
-    try:
-        return ipaddress.ip_address(address)
-    except ValueError:
-        return address
+    # Parsed, so that equal addresses written differently (::1, 0:0::1) match,
+    # and an IPv4-mapped AAAA (::ffff:a.b.c.d) matches the IPv4 registration
+    # (a connection to it reaches that IPv4 address); a record that does not
+    # parse (never from dnspython) owns nothing.
+    return ip_key(address)
 
 
 def _owners(
@@ -246,12 +262,9 @@ def _owners(
     owners: dict[ipaddress.IPv4Address | ipaddress.IPv6Address | str, set[str]] = {}
     for peer, addresses in peer_addresses.items():
         for address in addresses:
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                raise ValueError(
-                    f"peer {peer} has a public address that is not an IP address: {address!r}"
-                ) from None
+            ip = ip_key(address)
+            if isinstance(ip, str):
+                raise ValueError(f"peer {peer} has a public address that is not an IP address: {address!r}")
             owners.setdefault(ip, set()).add(peer)
     return owners
 

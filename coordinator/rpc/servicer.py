@@ -7,6 +7,7 @@ the rest.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grpc.aio
@@ -22,7 +23,7 @@ from coordinator.alarms import AlarmBook, AlarmRecord, compare_disk
 from coordinator.deployment import Deployment, DeployOutcome
 from coordinator.history import History
 from coordinator.issuance import Issuance
-from coordinator.orders import DnsAddress, OrderRecord, Phase
+from coordinator.orders import DnsAddress, OrderRecord, Phase, ip_key
 from coordinator.peers import AgentPool, PeerInfo, Registry
 from coordinator.preflight import NameReport
 from coordinator.revocation import UNATTACHED, Revocation
@@ -30,6 +31,7 @@ from coordinator.scheduler import RenewalScheduler
 from coordinator.slots import DomainView
 from coordinator.trust import TrustedCA, TrustStore
 
+log = logging.getLogger(__name__)
 AGENT, OPERATOR = Role.AGENT, Role.OPERATOR
 MAX_PEER_ADDRESSES = 16
 STATUS_AGENT_TIMEOUT = 2.0
@@ -82,11 +84,21 @@ def order_info(rec: OrderRecord, queue_position: int = 0) -> pb.OrderInfo:
         peers=[pb.PeerAck(peer_id=p.peer_id, acknowledged=p.acknowledged, self_checked=p.self_checked, error=p.error,
                           required=p.required, skipped=p.skipped)
                for p in rec.peers],
-        # What the preflight saw, in the names' order (a stored record's keys
-        # are sorted); empty with --force (DNS not read).
-        dns=[pb.NameReport(name=name, addresses=[_dns_address(a) for a in rec.dns_addresses.get(name, ())])
-             for name in rec.names if rec.dns_addresses is not None],
+        dns=_order_dns(rec),
     )
+
+
+def _order_dns(rec: OrderRecord) -> list[pb.NameReport]:
+    """What the preflight saw, in the names' order (a stored record's keys
+    are sorted); empty with --force (DNS not read). A record from before the
+    per-name addresses has the peers only: one entry without an address."""
+    if rec.dns_addresses is not None:
+        return [pb.NameReport(name=name, addresses=[_dns_address(a) for a in rec.dns_addresses.get(name, ())])
+                for name in rec.names]
+    if rec.dns is not None:
+        return [pb.NameReport(name=name, addresses=[pb.DnsAddress(peer_ids=rec.dns.get(name, ()))])
+                for name in rec.names]
+    return []
 
 
 def _deploy_result(o: DeployOutcome, slot: common_pb2.Slot) -> pb.DeployResult:
@@ -137,6 +149,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._pool = pool
         self._heartbeat_interval = heartbeat_interval
         self._lease_ttl = lease_ttl
+        self._fronts_noted: dict[str, tuple[str, tuple[str, ...]]] = {}  # peer -> (http_front, addresses) last seen
 
     # --- agents ----------------------------------------------------------
     @staticmethod
@@ -149,10 +162,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._own(who, request.peer_id)
         if not 1 <= len(request.addresses) <= MAX_PEER_ADDRESSES:
             raise errors.InvalidArgument(f"a registration needs 1 to {MAX_PEER_ADDRESSES} public addresses")
-        for address in request.addresses:
-            netaddr.check_ip(address, "addresses")
+        # Stored as check_ip writes them (2001:0db8::1 -> 2001:db8::1).
+        addresses = tuple(netaddr.check_ip(address, "addresses") for address in request.addresses)
         netaddr.split_hostport(request.grpc_endpoint, "grpc_endpoint")
-        netaddr.split_hostport(request.http_front, "http_front")
+        front_host, _ = netaddr.split_hostport(request.http_front, "http_front")
         if len(request.tls_endpoints) > MAX_PEER_ADDRESSES:
             raise errors.InvalidArgument(f"at most {MAX_PEER_ADDRESSES} TLS endpoints")
         for endpoint in request.tls_endpoints:
@@ -162,14 +175,30 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if len(request.version) > 64 or not request.version.isprintable():
             raise errors.InvalidArgument("version must be at most 64 printable characters")
         await self._registry.register(PeerInfo(
-            request.peer_id, tuple(request.addresses), request.grpc_endpoint, request.http_front,
+            request.peer_id, addresses, request.grpc_endpoint, request.http_front,
             request.front_mode, request.version, enabled=False, registered_at="",
             tls_endpoints=tuple(request.tls_endpoints),
         ))
+        self._note_front(request.peer_id, front_host, request.http_front, addresses)
         bundle, digest = await self._trust.bundle()
         return pb.RegisterPeerResponse(heartbeat_interval_seconds=self._heartbeat_interval,
                                        lease_ttl_seconds=self._lease_ttl, trust_bundle_pem=bundle,
                                        trust_bundle_sha256=digest)
+
+    def _note_front(self, peer_id: str, host: str, http_front: str, addresses: tuple[str, ...]) -> None:
+        """The self-check of a peer DNS points at goes through the addresses
+        DNS gives, at the port of its front: the host of ``http_front`` only
+        serves the best-effort probe. Warn, once per change of the peer's
+        registration, when that host is an address the peer does not list."""
+        noted = (http_front, addresses)
+        if self._fronts_noted.get(peer_id) == noted:
+            return
+        self._fronts_noted[peer_id] = noted
+        ip = ip_key(host)
+        if not isinstance(ip, str) and ip not in {ip_key(a) for a in addresses}:
+            log.warning("peer %s advertises its port-80 front at %s, an address not among its addresses (%s): only "
+                        "the port of front.advertise is used for the self-check, through the addresses DNS gives; "
+                        "list %s in addresses if DNS points at it", peer_id, http_front, ", ".join(addresses), host)
 
     @rpc_method(AGENT)
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
@@ -246,8 +275,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @rpc_method(OPERATOR)
     async def Preflight(self, request: pb.PreflightRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
-        resolution = await self._issuance.dns_report(_required(request.peer_id, "a peer id"), request.slot.domain)
-        return pb.PreflightReport(names=[_name_report(r) for r in resolution.names], ok=not resolution.problems)
+        report = await self._issuance.dns_report(_required(request.peer_id, "a peer id"), request.slot.domain)
+        # A sign's own preconditions that are not met come first, each as a
+        # report without a name (its problem says why a sign would be refused).
+        names = [pb.NameReport(problem=refusal) for refusal in report.refusals]
+        if report.resolution is not None:
+            names += [_name_report(r) for r in report.resolution.names]
+        return pb.PreflightReport(names=names, ok=report.ok)
 
     @rpc_method(OPERATOR)
     async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:

@@ -301,13 +301,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 def test_acmectl_preflight_and_the_order_show_each_address_and_its_peer(cluster: LocalCluster) -> None:
     register_account(cluster)
-    for i in (1, 2):
-        cluster.ctl("peer", "enable", f"peer{i}")
+    cluster.ctl("peer", "enable", "peer2")
     name, san = "www.pf.example", "alt.pf.example"
     cluster.set_dns(name, [1, 2])
     cluster.set_dns(san, [2])
-    cluster.ctl("csr", "create", "peer1", "--cn", name, "--san", san)
     p1, p2 = peer_address(1), peer_address(2)
+
+    # A sign's dry run: its own preconditions are reported too, with the same exit status as a refused sign.
+    off = cluster.ctl("preflight", "peer1", check=False)
+    assert off.returncode == 4, off
+    assert off.stdout.splitlines()[:3] == [
+        "preflight of peer peer1: a sign would be refused: 2 precondition(s) not met",
+        "  cannot sign: ACME is disabled on peer peer1 (acmectl peer enable peer1)",
+        "  cannot sign: peer peer1 has no CSR yet (acmectl csr create peer1 --cn NAME)",
+    ]
+    assert "ACME is disabled on peer peer1" in off.stderr
+    cluster.ctl("peer", "enable", "peer1")
+    cluster.ctl("csr", "create", "peer1", "--cn", name, "--san", san)
 
     ok = cluster.ctl("preflight", "peer1")
     assert ok.stdout.splitlines() == [
@@ -347,6 +357,8 @@ def test_acmectl_preflight_and_the_order_show_each_address_and_its_peer(cluster:
     # The record keeps them next to the peers per name.
     saved = record(cluster, f"orders/{order['order_id']}")
     assert saved["dns"] == {name: ["peer1", "peer2"], san: ["peer2"]}
-    assert saved["dns_addresses"][san] == [{"address": p2, "family": "IPv4", "peers": ["peer2"]}]
+    assert saved["dns_addresses"] == {name: [p1, p2], san: [p2]}  # per name the addresses; their owners once:
+    assert saved["dns_owners"] == {p1: {"family": "IPv4", "peers": ["peer1"]},
+                                   p2: {"family": "IPv4", "peers": ["peer2"]}}
     shown = cluster.ctl("order", "show", order["order_id"]).stdout
     assert f"  dns {san}:\n    A {p2} -> peer2\n" in shown

@@ -196,18 +196,54 @@ FRONTS = {"peer1": (("127.0.0.2", "2001:db8::2"), 80), "peer2": (("127.0.0.3", "
 def test_the_addresses_of_each_name_survive_the_json_round_trip() -> None:
     r = rec(dns={"a.example": ("peer1", "peer2"), "b.example": ("peer2",)}, dns_addresses=ADDRESSES)
     data = r.to_json()
-    assert data["dns_addresses"]["b.example"] == [{"address": "127.0.0.3", "family": "IPv4", "peers": ["peer2"]}]
-    assert OrderRecord.from_json(json.loads(json.dumps(data))) == r
+    # Per name only the addresses; each address's family and owners once.
+    assert data["dns_addresses"]["b.example"] == ["127.0.0.3"]
+    assert data["dns_owners"]["127.0.0.3"] == {"family": "IPv4", "peers": ["peer2"]}
+    assert len(data["dns_owners"]) == 4
+    back = OrderRecord.from_json(json.loads(json.dumps(data)))
+    assert back == r and back.dns_addresses is not None
+    assert back.dns_addresses["a.example"][1] is back.dns_addresses["b.example"][0]  # one object per address
     # A record written before the per-name addresses existed still loads.
     old = rec(dns={"a.example": ("peer1",)}).to_json()
     del old["dns_addresses"]
     assert OrderRecord.from_json(old).dns_addresses is None
+    # So does the first shape of them ({address, family, peers} under every name).
+    first = {**rec(dns={"b.example": ("peer2",)}).to_json(),
+             "dns_addresses": {"b.example": [{"address": "127.0.0.3", "family": "IPv4", "peers": ["peer2"]}]}}
+    assert OrderRecord.from_json(first).dns_addresses == {"b.example": ADDRESSES["b.example"]}
+
+
+def test_a_large_fleet_keeps_the_record_small() -> None:
+    """100 names on 16 addresses of 30 peers (one load balancer pool): each
+    address and its owners once, not under every name."""
+    fleet = tuple(f"peer{i:02d}" for i in range(30))
+    addresses = tuple(DnsAddress(f"2001:db8:aaaa:bbbb::{i:x}", V6, fleet) for i in range(16))
+    names = tuple(f"name{i:03d}.fleet.example" for i in range(100))
+    r = rec(names=names, dns={n: fleet for n in names}, dns_addresses={n: addresses for n in names})
+    size = len(json.dumps(r.to_json()))
+    assert size < 120_000, size  # the first shape: about 950 KB
+    assert OrderRecord.from_json(json.loads(json.dumps(r.to_json()))) == r
+
+
+def test_keys_of_a_newer_version_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    """A rolling upgrade: a replica reads a record a newer one wrote."""
+    data = rec(peers=(PeerProgress("peer1"),), authorizations=(authz("a.example", AcmeStatus.PENDING),)).to_json()
+    data["some_new_field"] = {"x": 1}
+    data["peers"][0]["new_peer_field"] = 1
+    data["authorizations"][0]["new_authz_field"] = "y"
+    with caplog.at_level("DEBUG", logger="coordinator.orders"):
+        back = OrderRecord.from_json(data)
+        OrderRecord.from_json(data)
+    assert back.peers == (PeerProgress("peer1"),) and back.authorizations[0].name == "a.example"
+    logged = [r.getMessage() for r in caplog.records if "unknown key" in r.getMessage()]
+    assert len(logged) == 3  # once per key, not once per read
+    assert any("'some_new_field'" in m for m in logged)
 
 
 def test_every_token_through_every_address_dns_gives_for_its_name() -> None:
     r = rec(authorizations=(authz("a.example", AcmeStatus.PENDING), authz("b.example", AcmeStatus.PENDING)),
             dns={"a.example": ("peer1", "peer2"), "b.example": ("peer2",)}, dns_addresses=ADDRESSES)
-    plan = orders.self_check_plan(r, FRONTS)
+    plan = orders.self_check_plan(r, FRONTS).fetches
     assert set(plan) == {"peer1", "peer2"}  # peer3: not in DNS, best effort (the driver's probe)
     assert [(f.name, f.address, f.family, f.port) for f in plan["peer1"]] == [
         ("a.example", "127.0.0.2", V4, 80), ("a.example", "2001:db8::2", V6, 80)]
@@ -225,14 +261,14 @@ def test_every_token_through_every_address_dns_gives_for_its_name() -> None:
 def test_validated_names_are_not_fetched() -> None:
     r = rec(authorizations=(authz("a.example", AcmeStatus.VALID), authz("b.example", AcmeStatus.PENDING)),
             dns={"a.example": ("peer1", "peer2"), "b.example": ("peer2",)}, dns_addresses=ADDRESSES)
-    plan = orders.self_check_plan(r, FRONTS)
+    plan = orders.self_check_plan(r, FRONTS).fetches
     assert plan["peer1"] == ()  # required, but nothing open points at it
     assert [f.name for f in plan["peer2"]] == ["b.example"]
 
 
 def test_without_dns_every_registered_address_of_every_peer() -> None:
     r = rec(authorizations=(authz("a.example", AcmeStatus.PENDING), authz("b.example", AcmeStatus.PENDING)))
-    plan = orders.self_check_plan(r, FRONTS)  # --force: dns is None
+    plan = orders.self_check_plan(r, FRONTS).fetches  # --force: dns is None
     assert {pid: len(fetches) for pid, fetches in plan.items()} == {"peer1": 4, "peer2": 4, "peer3": 2}
     assert [(f.name, f.address, f.family) for f in plan["peer1"]] == [
         ("a.example", "127.0.0.2", V4), ("a.example", "2001:db8::2", V6),
@@ -242,7 +278,7 @@ def test_without_dns_every_registered_address_of_every_peer() -> None:
 def test_a_record_from_before_the_addresses_fetches_the_registered_ones_for_its_names() -> None:
     r = rec(authorizations=(authz("a.example", AcmeStatus.PENDING), authz("b.example", AcmeStatus.PENDING)),
             dns={"a.example": ("peer1",), "b.example": ("peer2",)})
-    plan = orders.self_check_plan(r, FRONTS)
+    plan = orders.self_check_plan(r, FRONTS).fetches
     assert [(f.name, f.address) for f in plan["peer1"]] == [("a.example", "127.0.0.2"), ("a.example", "2001:db8::2")]
     assert [(f.name, f.address) for f in plan["peer2"]] == [("b.example", "127.0.0.3"), ("b.example", "2001:db8::3")]
 
@@ -251,9 +287,93 @@ def test_one_address_written_two_ways_is_fetched_once() -> None:
     twice = {"a.example": (DnsAddress("2001:db8::2", V6, ("peer1",)), DnsAddress("2001:0db8::2", V6, ("peer1",)))}
     r = rec(authorizations=(authz("a.example", AcmeStatus.PENDING),), dns={"a.example": ("peer1",)},
             dns_addresses=twice)
-    assert len(orders.self_check_plan(r, FRONTS)["peer1"]) == 1
+    assert len(orders.self_check_plan(r, FRONTS).fetches["peer1"]) == 1
 
 
 def test_a_host_name_front_has_no_family() -> None:
     f = orders.Fetch("peer1", "a.example", "edge.example", orders.address_family("edge.example"), 80, "t", "k")
     assert f.url == "http://edge.example:80/.well-known/acme-challenge/t" and f.label.endswith("(Host a.example)")
+
+
+# --- review of c160f12 (issue 10): the plan follows the record, not the registry ----------
+def test_an_address_of_a_peer_removed_since_is_a_failure_not_skipped() -> None:
+    """DNS gave 127.0.0.3 (peer2's) for a.example; peer2 was removed since:
+    the CA would still validate there, so the order must fail."""
+    r = rec(authorizations=(authz("a.example", AcmeStatus.PENDING), authz("b.example", AcmeStatus.PENDING)),
+            dns={"a.example": ("peer1", "peer2"), "b.example": ("peer2",)}, dns_addresses=ADDRESSES)
+    fronts = {pid: front for pid, front in FRONTS.items() if pid != "peer2"}
+    plan = orders.self_check_plan(r, fronts)
+    assert set(plan.fetches) == {"peer1"}
+    assert plan.gone == {"peer2": (
+        "DNS gives 127.0.0.3 (IPv4) for a.example, the address of peer2, which is no longer registered",
+        "DNS gives 2001:db8::3 (IPv6) for a.example, the address of peer2, which is no longer registered",
+        "DNS gives 127.0.0.3 (IPv4) for b.example, the address of peer2, which is no longer registered")}
+
+
+def test_the_record_not_the_registry_says_which_addresses() -> None:
+    """peer1 no longer lists 2001:db8::2 (re-registered since the preflight):
+    DNS gave it, so the CA may validate there; it is still fetched."""
+    r = rec(authorizations=(authz("a.example", AcmeStatus.PENDING),), dns={"a.example": ("peer1", "peer2")},
+            dns_addresses={"a.example": ADDRESSES["a.example"]})
+    plan = orders.self_check_plan(r, {**FRONTS, "peer1": (("127.0.0.2",), 80)}).fetches
+    assert [f.address for f in plan["peer1"]] == ["127.0.0.2", "2001:db8::2"]
+
+
+def test_an_address_shared_by_several_peers_is_one_request() -> None:
+    lb = DnsAddress("192.0.2.80", V4, ("peer1", "peer2"))
+    r = rec(authorizations=(authz("a.example", AcmeStatus.PENDING),), dns={"a.example": ("peer1", "peer2")},
+            dns_addresses={"a.example": (lb,)})
+    plan = orders.self_check_plan(r, {"peer1": ((), 80), "peer2": ((), 80)}).fetches
+    (one,), (two,) = plan["peer1"], plan["peer2"]
+    assert one.key == two.key and one.peer_id != two.peer_id
+
+
+def test_an_ipv4_mapped_aaaa_is_fetched_as_its_ipv4_address_once() -> None:
+    mapped = {"a.example": (DnsAddress("127.0.0.2", V4, ("peer1",)), DnsAddress("::ffff:127.0.0.2", V6, ("peer1",)))}
+    r = rec(authorizations=(authz("a.example", AcmeStatus.PENDING),), dns={"a.example": ("peer1",)},
+            dns_addresses=mapped)
+    assert [(f.address, f.family) for f in orders.self_check_plan(r, FRONTS).fetches["peer1"]] == [("127.0.0.2", V4)]
+    assert orders.ip_key("::ffff:127.0.0.2") == orders.ip_key("127.0.0.2")
+    assert orders.unmapped("::ffff:7f00:2") == "127.0.0.2" and orders.unmapped("2001:db8::2") == "2001:db8::2"
+
+
+def test_names_are_matched_as_dns_names() -> None:
+    """The CA's authorization names the identifier its own way: case and a
+    trailing dot do not make a name unknown."""
+    r = rec(authorizations=(authz("A.Example.", AcmeStatus.PENDING),), dns={"a.example": ("peer1",)},
+            dns_addresses={"a.example": (DnsAddress("127.0.0.2", V4, ("peer1",)),)})
+    assert [f.address for f in orders.self_check_plan(r, FRONTS).fetches["peer1"]] == ["127.0.0.2"]
+    assert orders.names_without_dns(r) == []
+
+
+def test_an_open_name_the_record_has_no_dns_for_fails_the_order() -> None:
+    """Fail closed: nothing to fetch for a name is not a pass when nobody
+    knows where the CA validates it."""
+    r = rec(phase=Phase.PRESENTED, peers=(PeerProgress("peer1", acknowledged=True),),
+            authorizations=(authz("a.example", AcmeStatus.PENDING), authz("c.example", AcmeStatus.PENDING)),
+            dns={"a.example": ("peer1",)}, dns_addresses={"a.example": (DnsAddress("127.0.0.2", V4, ("peer1",)),)})
+    assert orders.names_without_dns(r) == ["c.example"]
+    assert [f.name for f in orders.self_check_plan(r, FRONTS).fetches["peer1"]] == ["a.example"]
+    checked = orders.after_self_check(r, (PeerProgress("peer1", acknowledged=True, self_checked=True),))
+    assert checked.phase is Phase.FAILED
+    assert checked.error == ("self-check failed, the CA was not asked to validate: the order's DNS check has no "
+                             "answer for c.example, so where the CA validates is unknown")
+    # --force: no DNS view, every registered address; nothing is unknown.
+    assert orders.names_without_dns(dataclasses.replace(r, dns=None, dns_addresses=None)) == []
+
+
+def test_errors_kept_in_the_record_are_bounded() -> None:
+    """30 peers failing on 16 addresses x 100 names: the record, the slot's
+    last_sign and the history event stay far below etcd's request limit."""
+    long = "x" * 20_000
+    peers = tuple(PeerProgress(f"peer{i}", acknowledged=True, error=long) for i in range(30))
+    failed = orders.after_self_check(rec(phase=Phase.PRESENTED, peers=peers), peers)
+    assert failed.phase is Phase.FAILED
+    assert len(failed.error) <= orders.MAX_ERROR and failed.error.endswith("more failed peers")
+    assert all(len(p.error) <= orders.MAX_PEER_ERROR for p in failed.peers)
+    assert len(orders.advance(rec(), Phase.FAILED, error=long).error) <= orders.MAX_ERROR
+    joined = orders.join_bounded([f"problem {i} " + "y" * 100 for i in range(500)], 4096, "failures")
+    assert len(joined) <= 4096 and joined.endswith("more failures")
+    assert int(joined.rsplit("and ", 1)[1].split()[0]) + joined.count("problem ") == 500
+    assert orders.join_bounded(["a", "b"], 4096, "failures") == "a; b"
+    assert orders.names_shown([f"n{i}" for i in range(8)]) == "n0, n1, n2, n3, n4 and 3 more names"

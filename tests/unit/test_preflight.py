@@ -165,15 +165,38 @@ async def test_acmectl_preflight_fails_when_an_order_would_be_refused(
     with pytest.raises(errors.FailedPrecondition) as caught:
         await ctl.cmd_preflight(FakeCtl({"Preflight": report(ok=False)}, json=as_json),
                                 argparse.Namespace(peer="peer1", domain=""))
-    assert caught.value.message == ("DNS check failed: v6.x.example: resolves to 2001:db8::9 (IPv6, AAAA), "
+    assert caught.value.message == ("a sign would be refused: v6.x.example: resolves to 2001:db8::9 (IPv6, AAAA), "
                                     "which is not a registered peer")
     out = capsys.readouterr().out
     if as_json:
         assert '"family": "IPv6"' in out and '"ok": false' in out
     else:
-        assert "preflight of peer peer1: 1 name(s) would stop an order" in out
+        assert "preflight of peer peer1: a sign would be refused: 1 name(s) would stop an order" in out
         assert "    AAAA 2001:db8::9 -> no registered peer\n" in out
         assert "    problem: resolves to 2001:db8::9 (IPv6, AAAA)" in out
+
+
+async def test_acmectl_preflight_reports_the_signs_own_refusals(capsys: pytest.CaptureFixture[str]) -> None:
+    """A dry run of a sign: ACME off, a pending certificate, ... are the
+    same exit status 4 as a name DNS does not point at the cluster."""
+    r = report(ok=True)
+    refusals = ["ACME is disabled on peer peer1 (acmectl peer enable peer1)",
+                "peer peer1 already has a pending certificate (serial ab); deploy it or discard it first"]
+    refused = pb.PreflightReport(names=[*(pb.NameReport(problem=x) for x in refusals), *r.names], ok=False)
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        await ctl.cmd_preflight(FakeCtl({"Preflight": refused}), argparse.Namespace(peer="peer1", domain=""))
+    assert caught.value.message == "a sign would be refused: " + "; ".join(refusals)
+    assert capsys.readouterr().out.splitlines() == [
+        "preflight of peer peer1: a sign would be refused: 2 precondition(s) not met",
+        f"  cannot sign: {refusals[0]}",
+        f"  cannot sign: {refusals[1]}",
+        "  dns www.x.example:",
+        "    A 127.0.0.2 -> peer1",
+        "    AAAA 2001:db8::2 -> peer1, edge",
+    ]
+    (commands,) = [x for x in ctl.parser()._actions if isinstance(x, argparse._SubParsersAction)]
+    (help_line,) = [x.help for x in commands._choices_actions if x.dest == "preflight"]
+    assert help_line.startswith("a sign's dry run") and "exit status 4 when a sign would be refused" in help_line
 
 
 def test_acmectl_preflight_is_a_command() -> None:
@@ -190,3 +213,83 @@ def test_order_lines_show_the_addresses_of_each_name() -> None:
     ]
     # --force: DNS was not read, nothing to show.
     assert ctl._order_lines(pb.OrderInfo(order_id="o1", phase="done")) == ["order o1 for peer : done"]
+    # A record from before the addresses were kept: the peers DNS pointed the name at.
+    old = pb.OrderInfo(order_id="o1", phase="done", dns=[pb.NameReport(
+        name="www.x.example", addresses=[pb.DnsAddress(peer_ids=["peer1", "edge"])])])
+    assert ctl._order_lines(old)[1:] == ["  dns www.x.example:", "    -> peer1, edge (addresses not recorded)"]
+
+
+# --- review of c160f12 (issue 10, item 11): IPv4-mapped AAAA, zone ids ----------------------
+async def test_an_ipv4_mapped_aaaa_belongs_to_the_ipv4_peer() -> None:
+    """``::ffff:127.0.0.2`` reaches 127.0.0.2: it is peer1's, not an unknown address."""
+    r = await resolve({("m.x.example", "A"): a("127.0.0.2"), ("m.x.example", "AAAA"): a("::ffff:127.0.0.2")},
+                      ["m.x.example"])
+    assert r.names[0].addresses == (DnsAddress("127.0.0.2", "IPv4", ("peer1",)),
+                                    DnsAddress("::ffff:127.0.0.2", "IPv6", ("peer1",)))
+    assert r.problems == []
+
+
+@pytest.mark.parametrize("address", ["fe80::1%eth0", "2001:db8::1%2"])
+def test_an_address_with_a_zone_id_is_refused(address: str) -> None:
+    from clusteracme import netaddr
+    with pytest.raises(errors.InvalidArgument, match="has a zone id"):
+        netaddr.check_ip(address, "addresses")
+    assert netaddr.check_ip("fe80::1", "addresses") == "fe80::1"  # link-local without a zone: as before
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self.registered: list[Any] = []
+
+    async def register(self, info: Any) -> None:
+        self.registered.append(info)
+
+
+class _Trust:
+    async def bundle(self) -> tuple[str, str]:
+        return "", ""
+
+
+def _servicer() -> Any:
+    from coordinator.rpc.servicer import CoordinatorServicer
+    servicer = object.__new__(CoordinatorServicer)
+    servicer._registry, servicer._trust = _Registry(), _Trust()  # type: ignore[attr-defined]
+    servicer._heartbeat_interval, servicer._lease_ttl = 5, 15  # type: ignore[attr-defined]
+    servicer._fronts_noted = {}  # type: ignore[attr-defined]
+    return servicer
+
+
+async def _register(servicer: Any, addresses: list[str], http_front: str) -> Any:
+    from coordinator.rpc.servicer import CoordinatorServicer
+    register = CoordinatorServicer.RegisterPeer.__wrapped__  # type: ignore[attr-defined]
+    who = argparse.Namespace(name="peer1", common_name="agent:peer1")
+    await register(servicer, pb.RegisterPeerRequest(
+        peer_id="peer1", addresses=addresses, grpc_endpoint="127.0.0.2:7444", http_front=http_front,
+        front_mode="closed", version="1"), None, who)
+    return servicer._registry.registered[-1]
+
+
+async def test_registration_stores_the_normalised_addresses() -> None:
+    info = await _register(_servicer(), ["2001:0DB8:0::2", "127.0.0.2"], "127.0.0.2:80")
+    assert info.addresses == ("2001:db8::2", "127.0.0.2")
+    with pytest.raises(errors.InvalidArgument, match="has a zone id"):
+        await _register(_servicer(), ["fe80::1%eth0"], "127.0.0.2:80")
+
+
+async def test_a_front_advertised_outside_the_addresses_is_warned_about_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Only the port of front.advertise is used for a peer DNS points at:
+    a host that is none of the peer's addresses is worth a warning, once per
+    change of the registration (agents register again after every restart)."""
+    servicer = _servicer()
+    with caplog.at_level("WARNING", logger="coordinator.rpc.servicer"):
+        await _register(servicer, ["127.0.0.2"], "127.0.0.2:80")  # one of its addresses: fine
+        await _register(servicer, ["127.0.0.2", "::ffff:10.0.0.9"], "10.0.0.9:80")  # mapped: the same address
+        assert not caplog.records
+        for _ in range(3):
+            await _register(servicer, ["127.0.0.2"], "10.0.0.9:80")
+        await _register(servicer, ["127.0.0.2"], "edge.example:80")  # a host name: not an address to compare
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1
+    assert warned[0].startswith("peer peer1 advertises its port-80 front at 10.0.0.9:80, an address not among its "
+                                "addresses (127.0.0.2)")
