@@ -8,6 +8,7 @@ towards the coordinator replicas.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 
 import grpc.aio
@@ -76,23 +77,33 @@ def build_deployer(settings: AgentSettings, keys: KeyStore) -> Deployer:
 def registration(settings: AgentSettings, grpc_port: int) -> cpb.RegisterPeerRequest:
     """What this peer announces, checked at start-up: a wildcard bind address
     is never announced (the coordinator would dial itself). Without
-    ``addresses`` the front's specific addresses are announced (all of them:
-    IPv4 and IPv6); ``http_front`` is the first of them with the front port."""
+    ``addresses`` the front's specific addresses are announced (IPv4 and
+    IPv6; loopback and link-local ones only when there is nothing else), and
+    a front that also binds a wildcard (``0.0.0.0``, ``::``) must set them:
+    its addresses cannot be derived. ``http_front`` is the first announced
+    front address with the front port."""
     listen_host = _host(settings.listen)
     if not settings.advertise and netaddr.is_unspecified(listen_host):
         raise errors.InvalidArgument(f"listen = {settings.listen!r} binds every address: set advertise = \"host:port\"")
     advertise = settings.advertise or f"{settings.listen.rsplit(':', 1)[0]}:{grpc_port}"
     front = settings.front
+    if (conflict := front.host_conflict()) is not None:
+        raise errors.InvalidArgument(conflict)
     specific = [host for host in front.bind_hosts if not netaddr.is_unspecified(host)]
     if not front.advertise and not specific:
         where = f"front.host = {front.host!r}" if not front.hosts else f"front.hosts = {list(front.hosts)!r}"
         raise errors.InvalidArgument(f"{where} binds every address: set front.advertise = \"host:port\"")
-    http_front = front.advertise or (f"[{specific[0]}]" if ":" in specific[0] else specific[0]) + f":{front.port}"
+    wildcard = [host for host in front.bind_hosts if netaddr.is_unspecified(host)]
+    public = [host for host in specific if not _local_only(host)]
+    derived = public or specific
+    http_front = front.advertise or (f"[{derived[0]}]" if ":" in derived[0] else derived[0]) + f":{front.port}"
     addresses = list(settings.addresses)
     if not addresses:
-        if not specific:
-            raise errors.InvalidArgument("set addresses = [...]: the public addresses DNS points at")
-        addresses = specific
+        if wildcard or not specific:
+            raise errors.InvalidArgument(
+                f"front binds {', '.join(wildcard)} (every address): set addresses = [...]: "
+                "the public addresses DNS points at")
+        addresses = derived
     for address in addresses:
         netaddr.check_ip(address, "addresses")
     netaddr.split_hostport(advertise, "advertise")
@@ -101,6 +112,15 @@ def registration(settings: AgentSettings, grpc_port: int) -> cpb.RegisterPeerReq
         peer_id=settings.peer_id, addresses=addresses, grpc_endpoint=advertise, http_front=http_front,
         front_mode=front.mode, version=__version__, tls_endpoints=tls_endpoints(settings),
     )
+
+
+def _local_only(host: str) -> bool:
+    """Loopback or link-local: not an address DNS would point at, unless it is all there is."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_link_local
 
 
 async def keep_registered(settings: AgentSettings, request: cpb.RegisterPeerRequest) -> None:

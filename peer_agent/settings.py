@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,25 @@ class FrontSettings:
     def bind_hosts(self) -> tuple[str, ...]:
         """The addresses the front listens on: ``hosts``, or ``(host,)``."""
         return self.hosts or (self.host,)
+
+    def host_conflict(self) -> str | None:
+        """Why ``bind_hosts`` can never all bind (the same address twice, or a
+        wildcard next to a specific address of its family), or None."""
+        seen: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
+        for host in self.bind_hosts:
+            try:
+                ip = ipaddress.ip_address(host.split("%", 1)[0])
+            except ValueError:
+                continue  # check_ip reports it
+            if ip in seen:
+                return f"front.hosts lists {seen[ip]} twice ({host})"
+            seen[ip] = host
+        for wildcard in (ip for ip in seen if ip.is_unspecified):
+            same = [seen[ip] for ip in seen if ip != wildcard and ip.version == wildcard.version]
+            if same:
+                return (f"front.hosts: {seen[wildcard]} already takes every IPv{wildcard.version} "
+                        f"address, {same[0]} cannot bind next to it (list either)")
+        return None
 
 
 @dataclass(frozen=True)

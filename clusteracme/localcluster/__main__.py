@@ -78,7 +78,7 @@ def _demo(args: argparse.Namespace, run_dir: Path) -> None:
         agent = cluster.agent(1)
         step(cluster, "deploy", "peer1")
         print(f"\n== TLS handshake with peer1's endpoint {agent.tls_endpoint} (SNI {NAMES[0]}): "
-              f"serial {served_serial(agent.tls_endpoint, NAMES[0])}", flush=True)
+              f"serial {cluster.inside(served_serial, agent.tls_endpoint, NAMES[0])}", flush=True)
         step(cluster, "status")
         step(cluster, "events", "peer1")
         print("\n== stopping the cluster", flush=True)

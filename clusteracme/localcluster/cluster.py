@@ -10,7 +10,9 @@ Dual-stack (``ipv6=True``, root only): the whole cluster runs in a network
 namespace the launcher creates, where peer ``i`` also has the IPv6 address
 ``2001:db8:c1a5::(i+1)`` (``peer_ipv6_address``), its front listens on both
 addresses and registers both, and ``set_dns`` gives A and AAAA records. How the
-launcher gets its processes and its own sockets inside: ``netns``.
+launcher gets its processes and its own sockets inside (a helper thread that
+lives there; the caller's thread never moves): ``netns``. Socket work of your
+own against a dual-stack cluster goes through ``inside(fn, ...)``.
 2001:db8::/32 rather than a ULA (fd00::/8): to RFC 6724 a ULA ranks below
 IPv4, 2001:db8:: above it, so clients that sort by it (Go's resolver, glibc)
 try IPv6 first, as they would with a real node's global address. Pebble does
@@ -20,23 +22,27 @@ not sort: with AAAA records it dials the first one only (``infra``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 
 from clusteracme import pki
 from clusteracme.localcluster.infra import Infra, InfraError, Process, free_port, tcp_check
 from clusteracme.localcluster.netns import NetNamespace
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 COORDINATOR_HOST = "127.0.0.1"
 MAX_DNS_PEERS = 8
@@ -165,47 +171,68 @@ class LocalCluster:
 
     # --- lifecycle ---------------------------------------------------------
     def start(self) -> LocalCluster:
-        """Start everything; with ``ipv6`` the calling thread first enters the
-        cluster's network namespace and stays there until ``stop()``, which
-        must be called from the same thread (``netns``)."""
+        """Start everything; with ``ipv6`` in the cluster's network namespace,
+        through its helper thread (``netns``), from any thread."""
         try:
             if self.ipv6:
                 self.netns = NetNamespace.create()
-                self.netns.enter()
-            self.infra = Infra(self.run_dir, http01_port=self.front_port, pebble_config=self.pebble_config,
-                               pebble_env=self.pebble_env).start()
-            self._make_pki()
-            self._write_coordinator_config()
-            self.start_coordinator()
-            for i in range(1, self.peers + 1):
-                self.agents.append(self._make_agent(i))
-            self.start_agents(range(1, self.peers + 1))
-            self.wait_peers_alive(timeout=30 + self.peers)
+            self.inside(self._start)
         except BaseException:
             self.stop()
             raise
         return self
 
+    def inside(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` where the cluster's processes live: in the
+        namespace's helper thread with ``ipv6``, else right here. For
+        plain-Python sockets and subprocesses; not for in-process gRPC
+        (``netns``)."""
+        if self.netns is None:
+            return fn(*args, **kwargs)
+        return self.netns.run(fn, *args, **kwargs)
+
+    def _start(self) -> None:
+        self.infra = Infra(self.run_dir, http01_port=self.front_port, pebble_config=self.pebble_config,
+                           pebble_env=self.pebble_env).start()
+        self._make_pki()
+        self._write_coordinator_config()
+        self.start_coordinator()
+        for i in range(1, self.peers + 1):
+            self.agents.append(self._make_agent(i))
+        self.start_agents(range(1, self.peers + 1))
+        self.wait_peers_alive(timeout=30 + self.peers)
+
     def stop(self) -> None:
-        try:
-            # In parallel: each agent may take its grace period to exit.
-            processes = [a.process for a in self.agents if a.process is not None]
-            if processes:
-                with ThreadPoolExecutor(len(processes)) as pool:
-                    list(pool.map(Process.stop, processes))
-            if self.coordinator is not None:
-                self.coordinator.stop(timeout=10)
-            if self.infra is not None:
-                self.infra.stop()
-        finally:
-            # After the processes (stopped by PID, wherever they live): back to
-            # where start() was called, then the namespace goes, by its name.
-            netns, self.netns = self.netns, None
-            if netns is not None:
-                try:
-                    netns.leave()
-                finally:
-                    netns.delete()
+        """Stop every process (by PID; one failing to stop does not keep the
+        others running), then delete the namespace, which kills anything left
+        inside. The first error is raised, after all of that."""
+        errors: list[BaseException] = []
+
+        def attempt(fn: Callable[[], object]) -> None:
+            try:
+                fn()
+            except Exception as exc:  # keep stopping the rest
+                errors.append(exc)
+
+        # In parallel: each agent may take its grace period to exit.
+        processes = [a.process for a in self.agents if a.process is not None]
+        if processes:
+            with ThreadPoolExecutor(len(processes)) as pool:
+                for future in [pool.submit(Process.stop, p) for p in processes]:
+                    attempt(future.result)
+        if self.coordinator is not None:
+            coordinator = self.coordinator
+            attempt(lambda: coordinator.stop(timeout=10))
+        if self.infra is not None:
+            attempt(self.infra.stop)
+        netns, self.netns = self.netns, None
+        if netns is not None:
+            attempt(netns.delete)
+        pending = sys.exc_info()[1] is not None  # stop() in an except block: that error wins
+        for error in errors if pending else errors[1:]:
+            log.warning("stopping the local cluster: %r", error)
+        if errors and not pending:
+            raise errors[0]
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -263,18 +290,20 @@ class LocalCluster:
             "endpoints": [{"listen": agent.tls_endpoint}],
         }
         agent.defaults = defaults
-        self.write_agent_config(index, self.agent_settings.get(index, {}), agent)
+        self.write_agent_config(index, {}, agent)
         return agent
 
     def write_agent_config(self, index: int, overrides: Mapping[str, Any], agent: Agent | None = None) -> None:
-        """(Re)write peer ``index``'s config: its defaults with ``overrides``
-        merged over them (tables key by key). Takes effect at the agent's next
-        start (``stop_agent`` then ``start_agent``)."""
+        """(Re)write peer ``index``'s config: the launcher's defaults, then the
+        cluster's ``agent_settings[index]``, then ``overrides``, each merged
+        over the one before (tables key by key). Takes effect at the agent's
+        next start (``stop_agent`` then ``start_agent``)."""
         agent = agent or self.agent(index)
         merged = dict(agent.defaults)
-        for key, value in overrides.items():
-            base = merged.get(key)
-            merged[key] = {**base, **value} if isinstance(base, Mapping) and isinstance(value, Mapping) else value
+        for layer in (self.agent_settings.get(index, {}), overrides):
+            for key, value in layer.items():
+                base = merged.get(key)
+                merged[key] = {**base, **value} if isinstance(base, Mapping) and isinstance(value, Mapping) else value
         write_toml(agent.config, merged)
 
     # --- processes ------------------------------------------------------------
@@ -282,6 +311,9 @@ class LocalCluster:
         return [sys.executable, "-m", module, "--config", str(config), "--log-level", self.log_level]
 
     def start_coordinator(self) -> None:
+        self.inside(self._start_coordinator)
+
+    def _start_coordinator(self) -> None:
         self.coordinator = Process("coordinator", self._python("coordinator.app", self.run_dir / "coordinator.toml"),
                                    log_path=self.run_dir / "coordinator.log", env=self._env())
         # Serving means leader and listening; after a crash that takes up to the leader TTL.
@@ -300,6 +332,9 @@ class LocalCluster:
     def start_agents(self, indexes: Iterable[int]) -> None:
         """Start these agents all at once, then wait until each listens (a
         30-peer fleet starts in the time of its slowest agent, not the sum)."""
+        self.inside(self._start_agents, list(indexes))
+
+    def _start_agents(self, indexes: Iterable[int]) -> None:
         started = []
         for index in indexes:
             agent = self.agent(index)
@@ -335,8 +370,8 @@ class LocalCluster:
 
     def ctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run acmectl against this cluster (a real subprocess)."""
-        result = subprocess.run([sys.executable, "-m", "coordinator.ctl", *args], env=self.ctl_env(),
-                                capture_output=True, text=True, timeout=timeout)
+        result = self.inside(subprocess.run, [sys.executable, "-m", "coordinator.ctl", *args], env=self.ctl_env(),
+                             capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise InfraError(f"acmectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
         return result
@@ -361,9 +396,9 @@ class LocalCluster:
         than ``dns_answer_limit(name)`` addresses: ``set_dns_rotating`` keeps
         within it."""
         assert self.infra is not None
-        self.infra.challtestsrv.set_a(name, [peer_address(i) for i in peer_indexes])
+        self.inside(self.infra.challtestsrv.set_a, name, [peer_address(i) for i in peer_indexes])
         if self.ipv6:
-            self.infra.challtestsrv.set_aaaa(name, [peer_ipv6_address(i) for i in peer_indexes])
+            self.inside(self.infra.challtestsrv.set_aaaa, name, [peer_ipv6_address(i) for i in peer_indexes])
 
     def rotating_peers(self, k: int, limit: int = MAX_DNS_PEERS) -> list[int]:
         """Peer indexes for the ``k``-th name: ``limit`` consecutive peers (all

@@ -7,46 +7,50 @@ namespace, so that every peer can have an IPv6 address of its own next to its
 IPv6 address added to ``lo`` as a ``/128`` (``nodad``: usable at once, no
 duplicate address detection to wait for).
 
-How the cluster gets inside: the launcher's thread *enters* the namespace
-(``setns(2)``) for the cluster's lifetime and goes back at ``stop()``. Network
-namespaces are per thread on Linux, and a new thread or child process takes
-the namespace of the thread that creates it, so
+How the cluster gets inside, without moving the caller: the namespace has a
+helper thread of its own that enters it (``setns(2)``) when the namespace is
+created and stays inside until ``delete()``. Network namespaces are per thread
+on Linux, and a child process takes the namespace of the thread that forks
+it, so ``run(fn, ...)`` calls ``fn`` in that thread and
 
-- every process the launcher starts (etcd, pebble, challtestsrv, the
-  coordinator, the agents, each ``acmectl`` call) is forked from that thread
-  and lives inside, with no ``ip netns exec`` wrapper and no change to how
-  processes are started or stopped (by PID, as always);
-- the launcher's own sockets (readiness checks, ``served_serial``, the
-  challtestsrv management calls, an ``EtcdStore`` or gRPC channel a test
-  opens) are made in that thread, or in threads it starts later (an
-  ``asyncio.run`` loop's executor, a ``ThreadPoolExecutor``), and reach inside
-  too.
+- every process the launcher starts there (etcd, pebble, challtestsrv, the
+  coordinator, the agents, each ``acmectl`` call) lives inside, with no
+  ``ip netns exec`` wrapper and no change to how processes are stopped (by
+  PID, from any thread);
+- the launcher's own plain-Python socket work done there (readiness checks,
+  ``served_serial``, the challtestsrv management calls, a test's probe or
+  squatter socket) reaches inside.
 
-What does *not* follow: threads that already existed when the cluster started
-(a long-lived event loop's executor threads, say) stay where they were. The
-alternative, ``ip netns exec`` for children plus entering the namespace
-around every in-process socket call, would have to find every such call;
-entering once covers them all. So ``start()`` and ``stop()`` of one cluster
-must be called from the same thread, and the helpers from that thread (or
-threads it started after ``start()``).
+The calling thread (a test, the demo) never changes namespace. gRPC must not
+be used in-process for the cluster: its native threads (created by any
+earlier gRPC use in the process) stay in the root namespace whatever thread
+asks, so an ``EtcdStore`` or channel would connect from outside. Read etcd
+through a subprocess started with ``run`` instead (the integration tests'
+``keyspace``).
 
-The namespace is named ``clusteracme-<pid>-<n>`` and deleted by that name when
-the cluster stops, after its processes were stopped by PID. A launcher killed
-outright leaves it behind: ``ip netns list``, then ``ip netns delete NAME``.
+The namespace is named ``clusteracme-<pid>-<random>``; ``delete()`` SIGKILLs
+whatever still runs inside (``ip netns pids``), then deletes it. A launcher
+killed outright leaves it behind: the next ``create()`` sweeps namespaces of
+dead launchers (``sweep_stale``), or ``ip netns delete NAME`` by hand.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ipaddress
-import itertools
 import logging
 import os
+import re
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from clusteracme.localcluster.infra import InfraError
 
@@ -54,7 +58,9 @@ log = logging.getLogger(__name__)
 
 CLONE_NEWNET = 0x40000000  # <sched.h>; os.CLONE_NEWNET from Python 3.12
 NETNS_DIR = Path("/run/netns")
-_numbers = itertools.count(1)
+_PREFIX = "clusteracme-"
+_STALE = re.compile(r"clusteracme-(\d+)-[0-9a-f]+")
+T = TypeVar("T")
 
 
 def unavailable_reason() -> str | None:
@@ -78,13 +84,54 @@ def _ip_binary() -> str | None:
     return None
 
 
-def _ip(*args: str) -> None:
+def _ip(*args: str) -> str:
     binary = _ip_binary()
     if binary is None:
         raise InfraError("`ip` (iproute2) is not installed: deploy/dev-deps.sh installs it")
     result = subprocess.run([binary, *args], capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         raise InfraError(f"ip {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result.stdout
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill_and_delete(name: str) -> None:
+    """SIGKILL every process in namespace ``name``, then delete it."""
+    for pid in _ip("netns", "pids", name).split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    _ip("netns", "delete", name)
+
+
+def sweep_stale() -> list[str]:
+    """Delete ``clusteracme-<pid>-*`` namespaces whose launcher (``pid``) is
+    gone, killing what still runs in them; returns their names."""
+    if not NETNS_DIR.is_dir():
+        return []
+    swept = []
+    for entry in sorted(NETNS_DIR.iterdir()):
+        match = _STALE.fullmatch(entry.name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            _kill_and_delete(entry.name)
+        except InfraError as exc:
+            log.warning("stale network namespace %s: %s", entry.name, exc)
+            continue
+        log.info("stale network namespace %s (launcher pid %s gone) deleted", entry.name, match.group(1))
+        swept.append(entry.name)
+    return swept
 
 
 def _setns(fd: int) -> None:
@@ -103,20 +150,23 @@ class NetNamespace:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._home: int | None = None  # fd of the namespace the entering thread came from
-        self._thread: int | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._worker: int | None = None  # ident of the helper thread inside
 
     @classmethod
     def create(cls) -> NetNamespace:
-        """``ip netns add clusteracme-<pid>-<n>`` with ``lo`` up; raises ``InfraError``
-        saying why when this process cannot (not root, no ``ip``)."""
+        """``ip netns add clusteracme-<pid>-<random>`` with ``lo`` up and its
+        helper thread inside; raises ``InfraError`` saying why when this
+        process cannot (not root, no ``ip``)."""
         reason = unavailable_reason()
         if reason is not None:
             raise InfraError(f"a dual-stack local cluster runs in a network namespace: {reason}")
-        namespace = cls(f"clusteracme-{os.getpid()}-{next(_numbers)}")
+        sweep_stale()
+        namespace = cls(f"{_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
         _ip("netns", "add", namespace.name)
         try:
             namespace.ip("link", "set", "lo", "up")
+            namespace._start_worker()
         except BaseException:
             namespace.delete()
             raise
@@ -126,10 +176,6 @@ class NetNamespace:
     @property
     def path(self) -> Path:
         return NETNS_DIR / self.name
-
-    @property
-    def entered(self) -> bool:
-        return self._home is not None
 
     def ip(self, *args: str) -> None:
         """Run ``ip -n NAME ARGS...`` (configures the namespace from outside)."""
@@ -146,11 +192,11 @@ class NetNamespace:
             return
         self.ip("addr", "add", f"{ip}/128", "dev", "lo", "nodad")
 
-    def enter(self) -> None:
-        """Move the calling thread (and what it starts from now on) inside."""
-        if self._home is not None:
-            raise InfraError(f"network namespace {self.name} is already entered")
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    def _start_worker(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=self.name)
+        self._pool.submit(self._enter_here).result()
+
+    def _enter_here(self) -> None:
         try:
             target = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -158,28 +204,27 @@ class NetNamespace:
             finally:
                 os.close(target)
         except OSError as exc:
-            os.close(home)
             raise InfraError(f"cannot enter network namespace {self.name}: {exc}") from exc
-        self._home, self._thread = home, threading.get_ident()
+        self._worker = threading.get_ident()
 
-    def leave(self) -> None:
-        """Take the entering thread back to where it was (idempotent). Only
-        that thread can: from another one this warns and does nothing."""
-        if self._home is None:
-            return
-        if threading.get_ident() != self._thread:
-            log.warning("network namespace %s: left from another thread than the one that entered it; "
-                        "that thread stays inside until it ends", self.name)
-            return
-        home, self._home = self._home, None
-        try:
-            _setns(home)
-        finally:
-            os.close(home)
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` in the helper thread inside the namespace
+        (called directly when already there); its result or its exception."""
+        if threading.get_ident() == self._worker:
+            return fn(*args, **kwargs)
+        if self._pool is None:
+            raise InfraError(f"network namespace {self.name} is deleted")
+        return self._pool.submit(fn, *args, **kwargs).result()
 
     def delete(self) -> None:
-        """``ip netns delete NAME`` (idempotent: a namespace already gone is fine)."""
+        """End the helper thread, SIGKILL whatever still runs inside (``ip
+        netns pids``), then ``ip netns delete NAME`` (idempotent: a namespace
+        already gone is fine)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        self._worker = None
         if not self.path.exists():
             return
-        _ip("netns", "delete", self.name)
+        _kill_and_delete(self.name)
         log.info("network namespace %s deleted", self.name)

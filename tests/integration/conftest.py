@@ -4,8 +4,11 @@ coordinator and agents as separate processes) from the product's launcher."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,8 +32,29 @@ def register_account(cluster: LocalCluster) -> None:
     cluster.ctl("account", "register", "--provider", "pebble", "--email", "ops@test.example", "--agree-tos")
 
 
+_KEYSPACE_SCRIPT = """
+import asyncio, base64, json, sys
+from coordinator.store.etcd import EtcdStore
+async def read():
+    store = EtcdStore([sys.argv[1]])
+    await store.connect()
+    try:
+        return [(e.key, base64.b64encode(e.value).decode(), e.mod_revision) for e in await store.range("/")]
+    finally:
+        await store.close()
+print(json.dumps(asyncio.run(read())))
+"""
+
+
 def keyspace(cluster: LocalCluster) -> list[tuple[str, bytes, int]]:
-    """Every key in etcd with its value and mod_revision."""
+    """Every key in etcd with its value and mod_revision. A dual-stack
+    cluster's etcd is read by a subprocess inside its namespace (in-process
+    gRPC would connect from outside: ``clusteracme.localcluster.netns``)."""
+    assert cluster.infra is not None
+    if cluster.netns is not None:
+        out = cluster.inside(subprocess.run, [sys.executable, "-c", _KEYSPACE_SCRIPT, cluster.infra.etcd.endpoint],
+                             capture_output=True, text=True, timeout=60, check=True)
+        return [(key, base64.b64decode(value), revision) for key, value, revision in json.loads(out.stdout)]
 
     async def read() -> list[tuple[str, bytes, int]]:
         assert cluster.infra is not None

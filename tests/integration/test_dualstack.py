@@ -75,12 +75,12 @@ class _NotFound(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def squatter(address: str, port: int) -> Iterator[None]:
-    """A tiny HTTP server answering 404 on ``address:port`` (made in this
-    thread, so inside the cluster's namespace)."""
+def squatter(cluster: LocalCluster, address: str, port: int) -> Iterator[None]:
+    """A tiny HTTP server answering 404 on ``address:port`` (bound inside the
+    cluster's namespace: ``cluster.inside``)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     server_class = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": family})
-    server = server_class((address, port), _NotFound)
+    server = cluster.inside(server_class, (address, port), _NotFound)
     thread = threading.Thread(target=server.serve_forever, name=f"squatter {address}", daemon=True)
     thread.start()
     try:
@@ -89,6 +89,11 @@ def squatter(address: str, port: int) -> Iterator[None]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def connect_ex(address: str, port: int) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+        return probe.connect_ex((address, port))
 
 
 @contextlib.contextmanager
@@ -153,7 +158,7 @@ def assert_self_check_failed_at(cluster: LocalCluster, names: Sequence[str], add
 
 def test_a_peer_whose_ipv6_port_80_answers_404_fails_the_self_check(cluster: LocalCluster) -> None:
     v6 = peer_ipv6_address(3)
-    with front_on(cluster, 3, [peer_address(3)]), squatter(v6, cluster.front_port):
+    with front_on(cluster, 3, [peer_address(3)]), squatter(cluster, v6, cluster.front_port):
         assert_self_check_failed_at(cluster, ["a.v6taken.example", "b.v6taken.example"], v6, "IPv6",
                                     "answered HTTP 404")
 
@@ -161,14 +166,13 @@ def test_a_peer_whose_ipv6_port_80_answers_404_fails_the_self_check(cluster: Loc
 def test_a_peer_reachable_over_ipv4_only_fails_the_self_check(cluster: LocalCluster) -> None:
     v6 = peer_ipv6_address(3)
     with front_on(cluster, 3, [peer_address(3)]):
-        with socket.socket(socket.AF_INET6) as probe:  # nothing listens on its IPv6 front port
-            assert probe.connect_ex((v6, cluster.front_port)) != 0
+        assert cluster.inside(connect_ex, v6, cluster.front_port) != 0  # nothing listens on its IPv6 front port
         assert_self_check_failed_at(cluster, ["a.v4only.example", "b.v4only.example"], v6, "IPv6", "connect")
 
 
 def test_a_broken_ipv4_front_is_caught_though_pebble_would_not_see_it(cluster: LocalCluster) -> None:
     """Pebble validates over IPv6 only; the self-check still covers IPv4."""
     v4 = peer_address(3)
-    with front_on(cluster, 3, [peer_ipv6_address(3)]), squatter(v4, cluster.front_port):
+    with front_on(cluster, 3, [peer_ipv6_address(3)]), squatter(cluster, v4, cluster.front_port):
         assert_self_check_failed_at(cluster, ["a.v4taken.example", "b.v4taken.example"], v4, "IPv4",
                                     "answered HTTP 404")

@@ -797,8 +797,26 @@ def test_front_hosts_default_to_host_and_registration_announces_the_specific_one
     assert settings({"host": "203.0.113.5"}).front.bind_hosts == ("203.0.113.5",)
     both = registration(settings({"hosts": ["203.0.113.5", "2001:db8::5"], "port": 8080}), 7444)
     assert (list(both.addresses), both.http_front) == (["203.0.113.5", "2001:db8::5"], "203.0.113.5:8080")
-    mixed = registration(settings({"hosts": ["0.0.0.0", "2001:db8::5"]}), 7444)
-    assert (list(mixed.addresses), mixed.http_front) == (["2001:db8::5"], "[2001:db8::5]:80")
+    # a wildcard next to a specific address: the wildcard's addresses cannot be derived
+    with pytest.raises(InvalidArgument, match=r"front binds 0.0.0.0 \(every address\): set addresses"):
+        registration(settings({"hosts": ["0.0.0.0", "2001:db8::5"]}), 7444)
+    mixed = registration(settings({"hosts": ["0.0.0.0", "2001:db8::5"]}, addresses=["203.0.113.5", "2001:db8::5"]),
+                         7444)
+    assert (list(mixed.addresses), mixed.http_front) == (["203.0.113.5", "2001:db8::5"], "[2001:db8::5]:80")
+    # loopback and link-local stay out of the derived addresses unless they are all there is
+    public = registration(settings({"hosts": ["127.0.0.1", "203.0.113.5", "fe80::1", "2001:db8::5"]}), 7444)
+    assert (list(public.addresses), public.http_front) == (["203.0.113.5", "2001:db8::5"], "203.0.113.5:80")
+    local = registration(settings({"hosts": ["127.0.0.2", "::1"], "port": 8080}), 7444)
+    # combinations that can never all bind
+    with pytest.raises(InvalidArgument, match=r"front.hosts lists 2001:db8::5 twice \(2001:db8:0::5\)"):
+        registration(settings({"hosts": ["2001:db8::5", "2001:db8:0::5"]}, addresses=["2001:db8::5"]), 7444)
+    with pytest.raises(InvalidArgument, match="0.0.0.0 already takes every IPv4 address, 203.0.113.5 cannot bind"):
+        registration(settings({"hosts": ["0.0.0.0", "203.0.113.5"]}, addresses=["203.0.113.5"]), 7444)
+    with pytest.raises(InvalidArgument, match=":: already takes every IPv6 address, 2001:db8::5 cannot bind"):
+        registration(settings({"hosts": ["::", "2001:db8::5"]}, addresses=["2001:db8::5"]), 7444)
+    # :: next to IPv4 addresses only is IPv6-only: fine
+    assert registration(settings({"hosts": ["203.0.113.5", "::"]}, addresses=["203.0.113.5"]), 7444).addresses
+    assert (list(local.addresses), local.http_front) == (["127.0.0.2", "::1"], "127.0.0.2:8080")
     explicit = registration(settings({"hosts": ["::"], "advertise": "203.0.113.5:80"},
                                      addresses=["203.0.113.5", "2001:db8::5"]), 7444)
     assert (list(explicit.addresses), explicit.http_front) == (["203.0.113.5", "2001:db8::5"], "203.0.113.5:80")

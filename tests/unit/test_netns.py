@@ -1,6 +1,6 @@
 """The launcher's network namespace (clusteracme.localcluster.netns): a clear
-refusal without root, and, as root, a namespace that threads enter and leave
-and that is always deleted by its name."""
+refusal without root, and, as root, a namespace worked in through its helper
+thread (the caller never moves), always deleted with whatever runs inside."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,42 +68,66 @@ def test_peer_ipv6_addresses_and_the_aaaa_answer_limit() -> None:
 
 
 @needs_netns
-def test_a_thread_enters_and_leaves_and_what_it_starts_lives_inside() -> None:
+def test_run_works_inside_without_moving_the_caller_and_delete_kills_what_is_left() -> None:
+    home = current_netns()
     namespace = NetNamespace.create()
     try:
         assert namespace.name.startswith(f"clusteracme-{os.getpid()}-")
         namespace.add_address("2001:db8:c1a5::2")
         namespace.add_address("127.0.0.2")  # on lo already: nothing to add
-        home = current_netns()
 
-        def inside() -> tuple[str, str, str, str]:
-            namespace.enter()
-            try:
-                with socket.socket(socket.AF_INET6) as v6, socket.socket() as v4:
-                    v6.bind(("2001:db8:c1a5::2", 0))  # only this namespace has it
-                    v4.bind(("127.0.0.2", 0))
-                # a child and a thread started now inherit the namespace
-                child = subprocess.run(["readlink", "/proc/self/ns/net"], capture_output=True, text=True,
-                                       check=True).stdout.strip()
-                inner = in_thread(current_netns)
-                entered = current_netns()
-            finally:
-                namespace.leave()
-            return entered, child, inner, current_netns()
+        def inside() -> tuple[str, str, str]:
+            with socket.socket(socket.AF_INET6) as v6, socket.socket() as v4:
+                v6.bind(("2001:db8:c1a5::2", 0))  # only this namespace has it
+                v4.bind(("127.0.0.2", 0))
+            # a child and a thread started there inherit the namespace
+            child = subprocess.run(["readlink", "/proc/self/ns/net"], capture_output=True, text=True,
+                                   check=True).stdout.strip()
+            return current_netns(), child, in_thread(current_netns)
 
-        entered, child, inner, after = in_thread(inside)
-        assert entered != home and child == entered and inner == entered
-        assert after == home and current_netns() == home
+        there, child, inner = namespace.run(inside)
+        assert there != home and child == there and inner == there
+        assert namespace.run(namespace.run, current_netns) == there  # nested: no deadlock
+        assert current_netns() == home  # the caller never moved
         with socket.socket(socket.AF_INET6) as v6, pytest.raises(OSError):
             v6.bind(("2001:db8:c1a5::2", 0))  # not here, outside
+        # a process left behind inside is killed by delete()
+        leftover = namespace.run(subprocess.Popen, ["sleep", "300"], start_new_session=True)
     finally:
         namespace.delete()
+    assert leftover.wait(10) == -9
     assert not namespace.path.exists()
     namespace.delete()  # idempotent
+    with pytest.raises(InfraError, match="deleted"):
+        namespace.run(current_netns)
 
 
 @needs_netns
-def test_a_cluster_that_fails_to_start_deletes_its_namespace_and_comes_back(
+def test_namespaces_of_dead_launchers_are_swept() -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"clusteracme-{dead.pid}-deadbeef"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    try:
+        sleeper = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "300"])
+        for _ in range(100):  # until it runs inside
+            if subprocess.run(["ip", "netns", "pids", stale], capture_output=True, text=True).stdout.strip():
+                break
+            time.sleep(0.05)
+        mine = NetNamespace.create()  # sweeps on the way
+        try:
+            assert stale not in [p.name for p in netns.NETNS_DIR.iterdir()]
+            assert mine.path.exists()  # ours (a live pid) is kept
+            assert netns.sweep_stale() == []
+        finally:
+            mine.delete()
+        assert sleeper.wait(10) == -9
+    finally:
+        subprocess.run(["ip", "netns", "delete", stale], capture_output=True)
+
+
+@needs_netns
+def test_a_cluster_that_fails_to_start_deletes_its_namespace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: dict[str, Any] = {}
@@ -115,16 +140,46 @@ def test_a_cluster_that_fails_to_start_deletes_its_namespace_and_comes_back(
 
     monkeypatch.setattr(cluster_module, "Infra", FailingInfra)
     cluster = LocalCluster(tmp_path, peers=1, ipv6=True)
-
-    def start() -> str:
-        with pytest.raises(InfraError, match="etcd did not start"):
-            cluster.start()
-        return current_netns()
-
     home = current_netns()
-    assert in_thread(start) == home
+    with pytest.raises(InfraError, match="etcd did not start"):
+        cluster.start()
+    assert current_netns() == home
     assert seen["netns"] != home  # Infra was made inside
     ours = [name for name in seen["namespaces"] if name.startswith(f"clusteracme-{os.getpid()}-")]
     assert len(ours) == 1
     assert not (netns.NETNS_DIR / ours[0]).exists()
     assert cluster.netns is None
+
+
+def test_stop_stops_every_process_though_one_fails_and_raises_the_first_error(tmp_path: Path) -> None:
+    stopped: list[str] = []
+
+    class Proc:
+        def __init__(self, name: str, fail: bool) -> None:
+            self.name, self.fail = name, fail
+
+        def stop(self, timeout: float = 5.0) -> int:
+            stopped.append(self.name)
+            if self.fail:
+                raise OSError(f"{self.name} would not stop")
+            return 0
+
+    class Infra:
+        def stop(self) -> None:
+            stopped.append("infra")
+
+    cluster = LocalCluster(tmp_path, peers=0)
+    cluster.coordinator = Proc("coordinator", True)  # type: ignore[assignment]
+    cluster.infra = Infra()  # type: ignore[assignment]
+    with pytest.raises(OSError, match="coordinator would not stop"):
+        cluster.stop()
+    assert stopped == ["coordinator", "infra"]
+    # inside an except block the original error wins
+    stopped.clear()
+    with pytest.raises(KeyError):
+        try:
+            raise KeyError("original")
+        except KeyError:
+            cluster.stop()
+            raise
+    assert stopped == ["coordinator", "infra"]
