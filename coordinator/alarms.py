@@ -58,7 +58,7 @@ import dataclasses
 import datetime
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -699,6 +699,24 @@ def parse_entry(keys: Keys, entry: Entry) -> AlarmRecord:
     return rec
 
 
+async def read_records(store: Store, keys: Keys, prefix: str, unreadable: set[str],
+                       ) -> AsyncIterator[tuple[Entry, AlarmRecord | None]]:
+    """Every alarm record under ``prefix``, page by page; None for one that
+    cannot be read (logged once per key: ``unreadable`` remembers them)."""
+    pages = store.range_pages(prefix)
+    async with contextlib.aclosing(pages):
+        async for page in pages:
+            for entry in page:
+                try:
+                    rec: AlarmRecord | None = parse_entry(keys, entry)
+                except ValueError as exc:
+                    if entry.key not in unreadable:
+                        unreadable.add(entry.key)
+                        log.warning("alarm record %s cannot be read (%s); left alone", entry.key, exc)
+                    rec = None
+                yield entry, rec
+
+
 class AlarmBook:
     """Reads the alarm records (any replica's store; reads only)."""
 
@@ -718,19 +736,9 @@ class AlarmBook:
         one peer or all: raised first, then by peer, slot and kind."""
         out: list[AlarmRecord] = []
         for prefix in self._prefixes(peer_id):
-            pages = self._store.range_pages(prefix)
-            async with contextlib.aclosing(pages):
-                async for page in pages:
-                    for entry in page:
-                        try:
-                            rec = parse_entry(self._keys, entry)
-                        except ValueError as exc:
-                            if entry.key not in self._unreadable:
-                                self._unreadable.add(entry.key)
-                                log.warning("alarm record %s cannot be read (%s); skipped", entry.key, exc)
-                            continue
-                        if rec.active or include_cleared:
-                            out.append(rec)
+            async for _, rec in read_records(self._store, self._keys, prefix, self._unreadable):
+                if rec is not None and (rec.active or include_cleared):
+                    out.append(rec)
         return sorted(out, key=lambda r: (not r.active, *_sort_key(r.id)))
 
     async def raised_by_slot(self, peer_id: str = "") -> dict[tuple[str, str | None], list[AlarmRecord]]:
@@ -999,21 +1007,13 @@ class AlarmJob:
         replaces it."""
         out: dict[AlarmId, AlarmRecord] = {}
         revisions: dict[AlarmId, int] = {}
-        pages = self._store.range_pages(self._keys.alarms())
-        async with contextlib.aclosing(pages):
-            async for page in pages:
-                for entry in page:
-                    try:
-                        rec = parse_entry(self._keys, entry)
-                    except ValueError as exc:
-                        if entry.key not in self._unreadable:
-                            log.warning("alarms: record %s cannot be read (%s); left alone", entry.key, exc)
-                            self._unreadable.add(entry.key)
-                        with contextlib.suppress(errors.InvalidArgument):
-                            revisions[self._keys.parse_alarm(entry.key)] = entry.mod_revision
-                        continue
-                    out[rec.id] = rec
-                    revisions[rec.id] = entry.mod_revision
+        async for entry, rec in read_records(self._store, self._keys, self._keys.alarms(), self._unreadable):
+            if rec is None:
+                with contextlib.suppress(errors.InvalidArgument):
+                    revisions[self._keys.parse_alarm(entry.key)] = entry.mod_revision
+                continue
+            out[rec.id] = rec
+            revisions[rec.id] = entry.mod_revision
         return out, revisions
 
     # --- notifications ------------------------------------------------------------------------

@@ -45,6 +45,16 @@ def self_signed_listener(directory: Path, common_name: str, stem: str) -> tuple[
     return cert_path, key_path
 
 
+def tls_server(handler: type[http.server.BaseHTTPRequestHandler], cert_path: Path,
+               key_path: Path) -> http.server.ThreadingHTTPServer:
+    """A threading HTTPS server on 127.0.0.1 (a free port) for a test double."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_path, key_path)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    return server
+
+
 class AriDouble:
     def __init__(self, pebble_directory_url: str, pebble_ca: Path) -> None:
         self._pebble_dir = pebble_directory_url
@@ -90,10 +100,7 @@ class AriDouble:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(self.cert_path, key_path)
-        self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
+        self._server = tls_server(Handler, self.cert_path, key_path)
         self.base_url = f"https://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 

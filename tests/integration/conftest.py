@@ -9,7 +9,8 @@ import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,14 @@ def agent_stub(cluster: LocalCluster, index: int) -> Iterator[agent_pb2_grpc.Age
     peer = cluster.agent(index)
     with grpc.secure_channel(f"{peer.address}:{peer.grpc_port}", creds) as chan:
         yield agent_pb2_grpc.AgentServiceStub(chan)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 90, interval: float = 0.2) -> Any:
+    """Poll ``check`` until it returns something true (returned), or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)

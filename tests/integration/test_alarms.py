@@ -15,9 +15,8 @@ import http.server
 import json
 import re
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -26,7 +25,7 @@ import pytest
 from clusteracme.localcluster.cluster import LocalCluster
 from clusteracme.localcluster.infra import free_port
 from clusteracme.v1 import agent_pb2, agent_pb2_grpc, common_pb2
-from tests.integration.conftest import ctl_json, record, register_account
+from tests.integration.conftest import ctl_json, record, register_account, wait_for
 
 pytestmark = pytest.mark.integration
 VALIDITY = 90
@@ -95,15 +94,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Ite
             c.ctl("peer", "enable", f"peer{i}")
         yield c
 
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
 
 
 def alarms(cluster: LocalCluster, *args: str) -> list[dict[str, Any]]:

@@ -12,14 +12,14 @@ import datetime
 import json
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from clusteracme.localcluster.cluster import LocalCluster, served_serial
 from clusteracme.localcluster.infra import free_port
 from tests.integration.ari_double import AriDouble
-from tests.integration.conftest import ctl_json, keyspace, record, register_account
+from tests.integration.conftest import ctl_json, keyspace, record, register_account, wait_for
 
 pytestmark = pytest.mark.integration
 VALIDITY = 24
@@ -50,15 +50,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 def slot(cluster: LocalCluster, i: int) -> dict:  # type: ignore[type-arg]
     return record(cluster, f"certs/peer{i}/server")
 
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def sign_and_deploy(cluster: LocalCluster, i: int) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from clusteracme.localcluster.cluster import LocalCluster, served_serial
-from tests.integration.conftest import ctl_json, keyspace, make_cluster, record, register_account
+from tests.integration.conftest import ctl_json, keyspace, make_cluster, record, register_account, wait_for
 
 pytestmark = pytest.mark.integration
 PREFIX = "/clusteracme/local/"
@@ -59,15 +59,6 @@ def dns(cluster: LocalCluster, *tags: str) -> list[str]:
 def slot(cluster: LocalCluster, peer: str, domain: str = "") -> dict[str, Any]:
     return record(cluster, f"certs/{peer}/" + (f"domain/{domain}" if domain else "server"))
 
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def orders_of(cluster: LocalCluster, peer: str, domain: str = "") -> list[dict[str, Any]]:
