@@ -249,7 +249,12 @@ class CoordinatorSettings:
     name: str = "coordinator"
     """This replica's name (the leader key holds it)."""
     listen: str = "127.0.0.1:7443"
-    """gRPC (mTLS) address for acmectl and agents."""
+    """gRPC (mTLS) address for acmectl and agents. Every replica listens,
+    leader and standbys alike (a standby serves reads and redirects commands)."""
+    advertise: str = ""
+    """host:port the other replicas, acmectl and agents reach this replica at
+    (``acmectl coordinators``, the address a standby redirects commands to);
+    empty: ``listen``, which then must not be a wildcard address."""
     account_key_file: Path = Path("/etc/clusteracme/account-key.secret")
     """64 hex characters; encrypts the ACME account keys stored in etcd."""
     dns_resolvers: tuple[str, ...] = ("system",)

@@ -7,6 +7,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ListCoordinatorsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CoordinatorInfo(_message.Message):
+    __slots__ = ("name", "address", "role", "version", "started_at", "role_since")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_SINCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    role: str
+    version: str
+    started_at: str
+    role_since: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[str] = ..., role_since: _Optional[str] = ...) -> None: ...
+
+class ListCoordinatorsResponse(_message.Message):
+    __slots__ = ("coordinators", "leader", "answered_by")
+    COORDINATORS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_BY_FIELD_NUMBER: _ClassVar[int]
+    coordinators: _containers.RepeatedCompositeFieldContainer[CoordinatorInfo]
+    leader: str
+    answered_by: str
+    def __init__(self, coordinators: _Optional[_Iterable[_Union[CoordinatorInfo, _Mapping]]] = ..., leader: _Optional[str] = ..., answered_by: _Optional[str] = ...) -> None: ...
+
 class Alarm(_message.Message):
     __slots__ = ("kind", "peer_id", "slot", "severity", "detail", "raised_at", "cleared_at", "active")
     KIND_FIELD_NUMBER: _ClassVar[int]

@@ -194,6 +194,11 @@ class CoordinatorServiceStub:
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListAlarmsRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListAlarmsResponse.FromString,
                 _registered_method=True)
+        self.ListCoordinators = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/ListCoordinators',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListCoordinatorsRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListCoordinatorsResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -407,6 +412,15 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCoordinators(self, request, context):
+        """--- replicas (high availability) ---
+        Every coordinator replica serving this cluster: leader or standby. Any
+        replica answers it (read from etcd).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -569,6 +583,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListAlarms,
                     request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListAlarmsRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListAlarmsResponse.SerializeToString,
+            ),
+            'ListCoordinators': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCoordinators,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListCoordinatorsRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListCoordinatorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1435,6 +1454,33 @@ class CoordinatorService:
             '/clusteracme.v1.CoordinatorService/ListAlarms',
             clusteracme_dot_v1_dot_coordinator__pb2.ListAlarmsRequest.SerializeToString,
             clusteracme_dot_v1_dot_coordinator__pb2.ListAlarmsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCoordinators(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/ListCoordinators',
+            clusteracme_dot_v1_dot_coordinator__pb2.ListCoordinatorsRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.ListCoordinatorsResponse.FromString,
             options,
             channel_credentials,
             insecure,
