@@ -11,7 +11,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -120,3 +122,29 @@ async def add_health(server: Any) -> HealthServicer:
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     return health
+
+
+def notify(**fields: str) -> bool:
+    """Tell systemd about this service (``sd_notify``), e.g.
+    ``notify(READY="1", STATUS="standby")``; does nothing (False) when not
+    started by systemd with ``Type=notify``.
+
+    The protocol is one datagram of ``KEY=value`` lines to the unix socket
+    named by ``$NOTIFY_SOCKET`` (``@`` starting an abstract name); a few
+    lines of the standard library, where a binding (python-systemd) would
+    need libsystemd headers to build. A failed send is logged, never raised:
+    the service works the same without its supervisor's view of it.
+    """
+    target = os.environ.get("NOTIFY_SOCKET", "")
+    if not target:
+        return False
+    address = "\0" + target[1:] if target.startswith("@") else target
+    message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message)
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", target, exc)
+        return False
+    return True

@@ -1,10 +1,14 @@
 """acme-coordinator: the coordinator daemon.
 
-Connects to etcd, campaigns for leadership, and once leader serves the
-operator and agent API over mTLS gRPC and resumes every order a previous
-leader left unfinished. Losing leadership stops the process (the supervisor
-restarts it as a candidate): a coordinator that might no longer be the
-leader must not act. Being busy does not lose it: the lease keep-alive has a
+Connects to etcd, listens at once as a standby (reads and the agents served
+from etcd, commands redirected to the leader: ``rpc.router``), keeps its
+member record (``replicas``) and campaigns for leadership; once leader it
+resumes every order a previous leader left unfinished and then serves every
+call. Losing leadership stops the process (the supervisor restarts it as a
+standby): a coordinator that might no longer be the leader must not act.
+systemd (``Type=notify``) hears ``READY=1`` once it listens and
+``STATUS=standby`` / ``STATUS=leader``; the gRPC health service
+``clusteracme.leader`` is SERVING on the leader only. Being busy does not lose it: the lease keep-alive has a
 thread and an etcd channel of its own (``election``). The loop measures its
 own lag (``looplag``), and blocking work runs in a bounded thread pool.
 """
@@ -16,10 +20,11 @@ import contextlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from grpc_health.v1 import health_pb2
 
-from clusteracme import daemon, errors
+from clusteracme import __version__, daemon, errors, netaddr
 from clusteracme.daemon import Supervisor, add_health
 from clusteracme.rpcutil import server
 from clusteracme.v1 import coordinator_pb2_grpc
@@ -28,23 +33,29 @@ from coordinator.accounts import Accounts
 from coordinator.alarm_webhook import WebhookNotifier
 from coordinator.alarms import AlarmBook, AlarmJob
 from coordinator.deployment import Deployment
-from coordinator.election import Election
+from coordinator.election import Election, Leadership
 from coordinator.history import History
 from coordinator.issuance import Issuance
 from coordinator.looplag import LoopLagMonitor
 from coordinator.peers import AgentPool, Registry
 from coordinator.preflight import DnsResolver
+from coordinator.replicas import Replicas
 from coordinator.retention import RetentionJob
 from coordinator.revocation import Revocation
+from coordinator.rpc.router import ReplicaRouter
 from coordinator.rpc.servicer import CoordinatorServicer
 from coordinator.scheduler import RenewalScheduler
 from coordinator.secretbox import SecretBox
 from coordinator.settings import CoordinatorSettings, TimingSettings
+from coordinator.store.base import Store
 from coordinator.store.etcd import EtcdStore
 from coordinator.store.keys import Keys
 from coordinator.trust import TrustStore
 
 log = logging.getLogger("acme-coordinator")
+LEADER_HEALTH_SERVICE = "clusteracme.leader"
+"""gRPC health service name: SERVING on the leader, NOT_SERVING on a standby
+(the overall service "" is SERVING on every replica that listens)."""
 
 
 def etcd_store(settings: CoordinatorSettings) -> EtcdStore:
@@ -62,6 +73,51 @@ def blocking_executor(timing: TimingSettings) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blocking")
 
 
+@dataclass
+class Parts:
+    """The coordinator's components on one view of the store: the standby's
+    (plain store, for the reads it serves) or the leader's (fenced)."""
+
+    registry: Registry
+    accounts: Accounts
+    history: History
+    issuance: Issuance
+    deployment: Deployment
+    scheduler: RenewalScheduler
+    revocation: Revocation
+    alarms: AlarmBook
+    servicer: CoordinatorServicer
+
+
+def build_parts(store: Store, keys: Keys, settings: CoordinatorSettings, box: SecretBox, resolver: DnsResolver,
+                pool: AgentPool) -> Parts:
+    t = settings.timing
+    registry = Registry(store, keys, lease_ttl=t.lease_ttl)
+    accounts = Accounts(store, keys, box, acme_timeout=t.acme_timeout)
+    history = History(store, keys)
+    issuance = Issuance(store, keys, registry, accounts, pool, resolver, t, history, settings.admission)
+    deployment = Deployment(store, keys, registry, pool, history)
+    scheduler = RenewalScheduler(store, keys, registry, accounts, issuance, deployment, settings.renewal,
+                                 f"coordinator:{settings.name}")
+    revocation = Revocation(store, keys, registry, accounts, issuance, pool, history)
+    alarms = AlarmBook(store, keys)
+    servicer = CoordinatorServicer(registry, accounts, issuance, deployment, history, scheduler, pool, revocation,
+                                   TrustStore(store, keys), heartbeat_interval=t.heartbeat_interval,
+                                   lease_ttl=t.lease_ttl, alarms=alarms)
+    return Parts(registry, accounts, history, issuance, deployment, scheduler, revocation, alarms, servicer)
+
+
+def advertised_address(settings: CoordinatorSettings) -> str:
+    """Where others reach this replica: ``advertise``, else ``listen`` (not a wildcard)."""
+    address = settings.advertise or settings.listen
+    host, _ = netaddr.split_hostport(address, "advertise" if settings.advertise else "listen")
+    if host.strip("[]") in ("0.0.0.0", "::", ""):
+        raise errors.InvalidArgument(
+            f"listen is {settings.listen}, a wildcard address: set advertise to the host:port the other replicas, "
+            "acmectl and agents reach this coordinator at")
+    return address
+
+
 async def run(settings: CoordinatorSettings) -> int:
     async with contextlib.AsyncExitStack() as cleanup:
         return await _serve(settings, cleanup)
@@ -70,6 +126,7 @@ async def run(settings: CoordinatorSettings) -> int:
 async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitStack) -> int:
     if settings.timing.loop_lag_warning <= 0:
         raise errors.InvalidArgument("timing.loop_lag_warning must be positive")
+    advertise = advertised_address(settings)
     # Every asyncio.to_thread (the acme library, parsing) runs in this
     # bounded pool; it is shut down, waiting for calls in flight, at exit.
     asyncio.get_running_loop().set_default_executor(blocking_executor(settings.timing))
@@ -87,7 +144,32 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
                 if settings.alarms.webhook_url else None)
     store = etcd_store(settings)
     await store.connect()
+    cleanup.push_async_callback(store.close)  # last: everything below is stopped before it
     t = settings.timing
+
+    # Every replica listens from the start: a standby serves the reads and
+    # the agents from etcd and redirects commands to the leader (router).
+    replicas = Replicas(store, keys, name=settings.name, address=advertise, version=__version__,
+                        ttl=t.leader_ttl)
+    await replicas.announce()
+    cleanup.push_async_callback(replicas.withdraw)
+    pool = AgentPool(settings.tls.files(), timeout=t.agent_call_timeout)
+    cleanup.push_async_callback(pool.close)
+    router = ReplicaRouter(replicas, build_parts(store, keys, settings, box, resolver, pool).servicer)
+    srv, port = server(settings.tls.files(), settings.listen)
+    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(router, srv)
+    health = await add_health(srv)
+    await health.set(LEADER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await srv.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    metrics.LEADER.set(0)
+    if settings.metrics_listen:
+        cleanup.push_async_callback((await metrics.serve(settings.metrics_listen)).cleanup)
+    sup.spawn("member-record", replicas.run())
+    sup.spawn("loop-lag", LoopLagMonitor(warn_after=t.loop_lag_warning).run())
+    log.info("coordinator %s serving on %s (port %d) as a standby; advertised as %s", settings.name,
+             settings.listen, port, advertise)
+    daemon.notify(READY="1", STATUS="standby")
 
     # The lease keep-alive runs on a thread with its own etcd channel: a busy loop cannot starve it.
     # It also stops renewing if this loop is stuck for timing.leader_stuck_seconds, so a standby takes over.
@@ -98,77 +180,74 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
     campaign = asyncio.ensure_future(election.campaign())
     stop_wait = asyncio.ensure_future(sup.stopping.wait())
     await asyncio.wait({campaign, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-    if not campaign.done():
+    leader: Parts | None = None
+    if campaign.done():
+        stop_wait.cancel()
+        leader = await _lead(settings, campaign.result(), store, keys, box, resolver, pool, notifier, sup)
+        router.promote(leader.servicer)
+        await health.set(LEADER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        metrics.LEADER.set(1)
+        try:
+            await replicas.became_leader()
+        except errors.ClusterAcmeError as exc:  # information only: the election key says who leads
+            log.warning("coordinator %s: cannot mark its member record as leader: %s", settings.name, exc.message)
+        daemon.notify(STATUS="leader")
+        log.info("coordinator %s leads: serving every call", settings.name)
+        await sup.stopping.wait()
+    else:
         campaign.cancel()
-        await store.close()
-        return 0
-    stop_wait.cancel()
-    leadership = campaign.result()
-    log.info("coordinator %s is the leader (fence revision %d)", settings.name, leadership.revision)
-    sup.spawn("loop-lag", LoopLagMonitor(warn_after=t.loop_lag_warning).run())
+        with contextlib.suppress(asyncio.CancelledError):
+            await campaign
 
+    daemon.notify(STOPPING="1")
+    await health.enter_graceful_shutdown()
+    await srv.stop(grace=2)
+    if leader is not None:
+        await leader.issuance.close()
+        # A revocation whose order was just stopped records how far it got
+        # (its history event) before the store closes; it does not hold shutdown up.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(leader.revocation.wait_idle(), timeout=5)
+    await sup.shutdown()
+    if sup.failed or leader is None:
+        await election.abandon()  # stop the keep-alive thread; the lease expires within the TTL
+    else:
+        await election.resign()
+    await cleanup.aclose()
+    await asyncio.get_running_loop().shutdown_default_executor()
+    return 1 if sup.failed else 0
+
+
+async def _lead(settings: CoordinatorSettings, leadership: Leadership, store: EtcdStore, keys: Keys, box: SecretBox,
+                resolver: DnsResolver, pool: AgentPool, notifier: WebhookNotifier | None, sup: Supervisor) -> Parts:
+    """Leading: the components on the fenced store, the previous leader's
+    orders resumed, the leader's own jobs started."""
+    log.info("coordinator %s won the election (fence revision %d)", settings.name, leadership.revision)
+    t = settings.timing
     fenced = store.fenced(keys.leader(), leadership.revision)
-    registry = Registry(fenced, keys, lease_ttl=t.lease_ttl)
-    accounts = Accounts(fenced, keys, box, acme_timeout=t.acme_timeout)
-    pool = AgentPool(settings.tls.files(), timeout=t.agent_call_timeout)
-    history = History(fenced, keys)
-    issuance = Issuance(fenced, keys, registry, accounts, pool, resolver, t, history, settings.admission)
-    deployment = Deployment(fenced, keys, registry, pool, history)
-    scheduler = RenewalScheduler(fenced, keys, registry, accounts, issuance, deployment, settings.renewal,
-                                 f"coordinator:{settings.name}")
-
-    revocation = Revocation(fenced, keys, registry, accounts, issuance, pool, history)
-    srv, port = server(settings.tls.files(), settings.listen)
-    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
-        CoordinatorServicer(registry, accounts, issuance, deployment, history, scheduler, pool, revocation,
-                            TrustStore(fenced, keys),
-                            heartbeat_interval=t.heartbeat_interval, lease_ttl=t.lease_ttl,
-                            alarms=AlarmBook(fenced, keys)),
-        srv,
-    )
-    health = await add_health(srv)
-    # The previous leader's queue first: a sign that arrived while it is being
-    # read would otherwise jump it (and its provider's budget).
-    resumed = await issuance.resume_all()
+    parts = build_parts(fenced, keys, settings, box, resolver, pool)
+    # The previous leader's queue first: commands are still redirected
+    # (router) until this returns, so a sign cannot jump it (nor its
+    # provider's budget).
+    resumed = await parts.issuance.resume_all()
     if resumed:
         log.info("resumed %d unfinished order(s): %s", len(resumed), ", ".join(resumed))
-    await srv.start()
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("coordinator %s serving on %s (port %d)", settings.name, settings.listen, port)
 
     async def watch_leadership() -> None:
         await leadership.lost.wait()
         raise errors.Aborted("leadership lost")
 
     sup.spawn("leadership-watch", watch_leadership())
-    sup.spawn("renewal-scheduler", scheduler.run())
-    sup.spawn("retention", RetentionJob(fenced, keys, registry, pool, history, settings.retention,
+    sup.spawn("renewal-scheduler", parts.scheduler.run())
+    sup.spawn("retention", RetentionJob(fenced, keys, parts.registry, pool, parts.history, settings.retention,
                                         period_seconds=settings.renewal.period_seconds).run())
     # Alarms: evaluated by the leader only; the webhook (optional) never holds up the evaluation.
     if notifier is not None:
         sup.spawn("alarm-webhook", notifier.run())
-    sup.spawn("alarms", AlarmJob(fenced, keys, registry, pool, scheduler, settings.alarms, notifier=notifier,
-                                 lease_ttl=t.lease_ttl, heartbeat_interval=t.heartbeat_interval).run())
-    metrics_runner = await metrics.serve(settings.metrics_listen) if settings.metrics_listen else None
-    await sup.stopping.wait()
-    await health.enter_graceful_shutdown()
-    await srv.stop(grace=2)
-    await issuance.close()
-    # A revocation whose order was just stopped records how far it got
-    # (its history event) before the store closes; it does not hold shutdown up.
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(revocation.wait_idle(), timeout=5)
-    await sup.shutdown()
-    if metrics_runner is not None:
-        await metrics_runner.cleanup()
-    await pool.close()
-    if sup.failed:
-        await election.abandon()  # stop the keep-alive thread; the lease expires within the TTL
-    else:
-        await election.resign()
-    await store.close()
-    await asyncio.get_running_loop().shutdown_default_executor()
-    return 1 if sup.failed else 0
+    sup.spawn("alarms", AlarmJob(fenced, keys, parts.registry, pool, parts.scheduler, settings.alarms,
+                                 notifier=notifier, lease_ttl=t.lease_ttl,
+                                 heartbeat_interval=t.heartbeat_interval).run())
+    return parts
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from clusteracme import netaddr
+from clusteracme import __version__, netaddr
 
 REGISTRY = CollectorRegistry()
 CERT_NOT_AFTER = Gauge("clusteracme_certificate_not_after_seconds",
@@ -37,6 +37,26 @@ ALARM = Gauge("clusteracme_alarm", "1 while the alarm is raised (the series goes
 ALARM_WEBHOOK_POSTS = Counter("clusteracme_alarm_webhook_posts",
                               "Alarm webhook POSTs, by result: delivered, failed (retried), dropped (gave up)",
                               ["result"], registry=REGISTRY)
+
+LEADER = Gauge("clusteracme_leader", "1 on the replica that leads, 0 on a standby (every replica serves /metrics)",
+               registry=REGISTRY)
+BUILD_INFO = Gauge("clusteracme_build_info", "Always 1; the labels tell the version this replica runs",
+                   ["version"], registry=REGISTRY)
+BUILD_INFO.labels(version=__version__).set(1)
+SLOT_GAUGES = (CERT_NOT_AFTER, RENEWAL_OVERDUE, AUTO_FAILURES)
+"""The per-slot series the leader's renewal scheduler keeps (peer, domain)."""
+
+
+def forget_slots(keep: set[tuple[str, str]]) -> int:
+    """Remove the per-slot series of every (peer, domain) not in ``keep``
+    (a removed peer, a deleted slot); returns how many series went."""
+    removed = 0
+    for gauge in SLOT_GAUGES:
+        labelled = {(s.labels["peer"], s.labels["domain"]) for m in gauge.collect() for s in m.samples}
+        for labels in labelled - keep:
+            gauge.remove(*labels)
+            removed += 1
+    return removed
 
 
 async def serve(listen: str) -> web.AppRunner:

@@ -38,7 +38,7 @@ from coordinator.accounts import Accounts, ProviderBook, ProviderUnresolved
 from coordinator.admission import QueueFull
 from coordinator.deployment import Deployment
 from coordinator.issuance import KEY_TYPE_LABELS, Issuance, slot_name
-from coordinator.metrics import AUTO_FAILURES, CERT_NOT_AFTER, DEPLOYS, PEERS_ALIVE, RENEWAL_OVERDUE
+from coordinator.metrics import AUTO_FAILURES, CERT_NOT_AFTER, DEPLOYS, PEERS_ALIVE, RENEWAL_OVERDUE, forget_slots
 from coordinator.peers import PeerInfo, Registry
 from coordinator.settings import RenewalSettings
 from coordinator.store.base import Store
@@ -169,6 +169,7 @@ class RenewalScheduler:
         PEERS_ALIVE.set(sum(p.alive for p in peers.values()))
         prefix = self._keys.all_certs()
         seen = 0
+        slot_labels: set[tuple[str, str]] = set()
         pages = self._store.range_pages(prefix)
         self._tick = _TickCache(previous_at=self._last_tick_at)
         self._last_tick_at = self._clock()
@@ -180,6 +181,8 @@ class RenewalScheduler:
                         if peer_id not in peers:
                             continue
                         seen += 1
+                        # The metric's domain label: "server", or the domain of "domain/<name>".
+                        slot_labels.add((peer_id, entry.key.removeprefix(f"{prefix}{peer_id}/").removeprefix("domain/")))
                         try:
                             await self._slot_tick(peers[peer_id], records.decode(entry.value))
                         except errors.ClusterAcmeError as exc:
@@ -191,6 +194,9 @@ class RenewalScheduler:
                         await asyncio.sleep(0)  # let RPCs and keep-alives in between slots
         finally:
             self._tick = None
+        # A whole tick saw every slot there is: the series of the others
+        # (a removed peer, a deleted slot) go.
+        forget_slots(slot_labels)
         elapsed = time.monotonic() - started
         level = logging.INFO if self._ticks == 0 or elapsed >= SLOW_TICK_SECONDS else logging.DEBUG
         log.log(level, "renewal scheduler: tick over %d slot(s) of %d peer(s) took %.3fs", seen, len(peers), elapsed)

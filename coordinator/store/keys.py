@@ -15,6 +15,7 @@ DESIGN.md "State in etcd" gives it::
     settings/<name>                  a cluster-wide setting (e.g. default_provider)
     alarms/<kind>/<peer>/<slot>      an alarm: raised and cleared times (slot: server, or the domain;
                                      "-" for alarms of the peer itself)
+    coordinators/<name>              a running replica: address, version, role (attached to its lease)
     leader                           election key
 
 ``peers/<peer>`` and ``peers/<peer>/alive`` share the ``peers/`` prefix (the
@@ -172,6 +173,13 @@ class Keys:
             raise InvalidArgument(f"{key!r} is not an alarm key")
         kind, peer_id, slot = parts
         return kind, peer_id, None if slot == "-" else ("" if slot == "server" else slot)
+
+    # coordinators/<name>
+    def coordinator(self, name: str) -> str:
+        return self._key("coordinators", _component("coordinator name", name))
+
+    def coordinators(self) -> str:
+        return self._key("coordinators", "")
 
     # leader
     def leader(self) -> str:

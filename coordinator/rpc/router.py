@@ -1,0 +1,115 @@
+"""Every replica answers: the one servicer the gRPC server holds routes each call.
+
+A replica listens from the moment it starts. Until it leads, it is a
+standby: the reads (``failover.READ_METHODS``: peer list, status, order and
+pending show, events, schedule show, ...) and the agents' registration and
+heartbeat are served here from etcd, by a ``CoordinatorServicer`` built on
+the unfenced store (the writes those make are compare-and-swap and
+idempotent: a peer's record and liveness lease, a period's drawn sign
+times). Every command is answered with ``UNAVAILABLE`` and, in the trailing
+metadata, where the leader is; the client sends it there. The redirect is
+decided before the command does anything, so it is always safe to retry.
+
+Once the election is won and the previous leader's orders are resumed,
+``promote`` hands every call to the leader's servicer (fenced store). Losing
+leadership ends the process, so there is no way back.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc.aio
+
+from clusteracme import errors
+from clusteracme.pki import Role
+from clusteracme.rpcutil import caller, rpc_method, status_code_for
+from clusteracme.v1 import coordinator_pb2, coordinator_pb2_grpc
+from clusteracme.v1 import coordinator_pb2 as pb
+from coordinator.replicas import Replicas
+from coordinator.rpc.servicer import CoordinatorServicer
+
+log = logging.getLogger(__name__)
+# (interim: moves to clusteracme.failover, shared with the client)
+READ_METHODS = frozenset({
+    "RegisterPeer", "Heartbeat", "ListProviders", "ListPeers", "GetCSR", "Preflight", "GetOrder", "GetPending",
+    "ListDomains", "GetSchedule", "TrustList", "TrustVerify", "Status", "ListEvents", "ListAlarms",
+    "ListCoordinators"})
+LEADER_ADDRESS_KEY, LEADER_NAME_KEY, STANDBY_KEY = "clusteracme-leader", "clusteracme-leader-name", "clusteracme-standby"
+SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]
+OWN_METHODS = frozenset({"ListCoordinators"})
+"""Answered by the router itself, on every replica."""
+
+
+class ReplicaRouter(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    """Routes each call: to the leader's servicer once this replica leads;
+    before that, reads to the standby's servicer and commands to a redirect."""
+
+    def __init__(self, replicas: Replicas, standby: CoordinatorServicer) -> None:
+        self._replicas = replicas
+        self._standby = standby
+        self._leader: CoordinatorServicer | None = None
+
+    @property
+    def leading(self) -> bool:
+        return self._leader is not None
+
+    def promote(self, leader: CoordinatorServicer) -> None:
+        self._leader = leader
+
+    async def _dispatch(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if self._leader is not None:
+            return await getattr(self._leader, method)(request, context)
+        if method in READ_METHODS:
+            return await getattr(self._standby, method)(request, context)
+        await self._redirect(method, context)
+        return None
+
+    async def _redirect(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        """UNAVAILABLE, with the leader's address when there is one to go to."""
+        try:
+            who = caller(context)
+            if who.role is not Role.OPERATOR:
+                raise errors.PermissionDenied(f"{who.common_name} may not call {method}")
+            leader = await self._replicas.leader()
+        except errors.ClusterAcmeError as exc:
+            await context.abort(status_code_for(exc), exc.message)
+            return
+        me = self._replicas.name
+        metadata: list[tuple[str, str]] = [(STANDBY_KEY, me)]
+        if leader.name is None:
+            detail = (f"coordinator {me} is a standby and no coordinator leads right now (election under way); "
+                      "try again in a few seconds")
+        elif leader.name == me:
+            detail = (f"coordinator {me} has just won the election and is taking over (resuming the previous "
+                      "leader's orders); no coordinator leads right now: try again in a few seconds")
+        elif not leader.address:
+            detail = (f"coordinator {me} is a standby; the leader {leader.name} has not published its address "
+                      "yet: no coordinator leads right now for this client, try again in a few seconds")
+        else:
+            detail = f"coordinator {me} is a standby; commands go to the leader {leader.name} at {leader.address}"
+            metadata += [(LEADER_ADDRESS_KEY, leader.address), (LEADER_NAME_KEY, leader.name)]
+        await context.abort(grpc.StatusCode.UNAVAILABLE, detail, tuple(metadata))
+
+    @rpc_method(Role.OPERATOR)
+    async def ListCoordinators(self, request: pb.ListCoordinatorsRequest, context: grpc.aio.ServicerContext,
+                               who: Any) -> Any:
+        members, leader = await self._replicas.members()
+        return pb.ListCoordinatorsResponse(
+            coordinators=[pb.CoordinatorInfo(name=m.name, address=m.address, role=m.role, version=m.version,
+                                             started_at=m.started_at, role_since=m.role_since) for m in members],
+            leader=leader or "", answered_by=self._replicas.name)
+
+
+def _route(method: str) -> Any:
+    async def route(self: ReplicaRouter, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._dispatch(method, request, context)
+
+    route.__name__ = route.__qualname__ = method
+    return route
+
+
+for _method in SERVICE.methods:
+    if _method.name not in OWN_METHODS:
+        setattr(ReplicaRouter, _method.name, _route(_method.name))
