@@ -124,9 +124,18 @@ def _local_only(host: str) -> bool:
 
 
 async def keep_registered(settings: AgentSettings, request: cpb.RegisterPeerRequest) -> None:
-    """Register, then heartbeat; on any failure move to the next coordinator and register again."""
+    """Register, then heartbeat; on any failure move to the next coordinator and register again.
+
+    Any replica serves registrations and heartbeats (a standby too), so a
+    failover costs a peer one heartbeat deadline: each heartbeat waits at
+    most one heartbeat interval (never the full call timeout), and the next
+    replica is tried at once; only after every replica failed in a row does
+    the agent pause (a second). Last good heartbeat to the next one: under
+    two intervals plus a registration, well within the liveness lease (the
+    coordinator's lease_ttl, 10 s against 3 s by default)."""
     tls = settings.tls.files()
     attempt = 0
+    failed_in_a_row = 0
     while True:
         target = settings.coordinators[attempt % len(settings.coordinators)]
         attempt += 1
@@ -134,6 +143,7 @@ async def keep_registered(settings: AgentSettings, request: cpb.RegisterPeerRequ
         try:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(chan)
             reply = await stub.RegisterPeer(request, timeout=CALL_TIMEOUT)
+            failed_in_a_row = 0
             log.info("registered with coordinator %s as %s", target, settings.peer_id)
             if settings.trust_bundle_file is not None and reply.trust_bundle_sha256:
                 try:
@@ -141,18 +151,33 @@ async def keep_registered(settings: AgentSettings, request: cpb.RegisterPeerRequ
                                             reply.trust_bundle_sha256)
                 except errors.ClusterAcmeError as exc:  # keep serving challenges and certificates
                     log.error("%s", exc.message)
+            interval = reply.heartbeat_interval_seconds or 3
             while True:
-                await asyncio.sleep(reply.heartbeat_interval_seconds or 3)
-                await stub.Heartbeat(cpb.HeartbeatRequest(peer_id=settings.peer_id), timeout=CALL_TIMEOUT)
+                await asyncio.sleep(interval)
+                await stub.Heartbeat(cpb.HeartbeatRequest(peer_id=settings.peer_id),
+                                     timeout=min(CALL_TIMEOUT, max(1.0, interval)))
         except grpc.aio.AioRpcError as exc:
+            failed_in_a_row += 1
             err = error_from_rpc(exc, f"coordinator {target}")
-            log.warning("%s; registering again in 1s", err.message)
-            await asyncio.sleep(1.0)
+            await _next_attempt(settings, err.message, attempt, failed_in_a_row)
         except errors.ClusterAcmeError as exc:  # e.g. TLS files being rotated
-            log.warning("cannot reach coordinator %s: %s; trying again in 1s", target, exc.message)
-            await asyncio.sleep(1.0)
+            failed_in_a_row += 1
+            await _next_attempt(settings, f"cannot reach coordinator {target}: {exc.message}", attempt,
+                                failed_in_a_row)
         finally:
             await chan.close()
+
+
+async def _next_attempt(settings: AgentSettings, problem: str, attempt: int, failed_in_a_row: int) -> None:
+    """Log the failure and what comes next; pause only once every replica
+    has failed in a row."""
+    count = len(settings.coordinators)
+    if failed_in_a_row % count:
+        log.warning("%s; registering with %s", problem, settings.coordinators[attempt % count])
+        return
+    log.warning("%s; %s, registering again in 1s", problem,
+                "every coordinator failed" if count > 1 else "no other coordinator")
+    await asyncio.sleep(1.0)
 
 
 async def run(settings: AgentSettings) -> int:
