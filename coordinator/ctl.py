@@ -1,7 +1,11 @@
 """acmectl: the operator CLI. Thin: parse, call the CoordinatorService, print.
 
 Connection settings come from flags or the environment (ACMECTL_COORDINATOR,
-ACMECTL_CA, ACMECTL_CERT, ACMECTL_KEY). Every call has a deadline. Errors
+ACMECTL_CA, ACMECTL_CERT, ACMECTL_KEY). ``--coordinator`` is a comma-separated
+list of the coordinator replicas (like etcdctl's ``--endpoints``): every call
+goes to whichever replica takes it, following a standby's redirect to the
+leader (``clusteracme.failover`` holds the rule: what is retried where).
+Every call has one deadline, ``--timeout``, across those retries. Errors
 print one human sentence on stderr and exit non-zero; ``--json`` prints
 machine-readable output instead of tables.
 """
@@ -18,13 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
-import grpc.aio
 from google.protobuf.json_format import MessageToDict
 
 from clusteracme import errors, pki
-from clusteracme.rpcutil import TLSFiles, channel, error_from_rpc
-from clusteracme.v1 import common_pb2, coordinator_pb2_grpc
+from clusteracme.failover import READ_METHODS, ReplicaClient, parse_endpoints
+from clusteracme.rpcutil import TLSFiles
+from clusteracme.v1 import common_pb2
 from clusteracme.v1 import coordinator_pb2 as pb
 from coordinator import imports
 
@@ -55,28 +58,33 @@ def _dict(msg: Any) -> dict[str, Any]:
 class Ctl:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self._channel: grpc.aio.Channel | None = None
+        self._client: ReplicaClient | None = None
 
     @property
-    def stub(self) -> coordinator_pb2_grpc.CoordinatorServiceStub:
-        if self._channel is None:
+    def client(self) -> ReplicaClient:
+        """The coordinator replicas of --coordinator, checked on first use (``pki`` needs none)."""
+        if self._client is None:
             a = self.args
+            endpoints = parse_endpoints(a.coordinator, "--coordinator (or ACMECTL_COORDINATOR)")
             missing = [n for n, v in (("--ca", a.ca), ("--cert", a.cert), ("--key", a.key)) if not v]
             if missing:
                 raise CtlError("missing " + ", ".join(missing) + " (or ACMECTL_CA/ACMECTL_CERT/ACMECTL_KEY)")
-            self._channel = channel(TLSFiles(Path(a.ca), Path(a.cert), Path(a.key)), a.coordinator,
-                                    pki.COORDINATOR_SERVER_NAME)
-        return coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
+            self._client = ReplicaClient(TLSFiles(Path(a.ca), Path(a.cert), Path(a.key)), endpoints,
+                                         pki.COORDINATOR_SERVER_NAME)
+        return self._client
 
     async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        try:
-            return await getattr(self.stub, method)(request, timeout=timeout or self.args.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, f"coordinator {self.args.coordinator}") from None
+        return await self.client.unary(method, request, read=method in READ_METHODS,
+                                       timeout=timeout or self.args.timeout)
+
+    @property
+    def answered_last(self) -> str | None:
+        """The endpoint of the replica that answered last (None before any call)."""
+        return self._client.answered_last if self._client is not None else None
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
+        if self._client is not None:
+            await self._client.close()
 
     def out(self, msg: Any, human: Callable[[], None]) -> None:
         if self.args.json:
@@ -393,17 +401,15 @@ async def cmd_rollout(ctl: Ctl, a: argparse.Namespace) -> None:
     request = pb.RolloutRequest(peer_ids=peers, all=a.all, batch=a.batch, rollback_on_failure=a.rollback_on_failure,
                                 slot=_slot(a))
     failed = False
-    try:
-        async for event in ctl.stub.Rollout(request, timeout=a.rollout_timeout):
-            failed = failed or event.stage in ("failed", "stopped")
-            if ctl.args.json:
-                print(json.dumps(_dict(event)), flush=True)
-            else:
-                who = f"{event.peer_id}: " if event.peer_id else ""
-                serial = f" [{event.serial_hex}]" if event.serial_hex else ""
-                print(f"{who}{event.stage}{serial}" + (f" - {event.detail}" if event.detail else ""), flush=True)
-    except grpc.aio.AioRpcError as exc:
-        raise error_from_rpc(exc, f"coordinator {ctl.args.coordinator}") from None
+    # Sent to the leader; redirected or retried only until the first event arrives.
+    async for event in ctl.client.stream("Rollout", request, read=False, timeout=a.rollout_timeout):
+        failed = failed or event.stage in ("failed", "stopped")
+        if ctl.args.json:
+            print(json.dumps(_dict(event)), flush=True)
+        else:
+            who = f"{event.peer_id}: " if event.peer_id else ""
+            serial = f" [{event.serial_hex}]" if event.serial_hex else ""
+            print(f"{who}{event.stage}{serial}" + (f" - {event.detail}" if event.detail else ""), flush=True)
     if failed:
         raise errors.FailedPrecondition("the rollout stopped at a failure (see above)")
 
@@ -622,14 +628,33 @@ async def cmd_status(ctl: Ctl, a: argparse.Namespace) -> None:
     ctl.out(r, human)
 
 
+COORDINATORS_HEADER = ["NAME", "ADDRESS", "ROLE", "VERSION", "SINCE"]
+
+
+async def cmd_coordinators(ctl: Ctl, a: argparse.Namespace) -> None:
+    r = await ctl.call("ListCoordinators", pb.ListCoordinatorsRequest())
+
+    def human() -> None:
+        _print_table([[c.name + (" *" if c.name == r.answered_by else ""), c.address, c.role, c.version,
+                       c.role_since] for c in r.coordinators], COORDINATORS_HEADER)
+        print(f"* answered: {r.answered_by or '?'}" + (f" at {ctl.answered_last}" if ctl.answered_last else ""))
+        if not r.leader:
+            print("no coordinator leads right now (an election is under way): commands wait for one")
+
+    ctl.out(r, human)
+
+
 def parser() -> argparse.ArgumentParser:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="acmectl", description="Operate a clusteracme cluster.")
-    p.add_argument("--coordinator", default=env("ACMECTL_COORDINATOR", "127.0.0.1:7443"), help="host:port")
+    p.add_argument("--coordinator", default=env("ACMECTL_COORDINATOR", "127.0.0.1:7443"),
+                   help="host:port of the coordinator, or of each replica: host:port,host:port,... (any replica "
+                        "answers; commands follow the leader)")
     p.add_argument("--ca", default=env("ACMECTL_CA"), help="cluster CA certificate (PEM)")
     p.add_argument("--cert", default=env("ACMECTL_CERT"), help="operator certificate (PEM)")
     p.add_argument("--key", default=env("ACMECTL_KEY"), help="operator key (PEM)")
-    p.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="deadline of each call, seconds, across replicas and retries")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -805,6 +830,9 @@ def parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("status", help="per-peer status")
     x.add_argument("peer", nargs="?")
+
+    sub.add_parser("coordinators", help="the coordinator replicas: name, address, leader or standby, version, "
+                                        "since when (* marks the replica that answered)")
     return p
 
 
@@ -812,7 +840,7 @@ COMMANDS = {"provider": cmd_provider, "account": cmd_account, "peer": cmd_peer, 
             "order": cmd_order, "pending": cmd_pending, "status": cmd_status, "deploy": cmd_deploy,
             "rollback": cmd_rollback, "rollout": cmd_rollout, "events": cmd_events, "schedule": cmd_schedule,
             "revoke": cmd_revoke, "trust": cmd_trust, "domain": cmd_domain, "alarms": cmd_alarms,
-            "preflight": cmd_preflight}
+            "preflight": cmd_preflight, "coordinators": cmd_coordinators}
 
 
 async def _run(args: argparse.Namespace) -> None:

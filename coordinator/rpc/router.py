@@ -23,6 +23,7 @@ from typing import Any
 import grpc.aio
 
 from clusteracme import errors
+from clusteracme.failover import LEADER_ADDRESS_KEY, LEADER_NAME_KEY, NO_LEADER_MARK, READ_METHODS, STANDBY_KEY
 from clusteracme.pki import Role
 from clusteracme.rpcutil import caller, rpc_method, status_code_for
 from clusteracme.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -31,12 +32,6 @@ from coordinator.replicas import Replicas
 from coordinator.rpc.servicer import CoordinatorServicer
 
 log = logging.getLogger(__name__)
-# (interim: moves to clusteracme.failover, shared with the client)
-READ_METHODS = frozenset({
-    "RegisterPeer", "Heartbeat", "ListProviders", "ListPeers", "GetCSR", "Preflight", "GetOrder", "GetPending",
-    "ListDomains", "GetSchedule", "TrustList", "TrustVerify", "Status", "ListEvents", "ListAlarms",
-    "ListCoordinators"})
-LEADER_ADDRESS_KEY, LEADER_NAME_KEY, STANDBY_KEY = "clusteracme-leader", "clusteracme-leader-name", "clusteracme-standby"
 SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]
 OWN_METHODS = frozenset({"ListCoordinators"})
 """Answered by the router itself, on every replica."""
@@ -79,14 +74,13 @@ class ReplicaRouter(coordinator_pb2_grpc.CoordinatorServiceServicer):
         me = self._replicas.name
         metadata: list[tuple[str, str]] = [(STANDBY_KEY, me)]
         if leader.name is None:
-            detail = (f"coordinator {me} is a standby and no coordinator leads right now (election under way); "
-                      "try again in a few seconds")
+            detail = f"coordinator {me} is a standby and {NO_LEADER_MARK} (election under way); try again in a few seconds"
         elif leader.name == me:
             detail = (f"coordinator {me} has just won the election and is taking over (resuming the previous "
-                      "leader's orders); no coordinator leads right now: try again in a few seconds")
+                      f"leader's orders); {NO_LEADER_MARK}: try again in a few seconds")
         elif not leader.address:
             detail = (f"coordinator {me} is a standby; the leader {leader.name} has not published its address "
-                      "yet: no coordinator leads right now for this client, try again in a few seconds")
+                      f"yet: {NO_LEADER_MARK} for this client, try again in a few seconds")
         else:
             detail = f"coordinator {me} is a standby; commands go to the leader {leader.name} at {leader.address}"
             metadata += [(LEADER_ADDRESS_KEY, leader.address), (LEADER_NAME_KEY, leader.name)]
