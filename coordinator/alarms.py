@@ -360,7 +360,9 @@ class Evaluator:
             return
         deployed = _parse((slot.get("last_deploy") or {}).get("at"))
         settling = deployed is not None and (self.now - deployed).total_seconds() < self.disk_settle_seconds
-        if slot.get("current_order") or settling:
+        # A deploy intent (``deployment``): a deploy runs, or one cut by a
+        # leader's death waits for the next tick to settle it.
+        if slot.get("current_order") or slot.get("deploying") or settling:
             unknown(Kind.DISK_MISMATCH)  # in flux: neither raised nor cleared
             return
         hold = self.disk_settle_seconds if _in_flight_shape(slot, on_disk.get(domain)) else 0.0

@@ -4,17 +4,32 @@ The agent does the local work (validate, install atomically, hot-reload);
 this module decides what to deploy where, records the result in etcd with
 its history event in the same transaction, and verifies a rollout by a TLS
 handshake that must show the new serial before the next peer is touched.
+
+Save before act: before the agent is asked, the slot record gets an intent,
+``deploying = {"kind": "deploy"|"rollback", "serial_hex": <the serial the
+agent is to make active>, "who", "at"}`` (compare-and-swap). The record of
+the agent's answer removes it in the same transaction as the result and its
+event; a refusal (the agent answered that it changed nothing) removes it
+too. An intent is left behind only when nobody saw the answer: the leader
+died (SIGKILL, lost leadership) or etcd could not take the record. Whoever
+leads then settles it (:meth:`Deployment.settle`, from the renewal
+scheduler's tick, and before any new deploy or rollback of the slot): the
+agent's disk tells whether the switch happened, and etcd is made to say so.
+Deploys, rollbacks and settles of one slot run one at a time in a process,
+so an intent found while none runs there is always a stale one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from cryptography import x509
@@ -30,6 +45,12 @@ from coordinator.store.keys import Keys
 log = logging.getLogger(__name__)
 DEPLOY_TIMEOUT = 300.0  # validation + install + every reload hook (each bounded by its own timeout)
 VERIFY_ATTEMPT_TIMEOUT = 3.0
+SETTLE_GRACE = 3.0
+"""Seconds after an intent was written during which an agent that does not
+hold the new serial yet may still be about to: the request can wait behind
+another switch on the agent (they run one at a time there) or still be
+validated. Only after this is "the agent did not act" taken for an answer."""
+INTENT = "deploying"  # the slot record's field holding the intent of a deploy or rollback under way
 
 
 def slot_name(domain: str) -> str:
@@ -40,8 +61,9 @@ def _label(peer_id: str, domain: str) -> str:
     return f"peer {peer_id}" + (f" (domain {domain})" if domain else "")
 
 
-def utcnow() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+def _names(pending: dict[str, Any]) -> list[str]:
+    """The names a pending certificate was signed for (read from it when the record has none)."""
+    return list(pending.get("names") or certinfo.cert_names(certinfo.leaf(pending["chain_pem"])))
 
 
 @dataclass(frozen=True)
@@ -71,16 +93,61 @@ class Progress:
     serial_hex: str = ""
 
 
+class Settled(Enum):
+    """What :meth:`Deployment.settle` found, and did."""
+
+    NONE = "none"          # no intent on the slot
+    RUNNING = "running"    # its deploy or rollback still runs in this process: left to it
+    DONE = "done"          # the agent had switched: recorded as the finished deploy or rollback would have been
+    NOT_DONE = "not done"  # the agent had not: the intent removed and the interruption recorded
+    UNKNOWN = "unknown"    # the agent did not answer, or too early to tell: left for a later try
+
+
+@dataclass
+class _SlotTurn:
+    """Deploys, rollbacks and settles of one slot take turns (``users``: holders and waiters)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class Deployment:
     def __init__(self, store: Store, keys: Keys, registry: Registry, pool: AgentPool, history: History,
-                 *, verify_timeout: float = 10.0) -> None:
+                 *, verify_timeout: float = 10.0, settle_grace: float = SETTLE_GRACE,
+                 clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC)) -> None:
         self._running: set[asyncio.Future[DeployOutcome]] = set()
+        self._turns: dict[tuple[str, str], _SlotTurn] = {}
         self._store = store
         self._keys = keys
         self._registry = registry
         self._pool = pool
         self._history = history
         self._verify_timeout = verify_timeout
+        self._settle_grace = settle_grace
+        self._clock = clock
+
+    def _now(self) -> str:
+        return self._clock().astimezone(datetime.UTC).isoformat(timespec="milliseconds")
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, peer_id: str, domain: str) -> AsyncIterator[None]:
+        """One deploy, rollback or settle of the slot at a time in this
+        process: an intent found by the holder is then never one whose
+        writer still runs here."""
+        key = (peer_id, domain)
+        turn = self._turns.setdefault(key, _SlotTurn())
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[key]
+
+    def busy(self, peer_id: str, domain: str) -> bool:
+        """Whether a deploy, rollback or settle of the slot runs (or waits) in this process."""
+        return (peer_id, domain) in self._turns
 
     # --- one peer ------------------------------------------------------------
     async def deploy(self, peer_id: str, domain: str, who: str) -> DeployOutcome:
@@ -99,21 +166,36 @@ class Deployment:
         return await asyncio.shield(task)
 
     async def _deploy(self, peer_id: str, domain: str, who: str) -> DeployOutcome:
-        peer = await self._registry.get(peer_id)
-        slot, _ = await records.read(self._store, self._keys.cert(peer_id, slot_name(domain)))
-        pending = (slot or {}).get("pending")
-        if not pending:
-            raise errors.FailedPrecondition(f"{_label(peer_id, domain)} has no pending certificate to deploy")
-        names = pending.get("names") or certinfo.cert_names(certinfo.leaf(pending["chain_pem"]))
-        request = agent_pb2.AgentDeployRequest(slot=common_pb2.Slot(domain=domain), chain_pem=pending["chain_pem"],
-                                               expected_names=names)
-        # A refusal (bad pair) raises here and nothing has changed anywhere.
-        reply = await self._pool.call(peer, "deploying", lambda stub, kw: stub.Deploy(request, **kw),
-                                      timeout=DEPLOY_TIMEOUT)
+        async with self._turn(peer_id, domain):
+            peer = await self._registry.get(peer_id)
+
+            def target(slot: dict[str, Any] | None) -> str:
+                pending = (slot or {}).get("pending")
+                if not pending:
+                    raise errors.FailedPrecondition(f"{_label(peer_id, domain)} has no pending certificate to deploy")
+                return str(pending["serial_hex"])
+
+            slot, revision = await self._intend(peer, domain, "deploy", who, target)
+            pending = slot["pending"]
+            request = agent_pb2.AgentDeployRequest(slot=common_pb2.Slot(domain=domain), chain_pem=pending["chain_pem"],
+                                                   expected_names=_names(pending))
+            try:
+                reply = await self._pool.call(peer, "deploying", lambda stub, kw: stub.Deploy(request, **kw),
+                                              timeout=DEPLOY_TIMEOUT)
+            except errors.ClusterAcmeError as exc:
+                await self._after_unanswered(peer_id, domain, exc)
+                raise
+            await self._record(peer_id, domain, self._deploy_change(peer_id, domain, who, reply, pending),
+                               known=(slot, revision))
+            return _outcome(peer_id, domain, reply)
+
+    def _deploy_change(self, peer_id: str, domain: str, who: str, reply: agent_pb2.AgentDeployResponse,
+                       pending: dict[str, Any], note: str = "") -> Callable[[dict[str, Any]], tuple[dict[str, Any], Event]]:
+        """The slot change and event recording the agent's answer to a deploy of ``pending``."""
         outcome = _outcome(peer_id, domain, reply)
-        at = utcnow()
+        at = self._now()
         new_active = {"serial_hex": reply.active_serial_hex, "chain_pem": pending["chain_pem"],
-                      "not_after": pending["not_after"], "names": names, "provider": pending.get("provider", ""),
+                      "not_after": pending["not_after"], "names": _names(pending), "provider": pending.get("provider", ""),
                       "deployed_at": at}
         if "imported" in pending:
             # True: signed outside ACME, automatic renewal never signs over it.
@@ -139,31 +221,47 @@ class Deployment:
             return current, Event(
                 at=at, peer_id=peer_id, domain=domain, who=who, what="deploy", result="ok" if outcome.ok else "failed",
                 serial_hex=reply.active_serial_hex, previous_serial_hex=reply.previous_serial_hex,
-                detail=outcome.error, certificate_pem=dropped)
+                detail="; ".join(d for d in (outcome.error, note) if d), certificate_pem=dropped)
 
-        await self._record(peer_id, domain, change)
-        return outcome
+        return change
 
     async def _rollback(self, peer_id: str, domain: str, who: str) -> DeployOutcome:
-        peer = await self._registry.get(peer_id)
-        slot, _ = await records.read(self._store, self._keys.cert(peer_id, slot_name(domain)))
-        active, previous = (slot or {}).get("active"), (slot or {}).get("previous")
-        if not active or not previous:
-            raise errors.FailedPrecondition(f"{_label(peer_id, domain)} has no previous certificate to roll back to")
-        request = agent_pb2.AgentRollbackRequest(slot=common_pb2.Slot(domain=domain),
-                                                 expected_active_serial_hex=active["serial_hex"])
-        try:
-            reply = await self._pool.call(peer, "rolling back", lambda stub, kw: stub.Rollback(request, **kw),
-                                          timeout=DEPLOY_TIMEOUT)
-        except errors.FailedPrecondition:
-            # Maybe it already happened and only the answer was lost: the
-            # agent's disk tells.
-            if not await self._agent_holds(peer, domain, previous["serial_hex"], active["serial_hex"]):
+        async with self._turn(peer_id, domain):
+            peer = await self._registry.get(peer_id)
+
+            def target(slot: dict[str, Any] | None) -> str:
+                if not (slot or {}).get("active") or not (slot or {}).get("previous"):
+                    raise errors.FailedPrecondition(
+                        f"{_label(peer_id, domain)} has no previous certificate to roll back to")
+                return str(slot["previous"]["serial_hex"])  # type: ignore[index]
+
+            slot, revision = await self._intend(peer, domain, "rollback", who, target)
+            active, previous = slot["active"], slot["previous"]
+            request = agent_pb2.AgentRollbackRequest(slot=common_pb2.Slot(domain=domain),
+                                                     expected_active_serial_hex=active["serial_hex"])
+            try:
+                try:
+                    reply = await self._pool.call(peer, "rolling back", lambda stub, kw: stub.Rollback(request, **kw),
+                                                  timeout=DEPLOY_TIMEOUT)
+                except errors.FailedPrecondition:
+                    # Maybe it already happened and only the answer was lost: the
+                    # agent's disk tells.
+                    if not await self._agent_holds(peer, domain, previous["serial_hex"], active["serial_hex"]):
+                        raise
+                    reply = agent_pb2.AgentDeployResponse(active_serial_hex=previous["serial_hex"],
+                                                          previous_serial_hex=active["serial_hex"])
+            except errors.ClusterAcmeError as exc:
+                await self._after_unanswered(peer_id, domain, exc)
                 raise
-            reply = agent_pb2.AgentDeployResponse(active_serial_hex=previous["serial_hex"],
-                                                  previous_serial_hex=active["serial_hex"])
+            await self._record(peer_id, domain, self._rollback_change(peer_id, domain, who, reply),
+                               known=(slot, revision))
+            return _outcome(peer_id, domain, reply)
+
+    def _rollback_change(self, peer_id: str, domain: str, who: str, reply: agent_pb2.AgentDeployResponse,
+                         note: str = "") -> Callable[[dict[str, Any]], tuple[dict[str, Any], Event]]:
+        """The slot change and event recording the agent's answer to a rollback."""
         outcome = _outcome(peer_id, domain, reply)
-        at = utcnow()
+        at = self._now()
 
         def change(current: dict[str, Any]) -> tuple[dict[str, Any], Event]:
             now_active, now_previous = current.get("active") or {}, current.get("previous") or {}
@@ -178,26 +276,185 @@ class Deployment:
                                       "serial_hex": reply.active_serial_hex}
             return current, Event(
                 at=at, peer_id=peer_id, domain=domain, who=who, what="rollback", result="ok" if ok else "failed",
-                serial_hex=reply.active_serial_hex, previous_serial_hex=reply.previous_serial_hex, detail=error)
+                serial_hex=reply.active_serial_hex, previous_serial_hex=reply.previous_serial_hex,
+                detail="; ".join(d for d in (error, note) if d))
 
-        await self._record(peer_id, domain, change)
-        return outcome
+        return change
 
     async def _agent_holds(self, peer: PeerInfo, domain: str, active: str, previous: str) -> bool:
         try:
-            status = await self._pool.call(peer, "status", lambda stub, kw: stub.Status(agent_pb2.AgentStatusRequest(), **kw))
+            held = await self._agent_slot(peer, domain)
         except errors.ClusterAcmeError:
             return False
-        return any(c.slot.domain == domain and (c.active_serial_hex, c.previous_serial_hex) == (active, previous)
-                   for c in status.certificates)
+        return held == (active, previous)
+
+    async def _agent_slot(self, peer: PeerInfo, domain: str) -> tuple[str, str]:
+        """(active, previous) serial the agent holds on disk for the slot ("" for none)."""
+        status = await self._pool.call(peer, "status", lambda stub, kw: stub.Status(agent_pb2.AgentStatusRequest(), **kw))
+        return next(((c.active_serial_hex, c.previous_serial_hex) for c in status.certificates
+                     if c.slot.domain == domain), ("", ""))
+
+    # --- save before act ---------------------------------------------------------
+    async def _intend(self, peer: PeerInfo, domain: str, kind: str, who: str,
+                      target: Callable[[dict[str, Any] | None], str]) -> tuple[dict[str, Any], int]:
+        """Check the slot and save the intent before the agent is asked
+        (compare-and-swap): the slot as written, and its revision.
+
+        ``target`` refuses (raises) or names the serial the agent is to make
+        active. A stale intent (the turn is ours, so nobody here writes it) is
+        settled first: a new switch must not hide what became of the last one."""
+        key = self._keys.cert(peer.peer_id, slot_name(domain))
+        for _ in range(records.MAX_CAS_ATTEMPTS):
+            slot, revision = await records.read(self._store, key)
+            if slot and slot.get(INTENT):
+                await self._settle_before(peer, domain, slot)
+                slot, revision = await records.read(self._store, key)
+            serial = target(slot)
+            assert slot is not None  # target refuses a slot that has nothing to switch to
+            written = {**slot, INTENT: {"kind": kind, "serial_hex": serial, "who": who, "at": self._now()}}
+            try:
+                return written, await self._store.put_if(key, records.encode(written), expect_mod_revision=revision)
+            except Conflict:
+                continue
+        raise errors.Aborted(f"{_label(peer.peer_id, domain)} kept changing; nothing was done, try again")
+
+    async def _after_unanswered(self, peer_id: str, domain: str, exc: errors.ClusterAcmeError) -> None:
+        """The agent call failed. A definite refusal (not retryable: the agent
+        checked and changed nothing) removes the intent. Otherwise the agent
+        may have acted (a lost answer, a deadline): the intent stays for
+        :meth:`settle` to ask the agent's disk."""
+        if exc.retryable:
+            log.warning("%s: no answer from the agent (%s); the switch is settled from its disk later",
+                        _label(peer_id, domain), exc.message)
+            return
+
+        def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if not current or INTENT not in current:
+                return current
+            return {k: v for k, v in current.items() if k != INTENT}
+
+        try:
+            await records.update(self._store, self._keys.cert(peer_id, slot_name(domain)), change)
+        except errors.ClusterAcmeError as failed:
+            log.warning("%s: the intent of a refused switch stays until it is settled (%s)", _label(peer_id, domain),
+                        failed.message)
+
+    # --- settling an interrupted one ------------------------------------------------
+    async def settle(self, peer_id: str, domain: str) -> Settled:
+        """Settle the slot's intent, if any, that no deploy or rollback of
+        this process is carrying out: the leader that wrote it stopped before
+        recording the agent's answer (or etcd refused the record).
+
+        The agent's disk decides. It made the intended serial active: the
+        deploy or rollback is recorded as it would have been on its answer
+        (who: the intent's). It did not (after the grace): the intent goes,
+        an event says the switch was interrupted before the agent made it,
+        the pending certificate stays. No answer from the agent: left for a
+        later try. Writes go through this Deployment's (fenced) store."""
+        if self.busy(peer_id, domain):
+            return Settled.RUNNING
+        async with self._turn(peer_id, domain):
+            slot, _ = await records.read(self._store, self._keys.cert(peer_id, slot_name(domain)))
+            if not slot or not slot.get(INTENT):
+                return Settled.NONE
+            settled, _ = await self._settle(await self._registry.get(peer_id), domain, slot, wait=False)
+            return settled
+
+    async def _settle_before(self, peer: PeerInfo, domain: str, slot: dict[str, Any]) -> None:
+        """Settle a stale intent before a new switch of the slot; refuse the switch when it cannot be."""
+        settled, why = await self._settle(peer, domain, slot, wait=True)
+        if settled is Settled.UNKNOWN:
+            intent = slot[INTENT]
+            raise errors.Unavailable(
+                f"{_label(peer.peer_id, domain)}: the {intent.get('kind')} of {intent.get('serial_hex')} started at "
+                f"{intent.get('at')} ({intent.get('who') or 'unknown'}) was interrupted and cannot be settled yet "
+                f"({why}); nothing was done: try again when the agent answers")
+
+    async def _settle(self, peer: PeerInfo, domain: str, slot: dict[str, Any], *, wait: bool) -> tuple[Settled, str]:
+        """Settle ``slot``'s intent (the caller holds the slot's turn); UNKNOWN comes with why.
+        ``wait``: within the grace, wait for it to pass rather than leave the intent."""
+        intent = slot[INTENT]
+        serial, kind, who = str(intent.get("serial_hex", "")), intent.get("kind", "deploy"), intent.get("who", "")
+        label = _label(peer.peer_id, domain)
+        try:
+            held = await self._agent_slot(peer, domain)
+            early = self._settle_grace - self._age(intent)
+            if held[0] != serial and early > 0:
+                if not wait:
+                    return Settled.UNKNOWN, f"started {self._age(intent):.1f} s ago: the agent may still switch"
+                await asyncio.sleep(early)
+                held = await self._agent_slot(peer, domain)
+        except errors.ClusterAcmeError as exc:
+            log.info("%s: the interrupted %s of %s is settled when the agent answers (%s)", label, kind, serial,
+                     exc.message)
+            return Settled.UNKNOWN, exc.message
+        active, previous = held
+        started = f"started at {intent.get('at')}"
+        if active == serial:
+            note = (f"settled from the agent's disk: the {kind} {started} was done, but its answer was never recorded "
+                    "(the coordinator that asked stopped, or the answer or its record was lost); reload results not seen")
+            reply = agent_pb2.AgentDeployResponse(active_serial_hex=active, previous_serial_hex=previous)
+            pending = slot.get("pending") or {}
+            if kind == "rollback":
+                change = self._rollback_change(peer.peer_id, domain, who, reply, note)
+            elif pending.get("serial_hex") == serial:
+                change = self._deploy_change(peer.peer_id, domain, who, reply, pending, note)
+            else:
+                change = self._unrecorded(peer.peer_id, domain, intent, "failed", (
+                    f"the deploy of {serial} {started} was done, but etcd no longer holds it as pending (discarded or "
+                    "replaced meanwhile): the agent serves a certificate etcd does not know; deploy the pending "
+                    "certificate or see acmectl status"))
+            await self._record(peer.peer_id, domain, change)
+            log.info("%s: the interrupted %s of %s was done by the agent; recorded now", label, kind, serial)
+            return Settled.DONE, ""
+        serving = f"the agent serves {active or 'nothing'}" + (f" (previous {previous})" if previous else "")
+        if kind == "rollback":
+            status, detail = "rollback interrupted", (
+                f"the rollback to {serial} {started} was interrupted before the agent switched: {serving}; "
+                "nothing changed")
+        else:
+            status, detail = "interrupted", (
+                f"the deploy of {serial} {started} was interrupted before the agent installed it: {serving}; "
+                f"{serial} stays pending (deploy it again)")
+        await self._record(peer.peer_id, domain, self._unrecorded(peer.peer_id, domain, intent, status, detail))
+        log.warning("%s: %s", label, detail)
+        return Settled.NOT_DONE, ""
+
+    def _unrecorded(self, peer_id: str, domain: str, intent: dict[str, Any], status: str,
+                    detail: str) -> Callable[[dict[str, Any]], tuple[dict[str, Any], Event]]:
+        """A switch that did not happen as intended: its intent goes, active and previous stay."""
+        at = self._now()
+
+        def change(current: dict[str, Any]) -> tuple[dict[str, Any], Event]:
+            current["last_deploy"] = {"status": status, "at": at, "error": detail,
+                                      "serial_hex": intent.get("serial_hex", "")}
+            return current, Event(at=at, peer_id=peer_id, domain=domain, who=intent.get("who", ""),
+                                  what=intent.get("kind", "deploy"), result="failed",
+                                  serial_hex=intent.get("serial_hex", ""), detail=detail)
+
+        return change
+
+    def _age(self, intent: dict[str, Any]) -> float:
+        """Seconds since the intent was written (by its writer's clock); an unreadable time counts as old."""
+        try:
+            return (self._clock() - datetime.datetime.fromisoformat(intent["at"])).total_seconds()
+        except (KeyError, TypeError, ValueError):
+            return float("inf")
 
     async def _record(self, peer_id: str, domain: str,
-                      change: Callable[[dict[str, Any]], tuple[dict[str, Any], Event]]) -> None:
-        """The slot change and its event in one transaction (CAS on the slot, retried)."""
+                      change: Callable[[dict[str, Any]], tuple[dict[str, Any], Event]],
+                      known: tuple[dict[str, Any], int] | None = None) -> None:
+        """The slot change and its event in one transaction (CAS on the slot,
+        retried); the slot's intent goes with it. ``known``: the slot and its
+        revision as this process just wrote them (no read first)."""
         key = self._keys.cert(peer_id, slot_name(domain))
         for _ in range(records.MAX_CAS_ATTEMPTS):
-            current, revision = await records.read(self._store, key)
+            if known is not None:
+                (current, revision), known = known, None
+            else:
+                current, revision = await records.read(self._store, key)
             updated, event = change(dict(current or {}))
+            updated.pop(INTENT, None)
             try:
                 await self._store.txn(checks=[Check(key, revision)],
                                       ops=[Put(key, records.encode(updated)), self._history.put(event)])
@@ -297,8 +554,7 @@ class Deployment:
         if not outcome.ok:
             stages.append(Progress(peer.peer_id, "failed", outcome.error, outcome.active_serial))
             return stages, outcome.error, True
-        names = pending.get("names") or certinfo.cert_names(certinfo.leaf(pending["chain_pem"]))
-        sni = domain or await self._server_sni(peer.peer_id, names)
+        sni = domain or await self._server_sni(peer.peer_id, _names(pending))
         stages.append(Progress(peer.peer_id, "verifying", f"TLS handshake with SNI {sni}", outcome.active_serial))
         problem = await self.verify(peer, domain, outcome.active_serial, sni)
         if problem:

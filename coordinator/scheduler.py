@@ -36,7 +36,7 @@ from clusteracme import certinfo, errors
 from coordinator import records, renewal, slots
 from coordinator.accounts import Accounts, ProviderBook, ProviderUnresolved
 from coordinator.admission import QueueFull
-from coordinator.deployment import Deployment
+from coordinator.deployment import INTENT, Deployment, Settled
 from coordinator.issuance import KEY_TYPE_LABELS, Issuance, slot_name
 from coordinator.metrics import AUTO_FAILURES, CERT_NOT_AFTER, DEPLOYS, PEERS_ALIVE, RENEWAL_OVERDUE, forget_slots
 from coordinator.peers import PeerInfo, Registry
@@ -207,6 +207,11 @@ class RenewalScheduler:
         now = self._clock()
         peer_id = peer.peer_id
         domain = slot.get("domain", "")
+        if slot.get(INTENT) and await self._deployment.settle(peer_id, domain) in (Settled.DONE, Settled.NOT_DONE):
+            # A deploy or rollback whose answer was never recorded (its leader
+            # stopped): settled from the agent's disk. The first tick of a new
+            # leader does it at once; the next tick works from the new record.
+            return
         labels = {"peer": peer_id, "domain": domain or "server"}
         schedule = {**DEFAULT_SCHEDULE, **(slot.get("schedule") or {})}
         active, pending = slot.get("active"), slot.get("pending")
@@ -453,7 +458,7 @@ class RenewalScheduler:
         retry = now + datetime.timedelta(seconds=self._settings.deploy_retry_seconds)
         log.warning("scheduled deploy on %s %s failed (%s); trying again after %s", peer_id, domain or "server",
                     error, _iso(retry))
-        if outcome is None:  # nothing changed on the peer: try again later
+        if outcome is None:  # refused (nothing changed), or unanswered (its intent is settled at the next tick)
             await self._save_state(peer_id, domain, {"deploy_retry_at": _iso(retry)})
 
     def _deploy_slot(self, schedule: dict[str, Any], after: datetime.datetime) -> datetime.datetime:

@@ -522,6 +522,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                         last = {**last, "status": f"queued (position {position})"}
                 deployed = slot.get("last_deploy") or {}
                 matches, agent_state = compare_disk(active, previous, on_disk, domain, view)
+                intent = slot.get("deploying") or {}
+                if intent and not matches:
+                    agent_state = (f"{intent.get('kind', 'deploy')} of {intent.get('serial_hex', '?')} started "
+                                   f"{intent.get('at', '')} not recorded yet (the leader settles it from the "
+                                   f"agent's disk); {agent_state}")
                 slots.append(pb.SlotStatus(
                     slot=common_pb2.Slot(domain=domain), csr_names=",".join(csr.get("names", [])),
                     csr_created_at=csr.get("created_at", ""), pending_serial=pending.get("serial_hex", ""),
