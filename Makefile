@@ -8,10 +8,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard proto/clusteracme/v1/*.proto)
 
-.PHONY: demo test test-unit test-integration proto bench deps clean
+.PHONY: demo demo-ha test test-unit test-integration proto bench deps clean
 
 demo: deps $(STAMP)
 	$(PY) -m clusteracme.localcluster demo --peers 3
+
+# The same with two coordinator replicas on a 3-member etcd.
+demo-ha: deps $(STAMP)
+	$(PY) -m clusteracme.localcluster demo --peers 3 --coordinators 2 --etcd-members 3
 
 test: deps $(STAMP)
 	$(PY) -m pytest -q

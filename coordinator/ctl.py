@@ -401,17 +401,42 @@ async def cmd_rollout(ctl: Ctl, a: argparse.Namespace) -> None:
     request = pb.RolloutRequest(peer_ids=peers, all=a.all, batch=a.batch, rollback_on_failure=a.rollback_on_failure,
                                 slot=_slot(a))
     failed = False
+    last_stage: dict[str, str] = {}  # peer -> its latest stage, in plan order
     # Sent to the leader; redirected or retried only until the first event arrives.
-    async for event in ctl.client.stream("Rollout", request, read=False, timeout=a.rollout_timeout):
-        failed = failed or event.stage in ("failed", "stopped")
-        if ctl.args.json:
-            print(json.dumps(_dict(event)), flush=True)
-        else:
-            who = f"{event.peer_id}: " if event.peer_id else ""
-            serial = f" [{event.serial_hex}]" if event.serial_hex else ""
-            print(f"{who}{event.stage}{serial}" + (f" - {event.detail}" if event.detail else ""), flush=True)
+    try:
+        async for event in ctl.client.stream("Rollout", request, read=False, timeout=a.rollout_timeout):
+            failed = failed or event.stage in ("failed", "stopped")
+            if event.peer_id:
+                last_stage[event.peer_id] = event.stage
+            if ctl.args.json:
+                print(json.dumps(_dict(event)), flush=True)
+            else:
+                who = f"{event.peer_id}: " if event.peer_id else ""
+                serial = f" [{event.serial_hex}]" if event.serial_hex else ""
+                print(f"{who}{event.stage}{serial}" + (f" - {event.detail}" if event.detail else ""), flush=True)
+    except errors.ClusterAcmeError as exc:
+        if not last_stage:
+            raise
+        # The stream broke under way (the leader died, the deadline): say exactly where it stopped.
+        raise type(exc)(f"{exc.message}; the rollout was cut: {_rollout_where(last_stage)}") from None
     if failed:
         raise errors.FailedPrecondition("the rollout stopped at a failure (see above)")
+
+
+def _rollout_where(last_stage: dict[str, str]) -> str:
+    """Where a cut rollout stopped, from the last stage each peer reached."""
+    done = [p for p, st in last_stage.items() if st in ("verified", "rolled-back", "failed", "skipped")]
+    untouched = [p for p, st in last_stage.items() if st == "planned"]
+    under_way = [p for p, st in last_stage.items() if p not in done and p not in untouched]
+    parts = []
+    if done:
+        parts.append("finished: " + ", ".join(f"{p} ({last_stage[p]})" for p in done))
+    if under_way:
+        parts.append("under way: " + ", ".join(f"{p} ({last_stage[p]})" for p in under_way)
+                     + " (the leader records what its agent did; check with acmectl status)")
+    if untouched:
+        parts.append("not touched: " + ", ".join(untouched))
+    return "; ".join(parts) + "; run the rollout again for the rest"
 
 
 async def cmd_events(ctl: Ctl, a: argparse.Namespace) -> None:

@@ -6,6 +6,11 @@ would (account, CSR on the peer, sign with every peer serving the
 challenges, pending certificate, deploy without restart, status, history),
 printing each command and its output, and stops everything.
 
+``--coordinators N --etcd-members M`` runs it highly available: N
+coordinator replicas (one leads, the others stand by and answer too) on an
+M-member etcd cluster; the demo starts by listing both, and acmectl is
+given every replica.
+
 ``--ipv6`` runs the same demo dual-stack (root only): the cluster lives in a
 network namespace of its own, each peer also has an IPv6 address, DNS gives
 A and AAAA records, and the demo ends by showing which addresses the CA's
@@ -49,18 +54,27 @@ def demo(args: argparse.Namespace) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _plural(count: int, one: str, many: str) -> str:
+    return one if count == 1 else f"{count} {many}"
+
+
 def _demo(args: argparse.Namespace, run_dir: Path) -> None:
     where = " in a network namespace (dual-stack)" if args.ipv6 else ""
-    print(f"== starting etcd, pebble, challtestsrv, a coordinator and {args.peers} agents{where} in {run_dir}",
+    etcd = _plural(args.etcd_members, "etcd", "etcd members")
+    coordinators = _plural(args.coordinators, "a coordinator", "coordinator replicas")
+    print(f"== starting {etcd}, pebble, challtestsrv, {coordinators} and {args.peers} agents{where} in {run_dir}",
           flush=True)
     started = time.monotonic()
-    with LocalCluster(run_dir, peers=args.peers, front_mode=args.front_mode, ipv6=args.ipv6) as cluster:
+    with LocalCluster(run_dir, peers=args.peers, front_mode=args.front_mode, ipv6=args.ipv6,
+                      coordinators=args.coordinators, etcd_members=args.etcd_members) as cluster:
         peers = range(1, args.peers + 1)
         addresses = [f"{peer_address(i)} + {peer_ipv6_address(i)}" if args.ipv6 else peer_address(i) for i in peers]
         if cluster.netns is not None:
             print(f"== network namespace {cluster.netns.name}", flush=True)
         print(f"== cluster up in {time.monotonic() - started:.1f}s; peers on " + ", ".join(addresses)
               + f", port-80 fronts on port {cluster.front_port}", flush=True)
+        show_etcd_members(cluster)
+        step(cluster, "coordinators")
         for name in NAMES:
             cluster.set_dns(name, peers)
         records = "A and AAAA" if args.ipv6 else "A"
@@ -85,6 +99,16 @@ def _demo(args: argparse.Namespace, run_dir: Path) -> None:
     print("== demo finished", flush=True)
 
 
+def show_etcd_members(cluster: LocalCluster) -> None:
+    """Every etcd member: its client endpoint, and which one is the raft leader."""
+    assert cluster.infra is not None
+    members = cluster.infra.etcd_cluster.members
+    leader = cluster.etcd_leader_index() if len(members) > 1 else None
+    described = [f"{m.name} {m.endpoint}" + (" (raft leader)" if j == leader else "")
+                 for j, m in enumerate(members, start=1)]
+    print("== etcd: " + ", ".join(described), flush=True)
+
+
 _VALIDATION = re.compile(r"challenge (\S+) requested by (\S+) \(LetsEncrypt-Pebble-VA")
 
 
@@ -99,12 +123,22 @@ def show_validations(cluster: LocalCluster) -> None:
               flush=True)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m clusteracme.localcluster")
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run the end-to-end demo")
     d.add_argument("--peers", type=int, default=3)
     d.add_argument("--front-mode", choices=("closed", "redirect"), default="closed")
+    d.add_argument("--coordinators", type=_positive, default=1,
+                   help="coordinator replicas (c1..cN; one leads, the others stand by)")
+    d.add_argument("--etcd-members", type=_positive, default=1, help="members of the etcd cluster")
     d.add_argument("--run-dir", help="keep logs and state here (default: a new temp dir)")
     d.add_argument("--ipv6", action="store_true",
                    help="dual-stack: run in a network namespace where every peer also has an IPv6 address (root)")

@@ -1,10 +1,19 @@
-"""A whole local cluster on loopback: infrastructure, PKI, a coordinator and N agents.
+"""A whole local cluster on loopback: infrastructure, PKI, coordinators and N agents.
 
 The one launcher behind ``make demo`` and the integration tests. Peer ``i``
 (1-based) lives on ``127.0.0.(i+1)``; every agent's port-80 front listens on
 the same port (pebble's ``httpPort``) on its own address, exactly like real
 nodes that all listen on port 80. Every process is started by this object and
 stopped by PID.
+
+High availability (``coordinators=N``, ``etcd_members=M``): N coordinator
+replicas ``c1``..``cN``, each a process with its own port, config, log and
+certificate, all listening at once (one leads, the others stand by), on an
+M-member etcd cluster (``infra.EtcdCluster``). Agents and acmectl are given
+every replica. The test helpers (``leader_index``, ``kill_coordinator(i)``,
+``freeze_coordinator(i)``, ``kill_etcd_member(j)``...) drive failovers with
+real processes and signals. With the defaults (1 and 1) the files keep their
+old names (``coordinator.toml``, ``coordinator.log``).
 
 Dual-stack (``ipv6=True``, root only): the whole cluster runs in a network
 namespace the launcher creates, where peer ``i`` also has the IPv6 address
@@ -24,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -35,16 +45,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clusteracme import pki
 from clusteracme.localcluster.infra import Infra, InfraError, Process, free_port, tcp_check
 from clusteracme.localcluster.netns import NetNamespace
+from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 COORDINATOR_HOST = "127.0.0.1"
+ETCD_PREFIX = "/clusteracme/local/"
+LEADER_HEALTH_SERVICE = "clusteracme.leader"
+"""The coordinator's gRPC health service that is SERVING on the leader only."""
 MAX_DNS_PEERS = 8
 """The most peers the benchmarks point one name at (fewer when the name is
 too long for that many: ``dns_answer_limit``)."""
@@ -122,6 +138,76 @@ def write_toml(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def replica_leads(endpoint: str, ca: str | Path, cert: str | Path, key: str | Path, timeout: float = 2.0) -> bool | None:
+    """Whether the coordinator at ``endpoint`` says it leads: its gRPC health
+    service ``clusteracme.leader`` is SERVING (a standby answers NOT_SERVING).
+    None when it does not answer (down, frozen, not listening yet).
+
+    The process's own word, not the etcd leader key: after a crash the key
+    still names the dead leader until its lease expires, and a restarted
+    replica of the same name is a standby until it wins. A new leader turns
+    SERVING once it has resumed its predecessor's orders and takes commands.
+    """
+    creds = grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes(),
+                                         private_key=Path(key).read_bytes(), certificate_chain=Path(cert).read_bytes())
+    options = [("grpc.ssl_target_name_override", pki.COORDINATOR_SERVER_NAME)]
+    with grpc.secure_channel(endpoint, creds, options=options) as channel:
+        request = health_pb2.HealthCheckRequest(service=LEADER_HEALTH_SERVICE)
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout).status
+        except grpc.RpcError:
+            return None
+    return status == health_pb2.HealthCheckResponse.SERVING
+
+
+# replica_leads in a subprocess: for a dual-stack cluster, whose loopback is in
+# its own namespace, where in-process gRPC cannot reach (``netns``).
+_REPLICA_LEADS_SCRIPT = """
+import json, sys
+from clusteracme.localcluster.cluster import replica_leads
+print(json.dumps(replica_leads(*sys.argv[1:])))
+"""
+
+
+@dataclass
+class Replica:
+    """Coordinator replica ``c<index>`` of a local cluster."""
+
+    index: int
+    name: str
+    port: int
+    config: Path
+    log_path: Path
+    metrics_port: int | None = None
+    """Set when the cluster was made with ``coordinator_metrics=True``."""
+    process: Process | None = None
+    frozen: bool = False
+    """SIGSTOPped by ``freeze_coordinator`` (and not thawed since)."""
+
+    @property
+    def endpoint(self) -> str:
+        return f"{COORDINATOR_HOST}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://127.0.0.1:<port>/metrics`` of this replica, or None without metrics."""
+        return None if self.metrics_port is None else f"http://{COORDINATOR_HOST}:{self.metrics_port}/metrics"
+
+    @property
+    def running(self) -> bool:
+        """Its process exists (it may be frozen: ``frozen``)."""
+        return self.process is not None and self.process.alive
+
+    @property
+    def state(self) -> str:
+        """"running", "frozen", "exited <code>" or "not started": for messages."""
+        if self.process is None:
+            return "not started"
+        if not self.process.alive:
+            return f"exited {self.process.returncode}"
+        return "frozen" if self.frozen else "running"
+
+
 @dataclass
 class Agent:
     index: int
@@ -149,7 +235,8 @@ class LocalCluster:
     pebble_env: Mapping[str, str | None] = field(default_factory=dict)
     coordinator_timing: Mapping[str, Any] = field(default_factory=dict)
     coordinator_settings: Mapping[str, Any] = field(default_factory=dict)
-    """Extra coordinator settings, e.g. {"renewal": {"tick_seconds": 0.5}, "metrics_listen": "..."}."""
+    """Extra coordinator settings for every replica, e.g. {"renewal": {"tick_seconds": 0.5}}.
+    ``metrics_listen`` only with one replica (else ``coordinator_metrics``)."""
     agent_settings: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
     """Extra settings per peer index (e.g. {2: {"hooks": [...]}}), merged over the
     defaults; a table (e.g. "front") is merged key by key over the default table."""
@@ -157,17 +244,33 @@ class LocalCluster:
     ipv6: bool = False
     """Dual-stack: run everything in a network namespace of its own (root;
     see ``netns``) where each peer also has ``peer_ipv6_address(i)``."""
+    coordinators: int = 1
+    """How many coordinator replicas (``c1``..``cN``)."""
+    etcd_members: int = 1
+    """How many members the etcd cluster has."""
+    coordinator_metrics: bool = False
+    """Give every replica a free ``metrics_listen`` port (``Replica.metrics_url``)."""
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.coordinators < 1:
+            raise ValueError(f"a cluster needs at least one coordinator, not {self.coordinators}")
+        if "metrics_listen" in self.coordinator_settings and (self.coordinators > 1 or self.coordinator_metrics):
+            raise ValueError("metrics_listen in coordinator_settings would be one port for every replica: "
+                             "use coordinator_metrics=True")
         self.pki_dir = self.run_dir / "pki"
         self.front_port = free_port()
-        self.coordinator_port = free_port()
+        self.replicas = [self._make_replica(i) for i in range(1, self.coordinators + 1)]
         self.infra: Infra | None = None
-        self.coordinator: Process | None = None
         self.agents: list[Agent] = []
         self.netns: NetNamespace | None = None
+
+    def _make_replica(self, index: int) -> Replica:
+        # One replica keeps the file names of the single-coordinator days.
+        stem = "coordinator" if self.coordinators == 1 else f"coordinator-c{index}"
+        return Replica(index, f"c{index}", free_port(), self.run_dir / f"{stem}.toml", self.run_dir / f"{stem}.log",
+                       metrics_port=free_port() if self.coordinator_metrics else None)
 
     # --- lifecycle ---------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -193,10 +296,14 @@ class LocalCluster:
 
     def _start(self) -> None:
         self.infra = Infra(self.run_dir, http01_port=self.front_port, pebble_config=self.pebble_config,
-                           pebble_env=self.pebble_env).start()
+                           pebble_env=self.pebble_env, etcd_members=self.etcd_members).start()
         self._make_pki()
-        self._write_coordinator_config()
-        self.start_coordinator()
+        for replica in self.replicas:
+            self._write_coordinator_config(replica)
+        self._start_coordinators([r.index for r in self.replicas])
+        # Agents register with whichever replica answers; a leader must exist
+        # for the launcher's own first command (and the tests' first sign).
+        self.wait_leader(timeout=60)
         for i in range(1, self.peers + 1):
             self.agents.append(self._make_agent(i))
         self.start_agents(range(1, self.peers + 1))
@@ -214,15 +321,13 @@ class LocalCluster:
             except Exception as exc:  # keep stopping the rest
                 errors.append(exc)
 
-        # In parallel: each agent may take its grace period to exit.
-        processes = [a.process for a in self.agents if a.process is not None]
-        if processes:
-            with ThreadPoolExecutor(len(processes)) as pool:
-                for future in [pool.submit(Process.stop, p) for p in processes]:
-                    attempt(future.result)
-        if self.coordinator is not None:
-            coordinator = self.coordinator
-            attempt(lambda: coordinator.stop(timeout=10))
+        # In parallel: each agent (each replica) may take its grace period to exit.
+        for stage in ([a.process for a in self.agents], [r.process for r in self.replicas]):
+            processes = [p for p in stage if p is not None]
+            if processes:
+                with ThreadPoolExecutor(len(processes)) as pool:
+                    for future in [pool.submit(p.stop, 10) for p in processes]:
+                        attempt(future.result)
         if self.infra is not None:
             attempt(self.infra.stop)
         netns, self.netns = self.netns, None
@@ -244,25 +349,64 @@ class LocalCluster:
     def _make_pki(self) -> None:
         if not (self.pki_dir / pki.CA_CERT).exists():
             pki.init_ca(self.pki_dir, cluster="localcluster")
-            pki.issue(self.pki_dir, pki.Identity(pki.Role.COORDINATOR, "c1"), out_dir=self.pki_dir,
-                      ips=[COORDINATOR_HOST], dns_names=["localhost"])
             pki.issue(self.pki_dir, pki.Identity(pki.Role.OPERATOR, "admin"), out_dir=self.pki_dir)
             pki.create_secret(self.run_dir / "account-key.secret")
+        for replica in self.replicas:
+            if not self._replica_tls(replica)[0].exists():
+                pki.issue(self.pki_dir, pki.Identity(pki.Role.COORDINATOR, replica.name), out_dir=self.pki_dir,
+                          ips=[COORDINATOR_HOST], dns_names=["localhost"])
+
+    def _replica_tls(self, replica: Replica) -> tuple[Path, Path]:
+        """(certificate, key) of a replica: ``pki/coordinator-c<i>.pem`` / ``.key``."""
+        return self.pki_dir / f"coordinator-{replica.name}.pem", self.pki_dir / f"coordinator-{replica.name}.key"
+
+    def replica(self, index: int) -> Replica:
+        """Coordinator replica ``c<index>`` (1-based)."""
+        if not 1 <= index <= len(self.replicas):
+            raise IndexError(f"no coordinator c{index}: the cluster has {len(self.replicas)}")
+        return self.replicas[index - 1]
+
+    @property
+    def coordinator_endpoints(self) -> list[str]:
+        """Every replica's ``host:port``, c1 first: what agents and acmectl are given."""
+        return [r.endpoint for r in self.replicas]
 
     @property
     def coordinator_endpoint(self) -> str:
-        return f"{COORDINATOR_HOST}:{self.coordinator_port}"
+        """Replica c1's ``host:port`` (the coordinator, with one replica)."""
+        return self.replicas[0].endpoint
 
-    def _write_coordinator_config(self) -> None:
+    @property
+    def coordinator_port(self) -> int:
+        return self.replicas[0].port
+
+    @property
+    def coordinator(self) -> Process | None:
+        """Replica c1's process (the coordinator, with one replica)."""
+        return self.replicas[0].process
+
+    @coordinator.setter
+    def coordinator(self, process: Process | None) -> None:
+        self.replicas[0].process = process
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        """Every replica's metrics URL (``coordinator_metrics=True``; else empty)."""
+        return [r.metrics_url for r in self.replicas if r.metrics_url is not None]
+
+    def _write_coordinator_config(self, replica: Replica) -> None:
         assert self.infra is not None
-        write_toml(self.run_dir / "coordinator.toml", {
-            "name": "c1",
-            "listen": self.coordinator_endpoint,
+        cert, key = self._replica_tls(replica)
+        metrics = {} if replica.metrics_port is None else {"metrics_listen": f"{COORDINATOR_HOST}:{replica.metrics_port}"}
+        write_toml(replica.config, {
+            "name": replica.name,
+            "listen": replica.endpoint,
+            "advertise": replica.endpoint,
             "account_key_file": str(self.run_dir / "account-key.secret"),
             "dns_resolvers": [self.infra.challtestsrv.dns_address],
-            "tls": {"ca": str(self.pki_dir / "ca.pem"), "cert": str(self.pki_dir / "coordinator-c1.pem"),
-                    "key": str(self.pki_dir / "coordinator-c1.key")},
-            "etcd": {"endpoints": [self.infra.etcd.endpoint], "prefix": "/clusteracme/local/"},
+            **metrics,
+            "tls": {"ca": str(self.pki_dir / "ca.pem"), "cert": str(cert), "key": str(key)},
+            "etcd": {"endpoints": self.infra.etcd_endpoints, "prefix": ETCD_PREFIX},
             "timing": dict(self.coordinator_timing),
             **self.coordinator_settings,
         })
@@ -280,7 +424,7 @@ class LocalCluster:
             "peer_id": peer_id,
             "listen": f"{address}:{agent.grpc_port}",
             "addresses": addresses,
-            "coordinators": [self.coordinator_endpoint],
+            "coordinators": self.coordinator_endpoints,
             "state_dir": str(agent.state_dir),
             "tls": {"ca": str(self.pki_dir / "ca.pem"), "cert": str(cert), "key": str(key)},
             # The front listens on every address of the peer (both families when dual-stack).
@@ -310,18 +454,135 @@ class LocalCluster:
     def _python(self, module: str, config: Path) -> list[str]:
         return [sys.executable, "-m", module, "--config", str(config), "--log-level", self.log_level]
 
-    def start_coordinator(self) -> None:
-        self.inside(self._start_coordinator)
+    def start_coordinator(self, index: int = 1, *, wait_leader: bool = True, timeout: float = 60) -> None:
+        """Start replica ``index`` (again: same port, config and log) and wait
+        until it listens and, with ``wait_leader``, until some replica leads
+        (``wait_leader``): a lone replica restarted after a crash stands by
+        until the dead leader's lease expires."""
+        self._start_coordinators([index], timeout=timeout)
+        if wait_leader:
+            self.wait_leader(timeout=timeout)
 
-    def _start_coordinator(self) -> None:
-        self.coordinator = Process("coordinator", self._python("coordinator.app", self.run_dir / "coordinator.toml"),
-                                   log_path=self.run_dir / "coordinator.log", env=self._env())
-        # Serving means leader and listening; after a crash that takes up to the leader TTL.
-        self.coordinator.wait_ready(tcp_check(COORDINATOR_HOST, self.coordinator_port), timeout=60)
+    def _start_coordinators(self, indexes: Sequence[int], timeout: float = 60) -> None:
+        """Start these replicas at once, then wait until each listens (every
+        replica listens before the election, as a standby)."""
+        self.inside(self._spawn_coordinators, indexes, timeout)
 
-    def kill_coordinator(self) -> None:
-        assert self.coordinator is not None
-        self.coordinator.kill()
+    def _spawn_coordinators(self, indexes: Sequence[int], timeout: float) -> None:
+        started = []
+        for index in indexes:
+            replica = self.replica(index)
+            if replica.process is not None and replica.process.alive:
+                raise InfraError(f"coordinator {replica.name} is already running (pid {replica.process.pid})")
+            replica.process = Process(replica.config.stem, self._python("coordinator.app", replica.config),
+                                      log_path=replica.log_path, env=self._env())
+            replica.frozen = False
+            started.append(replica)
+        for replica in started:
+            assert replica.process is not None
+            replica.process.wait_ready(tcp_check(COORDINATOR_HOST, replica.port), timeout=timeout)
+
+    def kill_coordinator(self, index: int = 1) -> None:
+        """SIGKILL replica ``index`` (a crash: no resignation, its lease runs out)."""
+        replica = self.replica(index)
+        assert replica.process is not None, f"coordinator {replica.name} was never started"
+        replica.process.kill()
+        replica.frozen = False
+
+    def stop_coordinator(self, index: int = 1, timeout: float = 10) -> int:
+        """SIGTERM replica ``index`` (a leader resigns: a standby takes over at
+        once); SIGKILL after ``timeout`` s. Returns its exit code."""
+        replica = self.replica(index)
+        assert replica.process is not None, f"coordinator {replica.name} was never started"
+        code = replica.process.stop(timeout)
+        replica.frozen = False
+        return code
+
+    def freeze_coordinator(self, index: int) -> None:
+        """SIGSTOP replica ``index``: alive but silent, as a process stuck in a
+        long GC pause or a VM paused; a leader keeps its lease until the TTL runs out."""
+        replica = self.replica(index)
+        assert replica.running and replica.process is not None, f"coordinator {replica.name} is not running"
+        replica.process.signal(signal.SIGSTOP)
+        replica.frozen = True
+
+    def thaw_coordinator(self, index: int) -> None:
+        """SIGCONT replica ``index`` after ``freeze_coordinator``."""
+        replica = self.replica(index)
+        assert replica.process is not None, f"coordinator {replica.name} was never started"
+        replica.process.signal(signal.SIGCONT)
+        replica.frozen = False
+
+    def leader_index(self) -> int | None:
+        """Which replica leads right now, or None (an election under way, or
+        the leader frozen or not answering).
+
+        Both must agree: the etcd leader key names replica ``i`` and replica
+        ``i`` itself says it leads (``replica_leads``). The key alone can
+        name a dead leader whose lease has not run out yet (or a restarted
+        replica of that name, still a standby); the process alone can be a
+        thawed leader that has not yet noticed it was replaced.
+        """
+        name = self._leader_key()
+        replica = next((r for r in self.replicas if r.name == name), None)
+        if replica is None or not replica.running or replica.frozen:
+            return None
+        return replica.index if self._replica_leads(replica) else None
+
+    def wait_leader(self, timeout: float = 60) -> int:
+        """Wait until a replica leads (``leader_index``); returns it."""
+        deadline = time.monotonic() + timeout
+        while (leader := self.leader_index()) is None:
+            if time.monotonic() > deadline:
+                states = ", ".join(f"{r.name} {r.state}" for r in self.replicas)
+                raise InfraError(f"no coordinator leads after {timeout:.0f} s ({states}; the etcd leader key names "
+                                 f"{self._leader_key()!r}); logs: {', '.join(str(r.log_path) for r in self.replicas)}")
+            time.sleep(0.1)
+        return leader
+
+    def _leader_key(self) -> str | None:
+        """The name in the etcd leader key; None when nobody leads or etcd does not answer."""
+        assert self.infra is not None
+        try:
+            value = self.inside(self.infra.etcd_cluster.get, Keys(ETCD_PREFIX).leader())
+        except InfraError:  # no quorum (say, during a test's etcd outage): nobody can lead
+            return None
+        return None if value is None else value.decode()
+
+    def _replica_leads(self, replica: Replica) -> bool | None:
+        # Asked as the operator: any identity of the cluster CA may ask for health.
+        args = (replica.endpoint, self.pki_dir / "ca.pem", self.pki_dir / "operator-admin.pem",
+                self.pki_dir / "operator-admin.key")
+        if self.netns is None:
+            return replica_leads(*args)
+        out = self.inside(subprocess.run, [sys.executable, "-c", _REPLICA_LEADS_SCRIPT, *map(str, args)],
+                          capture_output=True, text=True, timeout=30, env=self._env())
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    # --- etcd members -----------------------------------------------------------
+    def kill_etcd_member(self, j: int) -> None:
+        """SIGKILL etcd member ``j`` (1-based)."""
+        assert self.infra is not None
+        self.infra.etcd_cluster.kill_member(j)
+
+    def start_etcd_member(self, j: int, timeout: float = 30) -> None:
+        """Start etcd member ``j`` again (same ports and data) and wait until it has caught up."""
+        assert self.infra is not None
+        self.inside(self.infra.etcd_cluster.start_member, j, timeout)
+        self.infra.write_summary()
+
+    def etcd_read(self, j: int, key: str) -> bytes | None:
+        """``key``'s value (None: absent) from etcd member ``j``'s own copy (a
+        serializable read, no round trip to the raft leader): what that member
+        has caught up with."""
+        assert self.infra is not None
+        member = self.infra.etcd_cluster.member(j)
+        return self.inside(member.get, key, serializable=True)
+
+    def etcd_leader_index(self) -> int | None:
+        """Which etcd member is the raft leader (1-based), or None during an election."""
+        assert self.infra is not None
+        return self.inside(self.infra.etcd_cluster.leader_index)
 
     def agent(self, index: int) -> Agent:
         return self.agents[index - 1]
@@ -362,7 +623,7 @@ class LocalCluster:
     def ctl_env(self) -> dict[str, str]:
         return {
             **self._env(),
-            "ACMECTL_COORDINATOR": self.coordinator_endpoint,
+            "ACMECTL_COORDINATOR": ",".join(self.coordinator_endpoints),
             "ACMECTL_CA": str(self.pki_dir / "ca.pem"),
             "ACMECTL_CERT": str(self.pki_dir / "operator-admin.pem"),
             "ACMECTL_KEY": str(self.pki_dir / "operator-admin.key"),

@@ -1,11 +1,12 @@
 """The infrastructure half of the local-cluster launcher.
 
 Owns the third-party processes a local cluster needs, all on loopback:
-``pebble-challtestsrv`` (mock DNS), ``etcd`` (one member) and ``pebble`` (the
-test CA), plus ``Infra``, which brings the three up in a run directory and
-tears them down in reverse order. The coordinator and the agents are started
-by the other half of the launcher, on top of this one; ``make demo`` and the
-integration tests share both.
+``pebble-challtestsrv`` (mock DNS), ``etcd`` (one member, or a cluster of
+several: ``EtcdCluster``) and ``pebble`` (the test CA), plus ``Infra``, which
+brings the three up in a run directory and tears them down in reverse order.
+The coordinators and the agents are started by the other half of the
+launcher, on top of this one; ``make demo`` and the integration tests share
+both.
 
 Every process logs stdout and stderr to ``<run_dir>/<name>.log`` and is
 stopped by its PID (SIGTERM, then SIGKILL after a grace period), never by name.
@@ -39,6 +40,7 @@ Observed behaviour of the Debian binaries this module relies on:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime
 import http.client
@@ -251,11 +253,18 @@ class Process:
                 )
             time.sleep(interval)
 
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` (e.g. SIGSTOP to freeze it, SIGCONT to thaw it).
+
+        Nothing happens once the process has been reaped: Popen.send_signal
+        checks, so a recycled PID is never signalled."""
+        self._popen.send_signal(signum)
+
     def stop(self, timeout: float = 5.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; reaps and returns the exit code."""
-        # Popen.send_signal does nothing once the child is reaped, so a
-        # recycled PID is never signalled.
-        self._popen.send_signal(signal.SIGTERM)
+        self.signal(signal.SIGTERM)
+        # A frozen (SIGSTOPped) process would hold the SIGTERM until thawed.
+        self.signal(signal.SIGCONT)
         try:
             return self._popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -263,7 +272,7 @@ class Process:
 
     def kill(self) -> int:
         """SIGKILL (simulates a crash); reaps and returns the exit code."""
-        self._popen.send_signal(signal.SIGKILL)
+        self.signal(signal.SIGKILL)
         return self._popen.wait()
 
 
@@ -406,10 +415,17 @@ class ChallTestSrv(_Service):
 
 
 class Etcd(_Service):
-    """A one-member etcd (3.4) on loopback, data in ``<run_dir>/<name>.data-*``.
+    """One etcd (3.4) member on loopback, data in ``<run_dir>/<name>.data-*``.
+
+    Alone (as built) it is a one-member cluster; ``EtcdCluster`` makes
+    several members that list each other in ``--initial-cluster``.
 
     Restartable: ``stop()`` or ``kill()`` then ``start()`` keeps the ports and
-    the data, as a restarted production member would.
+    the data, as a restarted production member would. The start flags stay
+    the same: etcd 3.4 finds its write-ahead log in the data dir, logs
+    "restarting local member" and ignores ``--initial-cluster*`` (checked
+    with a member of three SIGKILLed and started again with
+    ``--initial-cluster-state new``: it rejoins and catches up).
 
     Run as production should be (README "etcd at scale"): auto-compaction on,
     and an explicit backend quota. Compaction is *periodic*, keeping an hour
@@ -423,6 +439,14 @@ class Etcd(_Service):
     AUTO_COMPACTION = ("--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h")
     QUOTA_BACKEND_BYTES = 2 * 1024**3
     """etcd's default (2 GiB), stated: far above what a local cluster writes."""
+    SOLO_TIMING_MS = (25, 250)
+    """Heartbeat and election timeout of a one-member etcd: the election
+    timeout only delays its first self-election (about 1 s at the default
+    1000 ms, 0.1-0.3 s here)."""
+    CLUSTER_TIMING_MS = (100, 1000)
+    """The same for a member of several: etcd's defaults. Shorter timeouts
+    make a busy 2-core machine (a dozen Python processes starting) miss
+    heartbeats and hold needless elections."""
 
     def __init__(self, run_dir: Path, *, name: str = "etcd", binary: str = "etcd",
                  extra_args: Sequence[str] = ()) -> None:
@@ -435,6 +459,10 @@ class Etcd(_Service):
         self.data_dir = Path(tempfile.mkdtemp(prefix=f"{name}.data-", dir=run_dir))
         self.client_port = free_port()
         self.peer_port = free_port()
+        self.initial_cluster: tuple[Etcd, ...] = (self,)
+        """Every member of the cluster this one is born into (``EtcdCluster`` sets it)."""
+        self.cluster_token = f"clusteracme-{name}"
+        self.timing_ms = self.SOLO_TIMING_MS
 
     @property
     def endpoint(self) -> str:
@@ -445,51 +473,235 @@ class Etcd(_Service):
     def client_url(self) -> str:
         return f"http://{self.endpoint}"
 
-    def start(self, timeout: float = 30.0) -> None:
-        self._refuse_if_running()
-        peer_url = f"http://{LOOPBACK}:{self.peer_port}"
-        argv = [
+    @property
+    def peer_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.peer_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / f"{self.name}.log"
+
+    def argv(self) -> list[str]:
+        heartbeat, election = self.timing_ms
+        return [
             self.binary,
             "--name", self.name,
             "--data-dir", str(self.data_dir),
             "--listen-client-urls", self.client_url,
             "--advertise-client-urls", self.client_url,
-            "--listen-peer-urls", peer_url,
-            "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"{self.name}={peer_url}",
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", ",".join(f"{m.name}={m.peer_url}" for m in self.initial_cluster),
             "--initial-cluster-state", "new",
-            "--initial-cluster-token", f"clusteracme-{self.name}",
-            # One voting member: the election timeout only delays its first
-            # self-election (about 1 s at the default 1000 ms, 0.1-0.3 s here).
-            "--heartbeat-interval", "25",
-            "--election-timeout", "250",
+            "--initial-cluster-token", self.cluster_token,
+            "--heartbeat-interval", str(heartbeat),
+            "--election-timeout", str(election),
             "--logger", "zap",
             "--log-outputs", "stderr",
             *self.AUTO_COMPACTION,
             "--quota-backend-bytes", str(self.QUOTA_BACKEND_BYTES),
             *self.extra_args,
         ]  # fmt: skip
-        self.process = _launch(
-            self.name,
-            argv,
-            run_dir=self.run_dir,
-            env=_environ("ETCD_"),
-            check=http_check(f"{self.client_url}/health", accept=_etcd_healthy),
-            timeout=timeout,
-        )
+
+    def spawn(self) -> None:
+        """Start the process without waiting: a member of several is ready
+        only once a quorum runs, so ``EtcdCluster`` spawns them all first."""
+        self._refuse_if_running()
+        self.process = Process(self.name, self.argv(), log_path=self.log_path, env=_environ("ETCD_"),
+                               cwd=self.run_dir)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until ``/health`` says true: in etcd 3.4 that is a leader known
+        and a quorum read through raft, so a member that answers has caught up
+        with the cluster's commit index."""
+        self._require_process().wait_ready(http_check(f"{self.client_url}/health", accept=_etcd_healthy), timeout)
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.spawn()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def status(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        """This member's ``/v3/maintenance/status`` (the gRPC gateway), or None
+        when it does not answer. Observed shape (3.4, 64-bit ids as strings):
+        ``{"header": {"member_id": "86...", "raft_term": "2", ...},
+        "leader": "86..." (0 while it knows none), "raftIndex": "9", ...}``."""
+        if not self.alive:
+            return None
+        try:
+            return json.loads(_http("POST", f"{self.client_url}/v3/maintenance/status", body={}, timeout=timeout))
+        except (InfraError, ValueError):
+            return None
+
+    def get(self, key: str, *, serializable: bool = False, timeout: float = 2.0) -> bytes | None:
+        """The value of ``key`` through this member's gRPC gateway, or None when
+        the key is absent. ``serializable``: from this member's own copy (no
+        round trip to the leader), to see what it has caught up with.
+        Raises ``InfraError`` when the member does not answer."""
+        body = {"key": base64.b64encode(key.encode()).decode(), "serializable": serializable}
+        try:
+            answer = json.loads(_http("POST", f"{self.client_url}/v3/kv/range", body=body, timeout=timeout))
+        except ValueError as exc:
+            raise InfraError(f"{self.name}: unreadable range answer: {exc}") from exc
+        kvs = answer.get("kvs") or []
+        return base64.b64decode(kvs[0].get("value", "")) if kvs else None
 
     def summary(self) -> dict[str, Any]:
         return {
+            "name": self.name,
             "pid": self.pid,
             "endpoint": self.endpoint,
+            "peer_url": self.peer_url,
             "data_dir": str(self.data_dir),
-            "log": str(self.run_dir / f"{self.name}.log"),
+            "log": str(self.log_path),
         }
 
 
 def _etcd_healthy(body: bytes) -> bool:
     # etcd 3.4 answers {"health":"true"} (a string); later versions add "reason".
     return str(json.loads(body).get("health")).lower() == "true"
+
+
+class EtcdCluster:
+    """``members`` etcd members on loopback that form one cluster (1-based
+    indexes in every method, as ``etcd1``..``etcdM``).
+
+    One member is exactly the ``Etcd`` of old (name ``etcd``, its log
+    ``etcd.log``, the fast solo timing). Several list each other in a real
+    ``--initial-cluster``, each with its own ports, data dir and log
+    (``etcd<j>.log``), etcd's default timing (``Etcd.CLUSTER_TIMING_MS``)
+    and a cluster token of their own.
+    """
+
+    name = "etcd"
+    LEADER_STOP_GRACE = 1.0
+
+    def __init__(self, run_dir: Path, *, members: int = 1, binary: str = "etcd") -> None:
+        if members < 1:
+            raise ValueError(f"an etcd cluster needs at least one member, not {members}")
+        if members == 1:
+            self.members = [Etcd(run_dir, binary=binary)]
+        else:
+            self.members = [Etcd(run_dir, name=f"etcd{j}", binary=binary) for j in range(1, members + 1)]
+            token = f"clusteracme-etcd-{os.getpid()}-{self.members[0].client_port}"
+            for member in self.members:
+                member.initial_cluster = tuple(self.members)
+                member.cluster_token = token
+                member.timing_ms = Etcd.CLUSTER_TIMING_MS
+
+    def member(self, j: int) -> Etcd:
+        """Member ``j`` (1-based)."""
+        if not 1 <= j <= len(self.members):
+            raise IndexError(f"no etcd member {j}: the cluster has {len(self.members)}")
+        return self.members[j - 1]
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every member's ``host:port``, in member order: what a client is given."""
+        return [m.endpoint for m in self.members]
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every member that is not running (all of them, at first)."""
+        self.start_members([j for j in range(1, len(self.members) + 1) if not self.member(j).alive], timeout)
+
+    def start_members(self, indexes: Sequence[int], timeout: float = 30.0) -> None:
+        """Start these members together, then wait until each is healthy.
+        Together, because a member cannot be healthy before a quorum runs: a
+        new cluster, or a restart of several after quorum was lost. On a
+        failure the members started here are stopped again."""
+        started: list[Etcd] = []
+        try:
+            for j in indexes:
+                member = self.member(j)
+                member.spawn()
+                started.append(member)
+            deadline = time.monotonic() + timeout
+            for member in started:
+                member.wait_ready(max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            for member in started:
+                member.stop()
+            raise
+
+    def start_member(self, j: int, timeout: float = 30.0) -> None:
+        """Start member ``j`` again (same ports and data) and wait until it has
+        caught up (``Etcd.wait_ready``); the others must hold a quorum."""
+        self.start_members([j], timeout)
+
+    def kill_member(self, j: int) -> None:
+        """SIGKILL member ``j`` (a crash)."""
+        self.member(j).kill()
+
+    def stop_member(self, j: int, timeout: float = 5.0) -> None:
+        self.member(j).stop(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return all(m.alive for m in self.members)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop every member (idempotent): the followers together, then the
+        leader, given ``LEADER_STOP_GRACE`` seconds before SIGKILL.
+
+        Told to stop, an etcd 3.4 leader first hands its leadership to the
+        follower it has heard from longest, and waits for that (up to 7 s at
+        the default timing). A follower that is stopping with it never takes
+        over; and one stopped just before is still "connected" to the leader
+        for a while (observed: a transfer to a member that had exited a few
+        milliseconds earlier). So the last one gets a short grace: a SIGKILL
+        is a crash etcd is built to survive (its log is fsynced per commit)."""
+        leader = self.leader_index() if len(self.members) > 1 else None
+        followers = [m for j, m in enumerate(self.members, start=1) if j != leader]
+        for member in followers:
+            if member.process is not None:
+                member.process.signal(signal.SIGTERM)
+        for member in followers:
+            member.stop(timeout)
+        if leader is not None:
+            self.member(leader).stop(min(timeout, self.LEADER_STOP_GRACE))
+
+    def leader_index(self) -> int | None:
+        """The member that says it is the raft leader (its status has ``leader``
+        equal to its own ``member_id``), or None while none does (an election)
+        or none answers. A deposed leader cut off from the others may still
+        claim it for a moment: the claim with the highest raft term wins."""
+        claims: list[tuple[int, int]] = []
+        for j, member in enumerate(self.members, start=1):
+            status = member.status()
+            if status is None:
+                continue
+            header = status.get("header", {})
+            if status.get("leader") not in (None, "0") and status.get("leader") == header.get("member_id"):
+                claims.append((int(header.get("raft_term", 0)), j))
+        return max(claims)[1] if claims else None
+
+    def wait_leader(self, timeout: float = 30.0) -> int:
+        """Wait until a member leads (``leader_index``); returns it."""
+        deadline = time.monotonic() + timeout
+        while (leader := self.leader_index()) is None:
+            if time.monotonic() > deadline:
+                raise InfraError(f"no etcd member leads after {timeout:.0f} s; members: "
+                                 + ", ".join(f"{m.name} {'up' if m.alive else 'down'}" for m in self.members))
+            time.sleep(0.1)
+        return leader
+
+    def get(self, key: str) -> bytes | None:
+        """``key``'s value (None: absent), read linearizably through the first
+        running member that answers; ``InfraError`` when none does."""
+        failures = []
+        for member in self.members:
+            if member.alive:
+                try:
+                    return member.get(key)
+                except InfraError as exc:
+                    failures.append(str(exc))
+        raise InfraError(f"no etcd member answered a read of {key}: " + ("; ".join(failures) or "none running"))
+
+    def summary(self) -> dict[str, Any]:
+        return {"endpoints": self.endpoints, "members": [m.summary() for m in self.members]}
 
 
 class Pebble(_Service):
@@ -697,14 +909,15 @@ def _write_listener_tls(directory: Path) -> None:
 
 
 class Infra:
-    """ChallTestSrv, Etcd and Pebble in ``run_dir``, as one context manager.
+    """ChallTestSrv, etcd and Pebble in ``run_dir``, as one context manager.
 
     Starts them in that order (pebble resolves through the mock DNS), writes
     ``<run_dir>/infra.json`` (endpoints, pids, paths), and stops them in
     reverse order, also when a later start fails. ``http01_port`` is the port
     the peers' port-80 fronts listen on (default: a free port); pebble
-    validates HTTP-01 there. Usable as ``with`` (blocking) or ``async with``
-    (the same work in a thread).
+    validates HTTP-01 there. ``etcd_members``: how many members the etcd
+    cluster has (``EtcdCluster``). Usable as ``with`` (blocking) or
+    ``async with`` (the same work in a thread).
     """
 
     def __init__(
@@ -714,13 +927,14 @@ class Infra:
         http01_port: int | None = None,
         pebble_config: Mapping[str, Any] | None = None,
         pebble_env: Mapping[str, str | None] | None = None,
+        etcd_members: int = 1,
         timeout: float = 30.0,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.timeout = timeout
         self.challtestsrv = ChallTestSrv(self.run_dir)
-        self.etcd = Etcd(self.run_dir)
+        self.etcd_cluster = EtcdCluster(self.run_dir, members=etcd_members)
         self.pebble = Pebble(
             self.run_dir,
             http01_port=free_port() if http01_port is None else http01_port,
@@ -731,12 +945,22 @@ class Infra:
         self._stack = contextlib.ExitStack()
 
     @property
+    def etcd(self) -> Etcd:
+        """etcd member 1: the only one of a one-member etcd, as most tests run it."""
+        return self.etcd_cluster.member(1)
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        """Every etcd member's ``host:port``: what the coordinators are given."""
+        return self.etcd_cluster.endpoints
+
+    @property
     def summary_path(self) -> Path:
         return self.run_dir / "infra.json"
 
     def start(self) -> Self:
         with contextlib.ExitStack() as stack:
-            for service in (self.challtestsrv, self.etcd, self.pebble):
+            for service in (self.challtestsrv, self.etcd_cluster, self.pebble):
                 # Registered before start: a start that fails half-way has
                 # already cleaned up its own process, and stop() is idempotent.
                 stack.callback(service.stop)
@@ -746,7 +970,7 @@ class Infra:
         return self
 
     def write_summary(self) -> None:
-        """(Re)write ``infra.json``; call again after restarting a service (new pid)."""
+        """(Re)write ``infra.json``; call again after restarting a service or an etcd member (new pid)."""
         self.summary_path.write_text(json.dumps(self.summary(), indent=2) + "\n")
 
     def stop(self) -> None:
@@ -757,7 +981,7 @@ class Infra:
         return {
             "run_dir": str(self.run_dir),
             "challtestsrv": self.challtestsrv.summary(),
-            "etcd": self.etcd.summary(),
+            "etcd": self.etcd_cluster.summary(),
             "pebble": self.pebble.summary(),
         }
 

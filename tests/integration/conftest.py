@@ -37,7 +37,7 @@ _KEYSPACE_SCRIPT = """
 import asyncio, base64, json, sys
 from coordinator.store.etcd import EtcdStore
 async def read():
-    store = EtcdStore([sys.argv[1]])
+    store = EtcdStore(sys.argv[1].split(","))
     await store.connect()
     try:
         return [(e.key, base64.b64encode(e.value).decode(), e.mod_revision) for e in await store.range("/")]
@@ -53,13 +53,13 @@ def keyspace(cluster: LocalCluster) -> list[tuple[str, bytes, int]]:
     gRPC would connect from outside: ``clusteracme.localcluster.netns``)."""
     assert cluster.infra is not None
     if cluster.netns is not None:
-        out = cluster.inside(subprocess.run, [sys.executable, "-c", _KEYSPACE_SCRIPT, cluster.infra.etcd.endpoint],
+        out = cluster.inside(subprocess.run, [sys.executable, "-c", _KEYSPACE_SCRIPT, ",".join(cluster.infra.etcd_endpoints)],
                              capture_output=True, text=True, timeout=60, check=True)
         return [(key, base64.b64decode(value), revision) for key, value, revision in json.loads(out.stdout)]
 
     async def read() -> list[tuple[str, bytes, int]]:
         assert cluster.infra is not None
-        store = EtcdStore([cluster.infra.etcd.endpoint])
+        store = EtcdStore(cluster.infra.etcd_endpoints)  # every member: one may be down
         await store.connect()
         try:
             return [(e.key, e.value, e.mod_revision) for e in await store.range("/")]

@@ -4,9 +4,11 @@ no process or port behind."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import time
@@ -21,6 +23,7 @@ import pytest
 from cryptography import x509
 
 from clusteracme.localcluster.infra import LOOPBACK, Etcd, Infra, InfraError, Process
+from coordinator.store.etcd import EtcdStore
 
 pytestmark = [
     pytest.mark.integration,
@@ -95,12 +98,16 @@ def test_unknown_names_resolve_to_nothing(infra: Infra) -> None:
 
 def test_summary_file_names_every_process(infra: Infra) -> None:
     summary = json.loads(infra.summary_path.read_text())
-    assert summary["etcd"]["endpoint"] == infra.etcd.endpoint
+    assert summary["etcd"]["endpoints"] == [infra.etcd.endpoint] == infra.etcd_endpoints
     assert summary["pebble"]["directory_url"] == infra.pebble.directory_url
     assert summary["challtestsrv"]["dns_address"] == infra.challtestsrv.dns_address
-    for service in ("challtestsrv", "etcd", "pebble"):
-        assert summary[service]["pid"] > 0
-        assert Path(summary[service]["log"]).is_file()
+    for entry in (summary["challtestsrv"], *summary["etcd"]["members"], summary["pebble"]):
+        assert entry["pid"] > 0
+        assert Path(entry["log"]).is_file()
+    # One member keeps the one-member etcd's name, log and fast timing.
+    assert summary["etcd"]["members"][0]["name"] == "etcd"
+    assert Path(summary["etcd"]["members"][0]["log"]).name == "etcd.log"
+    assert "--election-timeout" in infra.etcd.argv() and infra.etcd.timing_ms == Etcd.SOLO_TIMING_MS
 
 
 def test_teardown_leaves_no_process_and_no_port(tmp_path: Path) -> None:
@@ -163,3 +170,67 @@ def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     process.wait_ready(lambda: "ready" in log.read_text().splitlines(), timeout=10)
     assert process.stop(timeout=0.3) == -9
     assert not process.alive
+
+
+def test_three_member_etcd_survives_losing_its_leader_and_the_member_catches_up(tmp_path: Path) -> None:
+    """A real 3-member cluster: the raft leader member SIGKILLed, the other two
+    elect a leader and serve the project's store (given all three
+    endpoints); the member restarted with its data catches up on a key
+    written while it was down, read from its own copy."""
+    with Infra(tmp_path, etcd_members=3) as running:
+        etcd = running.etcd_cluster
+        members = etcd.members
+        summary = json.loads(running.summary_path.read_text())["etcd"]
+        assert [m["name"] for m in summary["members"]] == ["etcd1", "etcd2", "etcd3"]
+        assert summary["endpoints"] == running.etcd_endpoints == [m.endpoint for m in members]
+        ports = {p for m in members for p in (m.client_port, m.peer_port)}
+        assert len(ports) == 6 and len({m.data_dir for m in members}) == 3
+        initial_cluster = ",".join(f"{m.name}={m.peer_url}" for m in members)
+        for member in members:
+            argv = member.argv()
+            assert argv[argv.index("--initial-cluster") + 1] == initial_cluster
+            assert member.timing_ms == Etcd.CLUSTER_TIMING_MS
+
+        leader = etcd.wait_leader(timeout=10)
+        etcd.kill_member(leader)
+        started = time.monotonic()
+        successor = etcd.wait_leader(timeout=15)
+        elected = time.monotonic() - started
+        assert successor != leader
+        print(f"\netcd member {leader} killed; member {successor} leads after {elected:.2f}s")
+
+        async def write_through_the_survivors() -> None:
+            async with EtcdStore(running.etcd_endpoints, timeout=10) as store:
+                await store.put_if("/test/while-down", b"written", expect_mod_revision=0)
+                entry = await store.get("/test/while-down")
+                assert entry is not None and entry.value == b"written"
+
+        asyncio.run(write_through_the_survivors())
+        etcd.start_member(leader)
+        restarted = etcd.member(leader)
+        # Its own copy (a serializable read: no round trip to the leader).
+        assert restarted.get("/test/while-down", serializable=True) == b"written"
+
+        async def read_from_it_alone() -> bytes | None:
+            async with EtcdStore([restarted.endpoint], timeout=10) as store:
+                entry = await store.get("/test/while-down")
+                return None if entry is None else entry.value
+
+        assert asyncio.run(read_from_it_alone()) == b"written"
+        assert etcd.leader_index() is not None
+        pids = [m.pid for m in members]
+        stopping = time.monotonic()
+    # Followers first, then the leader: no leadership transfer to a dying member.
+    assert time.monotonic() - stopping < 4
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_stop_thaws_a_frozen_process_so_it_can_exit(tmp_path: Path) -> None:
+    log = tmp_path / "frozen.log"
+    process = Process("frozen", ["sh", "-c", "echo ready; while :; do sleep 0.05; done"], log_path=log)
+    process.wait_ready(lambda: "ready" in log.read_text().splitlines(), timeout=10)
+    process.signal(signal.SIGSTOP)
+    # SIGTERM alone would wait for a SIGCONT: the grace period would run out (-9).
+    assert process.stop(timeout=5) == -signal.SIGTERM
