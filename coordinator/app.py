@@ -222,7 +222,7 @@ async def _lead(settings: CoordinatorSettings, leadership: Leadership, store: Et
                 resolver: DnsResolver, pool: AgentPool, notifier: WebhookNotifier | None, sup: Supervisor) -> Parts:
     """Leading: the components on the fenced store, the previous leader's
     orders resumed, the leader's own jobs started."""
-    log.info("coordinator %s won the election (fence revision %d)", settings.name, leadership.revision)
+    log.info("coordinator %s is the leader (fence revision %d)", settings.name, leadership.revision)
     t = settings.timing
     fenced = store.fenced(keys.leader(), leadership.revision)
     parts = build_parts(fenced, keys, settings, box, resolver, pool)
