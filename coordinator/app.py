@@ -149,8 +149,12 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
 
     # Every replica listens from the start: a standby serves the reads and
     # the agents from etcd and redirects commands to the leader (router).
+    # The record's lease is renewed on the main loop, which may stall for
+    # seconds under load (the election's own keep-alive has a thread for
+    # that): three election TTLs keep a busy leader listed; a dead replica
+    # leaves the list within them (who leads is the election key alone).
     replicas = Replicas(store, keys, name=settings.name, address=advertise, version=__version__,
-                        ttl=t.leader_ttl)
+                        ttl=3 * t.leader_ttl)
     await replicas.announce()
     cleanup.push_async_callback(replicas.withdraw)
     pool = AgentPool(settings.tls.files(), timeout=t.agent_call_timeout)
@@ -183,7 +187,14 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
     leader: Parts | None = None
     if campaign.done():
         stop_wait.cancel()
-        leader = await _lead(settings, campaign.result(), store, keys, box, resolver, pool, notifier, sup)
+        router.taking_over()
+        try:
+            leader = await _lead(settings, campaign.result(), store, keys, box, resolver, pool, notifier, sup)
+        except errors.ClusterAcmeError as exc:  # e.g. etcd gone while resuming: stop, a standby takes over
+            log.error("coordinator %s could not take over: %s", settings.name, exc.message)
+            sup.failed = True
+            sup.stopping.set()
+    if leader is not None:
         router.promote(leader.servicer)
         await health.set(LEADER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         metrics.LEADER.set(1)
@@ -194,7 +205,7 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
         daemon.notify(STATUS="leader")
         log.info("coordinator %s leads: serving every call", settings.name)
         await sup.stopping.wait()
-    else:
+    elif not campaign.done():
         campaign.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await campaign
@@ -208,6 +219,10 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
         # (its history event) before the store closes; it does not hold shutdown up.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(leader.revocation.wait_idle(), timeout=5)
+        # A deploy whose agent was asked records its answer before the lease
+        # is handed over (else the next leader settles it from the disk).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(leader.deployment.wait_idle(), timeout=10)
     await sup.shutdown()
     if sup.failed or leader is None:
         await election.abandon()  # stop the keep-alive thread; the lease expires within the TTL

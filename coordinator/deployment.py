@@ -115,7 +115,7 @@ class Deployment:
     def __init__(self, store: Store, keys: Keys, registry: Registry, pool: AgentPool, history: History,
                  *, verify_timeout: float = 10.0, settle_grace: float = SETTLE_GRACE,
                  clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC)) -> None:
-        self._running: set[asyncio.Future[DeployOutcome]] = set()
+        self._running: set[asyncio.Future[DeployOutcome]] = set()  # deploys and rollbacks under way
         self._turns: dict[tuple[str, str], _SlotTurn] = {}
         self._store = store
         self._keys = keys
@@ -150,6 +150,11 @@ class Deployment:
         return (peer_id, domain) in self._turns
 
     # --- one peer ------------------------------------------------------------
+    async def wait_idle(self) -> None:
+        """Until every deploy and rollback under way has recorded its outcome."""
+        while self._running:
+            await asyncio.wait(set(self._running))
+
     async def deploy(self, peer_id: str, domain: str, who: str) -> DeployOutcome:
         return await self._shielded(self._deploy(peer_id, domain, who))
 
@@ -378,7 +383,8 @@ class Deployment:
         label = _label(peer.peer_id, domain)
         try:
             held = await self._agent_slot(peer, domain)
-            early = self._settle_grace - self._age(intent)
+            # Clamped: the age is read against the writer's clock (maybe another replica's).
+            early = min(self._settle_grace, max(0.0, self._settle_grace - self._age(intent)))
             if held[0] != serial and early > 0:
                 if not wait:
                     return Settled.UNKNOWN, f"started {self._age(intent):.1f} s ago: the agent may still switch"

@@ -73,6 +73,7 @@ class Replicas:
         self._record = {"name": name, "address": address, "version": version, "started_at": started,
                         "role": STANDBY, "role_since": started}
         self._lease = 0
+        self._writing = asyncio.Lock()  # run() and became_leader() may both (re)grant: one lease at a time
 
     @property
     def name(self) -> str:
@@ -84,28 +85,46 @@ class Replicas:
         (two replicas with one name could not be told apart, by the
         election either). One at this address is this replica's previous
         run (killed within the TTL): replaced."""
-        entry = await self._store.get(self._keys.coordinator(self.name))
-        if entry is not None:
-            other = Member.from_record(records.decode(entry.value))
+        delay = 0.2
+        while True:  # etcd may be forming its quorum as the replicas start
+            try:
+                entry = await self._store.get(self._keys.coordinator(self.name))
+                break
+            except StoreUnavailable as exc:
+                log.warning("coordinator %s: etcd not reachable yet (%s); retrying in %.1f s", self.name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+        try:
+            other = Member.from_record(records.decode(entry.value)) if entry is not None else None
+        except ValueError:
+            other = None  # unreadable: replaced by ours
+        if other is not None:
             if other.address != self._record["address"]:
                 raise errors.FailedPrecondition(
                     f"another coordinator named {self.name!r} is running at {other.address} (since "
                     f"{other.started_at}): give every replica a name of its own (setting name)")
-        await self._write()
+        while True:
+            try:
+                await self._write()
+                return
+            except (StoreUnavailable, LeaseLost) as exc:
+                log.warning("coordinator %s: cannot write its member record yet (%s); retrying", self.name, exc)
+                await asyncio.sleep(1.0)
 
     async def became_leader(self) -> None:
         self._record = {**self._record, "role": LEADER, "role_since": _now()}
         await self._write()
 
     async def _write(self) -> None:
-        if not self._lease:
-            self._lease = await self._store.grant_lease(self._ttl)
-        try:
-            await self._store.put_if(self._keys.coordinator(self.name), records.encode(self._record),
-                                     expect_mod_revision=None, lease=self._lease)
-        except LeaseLost:
-            self._lease = 0
-            raise
+        async with self._writing:
+            if not self._lease:
+                self._lease = await self._store.grant_lease(self._ttl)
+            try:
+                await self._store.put_if(self._keys.coordinator(self.name), records.encode(self._record),
+                                         expect_mod_revision=None, lease=self._lease)
+            except LeaseLost:
+                self._lease = 0
+                raise
 
     async def run(self) -> None:
         """Keep the record's lease alive; write it again once it was lost
@@ -141,7 +160,10 @@ class Replicas:
             return LeaderView(None)
         name = entry.value.decode(errors="replace")
         record = await self._store.get(self._keys.coordinator(name)) if name else None
-        address = Member.from_record(records.decode(record.value)).address if record is not None else ""
+        try:
+            address = Member.from_record(records.decode(record.value)).address if record is not None else ""
+        except ValueError:
+            address = ""
         return LeaderView(name, address)
 
     async def members(self) -> tuple[list[Member], str | None]:

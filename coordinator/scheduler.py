@@ -207,10 +207,12 @@ class RenewalScheduler:
         now = self._clock()
         peer_id = peer.peer_id
         domain = slot.get("domain", "")
-        if slot.get(INTENT) and await self._deployment.settle(peer_id, domain) in (Settled.DONE, Settled.NOT_DONE):
+        if slot.get(INTENT) and peer.alive \
+                and await self._deployment.settle(peer_id, domain) in (Settled.DONE, Settled.NOT_DONE):
             # A deploy or rollback whose answer was never recorded (its leader
             # stopped): settled from the agent's disk. The first tick of a new
             # leader does it at once; the next tick works from the new record.
+            # A dead peer's is left until it heartbeats again (no tick waits on it).
             return
         labels = {"peer": peer_id, "domain": domain or "server"}
         schedule = {**DEFAULT_SCHEDULE, **(slot.get("schedule") or {})}

@@ -31,6 +31,8 @@ from peer_agent.tls_endpoint import TLSEndpoint
 
 log = logging.getLogger("acme-agent")
 CALL_TIMEOUT = 5.0
+REGISTER_TIMEOUT_SEVERAL = 3.0
+"""A registration's deadline when another replica could take it (one heartbeat interval by default)."""
 
 
 def _host(hostport: str) -> str:
@@ -142,7 +144,10 @@ async def keep_registered(settings: AgentSettings, request: cpb.RegisterPeerRequ
         chan = channel(tls, target, COORDINATOR_SERVER_NAME)
         try:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(chan)
-            reply = await stub.RegisterPeer(request, timeout=CALL_TIMEOUT)
+            # With other replicas to try, one that does not answer (frozen) may
+            # not cost the liveness lease: a registration gets what a heartbeat gets.
+            several = len(settings.coordinators) > 1
+            reply = await stub.RegisterPeer(request, timeout=REGISTER_TIMEOUT_SEVERAL if several else CALL_TIMEOUT)
             failed_in_a_row = 0
             log.info("registered with coordinator %s as %s", target, settings.peer_id)
             if settings.trust_bundle_file is not None and reply.trust_bundle_sha256:

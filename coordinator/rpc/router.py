@@ -45,10 +45,15 @@ class ReplicaRouter(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._replicas = replicas
         self._standby = standby
         self._leader: CoordinatorServicer | None = None
+        self._won = False
 
     @property
     def leading(self) -> bool:
         return self._leader is not None
+
+    def taking_over(self) -> None:
+        """The election is won; the previous leader's orders are being resumed."""
+        self._won = True
 
     def promote(self, leader: CoordinatorServicer) -> None:
         self._leader = leader
@@ -63,17 +68,26 @@ class ReplicaRouter(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     async def _redirect(self, method: str, context: grpc.aio.ServicerContext) -> None:
         """UNAVAILABLE, with the leader's address when there is one to go to."""
+        me = self._replicas.name
+        metadata: list[tuple[str, str]] = [(STANDBY_KEY, me)]
         try:
             who = caller(context)
             if who.role is not Role.OPERATOR:
                 raise errors.PermissionDenied(f"{who.common_name} may not call {method}")
-            leader = await self._replicas.leader()
         except errors.ClusterAcmeError as exc:
             await context.abort(status_code_for(exc), exc.message)
             return
-        me = self._replicas.name
-        metadata: list[tuple[str, str]] = [(STANDBY_KEY, me)]
-        if leader.name is None:
+        try:
+            leader = await self._replicas.leader()
+        except errors.ClusterAcmeError as exc:  # etcd unreachable from here: nothing was done, try elsewhere
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"coordinator {me} is a standby and cannot read who leads ({exc.message}): "
+                                f"{NO_LEADER_MARK} for it; try again in a few seconds", tuple(metadata))
+            return
+        if leader.name == me and not self._won:
+            detail = (f"coordinator {me} is a standby; the leader key still names its previous run (killed), "
+                      f"which expires within the election TTL: {NO_LEADER_MARK}, try again in a few seconds")
+        elif leader.name is None:
             detail = f"coordinator {me} is a standby and {NO_LEADER_MARK} (election under way); try again in a few seconds"
         elif leader.name == me:
             detail = (f"coordinator {me} has just won the election and is taking over (resuming the previous "
