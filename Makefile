@@ -31,6 +31,7 @@ bench: deps $(STAMP)
 	$(PY) -m bench.sign_latency --peers 30
 	$(PY) -m bench.rollout_connections
 	$(PY) -m bench.fleet --peers 30 --slots 7
+	$(PY) -m bench.failover
 
 deps:
 	@deploy/dev-deps.sh
