@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from clusteracme.v1 import common_pb2 as clusteracme_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63lusteracme/v1/agent.proto\x12\x0e\x63lusteracme.v1\x1a\x1b\x63lusteracme/v1/common.proto\"L\n\x10PruneKeysRequest\x12\x0c\n\x04keep\x18\x01 \x03(\t\x12\x19\n\x11retention_seconds\x18\x02 \x01(\x04\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"s\n\nRetiredKey\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\x12\x12\n\nretired_at\x18\x03 \x01(\t\x12\x12\n\ndeleted_at\x18\x04 \x01(\t\"m\n\x11PruneKeysResponse\x12+\n\x07retired\x18\x01 \x03(\x0b\x32\x1a.clusteracme.v1.RetiredKey\x12+\n\x07\x64\x65leted\x18\x02 \x03(\x0b\x32\x1a.clusteracme.v1.RetiredKey\"\\\n\x15SignRevocationRequest\x12\x17\n\x0f\x63\x65rtificate_der\x18\x01 \x01(\x0c\x12\x0e\n\x06reason\x18\x02 \x01(\r\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\"*\n\x16SignRevocationResponse\x12\x10\n\x08jws_json\x18\x01 \x01(\t\";\n\x15SetTrustBundleRequest\x12\x12\n\nbundle_pem\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\",\n\x16SetTrustBundleResponse\x12\x12\n\nwritten_to\x18\x01 \x01(\t\"c\n\x12\x41gentDeployRequest\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x11\n\tchain_pem\x18\x02 \x01(\t\x12\x16\n\x0e\x65xpected_names\x18\x03 \x03(\t\"^\n\x14\x41gentRollbackRequest\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\"\n\x1a\x65xpected_active_serial_hex\x18\x02 \x01(\t\"|\n\x13\x41gentDeployResponse\x12\x19\n\x11\x61\x63tive_serial_hex\x18\x01 \x01(\t\x12\x1b\n\x13previous_serial_hex\x18\x02 \x01(\t\x12-\n\x07reloads\x18\x03 \x03(\x0b\x32\x1c.clusteracme.v1.ReloadResult\"O\n\x0bOrderTokens\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12.\n\x06tokens\x18\x02 \x03(\x0b\x32\x1e.clusteracme.v1.ChallengeToken\"\x9a\x01\n\x14PresentTokensRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12.\n\x06tokens\x18\x02 \x03(\x0b\x32\x1e.clusteracme.v1.ChallengeToken\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12+\n\x06orders\x18\x04 \x03(\x0b\x32\x1b.clusteracme.v1.OrderTokens\",\n\x15PresentTokensResponse\x12\x13\n\x0bopen_tokens\x18\x01 \x01(\r\"J\n\x13RemoveTokensRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x11\n\torder_ids\x18\x03 \x03(\t\"+\n\x14RemoveTokensResponse\x12\x13\n\x0bopen_tokens\x18\x01 \x01(\r\"\xb3\x01\n\x12GenerateCSRRequest\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x13\n\x0b\x63ommon_name\x18\x02 \x01(\t\x12\x0c\n\x04sans\x18\x03 \x03(\t\x12)\n\x08key_type\x18\x04 \x01(\x0e\x32\x17.clusteracme.v1.KeyType\x12+\n\x07subject\x18\x05 \x01(\x0b\x32\x1a.clusteracme.v1.CsrSubject\"A\n\x13GenerateCSRResponse\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\"\x14\n\x12\x41gentStatusRequest\"\x86\x01\n\x07SlotKey\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\x12)\n\x08key_type\x18\x03 \x01(\x0e\x32\x17.clusteracme.v1.KeyType\x12\x11\n\theld_keys\x18\x04 \x03(\t\"\xc5\x02\n\x13\x41gentStatusResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nfront_mode\x18\x03 \x01(\t\x12\x17\n\x0f\x66ront_listening\x18\x04 \x01(\x08\x12\x13\n\x0bopen_tokens\x18\x05 \x01(\r\x12\"\n\x1a\x63hallenge_server_listening\x18\x06 \x01(\x08\x12%\n\x04keys\x18\x07 \x03(\x0b\x32\x17.clusteracme.v1.SlotKey\x12\x36\n\x0c\x63\x65rtificates\x18\x08 \x03(\x0b\x32 .clusteracme.v1.SlotCertificates\x12\x15\n\rtls_endpoints\x18\t \x03(\t\x12\x30\n\x0cretired_keys\x18\n \x03(\x0b\x32\x1a.clusteracme.v1.RetiredKey2\xb0\x06\n\x0c\x41gentService\x12\\\n\rPresentTokens\x12$.clusteracme.v1.PresentTokensRequest\x1a%.clusteracme.v1.PresentTokensResponse\x12Y\n\x0cRemoveTokens\x12#.clusteracme.v1.RemoveTokensRequest\x1a$.clusteracme.v1.RemoveTokensResponse\x12V\n\x0bGenerateCSR\x12\".clusteracme.v1.GenerateCSRRequest\x1a#.clusteracme.v1.GenerateCSRResponse\x12Q\n\x06Status\x12\".clusteracme.v1.AgentStatusRequest\x1a#.clusteracme.v1.AgentStatusResponse\x12Q\n\x06\x44\x65ploy\x12\".clusteracme.v1.AgentDeployRequest\x1a#.clusteracme.v1.AgentDeployResponse\x12U\n\x08Rollback\x12$.clusteracme.v1.AgentRollbackRequest\x1a#.clusteracme.v1.AgentDeployResponse\x12_\n\x0eSignRevocation\x12%.clusteracme.v1.SignRevocationRequest\x1a&.clusteracme.v1.SignRevocationResponse\x12_\n\x0eSetTrustBundle\x12%.clusteracme.v1.SetTrustBundleRequest\x1a&.clusteracme.v1.SetTrustBundleResponse\x12P\n\tPruneKeys\x12 .clusteracme.v1.PruneKeysRequest\x1a!.clusteracme.v1.PruneKeysResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63lusteracme/v1/agent.proto\x12\x0e\x63lusteracme.v1\x1a\x1b\x63lusteracme/v1/common.proto\"L\n\x10PruneKeysRequest\x12\x0c\n\x04keep\x18\x01 \x03(\t\x12\x19\n\x11retention_seconds\x18\x02 \x01(\x04\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"s\n\nRetiredKey\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\x12\x12\n\nretired_at\x18\x03 \x01(\t\x12\x12\n\ndeleted_at\x18\x04 \x01(\t\"m\n\x11PruneKeysResponse\x12+\n\x07retired\x18\x01 \x03(\x0b\x32\x1a.clusteracme.v1.RetiredKey\x12+\n\x07\x64\x65leted\x18\x02 \x03(\x0b\x32\x1a.clusteracme.v1.RetiredKey\"\\\n\x15SignRevocationRequest\x12\x17\n\x0f\x63\x65rtificate_der\x18\x01 \x01(\x0c\x12\x0e\n\x06reason\x18\x02 \x01(\r\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\"*\n\x16SignRevocationResponse\x12\x10\n\x08jws_json\x18\x01 \x01(\t\";\n\x15SetTrustBundleRequest\x12\x12\n\nbundle_pem\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\",\n\x16SetTrustBundleResponse\x12\x12\n\nwritten_to\x18\x01 \x01(\t\"y\n\x12\x41gentDeployRequest\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x11\n\tchain_pem\x18\x02 \x01(\t\x12\x16\n\x0e\x65xpected_names\x18\x03 \x03(\t\x12\x14\n\x0cleader_fence\x18\x04 \x01(\x04\"t\n\x14\x41gentRollbackRequest\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\"\n\x1a\x65xpected_active_serial_hex\x18\x02 \x01(\t\x12\x14\n\x0cleader_fence\x18\x03 \x01(\x04\"|\n\x13\x41gentDeployResponse\x12\x19\n\x11\x61\x63tive_serial_hex\x18\x01 \x01(\t\x12\x1b\n\x13previous_serial_hex\x18\x02 \x01(\t\x12-\n\x07reloads\x18\x03 \x03(\x0b\x32\x1c.clusteracme.v1.ReloadResult\"O\n\x0bOrderTokens\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12.\n\x06tokens\x18\x02 \x03(\x0b\x32\x1e.clusteracme.v1.ChallengeToken\"\x9a\x01\n\x14PresentTokensRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12.\n\x06tokens\x18\x02 \x03(\x0b\x32\x1e.clusteracme.v1.ChallengeToken\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12+\n\x06orders\x18\x04 \x03(\x0b\x32\x1b.clusteracme.v1.OrderTokens\",\n\x15PresentTokensResponse\x12\x13\n\x0bopen_tokens\x18\x01 \x01(\r\"J\n\x13RemoveTokensRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x11\n\torder_ids\x18\x03 \x03(\t\"+\n\x14RemoveTokensResponse\x12\x13\n\x0bopen_tokens\x18\x01 \x01(\r\"\xb3\x01\n\x12GenerateCSRRequest\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x13\n\x0b\x63ommon_name\x18\x02 \x01(\t\x12\x0c\n\x04sans\x18\x03 \x03(\t\x12)\n\x08key_type\x18\x04 \x01(\x0e\x32\x17.clusteracme.v1.KeyType\x12+\n\x07subject\x18\x05 \x01(\x0b\x32\x1a.clusteracme.v1.CsrSubject\"A\n\x13GenerateCSRResponse\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\"*\n\x12\x41gentStatusRequest\x12\x14\n\x0cleader_fence\x18\x01 \x01(\x04\"\x86\x01\n\x07SlotKey\x12\"\n\x04slot\x18\x01 \x01(\x0b\x32\x14.clusteracme.v1.Slot\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\x12)\n\x08key_type\x18\x03 \x01(\x0e\x32\x17.clusteracme.v1.KeyType\x12\x11\n\theld_keys\x18\x04 \x03(\t\"\x84\x03\n\x13\x41gentStatusResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nfront_mode\x18\x03 \x01(\t\x12\x17\n\x0f\x66ront_listening\x18\x04 \x01(\x08\x12\x13\n\x0bopen_tokens\x18\x05 \x01(\r\x12\"\n\x1a\x63hallenge_server_listening\x18\x06 \x01(\x08\x12%\n\x04keys\x18\x07 \x03(\x0b\x32\x17.clusteracme.v1.SlotKey\x12\x36\n\x0c\x63\x65rtificates\x18\x08 \x03(\x0b\x32 .clusteracme.v1.SlotCertificates\x12\x15\n\rtls_endpoints\x18\t \x03(\t\x12\x30\n\x0cretired_keys\x18\n \x03(\x0b\x32\x1a.clusteracme.v1.RetiredKey\x12\'\n\tswitching\x18\x0b \x03(\x0b\x32\x14.clusteracme.v1.Slot\x12\x14\n\x0cleader_fence\x18\x0c \x01(\x04\x32\xb0\x06\n\x0c\x41gentService\x12\\\n\rPresentTokens\x12$.clusteracme.v1.PresentTokensRequest\x1a%.clusteracme.v1.PresentTokensResponse\x12Y\n\x0cRemoveTokens\x12#.clusteracme.v1.RemoveTokensRequest\x1a$.clusteracme.v1.RemoveTokensResponse\x12V\n\x0bGenerateCSR\x12\".clusteracme.v1.GenerateCSRRequest\x1a#.clusteracme.v1.GenerateCSRResponse\x12Q\n\x06Status\x12\".clusteracme.v1.AgentStatusRequest\x1a#.clusteracme.v1.AgentStatusResponse\x12Q\n\x06\x44\x65ploy\x12\".clusteracme.v1.AgentDeployRequest\x1a#.clusteracme.v1.AgentDeployResponse\x12U\n\x08Rollback\x12$.clusteracme.v1.AgentRollbackRequest\x1a#.clusteracme.v1.AgentDeployResponse\x12_\n\x0eSignRevocation\x12%.clusteracme.v1.SignRevocationRequest\x1a&.clusteracme.v1.SignRevocationResponse\x12_\n\x0eSetTrustBundle\x12%.clusteracme.v1.SetTrustBundleRequest\x1a&.clusteracme.v1.SetTrustBundleResponse\x12P\n\tPruneKeys\x12 .clusteracme.v1.PruneKeysRequest\x1a!.clusteracme.v1.PruneKeysResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,31 +47,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETTRUSTBUNDLERESPONSE']._serialized_start=580
   _globals['_SETTRUSTBUNDLERESPONSE']._serialized_end=624
   _globals['_AGENTDEPLOYREQUEST']._serialized_start=626
-  _globals['_AGENTDEPLOYREQUEST']._serialized_end=725
-  _globals['_AGENTROLLBACKREQUEST']._serialized_start=727
-  _globals['_AGENTROLLBACKREQUEST']._serialized_end=821
-  _globals['_AGENTDEPLOYRESPONSE']._serialized_start=823
-  _globals['_AGENTDEPLOYRESPONSE']._serialized_end=947
-  _globals['_ORDERTOKENS']._serialized_start=949
-  _globals['_ORDERTOKENS']._serialized_end=1028
-  _globals['_PRESENTTOKENSREQUEST']._serialized_start=1031
-  _globals['_PRESENTTOKENSREQUEST']._serialized_end=1185
-  _globals['_PRESENTTOKENSRESPONSE']._serialized_start=1187
-  _globals['_PRESENTTOKENSRESPONSE']._serialized_end=1231
-  _globals['_REMOVETOKENSREQUEST']._serialized_start=1233
-  _globals['_REMOVETOKENSREQUEST']._serialized_end=1307
-  _globals['_REMOVETOKENSRESPONSE']._serialized_start=1309
-  _globals['_REMOVETOKENSRESPONSE']._serialized_end=1352
-  _globals['_GENERATECSRREQUEST']._serialized_start=1355
-  _globals['_GENERATECSRREQUEST']._serialized_end=1534
-  _globals['_GENERATECSRRESPONSE']._serialized_start=1536
-  _globals['_GENERATECSRRESPONSE']._serialized_end=1601
-  _globals['_AGENTSTATUSREQUEST']._serialized_start=1603
-  _globals['_AGENTSTATUSREQUEST']._serialized_end=1623
-  _globals['_SLOTKEY']._serialized_start=1626
-  _globals['_SLOTKEY']._serialized_end=1760
-  _globals['_AGENTSTATUSRESPONSE']._serialized_start=1763
-  _globals['_AGENTSTATUSRESPONSE']._serialized_end=2088
-  _globals['_AGENTSERVICE']._serialized_start=2091
-  _globals['_AGENTSERVICE']._serialized_end=2907
+  _globals['_AGENTDEPLOYREQUEST']._serialized_end=747
+  _globals['_AGENTROLLBACKREQUEST']._serialized_start=749
+  _globals['_AGENTROLLBACKREQUEST']._serialized_end=865
+  _globals['_AGENTDEPLOYRESPONSE']._serialized_start=867
+  _globals['_AGENTDEPLOYRESPONSE']._serialized_end=991
+  _globals['_ORDERTOKENS']._serialized_start=993
+  _globals['_ORDERTOKENS']._serialized_end=1072
+  _globals['_PRESENTTOKENSREQUEST']._serialized_start=1075
+  _globals['_PRESENTTOKENSREQUEST']._serialized_end=1229
+  _globals['_PRESENTTOKENSRESPONSE']._serialized_start=1231
+  _globals['_PRESENTTOKENSRESPONSE']._serialized_end=1275
+  _globals['_REMOVETOKENSREQUEST']._serialized_start=1277
+  _globals['_REMOVETOKENSREQUEST']._serialized_end=1351
+  _globals['_REMOVETOKENSRESPONSE']._serialized_start=1353
+  _globals['_REMOVETOKENSRESPONSE']._serialized_end=1396
+  _globals['_GENERATECSRREQUEST']._serialized_start=1399
+  _globals['_GENERATECSRREQUEST']._serialized_end=1578
+  _globals['_GENERATECSRRESPONSE']._serialized_start=1580
+  _globals['_GENERATECSRRESPONSE']._serialized_end=1645
+  _globals['_AGENTSTATUSREQUEST']._serialized_start=1647
+  _globals['_AGENTSTATUSREQUEST']._serialized_end=1689
+  _globals['_SLOTKEY']._serialized_start=1692
+  _globals['_SLOTKEY']._serialized_end=1826
+  _globals['_AGENTSTATUSRESPONSE']._serialized_start=1829
+  _globals['_AGENTSTATUSRESPONSE']._serialized_end=2217
+  _globals['_AGENTSERVICE']._serialized_start=2220
+  _globals['_AGENTSERVICE']._serialized_end=3036
 # @@protoc_insertion_point(module_scope)

@@ -70,22 +70,26 @@ class SetTrustBundleResponse(_message.Message):
     def __init__(self, written_to: _Optional[str] = ...) -> None: ...
 
 class AgentDeployRequest(_message.Message):
-    __slots__ = ("slot", "chain_pem", "expected_names")
+    __slots__ = ("slot", "chain_pem", "expected_names", "leader_fence")
     SLOT_FIELD_NUMBER: _ClassVar[int]
     CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_NAMES_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FENCE_FIELD_NUMBER: _ClassVar[int]
     slot: _common_pb2.Slot
     chain_pem: str
     expected_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., chain_pem: _Optional[str] = ..., expected_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    leader_fence: int
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., chain_pem: _Optional[str] = ..., expected_names: _Optional[_Iterable[str]] = ..., leader_fence: _Optional[int] = ...) -> None: ...
 
 class AgentRollbackRequest(_message.Message):
-    __slots__ = ("slot", "expected_active_serial_hex")
+    __slots__ = ("slot", "expected_active_serial_hex", "leader_fence")
     SLOT_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_ACTIVE_SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FENCE_FIELD_NUMBER: _ClassVar[int]
     slot: _common_pb2.Slot
     expected_active_serial_hex: str
-    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., expected_active_serial_hex: _Optional[str] = ...) -> None: ...
+    leader_fence: int
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., expected_active_serial_hex: _Optional[str] = ..., leader_fence: _Optional[int] = ...) -> None: ...
 
 class AgentDeployResponse(_message.Message):
     __slots__ = ("active_serial_hex", "previous_serial_hex", "reloads")
@@ -162,8 +166,10 @@ class GenerateCSRResponse(_message.Message):
     def __init__(self, csr_pem: _Optional[str] = ..., public_key_sha256: _Optional[str] = ...) -> None: ...
 
 class AgentStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("leader_fence",)
+    LEADER_FENCE_FIELD_NUMBER: _ClassVar[int]
+    leader_fence: int
+    def __init__(self, leader_fence: _Optional[int] = ...) -> None: ...
 
 class SlotKey(_message.Message):
     __slots__ = ("slot", "public_key_sha256", "key_type", "held_keys")
@@ -178,7 +184,7 @@ class SlotKey(_message.Message):
     def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., public_key_sha256: _Optional[str] = ..., key_type: _Optional[_Union[_common_pb2.KeyType, str]] = ..., held_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AgentStatusResponse(_message.Message):
-    __slots__ = ("peer_id", "version", "front_mode", "front_listening", "open_tokens", "challenge_server_listening", "keys", "certificates", "tls_endpoints", "retired_keys")
+    __slots__ = ("peer_id", "version", "front_mode", "front_listening", "open_tokens", "challenge_server_listening", "keys", "certificates", "tls_endpoints", "retired_keys", "switching", "leader_fence")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FRONT_MODE_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +195,8 @@ class AgentStatusResponse(_message.Message):
     CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
     TLS_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     RETIRED_KEYS_FIELD_NUMBER: _ClassVar[int]
+    SWITCHING_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FENCE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     version: str
     front_mode: str
@@ -199,4 +207,6 @@ class AgentStatusResponse(_message.Message):
     certificates: _containers.RepeatedCompositeFieldContainer[_common_pb2.SlotCertificates]
     tls_endpoints: _containers.RepeatedScalarFieldContainer[str]
     retired_keys: _containers.RepeatedCompositeFieldContainer[RetiredKey]
-    def __init__(self, peer_id: _Optional[str] = ..., version: _Optional[str] = ..., front_mode: _Optional[str] = ..., front_listening: _Optional[bool] = ..., open_tokens: _Optional[int] = ..., challenge_server_listening: _Optional[bool] = ..., keys: _Optional[_Iterable[_Union[SlotKey, _Mapping]]] = ..., certificates: _Optional[_Iterable[_Union[_common_pb2.SlotCertificates, _Mapping]]] = ..., tls_endpoints: _Optional[_Iterable[str]] = ..., retired_keys: _Optional[_Iterable[_Union[RetiredKey, _Mapping]]] = ...) -> None: ...
+    switching: _containers.RepeatedCompositeFieldContainer[_common_pb2.Slot]
+    leader_fence: int
+    def __init__(self, peer_id: _Optional[str] = ..., version: _Optional[str] = ..., front_mode: _Optional[str] = ..., front_listening: _Optional[bool] = ..., open_tokens: _Optional[int] = ..., challenge_server_listening: _Optional[bool] = ..., keys: _Optional[_Iterable[_Union[SlotKey, _Mapping]]] = ..., certificates: _Optional[_Iterable[_Union[_common_pb2.SlotCertificates, _Mapping]]] = ..., tls_endpoints: _Optional[_Iterable[str]] = ..., retired_keys: _Optional[_Iterable[_Union[RetiredKey, _Mapping]]] = ..., switching: _Optional[_Iterable[_Union[_common_pb2.Slot, _Mapping]]] = ..., leader_fence: _Optional[int] = ...) -> None: ...
