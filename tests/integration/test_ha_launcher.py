@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import tomllib
 import urllib.request
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clusteracme.failover import LEADER_ADDRESS_KEY, LEADER_NAME_KEY, STANDBY_KEY
 from clusteracme.localcluster.cluster import LocalCluster
 from clusteracme.localcluster.infra import InfraError
+from clusteracme.v1 import coordinator_pb2 as pb
+from clusteracme.v1 import coordinator_pb2_grpc
 from tests.integration.conftest import ctl_json, make_cluster
 
 pytestmark = pytest.mark.integration
@@ -87,3 +94,61 @@ def test_a_frozen_standby_changes_nothing_and_thaws(cluster: LocalCluster) -> No
         cluster.thaw_coordinator(standby)
     assert cluster.replica(standby).state == "running"
     assert _leader_gauge(cluster.replica(standby).metrics_url or "") == 0
+
+
+def _health(endpoint: str, service: str, cluster: LocalCluster) -> int:
+    d = cluster.pki_dir
+    creds = grpc.ssl_channel_credentials((d / "ca.pem").read_bytes(), (d / "operator-admin.key").read_bytes(),
+                                         (d / "operator-admin.pem").read_bytes())
+    options = [("grpc.ssl_target_name_override", "coordinator.clusteracme")]
+    with grpc.secure_channel(endpoint, creds, options=options) as chan:
+        return int(health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest(service=service),
+                                                         timeout=5).status)
+
+
+def test_a_standby_serves_reads_redirects_commands_and_tells_its_role(cluster: LocalCluster) -> None:
+    leader = cluster.wait_leader(timeout=30)
+    standby = 2 if leader == 1 else 1
+    serving, not_serving = 1, 2  # grpc.health.v1 HealthCheckResponse.ServingStatus
+    assert _health(cluster.replica(standby).endpoint, "", cluster) == serving
+    assert _health(cluster.replica(leader).endpoint, "", cluster) == serving
+    assert _health(cluster.replica(leader).endpoint, "clusteracme.leader", cluster) == serving
+    assert _health(cluster.replica(standby).endpoint, "clusteracme.leader", cluster) == not_serving
+
+    # acmectl given the standby alone: reads answered there, a command followed to the leader.
+    only_standby = {**cluster.ctl_env(), "ACMECTL_COORDINATOR": cluster.replica(standby).endpoint}
+
+    def ctl(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "coordinator.ctl", *args], env=only_standby,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, (args, out.stderr)
+        return out.stdout
+
+    assert json.loads(ctl("--json", "peer", "list"))["peers"][0]["peer_id"] == "peer1"
+    ctl("--json", "status")
+    ctl("--json", "schedule", "show", "peer1")
+    ctl("--json", "events", "peer1")
+    ctl("--json", "trust", "list")
+    assert json.loads(ctl("--json", "coordinators"))["answered_by"] == f"c{standby}"
+    ctl("csr", "create", "peer1", "--cn", "standby.ha.example")  # a command: redirected to the leader
+    assert json.loads(ctl("--json", "csr", "show", "peer1"))["names"] == ["standby.ha.example"]
+
+    # The redirect itself, on the wire.
+    d = cluster.pki_dir
+    creds = grpc.ssl_channel_credentials((d / "ca.pem").read_bytes(), (d / "operator-admin.key").read_bytes(),
+                                         (d / "operator-admin.pem").read_bytes())
+    options = [("grpc.ssl_target_name_override", "coordinator.clusteracme")]
+    with grpc.secure_channel(cluster.replica(standby).endpoint, creds, options=options) as chan:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(chan)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.SetPeerEnabled(pb.SetPeerEnabledRequest(peer_id="peer1", enabled=True), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    trailing = dict(refused.value.trailing_metadata() or ())
+    assert trailing[LEADER_ADDRESS_KEY] == cluster.replica(leader).endpoint
+    assert trailing[LEADER_NAME_KEY] == f"c{leader}" and trailing[STANDBY_KEY] == f"c{standby}"
+    assert json.loads(ctl("--json", "peer", "list"))["peers"][0]["enabled"] is False  # the refused one did nothing
+    # build_info on every replica.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for i in (1, 2):
+        text = opener.open(cluster.replica(i).metrics_url or "", timeout=5).read().decode()
+        assert re.search(r'^clusteracme_build_info\{version="[^"]+"\} 1\.0$', text, re.MULTILINE), text[:300]
