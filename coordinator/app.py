@@ -90,13 +90,15 @@ class Parts:
 
 
 def build_parts(store: Store, keys: Keys, settings: CoordinatorSettings, box: SecretBox, resolver: DnsResolver,
-                pool: AgentPool) -> Parts:
+                pool: AgentPool, fence: int = 0) -> Parts:
+    """``fence``: the leader's fencing token, which its deploys and rollbacks
+    carry to the agents (0 for a standby's parts: a standby never deploys)."""
     t = settings.timing
     registry = Registry(store, keys, lease_ttl=t.lease_ttl)
     accounts = Accounts(store, keys, box, acme_timeout=t.acme_timeout)
     history = History(store, keys)
     issuance = Issuance(store, keys, registry, accounts, pool, resolver, t, history, settings.admission)
-    deployment = Deployment(store, keys, registry, pool, history)
+    deployment = Deployment(store, keys, registry, pool, history, fence=fence)
     scheduler = RenewalScheduler(store, keys, registry, accounts, issuance, deployment, settings.renewal,
                                  f"coordinator:{settings.name}")
     revocation = Revocation(store, keys, registry, accounts, issuance, pool, history)
@@ -240,7 +242,7 @@ async def _lead(settings: CoordinatorSettings, leadership: Leadership, store: Et
     log.info("coordinator %s is the leader (fence revision %d)", settings.name, leadership.revision)
     t = settings.timing
     fenced = store.fenced(keys.leader(), leadership.revision)
-    parts = build_parts(fenced, keys, settings, box, resolver, pool)
+    parts = build_parts(fenced, keys, settings, box, resolver, pool, fence=leadership.revision)
     # The previous leader's queue first: commands are still redirected
     # (router) until this returns, so a sign cannot jump it (nor its
     # provider's budget).

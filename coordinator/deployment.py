@@ -17,6 +17,17 @@ scheduler's tick, and before any new deploy or rollback of the slot): the
 agent's disk tells whether the switch happened, and etcd is made to say so.
 Deploys, rollbacks and settles of one slot run one at a time in a process,
 so an intent found while none runs there is always a stale one.
+
+The agent is fenced too (the fenced store only covers etcd): every deploy,
+rollback and agent status call carries the leader's fence (its election key
+revision), and the agent refuses a switch from a fence below the highest it
+has seen when the switch would start. The settling status call carries the
+new leader's fence, so after it no older leader's switch can start there (a
+request queued on the agent, or one a frozen leader sends when it resumes),
+and the ones that did start are listed as ``switching``: the disk read in the
+same reply is final unless the slot is listed. An agent that does not take
+the fence (a version before it, during a node-by-node upgrade) is settled as
+before, after a grace.
 """
 
 from __future__ import annotations
@@ -46,10 +57,12 @@ log = logging.getLogger(__name__)
 DEPLOY_TIMEOUT = 300.0  # validation + install + every reload hook (each bounded by its own timeout)
 VERIFY_ATTEMPT_TIMEOUT = 3.0
 SETTLE_GRACE = 3.0
-"""Seconds after an intent was written during which an agent that does not
-hold the new serial yet may still be about to: the request can wait behind
-another switch on the agent (they run one at a time there) or still be
-validated. Only after this is "the agent did not act" taken for an answer."""
+"""For an agent that does not take the leader fence only (an older version):
+seconds after an intent was written during which such an agent that does
+not hold the new serial yet may still be about to (the request can wait
+behind another switch there, or still be validated). Only after this is "the
+agent did not act" taken for an answer; it cannot shut out a frozen leader's
+late request, which only the fence does."""
 INTENT = "deploying"  # the slot record's field holding the intent of a deploy or rollback under way
 
 
@@ -99,8 +112,8 @@ class Settled(Enum):
     NONE = "none"          # no intent on the slot
     RUNNING = "running"    # its deploy or rollback still runs in this process: left to it
     DONE = "done"          # the agent had switched: recorded as the finished deploy or rollback would have been
-    NOT_DONE = "not done"  # the agent had not: the intent removed and the interruption recorded
-    UNKNOWN = "unknown"    # the agent did not answer, or too early to tell: left for a later try
+    NOT_DONE = "not done"  # the agent had not (and no longer can): the intent removed and the interruption recorded
+    UNKNOWN = "unknown"    # the agent did not answer, or still switches the slot: left for a later try
 
 
 @dataclass
@@ -113,8 +126,11 @@ class _SlotTurn:
 
 class Deployment:
     def __init__(self, store: Store, keys: Keys, registry: Registry, pool: AgentPool, history: History,
-                 *, verify_timeout: float = 10.0, settle_grace: float = SETTLE_GRACE,
+                 *, fence: int = 0, verify_timeout: float = 10.0, settle_grace: float = SETTLE_GRACE,
                  clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC)) -> None:
+        """``fence``: the leader's fencing token (``Leadership.revision``),
+        sent to the agents with every switch and status call; 0 (a standby,
+        which never deploys): unfenced."""
         self._running: set[asyncio.Future[DeployOutcome]] = set()  # deploys and rollbacks under way
         self._turns: dict[tuple[str, str], _SlotTurn] = {}
         self._store = store
@@ -122,6 +138,7 @@ class Deployment:
         self._registry = registry
         self._pool = pool
         self._history = history
+        self._fence = fence
         self._verify_timeout = verify_timeout
         self._settle_grace = settle_grace
         self._clock = clock
@@ -183,7 +200,7 @@ class Deployment:
             slot, revision = await self._intend(peer, domain, "deploy", who, target)
             pending = slot["pending"]
             request = agent_pb2.AgentDeployRequest(slot=common_pb2.Slot(domain=domain), chain_pem=pending["chain_pem"],
-                                                   expected_names=_names(pending))
+                                                   expected_names=_names(pending), leader_fence=self._fence)
             try:
                 reply = await self._pool.call(peer, "deploying", lambda stub, kw: stub.Deploy(request, **kw),
                                               timeout=DEPLOY_TIMEOUT)
@@ -243,7 +260,8 @@ class Deployment:
             slot, revision = await self._intend(peer, domain, "rollback", who, target)
             active, previous = slot["active"], slot["previous"]
             request = agent_pb2.AgentRollbackRequest(slot=common_pb2.Slot(domain=domain),
-                                                     expected_active_serial_hex=active["serial_hex"])
+                                                     expected_active_serial_hex=active["serial_hex"],
+                                                     leader_fence=self._fence)
             try:
                 try:
                     reply = await self._pool.call(peer, "rolling back", lambda stub, kw: stub.Rollback(request, **kw),
@@ -288,16 +306,20 @@ class Deployment:
 
     async def _agent_holds(self, peer: PeerInfo, domain: str, active: str, previous: str) -> bool:
         try:
-            held = await self._agent_slot(peer, domain)
+            status = await self._agent_status(peer)
         except errors.ClusterAcmeError:
             return False
-        return held == (active, previous)
+        return _held(status, domain) == (active, previous)
 
-    async def _agent_slot(self, peer: PeerInfo, domain: str) -> tuple[str, str]:
-        """(active, previous) serial the agent holds on disk for the slot ("" for none)."""
-        status = await self._pool.call(peer, "status", lambda stub, kw: stub.Status(agent_pb2.AgentStatusRequest(), **kw))
-        return next(((c.active_serial_hex, c.previous_serial_hex) for c in status.certificates
-                     if c.slot.domain == domain), ("", ""))
+    async def _agent_status(self, peer: PeerInfo) -> agent_pb2.AgentStatusResponse:
+        """The agent's status, asked with this leader's fence (raising the agent's floor first)."""
+        request = agent_pb2.AgentStatusRequest(leader_fence=self._fence)
+        return await self._pool.call(peer, "status", lambda stub, kw: stub.Status(request, **kw))
+
+    def _fences(self, status: agent_pb2.AgentStatusResponse) -> bool:
+        """Whether the agent took this leader's fence: no older leader's switch
+        starts there any more, and ``switching`` lists the ones that did."""
+        return 0 < self._fence <= status.leader_fence
 
     # --- save before act ---------------------------------------------------------
     async def _intend(self, peer: PeerInfo, domain: str, kind: str, who: str,
@@ -350,12 +372,14 @@ class Deployment:
         this process is carrying out: the leader that wrote it stopped before
         recording the agent's answer (or etcd refused the record).
 
-        The agent's disk decides. It made the intended serial active: the
-        deploy or rollback is recorded as it would have been on its answer
-        (who: the intent's). It did not (after the grace): the intent goes,
-        an event says the switch was interrupted before the agent made it,
-        the pending certificate stays. No answer from the agent: left for a
-        later try. Writes go through this Deployment's (fenced) store."""
+        The agent's disk decides, read in the status call that shuts older
+        leaders out of the agent (the fence). It made the intended serial
+        active: the deploy or rollback is recorded as it would have been on
+        its answer (who: the intent's). It did not, and no switch of the slot
+        runs or waits there: the intent goes, an event says the switch was
+        interrupted before the agent made it, the pending certificate stays.
+        No answer from the agent, or the slot still switching there: left for
+        a later try. Writes go through this Deployment's (fenced) store."""
         if self.busy(peer_id, domain):
             return Settled.RUNNING
         async with self._turn(peer_id, domain):
@@ -377,24 +401,32 @@ class Deployment:
 
     async def _settle(self, peer: PeerInfo, domain: str, slot: dict[str, Any], *, wait: bool) -> tuple[Settled, str]:
         """Settle ``slot``'s intent (the caller holds the slot's turn); UNKNOWN comes with why.
-        ``wait``: within the grace, wait for it to pass rather than leave the intent."""
+        ``wait``: for an agent without the fence, within the grace, wait for
+        it to pass rather than leave the intent."""
         intent = slot[INTENT]
         serial, kind, who = str(intent.get("serial_hex", "")), intent.get("kind", "deploy"), intent.get("who", "")
         label = _label(peer.peer_id, domain)
         try:
-            held = await self._agent_slot(peer, domain)
-            # Clamped: the age is read against the writer's clock (maybe another replica's).
-            early = min(self._settle_grace, max(0.0, self._settle_grace - self._age(intent)))
-            if held[0] != serial and early > 0:
-                if not wait:
-                    return Settled.UNKNOWN, f"started {self._age(intent):.1f} s ago: the agent may still switch"
-                await asyncio.sleep(early)
-                held = await self._agent_slot(peer, domain)
+            status = await self._agent_status(peer)
+            if not self._fences(status):
+                # Clamped: the age is read against the writer's clock (maybe another replica's).
+                early = min(self._settle_grace, max(0.0, self._settle_grace - self._age(intent)))
+                if _held(status, domain)[0] != serial and early > 0:
+                    if not wait:
+                        return Settled.UNKNOWN, f"started {self._age(intent):.1f} s ago: the agent may still switch"
+                    await asyncio.sleep(early)
+                    status = await self._agent_status(peer)
         except errors.ClusterAcmeError as exc:
             log.info("%s: the interrupted %s of %s is settled when the agent answers (%s)", label, kind, serial,
                      exc.message)
             return Settled.UNKNOWN, exc.message
-        active, previous = held
+        if any(s.domain == domain for s in status.switching):
+            # Maybe the interrupted switch itself, queued or running there: its
+            # outcome is on the disk once it ends.
+            why = "the agent is still switching the slot (a deploy or rollback runs or waits its turn there)"
+            log.info("%s: the interrupted %s of %s is settled later: %s", label, kind, serial, why)
+            return Settled.UNKNOWN, why
+        active, previous = _held(status, domain)
         started = f"started at {intent.get('at')}"
         if active == serial:
             note = (f"settled from the agent's disk: the {kind} {started} was done, but its answer was never recorded "
@@ -575,6 +607,12 @@ class Deployment:
         prefix = self._keys.certs(peer_id)
         claimed = {e.key.removeprefix(prefix).removeprefix("domain/") for e in await self._store.range(prefix)}
         return next((n for n in names if n not in claimed), names[0])
+
+
+def _held(status: agent_pb2.AgentStatusResponse, domain: str) -> tuple[str, str]:
+    """(active, previous) serial the agent holds on disk for the slot ("" for none)."""
+    return next(((c.active_serial_hex, c.previous_serial_hex) for c in status.certificates
+                 if c.slot.domain == domain), ("", ""))
 
 
 def _outcome(peer_id: str, domain: str, reply: agent_pb2.AgentDeployResponse) -> DeployOutcome:

@@ -22,7 +22,7 @@ from clusteracme.v1 import agent_pb2_grpc, coordinator_pb2_grpc
 from clusteracme.v1 import coordinator_pb2 as cpb
 from peer_agent.certs import CertStore
 from peer_agent.challenges import ChallengeService
-from peer_agent.deployer import Deployer
+from peer_agent.deployer import FENCE_FILE, Deployer, FenceFloor
 from peer_agent.keys import KeyStore
 from peer_agent.reload import CommandHook, SignalHook
 from peer_agent.rpc.servicer import AgentServicer, write_trust_bundle
@@ -73,7 +73,7 @@ def build_deployer(settings: AgentSettings, keys: KeyStore) -> Deployer:
                 raise ValueError('kind = "signal" needs pid_file; kind = "command" needs argv')
         except ValueError as exc:
             raise errors.InvalidArgument(f"hook {hook.kind!r}: {exc}") from exc
-    return Deployer(CertStore(settings.state_dir, keys), endpoints, hooks)
+    return Deployer(CertStore(settings.state_dir, keys), endpoints, hooks, FenceFloor(settings.state_dir / FENCE_FILE))
 
 
 def registration(settings: AgentSettings, grpc_port: int) -> cpb.RegisterPeerRequest:

@@ -105,6 +105,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     @rpc_method(COORDINATOR)
     async def Status(self, request: pb.AgentStatusRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        # In this order: the caller's fence first (no older leader's switch
+        # starts after it), then the switches that may still happen, then the
+        # disk; a switch missing from ``switching`` is on the disk read after.
+        fence = await self._deployer.observe_fence(request.leader_fence)
+        switching = self._deployer.switching()
         keys = await asyncio.to_thread(self._keys.slots)
         certs = await asyncio.to_thread(self._deployer.status)
         retired = await asyncio.to_thread(self._keys.retired)
@@ -121,16 +126,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                              key_type=_LABEL_TO_ENUM.get(k.key_type, common_pb2.KEY_TYPE_UNSPECIFIED),
                              held_keys=k.held_keys) for k in keys],
             retired_keys=[_retired(k) for k in retired],
+            switching=[common_pb2.Slot(domain=domain) for domain in switching], leader_fence=fence,
         )
 
     @rpc_method(COORDINATOR)
     async def Deploy(self, request: pb.AgentDeployRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
-        outcome = await self._deployer.deploy(request.slot.domain, request.chain_pem, list(request.expected_names))
+        outcome = await self._deployer.deploy(request.slot.domain, request.chain_pem, list(request.expected_names),
+                                              request.leader_fence)
         return _deployed(outcome)
 
     @rpc_method(COORDINATOR)
     async def Rollback(self, request: pb.AgentRollbackRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
-        outcome = await self._deployer.rollback(request.slot.domain, request.expected_active_serial_hex)
+        outcome = await self._deployer.rollback(request.slot.domain, request.expected_active_serial_hex,
+                                                request.leader_fence)
         return _deployed(outcome)
 
     @rpc_method(COORDINATOR)
