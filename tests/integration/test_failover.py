@@ -7,7 +7,9 @@ One cluster for the module; each test leaves both replicas running again.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +21,8 @@ from typing import Any
 import pytest
 
 from clusteracme.localcluster.cluster import LocalCluster
+from coordinator.store.base import NotLeader
+from coordinator.store.etcd import EtcdStore
 from tests.integration.conftest import ctl_json, keyspace, make_cluster, record, register_account, wait_for
 
 pytestmark = pytest.mark.integration
@@ -179,10 +183,12 @@ def test_b_leader_killed_during_a_rollout_leaves_no_peer_half_deployed(cluster: 
         assert any(e["what"] == "deploy" and e["serial_hex"] == signed[2] for e in events), events
 
 
-def test_c_etcd_leader_member_killed_mid_order(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize("role", ["leader", "follower"])
+def test_c_etcd_member_killed_mid_order(cluster: LocalCluster, role: str) -> None:
     assert cluster.infra is not None
-    member = cluster.infra.etcd_cluster.wait_leader()
-    order_id, saved, thaw = hold_order_at_the_ca(cluster, "peer2", ["c1.failover.example"])
+    raft_leader = cluster.infra.etcd_cluster.wait_leader()
+    member = raft_leader if role == "leader" else raft_leader % 3 + 1
+    order_id, saved, thaw = hold_order_at_the_ca(cluster, "peer2", [f"c-{role}.failover.example"])
     try:
         try:
             cluster.kill_etcd_member(member)
@@ -217,6 +223,16 @@ def test_d_a_frozen_leader_is_fenced_off_and_steps_down(cluster: LocalCluster) -
     assert process.returncode != 0
     log = cluster.replica(old).log_path.read_text()
     assert "lost leadership" in log, log[-2000:]
+    # Its fencing token (the revision it led at) is refused by etcd now: any write it tried failed.
+    fence = int(re.findall(rf"coordinator c{old} is the leader \(fence revision (\d+)\)", log)[-1])
+    assert cluster.infra is not None
+
+    async def fenced_write() -> None:
+        async with EtcdStore(cluster.infra.etcd_endpoints) as store:  # type: ignore[union-attr]
+            await store.fenced(PREFIX + "leader", fence).put_if(PREFIX + "fence-probe", b"", expect_mod_revision=None)
+
+    with pytest.raises(NotLeader):
+        asyncio.run(fenced_write())
     rec = wait_order_end(cluster, order_id)
     assert rec["phase"] == "done", rec["error"]
     assert rec["order_url"] == saved["order_url"], "a second order was opened"
