@@ -19,9 +19,12 @@ nothing, or when it is a read (nothing to do twice).
   done): the call goes to that address next, at once the first time, after a
   pause when the same leader is named again within the call (a stale record:
   that leader just died, and its lease has not ended yet).
-* ``UNAVAILABLE`` with the standby's "no coordinator leads right now" sentence
-  (an election is under way; nothing was done): pause (0.2 s doubling to 1 s)
-  and ask the same replica again.
+* Any other ``UNAVAILABLE`` from a standby before it did anything: it carries
+  ``clusteracme-standby`` metadata (``STANDBY_KEY``; older replicas: the "no
+  coordinator leads right now" sentence). Nobody leads (an election), or the
+  standby cannot tell who does (etcd unreachable from it); nothing was done:
+  pause (0.2 s doubling to 1 s) and ask the next replica (the same one when
+  it is the only one, or was the leader a standby named).
 * The connection could not be made (refused, DNS, TLS handshake, no handshake
   in time): the request never left this process, so the next endpoint is
   tried; when the unreachable one was a leader a standby named, the client
@@ -29,13 +32,24 @@ nothing, or when it is a read (nothing to do twice).
   the standby names the same one, which pauses as above).
   When every endpoint failed in a row, the call fails at once naming them.
 * The connection broke after the request may have been sent (socket closed,
-  connection reset, the server shutting down under the call): a read is tried
-  on the next endpoint (so is a read a replica refused with an ``UNAVAILABLE``
-  of its own, e.g. its etcd is unreachable); a command is not, and the error
-  says it may have reached that coordinator and how to check.
-* One deadline (``timeout``) covers all attempts and pauses; an attempt gets
-  what is left. A deadline that runs out during a command's attempt reports
-  that the command may have reached the coordinator.
+  connection reset, the server shutting down under the call, no answer to
+  keepalive pings): a read is tried on the next endpoint (so is a read a
+  replica refused with an ``UNAVAILABLE`` of its own, e.g. its etcd is
+  unreachable); a command is not, and the error says it may have reached that
+  coordinator and how to check.
+* One deadline (``timeout``) covers all attempts and pauses. A command's
+  attempt gets all that is left (it is never sent twice). A unary read's
+  attempt gets at most ``max(READ_ATTEMPT_MIN, timeout * READ_ATTEMPT_SHARE)``
+  when there is another endpoint to try: a replica that stopped answering
+  (frozen, its connection still open) does not take the whole deadline; when
+  that share runs out with time left, the read goes to the next endpoint (and
+  back to this one later: it may answer again). A deadline that runs out
+  during a command's attempt reports that the command may have reached the
+  coordinator.
+* The channels send keepalive pings (``rpcutil.KEEPALIVE_TIME_MS``): a
+  connection to a replica that went silent ends after the ping's timeout, so
+  a call there fails as "lost" (above) instead of waiting out its deadline,
+  and the next call connects afresh.
 * Any other answer (a refusal, not found, ...) is the replica's answer: raised
   as our error (``rpcutil.error_from_rpc``), never retried.
 * A server stream (Rollout) follows the same rule until its first message; a
@@ -56,7 +70,8 @@ What grpc 1.85 says, measured on loopback:
   connection reset: ``Stream removed (recvmsg:Connection reset by peer
   (104))`` or, when grpc was writing, ``Stream removed (sendmsg: Broken pipe
   (32))``; a server stopping without grace: ``Cancelling all calls`` (its
-  GOAWAY text): "lost".
+  GOAWAY text); no ack to a keepalive ping in time: ``Stream removed (ping
+  timeout)``: "lost".
 * our own deadline: ``DEADLINE_EXCEEDED`` with details exactly ``Deadline
   Exceeded`` (a server's DeadlineExceeded carries its own sentence).
 
@@ -99,6 +114,12 @@ READ_METHODS: frozenset[str] = frozenset({
     "ListCoordinators",
 })
 
+# A unary read's attempt gets at most max(READ_ATTEMPT_MIN, timeout * READ_ATTEMPT_SHARE) seconds when another
+# endpoint could answer: at least two tries within the deadline, never so short that a busy replica's slow answer
+# (a status over many peers) is cut.
+READ_ATTEMPT_MIN = 2.0
+READ_ATTEMPT_SHARE = 1 / 3
+
 PAUSE_FIRST = 0.2  # seconds; doubles up to PAUSE_MAX while no replica names a leader that takes the call
 PAUSE_MAX = 1.0
 
@@ -109,7 +130,7 @@ _NOT_CONNECTED = ("failed to connect to all addresses", "errors resolving", "dns
                   "name resolution failure", "failed to connect to remote host", "connection refused")
 _LOST = ("stream removed", "socket closed", "connection reset", "broken pipe", "cancelling all calls",
          "goaway received", "received rst_stream", "endpoint closing", "transport closed",
-         "keepalive watchdog timeout", "connection closed")
+         "keepalive watchdog timeout", "connection closed", "too many pings")
 
 
 class Kind(enum.Enum):
@@ -139,8 +160,9 @@ def classify(code: grpc.StatusCode, details: str, trailing: Sequence[tuple[str, 
     if code == grpc.StatusCode.UNAVAILABLE and meta.get(LEADER_ADDRESS_KEY):
         address, name = meta[LEADER_ADDRESS_KEY], meta.get(LEADER_NAME_KEY, "")
         return Verdict(Kind.REDIRECT, f"standby; the leader is {name or '?'} at {address}", address, name)
-    if code == grpc.StatusCode.UNAVAILABLE and NO_LEADER_MARK in low:
-        return Verdict(Kind.NO_LEADER, f"standby; {NO_LEADER_MARK}")
+    if code == grpc.StatusCode.UNAVAILABLE and (meta.get(STANDBY_KEY) or NO_LEADER_MARK in low):
+        # A standby refused before doing anything and named no leader to go to.
+        return Verdict(Kind.NO_LEADER, _first_line(text) or f"standby {meta.get(STANDBY_KEY, '')}; no leader named")
     if code == grpc.StatusCode.UNAVAILABLE and low.startswith(_NOT_CONNECTED):
         return Verdict(Kind.NOT_CONNECTED, _connect_gist(low, text))
     if low.startswith(_LOST):
@@ -164,8 +186,10 @@ def _connect_gist(low: str, text: str) -> str:
 
 def _lost_gist(low: str, text: str) -> str:
     for marker, gist in (("connection reset", "connection reset"), ("socket closed", "socket closed"),
-                         ("cancelling all calls", "the server shut down"), ("goaway", "the server shut down"),
-                         ("broken pipe", "broken pipe")):
+                         ("cancelling all calls", "the server shut down"), ("too many pings", "too many pings"),
+                         ("goaway", "the server shut down"), ("broken pipe", "broken pipe"),
+                         ("ping timeout", "no answer to keepalive pings"),
+                         ("keepalive watchdog", "no answer to keepalive pings")):
         if marker in low:
             return gist
     return _first_line(text)
@@ -227,7 +251,8 @@ class ReplicaClient:
         async def attempt(stub: coordinator_pb2_grpc.CoordinatorServiceStub, remaining: float) -> Any:
             return await getattr(stub, method)(request, timeout=remaining)
 
-        _, response = await self._first_answer(method, read, timeout, attempt)
+        share = max(READ_ATTEMPT_MIN, timeout * READ_ATTEMPT_SHARE) if read else None
+        _, response = await self._first_answer(method, read, timeout, attempt, share)
         return response
 
     async def stream(self, method: str, request: Any, *, read: bool, timeout: float) -> AsyncIterator[Any]:
@@ -243,7 +268,8 @@ class ReplicaClient:
                 call.cancel()
                 raise
 
-        target, (call, message) = await self._first_answer(method, read, timeout, attempt)
+        # No share per attempt: the attempt's timeout is the whole stream's.
+        target, (call, message) = await self._first_answer(method, read, timeout, attempt, None)
         try:
             while message is not grpc.aio.EOF:
                 yield message
@@ -273,7 +299,7 @@ class ReplicaClient:
 
     def _stub(self, target: str) -> coordinator_pb2_grpc.CoordinatorServiceStub:
         if target not in self._stubs:
-            self._channels[target] = channel(self._tls, target, self._server_name)
+            self._channels[target] = channel(self._tls, target, self._server_name, keepalive=True)
             self._stubs[target] = coordinator_pb2_grpc.CoordinatorServiceStub(self._channels[target])
         return self._stubs[target]
 
@@ -282,9 +308,11 @@ class ReplicaClient:
             return list(self._endpoints)
         return [self._last, *(e for e in self._endpoints if e != self._last)]
 
-    async def _first_answer(self, method: str, read: bool, timeout: float, attempt: Attempt[T]) -> tuple[str, T]:
+    async def _first_answer(self, method: str, read: bool, timeout: float, attempt: Attempt[T],
+                            share: float | None) -> tuple[str, T]:
         """Run ``attempt`` on replicas by the module's rule until one answers:
-        (the endpoint that did, the attempt's result)."""
+        (the endpoint that did, the attempt's result). ``share``: the most one
+        attempt may take when another endpoint could answer (reads only)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         order = self._order()
@@ -306,6 +334,8 @@ class ReplicaClient:
             if remaining <= 0:
                 raise errors.DeadlineExceeded(f"no coordinator took {method} within {timeout:g} s "
                                               f"({_tried_text(tried)})")
+            if share is not None and len(order) > 1:
+                remaining = min(remaining, share)
             try:
                 result = await attempt(self._stub(target), remaining)
             except grpc.aio.AioRpcError as exc:
@@ -332,12 +362,22 @@ class ReplicaClient:
             elif kind is Kind.NO_LEADER:
                 failing.clear()
                 await wait()
+                if target != redirect:
+                    index = (index + 1) % len(order)  # another replica may lead, or read who does
             elif kind is Kind.NOT_CONNECTED or (kind is Kind.LOST and read):
                 failing.add(target)
                 if failing.issuperset(order):
                     raise errors.Unavailable(f"no coordinator answered {method} ({_tried_text(tried)})")
                 if target == redirect:
                     redirect = None  # the named leader is gone: ask the standby again (it pauses if it names it again)
+                else:
+                    index = (index + 1) % len(order)
+            elif kind is Kind.TIMED_OUT and read and deadline - loop.time() > 0:
+                # Only this attempt's share ran out: the replica may be frozen, another may answer. Not
+                # counted as failing: the call goes round the endpoints until one answers or time is up.
+                tried[target] = f"no answer within {remaining:.3g} s"
+                if target == redirect:
+                    redirect = None
                 else:
                     index = (index + 1) % len(order)
             elif kind is Kind.LOST:

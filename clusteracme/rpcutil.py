@@ -136,14 +136,54 @@ _OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
+# Keepalive of acmectl's channels to the coordinator replicas (``channel(...,
+# keepalive=True)``): after KEEPALIVE_TIME_MS with nothing read, the client
+# pings; no ack within KEEPALIVE_TIMEOUT_MS ends the connection and the calls
+# on it ("Stream removed (ping timeout)"). A replica that is frozen (SIGSTOP)
+# or cut off keeps its TCP connection open and says nothing: without pings a
+# call there waits for its whole deadline. grpc 1.85 bounds the wait for the
+# ack by grpc.http2.ping_timeout_ms (default 1 min), not by
+# grpc.keepalive_timeout_ms alone (measured: a frozen connection went
+# unnoticed for 20 s with keepalive_timeout_ms 1000), so both are set.
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+
+
+def _keepalive_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # Also between calls (a long-lived client), and for as long as a
+        # quiet call lasts (grpc stops after 2 pings without data otherwise).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def _server_options() -> list[tuple[str, Any]]:
+    return [
+        *_OPTIONS,
+        # A call waits in gRPC's core until the (busy) event loop takes it; the
+        # default cancels it after 30 s. Under a burst of hundreds of calls that
+        # turns load into failures: let it wait (the client's deadline still holds).
+        ("grpc.server_max_unrequested_time_in_server", 3600),
+        # Accept the clients' keepalive pings, with or without calls: by
+        # default a server takes a ping more often than every 5 minutes (2
+        # hours without calls) as abuse and, after max_ping_strikes, drops the
+        # connection with GOAWAY "too_many_pings". Half the clients' interval
+        # leaves room for timer jitter. (The key is grpc's spelling of
+        # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS.)
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
 
 def server(tls: TLSFiles, address: str) -> tuple[grpc.aio.Server, int]:
     """A gRPC server that requires a client certificate from the cluster CA."""
     ca, cert, key = tls.read()
-    # A call waits in gRPC's core until the (busy) event loop takes it; the
-    # default cancels it after 30 s. Under a burst of hundreds of calls that
-    # turns load into failures: let it wait (the client's deadline still holds).
-    srv = grpc.aio.server(options=[*_OPTIONS, ("grpc.server_max_unrequested_time_in_server", 3600)])
+    srv = grpc.aio.server(options=_server_options())
     creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
     port = srv.add_secure_port(address, creds)
     if port == 0:
@@ -151,9 +191,12 @@ def server(tls: TLSFiles, address: str) -> tuple[grpc.aio.Server, int]:
     return srv, port
 
 
-def channel(tls: TLSFiles, target: str, server_name: str) -> grpc.aio.Channel:
+def channel(tls: TLSFiles, target: str, server_name: str, *, keepalive: bool = False) -> grpc.aio.Channel:
     """A channel to ``target`` that accepts only a server whose certificate
-    (from the cluster CA) carries ``server_name`` (see ``Identity.server_name``)."""
+    (from the cluster CA) carries ``server_name`` (see ``Identity.server_name``).
+    ``keepalive``: ping the server to notice a connection that went silent
+    (see KEEPALIVE_TIME_MS); our servers permit that rate."""
     ca, cert, key = tls.read()
     creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-    return grpc.aio.secure_channel(target, creds, options=[*_OPTIONS, ("grpc.ssl_target_name_override", server_name)])
+    options = [*_OPTIONS, ("grpc.ssl_target_name_override", server_name), *(_keepalive_options() if keepalive else ())]
+    return grpc.aio.secure_channel(target, creds, options=options)

@@ -400,14 +400,16 @@ async def cmd_rollout(ctl: Ctl, a: argparse.Namespace) -> None:
     peers = [p for p in (a.peers or "").split(",") if p]
     request = pb.RolloutRequest(peer_ids=peers, all=a.all, batch=a.batch, rollback_on_failure=a.rollback_on_failure,
                                 slot=_slot(a))
-    failed = False
-    last_stage: dict[str, str] = {}  # peer -> its latest stage, in plan order
+    failed = ended = False
+    stages: dict[str, list[str]] = {}  # peer -> the stages it reached, in plan order
     # Sent to the leader; redirected or retried only until the first event arrives.
     try:
         async for event in ctl.client.stream("Rollout", request, read=False, timeout=a.rollout_timeout):
             failed = failed or event.stage in ("failed", "stopped")
             if event.peer_id:
-                last_stage[event.peer_id] = event.stage
+                stages.setdefault(event.peer_id, []).append(event.stage)
+            else:
+                ended = ended or event.stage in ("stopped", "done")  # every rollback it runs is behind it
             if ctl.args.json:
                 print(json.dumps(_dict(event)), flush=True)
             else:
@@ -415,24 +417,38 @@ async def cmd_rollout(ctl: Ctl, a: argparse.Namespace) -> None:
                 serial = f" [{event.serial_hex}]" if event.serial_hex else ""
                 print(f"{who}{event.stage}{serial}" + (f" - {event.detail}" if event.detail else ""), flush=True)
     except errors.ClusterAcmeError as exc:
-        if not last_stage:
+        if not stages:
             raise
         # The stream broke under way (the leader died, the deadline): say exactly where it stopped.
-        raise type(exc)(f"{exc.message}; the rollout was cut: {_rollout_where(last_stage)}") from None
+        where = _rollout_where(stages, rollback_on_failure=a.rollback_on_failure and not ended)
+        raise type(exc)(f"{exc.message}; the rollout was cut: {where}") from None
     if failed:
         raise errors.FailedPrecondition("the rollout stopped at a failure (see above)")
 
 
-def _rollout_where(last_stage: dict[str, str]) -> str:
-    """Where a cut rollout stopped, from the last stage each peer reached."""
-    done = [p for p, st in last_stage.items() if st in ("verified", "rolled-back", "failed", "skipped")]
-    untouched = [p for p, st in last_stage.items() if st == "planned"]
-    under_way = [p for p, st in last_stage.items() if p not in done and p not in untouched]
+def _rollout_where(stages: dict[str, list[str]], *, rollback_on_failure: bool) -> str:
+    """Where a cut rollout stopped, from the stages each peer reached.
+
+    With ``rollback_on_failure`` a peer whose new certificate went in (it
+    reached "reloading") and then "failed" is rolled back next: its rollback
+    may be under way when the stream is cut. A second "failed" is the
+    rollback's own failure: finished."""
+    last = {p: st[-1] for p, st in stages.items() if st}
+    rollback_due = {p for p, st in stages.items() if rollback_on_failure and st and st[-1] == "failed"
+                    and st.count("failed") == 1 and ("reloading" in st or "verifying" in st)}
+    done = [p for p, st in last.items()
+            if st in ("verified", "rolled-back", "failed", "skipped") and p not in rollback_due]
+    untouched = [p for p, st in last.items() if st == "planned"]
+    under_way = [p for p in last if p not in done and p not in untouched]
+
+    def shown(p: str) -> str:
+        return f"{p} (failed; its rollback may be under way)" if p in rollback_due else f"{p} ({last[p]})"
+
     parts = []
     if done:
-        parts.append("finished: " + ", ".join(f"{p} ({last_stage[p]})" for p in done))
+        parts.append("finished: " + ", ".join(f"{p} ({last[p]})" for p in done))
     if under_way:
-        parts.append("under way: " + ", ".join(f"{p} ({last_stage[p]})" for p in under_way)
+        parts.append("under way: " + ", ".join(shown(p) for p in under_way)
                      + " (the leader records what its agent did; check with acmectl status)")
     if untouched:
         parts.append("not touched: " + ", ".join(untouched))

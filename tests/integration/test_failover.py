@@ -200,8 +200,11 @@ def test_c_etcd_member_killed_mid_order(cluster: LocalCluster, role: str) -> Non
     assert rec["phase"] == "done", rec["error"]
     assert rec["order_url"] == saved["order_url"]
     # The restarted member catches up: it alone serves the order's final record, written while it was down.
-    alone = cluster.etcd_read(member, PREFIX + f"orders/{order_id}")
-    assert alone is not None and json.loads(alone)["phase"] == "done"
+    def caught_up() -> bool:
+        alone = cluster.etcd_read(member, PREFIX + f"orders/{order_id}")
+        return alone is not None and json.loads(alone)["phase"] == "done"
+
+    wait_for(f"etcd member {member} caught up", caught_up, timeout=30)
     assert len(ctl_json(cluster, "status")["peers"]) == 3
 
 

@@ -21,7 +21,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from clusteracme import errors, failover, pki
+from clusteracme import errors, failover, pki, rpcutil
 from clusteracme.failover import Kind, ReplicaClient, classify
 from clusteracme.rpcutil import TLSFiles, server
 from clusteracme.v1 import coordinator_pb2 as pb
@@ -49,13 +49,18 @@ def operator_tls(pki_dir: Path) -> TLSFiles:
 class Replica(coordinator_pb2_grpc.CoordinatorServiceServicer):
     """A coordinator replica as the client sees one: the leader answers
     everything; a standby answers reads and refuses commands the way the real
-    standby does (redirect metadata, or the no-leader sentence)."""
+    standby does (coordinator/rpc/router.py: its name in STANDBY_KEY metadata,
+    plus the leader's address or the no-leader sentence)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.leader: tuple[str, str] | None = None  # (name, address) a standby names; None: it leads
         self.standby = False
         self.no_leader_answers = 0  # a standby: how many commands still meet "no coordinator leads"
+        self.blind = False          # a standby that cannot read who leads (its etcd is unreachable)
+        self.old_standby = False    # refusals without STANDBY_KEY, as replicas before it said them
+        self.delay = 0.0            # seconds each held call takes before answering
+        self.rollout_first: list[tuple[str, str]] = [("p1", "deploying")]  # (peer, stage) sent before holding
         self.hold = False           # calls wait (until the server stops under them)
         self.own_error = ""         # ListCoordinators and Sign fail with this UNAVAILABLE of the replica's own
         self.started = asyncio.Event()
@@ -65,16 +70,24 @@ class Replica(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def _refuse_command(self, context: grpc.aio.ServicerContext) -> None:
         if not self.standby:
             return
+        me = () if self.old_standby else ((failover.STANDBY_KEY, self.name),)
+        if self.blind:
+            # The sentence of a replica whose etcd is unreachable, without the no-leader mark: only the
+            # metadata says that this is a standby's refusal.
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"coordinator {self.name} is a standby and cannot read who leads (etcd get failed: "
+                                "UNAVAILABLE failed to connect to all addresses)", me)
         if self.no_leader_answers > 0 or self.leader is None:
             self.no_leader_answers -= 1
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"coordinator {self.name} is a standby and no coordinator leads right now "
-                                "(election under way); try again in a few seconds")
+                                "(election under way); try again in a few seconds", me)
         leader_name, leader_address = self.leader
         await context.abort(grpc.StatusCode.UNAVAILABLE,
                             f"coordinator {self.name} is a standby; commands go to the leader {leader_name} at "
                             f"{leader_address}",
-                            ((failover.LEADER_ADDRESS_KEY, leader_address), (failover.LEADER_NAME_KEY, leader_name)))
+                            (*me, (failover.LEADER_ADDRESS_KEY, leader_address),
+                             (failover.LEADER_NAME_KEY, leader_name)))
 
     async def _held(self, context: grpc.aio.ServicerContext) -> None:
         if self.own_error:
@@ -82,6 +95,7 @@ class Replica(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self.started.set()
         if self.hold:
             await asyncio.Event().wait()
+        await asyncio.sleep(self.delay)
 
     async def ListCoordinators(self, request: pb.ListCoordinatorsRequest,  # noqa: N802 (the gRPC method's name)
                                context: grpc.aio.ServicerContext) -> pb.ListCoordinatorsResponse:
@@ -109,7 +123,8 @@ class Replica(coordinator_pb2_grpc.CoordinatorServiceServicer):
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RolloutEvent]:
         self.calls["Rollout"] += 1
         await self._refuse_command(context)
-        yield pb.RolloutEvent(peer_id="p1", stage="deploying", detail=self.name)
+        for peer, stage in self.rollout_first:
+            yield pb.RolloutEvent(peer_id=peer, stage=stage, detail=self.name)
         await self._held(context)
         yield pb.RolloutEvent(peer_id="p1", stage="verified", detail=self.name)
 
@@ -119,9 +134,17 @@ class Cluster:
         self.tls = TLSFiles(pki_dir / "ca.pem", pki_dir / "coordinator-c1.pem", pki_dir / "coordinator-c1.key")
         self.servers: dict[str, grpc.aio.Server] = {}
 
-    async def start(self, name: str) -> Replica:
+    async def start(self, name: str, *, grpc_defaults: bool = False) -> Replica:
+        """A replica on our server (rpcutil.server), or on a server with
+        grpc's default options (``grpc_defaults``)."""
         replica = Replica(name)
-        srv, port = server(self.tls, f"{HOST}:0")
+        if grpc_defaults:
+            ca, cert, key = self.tls.read()
+            srv = grpc.aio.server()
+            port = srv.add_secure_port(f"{HOST}:0", grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                                                                 require_client_auth=True))
+        else:
+            srv, port = server(self.tls, f"{HOST}:0")
         coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(replica, srv)
         await srv.start()
         replica.address = f"{HOST}:{port}"
@@ -212,6 +235,8 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
     (UNAVAILABLE, "Stream removed (recvmsg:Connection reset by peer (104))", Kind.LOST),
     (UNAVAILABLE, "Stream removed (sendmsg: Broken pipe (32))", Kind.LOST),
     (UNAVAILABLE, "Cancelling all calls", Kind.LOST),
+    (UNAVAILABLE, "Stream removed (ping timeout)", Kind.LOST),  # no ack to a keepalive ping (rpcutil.KEEPALIVE_*)
+    (UNAVAILABLE, "Too many pings", Kind.LOST),                 # a server refusing our keepalive rate
     (UNAVAILABLE, "Socket closed", Kind.LOST),
     (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", Kind.TIMED_OUT),
     (UNAVAILABLE, "coordinator c2 is a standby and no coordinator leads right now (election under way); try "
@@ -232,6 +257,32 @@ def test_classify_redirect() -> None:
     assert (v.kind, v.leader_address, v.leader_name) == (Kind.REDIRECT, "127.0.0.1:7444", "c1")
     # The metadata only counts on UNAVAILABLE: any other code is the replica's answer.
     assert classify(grpc.StatusCode.NOT_FOUND, "x", ((failover.LEADER_ADDRESS_KEY, "h:1"),)).kind is Kind.ANSWER
+
+
+STANDBY = ((failover.STANDBY_KEY, "c2"),)
+
+
+@pytest.mark.parametrize(("code", "details", "trailing", "kind"), [
+    # every refusal of a standby carries its name: nothing was done, whatever the sentence says
+    (UNAVAILABLE, "coordinator c2 is a standby and cannot read who leads (etcd get failed: UNAVAILABLE failed to "
+                  "connect to all addresses)", STANDBY, Kind.NO_LEADER),
+    (UNAVAILABLE, "failed to connect to all addresses", STANDBY, Kind.NO_LEADER),
+    (UNAVAILABLE, "coordinator c2 is a standby and no coordinator leads right now (election under way)", STANDBY,
+     Kind.NO_LEADER),
+    (UNAVAILABLE, "coordinator c2 is a standby; commands go to the leader c1 at 127.0.0.1:7444",
+     (*STANDBY, (failover.LEADER_ADDRESS_KEY, "127.0.0.1:7444"), (failover.LEADER_NAME_KEY, "c1")), Kind.REDIRECT),
+    # a replica's own error is its answer even from a standby
+    (grpc.StatusCode.PERMISSION_DENIED, "operator:x may not call Sign", STANDBY, Kind.ANSWER),
+    # replicas from before the metadata: the sentence alone still counts
+    (UNAVAILABLE, "coordinator c2 is a standby and cannot read who leads (etcd get failed): no coordinator leads "
+                  "right now for it; try again in a few seconds", (), Kind.NO_LEADER),
+])
+def test_classify_a_standbys_refusal(code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...],
+                                     kind: Kind) -> None:
+    verdict = classify(code, details, trailing)
+    assert verdict.kind is kind
+    if kind is Kind.NO_LEADER:
+        assert verdict.reason == details  # the standby's own sentence, for the error that names the endpoints
 
 
 # --- against real servers -----------------------------------------------------------------------------------------
@@ -291,15 +342,36 @@ async def test_a_dead_leader_named_by_a_standby_is_waited_out(cluster: Cluster, 
     assert time.monotonic() - started < 1.2  # the new leader is followed at once (pauses 0.2 s, then 0.4 s)
 
 
-async def test_no_leader_pauses_and_asks_again(cluster: Cluster, client_for: Any) -> None:
+@pytest.mark.parametrize("old_standby", [False, True])
+async def test_no_leader_pauses_and_asks_again(cluster: Cluster, client_for: Any, old_standby: bool) -> None:
     c1, c2 = await cluster.start("c1"), await cluster.start("c2")
     standby_of(c2, c1)
+    c2.old_standby = old_standby  # with or without STANDBY_KEY: the sentence alone is enough
     c2.no_leader_answers = 2  # an election under way for two answers
     started = time.monotonic()
     assert (await sign(client_for(c2.address))).order_id == "order-by-c1"
     elapsed = time.monotonic() - started
     assert c2.calls["Sign"] == 3 and c1.calls["Sign"] == 1
     assert 0.55 <= elapsed < 3  # paused 0.2 s, then 0.4 s
+
+
+async def test_a_standby_that_cannot_read_who_leads_is_left_for_the_next_replica(cluster: Cluster,
+                                                                                  client_for: Any) -> None:
+    c1, c2 = await cluster.start("c1"), await cluster.start("c2")
+    standby_of(c2, c1)
+    c2.blind = True  # its etcd is unreachable; its refusal has only STANDBY_KEY to say it did nothing
+    started = time.monotonic()
+    assert (await sign(client_for(c2.address, c1.address))).order_id == "order-by-c1"
+    assert (c2.calls["Sign"], c1.calls["Sign"]) == (1, 1)
+    assert 0.15 <= time.monotonic() - started < 1.5  # one pause (0.2 s), then the next replica
+
+
+async def test_a_blind_standby_alone_is_asked_again_until_the_deadline(cluster: Cluster, client_for: Any) -> None:
+    c2 = await cluster.start("c2")
+    c2.standby, c2.blind = True, True
+    with pytest.raises(errors.DeadlineExceeded) as caught:
+        await sign(client_for(c2.address), timeout=0.9)
+    assert c2.calls["Sign"] >= 3 and "cannot read who leads" in caught.value.message
 
 
 async def test_the_deadline_covers_every_attempt_and_pause(cluster: Cluster, client_for: Any) -> None:
@@ -334,6 +406,50 @@ async def test_a_read_held_past_the_deadline_is_not_tried_again(cluster: Cluster
         await who_answers(client_for(c1.address, c2.address), timeout=0.5)
     assert time.monotonic() - started < 1.2
     assert c2.calls["ListCoordinators"] == 0  # the deadline was spent: nothing left for a second attempt
+
+
+async def test_a_read_moves_off_a_replica_that_does_not_answer(cluster: Cluster, client_for: Any) -> None:
+    # Its connection stays open (a frozen process): the read gets max(2 s, timeout / 3) there, then the next one.
+    c1, c2 = await cluster.start("c1"), await cluster.start("c2")
+    c1.hold = True
+    client = client_for(c1.address, c2.address)
+    started = time.monotonic()
+    assert await who_answers(client, timeout=6) == "c2"
+    assert 1.9 <= time.monotonic() - started < 3.5
+    assert client.answered_last == c2.address
+    assert await who_answers(client, timeout=6) == "c2"  # the next read starts where the answer came from
+    assert (c1.calls["ListCoordinators"], c2.calls["ListCoordinators"]) == (1, 2)
+
+
+async def test_a_read_goes_round_the_replicas_until_its_deadline(cluster: Cluster, client_for: Any) -> None:
+    c1, c2 = await cluster.start("c1"), await cluster.start("c2")
+    c1.hold = c2.hold = True
+    down = closed_port()
+    started = time.monotonic()
+    with pytest.raises(errors.DeadlineExceeded) as caught:
+        await who_answers(client_for(c1.address, down, c2.address), timeout=5)
+    assert 4.9 <= time.monotonic() - started < 6  # 2 s on c1, 2 s on c2, the last second on c1 again
+    assert (c1.calls["ListCoordinators"], c2.calls["ListCoordinators"]) == (2, 1)
+    message = caught.value.message
+    assert f"{down}: connection refused" in message and f"{c2.address}: no answer within 2 s" in message
+
+
+async def test_a_slow_read_on_the_only_replica_keeps_the_whole_deadline(cluster: Cluster, client_for: Any) -> None:
+    c1 = await cluster.start("c1")
+    c1.delay = 2.5  # slower than a share (2 s): with nowhere else to go, it is waited for
+    assert await who_answers(client_for(c1.address), timeout=4) == "c1"
+    assert c1.calls["ListCoordinators"] == 1
+
+
+async def test_a_command_keeps_the_whole_deadline_on_a_replica_that_does_not_answer(cluster: Cluster,
+                                                                                    client_for: Any) -> None:
+    c1, c2 = await cluster.start("c1"), await cluster.start("c2")
+    c1.hold = True
+    started = time.monotonic()
+    with pytest.raises(errors.DeadlineExceeded, match="the command may have reached it"):
+        await sign(client_for(c1.address, c2.address), timeout=3)
+    assert 2.9 <= time.monotonic() - started < 4  # not cut at a read's share (2 s), never sent elsewhere
+    assert c2.calls["Sign"] == 0
 
 
 async def test_a_command_cut_under_the_call_is_not_sent_again(cluster: Cluster, client_for: Any) -> None:
@@ -453,6 +569,106 @@ async def test_rollout_is_not_sent_again_after_its_first_event(cluster: Cluster,
             seen.append(event.stage)
             await cluster.stop("c1")
     assert seen == ["deploying"] and c3.calls["Rollout"] == 0
+
+
+# --- keepalive: a silent connection is noticed; our servers permit the pings --------------------------------------
+class FreezingProxy:
+    """TCP forwarding that can stop forwarding while keeping every connection
+    open: what a client sees of a replica frozen by SIGSTOP (the kernel still
+    takes the bytes; nothing comes back, not even a ping's ack)."""
+
+    def __init__(self, target: str) -> None:
+        self.target_port = int(target.rpartition(":")[2])
+        self.writers: list[asyncio.StreamWriter] = []
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._handle, HOST, 0)
+        return f"{HOST}:{self.server.sockets[0].getsockname()[1]}"
+
+    def freeze(self) -> None:
+        self.flowing.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(HOST, self.target_port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    await self.flowing.wait()
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def close(self) -> None:
+        for w in self.writers:
+            w.transport.abort()
+        self.flowing.set()  # the pipes see their connections closed and end
+        self.server.close()
+        await self.server.wait_closed()
+
+
+@pytest.fixture
+def short_keepalive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The production keepalive (10 s, 5 s) scaled down; the servers' permitted
+    rate follows rpcutil.KEEPALIVE_TIME_MS, as it does in production."""
+    monkeypatch.setattr(rpcutil, "KEEPALIVE_TIME_MS", 200)
+    monkeypatch.setattr(rpcutil, "KEEPALIVE_TIMEOUT_MS", 1000)
+
+
+@pytest.mark.usefixtures("short_keepalive")
+async def test_a_frozen_replicas_connection_is_noticed_by_keepalive(cluster: Cluster, client_for: Any) -> None:
+    c1, c3 = await cluster.start("c1"), await cluster.start("c3")
+    proxy = FreezingProxy(c1.address)
+    via = await proxy.start()
+    try:
+        client = client_for(via, c3.address)
+        assert (await sign(client)).order_id == "order-by-c1"
+        proxy.freeze()
+        started = time.monotonic()
+        # A command there fails well before its deadline, and is not sent elsewhere.
+        with pytest.raises(errors.Unavailable, match=f"coordinator {via} broke after the command may have reached it "
+                                                     r"\(connection lost: no answer to keepalive pings\)"):
+            await sign(client, timeout=20)
+        assert time.monotonic() - started < 5
+        assert c3.calls["Sign"] == 0
+        # A read goes to the next replica (the new connection hangs in its TLS handshake: the read's share ends it).
+        started = time.monotonic()
+        assert await who_answers(client, timeout=6) == "c3"
+        assert time.monotonic() - started < 3.5
+    finally:
+        await proxy.close()
+
+
+async def idle_then_a_quiet_call(client: ReplicaClient, replica: Replica) -> str:
+    """2 s without calls, then a call answered after 5 s: a ping about every
+    second throughout (grpc spaces them so, whatever the keepalive time). A
+    server with grpc's defaults counts the 2nd, 3rd and 4th as strikes and
+    drops the connection, under the quiet call."""
+    assert await who_answers(client) == replica.name
+    await asyncio.sleep(2)
+    replica.delay = 5
+    return await who_answers(client, timeout=10)
+
+
+@pytest.mark.usefixtures("short_keepalive")
+async def test_our_servers_take_the_keepalive_pings(cluster: Cluster, client_for: Any) -> None:
+    c1 = await cluster.start("c1")
+    assert await idle_then_a_quiet_call(client_for(c1.address), c1) == "c1"
+
+
+@pytest.mark.usefixtures("short_keepalive")
+async def test_a_server_with_grpcs_defaults_refuses_the_keepalive_pings(cluster: Cluster, client_for: Any) -> None:
+    """The control for the test above: the same pings to a server without
+    the permission end the connection (GOAWAY too_many_pings)."""
+    c1 = await cluster.start("c1", grpc_defaults=True)
+    with pytest.raises(errors.Unavailable, match="connection lost: too many pings"):
+        await idle_then_a_quiet_call(client_for(c1.address), c1)
 
 
 # --- acmectl ----------------------------------------------------------------------------------------------------------
