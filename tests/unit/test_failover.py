@@ -727,3 +727,48 @@ def test_acmectl_parses_without_a_coordinator_until_one_is_needed() -> None:
     assert fake.answered_last is None
     with pytest.raises(errors.InvalidArgument):
         _ = fake.client
+
+
+PLAN = {"p1": ["planned", "deploying", "reloading", "verifying", "verified"], "p4": ["skipped"],
+        "p5": ["planned"]}
+
+
+@pytest.mark.parametrize(("stages", "rollback_on_failure", "said"), [
+    # a verify that failed with --rollback-on-failure: the rollback comes next, it may be running
+    ({"p2": ["planned", "deploying", "reloading", "verifying", "failed"]}, True,
+     "under way: p2 (failed; its rollback may be under way)"),
+    ({"p2": ["planned", "deploying", "reloading", "failed"]}, True,  # a reload that failed: the pair went in
+     "under way: p2 (failed; its rollback may be under way)"),
+    # nothing to roll back: without the flag, or a deploy refused before the pair went in
+    ({"p2": ["planned", "deploying", "reloading", "verifying", "failed"]}, False, "finished: p1 (verified), p4 (skipped), p2 (failed)"),
+    ({"p2": ["planned", "deploying", "failed"]}, True, "finished: p1 (verified), p4 (skipped), p2 (failed)"),
+    # the rollback's own end: restored, or failed too (a second "failed")
+    ({"p2": ["planned", "deploying", "reloading", "verifying", "failed", "rolled-back"]}, True,
+     "finished: p1 (verified), p4 (skipped), p2 (rolled-back)"),
+    ({"p2": ["planned", "deploying", "reloading", "verifying", "failed", "failed"]}, True,
+     "finished: p1 (verified), p4 (skipped), p2 (failed)"),
+    ({"p2": ["planned", "deploying", "reloading"]}, False, "under way: p2 (reloading)"),
+])
+def test_rollout_where(stages: dict[str, list[str]], rollback_on_failure: bool, said: str) -> None:
+    where = ctl._rollout_where({**PLAN, **stages}, rollback_on_failure=rollback_on_failure)
+    assert said in where
+    assert "not touched: p5" in where and "p4 (skipped)" in where
+    assert where.endswith("; run the rollout again for the rest")
+
+
+async def test_acmectl_rollout_cut_after_a_failure_says_the_rollback_may_be_under_way(
+        cluster: Cluster, pki_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    c1 = await cluster.start("c1")
+    c1.rollout_first = [("p1", "planned"), ("p2", "planned"), ("p1", "deploying"), ("p1", "reloading"),
+                        ("p1", "verifying"), ("p1", "failed")]
+    c1.hold = True  # the leader is rolling p1 back when it dies
+    run = asyncio.create_task(run_acmectl(acmectl_args(pki_dir, c1.address, "rollout", "--all",
+                                                       "--rollback-on-failure")))
+    await asyncio.wait_for(c1.started.wait(), 5)
+    await cluster.stop("c1")
+    with pytest.raises(errors.Unavailable) as caught:
+        await run
+    assert caught.value.message.endswith("the rollout was cut: under way: p1 (failed; its rollback may be under "
+                                         "way) (the leader records what its agent did; check with acmectl status); "
+                                         "not touched: p2; run the rollout again for the rest")
+    assert capsys.readouterr().out.splitlines()[-1] == "p1: failed - c1"
