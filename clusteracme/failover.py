@@ -111,7 +111,7 @@ NO_LEADER_MARK = "no coordinator leads right now"
 READ_METHODS: frozenset[str] = frozenset({
     "RegisterPeer", "Heartbeat", "ListProviders", "ListPeers", "GetCSR", "Preflight", "GetOrder", "GetPending",
     "ListDomains", "GetSchedule", "TrustList", "TrustVerify", "Status", "ListEvents", "ListAlarms",
-    "ListCoordinators",
+    "ListCoordinators", "ListDenied",
 })
 
 # A unary read's attempt gets at most max(READ_ATTEMPT_MIN, timeout * READ_ATTEMPT_SHARE) seconds when another

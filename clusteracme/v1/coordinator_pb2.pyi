@@ -260,16 +260,18 @@ class RegisterPeerRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_endpoint: _Optional[str] = ..., http_front: _Optional[str] = ..., front_mode: _Optional[str] = ..., version: _Optional[str] = ..., tls_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterPeerResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds", "lease_ttl_seconds", "trust_bundle_pem", "trust_bundle_sha256")
+    __slots__ = ("heartbeat_interval_seconds", "lease_ttl_seconds", "trust_bundle_pem", "trust_bundle_sha256", "denied_sha256")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRUST_BUNDLE_PEM_FIELD_NUMBER: _ClassVar[int]
     TRUST_BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DENIED_SHA256_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: int
     lease_ttl_seconds: int
     trust_bundle_pem: str
     trust_bundle_sha256: str
-    def __init__(self, heartbeat_interval_seconds: _Optional[int] = ..., lease_ttl_seconds: _Optional[int] = ..., trust_bundle_pem: _Optional[str] = ..., trust_bundle_sha256: _Optional[str] = ...) -> None: ...
+    denied_sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, heartbeat_interval_seconds: _Optional[int] = ..., lease_ttl_seconds: _Optional[int] = ..., trust_bundle_pem: _Optional[str] = ..., trust_bundle_sha256: _Optional[str] = ..., denied_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("peer_id",)
@@ -278,8 +280,10 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("denied_sha256",)
+    DENIED_SHA256_FIELD_NUMBER: _ClassVar[int]
+    denied_sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, denied_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Provider(_message.Message):
     __slots__ = ("name", "directory_url", "terms_of_service", "account_url", "account_status", "contact", "has_ca_bundle", "is_default")
@@ -380,10 +384,56 @@ class SetPeerEnabledRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., enabled: _Optional[bool] = ...) -> None: ...
 
 class RemovePeerRequest(_message.Message):
-    __slots__ = ("peer_id",)
+    __slots__ = ("peer_id", "force")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
-    def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, peer_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class BlockPeerRequest(_message.Message):
+    __slots__ = ("peer_id", "reason")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    reason: str
+    def __init__(self, peer_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokeIdentityRequest(_message.Message):
+    __slots__ = ("certificate", "reason")
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    certificate: bytes
+    reason: str
+    def __init__(self, certificate: _Optional[bytes] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DeniedIdentity(_message.Message):
+    __slots__ = ("sha256", "common_name", "serial_hex", "not_after", "reason", "denied_at", "denied_by")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    COMMON_NAME_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_HEX_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DENIED_AT_FIELD_NUMBER: _ClassVar[int]
+    DENIED_BY_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    common_name: str
+    serial_hex: str
+    not_after: str
+    reason: str
+    denied_at: str
+    denied_by: str
+    def __init__(self, sha256: _Optional[str] = ..., common_name: _Optional[str] = ..., serial_hex: _Optional[str] = ..., not_after: _Optional[str] = ..., reason: _Optional[str] = ..., denied_at: _Optional[str] = ..., denied_by: _Optional[str] = ...) -> None: ...
+
+class ListDeniedRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListDeniedResponse(_message.Message):
+    __slots__ = ("identities",)
+    IDENTITIES_FIELD_NUMBER: _ClassVar[int]
+    identities: _containers.RepeatedCompositeFieldContainer[DeniedIdentity]
+    def __init__(self, identities: _Optional[_Iterable[_Union[DeniedIdentity, _Mapping]]] = ...) -> None: ...
 
 class RemovePeerResponse(_message.Message):
     __slots__ = ()

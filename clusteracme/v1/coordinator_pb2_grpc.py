@@ -79,6 +79,21 @@ class CoordinatorServiceStub:
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.RemovePeerRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.RemovePeerResponse.FromString,
                 _registered_method=True)
+        self.BlockPeer = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/BlockPeer',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.BlockPeerRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.DeniedIdentity.FromString,
+                _registered_method=True)
+        self.RevokeIdentity = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/RevokeIdentity',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.RevokeIdentityRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.DeniedIdentity.FromString,
+                _registered_method=True)
+        self.ListDenied = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/ListDenied',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListDeniedRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListDeniedResponse.FromString,
+                _registered_method=True)
         self.CreateCSR = channel.unary_unary(
                 '/clusteracme.v1.CoordinatorService/CreateCSR',
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.CreateCSRRequest.SerializeToString,
@@ -257,6 +272,28 @@ class CoordinatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RemovePeer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BlockPeer(self, request, context):
+        """Withdraw a peer's identity: its agent certificate goes on the deny list
+        (refused at every call from then on); the peer stays listed, blocked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeIdentity(self, request, context):
+        """--- cluster identities (deny list) ---
+        Put any cluster certificate (operator, coordinator, agent) on the deny list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDenied(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -468,6 +505,21 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.RemovePeer,
                     request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.RemovePeerRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.RemovePeerResponse.SerializeToString,
+            ),
+            'BlockPeer': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlockPeer,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.BlockPeerRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.DeniedIdentity.SerializeToString,
+            ),
+            'RevokeIdentity': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeIdentity,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.RevokeIdentityRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.DeniedIdentity.SerializeToString,
+            ),
+            'ListDenied': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDenied,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListDeniedRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListDeniedResponse.SerializeToString,
             ),
             'CreateCSR': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateCSR,
@@ -833,6 +885,87 @@ class CoordinatorService:
             '/clusteracme.v1.CoordinatorService/RemovePeer',
             clusteracme_dot_v1_dot_coordinator__pb2.RemovePeerRequest.SerializeToString,
             clusteracme_dot_v1_dot_coordinator__pb2.RemovePeerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockPeer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/BlockPeer',
+            clusteracme_dot_v1_dot_coordinator__pb2.BlockPeerRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.DeniedIdentity.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeIdentity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/RevokeIdentity',
+            clusteracme_dot_v1_dot_coordinator__pb2.RevokeIdentityRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.DeniedIdentity.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDenied(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/ListDenied',
+            clusteracme_dot_v1_dot_coordinator__pb2.ListDeniedRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.ListDeniedResponse.FromString,
             options,
             channel_credentials,
             insecure,
