@@ -7,7 +7,9 @@ import re
 
 from clusteracme.errors import InvalidArgument
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+# Used with fullmatch and \Z: "$" also matches before a final newline ("host\n" would pass).
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}|[0-9]{1,10}")  # an interface name (IFNAMSIZ) or index
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
 def is_unspecified(host: str) -> bool:
@@ -49,18 +51,19 @@ def split_bind(value: str, what: str) -> tuple[str, int]:
     host, _, port_text = value.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     host = host[1:-1] if bracketed else host
-    try:
-        port = int(port_text)
-    except ValueError:
-        port = 0
+    # ASCII digits only: int() also takes " 80", "80\n" and other scripts' digits.
+    port = int(port_text) if port_text.isascii() and port_text.isdigit() and len(port_text) <= 5 else 0
     if not 0 < port < 65536:
         raise InvalidArgument(f"{what}: {value!r} has no valid port")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        if bracketed or not _HOSTNAME.match(host):
+        if bracketed or not _HOSTNAME.fullmatch(host):
             raise InvalidArgument(f"{what}: {host!r} is neither an IP address nor a host name") from None
         return host, port
     if ip.version == 6 and not bracketed:
         raise InvalidArgument(f"{what}: write IPv6 endpoints as [address]:port")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None and not _ZONE.fullmatch(ip.scope_id):
+        # ipaddress takes any text after "%" (spaces, newlines, escape sequences).
+        raise InvalidArgument(f"{what}: {value[:80]!r} has a zone id that is not an interface name")
     return host, port

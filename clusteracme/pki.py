@@ -10,10 +10,13 @@ obtains.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
 import re
+import secrets
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -28,7 +31,7 @@ from clusteracme.errors import AlreadyExists, InvalidArgument, NotFound
 COORDINATOR_SERVER_NAME = "coordinator.clusteracme"
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # fullmatch: "$" would take "name\n"
 
 
 class Role(str, Enum):
@@ -65,22 +68,108 @@ class Identity:
             parsed_role = Role(role)
         except ValueError:
             raise InvalidArgument(f"{common_name!r} is not a clusteracme identity (role:name)") from None
-        if not sep or not _NAME_RE.match(name):
+        if not sep or not _NAME_RE.fullmatch(name):
             raise InvalidArgument(f"{common_name!r} is not a clusteracme identity (role:name)")
         return cls(parsed_role, name)
 
 
+STALE_TEMP_SECONDS = 600.0
+"""A ``write_private`` temp file this old was left by a crash: the next write of that path deletes it."""
+
+
 def write_private(path: Path, data: bytes) -> None:
-    """Write a secret file with mode 0600 from the start (no window at 0644)."""
+    """Write a secret file with mode 0600 from the start (no window at 0644),
+    atomically: readers and concurrent writers see one whole file.
+
+    The temp file has a unique name in the same directory
+    (``.<name>.<random>.tmp``), created with ``O_EXCL|O_NOFOLLOW``: a file or
+    symlink planted at a temp name is never reused or followed, and two
+    writers of one path never share a temp file (the last rename wins). It is
+    written in full and fsynced, renamed over ``path``, then the directory is
+    fsynced so the rename survives a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _drop_stale_temps(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for attempt in range(3):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            break
+        except FileExistsError:
+            if attempt == 2:
+                raise
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        try:
+            os.fchmod(fd, 0o600)  # os.open's mode is filtered by the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]  # os.write may write less than asked
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        os.close(dir_fd)
+
+
+def _drop_stale_temps(path: Path) -> None:
+    """Delete this path's temp files that a crash left (older than STALE_TEMP_SECONDS:
+    a concurrent writer's temp file is seconds old)."""
+    prefix, cutoff = f".{path.name}.", time.time() - STALE_TEMP_SECONDS
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".tmp") and len(name) == len(prefix) + 20):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+
+
+def check_dns_names(identity: Identity, dns_names: list[str] | tuple[str, ...]) -> list[str]:
+    """The extra DNS names for ``identity``'s certificate, without the ones
+    that belong to another identity: clients trust a server by the names of
+    the ``clusteracme`` namespace alone (``Identity.server_name``), so an
+    agent or operator certificate carrying ``coordinator.clusteracme``, or
+    ``X.agent.clusteracme`` on anyone but agent X, could impersonate it.
+    Every name under ``clusteracme`` but the identity's own is refused
+    (compared without case or a final dot); the own one is added anyway."""
+    own = identity.server_name
+    out = []
+    for name in dns_names:
+        plain = name.strip().lower().rstrip(".")
+        if not plain:
+            raise InvalidArgument("--dns: an empty name")
+        if plain == own:
+            continue
+        if plain == "clusteracme" or plain.endswith(".clusteracme"):
+            owner = ("any coordinator" if plain == COORDINATOR_SERVER_NAME else
+                     "the identity it names" if plain.count(".") == 2 else "no identity (reserved)")
+            raise InvalidArgument(f"--dns {name}: this name belongs to {owner}, not to {identity.common_name} "
+                                  f"(whose own name {own} is in the certificate anyway); names under "
+                                  "clusteracme are how clients recognise an identity")
+        out.append(name)
+    return out
+
+
+def check_out_dir(ca_dir: Path, out_dir: Path) -> None:
+    """Refuse to write an issued pair into the CA's directory (or any with a
+    CA key): the directory of the pair is what gets copied to a node, and
+    the CA key must stay where it is (offline)."""
+    if out_dir.resolve() == ca_dir.resolve() or (out_dir / CA_KEY).exists():
+        raise InvalidArgument(f"refusing to write the certificate and key into {out_dir}, next to a CA key "
+                              f"({out_dir / CA_KEY}): give --out DIR, a directory of its own that is copied to "
+                              "the node (the CA key stays where it is)")
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -150,7 +239,7 @@ def issue(
         except ValueError:
             raise InvalidArgument(f"{ip!r} is not an IP address") from None
     sans.append(x509.DNSName(identity.server_name))
-    sans.extend(x509.DNSName(n) for n in dns_names)
+    sans.extend(x509.DNSName(n) for n in check_dns_names(identity, dns_names))
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     builder = (

@@ -2,21 +2,37 @@
 identity, and the one mapping between our error tree and gRPC status codes.
 
 Every RPC method of both servicers is wrapped by :func:`rpc_method`, which
-checks the caller's role (from the verified client certificate), converts our
-errors to status codes and never lets a traceback reach the client.
+checks the caller's role (from the verified client certificate) and, when the
+servicer has a ``deny_list`` (:class:`DenyList`), that the certificate is not
+denied; it converts our errors to status codes and never lets a traceback
+reach the client.
+
+The daemons' own certificate and key are a :class:`ReloadingTLS`: read again
+on SIGHUP and when the files change, without a restart. A server takes the
+new pair at its next handshake (``grpc.dynamic_ssl_server_credentials``); a
+client opens new channels for new connections (``ReloadingTLS.generation``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+import os
+import signal
+import ssl
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import grpc.aio
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
 from clusteracme import errors
 from clusteracme.pki import Identity, Role
@@ -67,28 +83,79 @@ def _short(detail: str) -> str:
     return detail.splitlines()[0][:160]
 
 
-def caller(context: grpc.aio.ServicerContext) -> Identity:
-    """The identity in the verified client certificate of this call."""
+class DenyList(Protocol):
+    """The certificates a server refuses, by SHA-256 of their DER (lowercase hex).
+
+    Contract: ``reason`` answers from memory (it runs at every call, before
+    the method): the reason the certificate was denied, or None."""
+
+    def reason(self, sha256: str) -> str | None: ...
+
+
+class DeniedSet:
+    """A :class:`DenyList` replaced as a whole: an agent's copy of the
+    cluster's deny list, as its last registration or heartbeat gave it."""
+
+    def __init__(self, reasons: Mapping[str, str] | None = None) -> None:
+        self._reasons: dict[str, str] = dict(reasons or {})
+
+    def replace(self, fingerprints: Iterable[str], reason: str = "on the cluster's deny list") -> None:
+        self._reasons = {sha: reason for sha in fingerprints}
+
+    def reason(self, sha256: str) -> str | None:
+        return self._reasons.get(sha256)
+
+    def fingerprints(self) -> list[str]:
+        return sorted(self._reasons)
+
+
+def client_certificate(context: grpc.aio.ServicerContext) -> bytes:
+    """The DER of this call's verified client certificate."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    if not pems:
+        raise errors.PermissionDenied("no client certificate")
+    try:
+        return ssl.PEM_cert_to_DER_cert(pems[0].decode())
+    except (ValueError, UnicodeDecodeError):
+        raise errors.PermissionDenied("the client certificate cannot be read") from None
+
+
+def certificate_sha256(context: grpc.aio.ServicerContext) -> str:
+    """SHA-256 (hex) of the DER of this call's verified client certificate."""
+    return hashlib.sha256(client_certificate(context)).hexdigest()
+
+
+def caller(context: grpc.aio.ServicerContext, deny_list: DenyList | None = None) -> Identity:
+    """The identity in the verified client certificate of this call; with a
+    ``deny_list``, PermissionDenied when that certificate is on it."""
     names = context.auth_context().get("x509_common_name") or []
     if not names:
         raise errors.PermissionDenied("no client certificate")
     try:
-        return Identity.parse(names[0].decode())
+        who = Identity.parse(names[0].decode())
     except errors.InvalidArgument as exc:
         raise errors.PermissionDenied(exc.message) from None
+    if deny_list is not None:
+        sha = certificate_sha256(context)
+        reason = deny_list.reason(sha)
+        if reason is not None:
+            raise errors.PermissionDenied(f"certificate {sha} of {who.common_name} is denied ({reason})")
+    return who
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def rpc_method(*roles: Role) -> Callable[[F], F]:
-    """Wrap a servicer method: authorise by role, map errors to status codes."""
+    """Wrap a servicer method: refuse a denied certificate (the servicer's
+    ``deny_list`` attribute, when it has one), authorise by role, map errors
+    to status codes."""
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                who = caller(context)
+                who = caller(context, getattr(self, "deny_list", None))
                 if who.role not in roles:
                     allowed = ", ".join(r.value for r in roles)
                     raise errors.PermissionDenied(
@@ -124,6 +191,159 @@ class TLSFiles:
             return self.ca.read_bytes(), self.cert.read_bytes(), self.key.read_bytes()
         except OSError as exc:
             raise errors.InvalidArgument(f"cannot read TLS file {exc.filename}: {exc.strerror}") from exc
+
+
+class TLSSource(Protocol):
+    """Where a channel or server gets (CA, certificate, key) PEM bytes:
+    :class:`TLSFiles` (read at each call) or :class:`ReloadingTLS`."""
+
+    def read(self) -> tuple[bytes, bytes, bytes]: ...
+
+
+FILE_POLL_SECONDS = 2.0
+"""How often ``ReloadingTLS.watch`` looks at the files (a stat each)."""
+
+
+def check_tls_material(ca: bytes, cert: bytes, key: bytes) -> str | None:
+    """Why this CA, certificate and key cannot serve together, or None: the
+    key must be the certificate's and the certificate issued by the CA
+    (a rotation caught half-written is refused, never served)."""
+    try:
+        cas = x509.load_pem_x509_certificates(ca)
+    except ValueError:
+        return "the CA file holds no PEM certificate"
+    try:
+        leaf = x509.load_pem_x509_certificates(cert)[0]
+    except ValueError:
+        return "the certificate file holds no PEM certificate"
+    try:
+        private = serialization.load_pem_private_key(key, None)
+    except (ValueError, TypeError):
+        return "the key file holds no unencrypted PEM private key"
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        return "the key is not the certificate's"
+    for ca_cert in cas:
+        try:
+            leaf.verify_directly_issued_by(ca_cert)
+            return None
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    return "the certificate is not issued by the CA"
+
+
+class ReloadingTLS:
+    """A daemon's own TLS files, kept in memory and read again without a
+    restart: :meth:`reload` (SIGHUP: ``force``) and :meth:`watch` (polls the
+    files' stat). New files are taken only when they check out
+    (:func:`check_tls_material`); otherwise the pair in use stays and the
+    refusal is logged once per change of the files.
+
+    ``generation`` grows at every change: a server built with
+    :meth:`server_credentials` serves the new pair from its next handshake;
+    clients compare it with the generation their channel was opened at and
+    open a new channel for new calls. Thread-safe: gRPC calls the server's
+    fetcher on a thread of its own."""
+
+    def __init__(self, files: TLSFiles) -> None:
+        self.files = files
+        material = files.read()
+        problem = check_tls_material(*material)
+        if problem is not None:
+            raise errors.InvalidArgument(f"TLS files {files.cert}, {files.key} (CA {files.ca}): {problem}")
+        self._lock = threading.Lock()
+        self._current = (0, material)  # (generation, (ca, cert, key)): one attribute, read atomically
+        self._stamp = self._stat()
+        self._refused: object = None  # the stat of files refused already (logged once)
+
+    @property
+    def generation(self) -> int:
+        return self._current[0]
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        return self._current[1]
+
+    def _stat(self) -> object:
+        stamp = []
+        for path in (self.files.ca, self.files.cert, self.files.key):
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamp.append(None)
+                continue
+            stamp.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(stamp)
+
+    def reload(self, *, force: bool = False) -> bool:
+        """Read the files again if they changed (always with ``force``);
+        returns whether a new pair is now in use."""
+        with self._lock:
+            stamp = self._stat()
+            if not force and (stamp == self._stamp or stamp == self._refused):
+                return False
+            try:
+                material = self.files.read()
+            except errors.ClusterAcmeError as exc:
+                problem: str | None = exc.message
+            else:
+                problem = check_tls_material(*material)
+            if problem is not None:
+                if force or stamp != self._refused:
+                    log.error("TLS files not reloaded (%s); still serving the certificate in use", problem)
+                self._refused = stamp
+                return False
+            self._stamp, self._refused = stamp, None
+            generation, current = self._current
+            if material == current:
+                return False
+            self._current = (generation + 1, material)
+        leaf = x509.load_pem_x509_certificates(material[1])[0]
+        log.info("TLS certificate and key reloaded from %s: %s, serial %x, valid until %s", self.files.cert,
+                 leaf.subject.rfc4514_string(), leaf.serial_number, leaf.not_valid_after_utc.isoformat())
+        return True
+
+    async def watch(self, interval: float = FILE_POLL_SECONDS) -> None:
+        """Reload whenever the files change; runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.to_thread(self.reload)
+
+    def reload_on_sighup(self) -> None:
+        """SIGHUP reads the files again (whether or not they look changed)."""
+        loop = asyncio.get_running_loop()
+        running: set[asyncio.Task[bool]] = set()  # a task only weakly referenced by the loop may vanish
+
+        def hup() -> None:
+            log.info("SIGHUP: reading the TLS files again")
+            task = loop.create_task(asyncio.to_thread(self.reload, force=True), name="tls-reload")
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, hup)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that require a client certificate of the CA
+        and take the newest pair at each new connection."""
+
+        def config(material: tuple[bytes, bytes, bytes]) -> Any:
+            ca, cert, key = material
+            return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+        generation, material = self._current
+        served = [generation]
+
+        def fetch() -> Any:  # on a gRPC thread, at every handshake: None keeps the configuration
+            try:
+                now, latest = self._current
+                if now == served[0]:
+                    return None
+                served[0] = now
+                return config(latest)
+            except Exception:  # never let a fetch break the handshake
+                log.exception("cannot hand the reloaded TLS files to the server")
+                return None
+
+        return grpc.dynamic_ssl_server_credentials(config(material), fetch, require_client_authentication=True)
 
 
 _OPTIONS = [
@@ -180,18 +400,18 @@ def _server_options() -> list[tuple[str, Any]]:
     ]
 
 
-def server(tls: TLSFiles, address: str) -> tuple[grpc.aio.Server, int]:
-    """A gRPC server that requires a client certificate from the cluster CA."""
-    ca, cert, key = tls.read()
+def server(tls: TLSFiles | ReloadingTLS, address: str) -> tuple[grpc.aio.Server, int]:
+    """A gRPC server that requires a client certificate from the cluster CA;
+    given a :class:`ReloadingTLS`, it serves the newest pair at each new connection."""
+    source = tls if isinstance(tls, ReloadingTLS) else ReloadingTLS(tls)
     srv = grpc.aio.server(options=_server_options())
-    creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
-    port = srv.add_secure_port(address, creds)
+    port = srv.add_secure_port(address, source.server_credentials())
     if port == 0:
         raise errors.Unavailable(f"cannot listen on {address}")
     return srv, port
 
 
-def channel(tls: TLSFiles, target: str, server_name: str, *, keepalive: bool = False) -> grpc.aio.Channel:
+def channel(tls: TLSSource, target: str, server_name: str, *, keepalive: bool = False) -> grpc.aio.Channel:
     """A channel to ``target`` that accepts only a server whose certificate
     (from the cluster CA) carries ``server_name`` (see ``Identity.server_name``).
     ``keepalive``: ping the server to notice a connection that went silent

@@ -23,17 +23,17 @@ from cryptography import x509
 from clusteracme import errors
 from coordinator import records
 from coordinator.acme_client import AcmeClient, generate_account_key
-from coordinator.secretbox import SecretBox
+from coordinator.secretbox import BindingChanged, SecretBox, is_legacy
 from coordinator.slots import is_imported
-from coordinator.store.base import Store
+from coordinator.store.base import Conflict, Store
 from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 
-_PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_PROVIDER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # fullmatch: "$" would take "name\n"
 # A pragmatic address check: RFC 5322 in full is not what CAs accept either
 # (Let's Encrypt refuses quoted local parts, IP literals and unknown TLDs).
-_EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+")
 
 # "default" means "no provider of its own" (schedule set --provider default);
 # "manual" is the provider recorded with an imported certificate.
@@ -136,6 +136,39 @@ class ProviderBook:
         return name
 
 
+class ProviderRecordChanged(errors.FailedPrecondition):
+    """A provider's directory URL or CA bundle is not the one its account key
+    was sealed with (changed in etcd since the account was registered): the
+    key is not used."""
+
+
+def account_binding(data: dict[str, Any]) -> dict[str, str]:
+    """What a provider's account key is sealed with besides its name (AES-GCM
+    associated data, see ``coordinator.secretbox``): the directory URL and
+    the SHA-256 of the CA bundle ("" without one). The key is used only with
+    the record it was registered for."""
+    pem = data.get("ca_bundle_pem") or ""
+    return {"directory_url": data.get("directory_url", ""),
+            "ca_bundle_sha256": hashlib.sha256(pem.encode()).hexdigest() if pem else ""}
+
+
+_BOUND_LABELS = {"directory_url": "directory URL", "ca_bundle_sha256": "CA bundle (SHA-256)"}
+
+
+def _record_changed(name: str, changed: dict[str, tuple[str, str]]) -> ProviderRecordChanged:
+    def shown(field: str, value: str) -> str:
+        if not value:
+            return "(none)"
+        return value[:16] if field == "ca_bundle_sha256" else repr(value[:200])
+
+    what = "; ".join(f"{_BOUND_LABELS.get(f, f)} was {shown(f, old)}, is now {shown(f, new)}"
+                     for f, (old, new) in sorted(changed.items()))
+    return ProviderRecordChanged(
+        f"provider {name}'s record changed since its account was registered: {what}; its account key was not "
+        f"used. Restore the record, or, if the change is intended, re-register: add the provider again under a "
+        f"new name (acmectl provider add NAME --directory URL) and register its account")
+
+
 def check_ca_bundle(pem: str) -> None:
     try:
         certs = x509.load_pem_x509_certificates(pem.encode())
@@ -153,6 +186,7 @@ class Accounts:
         self._timeout = acme_timeout
         self._bundle_dir = Path(tempfile.mkdtemp(prefix="clusteracme-ca-"))
         self._reserved_warned: set[str] = set()
+        self._resealed: set[str] = set()
 
     def _bundle_path(self, pem: str) -> str | None:
         """The CA bundle as a file for ``requests`` (written once per content)."""
@@ -164,7 +198,7 @@ class Accounts:
         return str(path)
 
     async def add_provider(self, name: str, directory_url: str, ca_bundle_pem: str) -> ProviderView:
-        if not _PROVIDER_NAME.match(name):
+        if not _PROVIDER_NAME.fullmatch(name):
             raise errors.InvalidArgument(
                 f"{name!r} is not a valid provider name (lowercase letters, digits, '-' and '_', up to 63)"
             )
@@ -227,16 +261,17 @@ class Accounts:
                 f"registering with {name} requires accepting its terms of service: {tos} "
                 "-- read them, then repeat with --agree-tos"
             )
-        if not _EMAIL.match(email or ""):
+        if not _EMAIL.fullmatch(email or ""):
             raise errors.InvalidArgument(f"{email!r} is not a valid contact e-mail address")
         if data.get("account_url"):
             raise errors.AlreadyExists(f"provider {name} already has an account: {data['account_url']}")
         if data.get("external_account_required") and not (eab_kid and eab_hmac_key):
             raise errors.FailedPrecondition(
-                f"provider {name} requires External Account Binding: give --eab-kid and --eab-hmac-key "
-                "(the key id and MAC key your CA issued for this account)")
+                f"provider {name} requires External Account Binding: give --eab-kid and --eab-hmac-key-file "
+                "FILE or ACMECTL_EAB_HMAC_KEY (the key id and MAC key your CA issued for this account)")
         if bool(eab_kid) != bool(eab_hmac_key):
-            raise errors.InvalidArgument("--eab-kid and --eab-hmac-key go together")
+            raise errors.InvalidArgument("the EAB key id and MAC key go together (--eab-kid with "
+                                         "--eab-hmac-key-file or ACMECTL_EAB_HMAC_KEY)")
         if len(eab_kid) > 256 or len(eab_hmac_key) > 512:
             raise errors.InvalidArgument("the EAB key id or MAC key is too long")
         key_pem = generate_account_key()
@@ -245,7 +280,7 @@ class Accounts:
         account_url, status = await asyncio.to_thread(client.register, email, eab_kid, eab_hmac_key)
         record = {
             **data, "account_url": account_url, "account_status": status, "contact": email,
-            "account_key": self._box.seal(key_pem, f"provider/{name}"), "eab_kid": eab_kid,
+            "account_key": self._box.seal(key_pem, f"provider/{name}", account_binding(data)), "eab_kid": eab_kid,
         }
         await self._store.put_if(self._keys.provider(name), records.encode(record), expect_mod_revision=rev)
         return _view(record)
@@ -256,7 +291,7 @@ class Accounts:
 
     async def exists(self, name: str) -> str:
         """``name`` if such a provider exists (raises NotFound otherwise)."""
-        if not _PROVIDER_NAME.match(name):
+        if not _PROVIDER_NAME.fullmatch(name):
             raise errors.NotFound(f"no provider named {name[:64]!r} (acmectl provider list)")
         await self._get(name)
         return name
@@ -292,9 +327,36 @@ class Accounts:
 
     async def client(self, name: str) -> AcmeClient:
         """A fresh ACME session as the provider's account (one per order)."""
-        data, _ = await self._get(name)
+        data, rev = await self._get(name)
         if not data.get("account_url"):
             raise errors.FailedPrecondition(f"provider {name} has no account yet (acmectl account register)")
-        key_pem = self._box.open(data["account_key"], f"provider/{name}")
+        binding = account_binding(data)
+        try:
+            key_pem = self._box.open(data["account_key"], f"provider/{name}", binding)
+        except BindingChanged as exc:
+            raise _record_changed(name, exc.changed) from None
+        if is_legacy(data["account_key"]):
+            await self._reseal(name, data, rev, key_pem)
         return AcmeClient(data["directory_url"], ca_bundle=self._bundle_path(data.get("ca_bundle_pem", "")),
                           key_pem=key_pem, account_url=data["account_url"], timeout=self._timeout)
+
+    async def _reseal(self, name: str, data: dict[str, Any], rev: int, key_pem: bytes) -> None:
+        """Seal an account key of the v1 format (sealed before the provider
+        record was bound to it) again, bound to the record as it is now. A
+        lost race or a failed write is left for the next use."""
+        binding = account_binding(data)
+        record = {**data, "account_key": self._box.seal(key_pem, f"provider/{name}", binding)}
+        try:
+            await self._store.put_if(self._keys.provider(name), records.encode(record), expect_mod_revision=rev)
+        except Conflict:
+            return
+        except errors.ClusterAcmeError as exc:
+            log.warning("provider %s: cannot seal its account key again with its record bound: %s", name,
+                        exc.message)
+            return
+        if name not in self._resealed:
+            self._resealed.add(name)
+            log.warning("provider %s: its account key was sealed without its directory URL and CA bundle (before "
+                        "they were bound to it); sealed again, bound to directory URL %r and CA bundle %s: check "
+                        "with acmectl provider list that they are the ones you registered", name,
+                        binding["directory_url"], binding["ca_bundle_sha256"][:16] or "(none)")

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2
 
 from clusteracme import __version__, daemon, errors, netaddr
 from clusteracme.daemon import Supervisor, add_health
-from clusteracme.rpcutil import server
+from clusteracme.rpcutil import ReloadingTLS, server
 from clusteracme.v1 import coordinator_pb2_grpc
 from coordinator import metrics
 from coordinator.accounts import Accounts
@@ -35,6 +35,7 @@ from coordinator.alarms import AlarmBook, AlarmJob
 from coordinator.deployment import Deployment
 from coordinator.election import Election, Leadership
 from coordinator.history import History
+from coordinator.identities import DenyListView, Identities
 from coordinator.issuance import Issuance
 from coordinator.looplag import LoopLagMonitor
 from coordinator.peers import AgentPool, Registry
@@ -59,7 +60,17 @@ LEADER_HEALTH_SERVICE = "clusteracme.leader"
 
 
 def etcd_store(settings: CoordinatorSettings) -> EtcdStore:
+    """The store on ``settings.etcd``. Plaintext to a non-loopback endpoint
+    or a password without TLS is refused (InvalidArgument, before any
+    connection) unless ``etcd.insecure`` accepts it, which is then logged at
+    WARNING (at every start)."""
     e = settings.etcd
+    problems = e.insecurity()
+    if problems and not e.insecure:
+        raise errors.InvalidArgument(f"refusing to use etcd insecurely: {'; and '.join(problems)}; give etcd.ca "
+                                     "(etcd over TLS), or set etcd.insecure = true to accept the risk")
+    if problems:
+        log.warning("etcd.insecure = true: %s", "; and ".join(problems))
     password = e.password_file.read_text().strip() if e.password_file else None
     return EtcdStore(list(e.endpoints), ca=e.ca, cert=e.cert, key=e.key, user=e.user or None, password=password)
 
@@ -90,11 +101,11 @@ class Parts:
 
 
 def build_parts(store: Store, keys: Keys, settings: CoordinatorSettings, box: SecretBox, resolver: DnsResolver,
-                pool: AgentPool, fence: int = 0) -> Parts:
+                pool: AgentPool, deny_view: DenyListView, fence: int = 0) -> Parts:
     """``fence``: the leader's fencing token, which its deploys and rollbacks
     carry to the agents (0 for a standby's parts: a standby never deploys)."""
     t = settings.timing
-    registry = Registry(store, keys, lease_ttl=t.lease_ttl)
+    registry = Registry(store, keys, lease_ttl=t.lease_ttl, settings=settings.peers, pool=pool)
     accounts = Accounts(store, keys, box, acme_timeout=t.acme_timeout)
     history = History(store, keys)
     issuance = Issuance(store, keys, registry, accounts, pool, resolver, t, history, settings.admission)
@@ -105,7 +116,9 @@ def build_parts(store: Store, keys: Keys, settings: CoordinatorSettings, box: Se
     alarms = AlarmBook(store, keys)
     servicer = CoordinatorServicer(registry, accounts, issuance, deployment, history, scheduler, pool, revocation,
                                    TrustStore(store, keys), heartbeat_interval=t.heartbeat_interval,
-                                   lease_ttl=t.lease_ttl, alarms=alarms)
+                                   lease_ttl=t.lease_ttl, alarms=alarms,
+                                   identities=Identities(store, keys, registry, deny_view, settings.tls.ca),
+                                   deny_list=deny_view)
     return Parts(registry, accounts, history, issuance, deployment, scheduler, revocation, alarms, servicer)
 
 
@@ -159,10 +172,18 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
                         ttl=3 * t.leader_ttl)
     await replicas.announce()
     cleanup.push_async_callback(replicas.withdraw)
-    pool = AgentPool(settings.tls.files(), timeout=t.agent_call_timeout)
+    # This replica's certificate and key: read again on SIGHUP and when the files change.
+    tls = ReloadingTLS(settings.tls.files())
+    tls.reload_on_sighup()
+    sup.spawn("tls-reload", tls.watch())
+    # The deny list is read before the first call is taken, and kept fresh on every replica.
+    deny_view = DenyListView(store, keys)
+    await deny_view.load()
+    sup.spawn("deny-list", deny_view.run())
+    pool = AgentPool(tls, timeout=t.agent_call_timeout)
     cleanup.push_async_callback(pool.close)
-    router = ReplicaRouter(replicas, build_parts(store, keys, settings, box, resolver, pool).servicer)
-    srv, port = server(settings.tls.files(), settings.listen)
+    router = ReplicaRouter(replicas, build_parts(store, keys, settings, box, resolver, pool, deny_view).servicer)
+    srv, port = server(tls, settings.listen)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(router, srv)
     health = await add_health(srv)
     await health.set(LEADER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -191,7 +212,8 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
         stop_wait.cancel()
         router.taking_over()
         try:
-            leader = await _lead(settings, campaign.result(), store, keys, box, resolver, pool, notifier, sup)
+            leader = await _lead(settings, campaign.result(), store, keys, box, resolver, pool, deny_view, notifier,
+                                 sup)
         except errors.ClusterAcmeError as exc:  # e.g. etcd gone while resuming: stop, a standby takes over
             log.error("coordinator %s could not take over: %s", settings.name, exc.message)
             sup.failed = True
@@ -236,13 +258,14 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
 
 
 async def _lead(settings: CoordinatorSettings, leadership: Leadership, store: EtcdStore, keys: Keys, box: SecretBox,
-                resolver: DnsResolver, pool: AgentPool, notifier: WebhookNotifier | None, sup: Supervisor) -> Parts:
+                resolver: DnsResolver, pool: AgentPool, deny_view: DenyListView, notifier: WebhookNotifier | None,
+                sup: Supervisor) -> Parts:
     """Leading: the components on the fenced store, the previous leader's
     orders resumed, the leader's own jobs started."""
     log.info("coordinator %s is the leader (fence revision %d)", settings.name, leadership.revision)
     t = settings.timing
     fenced = store.fenced(keys.leader(), leadership.revision)
-    parts = build_parts(fenced, keys, settings, box, resolver, pool, fence=leadership.revision)
+    parts = build_parts(fenced, keys, settings, box, resolver, pool, deny_view, fence=leadership.revision)
     # The previous leader's queue first: commands are still redirected
     # (router) until this returns, so a sign cannot jump it (nor its
     # provider's budget).

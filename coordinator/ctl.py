@@ -8,6 +8,11 @@ leader (``clusteracme.failover`` holds the rule: what is retried where).
 Every call has one deadline, ``--timeout``, across those retries. Errors
 print one human sentence on stderr and exit non-zero; ``--json`` prints
 machine-readable output instead of tables.
+
+Everything the coordinator answers is remote text (a CA's problem details,
+hook output from a peer, certificate subjects, error sentences): before it is
+printed for a human, its control characters are escaped
+(``clusteracme.safetext``); JSON output escapes them itself.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from google.protobuf.json_format import MessageToDict
 from clusteracme import errors, pki
 from clusteracme.failover import READ_METHODS, ReplicaClient, parse_endpoints
 from clusteracme.rpcutil import TLSFiles
+from clusteracme.safetext import safe_message, terminal_safe
 from clusteracme.v1 import common_pb2
 from clusteracme.v1 import coordinator_pb2 as pb
 from coordinator import imports
@@ -38,6 +44,9 @@ KEY_TYPES = {
     "rsa-3072": common_pb2.KEY_TYPE_RSA_3072,
     "rsa-4096": common_pb2.KEY_TYPE_RSA_4096,
 }
+EAB_KEY_ENV = "ACMECTL_EAB_HMAC_KEY"
+EAB_KEY_FILE_MAX = 4096
+MULTILINE_FIELDS = ("clusteracme.v1.Alarm.detail",)  # shown by _one_line: its first line; *_pem fields keep lines too
 EXIT_CODES = {errors.InvalidArgument: 2, errors.NotFound: 3, errors.FailedPrecondition: 4, errors.Unavailable: 5}
 
 
@@ -46,6 +55,7 @@ class CtlError(Exception):
 
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    rows = [[terminal_safe(str(c)) for c in row] for row in rows]  # one line per row, whatever a cell holds
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -74,8 +84,14 @@ class Ctl:
         return self._client
 
     async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        return await self.client.unary(method, request, read=method in READ_METHODS,
-                                       timeout=timeout or self.args.timeout)
+        return self.shown(await self.client.unary(method, request, read=method in READ_METHODS,
+                                                  timeout=timeout or self.args.timeout))
+
+    def shown(self, msg: Any) -> Any:
+        """An answer as it may be printed: for human output, a copy whose
+        strings have their control characters escaped (remote text never
+        drives the terminal); ``--json`` output is escaped by json.dumps."""
+        return msg if self.args.json else safe_message(msg, MULTILINE_FIELDS)
 
     @property
     def answered_last(self) -> str | None:
@@ -93,15 +109,37 @@ class Ctl:
             human()
 
 
-# --- pki (local files; no coordinator involved) ------------------------------
-def cmd_pki(ctl: Ctl, a: argparse.Namespace) -> None:
+# --- pki (init, issue, secret: local files; revoke, denied: the coordinator) ----------
+def _denied_rows(identities: list[Any]) -> None:
+    _print_table([[d.common_name, d.serial_hex, d.not_after[:19], d.denied_at[:19], d.denied_by, _one_line(d.reason),
+                   d.sha256] for d in identities],
+                 ["IDENTITY", "SERIAL", "NOT AFTER", "DENIED AT", "BY", "REASON", "SHA256"])
+
+
+def _denied_line(d: Any) -> str:
+    return (f"certificate {d.serial_hex} of {d.common_name} denied (sha256 {d.sha256}): every coordinator and "
+            f"agent refuses it from now on")
+
+
+async def cmd_pki(ctl: Ctl, a: argparse.Namespace) -> None:
     if a.pki_cmd == "init":
         path = pki.init_ca(Path(a.dir), cluster=a.cluster)
-        print(f"cluster CA written to {path} (key {Path(a.dir) / pki.CA_KEY}, mode 0600)")
+        print(f"cluster CA written to {path} (key {Path(a.dir) / pki.CA_KEY}, mode 0600); keep this directory "
+              "offline: issue certificates here with --out DIR and copy only DIR and ca.pem to the nodes")
     elif a.pki_cmd == "issue":
         identity = pki.Identity.parse(f"{a.role}:{a.name}")
-        cert, key = pki.issue(Path(a.dir), identity, out_dir=Path(a.out or a.dir), ips=a.ip, dns_names=a.dns)
+        out = Path(a.out)
+        pki.check_out_dir(Path(a.dir), out)
+        cert, key = pki.issue(Path(a.dir), identity, out_dir=out, ips=a.ip, dns_names=a.dns)
         print(f"{identity.common_name}: certificate {cert}, key {key}")
+    elif a.pki_cmd == "revoke":
+        data = _read_small_file(a.certfile, "certificate file", 64 * 1024)
+        d = await ctl.call("RevokeIdentity", pb.RevokeIdentityRequest(certificate=data, reason=a.reason or ""))
+        ctl.out(d, lambda: print(_denied_line(d)))
+    elif a.pki_cmd == "denied":
+        r = await ctl.call("ListDenied", pb.ListDeniedRequest())
+        ctl.out(r, lambda: _denied_rows(list(r.identities)) if r.identities else
+                print("no certificate is denied"))
     elif a.pki_cmd == "secret":
         pki.create_secret(Path(a.file))
         print(f"account-key encryption key written to {a.file} (mode 0600); keep a copy: without it the "
@@ -162,10 +200,49 @@ async def cmd_provider(ctl: Ctl, a: argparse.Namespace) -> None:
         ctl.out(r, lambda: _provider_rows(list(r.providers)))
 
 
+def _eab_hmac_key(a: argparse.Namespace) -> str:
+    """The EAB MAC key from --eab-hmac-key-file, else from $ACMECTL_EAB_HMAC_KEY ("" for none):
+    never from the command line, where every local user reads it (ps, /proc/PID/cmdline)."""
+    if a.eab_hmac_key is not None:
+        raise CtlError("--eab-hmac-key is not taken: a key on the command line is visible to every local user "
+                       f"(ps); give it with --eab-hmac-key-file FILE or in {EAB_KEY_ENV}")
+    if a.eab_hmac_key_file is not None:
+        source = f"the EAB MAC key file {a.eab_hmac_key_file}"
+        try:
+            with open(a.eab_hmac_key_file, "rb") as f:
+                raw = f.read(EAB_KEY_FILE_MAX + 1)
+        except OSError as exc:
+            raise CtlError(f"cannot read {source}: {exc.strerror or exc}") from None
+        if len(raw) > EAB_KEY_FILE_MAX:
+            raise CtlError(f"{source} is larger than {EAB_KEY_FILE_MAX} bytes; it should hold only the MAC key")
+        try:
+            key = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise CtlError(f"{source} is not text: it should hold only the base64url MAC key") from None
+        if not key:
+            raise CtlError(f"{source} is empty")
+    else:
+        source = f"${EAB_KEY_ENV}"
+        key = (os.environ.get(EAB_KEY_ENV) or "").strip()
+        if not key:
+            if a.eab_kid and os.environ.get(EAB_KEY_ENV) is not None:
+                raise CtlError(f"{source} is empty")
+            if a.eab_kid:
+                raise CtlError(f"--eab-kid needs the MAC key: --eab-hmac-key-file FILE or {EAB_KEY_ENV}")
+            return ""
+    if not key.isascii() or not key.isprintable() or " " in key:
+        raise CtlError(f"{source} holds more than one word or a control character; it should hold only the "
+                       "base64url MAC key")
+    if not a.eab_kid:
+        raise CtlError(f"the EAB MAC key ({source}) needs --eab-kid, the key id the CA issued with it"
+                       + (f"; or unset {EAB_KEY_ENV}" if a.eab_hmac_key_file is None else ""))
+    return key
+
+
 async def cmd_account(ctl: Ctl, a: argparse.Namespace) -> None:
     p = await ctl.call("RegisterAccount", pb.RegisterAccountRequest(
         provider=a.provider, email=a.email, agree_tos=a.agree_tos, eab_kid=a.eab_kid or "",
-        eab_hmac_key=a.eab_hmac_key or ""))
+        eab_hmac_key=_eab_hmac_key(a)))
     ctl.out(p, lambda: print(f"account registered with {p.name}: {p.account_url} ({p.account_status})"))
 
 
@@ -174,15 +251,20 @@ async def cmd_peer(ctl: Ctl, a: argparse.Namespace) -> None:
     if a.peer_cmd == "list":
         r = await ctl.call("ListPeers", pb.ListPeersRequest())
         ctl.out(r, lambda: _print_table(
-            [[p.peer_id, "alive" if p.alive else "DEAD", "enabled" if p.enabled else "disabled", ",".join(p.addresses),
+            [[p.peer_id, "BLOCKED" if p.blocked else "alive" if p.alive else "DEAD",
+              "enabled" if p.enabled else "disabled", ",".join(p.addresses),
               p.http_front, p.front_mode, p.grpc_endpoint, p.version] for p in r.peers],
             ["PEER", "LIVENESS", "ACME", "ADDRESSES", "FRONT", "MODE", "GRPC", "VERSION"]))
     elif a.peer_cmd in ("enable", "disable"):
         p = await ctl.call("SetPeerEnabled", pb.SetPeerEnabledRequest(peer_id=a.peer, enabled=a.peer_cmd == "enable"))
         ctl.out(p, lambda: print(f"ACME {'enabled' if p.enabled else 'disabled'} on peer {p.peer_id}"))
+    elif a.peer_cmd == "block":
+        d = await ctl.call("BlockPeer", pb.BlockPeerRequest(peer_id=a.peer, reason=a.reason or ""))
+        ctl.out(d, lambda: print(f"peer {a.peer} blocked: {_denied_line(d)}; it stays listed (dead once its "
+                                 f"lease runs out); acmectl peer remove {a.peer} removes it"))
     else:
-        r = await ctl.call("RemovePeer", pb.RemovePeerRequest(peer_id=a.peer))
-        ctl.out(r, lambda: print(f"peer {a.peer} removed"))
+        r = await ctl.call("RemovePeer", pb.RemovePeerRequest(peer_id=a.peer, force=a.force))
+        ctl.out(r, lambda: print(f"peer {a.peer} removed" + (" (its certificate denied)" if a.force else "")))
 
 
 # --- CSR, sign, orders, pending -----------------------------------------------------
@@ -404,7 +486,8 @@ async def cmd_rollout(ctl: Ctl, a: argparse.Namespace) -> None:
     stages: dict[str, list[str]] = {}  # peer -> the stages it reached, in plan order
     # Sent to the leader; redirected or retried only until the first event arrives.
     try:
-        async for event in ctl.client.stream("Rollout", request, read=False, timeout=a.rollout_timeout):
+        async for raw in ctl.client.stream("Rollout", request, read=False, timeout=a.rollout_timeout):
+            event = ctl.shown(raw)
             failed = failed or event.stage in ("failed", "stopped")
             if event.peer_id:
                 stages.setdefault(event.peer_id, []).append(event.stage)
@@ -596,8 +679,7 @@ def _one_line(text: str) -> str:
     """A detail (an automatic sign's last error may span lines) on one line:
     its first line, control characters escaped, " [...]" when more follows."""
     first, _, rest = text.strip().partition("\n")
-    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in first.rstrip("\r"))
-    return shown + (" [...]" if rest.strip() else "")
+    return terminal_safe(first.rstrip("\r")) + (" [...]" if rest.strip() else "")
 
 
 def _alarm_line(x: Any) -> str:
@@ -631,7 +713,8 @@ async def cmd_status(ctl: Ctl, a: argparse.Namespace) -> None:
         rows = []
         for ps in r.peers:
             p = ps.peer
-            base = [p.peer_id, "alive" if p.alive else "DEAD", "enabled" if p.enabled else "disabled"]
+            base = [p.peer_id, "BLOCKED" if p.blocked else "alive" if p.alive else "DEAD",
+                    "enabled" if p.enabled else "disabled"]
             if not ps.slots:
                 rows.append([*base] + ["-"] * (len(STATUS_HEADER) - len(base)))
             for s in ps.slots:
@@ -708,10 +791,18 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--role", required=True, choices=[r.value for r in pki.Role])
     x.add_argument("--name", required=True)
     x.add_argument("--ip", action="append", default=[], help="IP address SAN (repeatable)")
-    x.add_argument("--dns", action="append", default=[], help="DNS name SAN (repeatable)")
-    x.add_argument("--out", help="output directory (default: the CA directory)")
+    x.add_argument("--dns", action="append", default=[],
+                   help="DNS name SAN (repeatable); never a name of another identity (coordinator.clusteracme, "
+                        "X.agent.clusteracme, ...)")
+    x.add_argument("--out", default=".", help="output directory (default: the current directory); never the CA's "
+                                              "directory: the pair is copied to the node, the CA key is not")
     x = s.add_parser("secret", help="create the account-key encryption key file")
     x.add_argument("file")
+    x = s.add_parser("revoke", help="deny a cluster certificate (operator, coordinator or agent; PEM or DER, issued "
+                                    "by the cluster CA): every coordinator and agent refuses it from then on")
+    x.add_argument("certfile")
+    x.add_argument("--reason", default="", help="why (kept with the entry, shown to the refused caller)")
+    s.add_parser("denied", help="the denied cluster certificates")
 
     s = sub.add_parser("provider", help="ACME providers").add_subparsers(dest="provider_cmd", required=True)
     x = s.add_parser("add")
@@ -729,12 +820,23 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--email", required=True)
     x.add_argument("--agree-tos", action="store_true", help="accept the provider's terms of service")
     x.add_argument("--eab-kid", help="External Account Binding key id (CAs that require EAB)")
-    x.add_argument("--eab-hmac-key", help="External Account Binding MAC key, base64url")
+    x.add_argument("--eab-hmac-key-file", metavar="FILE",
+                   help=f"file holding the External Account Binding MAC key, base64url (surrounding whitespace "
+                        f"ignored); or give the key in {EAB_KEY_ENV}. Never on the command line (ps shows it)")
+    x.add_argument("--eab-hmac-key", help=argparse.SUPPRESS)  # refused with a pointer to the two ways above
 
     s = sub.add_parser("peer", help="peers").add_subparsers(dest="peer_cmd", required=True)
     s.add_parser("list")
-    for name in ("enable", "disable", "remove"):
+    for name in ("enable", "disable"):
         s.add_parser(name).add_argument("peer")
+    x = s.add_parser("remove", help="remove a dead peer; --force: a live one too, its agent certificate denied first")
+    x.add_argument("peer")
+    x.add_argument("--force", action="store_true", help="also a live peer: deny its agent certificate (it could "
+                                                        "register again otherwise), then remove it")
+    x = s.add_parser("block", help="deny the peer's agent certificate; the peer stays listed, blocked: its calls "
+                                   "are refused, no certificate may register for it until it is removed")
+    x.add_argument("peer")
+    x.add_argument("--reason", default="", help="why (kept with the deny-list entry)")
 
     s = sub.add_parser("csr", help="certificate signing requests").add_subparsers(dest="csr_cmd", required=True)
     x = s.add_parser("create", help="have the peer generate a key and a CSR",
@@ -888,7 +990,7 @@ async def _run(args: argparse.Namespace) -> None:
     ctl = Ctl(args)
     try:
         if args.cmd == "pki":
-            cmd_pki(ctl, args)
+            await cmd_pki(ctl, args)
         else:
             await COMMANDS[args.cmd](ctl, args)
     finally:
@@ -900,10 +1002,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         asyncio.run(_run(args))
     except errors.ClusterAcmeError as exc:
-        print(f"acmectl: {exc.message}", file=sys.stderr)
+        # The sentence may come from the coordinator, a CA or a peer: one line, control characters escaped.
+        print(f"acmectl: {terminal_safe(exc.message)}", file=sys.stderr)
         sys.exit(next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1))
     except CtlError as exc:
-        print(f"acmectl: {exc}", file=sys.stderr)
+        print(f"acmectl: {terminal_safe(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

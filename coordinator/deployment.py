@@ -508,6 +508,12 @@ class Deployment:
         """'' when every TLS endpoint of the peer presents ``serial_hex`` for ``sni``; else why not."""
         if not peer.tls_endpoints:
             return f"peer {peer.peer_id} announces no TLS endpoint to verify"
+        # Checked at registration; again here, before dialling, for a record
+        # an older version accepted or a network the config no longer allows.
+        refused = [problem for problem in (self._registry.endpoint_problem(peer, endpoint, "tls_endpoints")
+                                           for endpoint in peer.tls_endpoints) if problem]
+        if refused:
+            return f"not verified, not dialled: {'; '.join(refused)}"
         # A reloaded external server (nginx) hands over to new workers a moment
         # after its reload command returns: retry until the deadline.
         deadline = time.monotonic() + self._verify_timeout

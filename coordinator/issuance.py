@@ -52,7 +52,18 @@ KEY_TYPE_LABELS = {
 PEERS_CACHE_SECONDS = 0.5
 BEST_EFFORT_RECHECK_SECONDS = 10.0  # a peer outside DNS that took the tokens: its front probed this often
 SELF_CHECK_ATTEMPTS = 3  # for required peers that only timed out (1 s, then 2 s apart)
-SELF_CHECK_BODY_LIMIT = 1024  # a key authorization is about 90 bytes; a front's page is not read whole
+SELF_CHECK_BODY_LIMIT = 512
+"""The most of a self-check answer's body ever read: a key authorization is
+token "." thumbprint (RFC 8555 8.1), base64url; the thumbprint of a SHA-256
+is 43 characters and tokens are 43 at Let's Encrypt and pebble, so 87 bytes
+and a newline. The rest is slack for a CA's longer token (a longer key
+authorization raises the bound to its own length). A longer body is a wrong
+answer, never read further, whatever the front keeps sending."""
+SELF_CHECK_HEADER_LIMITS = {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 64}
+"""The status line and headers of a self-check answer (aiohttp's defaults:
+8190 bytes a line, 128 headers); with ``read_bufsize`` they keep what one
+answer can make the coordinator hold to a few hundred KiB."""
+SELF_CHECK_READ_BUFFER = 4096  # bytes the client buffers ahead of our reads before it stops reading the socket
 MAX_SELF_CHECK_CONNECTIONS = 512  # open self-check connections in all, at most (see self_check_connection_limit)
 # How CAs refuse an order's "replaces" (RFC 9773): Boulder answers malformed or
 # unauthorized, RFC 9773 names alreadyReplaced; a plain 404 reads as malformed.
@@ -198,7 +209,10 @@ class _FrontLimits:
 
 async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
     """The body, or None when it is longer than ``limit`` bytes: whatever
-    answers on port 80 (a web server's page) is never read whole."""
+    answers on port 80 (a web server's page, an endless stream) is never
+    read whole, and a Content-Length over the limit is not read at all."""
+    if resp.content_length is not None and resp.content_length > limit:
+        return None
     body = b""
     while len(body) <= limit:
         chunk = await resp.content.read(limit + 1 - len(body))
@@ -943,6 +957,7 @@ class Issuance:
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self._timing.self_check_timeout),
                 headers={"User-Agent": f"clusteracme-selfcheck/{__version__}"},
+                read_bufsize=SELF_CHECK_READ_BUFFER, **SELF_CHECK_HEADER_LIMITS,
             )
         return self._http
 
@@ -975,10 +990,12 @@ class Issuance:
                     async with http.get(f.url, headers={"Host": f"{f.name}:80"}, allow_redirects=False) as resp:
                         if resp.status != 200:
                             return f"{f.label} answered HTTP {resp.status}", False
-                        body = await _read_at_most(resp, SELF_CHECK_BODY_LIMIT)
+                        limit = max(SELF_CHECK_BODY_LIMIT, len(f.key_authorization) + 2)
+                        body = await _read_at_most(resp, limit)
                         if body is None:
-                            return (f"{f.label} served more than {SELF_CHECK_BODY_LIMIT} bytes, "
-                                    "not a key authorization"), False
+                            # Dropped, not drained nor kept alive: the rest is never waited for.
+                            resp.close()
+                            return f"{f.label} served more than {limit} bytes, not a key authorization", False
                         if body.decode("utf-8", "replace").strip() != f.key_authorization:
                             return f"{f.label} served a different key authorization", False
                         return "", False

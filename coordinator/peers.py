@@ -10,25 +10,50 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
+import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc.aio
+from cryptography import x509
 
-from clusteracme import errors
+from clusteracme import errors, netaddr
 from clusteracme.pki import Identity, Role
-from clusteracme.rpcutil import TLSFiles, channel, error_from_rpc
+from clusteracme.rpcutil import TLSSource, channel, error_from_rpc
 from clusteracme.v1 import agent_pb2_grpc
 from coordinator import records
-from coordinator.store.base import LeaseLost, Store
+from coordinator.settings import PeerSettings
+from coordinator.store.base import Delete, LeaseLost, Store
 from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 UNAVAILABLE_ATTEMPTS = 5  # 0.2 + 0.4 + 0.6 + 0.8 s of pauses: covers the channel's 1 s reconnect backoff
+CHANGE_WINDOW = 60.0  # seconds: peers.registration_changes_per_minute counts changes in any such window
+
+
+@dataclass(frozen=True)
+class AgentCertificate:
+    """The certificate a peer's agent registered with, as its record keeps it
+    (what ``acmectl peer block`` denies)."""
+
+    sha256: str  # of the DER
+    serial_hex: str
+    not_after: str
+
+    @classmethod
+    def of(cls, der: bytes) -> AgentCertificate:
+        cert = x509.load_der_x509_certificate(der)
+        return cls(hashlib.sha256(der).hexdigest(), f"{cert.serial_number:x}",
+                   cert.not_valid_after_utc.isoformat(timespec="seconds"))
+
+    def to_record(self) -> dict[str, str]:
+        return {"sha256": self.sha256, "serial_hex": self.serial_hex, "not_after": self.not_after}
 
 
 @dataclass(frozen=True)
@@ -43,14 +68,121 @@ class PeerInfo:
     registered_at: str
     alive: bool = False
     tls_endpoints: tuple[str, ...] = ()
+    certificate: AgentCertificate | None = None
+    """The agent's certificate at its last registration (None: none recorded yet)."""
+    blocked: str = ""
+    """Why and when the peer was blocked ("": it is not)."""
 
     @classmethod
     def from_record(cls, data: dict[str, Any], alive: bool) -> PeerInfo:
+        cert = data.get("certificate")
         return cls(
             data["peer_id"], tuple(data["addresses"]), data["grpc_endpoint"], data["http_front"],
             data["front_mode"], data["version"], data["enabled"], data["registered_at"], alive,
             tuple(data.get("tls_endpoints", ())),
+            AgentCertificate(cert["sha256"], cert["serial_hex"], cert["not_after"]) if cert else None,
+            data.get("blocked", ""),
         )
+
+
+def _blocked(peer_id: str, why: str) -> str:
+    return (f"peer {peer_id} is blocked: {why}; acmectl peer remove {peer_id} (once it is dead) lets it "
+            "register again, with a certificate that is not denied")
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP literal as addresses are compared (``::ffff:a.b.c.d`` as
+    ``a.b.c.d``), or None for a host name."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _host_local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Loopback or link-local: on the coordinator, its own host or its own link."""
+    return ip.is_loopback or ip.is_link_local
+
+
+def endpoint_problem(endpoint: str, what: str, addresses: Sequence[str],
+                     networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
+    """Why the coordinator may not dial ``endpoint``, a host:port a peer
+    registered (its ``http_front`` or one of its ``tls_endpoints``), or ""
+    when it may.
+
+    The coordinator connects there itself (the self-check probe, rollout
+    verification), so a peer may only name one of its own ``addresses``, or
+    an address in ``networks`` (``peers.allowed_endpoint_networks``); never
+    a host name (it could resolve anywhere, and elsewhere tomorrow). A
+    loopback or link-local address is the coordinator's own host or link:
+    only one the peer registered as its own address (a local cluster, where
+    peers live on 127.0.0.x) will do, never one the networks would cover."""
+    try:
+        host, _ = netaddr.split_hostport(endpoint, what)
+    except errors.InvalidArgument as exc:
+        return exc.message
+    ip = _ip(host)
+    shown = ", ".join(addresses)
+    if ip is None:
+        return (f"{what}: {endpoint[:80]} names a host ({host[:80]}); give one of the peer's addresses "
+                f"({shown}) as an IP address: the coordinator dials it")
+    if ip in {_ip(a) for a in addresses}:
+        return ""
+    if _host_local(ip):
+        return (f"{what}: {endpoint} is a loopback or link-local address (the coordinator's own host or link) "
+                f"that is none of the peer's addresses ({shown})")
+    if ip.is_multicast or ip.is_unspecified:
+        return f"{what}: {endpoint} cannot be dialled (multicast or unspecified)"
+    if any(ip in net for net in networks):
+        return ""
+    allowed = ", ".join(str(net) for net in networks) or "none"
+    return (f"{what}: {endpoint} is not on the peer's addresses ({shown}) nor in "
+            f"peers.allowed_endpoint_networks ({allowed}) of the coordinator's config")
+
+
+class ChangeLimit:
+    """At most ``per_window`` changed registrations per peer in any
+    ``window`` seconds (a sliding window, in this process): each change is
+    an etcd write, and a peer that keeps changing its registration (say,
+    alternating two addresses) would otherwise grow etcd's revisions without
+    bound. ``clock`` is monotonic seconds."""
+
+    def __init__(self, per_window: int, window: float = CHANGE_WINDOW,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_window = per_window
+        self._window = window
+        self._clock = clock
+        self._changes: dict[str, deque[float]] = {}  # peer -> when its last changes were written
+
+    def _recent(self, peer_id: str) -> deque[float]:
+        now = self._clock()
+        changes = self._changes.get(peer_id)
+        if changes is None:
+            return deque(maxlen=self._per_window)
+        while changes and now - changes[0] >= self._window:
+            changes.popleft()
+        if not changes:
+            del self._changes[peer_id]  # forgotten: memory stays bounded by the active peers
+        return changes
+
+    def check(self, peer_id: str) -> None:
+        """ResourceExhausted, with when to try again, if the peer may not change its record now."""
+        changes = self._recent(peer_id)
+        if len(changes) >= self._per_window:
+            wait = max(1.0, changes[0] + self._window - self._clock())
+            raise errors.ResourceExhausted(
+                f"peer {peer_id} changed its registration {len(changes)} times in the last {self._window:g} s "
+                f"(peers.registration_changes_per_minute = {self._per_window}); nothing was written: register "
+                f"again in {wait:.0f} s", retry_after=wait)
+
+    def note(self, peer_id: str) -> None:
+        """A change of the peer's record was written."""
+        changes = self._recent(peer_id)
+        changes.append(self._clock())
+        self._changes[peer_id] = changes
 
 
 def _now() -> str:
@@ -58,15 +190,48 @@ def _now() -> str:
 
 
 class Registry:
-    def __init__(self, store: Store, keys: Keys, *, lease_ttl: int) -> None:
+    def __init__(self, store: Store, keys: Keys, *, lease_ttl: int, settings: PeerSettings | None = None,
+                 pool: AgentPool | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        """``pool``: told when a peer registers, so that the channel to an
+        endpoint it left is closed at once (``AgentPool.moved``)."""
         self._store = store
         self._keys = keys
         self._lease_ttl = lease_ttl
+        settings = settings or PeerSettings()
+        self._networks = settings.networks()
+        self._changes = ChangeLimit(settings.registration_changes_per_minute, clock=clock)
+        self._pool = pool
+
+    def endpoint_problem(self, peer: PeerInfo, endpoint: str, what: str) -> str:
+        """Why the coordinator may not dial this endpoint of the peer ("": it
+        may): ``endpoint_problem`` with this coordinator's allowed networks."""
+        return endpoint_problem(endpoint, what, peer.addresses, self._networks)
+
+    def check_endpoints(self, info: PeerInfo) -> None:
+        """InvalidArgument naming the field when the peer announces an
+        ``http_front`` or a TLS endpoint the coordinator may not dial."""
+        announced = ([(info.http_front, "http_front")] if info.http_front else []) + \
+            [(endpoint, "tls_endpoints") for endpoint in info.tls_endpoints]
+        for endpoint, what in announced:
+            problem = self.endpoint_problem(info, endpoint, what)
+            if problem:
+                raise errors.InvalidArgument(f"peer {info.peer_id}: {problem}")
 
     async def register(self, info: PeerInfo) -> None:
-        """Create or refresh the peer's record (keeping ``enabled``), then mark it alive."""
+        """Create or refresh the peer's record (keeping ``enabled``), then mark
+        it alive. A blocked peer is refused (PermissionDenied); so is an
+        endpoint the coordinator may not dial (InvalidArgument:
+        ``check_endpoints``) and a change past the peer's rate
+        (ResourceExhausted: ``ChangeLimit``). A registration that changes
+        nothing writes nothing. A refusal writes nothing."""
+        self.check_endpoints(info)
+        wrote = False
 
         def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            nonlocal wrote
+            wrote = False
+            if current is not None and current.get("blocked"):
+                raise errors.PermissionDenied(_blocked(info.peer_id, current["blocked"]))
             record = {
                 "peer_id": info.peer_id,
                 "addresses": list(info.addresses),
@@ -79,17 +244,39 @@ class Registry:
                 "enabled": current["enabled"] if current else False,
                 "registered_at": current["registered_at"] if current else _now(),
             }
+            certificate = info.certificate.to_record() if info.certificate else (current or {}).get("certificate")
+            if certificate:
+                record["certificate"] = certificate
             if current is not None and {**current, "schema": None} == {**record, "schema": None}:
                 return current  # unchanged: write nothing
+            self._changes.check(info.peer_id)
+            wrote = True
             return record
 
         await records.update(self._store, self._keys.peer(info.peer_id), change)
+        if wrote:
+            self._changes.note(info.peer_id)
+        if self._pool is not None:
+            await self._pool.moved(info.peer_id, info.grpc_endpoint)
         await self.heartbeat(info.peer_id)
 
-    async def heartbeat(self, peer_id: str) -> None:
-        """Keep the liveness lease; re-create it when it expired or this replica restarted."""
-        if await self._store.get(self._keys.peer(peer_id)) is None:
+    async def heartbeat(self, peer_id: str, certificate_sha256: str | None = None) -> None:
+        """Keep the liveness lease; re-create it when it expired or this replica restarted.
+
+        A blocked peer is refused (PermissionDenied); with
+        ``certificate_sha256`` (the caller's), so is an agent whose record
+        holds another certificate (FailedPrecondition: it registers again,
+        which records the one it uses now, e.g. after a rotation)."""
+        entry = await self._store.get(self._keys.peer(peer_id))
+        if entry is None:
             raise errors.NotFound(f"peer {peer_id} is not registered")
+        data = records.decode(entry.value)
+        if data.get("blocked"):
+            raise errors.PermissionDenied(_blocked(peer_id, data["blocked"]))
+        recorded = (data.get("certificate") or {}).get("sha256")
+        if certificate_sha256 is not None and recorded != certificate_sha256:
+            raise errors.FailedPrecondition(f"peer {peer_id} registered with another certificate "
+                                            f"({recorded or 'none recorded'}); register again")
         alive = await self._store.get(self._keys.peer_alive(peer_id))
         if alive is not None and alive.lease:
             try:
@@ -129,13 +316,27 @@ class Registry:
         await records.update(self._store, self._keys.peer(peer_id), change)
         return await self.get(peer_id)
 
-    async def remove(self, peer_id: str) -> None:
+    async def block(self, peer_id: str, why: str) -> PeerInfo:
+        """Mark the peer blocked (a peer blocked already keeps its first reason)."""
+
+        def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if current is None:
+                raise errors.NotFound(f"no peer named {peer_id!r}")
+            return current if current.get("blocked") else {**current, "blocked": why}
+
+        await records.update(self._store, self._keys.peer(peer_id), change)
+        return await self.get(peer_id)
+
+    async def remove(self, peer_id: str, *, force: bool = False) -> None:
+        """Remove a dead peer; with ``force`` a live one too, with its
+        liveness key (deny its certificate first: ``identities``)."""
         peer = await self.get(peer_id)
-        if peer.alive:
+        if peer.alive and not force:
             raise errors.FailedPrecondition(
-                f"peer {peer_id} is alive; stop its agent first (a live agent registers again)"
+                f"peer {peer_id} is alive; stop its agent first (a live agent registers again), or "
+                f"acmectl peer remove {peer_id} --force (denies its certificate)"
             )
-        await self._store.delete_if(self._keys.peer(peer_id), expect_mod_revision=None)
+        await self._store.txn([], [Delete(self._keys.peer(peer_id)), Delete(self._keys.peer_alive(peer_id))])
 
 
 class AgentPool:
@@ -146,6 +347,16 @@ class AgentPool:
     least the longest deadline a call was given, so closing never cancels a
     call (grpc.aio would raise CancelledError in the caller, which a task
     such as the renewal scheduler takes for its own cancellation).
+
+    When the coordinator's TLS files are reloaded (``ReloadingTLS.generation``
+    changed), new calls get a new channel with the new certificate; the old
+    channel is closed once its last call ends (one ``stub()`` handed out: by
+    :meth:`prune`).
+
+    A peer that moved to another gRPC endpoint (it registered there, or a
+    call names it there) leaves its channel to the old one behind: closed at
+    once when idle, else as soon as its last call ends (:meth:`moved`), so
+    endpoint changes never pile up channels between two prunes.
     """
 
     @dataclass
@@ -155,22 +366,42 @@ class AgentPool:
         channel: grpc.aio.Channel
         in_flight: int = 0
         idle_since: float = 0.0
+        generation: int = 0  # of the TLS files it was opened with
+        uncounted: bool = False  # stub() handed it out: calls on it are not counted, only prune closes it
+        leaving: bool = False  # its peer moved elsewhere: closed when its last call ends
 
-    def __init__(self, tls: TLSFiles, *, timeout: float) -> None:
+    def __init__(self, tls: TLSSource, *, timeout: float) -> None:
         self._tls = tls
         self._timeout = timeout
         self._channels: dict[tuple[str, str], AgentPool._Pooled] = {}
+        self._retired: list[AgentPool._Pooled] = []  # opened with TLS files since reloaded
         self._longest_call = timeout  # the longest deadline given to a call so far
+        self._closing: set[asyncio.Task[None]] = set()
+        # peer -> the endpoint all its counted channels are at (absent: not
+        # known, look): spares call() a look at every channel of the pool.
+        self._settled: dict[str, str] = {}
 
     def _channel(self, peer: PeerInfo) -> AgentPool._Pooled:
         key = (peer.grpc_endpoint, peer.peer_id)
         pooled = self._channels.get(key)
+        generation = getattr(self._tls, "generation", 0)
+        if pooled is not None and pooled.generation != generation:
+            # The TLS files were reloaded: new calls get a new channel; this one is closed once idle.
+            del self._channels[key]
+            if pooled.in_flight or pooled.uncounted:
+                pooled.leaving = not pooled.uncounted  # an uncounted one is left to prune
+                self._retired.append(pooled)
+            else:
+                self._close_soon(pooled.channel)
+            pooled = None
         if pooled is None:
             # Verify the agent's identity, not just its address: a peer that
             # registered someone else's endpoint gets a failed handshake.
             server_name = Identity(Role.AGENT, peer.peer_id).server_name
             chan = channel(self._tls, peer.grpc_endpoint, server_name)
-            pooled = self._channels[key] = self._Pooled(chan, idle_since=time.monotonic())
+            if self._settled.get(peer.peer_id) != peer.grpc_endpoint:
+                self._settled.pop(peer.peer_id, None)
+            pooled = self._channels[key] = self._Pooled(chan, idle_since=time.monotonic(), generation=generation)
         return pooled
 
     def stub(self, peer: PeerInfo) -> agent_pb2_grpc.AgentServiceStub:
@@ -178,7 +409,43 @@ class AgentPool:
         not counted: use :meth:`call`, or a prune may close it under them."""
         pooled = self._channel(peer)
         pooled.idle_since = time.monotonic()
+        pooled.uncounted = True
         return agent_pb2_grpc.AgentServiceStub(pooled.channel)
+
+    def _leave(self, peer_id: str, endpoint: str) -> list[grpc.aio.Channel]:
+        """Take the peer's channels to endpoints other than ``endpoint`` out
+        of the pool (a call starting now opens a new one); return the idle
+        ones, to close; one with calls in flight is closed when they end
+        (``leaving``); one stub() handed out is left to prune."""
+        if self._settled.get(peer_id) == endpoint:
+            return []
+        self._settled[peer_id] = endpoint
+        idle = []
+        for key in [k for k in self._channels if k[1] == peer_id and k[0] != endpoint]:
+            pooled = self._channels[key]
+            if pooled.uncounted:
+                self._settled.pop(peer_id, None)  # prune's to close: look again next time
+                continue
+            del self._channels[key]
+            if pooled.in_flight:
+                pooled.leaving = True
+                self._retired.append(pooled)  # still closed by close() should the pool close first
+            else:
+                idle.append(pooled.channel)
+        return idle
+
+    def _close_soon(self, chan: grpc.aio.Channel) -> None:
+        task = asyncio.get_running_loop().create_task(chan.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def moved(self, peer_id: str, endpoint: str) -> int:
+        """The peer registered at ``endpoint``: close its channels to other
+        endpoints, the idle ones now (returned: how many), the busy ones as
+        soon as their last call ends. Never under a call."""
+        idle = self._leave(peer_id, endpoint)
+        await asyncio.gather(*(chan.close() for chan in idle))
+        return len(idle)
 
     async def call(self, peer: PeerInfo, what: str, fn: Callable[[agent_pb2_grpc.AgentServiceStub, dict[str, Any]], Awaitable[T]],
                    timeout: float | None = None) -> T:
@@ -196,6 +463,10 @@ class AgentPool:
         deadline = time.monotonic() + budget
         attempts = UNAVAILABLE_ATTEMPTS if peer.alive else 1
         where = f"peer {peer.peer_id} ({what})"
+        # The peer is at this endpoint now (its record said so a moment ago):
+        # a channel to another one is left behind.
+        for chan in self._leave(peer.peer_id, peer.grpc_endpoint):
+            self._close_soon(chan)
         for attempt in range(1, attempts + 1):
             pooled = self._channel(peer)
             pooled.in_flight += 1  # before any await: prune sees it
@@ -219,6 +490,9 @@ class AgentPool:
             finally:
                 pooled.in_flight -= 1
                 pooled.idle_since = time.monotonic()
+                if pooled.leaving and not pooled.in_flight and pooled in self._retired:
+                    self._retired.remove(pooled)
+                    self._close_soon(pooled.channel)
             await asyncio.sleep(pause)
         raise AssertionError("unreachable")
 
@@ -248,11 +522,17 @@ class AgentPool:
                  if key not in in_use and pooled.in_flight == 0 and now - pooled.idle_since >= self._longest_call]
         # Decided and removed before any await: a call starting now opens a new channel.
         closing = [self._channels.pop(key).channel for key in stale]
+        done = [p.in_flight == 0 and now - p.idle_since >= self._longest_call for p in self._retired]
+        closing += [p.channel for p, d in zip(self._retired, done, strict=True) if d]
+        self._retired = [p for p, d in zip(self._retired, done, strict=True) if not d]
         await asyncio.gather(*(chan.close() for chan in closing))
         return stale
 
     async def close(self) -> None:
-        channels = [pooled.channel for pooled in self._channels.values()]
+        channels = [pooled.channel for pooled in [*self._channels.values(), *self._retired]]
         self._channels.clear()
+        self._retired.clear()
+        self._settled.clear()
         for chan in channels:
             await chan.close()
+        await asyncio.gather(*self._closing)

@@ -284,6 +284,8 @@ def _parse_nameserver(spec: str) -> tuple[str, int]:
     else:
         host, _, port = spec.partition(":")
         port = port or "53"
+    if not (port.isascii() and port.isdigit() and len(port) <= 5):  # int() takes "53\n" and " 53"
+        raise invalid
     try:
         ipaddress.ip_address(host)
         number = int(port)

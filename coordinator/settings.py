@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,21 @@ class TLSSettings:
         return TLSFiles(self.ca, self.cert, self.key)
 
 
+def _loopback_endpoint(endpoint: str) -> bool:
+    host = endpoint.rpartition(":")[0].strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 @dataclass(frozen=True)
 class EtcdSettings:
     endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
@@ -33,6 +49,27 @@ class EtcdSettings:
     user: str = ""
     """etcd authentication (optional)."""
     password_file: Path | None = None
+    insecure: bool = False
+    """Accept what is otherwise refused at start: plaintext (no ``ca``) to an
+    endpoint that is not loopback, or a password without TLS. Warned at every
+    start."""
+
+    def insecurity(self) -> list[str]:
+        """What is insecure about this etcd connection, in words (empty: nothing).
+
+        Loopback is an IP literal in 127.0.0.0/8 or ::1, or the name
+        ``localhost``; any other name counts as remote (it is not resolved:
+        the check must not depend on what DNS says today)."""
+        if self.ca is not None:
+            return []
+        problems = []
+        remote = [e for e in self.endpoints if not _loopback_endpoint(e)]
+        if remote:
+            problems.append(f"plaintext (no etcd.ca) to {', '.join(remote)}, not a loopback address: anyone on "
+                            "the path reads and changes the cluster's state")
+        if self.user or self.password_file is not None:
+            problems.append("a password (etcd.user/password_file) sent without TLS (no etcd.ca)")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -245,6 +282,42 @@ class AlarmSettings:
 
 
 @dataclass(frozen=True)
+class PeerSettings:
+    allowed_endpoint_networks: tuple[str, ...] = ()
+    """Networks (CIDR, e.g. ``["10.0.0.0/8"]``) where a peer's ``http_front``
+    (``front.advertise``) and TLS endpoints (``[[endpoints]] advertise``,
+    ``verify_endpoints``) may be besides the peer's own registered
+    ``addresses``; any other host is refused at registration (the
+    coordinator dials these for its self-check and rollout verification), and
+    so is a host name. A loopback or link-local address is never allowed
+    through this list, only as one of the peer's own addresses (a local
+    cluster, whose peers live on 127.0.0.x)."""
+    registration_changes_per_minute: int = 6
+    """Registrations that change a peer's record (each one an etcd write),
+    per peer in any 60 s, on each replica; more are refused with
+    RESOURCE_EXHAUSTED and a retry-after, nothing written. A registration
+    that changes nothing (an agent's restart) writes nothing and is not
+    counted."""
+
+    def __post_init__(self) -> None:
+        self.networks()
+        if not 1 <= self.registration_changes_per_minute <= 600:
+            raise ValueError("peers.registration_changes_per_minute must be from 1 to 600, not "
+                             f"{self.registration_changes_per_minute}")
+
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``allowed_endpoint_networks`` parsed; ValueError naming a bad entry."""
+        out = []
+        for text in self.allowed_endpoint_networks:
+            try:
+                out.append(ipaddress.ip_network(text))
+            except ValueError as exc:
+                raise ValueError(f"peers.allowed_endpoint_networks: {text[:80]!r} is not a network "
+                                 f"(address/prefix with no host bits set, e.g. 10.0.0.0/8): {exc}") from None
+        return tuple(out)
+
+
+@dataclass(frozen=True)
 class CoordinatorSettings:
     name: str = "coordinator"
     """This replica's name (the leader key holds it)."""
@@ -268,3 +341,4 @@ class CoordinatorSettings:
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     alarms: AlarmSettings = field(default_factory=AlarmSettings)
+    peers: PeerSettings = field(default_factory=PeerSettings)

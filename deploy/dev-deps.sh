@@ -2,9 +2,13 @@
 # Installs the system packages `make demo` and `make test` need, when missing:
 # etcd (Debian: etcd-server), pebble + pebble-challtestsrv (Debian: pebble),
 # nginx (a real web server the deploy tests reload), iproute2 (`ip netns`: the
-# dual-stack local cluster runs in a network namespace), and the venv module
-# for python3. Uses apt-get; runs it through sudo when not root. Idempotent: does
-# nothing when everything is present.
+# dual-stack local cluster runs in a network namespace), the venv module
+# for python3, and systemd + polkitd + dbus-daemon (the shipped units are
+# checked with systemd-analyze, and run by a private systemd, the nginx
+# reload going through the shipped polkit rule: tests/unit/test_units.py,
+# tests/integration/test_unprivileged_reload.py). Uses apt-get; runs it
+# through sudo when not root. Idempotent: does nothing when everything is
+# present.
 set -euo pipefail
 
 need=()
@@ -13,6 +17,9 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 { command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]]; } || need+=(nginx-light)
 { command -v ip >/dev/null 2>&1 || [[ -x /usr/sbin/ip ]] || [[ -x /sbin/ip ]]; } || need+=(iproute2)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+{ command -v systemd-analyze >/dev/null 2>&1 && [[ -x /lib/systemd/systemd ]]; } || need+=(systemd)
+[[ -x /usr/lib/polkit-1/polkitd ]] || need+=(polkitd)
+{ command -v dbus-daemon >/dev/null 2>&1 || [[ -x /usr/bin/dbus-daemon ]]; } || need+=(dbus-daemon)
 
 if ((${#need[@]} == 0)); then
   exit 0

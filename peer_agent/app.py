@@ -17,20 +17,25 @@ from grpc_health.v1 import health_pb2
 from clusteracme import __version__, daemon, errors, netaddr
 from clusteracme.daemon import Supervisor, add_health
 from clusteracme.pki import COORDINATOR_SERVER_NAME
-from clusteracme.rpcutil import channel, error_from_rpc, server
+from clusteracme.rpcutil import ReloadingTLS, TLSSource, channel, error_from_rpc, server
 from clusteracme.v1 import agent_pb2_grpc, coordinator_pb2_grpc
 from clusteracme.v1 import coordinator_pb2 as cpb
 from peer_agent.certs import CertStore
 from peer_agent.challenges import ChallengeService
+from peer_agent.denylist import DENIED_FILE, AgentDenyList
 from peer_agent.deployer import FENCE_FILE, Deployer, FenceFloor
-from peer_agent.keys import KeyStore
+from peer_agent.keys import KeyAccess, KeyStore
+from peer_agent.listening import ensure_open_files, open_files_needed
 from peer_agent.reload import CommandHook, SignalHook
 from peer_agent.rpc.servicer import AgentServicer, write_trust_bundle
 from peer_agent.settings import AgentSettings
 from peer_agent.tls_endpoint import TLSEndpoint
+from peer_agent.trust import BUNDLE_FILE
 
 log = logging.getLogger("acme-agent")
 CALL_TIMEOUT = 5.0
+DENIED_PAUSE = 10.0
+"""Pause after a coordinator refused this agent's certificate or peer (blocked, denied)."""
 REGISTER_TIMEOUT_SEVERAL = 3.0
 """A registration's deadline when another replica could take it (one heartbeat interval by default)."""
 
@@ -59,7 +64,9 @@ def build_deployer(settings: AgentSettings, keys: KeyStore) -> Deployer:
     for endpoint in settings.endpoints:
         host, port = netaddr.split_bind(endpoint.listen, "endpoints.listen")
         try:
-            endpoints.append(TLSEndpoint(host, port, peer_id=settings.peer_id, upstream=endpoint.upstream))
+            endpoints.append(TLSEndpoint(host, port, peer_id=settings.peer_id, upstream=endpoint.upstream,
+                                         max_connections=endpoint.max_connections,
+                                         handshake_timeout=endpoint.handshake_timeout))
         except ValueError as exc:
             raise errors.InvalidArgument(f"endpoint {endpoint.listen}: {exc}") from exc
     hooks: list[SignalHook | CommandHook] = []
@@ -73,7 +80,8 @@ def build_deployer(settings: AgentSettings, keys: KeyStore) -> Deployer:
                 raise ValueError('kind = "signal" needs pid_file; kind = "command" needs argv')
         except ValueError as exc:
             raise errors.InvalidArgument(f"hook {hook.kind!r}: {exc}") from exc
-    return Deployer(CertStore(settings.state_dir, keys), endpoints, hooks, FenceFloor(settings.state_dir / FENCE_FILE))
+    return Deployer(CertStore(settings.state_dir, keys), endpoints, hooks, FenceFloor(settings.state_dir / FENCE_FILE),
+                    trust_bundle=settings.state_dir / BUNDLE_FILE)
 
 
 def registration(settings: AgentSettings, grpc_port: int) -> cpb.RegisterPeerRequest:
@@ -125,7 +133,8 @@ def _local_only(host: str) -> bool:
     return ip.is_loopback or ip.is_link_local
 
 
-async def keep_registered(settings: AgentSettings, request: cpb.RegisterPeerRequest) -> None:
+async def keep_registered(settings: AgentSettings, request: cpb.RegisterPeerRequest, tls: TLSSource | None = None,
+                          denied: AgentDenyList | None = None) -> None:
     """Register, then heartbeat; on any failure move to the next coordinator and register again.
 
     Any replica serves registrations and heartbeats (a standby too), so a
@@ -134,13 +143,19 @@ async def keep_registered(settings: AgentSettings, request: cpb.RegisterPeerRequ
     replica is tried at once; only after every replica failed in a row does
     the agent pause (a second). Last good heartbeat to the next one: under
     two intervals plus a registration, well within the liveness lease (the
-    coordinator's lease_ttl, 10 s against 3 s by default)."""
-    tls = settings.tls.files()
+    coordinator's lease_ttl, 10 s against 3 s by default).
+
+    Every reply carries the cluster's deny list: it replaces ``denied`` (the
+    AgentService's). When the TLS files were reloaded (``tls.generation``),
+    the agent registers again with the same replica over a new channel,
+    presenting the new certificate (which the coordinator records)."""
+    tls = tls or settings.tls.files()
     attempt = 0
     failed_in_a_row = 0
     while True:
         target = settings.coordinators[attempt % len(settings.coordinators)]
         attempt += 1
+        generation = getattr(tls, "generation", 0)
         chan = channel(tls, target, COORDINATOR_SERVER_NAME)
         try:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(chan)
@@ -149,21 +164,38 @@ async def keep_registered(settings: AgentSettings, request: cpb.RegisterPeerRequ
             several = len(settings.coordinators) > 1
             reply = await stub.RegisterPeer(request, timeout=REGISTER_TIMEOUT_SEVERAL if several else CALL_TIMEOUT)
             failed_in_a_row = 0
+            if denied is not None:
+                await denied.update(reply.denied_sha256)
             log.info("registered with coordinator %s as %s", target, settings.peer_id)
-            if settings.trust_bundle_file is not None and reply.trust_bundle_sha256:
+            # The agent's own copy (deploys validate against it) and, when set, the published one.
+            for bundle_path in (settings.state_dir / BUNDLE_FILE, settings.trust_bundle_file):
+                if bundle_path is None or not reply.trust_bundle_sha256:
+                    continue
                 try:
-                    await asyncio.to_thread(write_trust_bundle, settings.trust_bundle_file, reply.trust_bundle_pem,
+                    await asyncio.to_thread(write_trust_bundle, bundle_path, reply.trust_bundle_pem,
                                             reply.trust_bundle_sha256)
                 except errors.ClusterAcmeError as exc:  # keep serving challenges and certificates
                     log.error("%s", exc.message)
             interval = reply.heartbeat_interval_seconds or 3
             while True:
                 await asyncio.sleep(interval)
-                await stub.Heartbeat(cpb.HeartbeatRequest(peer_id=settings.peer_id),
-                                     timeout=min(CALL_TIMEOUT, max(1.0, interval)))
+                if getattr(tls, "generation", 0) != generation:
+                    log.info("TLS files reloaded: registering with coordinator %s again with the new certificate",
+                             target)
+                    attempt -= 1  # the same replica
+                    break
+                beat = await stub.Heartbeat(cpb.HeartbeatRequest(peer_id=settings.peer_id),
+                                            timeout=min(CALL_TIMEOUT, max(1.0, interval)))
+                if denied is not None:
+                    await denied.update(beat.denied_sha256)
         except grpc.aio.AioRpcError as exc:
             failed_in_a_row += 1
             err = error_from_rpc(exc, f"coordinator {target}")
+            if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                # Denied or blocked: asking every second changes nothing; keep trying, slowly.
+                log.error("%s; registering again in %gs", err.message, DENIED_PAUSE)
+                await asyncio.sleep(DENIED_PAUSE)
+                continue
             await _next_attempt(settings, err.message, attempt, failed_in_a_row)
         except errors.ClusterAcmeError as exc:  # e.g. TLS files being rotated
             failed_in_a_row += 1
@@ -188,27 +220,40 @@ async def _next_attempt(settings: AgentSettings, problem: str, attempt: int, fai
 async def run(settings: AgentSettings) -> int:
     if not settings.peer_id:
         raise errors.InvalidArgument("peer_id is required")
-    if settings.front.mode == "external" and not settings.challenge.port:
-        raise errors.InvalidArgument("front.mode = \"external\" needs a fixed challenge.port for the web server to proxy to")
     sup = Supervisor()
     sup.install_signal_handlers()
     try:
         challenges = ChallengeService(
             settings.front.bind_hosts, settings.front.port, settings.front.mode, https_port=settings.front.https_port,
             challenge_host=settings.challenge.host, challenge_port=settings.challenge.port,
-            max_ttl=settings.challenge.max_token_ttl,
+            max_ttl=settings.challenge.max_token_ttl, challenge_socket=settings.challenge.socket,
+            challenge_socket_group=settings.challenge.socket_group,
+            front_max_connections=settings.front.max_connections,
+            challenge_max_connections=settings.challenge.max_connections,
         )
     except ValueError as exc:
         raise errors.InvalidArgument(f"front/challenge settings: {exc}") from exc
+    # A full listener must never make the agent's own open() or dial fail.
+    ensure_open_files(*open_files_needed(settings))
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    keys = KeyStore(settings.state_dir)
+    keys = KeyStore(settings.state_dir, access=KeyAccess.of_group(settings.keys.group))
+    try:  # keys.group (or its removal) applies to what is already on disk
+        await asyncio.to_thread(CertStore(settings.state_dir, keys).apply_access)
+    except OSError as exc:
+        raise errors.FailedPrecondition(f"keys.group: cannot set the access of {exc.filename}: "
+                                        f"{exc.strerror or exc}") from exc
     deployer = build_deployer(settings, keys)
     await challenges.start()
     await deployer.start()  # serve what is on disk: a restarted agent comes back as it was
-    srv, port = server(settings.tls.files(), settings.listen)
+    # The agent's certificate and key: read again on SIGHUP and when the files change.
+    tls = ReloadingTLS(settings.tls.files())
+    tls.reload_on_sighup()
+    sup.spawn("tls-reload", tls.watch())
+    denied = AgentDenyList(settings.state_dir / DENIED_FILE)  # as the last registration or heartbeat gave it
+    srv, port = server(tls, settings.listen)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(
         AgentServicer(settings.peer_id, challenges, keys, deployer, tls_endpoints(settings),
-                      settings.trust_bundle_file), srv)
+                      settings.trust_bundle_file, deny_list=denied), srv)
     health = await add_health(srv)
     try:
         request = registration(settings, port)
@@ -221,7 +266,7 @@ async def run(settings: AgentSettings) -> int:
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("agent %s listening on %s (gRPC port %d), front on %s port %s mode %s", settings.peer_id,
              settings.listen, port, ", ".join(settings.front.bind_hosts), settings.front.port, settings.front.mode)
-    sup.spawn("registration", keep_registered(settings, request))
+    sup.spawn("registration", keep_registered(settings, request, tls, denied))
     await sup.stopping.wait()
     await health.enter_graceful_shutdown()
     await sup.shutdown()

@@ -227,7 +227,8 @@ class CertStore:
             directory.mkdir(exist_ok=True)
             directory.chmod(0o755)  # fullchain is public; privkey keeps its own 0600
         changed = _put(generation / FULLCHAIN, pair.chain_pem, 0o644)
-        changed = _put(generation / PRIVKEY, pair.key_pem, 0o600) or changed
+        access = self._keys.access  # keys.group: 0640 and the group's, else 0600
+        changed = _put(generation / PRIVKEY, pair.key_pem, access.key_mode, access.gid) or changed
         if changed:
             _fsync_dir(generation)
             _fsync_dir(slot / CERTS)
@@ -313,10 +314,47 @@ class CertStore:
                 out.append(SlotCerts(domain, "", None, "", problem=exc.message))
         return out
 
+    def apply_access(self) -> int:
+        """Give what is on disk the access ``keys.group`` asks for (the
+        agent's start-up; every later CSR and deploy writes it so): with a
+        group, the state directory 0711, ``slots/`` and every slot directory
+        0750 and each deployed ``privkey.pem`` 0640, owned by the group;
+        without, those directories 0700 and keys 0600 (the state directory
+        is left as it is). Returns how many paths were changed."""
+        access = self._keys.access
+        targets: list[tuple[Path, int]] = []
+        if access.gid is not None:
+            targets.append((self._root.parent, 0o711))  # others may pass, not list: the group reaches slots/
+        if self._root.is_dir():
+            targets.append((self._root, access.dir_mode))
+            for slot in sorted(self._root.iterdir()):
+                if slot.is_symlink() or not slot.is_dir() or \
+                        not (slot.name == "server" or slot.name.startswith("domain-")):
+                    continue
+                targets.append((slot, access.dir_mode))
+                certs = slot / CERTS
+                if certs.is_dir() and not certs.is_symlink():
+                    targets += [(generation / PRIVKEY, access.key_mode) for generation in sorted(certs.iterdir())
+                                if (generation / PRIVKEY).is_file() and not (generation / PRIVKEY).is_symlink()]
+        changed = 0
+        for path, mode in targets:
+            info = path.lstat()
+            if info.st_mode & 0o7777 == mode and access.gid in (None, info.st_gid):
+                continue
+            access.apply(path, mode)
+            changed += 1
+        if changed:
+            log.info("key access (keys.group = %r): %d files and directories changed", access.group, changed)
+        return changed
+
     # -- helpers --------------------------------------------------------
 
     def _now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+
+    def now(self) -> datetime.datetime:
+        """This store's clock: the time validity is checked at."""
+        return self._now()
 
     def _slot_dir(self, domain: str) -> Path:
         return self._root / slot_dirname(domain)
@@ -420,22 +458,27 @@ def _leaf_of(fullchain: Path) -> x509.Certificate | None:
         return None
 
 
-def _put(path: Path, data: bytes, mode: int) -> bool:
-    """Write ``path`` unless it already holds ``data`` with ``mode``; True if written."""
+def _put(path: Path, data: bytes, mode: int, gid: int | None = None) -> bool:
+    """Write ``path`` unless it already holds ``data`` with ``mode`` (and
+    group ``gid``); True if written."""
     try:
-        if not path.is_symlink() and path.stat().st_mode & 0o777 == mode and path.read_bytes() == data:
+        info = path.lstat()
+        if not path.is_symlink() and info.st_mode & 0o777 == mode and gid in (None, info.st_gid) \
+                and path.read_bytes() == data:
             return False
     except OSError:
         pass
-    _write_atomic(path, data, mode)
+    _write_atomic(path, data, mode, gid=gid)
     return True
 
 
-def _write_atomic(path: Path, data: bytes, mode: int, *, sync: bool = True) -> None:
+def _write_atomic(path: Path, data: bytes, mode: int, *, sync: bool = True, gid: int | None = None) -> None:
     """Temp file + fsync + rename: readers see the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     with open(fd, "wb") as f:
+        if gid is not None:
+            os.fchown(fd, -1, gid)  # before any byte is written (keys.group)
         os.fchmod(fd, mode)  # os.open's mode is filtered by the umask, and a leftover tmp keeps its old mode
         f.write(data)
         f.flush()

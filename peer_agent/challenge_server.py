@@ -6,25 +6,33 @@ The server answers exactly ``GET /.well-known/acme-challenge/<token>`` for open
 tokens with the key authorization as ``text/plain``; every other request gets
 404 (405 for another method). Matching works on the raw request target with a
 strict regex, never on a decoded or normalized path, so ``..``, ``%2e%2e`` or
-``%2F`` can only ever fail to match. Nothing here touches the file system.
+``%2F`` can only ever fail to match. Tokens never touch the file system.
+
+It listens on loopback TCP, or (``external`` front mode, recommended there) on
+a Unix socket in a directory only the agent can write
+(``peer_agent.listening.unix_socket``), which the node's web server proxies to.
 
 aiohttp is imported when a listener first starts, not with this module: it is
 the largest part of an idle agent's memory (about 12 MB resident), and in
-``closed`` and ``external`` mode an agent listens only during a challenge.
-Request handlers run only while a listener does, so their own imports of it
-are dictionary look-ups.
+``closed`` mode an agent listens only during a challenge (in ``redirect`` and
+``external`` mode from the start). Request handlers run only while a listener
+does, so their own imports of it are dictionary look-ups.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import os
 import re
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peer_agent.errors import FrontError
+from peer_agent.listening import Acceptor, Bounds, remove_unix_socket, tcp_sockets, unix_socket
 from peer_agent.tokens import TokenStore
 
 if TYPE_CHECKING:
@@ -38,6 +46,12 @@ CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 MAX_RAW_PATH = 256
 _CHALLENGE_PATH_RE = re.compile(r"/\.well-known/acme-challenge/([A-Za-z0-9_-]{1,128})")
 _NOT_FOUND = b"not found\n"
+# Short: in-flight requests are tiny, and a stop must free the port promptly
+# rather than wait for slow clients.
+_SHUTDOWN_TIMEOUT = 1.0
+DEFAULT_MAX_CONNECTIONS = 256
+"""The challenge server's cap: its clients are the front and the node's web
+server, forwarding a validator's few requests."""
 
 Handler = Callable[["web.BaseRequest"], Awaitable["web.StreamResponse"]]
 
@@ -72,9 +86,15 @@ def method_not_allowed() -> web.Response:
 
 class Listener:
     """One aiohttp low-level server on one or more addresses (the same port on
-    each), started and stopped as a unit: either every address listens or
-    none does. ``stop`` closes the listening sockets and every open
-    connection, so the port is free (``reuse_address``) as soon as it returns.
+    each), or on a Unix socket (``unix_path``), started and stopped as a unit:
+    either every address listens or none does. ``stop`` closes the listening
+    sockets and every open connection, so the port is free (``SO_REUSEADDR``)
+    as soon as it returns.
+
+    Connections are accepted within ``bounds`` (``peer_agent.listening``): at
+    most ``max_connections`` at once, the rest reset on arrival; one that
+    sends no complete request within ``idle_timeout`` seconds of connecting
+    (or of its last answer) is closed.
 
     ``::`` is bound dual-stack (``IPV6_V6ONLY`` off, so it takes IPv4 too)
     where the OS allows, unless IPv4 addresses are listed as well: those then
@@ -93,100 +113,122 @@ class Listener:
         max_line_size: int,
         max_field_size: int,
         max_headers: int,
+        bounds: Bounds,
+        idle_timeout: float = 5.0,
+        unix_path: Path | None = None,
+        unix_group: str = "",
     ) -> None:
         hosts = (host,) if isinstance(host, str) else tuple(host)
-        if not hosts:
+        if not hosts and unix_path is None:
             raise ValueError(f"the {what} needs at least one address to listen on")
         self._handler = handler
         self._hosts = hosts
         self._configured_port = port
         self._what = what
+        self._bounds = bounds
+        self._unix_path = unix_path
+        self._unix_group = unix_group
         self._limits: dict[str, Any] = {
             "max_line_size": max_line_size,
             "max_field_size": max_field_size,
             "max_headers": max_headers,
             # a validator sends one short request; idle clients must not pin
             # a connection (and with it the closing of the port) for long
-            "keepalive_timeout": 5.0,
+            "keepalive_timeout": idle_timeout,
         }
-        self._runner: web.ServerRunner | None = None
+        self._server: web.Server | None = None
+        self._acceptor: Acceptor | None = None
         self._port: int | None = None
+        self._unix_inode = 0
 
     @property
     def hosts(self) -> tuple[str, ...]:
         return self._hosts
 
     @property
+    def unix_path(self) -> Path | None:
+        return self._unix_path
+
+    @property
     def listening(self) -> bool:
-        return self._runner is not None
+        return self._acceptor is not None
 
     @property
     def port(self) -> int | None:
-        """The bound port while listening (the real one when configured 0)."""
+        """The bound port while listening (the real one when configured 0;
+        0 on a Unix socket)."""
         return self._port
 
+    @property
+    def connections(self) -> int:
+        """Connections held now (0 when not listening)."""
+        return self._acceptor.active if self._acceptor is not None else 0
+
     async def start(self) -> int:
-        if self._runner is not None:
+        if self._acceptor is not None:
             assert self._port is not None
             return self._port
         # Imported here, at the first listen: an agent that is not serving a
         # challenge never needs aiohttp (see the module docstring).
         from aiohttp import web
 
-        # Short shutdown: in-flight requests are tiny, and a stop must free
-        # the port promptly rather than wait for slow clients.
-        runner = web.ServerRunner(
-            web.Server(self._handler, **self._limits), shutdown_timeout=1.0
-        )
-        await runner.setup()
+        sockets = self._unix_sockets() if self._unix_path is not None else self._tcp_sockets()
+        server = web.Server(self._handler, **self._limits)
+        acceptor = Acceptor(self._what, self._bounds, server)
+        acceptor.start(sockets)
+        self._server, self._acceptor = server, acceptor
+        self._port = sockets[0].getsockname()[1] if self._unix_path is None else 0
+        log.info("%s listening on %s (at most %d connections)", self._what, self._where(),
+                 self._bounds.max_connections)
+        return self._port
+
+    def _unix_sockets(self) -> list[socket.socket]:
+        assert self._unix_path is not None
+        sock = unix_socket(self._unix_path, self._unix_group)
+        self._unix_inode = os.lstat(self._unix_path).st_ino
+        return [sock]
+
+    def _tcp_sockets(self) -> list[socket.socket]:
         port = self._configured_port
-        # cleanup() stops every site already started: all addresses or none
+        dual_stack = not any(_is_ipv4(h) for h in self._hosts)
+        sockets: list[socket.socket] = []
         try:
             for host in self._hosts:
                 try:
-                    await self._site(runner, host, port).start()
+                    bound = tcp_sockets(host, port, dual_stack=dual_stack and _is_ipv6_any(host))
                 except OSError as exc:
                     raise FrontError(
                         f"cannot listen for the {self._what} on "
                         f"{_hostport(host, port)}: {exc.strerror or exc}"
                     ) from exc
+                sockets.extend(bound)
                 if not port:
-                    port = runner.addresses[0][1]
+                    port = bound[0].getsockname()[1]
         except BaseException:
-            await runner.cleanup()
+            for sock in sockets:  # all addresses or none
+                sock.close()
             raise
-        self._runner = runner
-        self._port = port
-        log.info("%s listening on %s", self._what, self._where())
-        return port
-
-    def _site(self, runner: web.ServerRunner, host: str, port: int) -> web.BaseSite:
-        from aiohttp import web
-
-        if not _is_ipv6_any(host) or any(_is_ipv4(h) for h in self._hosts):
-            return web.TCPSite(runner, host, port, reuse_address=True)
-        # asyncio binds AF_INET6 sockets IPv6-only; the dual-stack socket is made here
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            except OSError as exc:
-                log.warning("%s: this OS keeps [::] IPv6-only (%s); list the IPv4 addresses too", self._what, exc)
-            sock.bind((host, port))
-        except BaseException:
-            sock.close()
-            raise
-        return web.SockSite(runner, sock)
+        return sockets
 
     def _where(self) -> str:
+        if self._unix_path is not None:
+            return str(self._unix_path)
         return ", ".join(_hostport(host, self._port or 0) for host in self._hosts)
 
     async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is None:
+        acceptor, self._acceptor = self._acceptor, None
+        server, self._server = self._server, None
+        if acceptor is None or server is None:
             return
-        await runner.cleanup()
+        if self._unix_path is not None:
+            remove_unix_socket(self._unix_path, self._unix_inode)
+        await acceptor.close()  # the port is free from here on
+        await acceptor.abort_handshakes()
+        # Let requests that arrived before the close start, then close idle
+        # connections; in-flight requests are tiny, so the grace is short.
+        await asyncio.sleep(0)
+        server.pre_shutdown()
+        await server.shutdown(_SHUTDOWN_TIMEOUT)
         log.info("%s on %s closed", self._what, self._where())
         self._port = None
 
@@ -211,13 +253,16 @@ def _is_ipv6_any(host: str) -> bool:
 
 
 class ChallengeServer:
-    """Serves the open tokens of a ``TokenStore`` on a loopback address.
+    """Serves the open tokens of a ``TokenStore`` on a loopback address, or
+    on the Unix socket ``socket_path`` (then ``host`` and ``port`` are unused).
 
     Only loopback addresses are accepted: the outside world reaches tokens
-    through the port-80 front, never directly.
+    through the port-80 front (or the node's web server), never directly.
     """
 
-    def __init__(self, store: TokenStore, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, store: TokenStore, host: str = "127.0.0.1", port: int = 0, *,
+                 socket_path: Path | None = None, socket_group: str = "",
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         try:
             loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:
@@ -231,7 +276,12 @@ class ChallengeServer:
         self._listener = Listener(
             self._handle, host, port, what="challenge server",
             max_line_size=1024, max_field_size=1024, max_headers=32,
+            bounds=Bounds(max_connections), unix_path=socket_path, unix_group=socket_group,
         )
+
+    @property
+    def socket_path(self) -> Path | None:
+        return self._listener.unix_path
 
     @property
     def listening(self) -> bool:

@@ -2,10 +2,15 @@
 challenge server and the port-80 front, and the only place that decides when
 they listen.
 
-The challenge server (and, in ``closed`` mode, the front) listens exactly while
-at least one token is open; an expiry task closes them when the last token
-expires, so a coordinator that never cleans up cannot leave port 80 open.
-Every open/close transition happens under one lock.
+In ``redirect`` and ``closed`` mode the challenge server (and, in ``closed``
+mode, the front) listens exactly while at least one token is open; an expiry
+task closes them when the last token expires, so a coordinator that never
+cleans up cannot leave port 80 open. In ``external`` mode the challenge server
+is what the node's web server proxies to, at an address it cannot be told
+afresh each time: the agent takes it at start and holds it until it stops
+(404 while no token is open), so no other local process can take it between
+two challenges; an agent that cannot take it does not start. Every open/close
+transition happens under one lock.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
+from peer_agent import challenge_server, front
 from peer_agent.challenge_server import ChallengeServer
 from peer_agent.errors import NotStarted
 from peer_agent.front import Front, FrontMode
@@ -30,7 +37,10 @@ class ChallengeService:
 
     ``front_hosts``: every address the front listens on (a string: one); in
     ``redirect`` mode all of them listen from ``start``, in ``closed`` mode
-    all of them open and close together with the challenge server.
+    all of them open and close together with the challenge server. In
+    ``external`` mode there is no front, and the challenge server listens
+    from ``start`` to ``stop`` on ``challenge_port`` (fixed) or on the Unix
+    socket ``challenge_socket`` (``external`` mode only).
 
     When ``present`` returns, the tokens are servable through the front; when
     ``remove`` (or expiry) takes the last one away, the challenge server is
@@ -47,15 +57,34 @@ class ChallengeService:
         challenge_port: int = 0,
         clock: Callable[[], float] = time.monotonic,
         max_ttl: float = DEFAULT_MAX_TTL,
+        *,
+        challenge_socket: Path | None = None,
+        challenge_socket_group: str = "",
+        front_max_connections: int = front.DEFAULT_MAX_CONNECTIONS,
+        challenge_max_connections: int = challenge_server.DEFAULT_MAX_CONNECTIONS,
     ) -> None:
+        mode = FrontMode(front_mode)
+        if mode is FrontMode.EXTERNAL:
+            if challenge_socket is not None and challenge_port:
+                raise ValueError("set either challenge.socket (recommended) or challenge.port for the web server "
+                                 "to proxy to, not both")
+            if challenge_socket is None and not challenge_port:
+                raise ValueError('front.mode = "external" needs challenge.socket (recommended) or a fixed '
+                                 "challenge.port for the web server to proxy to")
+        elif challenge_socket is not None:
+            raise ValueError('challenge.socket is for front.mode = "external" (the web server proxies to it); '
+                             f"the {mode.value} front forwards over loopback TCP")
         self._clock = clock
         self._store = TokenStore(clock=clock, max_ttl=max_ttl)
-        self._server = ChallengeServer(self._store, challenge_host, challenge_port)
+        self._server = ChallengeServer(
+            self._store, challenge_host, challenge_port, socket_path=challenge_socket,
+            socket_group=challenge_socket_group, max_connections=challenge_max_connections,
+        )
         self._front = Front(
-            front_hosts, front_port, FrontMode(front_mode),
+            front_hosts, front_port, mode,
             upstream_port=lambda: self._server.port,
             is_open=lambda token: self._store.get(token) is not None,
-            https_port=https_port, upstream_host=challenge_host,
+            https_port=https_port, upstream_host=challenge_host, max_connections=front_max_connections,
         )
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -87,12 +116,20 @@ class ChallengeService:
         return self._server.port
 
     async def start(self) -> None:
-        """Start the expiry task and, in ``redirect`` mode, the front."""
+        """Start the expiry task and, in ``redirect`` mode, the front; in
+        ``external`` mode the challenge server (FrontError when its address
+        is taken: the agent must not run without it)."""
         async with self._lock:
             if self._expiry_task is not None:
                 return
             if self._front.mode is FrontMode.REDIRECT:
                 await self._front.start()
+            elif self._front.mode is FrontMode.EXTERNAL:
+                port = await self._server.start()
+                if self._server.socket_path is None and port >= _unprivileged_port_start():
+                    log.warning("challenge.port %d is the agent's while it runs, but any local user can bind it "
+                                "while the agent is down and answer what the web server forwards: prefer "
+                                "challenge.socket", port)
             self._expiry_task = asyncio.create_task(
                 self._expire_loop(), name=EXPIRY_TASK_NAME
             )
@@ -184,7 +221,7 @@ class ChallengeService:
         return purged
 
     async def _close_if_idle(self) -> None:
-        if len(self._store):
+        if len(self._store) or self._front.mode is FrontMode.EXTERNAL:
             return
         if self._front.mode is FrontMode.CLOSED:
             await self._front.stop()
@@ -207,6 +244,14 @@ class ChallengeService:
                 # keep the loop alive: it is what closes port 80 after a lost cleanup
                 log.exception("purging expired challenge tokens failed")
                 await asyncio.sleep(1.0)
+
+
+def _unprivileged_port_start() -> int:
+    """The lowest port any user may bind (Linux: ip_unprivileged_port_start)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
 
 
 def _log_death(task: asyncio.Task[None]) -> None:

@@ -2,7 +2,9 @@
 servicer calls.
 
 It owns the order of a switch. Everything that can refuse runs before
-anything changes: the chain is validated, then loaded into fresh TLS contexts.
+anything changes: the chain is validated (and, while the agent's copy of the
+trust store holds certificates, validated to one of its roots:
+``peer_agent.trust``), then loaded into fresh TLS contexts.
 Then the disk (the truth a restarted agent reads), then the in-process
 endpoints (one reference swap each), then the reload hooks of external
 services, which read the disk. Deploys and rollbacks run one at a time, and a
@@ -39,6 +41,7 @@ from peer_agent.certs import CertStore, SlotCerts, ValidatedPair
 from peer_agent.errors import AgentError, EndpointError, StorageError
 from peer_agent.reload import CommandHook, ReloadOutcome, SignalHook
 from peer_agent.tls_endpoint import Contexts, ServingContext, TLSEndpoint, load_context
+from peer_agent.trust import check_chain
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +142,9 @@ class DeployOutcome:
 
 class Deployer:
     def __init__(self, certs: CertStore, endpoints: Sequence[TLSEndpoint], hooks: Sequence[Hook],
-                 fence: FenceFloor | None = None) -> None:
+                 fence: FenceFloor | None = None, trust_bundle: Path | None = None) -> None:
         self._certs = certs
+        self._trust_bundle = trust_bundle  # the agent's copy of the trust store (None: no check)
         self._endpoints = tuple(endpoints)
         self._hooks = tuple(hooks)
         self._lock = asyncio.Lock()
@@ -189,6 +193,8 @@ class Deployer:
 
         async def work() -> DeployOutcome:
             pair = await asyncio.to_thread(self._certs.validate, domain, chain_pem, names)
+            if self._trust_bundle is not None:  # a non-empty trust store: the chain must validate to one of its roots
+                await asyncio.to_thread(check_chain, self._trust_bundle, pair.chain_pem, self._certs.now())
             context = await asyncio.to_thread(self._load_staged, pair)
             active, previous = await asyncio.to_thread(self._certs.install, domain, pair)
             reloads = await self._reload(domain, context)

@@ -86,3 +86,8 @@ class EndpointError(AgentError, Unavailable):
 class StorageError(AgentError, FailedPrecondition):
     """The agent's state directory cannot be written (disk full, read-only,
     permissions): an operator must act; retrying the same call will not help."""
+
+
+class UntrustedChain(AgentError, FailedPrecondition):
+    """The trust bundle the coordinator delivered is not empty and a chain to
+    deploy does not validate to one of its root certificates."""

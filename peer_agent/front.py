@@ -15,6 +15,10 @@ files only". ``closed``: listening only while a challenge is open (the owner
 starts and stops it); challenge GETs are forwarded, other methods on the
 challenge path get 405, everything else 404.
 
+The front holds at most ``max_connections`` connections at once (the next
+ones are reset on arrival, ``peer_agent.listening``) and closes one that has
+not sent a complete request within ``IDLE_TIMEOUT`` of connecting.
+
 The front never answers a token itself: it forwards to the challenge server
 over loopback, so there is one place that knows what is served. Whether a
 token is open is asked (``is_open``) on every request, never cached.
@@ -41,6 +45,7 @@ from peer_agent.challenge_server import (
     raw_path_only,
     text_response,
 )
+from peer_agent.listening import FORWARD_CONNECTIONS, Bounds
 
 if TYPE_CHECKING:
     import aiohttp
@@ -54,14 +59,18 @@ _MAX_RELAYED_BODY = 1024
 # Host header: a DNS name or IPv4 literal, or a bracketed IPv6 literal, with an
 # optional port. Validators send "name:80".
 _HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253})(?::[0-9]{1,5})?")
+DEFAULT_MAX_CONNECTIONS = 1024
+IDLE_TIMEOUT = 5.0
+"""Seconds a front connection may stay without a complete request, from its
+first moment (a validator sends its one request at once)."""
 
 
 class FrontMode(enum.Enum):
     REDIRECT = "redirect"
     CLOSED = "closed"
     # The node's own web server owns port 80 and proxies the challenge path to
-    # the challenge server (deploy/nginx-acme-challenge.conf); the agent runs
-    # no front at all.
+    # the challenge server (deploy/nginx-acme-challenge.conf), which the agent
+    # holds from start to stop; the agent runs no front at all.
     EXTERNAL = "external"
 
 
@@ -96,6 +105,7 @@ class Front:
         https_port: int = 443,
         upstream_host: str = "127.0.0.1",
         forward_timeout: float = 5.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.mode = mode
         self._upstream_port = upstream_port
@@ -108,6 +118,7 @@ class Front:
         self._listener = Listener(
             self._handle, hosts, port, what=f"port-80 front ({mode.value})",
             max_line_size=4096, max_field_size=8190, max_headers=64,
+            bounds=Bounds(max_connections), idle_timeout=IDLE_TIMEOUT,
         )
 
     @property
@@ -122,6 +133,11 @@ class Front:
     def port(self) -> int | None:
         return self._listener.port
 
+    @property
+    def connections(self) -> int:
+        """Connections held now."""
+        return self._listener.connections
+
     async def start(self) -> int:
         if self._session is None:
             # Imported at the first start, not with the module: see the module docstring.
@@ -131,7 +147,7 @@ class Front:
             # connection to a closed one would fail the next forward
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self._forward_timeout),
-                connector=aiohttp.TCPConnector(force_close=True),
+                connector=aiohttp.TCPConnector(force_close=True, limit=FORWARD_CONNECTIONS),
             )
         try:
             return await self._listener.start()

@@ -39,6 +39,8 @@ after :data:`TOMBSTONE_SECONDS`.
 from __future__ import annotations
 
 import datetime
+import fcntl
+import grp
 import json
 import logging
 import os
@@ -72,7 +74,8 @@ KEY_TYPES = {
     common_pb2.KEY_TYPE_RSA_3072: ("rsa-3072", lambda: rsa.generate_private_key(65537, 3072)),
     common_pb2.KEY_TYPE_RSA_4096: ("rsa-4096", lambda: rsa.generate_private_key(65537, 4096)),
 }
-_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$")
+# Used with fullmatch and \Z: "$" also matches before a final newline ("a.example\n" would pass).
+_DOMAIN_RE = re.compile(r"(?=.{1,253}\Z)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+")
 _FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 KEY_SUFFIX = ".key"
 RETIRED_SUFFIX = ".retired"
@@ -197,7 +200,7 @@ def _domain_of(slot_dir: Path) -> str | None:
     """The domain of a slot directory ("" for the server slot), None for anything else."""
     if slot_dir.name == "server":
         return ""
-    if slot_dir.name.startswith("domain-") and _DOMAIN_RE.match(slot_dir.name.removeprefix("domain-")):
+    if slot_dir.name.startswith("domain-") and _DOMAIN_RE.fullmatch(slot_dir.name.removeprefix("domain-")):
         return slot_dir.name.removeprefix("domain-")
     return None
 
@@ -205,7 +208,7 @@ def _domain_of(slot_dir: Path) -> str | None:
 def slot_dirname(domain: str) -> str:
     if not domain:
         return "server"
-    if not _DOMAIN_RE.match(domain):
+    if not _DOMAIN_RE.fullmatch(domain):
         raise InvalidSlot(f"{domain!r} is not a valid domain slot name")
     return f"domain-{domain}"
 
@@ -218,9 +221,60 @@ class SlotKeyInfo:
     held_keys: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class KeyAccess:
+    """Who besides the agent may read the deployed private keys (the agent
+    setting ``keys.group``): nobody (``gid`` None: slot directories 0700,
+    keys 0600) or one group (slot directories 0750, the deployed
+    ``privkey.pem`` 0640, both owned by the group). The key store
+    (``slots/<slot>/keys/``) stays 0700 either way."""
+
+    group: str = ""
+    gid: int | None = None
+
+    @classmethod
+    def of_group(cls, group: str) -> KeyAccess:
+        """The access for ``keys.group``; InvalidArgument when the group does
+        not exist or the agent cannot give files to it (not a member)."""
+        if not group:
+            return cls()
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise InvalidArgument(f"keys.group: there is no group named {group!r} on this host") from None
+        if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+            raise InvalidArgument(
+                f"keys.group: the agent (uid {os.geteuid()}) is not a member of group {group!r}, so it cannot "
+                f"give the keys to it; add it to the group (systemd: SupplementaryGroups={group})")
+        return cls(group, gid)
+
+    @property
+    def dir_mode(self) -> int:
+        """Mode of ``slots/`` and of every slot directory."""
+        return 0o700 if self.gid is None else 0o750
+
+    @property
+    def key_mode(self) -> int:
+        """Mode of a deployed ``privkey.pem``."""
+        return 0o600 if self.gid is None else 0o640
+
+    def apply(self, path: Path, mode: int) -> None:
+        """Give ``path`` (a directory or file of the agent's) ``mode`` and,
+        with a group, that group; never through a symlink."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if self.gid is not None and os.fstat(fd).st_gid != self.gid:
+                os.fchown(fd, -1, self.gid)
+            os.fchmod(fd, mode)  # after the chown, which may clear set-id bits
+        finally:
+            os.close(fd)
+
+
 class KeyStore:
-    def __init__(self, state_dir: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, state_dir: Path, clock: Callable[[], float] = time.time,
+                 access: KeyAccess = KeyAccess()) -> None:
         self.state_dir = state_dir
+        self.access = access
         self._root = state_dir / "slots"
         self._clock = clock
         # A CSR switching the current key and a prune deciding what is in use
@@ -245,7 +299,7 @@ class KeyStore:
         slot_dir = self._root / slot_dirname(domain)
         names = [common_name, *[n for n in sans if n != common_name]]
         for name in names:
-            if not _DOMAIN_RE.match(name):
+            if not _DOMAIN_RE.fullmatch(name):
                 raise InvalidSlot(f"{name!r} is not a valid A-label DNS name")
         attributes = validate_subject(subject)
         key = KEY_TYPES[key_type][1]()
@@ -266,12 +320,21 @@ class KeyStore:
         )
         fingerprint = spki_sha256(key.public_key())
         with self._lock:
-            for directory in (self._root, slot_dir, slot_dir / "keys"):
+            for directory in (self._root, slot_dir):
                 directory.mkdir(exist_ok=True, mode=0o700)
-                directory.chmod(0o700)  # mkdir's mode is filtered by the umask
-            write_private(slot_dir / "keys" / f"{fingerprint}.key", key_pem)
-            write_private(slot_dir / "csr.pem", csr_pem)
-            write_private(slot_dir / "current", fingerprint.encode())  # last: the switch to the new key
+                self.access.apply(directory, self.access.dir_mode)  # mkdir's mode is filtered by the umask
+            (slot_dir / "keys").mkdir(exist_ok=True, mode=0o700)
+            (slot_dir / "keys").chmod(0o700)  # the agent's alone, keys.group or not
+            # The slot directory's flock: another process writing this slot's CSR (a second agent on
+            # the same state directory) cannot pair its csr.pem with this call's current.
+            slot_fd = os.open(slot_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                fcntl.flock(slot_fd, fcntl.LOCK_EX)
+                write_private(slot_dir / "keys" / f"{fingerprint}.key", key_pem)
+                write_private(slot_dir / "csr.pem", csr_pem)
+                write_private(slot_dir / "current", fingerprint.encode())  # last: the switch to the new key
+            finally:
+                os.close(slot_fd)  # releases the flock
         return csr_pem.decode(), fingerprint
 
     def key_file(self, domain: str, fingerprint: str) -> Path | None:

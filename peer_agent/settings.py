@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clusteracme.rpcutil import TLSFiles
+from peer_agent.listening import MAX_HANDSHAKE_TIMEOUT, check_bounds
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class FrontSettings:
     """"redirect": always listening, non-challenge requests 301 to https;
     "closed": listening only while a challenge is open, the rest 404;
     "external": no front; the node's web server on host:port proxies
-    /.well-known/acme-challenge/ to the challenge server (fixed challenge.port)."""
+    /.well-known/acme-challenge/ to the challenge server (challenge.socket,
+    recommended, or a fixed challenge.port), which the agent holds from start
+    to stop."""
     https_port: int = 443
     """Where redirect mode sends browsers."""
     advertise: str = ""
@@ -43,6 +46,13 @@ class FrontSettings:
     self-check (default: the first specific address of ``bind_hosts`` and
     port; required when they are all 0.0.0.0 or ::). Its port is the front's
     port on every address."""
+    max_connections: int = 1024
+    """Connections the front holds at once (all its addresses together); the
+    next ones are reset on arrival. One without a complete request within 5 s
+    is closed."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self.max_connections, MAX_HANDSHAKE_TIMEOUT, "front")
 
     @property
     def bind_hosts(self) -> tuple[str, ...]:
@@ -74,8 +84,24 @@ class ChallengeSettings:
     host: str = "127.0.0.1"
     """The challenge server is localhost-only; only the front reaches it."""
     port: int = 0
-    """Unprivileged port; 0 picks a free one each time it opens."""
+    """Unprivileged port; 0 picks a free one each time it opens. In
+    ``external`` front mode without ``socket``: the fixed port the web server
+    proxies to, held by the agent from start to stop."""
+    socket: Path | None = None
+    """``external`` front mode: listen on this Unix socket instead (e.g.
+    /run/clusteracme/challenge.sock). Its directory must belong to the agent's
+    user, be writable by nobody else and reachable only by its group (the web
+    server's): no other local user can ever take the address, not even while
+    the agent is down. A missing directory is made (0750)."""
+    socket_group: str = ""
+    """Give the socket's directory to this group (the web server's, e.g.
+    "www-data"); the agent must be a member. Empty: leave it as it is."""
+    max_connections: int = 256
+    """Connections the challenge server holds at once."""
     max_token_ttl: float = 3600.0
+
+    def __post_init__(self) -> None:
+        check_bounds(self.max_connections, MAX_HANDSHAKE_TIMEOUT, "challenge")
 
 
 @dataclass(frozen=True)
@@ -92,6 +118,14 @@ class EndpointSettings:
     upstream: str = ""
     """Proxy requests to this local service (e.g. "http://127.0.0.1:8080");
     empty: answer with a small health page."""
+    max_connections: int = 1024
+    """Connections held at once, TLS handshakes included; the next ones are
+    reset on arrival."""
+    handshake_timeout: float = MAX_HANDSHAKE_TIMEOUT
+    """Seconds a client has to complete its TLS handshake (at most 10)."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self.max_connections, self.handshake_timeout, "endpoints")
 
 
 @dataclass(frozen=True)
@@ -105,6 +139,21 @@ class HookSettings:
     argv: tuple[str, ...] = ()
     """The command, without a shell, e.g. ["nginx", "-s", "reload"]."""
     timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class KeySettings:
+    """Who besides the agent may read the deployed private keys ([keys])."""
+
+    group: str = ""
+    """Give the deployed private keys (``slots/<slot>/active/privkey.pem``)
+    to this group with mode 0640, and the directories on the way 0750 (the
+    state directory 0711), e.g. "ssl-cert" (Debian's convention), for
+    services that read them as a user of that group. The agent must be a
+    member (systemd: ``SupplementaryGroups=ssl-cert``). Applied at start-up
+    to what is on disk and to every later CSR and deploy. Empty (default):
+    0600 keys in 0700 directories, the agent's alone. The key store itself
+    (``slots/<slot>/keys/``) stays the agent's alone either way."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +171,8 @@ class AgentSettings:
     coordinators: tuple[str, ...] = ("127.0.0.1:7443",)
     """Coordinator replicas to register with (tried in order)."""
     state_dir: Path = Path("/var/lib/clusteracme-agent")
-    """Keys and certificates (0700 directory, 0600 keys)."""
+    """Keys and certificates (0700 directory, 0600 keys; see ``keys.group``)."""
+    keys: KeySettings = field(default_factory=KeySettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     front: FrontSettings = field(default_factory=FrontSettings)
     challenge: ChallengeSettings = field(default_factory=ChallengeSettings)

@@ -14,6 +14,12 @@ new certificate.
 An endpoint answers every request with a one-line health page naming the
 serial the connection was served, or proxies to a local ``upstream``.
 
+What a client can hold is bounded (``peer_agent.listening``): at most
+``max_connections`` connections at once, handshakes included (the next ones
+are reset on arrival); a handshake not done within ``handshake_timeout``
+(10 s at most) is closed, and so is a connection that sends no request for
+``IDLE_TIMEOUT``.
+
 The certificate half of this module (contexts, SNI choice) needs only
 ``ssl``. aiohttp, the largest part of an idle agent's memory, is imported
 when an endpoint starts listening (at start-up when a certificate is already
@@ -32,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from peer_agent.errors import EndpointError, TLSLoadError
+from peer_agent.listening import MAX_HANDSHAKE_TIMEOUT, UPSTREAM_CONNECTIONS, Acceptor, Bounds, tcp_sockets
 
 if TYPE_CHECKING:
     import aiohttp
@@ -47,6 +54,11 @@ _HOP_BY_HOP = frozenset({
 })
 _UPSTREAM_CONNECT_TIMEOUT = 5.0
 _UPSTREAM_READ_TIMEOUT = 60.0
+_SHUTDOWN_TIMEOUT = 2.0
+DEFAULT_MAX_CONNECTIONS = 1024
+IDLE_TIMEOUT = 60.0
+"""Seconds a connection may wait for its next request (the first one too,
+counted from the end of the handshake)."""
 
 
 class PairFiles(Protocol):
@@ -117,7 +129,9 @@ def build_contexts(pairs: Mapping[str, PairFiles]) -> Contexts:
 class TLSEndpoint:
     """One HTTPS listener serving the deployed certificates."""
 
-    def __init__(self, host: str, port: int, *, peer_id: str, upstream: str = "") -> None:
+    def __init__(self, host: str, port: int, *, peer_id: str, upstream: str = "",
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 handshake_timeout: float = MAX_HANDSHAKE_TIMEOUT) -> None:
         if upstream:
             # Only an endpoint configured as a proxy needs yarl, and it needs it at
             # once: a bad upstream is a configuration error at start-up.
@@ -128,20 +142,31 @@ class TLSEndpoint:
                 raise ValueError(f"upstream must be http(s)://host:port without a path, not {upstream!r}")
         self.host = host
         self.peer_id = peer_id
+        self._bounds = Bounds(max_connections, handshake_timeout)
         self._configured_port = port
         self._upstream = upstream.rstrip("/")
         self._contexts = Contexts()
         self._base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._base.minimum_version = ssl.TLSVersion.TLSv1_2
         self._base.sni_callback = self._select_context
-        self._runner: web.ServerRunner | None = None
+        self._server: web.Server | None = None
+        self._acceptor: Acceptor | None = None
         self._session: aiohttp.ClientSession | None = None
         self._port: int | None = None
         self._start_lock = asyncio.Lock()
 
     @property
     def listening(self) -> bool:
-        return self._runner is not None
+        return self._acceptor is not None
+
+    @property
+    def bounds(self) -> Bounds:
+        return self._bounds
+
+    @property
+    def connections(self) -> int:
+        """Connections held now, handshakes in progress included."""
+        return self._acceptor.active if self._acceptor is not None else 0
 
     @property
     def port(self) -> int | None:
@@ -179,7 +204,7 @@ class TLSEndpoint:
         Idempotent. Without any context it does nothing: call it again after
         the first ``swap``."""
         async with self._start_lock:
-            if self._runner is not None:
+            if self._acceptor is not None:
                 return True
             if not self._contexts.by_domain:
                 log.info("TLS endpoint %s waits for its first certificate", self.address)
@@ -188,34 +213,39 @@ class TLSEndpoint:
             import aiohttp
             from aiohttp import web
 
-            runner = web.ServerRunner(web.Server(self._handle), shutdown_timeout=2.0)
-            await runner.setup()
-            site = web.TCPSite(
-                runner, self.host, self._configured_port, ssl_context=self._base, reuse_address=True
-            )
             try:
-                await site.start()
+                sockets = tcp_sockets(self.host, self._configured_port)
             except OSError as exc:
-                await runner.cleanup()
                 raise EndpointError(
                     f"cannot listen for the TLS endpoint on {self.address}: {exc.strerror or exc}"
                 ) from exc
+            self._port = sockets[0].getsockname()[1]
+            server = web.Server(self._handle, keepalive_timeout=IDLE_TIMEOUT)
+            acceptor = Acceptor(f"TLS endpoint {self.address}", self._bounds, server, self._base)
+            acceptor.start(sockets)
             if self._upstream:
                 # auto_decompress off: bodies are relayed as they come, with their Content-Encoding.
                 timeout = aiohttp.ClientTimeout(
                     total=None, sock_connect=_UPSTREAM_CONNECT_TIMEOUT, sock_read=_UPSTREAM_READ_TIMEOUT)
-                self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
-            self._runner = runner
-            self._port = runner.addresses[0][1]
-            log.info("TLS endpoint listening on %s (serials %s)", self.address, self._contexts.serials)
+                self._session = aiohttp.ClientSession(
+                    timeout=timeout, auto_decompress=False, connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS))
+            self._server, self._acceptor = server, acceptor
+            log.info("TLS endpoint listening on %s (serials %s; at most %d connections, handshake timeout %gs)",
+                     self.address, self._contexts.serials, self._bounds.max_connections,
+                     self._bounds.handshake_timeout)
             return True
 
     async def stop(self) -> None:
         async with self._start_lock:
-            runner, self._runner = self._runner, None
+            acceptor, self._acceptor = self._acceptor, None
+            server, self._server = self._server, None
             session, self._session = self._session, None
-            if runner is not None:
-                await runner.cleanup()
+            if acceptor is not None and server is not None:
+                await acceptor.close()
+                await acceptor.abort_handshakes()
+                await asyncio.sleep(0)
+                server.pre_shutdown()
+                await server.shutdown(_SHUTDOWN_TIMEOUT)
                 log.info("TLS endpoint on %s closed", self.address)
             if session is not None:
                 await session.close()

@@ -342,7 +342,7 @@ class RegisterAccountRequest(_message.Message):
     def __init__(self, provider: _Optional[str] = ..., email: _Optional[str] = ..., agree_tos: _Optional[bool] = ..., eab_kid: _Optional[str] = ..., eab_hmac_key: _Optional[str] = ...) -> None: ...
 
 class Peer(_message.Message):
-    __slots__ = ("peer_id", "addresses", "grpc_endpoint", "http_front", "front_mode", "version", "enabled", "alive", "registered_at", "tls_endpoints")
+    __slots__ = ("peer_id", "addresses", "grpc_endpoint", "http_front", "front_mode", "version", "enabled", "alive", "registered_at", "tls_endpoints", "blocked")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     GRPC_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -353,6 +353,7 @@ class Peer(_message.Message):
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
     TLS_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     addresses: _containers.RepeatedScalarFieldContainer[str]
     grpc_endpoint: str
@@ -363,7 +364,8 @@ class Peer(_message.Message):
     alive: bool
     registered_at: str
     tls_endpoints: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, peer_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_endpoint: _Optional[str] = ..., http_front: _Optional[str] = ..., front_mode: _Optional[str] = ..., version: _Optional[str] = ..., enabled: _Optional[bool] = ..., alive: _Optional[bool] = ..., registered_at: _Optional[str] = ..., tls_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
+    blocked: str
+    def __init__(self, peer_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_endpoint: _Optional[str] = ..., http_front: _Optional[str] = ..., front_mode: _Optional[str] = ..., version: _Optional[str] = ..., enabled: _Optional[bool] = ..., alive: _Optional[bool] = ..., registered_at: _Optional[str] = ..., tls_endpoints: _Optional[_Iterable[str]] = ..., blocked: _Optional[str] = ...) -> None: ...
 
 class ListPeersRequest(_message.Message):
     __slots__ = ()

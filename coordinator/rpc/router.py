@@ -44,6 +44,8 @@ class ReplicaRouter(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, replicas: Replicas, standby: CoordinatorServicer) -> None:
         self._replicas = replicas
         self._standby = standby
+        # The process's one deny list: refused here too (ListCoordinators, redirects).
+        self.deny_list = standby.deny_list
         self._leader: CoordinatorServicer | None = None
         self._won = False
 
@@ -71,7 +73,7 @@ class ReplicaRouter(coordinator_pb2_grpc.CoordinatorServiceServicer):
         me = self._replicas.name
         metadata: list[tuple[str, str]] = [(STANDBY_KEY, me)]
         try:
-            who = caller(context)
+            who = caller(context, self.deny_list)
             if who.role is not Role.OPERATOR:
                 raise errors.PermissionDenied(f"{who.common_name} may not call {method}")
         except errors.ClusterAcmeError as exc:

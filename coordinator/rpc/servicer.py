@@ -14,7 +14,7 @@ import grpc.aio
 
 from clusteracme import certinfo, errors, netaddr
 from clusteracme.pki import Identity, Role
-from clusteracme.rpcutil import rpc_method
+from clusteracme.rpcutil import certificate_sha256, client_certificate, rpc_method
 from clusteracme.v1 import agent_pb2, common_pb2, coordinator_pb2_grpc
 from clusteracme.v1 import coordinator_pb2 as pb
 from coordinator import imports
@@ -22,9 +22,10 @@ from coordinator.accounts import Accounts, ProviderBook, ProviderView
 from coordinator.alarms import AlarmBook, AlarmRecord, compare_disk
 from coordinator.deployment import Deployment, DeployOutcome
 from coordinator.history import History
+from coordinator.identities import Denial, DenyListView, Identities
 from coordinator.issuance import Issuance
 from coordinator.orders import DnsAddress, OrderRecord, Phase, ip_key
-from coordinator.peers import AgentPool, PeerInfo, Registry
+from coordinator.peers import AgentCertificate, AgentPool, PeerInfo, Registry
 from coordinator.preflight import NameReport
 from coordinator.revocation import UNATTACHED, Revocation
 from coordinator.scheduler import RenewalScheduler
@@ -56,8 +57,13 @@ def _peer(p: PeerInfo) -> pb.Peer:
     return pb.Peer(
         peer_id=p.peer_id, addresses=p.addresses, grpc_endpoint=p.grpc_endpoint, http_front=p.http_front,
         front_mode=p.front_mode, version=p.version, enabled=p.enabled, alive=p.alive, registered_at=p.registered_at,
-        tls_endpoints=p.tls_endpoints,
+        tls_endpoints=p.tls_endpoints, blocked=p.blocked,
     )
+
+
+def _denied(d: Denial) -> pb.DeniedIdentity:
+    return pb.DeniedIdentity(sha256=d.sha256, common_name=d.common_name, serial_hex=d.serial_hex,
+                             not_after=d.not_after, reason=d.reason, denied_at=d.denied_at, denied_by=d.denied_by)
 
 
 def _alarm(r: AlarmRecord) -> pb.Alarm:
@@ -136,7 +142,10 @@ def _required(value: str, what: str) -> str:
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, registry: Registry, accounts: Accounts, issuance: Issuance, deployment: Deployment,
                  history: History, scheduler: RenewalScheduler, pool: AgentPool, revocation: Revocation,
-                 trust: TrustStore, *, heartbeat_interval: int, lease_ttl: int, alarms: AlarmBook) -> None:
+                 trust: TrustStore, *, heartbeat_interval: int, lease_ttl: int, alarms: AlarmBook,
+                 identities: Identities, deny_list: DenyListView) -> None:
+        self.deny_list = deny_list  # rpc_method refuses the certificates on it, at every call
+        self._identities = identities
         self._alarms = alarms
         self._scheduler = scheduler
         self._revocation = revocation
@@ -178,12 +187,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             request.peer_id, addresses, request.grpc_endpoint, request.http_front,
             request.front_mode, request.version, enabled=False, registered_at="",
             tls_endpoints=tuple(request.tls_endpoints),
+            certificate=AgentCertificate.of(client_certificate(context)),  # what peer block denies
         ))
         self._note_front(request.peer_id, front_host, request.http_front, addresses)
         bundle, digest = await self._trust.bundle()
         return pb.RegisterPeerResponse(heartbeat_interval_seconds=self._heartbeat_interval,
                                        lease_ttl_seconds=self._lease_ttl, trust_bundle_pem=bundle,
-                                       trust_bundle_sha256=digest)
+                                       trust_bundle_sha256=digest, denied_sha256=self.deny_list.fingerprints())
 
     def _note_front(self, peer_id: str, host: str, http_front: str, addresses: tuple[str, ...]) -> None:
         """The self-check of a peer DNS points at goes through the addresses
@@ -203,8 +213,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @rpc_method(AGENT)
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         self._own(who, request.peer_id)
-        await self._registry.heartbeat(request.peer_id)
-        return pb.HeartbeatResponse()
+        await self._registry.heartbeat(request.peer_id, certificate_sha256(context))
+        return pb.HeartbeatResponse(denied_sha256=self.deny_list.fingerprints())
 
     # --- providers and accounts -------------------------------------------
     @rpc_method(OPERATOR)
@@ -246,8 +256,24 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @rpc_method(OPERATOR)
     async def RemovePeer(self, request: pb.RemovePeerRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
-        await self._registry.remove(_required(request.peer_id, "a peer id"))
+        await self._identities.remove_peer(_required(request.peer_id, "a peer id"), force=request.force,
+                                           by=who.common_name)
         return pb.RemovePeerResponse()
+
+    @rpc_method(OPERATOR)
+    async def BlockPeer(self, request: pb.BlockPeerRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        return _denied(await self._identities.block_peer(_required(request.peer_id, "a peer id"), request.reason,
+                                                         who.common_name))
+
+    # --- cluster identities (deny list) -------------------------------------
+    @rpc_method(OPERATOR)
+    async def RevokeIdentity(self, request: pb.RevokeIdentityRequest, context: grpc.aio.ServicerContext,
+                             who: Identity) -> Any:
+        return _denied(await self._identities.revoke_identity(request.certificate, request.reason, who.common_name))
+
+    @rpc_method(OPERATOR)
+    async def ListDenied(self, request: pb.ListDeniedRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        return pb.ListDeniedResponse(identities=[_denied(d) for d in await self._identities.list()])
 
     # --- CSR, sign, pending ------------------------------------------------
     @rpc_method(OPERATOR)

@@ -12,6 +12,7 @@ DESIGN.md "State in etcd" gives it::
     schedule/<peer>/<period start>   the period's sign times (YYYY-MM-DDTHH:MM:SSZ)
     events/<peer>/<seq:020d>         history; zero-padded so key order is seq order
     trust/<sha256>                   trusted CA certificate
+    denied/<sha256>                  a cluster certificate (of any identity) on the deny list; sha256 of its DER
     settings/<name>                  a cluster-wide setting (e.g. default_provider)
     alarms/<kind>/<peer>/<slot>      an alarm: raised and cleared times (slot: server, or the domain;
                                      "-" for alarms of the peer itself)
@@ -151,6 +152,15 @@ class Keys:
 
     def trusts(self) -> str:
         return self._key("trust", "")
+
+    # denied/<sha256>
+    def denied(self, sha256: str) -> str:
+        if not _SHA256.fullmatch(sha256):
+            raise InvalidArgument(f"invalid certificate fingerprint {sha256!r}: 64 lowercase hex digits")
+        return self._key("denied", sha256)
+
+    def denials(self) -> str:
+        return self._key("denied", "")
 
     # settings/<name>
     def setting(self, name: str) -> str:

@@ -1,4 +1,6 @@
-"""AgentService: converts messages and delegates; only the coordinator may call."""
+"""AgentService: converts messages and delegates; only the coordinator may call,
+with a certificate that is not on the cluster's deny list (``deny_list``: the
+copy the agent's last registration or heartbeat brought)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from cryptography import x509
 
 from clusteracme import __version__, certinfo
 from clusteracme.pki import Identity, Role
-from clusteracme.rpcutil import rpc_method
+from clusteracme.rpcutil import DenyList, rpc_method
 from clusteracme.v1 import agent_pb2 as pb
 from clusteracme.v1 import agent_pb2_grpc, common_pb2
 from peer_agent.certs import CertStore, LivePair
@@ -25,6 +27,7 @@ from peer_agent.challenges import ChallengeService
 from peer_agent.deployer import Deployer, DeployOutcome
 from peer_agent.errors import BrokenPair, InvalidChain, StorageError
 from peer_agent.keys import KEY_TYPES, SUBJECT_ATTRIBUTES, KeyStore, PruneResult, RetiredKey, rfc3339
+from peer_agent.trust import BUNDLE_FILE
 
 COORDINATOR = Role.COORDINATOR
 _LABEL_TO_ENUM = {label: enum for enum, (label, _) in KEY_TYPES.items()}
@@ -33,7 +36,8 @@ _LABEL_TO_ENUM = {label: enum for enum, (label, _) in KEY_TYPES.items()}
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, peer_id: str, challenges: ChallengeService, keys: KeyStore, deployer: Deployer,
                  tls_endpoints: list[str], trust_bundle_file: Path | None = None,
-                 certs: CertStore | None = None) -> None:
+                 certs: CertStore | None = None, deny_list: DenyList | None = None) -> None:
+        self.deny_list = deny_list  # rpc_method refuses a coordinator whose certificate is on it
         self._trust_bundle_file = trust_bundle_file
         # read only: which keys the pairs on disk use (a CertStore reads what the deployer's left)
         self._certs = certs or CertStore(keys.state_dir, keys)
@@ -155,6 +159,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     @rpc_method(COORDINATOR)
     async def SetTrustBundle(self, request: pb.SetTrustBundleRequest, context: grpc.aio.ServicerContext,
                              who: Identity) -> Any:
+        # The agent's own copy first: deploys validate against it (peer_agent.trust).
+        await asyncio.to_thread(write_trust_bundle, self._keys.state_dir / BUNDLE_FILE, request.bundle_pem,
+                                request.sha256)
         if self._trust_bundle_file is None:
             return pb.SetTrustBundleResponse()
         await asyncio.to_thread(write_trust_bundle, self._trust_bundle_file, request.bundle_pem, request.sha256)

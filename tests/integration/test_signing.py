@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from clusteracme.errors import FailedPrecondition
 from clusteracme.localcluster.cluster import LocalCluster, peer_address
+from coordinator.accounts import account_binding
 from coordinator.secretbox import SecretBox
 from tests.integration.conftest import agent_log, ctl_json, keyspace, make_cluster, record, register_account
 
@@ -117,9 +118,10 @@ def test_account_key_is_sealed(with_account: LocalCluster) -> None:
     cluster = with_account
     provider = record(cluster, "providers/pebble")
     sealed = provider["account_key"]
-    assert sealed.startswith("v1:") and b"BEGIN" not in base64.b64decode(sealed[3:])
+    assert sealed.startswith("v2:") and b"BEGIN" not in base64.b64decode(sealed.split(":")[2])
+    bound = account_binding(provider)  # the directory URL and CA bundle it was registered with
     with pytest.raises(FailedPrecondition, match="does not open"):
-        SecretBox(bytes(32)).open(sealed, "provider/pebble")
-    opened = SecretBox.from_file(cluster.run_dir / "account-key.secret").open(sealed, "provider/pebble")
+        SecretBox(bytes(32)).open(sealed, "provider/pebble", bound)
+    opened = SecretBox.from_file(cluster.run_dir / "account-key.secret").open(sealed, "provider/pebble", bound)
     assert opened.startswith(b"-----BEGIN PRIVATE KEY-----")
     assert json.loads(json.dumps(provider))["account_url"].startswith("https://127.0.0.1:")

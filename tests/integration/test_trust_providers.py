@@ -121,9 +121,17 @@ def test_external_account_binding(eab_cluster: LocalCluster) -> None:
     base = ["account", "register", "--provider", "pebble", "--email", "ops@test.example", "--agree-tos"]
     refused = c.ctl(*base, check=False)
     assert refused.returncode != 0 and "requires External Account Binding" in refused.stderr
-    wrong = c.ctl(*base, "--eab-kid", "kid-1", "--eab-hmac-key", EAB_KEYS["kid-2"], check=False)
+    # The MAC key is read from a file (or ACMECTL_EAB_HMAC_KEY), never from the command line (ps shows it).
+    on_command_line = c.ctl(*base, "--eab-kid", "kid-1", "--eab-hmac-key", EAB_KEYS["kid-1"], check=False)
+    assert on_command_line.returncode == 2 and "--eab-hmac-key-file" in on_command_line.stderr
+    keys = {}
+    for kid, mac in EAB_KEYS.items():
+        keys[kid] = c.run_dir / f"eab-{kid}.key"
+        keys[kid].write_text(mac + "\n")  # as an editor saves it: the newline is stripped
+        keys[kid].chmod(0o600)
+    wrong = c.ctl(*base, "--eab-kid", "kid-1", "--eab-hmac-key-file", str(keys["kid-2"]), check=False)
     assert wrong.returncode != 0 and "Traceback" not in wrong.stderr and "acmectl:" in wrong.stderr
-    c.ctl(*base, "--eab-kid", "kid-1", "--eab-hmac-key", EAB_KEYS["kid-1"])
+    c.ctl(*base, "--eab-kid", "kid-1", "--eab-hmac-key-file", str(keys["kid-1"]))
     c.ctl("peer", "enable", "peer1")
     c.set_dns("eab.example", [1])
     c.ctl("csr", "create", "peer1", "--cn", "eab.example")

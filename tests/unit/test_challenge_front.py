@@ -652,17 +652,25 @@ async def test_present_batch_before_start_is_refused() -> None:
 
 
 # --- external mode: the node's web server owns port 80 -------------------------
-async def test_external_mode_runs_no_front_and_serves_on_the_fixed_challenge_port(make_service: Factory) -> None:
+async def test_external_mode_runs_no_front_and_holds_the_fixed_challenge_port_from_start_to_stop(
+        make_service: Factory) -> None:
+    """The web server proxies to a fixed address: the agent holds it all the
+    time (404 without open tokens), so nobody else can take it between two
+    challenges (issue 12 item 2)."""
     challenge_port = free_port()
     service, front_port = await make_service(FrontMode.EXTERNAL, challenge_port=challenge_port)
     await assert_refused(front_port)
-    await assert_refused(challenge_port)
+    assert service.challenge_listening
+    assert (await request(challenge_port, PATH))[0] == 404
     await service.present("o1", {TOKEN: KEY_AUTH}, 60)
     assert not service.front_listening
     await assert_refused(front_port)
     status, headers, body = await request(challenge_port, PATH)
     assert (status, body) == (200, KEY_AUTH.encode())
     await service.remove("o1")
+    assert service.challenge_listening
+    assert (await request(challenge_port, PATH))[0] == 404
+    await service.stop()
     await assert_refused(challenge_port)
 
 

@@ -250,9 +250,32 @@ class _Trust:
         return "", ""
 
 
+class _AgentCall:
+    """A call's context as far as RegisterPeer reads it: the agent's certificate."""
+
+    def __init__(self) -> None:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "agent:peer1")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                .sign(key, hashes.SHA256()))
+        self._pem = cert.public_bytes(serialization.Encoding.PEM)
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {"x509_pem_cert": [self._pem]}
+
+
 def _servicer() -> Any:
+    from clusteracme.rpcutil import DeniedSet
     from coordinator.rpc.servicer import CoordinatorServicer
     servicer = object.__new__(CoordinatorServicer)
+    servicer.deny_list = DeniedSet()  # type: ignore[attr-defined]
     servicer._registry, servicer._trust = _Registry(), _Trust()  # type: ignore[attr-defined]
     servicer._heartbeat_interval, servicer._lease_ttl = 5, 15  # type: ignore[attr-defined]
     servicer._fronts_noted = {}  # type: ignore[attr-defined]
@@ -265,7 +288,7 @@ async def _register(servicer: Any, addresses: list[str], http_front: str) -> Any
     who = argparse.Namespace(name="peer1", common_name="agent:peer1")
     await register(servicer, pb.RegisterPeerRequest(
         peer_id="peer1", addresses=addresses, grpc_endpoint="127.0.0.2:7444", http_front=http_front,
-        front_mode="closed", version="1"), None, who)
+        front_mode="closed", version="1"), _AgentCall(), who)
     return servicer._registry.registered[-1]
 
 

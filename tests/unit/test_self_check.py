@@ -274,7 +274,7 @@ async def test_a_large_page_is_not_read_whole(front_factory: Any) -> None:
     issuing = issuance([peer("peer1", ("127.0.0.2", "::1"), f"127.0.0.2:{front.port}")])
     rec = order({"a.x.example": both("peer1")}, names=("a.x.example",))
     checked = await check(issuing, rec, (PeerProgress("peer1", acknowledged=True),))
-    assert checked["peer1"].error.endswith("(IPv6, Host a.x.example) served more than 1024 bytes, "
+    assert checked["peer1"].error.endswith("(IPv6, Host a.x.example) served more than 512 bytes, "
                                            "not a key authorization")
 
 
