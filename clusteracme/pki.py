@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import hashlib
 import ipaddress
 import os
 import re
@@ -144,7 +146,7 @@ def check_dns_names(identity: Identity, dns_names: list[str] | tuple[str, ...]) 
     ``X.agent.clusteracme`` on anyone but agent X, could impersonate it.
     Every name under ``clusteracme`` but the identity's own is refused
     (compared without case or a final dot); the own one is added anyway."""
-    own = identity.server_name
+    own = identity.server_name.lower()
     out = []
     for name in dns_names:
         plain = name.strip().lower().rstrip(".")
@@ -226,7 +228,14 @@ def issue(
     are servers (they listen) and clients (they dial each other). Returns the
     (certificate, key) paths written into ``out_dir`` as ``<role>-<name>.pem``
     and ``.key``.
+
+    Names are lower case: TLS compares server names without case, so
+    ``agent:Node1`` would answer for ``agent:node1``.
     """
+    if identity.name != identity.name.lower():
+        raise InvalidArgument(f"{identity.common_name}: identity names are lower case (TLS compares server names "
+                              f"without case, so it would be the same server as {identity.role.value}:"
+                              f"{identity.name.lower()})")
     try:
         ca_cert = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
         ca_key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), None)
@@ -270,3 +279,12 @@ def create_secret(path: Path) -> None:
     if path.exists():
         raise AlreadyExists(f"{path} exists; refusing to overwrite a key file")
     write_private(path, os.urandom(32).hex().encode() + b"\n")
+
+
+@functools.lru_cache(maxsize=4096)
+def identity_fingerprint(der: bytes) -> str:
+    """What the deny list names a cluster certificate by: SHA-256 (hex) of its
+    to-be-signed part. Not of the whole DER: an ECDSA signature has a second
+    valid form anyone can compute from the certificate, so a hash over the
+    signature would let a denied certificate come back under a new hash."""
+    return hashlib.sha256(x509.load_der_x509_certificate(der).tbs_certificate_bytes).hexdigest()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import os
 import signal
@@ -35,7 +34,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from clusteracme import errors
-from clusteracme.pki import Identity, Role
+from clusteracme.pki import Identity, Role, identity_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +120,9 @@ def client_certificate(context: grpc.aio.ServicerContext) -> bytes:
 
 
 def certificate_sha256(context: grpc.aio.ServicerContext) -> str:
-    """SHA-256 (hex) of the DER of this call's verified client certificate."""
-    return hashlib.sha256(client_certificate(context)).hexdigest()
+    """The deny list's fingerprint of this call's verified client certificate
+    (``pki.identity_fingerprint``: over its to-be-signed part)."""
+    return identity_fingerprint(client_certificate(context))
 
 
 def caller(context: grpc.aio.ServicerContext, deny_list: DenyList | None = None) -> Identity:

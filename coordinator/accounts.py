@@ -179,7 +179,15 @@ def check_ca_bundle(pem: str) -> None:
 
 
 class Accounts:
-    def __init__(self, store: Store, keys: Keys, box: SecretBox, *, acme_timeout: float) -> None:
+    def __init__(self, store: Store, keys: Keys, box: SecretBox, *, acme_timeout: float,
+                 migrate_unbound_keys: bool = False) -> None:
+        """``migrate_unbound_keys`` (setting ``migrate_unbound_account_keys``,
+        from the config file, never from etcd): open account keys sealed by
+        an older version without their provider record bound, and seal them
+        again bound to the record as it is now. Off, such a key is refused:
+        an etcd writer could have changed the record (or put back an old
+        sealed value from etcd's history) before the first use."""
+        self._migrate_unbound = migrate_unbound_keys
         self._store = store
         self._keys = keys
         self._box = box
@@ -336,6 +344,13 @@ class Accounts:
         except BindingChanged as exc:
             raise _record_changed(name, exc.changed) from None
         if is_legacy(data["account_key"]):
+            if not self._migrate_unbound:
+                raise errors.FailedPrecondition(
+                    f"provider {name}: its account key was sealed by an older version without the provider's "
+                    f"directory URL and CA bundle bound to it, so a change of its record in etcd could not be "
+                    f"detected; it was not used. Check the record (acmectl provider list: directory "
+                    f"{data['directory_url']}), then set migrate_unbound_account_keys = true in the coordinator's "
+                    f"config for one start to seal it again, bound to the record as it is")
             await self._reseal(name, data, rev, key_pem)
         return AcmeClient(data["directory_url"], ca_bundle=self._bundle_path(data.get("ca_bundle_pem", "")),
                           key_pem=key_pem, account_url=data["account_url"], timeout=self._timeout)

@@ -106,7 +106,8 @@ def build_parts(store: Store, keys: Keys, settings: CoordinatorSettings, box: Se
     carry to the agents (0 for a standby's parts: a standby never deploys)."""
     t = settings.timing
     registry = Registry(store, keys, lease_ttl=t.lease_ttl, settings=settings.peers, pool=pool)
-    accounts = Accounts(store, keys, box, acme_timeout=t.acme_timeout)
+    accounts = Accounts(store, keys, box, acme_timeout=t.acme_timeout,
+                        migrate_unbound_keys=settings.migrate_unbound_account_keys)
     history = History(store, keys)
     issuance = Issuance(store, keys, registry, accounts, pool, resolver, t, history, settings.admission)
     deployment = Deployment(store, keys, registry, pool, history, fence=fence)

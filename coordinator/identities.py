@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,7 +36,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from clusteracme import errors
-from clusteracme.pki import Identity, Role
+from clusteracme.pki import Identity, Role, identity_fingerprint
 from coordinator import records
 from coordinator.peers import Registry
 from coordinator.store.base import Conflict, EventKind, Store
@@ -135,7 +134,7 @@ def denial_for(cert: x509.Certificate, cluster_cas: list[x509.Certificate], *, r
         raise errors.InvalidArgument(f"certificate {cert.serial_number:x} does not name a cluster identity "
                                      f"({cert.subject.rfc4514_string()})") from None
     der = cert.public_bytes(serialization.Encoding.DER)
-    return Denial(hashlib.sha256(der).hexdigest(), identity.common_name, f"{cert.serial_number:x}",
+    return Denial(identity_fingerprint(der), identity.common_name, f"{cert.serial_number:x}",
                   _iso(cert.not_valid_after_utc), check_reason(reason), now, by)
 
 
@@ -234,11 +233,20 @@ class Identities:
                     denial.reason or "no reason given")
         return denial
 
-    async def revoke_identity(self, data: bytes, reason: str, by: str) -> Denial:
-        """Deny any cluster certificate (PEM or DER) the cluster CA issued."""
+    async def revoke_identity(self, data: bytes, reason: str, by: str, caller_sha256: str = "") -> Denial:
+        """Deny any cluster certificate (PEM or DER) the cluster CA issued;
+        never the caller's own (``caller_sha256``): a denial is final, and an
+        operator who denied the certificate it calls with (maybe the last
+        one) would be locked out until a new one is issued from the offline
+        CA key."""
         cert = load_certificate(data)
         cas = await asyncio.to_thread(self._cluster_cas)
-        return await self.deny(denial_for(cert, cas, reason=reason, by=by, now=self._clock()))
+        denial = denial_for(cert, cas, reason=reason, by=by, now=self._clock())
+        if caller_sha256 and denial.sha256 == caller_sha256:
+            raise errors.FailedPrecondition(
+                f"refusing to deny the certificate this call is made with ({denial.common_name}, serial "
+                f"{denial.serial_hex}): a denial is final; deny it from another operator's certificate")
+        return await self.deny(denial)
 
     def _cluster_cas(self) -> list[x509.Certificate]:
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import hashlib
 import ipaddress
 import logging
 import time
@@ -23,7 +22,7 @@ import grpc.aio
 from cryptography import x509
 
 from clusteracme import errors, netaddr
-from clusteracme.pki import Identity, Role
+from clusteracme.pki import Identity, Role, identity_fingerprint
 from clusteracme.rpcutil import TLSSource, channel, error_from_rpc
 from clusteracme.v1 import agent_pb2_grpc
 from coordinator import records
@@ -42,14 +41,14 @@ class AgentCertificate:
     """The certificate a peer's agent registered with, as its record keeps it
     (what ``acmectl peer block`` denies)."""
 
-    sha256: str  # of the DER
+    sha256: str  # pki.identity_fingerprint: over the to-be-signed part
     serial_hex: str
     not_after: str
 
     @classmethod
     def of(cls, der: bytes) -> AgentCertificate:
         cert = x509.load_der_x509_certificate(der)
-        return cls(hashlib.sha256(der).hexdigest(), f"{cert.serial_number:x}",
+        return cls(identity_fingerprint(der), f"{cert.serial_number:x}",
                    cert.not_valid_after_utc.isoformat(timespec="seconds"))
 
     def to_record(self) -> dict[str, str]:
@@ -129,6 +128,13 @@ def endpoint_problem(endpoint: str, what: str, addresses: Sequence[str],
     if ip is None:
         return (f"{what}: {endpoint[:80]} names a host ({host[:80]}); give one of the peer's addresses "
                 f"({shown}) as an IP address: the coordinator dials it")
+    # What can never be dialled first (``::ffff:0.0.0.0`` is 0.0.0.0 here),
+    # then the link-local range (a cloud's metadata service lives there),
+    # whatever the peer claims as its own address.
+    if ip.is_multicast or ip.is_unspecified:
+        return f"{what}: {endpoint} cannot be dialled (multicast or unspecified)"
+    if ip.is_link_local:
+        return f"{what}: {endpoint} is a link-local address: the coordinator never dials one"
     if ip in {_ip(a) for a in addresses}:
         return ""
     if _host_local(ip):
@@ -201,21 +207,36 @@ class Registry:
         self._networks = settings.networks()
         self._changes = ChangeLimit(settings.registration_changes_per_minute, clock=clock)
         self._pool = pool
+        self._grandfathered: set[str] = set()  # peers warned about endpoints kept from an older version
 
     def endpoint_problem(self, peer: PeerInfo, endpoint: str, what: str) -> str:
         """Why the coordinator may not dial this endpoint of the peer ("": it
         may): ``endpoint_problem`` with this coordinator's allowed networks."""
         return endpoint_problem(endpoint, what, peer.addresses, self._networks)
 
-    def check_endpoints(self, info: PeerInfo) -> None:
+    def check_endpoints(self, info: PeerInfo, stored: dict[str, Any] | None = None) -> None:
         """InvalidArgument naming the field when the peer announces an
-        ``http_front`` or a TLS endpoint the coordinator may not dial."""
+        ``http_front`` or a TLS endpoint the coordinator may not dial.
+
+        An upgrade must not cut off a working peer: endpoints exactly as the
+        peer's record already holds them (registered by an older version)
+        are kept, with a warning once per process, until they change; the
+        coordinator still refuses to dial a forbidden one (``endpoint_problem``
+        is checked again before every dial)."""
         announced = ([(info.http_front, "http_front")] if info.http_front else []) + \
             [(endpoint, "tls_endpoints") for endpoint in info.tls_endpoints]
-        for endpoint, what in announced:
-            problem = self.endpoint_problem(info, endpoint, what)
-            if problem:
-                raise errors.InvalidArgument(f"peer {info.peer_id}: {problem}")
+        problems = [p for endpoint, what in announced if (p := self.endpoint_problem(info, endpoint, what))]
+        if not problems:
+            return
+        if stored is not None and stored.get("http_front") == info.http_front \
+                and list(stored.get("tls_endpoints") or ()) == list(info.tls_endpoints):
+            if info.peer_id not in self._grandfathered:
+                self._grandfathered.add(info.peer_id)
+                log.warning("peer %s keeps endpoints registered before they were checked, which the coordinator "
+                            "will not dial: %s; list them in its addresses or in peers.allowed_endpoint_networks",
+                            info.peer_id, "; ".join(problems))
+            return
+        raise errors.InvalidArgument(f"peer {info.peer_id}: {problems[0]}")
 
     async def register(self, info: PeerInfo) -> None:
         """Create or refresh the peer's record (keeping ``enabled``), then mark
@@ -224,7 +245,10 @@ class Registry:
         ``check_endpoints``) and a change past the peer's rate
         (ResourceExhausted: ``ChangeLimit``). A registration that changes
         nothing writes nothing. A refusal writes nothing."""
-        self.check_endpoints(info)
+        stored, _ = await records.read(self._store, self._keys.peer(info.peer_id))
+        self.check_endpoints(info, stored)
+        if info.certificate is not None:
+            await self._refuse_denied(info.peer_id, info.certificate.sha256)
         wrote = False
 
         def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -260,6 +284,13 @@ class Registry:
             await self._pool.moved(info.peer_id, info.grpc_endpoint)
         await self.heartbeat(info.peer_id)
 
+    async def _refuse_denied(self, peer_id: str, sha256: str) -> None:
+        """Read from etcd, not from a replica's cached copy: a registration
+        racing a ``peer remove --force`` (or reaching a standby whose copy
+        lags its watch) must not bring the peer back."""
+        if await self._store.get(self._keys.denied(sha256)) is not None:
+            raise errors.PermissionDenied(f"peer {peer_id}: its certificate {sha256} is denied")
+
     async def heartbeat(self, peer_id: str, certificate_sha256: str | None = None) -> None:
         """Keep the liveness lease; re-create it when it expired or this replica restarted.
 
@@ -274,6 +305,8 @@ class Registry:
         if data.get("blocked"):
             raise errors.PermissionDenied(_blocked(peer_id, data["blocked"]))
         recorded = (data.get("certificate") or {}).get("sha256")
+        if certificate_sha256 is not None:
+            await self._refuse_denied(peer_id, certificate_sha256)
         if certificate_sha256 is not None and recorded != certificate_sha256:
             raise errors.FailedPrecondition(f"peer {peer_id} registered with another certificate "
                                             f"({recorded or 'none recorded'}); register again")

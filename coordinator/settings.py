@@ -332,6 +332,11 @@ class CoordinatorSettings:
     """64 hex characters; encrypts the ACME account keys stored in etcd."""
     dns_resolvers: tuple[str, ...] = ("system",)
     """Resolvers for the preflight DNS check: host:port entries, or "system"."""
+    migrate_unbound_account_keys: bool = False
+    """Accept ACME account keys sealed by a version before the provider
+    record was bound to them, sealing each again (bound) at first use. For
+    one start after an upgrade, once the records are checked; off, such a
+    key is refused (see README "Security model")."""
     metrics_listen: str = ""
     """host:port serving Prometheus metrics at /metrics over HTTP; empty: off."""
     tls: TLSSettings = field(default_factory=TLSSettings)

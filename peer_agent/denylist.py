@@ -1,7 +1,7 @@
 """The agent's copy of the cluster's deny list: the SHA-256 of every denied
 cluster certificate, as the last registration or heartbeat reply gave it.
 
-The AgentService refuses a caller whose certificate is on it (it is the
+Entries are only ever added (a denial is final). The AgentService refuses a caller whose certificate is on it (it is the
 servicer's ``deny_list``, checked by ``rpcutil.rpc_method``); only
 coordinators may call, so in effect it refuses denied coordinator
 certificates. The copy is kept in ``<state_dir>/denied-certificates`` (one
@@ -42,8 +42,11 @@ class AgentDenyList(DeniedSet):
         self.replace(good)
 
     async def update(self, fingerprints: Iterable[str]) -> None:
-        """Take the list a coordinator sent; saved when it changed."""
-        new = sorted({f for f in fingerprints if _SHA256.fullmatch(f)})
+        """Add what a coordinator sent; saved when it grew. Entries are never
+        removed: a denial is final, and a reply without them (an older
+        coordinator, or a denied one answering in the middle) must not lift
+        one."""
+        new = sorted(set(self.fingerprints()) | {f for f in fingerprints if _SHA256.fullmatch(f)})
         if new == self.fingerprints():
             return
         self.replace(new)

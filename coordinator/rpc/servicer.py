@@ -269,7 +269,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @rpc_method(OPERATOR)
     async def RevokeIdentity(self, request: pb.RevokeIdentityRequest, context: grpc.aio.ServicerContext,
                              who: Identity) -> Any:
-        return _denied(await self._identities.revoke_identity(request.certificate, request.reason, who.common_name))
+        return _denied(await self._identities.revoke_identity(request.certificate, request.reason, who.common_name,
+                                                              caller_sha256=certificate_sha256(context)))
 
     @rpc_method(OPERATOR)
     async def ListDenied(self, request: pb.ListDeniedRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:

@@ -17,7 +17,6 @@ agents, etcd, pebble. In order:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import signal
@@ -36,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 
 from clusteracme import pki
 from clusteracme.localcluster.cluster import LocalCluster
-from clusteracme.pki import Identity, Role
+from clusteracme.pki import Identity, Role, identity_fingerprint
 from clusteracme.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 from tests.integration.conftest import agent_log, ctl_json, make_cluster, record, wait_for
 
@@ -51,8 +50,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 def sha256_of(cert: Path) -> str:
+    """The deny list's fingerprint of a certificate file (over its to-be-signed part)."""
     der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(serialization.Encoding.DER)
-    return hashlib.sha256(der).hexdigest()
+    return identity_fingerprint(der)
 
 
 def serial_of(cert: Path) -> int:

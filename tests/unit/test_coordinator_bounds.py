@@ -20,7 +20,7 @@ from clusteracme import errors, pki
 from clusteracme.config import build
 from clusteracme.rpcutil import TLSFiles, server
 from clusteracme.v1 import agent_pb2, agent_pb2_grpc
-from coordinator import issuance
+from coordinator import issuance, records
 from coordinator.deployment import Deployment
 from coordinator.history import History
 from coordinator.peers import AgentPool, PeerInfo, Registry, endpoint_problem
@@ -66,8 +66,8 @@ def test_an_endpoint_on_the_peers_addresses_or_allowed_networks_is_dialled(endpo
     ("internal.example:80", r"names a host \(internal\.example\); give one of the peer's addresses"),
     ("127.0.0.1:2379", "loopback or link-local address"),  # the coordinator's own etcd, say
     ("[::1]:80", "loopback or link-local address"),
-    ("169.254.169.254:80", "loopback or link-local address"),  # a cloud's metadata service
-    ("[fe80::1]:80", "loopback or link-local address"),
+    ("169.254.169.254:80", "link-local address"),  # a cloud's metadata service
+    ("[fe80::1]:80", "link-local address"),
     ("224.0.0.1:80", "multicast"),
     ("0.0.0.0:80", "wildcard"),
     ("203.0.113.5", "not host:port"),
@@ -407,3 +407,26 @@ def test_the_bound_fits_a_key_authorization() -> None:
     token = "A" * 43  # 256 bits, base64url: Let's Encrypt's and pebble's
     thumbprint = "B" * 43  # base64url SHA-256
     assert len(f"{token}.{thumbprint}\r\n") < issuance.SELF_CHECK_BODY_LIMIT <= 512
+
+
+def test_link_local_and_unspecified_are_refused_even_as_the_peers_own_address() -> None:
+    from coordinator.peers import endpoint_problem
+
+    for endpoint, own in (("169.254.169.254:80", "169.254.169.254"), ("[fe80::1]:80", "fe80::1"),
+                          ("[::ffff:0.0.0.0]:80", "::ffff:0.0.0.0")):
+        assert endpoint_problem(endpoint, "http_front", (own,), ()), endpoint
+
+
+async def test_an_upgrade_keeps_endpoints_an_older_version_stored_but_refuses_new_ones() -> None:
+    """Endpoints exactly as the record holds them (written before the rule)
+    keep the peer registered; any other forbidden endpoint is refused."""
+    store = MemoryStore()
+    registry = Registry(store, KEYS, lease_ttl=10)
+    old = info(tls_endpoints=("10.0.0.31:443",))  # not on the peer's addresses, no allowed networks
+    record = {"peer_id": "peer1", "addresses": list(PUBLIC), "grpc_endpoint": old.grpc_endpoint,
+              "http_front": old.http_front, "front_mode": "closed", "version": "1", "enabled": True,
+              "registered_at": "2026-01-01T00:00:00+00:00", "tls_endpoints": ["10.0.0.31:443"]}
+    await store.put_if(KEYS.peer("peer1"), records.encode(record), expect_mod_revision=0)
+    await registry.register(old)  # kept (with a warning), not refused
+    with pytest.raises(errors.InvalidArgument, match="tls_endpoints: 10.0.0.32:443"):
+        await registry.register(info(tls_endpoints=("10.0.0.32:443",)))

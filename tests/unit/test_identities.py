@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from clusteracme import errors, pki
-from clusteracme.pki import Identity, Role
+from clusteracme.pki import Identity, Role, identity_fingerprint
 from clusteracme.rpcutil import DeniedSet, ReloadingTLS, TLSFiles, channel, rpc_method, server
 from clusteracme.v1 import coordinator_pb2 as pb
 from clusteracme.v1 import coordinator_pb2_grpc
@@ -61,7 +61,7 @@ def der_of(path: Path) -> bytes:
 
 
 def sha_of(path: Path) -> str:
-    return hashlib.sha256(der_of(path)).hexdigest()
+    return identity_fingerprint(der_of(path))
 
 
 def peer_info(peer_id: str, cert: Path | None) -> PeerInfo:
@@ -403,8 +403,8 @@ async def test_the_agents_copy_of_the_deny_list_survives_a_restart(tmp_path: Pat
     assert path.read_text() == f"{'a' * 64}\n{'b' * 64}\n" and path.stat().st_mode & 0o777 == 0o600
     again = AgentDenyList(path)  # the next start refuses them before any registration
     assert again.reason("a" * 64) is not None and again.reason("c" * 64) is None
-    await again.update([])
-    assert path.read_text() == "" and AgentDenyList(path).fingerprints() == []
+    await again.update([])  # a reply without them lifts nothing: a denial is final
+    assert AgentDenyList(path).fingerprints() == ["a" * 64, "b" * 64]
 
 
 class _Reloaded:
@@ -435,3 +435,47 @@ async def test_the_agent_pool_opens_new_channels_after_a_reload(ca_dir: Path) ->
             await first.channel.unary_unary("/x/y")(b"", timeout=1)
     finally:
         await pool.close()
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
+
+
+def test_a_denied_certificate_keeps_its_fingerprint_under_the_other_ecdsa_signature(tmp_path: Path) -> None:
+    """ECDSA's (r, n - s) is a second valid signature anyone can compute: the
+    re-encoded certificate still verifies against the CA, and the deny list
+    must still name it."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+    pki.init_ca(tmp_path, cluster="t")
+    cert_path, _ = pki.issue(tmp_path, pki.Identity(pki.Role.OPERATOR, "mallory"), out_dir=tmp_path)
+    der = der_of(cert_path)
+    cert = x509.load_der_x509_certificate(der)
+    ca = x509.load_pem_x509_certificate((tmp_path / pki.CA_CERT).read_bytes())
+    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
+    order = {"secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+             "secp384r1": int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
+                              "581A0DB248B0A77AECEC196ACCC52973", 16)}[ca.public_key().curve.name]
+    r, sig_s = decode_dss_signature(cert.signature)
+    other = encode_dss_signature(r, order - sig_s)
+    # Certificate ::= SEQUENCE { tbs, signatureAlgorithm, signature BIT STRING }
+    old_bits = b"\x03" + _der_length(len(cert.signature) + 1) + b"\x00" + cert.signature
+    assert der.endswith(old_bits)
+    algorithm = der[:-len(old_bits)].split(cert.tbs_certificate_bytes, 1)[1]
+    body = cert.tbs_certificate_bytes + algorithm + b"\x03" + _der_length(len(other) + 1) + b"\x00" + other
+    twin_der = b"\x30" + _der_length(len(body)) + body
+    twin = x509.load_der_x509_certificate(twin_der)
+    twin.verify_directly_issued_by(ca)  # a valid certificate of the same identity...
+    assert hashlib.sha256(twin_der).digest() != hashlib.sha256(der).digest()  # ...with another DER hash
+    assert identity_fingerprint(twin_der) == identity_fingerprint(der)
+
+
+def test_pki_issue_refuses_names_that_differ_from_another_only_by_case(tmp_path: Path) -> None:
+    pki.init_ca(tmp_path, cluster="t")
+    with pytest.raises(errors.InvalidArgument, match="lower case"):
+        pki.issue(tmp_path, pki.Identity(pki.Role.AGENT, "Node1"), out_dir=tmp_path)
+    assert not list(tmp_path.glob("agent-*"))

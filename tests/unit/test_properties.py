@@ -29,7 +29,10 @@ from peer_agent.errors import AgentError, InvalidToken
 from peer_agent.front import host_without_port
 from peer_agent.keys import SUBJECT_ATTRIBUTES, validate_subject
 
-BOUNDED = settings(max_examples=100, deadline=1000, database=None, print_blob=True,
+# Derandomized: the same examples on every run, so a test run never fails
+# on a new random counterexample unrelated to the change under test (run
+# with --hypothesis-seed=random to explore); no deadline on a shared CI box.
+BOUNDED = settings(max_examples=100, deadline=None, database=None, print_blob=True, derandomize=True,
                    suppress_health_check=[HealthCheck.too_slow])
 
 # Text from anywhere: every code point but surrogates (which cannot arrive as UTF-8),

@@ -49,8 +49,8 @@ def box(key_bytes: bytes) -> SecretBox:
     return SecretBox(key_bytes)
 
 
-def accounts(store: MemoryStore, box: SecretBox) -> Accounts:
-    return Accounts(store, KEYS, box, acme_timeout=1)
+def accounts(store: MemoryStore, box: SecretBox, *, migrate: bool = False) -> Accounts:
+    return Accounts(store, KEYS, box, acme_timeout=1, migrate_unbound_keys=migrate)
 
 
 async def put(store: MemoryStore, name: str, record: dict) -> None:
@@ -186,7 +186,11 @@ async def test_a_v1_key_still_opens_and_is_sealed_again_bound(key_bytes: bytes, 
                                 "account_url": "https://ca.test/acct/1", "account_status": "valid",
                                 "account_key": seal_v1(key_bytes, key_pem, "provider/pebble")})
     caplog.set_level(logging.WARNING)
-    client = await accounts(store, box).client("pebble")
+    # Without the migration setting an unbound key is refused and nothing is written.
+    with pytest.raises(errors.FailedPrecondition, match="migrate_unbound_account_keys"):
+        await accounts(store, box).client("pebble")
+    assert (await get(store, "pebble"))["account_key"].startswith("v1:")
+    client = await accounts(store, box, migrate=True).client("pebble")
     assert client_thumbprint(client) == thumbprint(key_pem)
     resealed = await get(store, "pebble")
     assert resealed["account_key"].startswith("v2:")
@@ -215,7 +219,7 @@ async def test_a_v1_key_opens_with_a_lost_reseal_race(key_bytes: bytes, box: Sec
         return await real_put_if(key, value, expect_mod_revision=expect_mod_revision, lease=lease)
 
     monkeypatch.setattr(store, "put_if", racing_put_if)
-    client = await accounts(store, box).client("pebble")
+    client = await accounts(store, box, migrate=True).client("pebble")
     assert client_thumbprint(client) == thumbprint(key_pem)
     monkeypatch.undo()
     assert (await get(store, "pebble"))["note"] == "another writer"
