@@ -388,6 +388,10 @@ def _server_options() -> list[tuple[str, Any]]:
         # default cancels it after 30 s. Under a burst of hundreds of calls that
         # turns load into failures: let it wait (the client's deadline still holds).
         ("grpc.server_max_unrequested_time_in_server", 3600),
+        # A connection that has not finished its TLS handshake in 10 s is
+        # dropped (grpc's default waits 120 s): the mTLS ports are as bounded
+        # as the agent's other listeners.
+        ("grpc.server_handshake_timeout_ms", 10_000),
         # Accept the clients' keepalive pings, with or without calls: by
         # default a server takes a ping more often than every 5 minutes (2
         # hours without calls) as abuse and, after max_ping_strikes, drops the

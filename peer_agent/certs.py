@@ -337,11 +337,22 @@ class CertStore:
                     targets += [(generation / PRIVKEY, access.key_mode) for generation in sorted(certs.iterdir())
                                 if (generation / PRIVKEY).is_file() and not (generation / PRIVKEY).is_symlink()]
         changed = 0
+        state_dir = self._root.parent
         for path, mode in targets:
             info = path.lstat()
-            if info.st_mode & 0o7777 == mode and access.gid in (None, info.st_gid):
+            # The state directory is systemd's (StateDirectory=): its mode only. 0711 lets the group pass
+            # without owning it, and a group systemd did not set would be chowned back at every start.
+            mine = path != state_dir
+            if info.st_mode & 0o7777 == mode and (not mine or access.gid in (None, info.st_gid)):
                 continue
-            access.apply(path, mode)
+            if mine:
+                access.apply(path, mode)
+            else:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    os.fchmod(fd, mode)
+                finally:
+                    os.close(fd)
             changed += 1
         if changed:
             log.info("key access (keys.group = %r): %d files and directories changed", access.group, changed)

@@ -129,6 +129,9 @@ mount --bind "$W/nginx" {TEST_DIR}/nginx
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=1777 tmpfs /var/tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# systemd as PID 1 raises fs.file-max, fs.nr_open and net.unix.max_dgram_qlen at
+# start: they are the host's (its network namespace and /proc/sys): read-only here.
+mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys
 exec env -i container=clusteracme-test SYSTEMD_UNIT_PATH={TEST_DIR}/units PATH=/usr/sbin:/usr/bin:/sbin:/bin \\
     /lib/systemd/systemd --system --unit=clusteracme-test.target --log-target=console --log-level=info \\
     --default-standard-output=tty --default-standard-error=tty

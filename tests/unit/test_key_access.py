@@ -107,7 +107,9 @@ def test_a_group_gets_the_deployed_key_0640_and_the_slot_directories_0750(state_
         assert (slot / "keys").stat().st_gid != group.gr_gid
     assert all(mode(k) == 0o600 for k in (slot / "keys").glob("*.key"))
     # Start-up applies the same: the state directory becomes passable (0711), nothing else changes.
+    state_gid = state_dir.stat().st_gid
     assert store.apply_access() == 1 and mode(state_dir) == 0o711
+    assert state_dir.stat().st_gid == state_gid  # systemd's StateDirectory: its group left alone
     assert store.apply_access() == 0
     # A second deploy (a new generation) is written with the group from the start.
     chain, _ = issue(keys, CertFactory(), "", NAMES)
