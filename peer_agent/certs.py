@@ -36,6 +36,7 @@ import datetime
 import logging
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -484,18 +485,34 @@ def _put(path: Path, data: bytes, mode: int, gid: int | None = None) -> bool:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int, *, sync: bool = True, gid: int | None = None) -> None:
-    """Temp file + fsync + rename: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    with open(fd, "wb") as f:
-        if gid is not None:
-            os.fchown(fd, -1, gid)  # before any byte is written (keys.group)
-        os.fchmod(fd, mode)  # os.open's mode is filtered by the umask, and a leftover tmp keeps its old mode
-        f.write(data)
-        f.flush()
-        if sync:
-            os.fsync(fd)
-    os.replace(tmp, path)
+    """Temp file + fsync + rename: readers see the old file or the new one.
+
+    The temp file has a unique name in the same directory, created with
+    ``O_EXCL|O_NOFOLLOW`` (as ``pki.write_private``): nothing planted at a
+    temp name is reused or followed, and two writers never share one."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for attempt in range(3):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            break
+        except FileExistsError:
+            if attempt == 2:
+                raise
+    try:
+        with open(fd, "wb") as f:
+            if gid is not None:
+                os.fchown(fd, -1, gid)  # before any byte is written (keys.group)
+            os.fchmod(fd, mode)  # os.open's mode is filtered by the umask
+            f.write(data)
+            f.flush()
+            if sync:
+                os.fsync(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _fsync_dir(path: Path) -> None:

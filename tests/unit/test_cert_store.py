@@ -414,3 +414,16 @@ def test_staging_is_private_and_removed(tmp_path: Path, store: CertStore, keys: 
         assert files.privkey.read_bytes() == pair.key_pem and files.privkey.stat().st_mode & 0o777 == 0o600
         assert files.fullchain.parent.stat().st_mode & 0o777 == 0o700
     assert snapshot(tmp_path) == before
+
+
+def test_the_atomic_write_never_follows_or_reuses_a_planted_temp_name(tmp_path: Path) -> None:
+    from peer_agent.certs import _write_atomic
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched")
+    target = tmp_path / "privkey.pem"
+    (tmp_path / ".privkey.pem.tmp").symlink_to(victim)  # the old fixed temp name
+    _write_atomic(target, b"new key", 0o600)
+    assert target.read_bytes() == b"new key" and (target.stat().st_mode & 0o777) == 0o600
+    assert victim.read_bytes() == b"untouched"
+    assert [p.name for p in tmp_path.glob(".privkey.pem.*.tmp")] == []  # no temp left behind
