@@ -189,7 +189,7 @@ def test_a_registration_naming_an_endpoint_elsewhere_is_refused(cluster: LocalCl
                                                     "(192.0.2.0/24)",)),
                 ({"http_front": "metadata.internal:80"}, ("http_front: metadata.internal:80 names a host",)),
                 ({"tls_endpoints": [f"{cluster.agent(1).tls_endpoint}", "169.254.169.254:443"]},
-                 ("tls_endpoints: 169.254.169.254:443 is a loopback or link-local",)),
+                 ("tls_endpoints: 169.254.169.254:443 is a link-local address",)),
                 ({"tls_endpoints": ["198.51.100.7:443"]}, ("tls_endpoints: 198.51.100.7:443 is not on",))):
             _fails(lambda change=change: stub.RegisterPeer(pb.RegisterPeerRequest(**{**genuine, **change}), timeout=10),
                    grpc.StatusCode.INVALID_ARGUMENT, *fragments)
