@@ -79,6 +79,22 @@ STALE_TEMP_SECONDS = 600.0
 """A ``write_private`` temp file this old was left by a crash: the next write of that path deletes it."""
 
 
+def open_unique_temp(path: Path) -> tuple[int, Path]:
+    """A new temp file next to ``path`` (``.<name>.<random>.tmp``, mode 0600
+    before the umask), created with ``O_EXCL|O_NOFOLLOW``: a file or symlink
+    planted at a temp name is never reused or followed, and two writers never
+    share one. Returns its descriptor (write-only) and path."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for attempt in range(3):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret file with mode 0600 from the start (no window at 0644),
     atomically: readers and concurrent writers see one whole file.
@@ -91,15 +107,7 @@ def write_private(path: Path, data: bytes) -> None:
     fsynced so the rename survives a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _drop_stale_temps(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for attempt in range(3):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        try:
-            fd = os.open(tmp, flags, 0o600)
-            break
-        except FileExistsError:
-            if attempt == 2:
-                raise
+    fd, tmp = open_unique_temp(path)
     try:
         try:
             os.fchmod(fd, 0o600)  # os.open's mode is filtered by the umask

@@ -36,7 +36,6 @@ import datetime
 import logging
 import os
 import re
-import secrets
 import shutil
 import tempfile
 import time
@@ -49,6 +48,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from clusteracme import certinfo
+from clusteracme.pki import open_unique_temp
 from peer_agent.errors import (
     BrokenPair,
     CertificateNotCurrent,
@@ -490,15 +490,7 @@ def _write_atomic(path: Path, data: bytes, mode: int, *, sync: bool = True, gid:
     The temp file has a unique name in the same directory, created with
     ``O_EXCL|O_NOFOLLOW`` (as ``pki.write_private``): nothing planted at a
     temp name is reused or followed, and two writers never share one."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for attempt in range(3):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        try:
-            fd = os.open(tmp, flags, 0o600)
-            break
-        except FileExistsError:
-            if attempt == 2:
-                raise
+    fd, tmp = open_unique_temp(path)
     try:
         with open(fd, "wb") as f:
             if gid is not None:
