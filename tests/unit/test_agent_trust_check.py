@@ -129,15 +129,6 @@ class Agent:
         return next((s.active_serial for s in self.certs.slots() if s.domain == ""), "")
 
 
-@pytest.fixture(scope="module")
-def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("pki")
-    pki.init_ca(directory)
-    pki.issue(directory, PEER, out_dir=directory, ips=[HOST])
-    pki.issue(directory, pki.Identity(pki.Role.COORDINATOR, "c1"), out_dir=directory)
-    return directory
-
-
 @pytest.fixture
 async def agent(pki_dir: Path, tmp_path: Path) -> AsyncIterator[Agent]:
     """An agent as the daemon builds it: the deployer checks the state directory's bundle copy
