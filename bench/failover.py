@@ -33,13 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clusteracme.coordinator.store.etcd import EtcdStore
+
 from clusteracme import errors, pki
 from clusteracme.failover import ReplicaClient
 from clusteracme.localcluster.cluster import LocalCluster
 from clusteracme.rpcutil import TLSFiles
 from clusteracme.v1 import common_pb2
 from clusteracme.v1 import coordinator_pb2 as pb
-from coordinator.store.etcd import EtcdStore
 
 PEERS = 3
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from clusteracme.coordinator.settings import AdmissionSettings
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.acme_alone import AcmeAlone, Responder, make_csr
@@ -57,7 +58,6 @@ from clusteracme.localcluster.cluster import MAX_DNS_PEERS, LocalCluster
 from clusteracme.localcluster.infra import free_port
 from clusteracme.v1 import common_pb2, coordinator_pb2_grpc
 from clusteracme.v1 import coordinator_pb2 as pb
-from coordinator.settings import AdmissionSettings
 
 BASELINE_ADDRESS = "127.0.0.99"  # not a peer: the baseline's own responder
 LOOP_LAG = "clusteracme_event_loop_lag_seconds"

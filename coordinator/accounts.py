@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from clusteracme.coordinator import records
+from clusteracme.coordinator.acme_client import AcmeClient, generate_account_key
+from clusteracme.coordinator.secretbox import BindingChanged, SecretBox, is_legacy
+from clusteracme.coordinator.slots import is_imported
+from clusteracme.coordinator.store.base import Conflict, Store
+from clusteracme.coordinator.store.keys import Keys
 from cryptography import x509
 
 from clusteracme import errors
-from coordinator import records
-from coordinator.acme_client import AcmeClient, generate_account_key
-from coordinator.secretbox import BindingChanged, SecretBox, is_legacy
-from coordinator.slots import is_imported
-from coordinator.store.base import Conflict, Store
-from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class ProviderRecordChanged(errors.FailedPrecondition):
 
 def account_binding(data: dict[str, Any]) -> dict[str, str]:
     """What a provider's account key is sealed with besides its name (AES-GCM
-    associated data, see ``coordinator.secretbox``): the directory URL and
+    associated data, see ``clusteracme.coordinator.secretbox``): the directory URL and
     the SHA-256 of the CA bundle ("" without one). The key is used only with
     the record it was registered for."""
     pem = data.get("ca_bundle_pem") or ""

@@ -23,13 +23,13 @@ import josepy as jose
 import requests
 from acme import challenges, client, messages
 from acme import errors as acme_errors
+from clusteracme.coordinator.errors import CAError, InvalidArgument, RateLimited, Unavailable
+from clusteracme.coordinator.orders import AcmeStatus, Authz
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from clusteracme import __version__
-from coordinator.errors import CAError, InvalidArgument, RateLimited, Unavailable
-from coordinator.orders import AcmeStatus, Authz
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

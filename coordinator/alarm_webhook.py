@@ -1,7 +1,7 @@
 """The alarm webhook: a JSON POST to ``alarms.webhook_url`` for every event of
 an alarm (raised, updated, cleared).
 
-The alarm job hands each :class:`~coordinator.alarms.Notification` over
+The alarm job hands each :class:`~clusteracme.coordinator.alarms.Notification` over
 (:meth:`WebhookNotifier.notify` never waits) and is told when the notifier is
 done with it; the job then records it in the alarm's record (``notified``),
 so what is not delivered yet is handed over again by the next evaluation or
@@ -44,12 +44,12 @@ from typing import Any
 
 import aiohttp
 import yarl
+from clusteracme.coordinator import renewal
+from clusteracme.coordinator.alarms import AlarmId, AlarmRecord, Notification, describe
+from clusteracme.coordinator.metrics import ALARM_WEBHOOK_POSTS
+from clusteracme.coordinator.settings import AlarmSettings
 
 from clusteracme import errors
-from coordinator import renewal
-from coordinator.alarms import AlarmId, AlarmRecord, Notification, describe
-from coordinator.metrics import ALARM_WEBHOOK_POSTS
-from coordinator.settings import AlarmSettings
 
 log = logging.getLogger(__name__)
 MAX_QUEUED = 10000

@@ -63,15 +63,16 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
+from clusteracme.coordinator import records
+from clusteracme.coordinator.metrics import ALARM
+from clusteracme.coordinator.peers import PeerInfo, Registry
+from clusteracme.coordinator.settings import AlarmSettings
+from clusteracme.coordinator.slots import acme_enabled, imported_aging, is_imported
+from clusteracme.coordinator.store.base import Check, Conflict, Delete, Entry, NotLeader, Op, Put, Store
+from clusteracme.coordinator.store.keys import Keys
+
 from clusteracme import errors
 from clusteracme.v1 import agent_pb2
-from coordinator import records
-from coordinator.metrics import ALARM
-from coordinator.peers import PeerInfo, Registry
-from coordinator.settings import AlarmSettings
-from coordinator.slots import acme_enabled, imported_aging, is_imported
-from coordinator.store.base import Check, Conflict, Delete, Entry, NotLeader, Op, Put, Store
-from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 UTC = datetime.UTC

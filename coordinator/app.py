@@ -22,36 +22,36 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from clusteracme.coordinator import metrics
+from clusteracme.coordinator.accounts import Accounts
+from clusteracme.coordinator.alarm_webhook import WebhookNotifier
+from clusteracme.coordinator.alarms import AlarmBook, AlarmJob
+from clusteracme.coordinator.deployment import Deployment
+from clusteracme.coordinator.election import Election, Leadership
+from clusteracme.coordinator.history import History
+from clusteracme.coordinator.identities import DenyListView, Identities
+from clusteracme.coordinator.issuance import Issuance
+from clusteracme.coordinator.looplag import LoopLagMonitor
+from clusteracme.coordinator.peers import AgentPool, Registry
+from clusteracme.coordinator.preflight import DnsResolver
+from clusteracme.coordinator.replicas import Replicas
+from clusteracme.coordinator.retention import RetentionJob
+from clusteracme.coordinator.revocation import Revocation
+from clusteracme.coordinator.rpc.router import ReplicaRouter
+from clusteracme.coordinator.rpc.servicer import CoordinatorServicer
+from clusteracme.coordinator.scheduler import RenewalScheduler
+from clusteracme.coordinator.secretbox import SecretBox
+from clusteracme.coordinator.settings import CoordinatorSettings, TimingSettings
+from clusteracme.coordinator.store.base import Store
+from clusteracme.coordinator.store.etcd import EtcdStore
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.trust import TrustStore
 from grpc_health.v1 import health_pb2
 
 from clusteracme import __version__, daemon, errors, netaddr
 from clusteracme.daemon import Supervisor, add_health
 from clusteracme.rpcutil import ReloadingTLS, server
 from clusteracme.v1 import coordinator_pb2_grpc
-from coordinator import metrics
-from coordinator.accounts import Accounts
-from coordinator.alarm_webhook import WebhookNotifier
-from coordinator.alarms import AlarmBook, AlarmJob
-from coordinator.deployment import Deployment
-from coordinator.election import Election, Leadership
-from coordinator.history import History
-from coordinator.identities import DenyListView, Identities
-from coordinator.issuance import Issuance
-from coordinator.looplag import LoopLagMonitor
-from coordinator.peers import AgentPool, Registry
-from coordinator.preflight import DnsResolver
-from coordinator.replicas import Replicas
-from coordinator.retention import RetentionJob
-from coordinator.revocation import Revocation
-from coordinator.rpc.router import ReplicaRouter
-from coordinator.rpc.servicer import CoordinatorServicer
-from coordinator.scheduler import RenewalScheduler
-from coordinator.secretbox import SecretBox
-from coordinator.settings import CoordinatorSettings, TimingSettings
-from coordinator.store.base import Store
-from coordinator.store.etcd import EtcdStore
-from coordinator.store.keys import Keys
-from coordinator.trust import TrustStore
 
 log = logging.getLogger("acme-coordinator")
 LEADER_HEALTH_SERVICE = "clusteracme.leader"

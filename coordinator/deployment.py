@@ -43,15 +43,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from clusteracme.coordinator import records
+from clusteracme.coordinator.history import Event, History
+from clusteracme.coordinator.peers import AgentPool, PeerInfo, Registry
+from clusteracme.coordinator.store.base import Check, Conflict, Put, Store
+from clusteracme.coordinator.store.keys import Keys
 from cryptography import x509
 
 from clusteracme import certinfo, errors
 from clusteracme.v1 import agent_pb2, common_pb2
-from coordinator import records
-from coordinator.history import Event, History
-from coordinator.peers import AgentPool, PeerInfo, Registry
-from coordinator.store.base import Check, Conflict, Put, Store
-from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 DEPLOY_TIMEOUT = 300.0  # validation + install + every reload hook (each bounded by its own timeout)

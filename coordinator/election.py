@@ -57,8 +57,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from clusteracme.errors import InvalidArgument
-from coordinator.store.base import (
+from clusteracme.coordinator.store.base import (
     Check,
     Compacted,
     Conflict,
@@ -69,6 +68,8 @@ from coordinator.store.base import (
     Store,
     StoreUnavailable,
 )
+
+from clusteracme.errors import InvalidArgument
 
 _log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from clusteracme.errors import (
 if TYPE_CHECKING:
     # Annotation only: names.py raises InvalidNames, so a runtime import would
     # be circular.
-    from coordinator.names import NameProblem
+    from clusteracme.coordinator.names import NameProblem
 
 
 class CoordinatorError(ClusterAcmeError):

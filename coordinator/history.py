@@ -15,9 +15,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from coordinator import records
-from coordinator.store.base import Delete, Put, Store
-from coordinator.store.keys import Keys
+from clusteracme.coordinator import records
+from clusteracme.coordinator.store.base import Delete, Put, Store
+from clusteracme.coordinator.store.keys import Keys
 
 MAX_EVENTS = 500
 TRIM_BATCH = 100  # deletes per transaction: under etcd's --max-txn-ops (128)

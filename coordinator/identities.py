@@ -31,16 +31,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from clusteracme.coordinator import records
+from clusteracme.coordinator.peers import Registry
+from clusteracme.coordinator.store.base import Conflict, EventKind, Store
+from clusteracme.coordinator.store.keys import Keys
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from clusteracme import errors
 from clusteracme.pki import Identity, Role, identity_fingerprint
-from coordinator import records
-from coordinator.peers import Registry
-from coordinator.store.base import Conflict, EventKind, Store
-from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The driver is thin: it asks ``orders.next_step`` what to do, performs the I/O
 (ACME through ``AcmeClient`` in a thread, gRPC fan-out to the agents, HTTP
 self-checks, etcd writes) and folds the result back with the pure functions
-of ``coordinator.orders``. The order record is saved before each external
+of ``clusteracme.coordinator.orders``. The order record is saved before each external
 step, so a coordinator started after a crash resumes the same order.
 """
 
@@ -21,24 +21,24 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+from clusteracme.coordinator import imports, orders, preflight, records
+from clusteracme.coordinator.accounts import Accounts
+from clusteracme.coordinator.acme_client import AcmeClient
+from clusteracme.coordinator.admission import BUDGET_WINDOW, Admission, Limits
+from clusteracme.coordinator.errors import CAError, PreflightFailed, RateLimited
+from clusteracme.coordinator.history import Event, History
+from clusteracme.coordinator.metrics import ORDERS_ACTIVE, ORDERS_QUEUED, SIGNS
+from clusteracme.coordinator.names import normalize_names
+from clusteracme.coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase, Step
+from clusteracme.coordinator.peers import AgentPool, PeerInfo, Registry
+from clusteracme.coordinator.settings import AdmissionSettings, TimingSettings
+from clusteracme.coordinator.slots import SigningPaused, check_may_sign
+from clusteracme.coordinator.store.base import Check, Conflict, NotLeader, Op, Put, Store
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.tokenpush import TokenPusher
 
 from clusteracme import __version__, certinfo, errors, netaddr
 from clusteracme.v1 import agent_pb2, common_pb2
-from coordinator import imports, orders, preflight, records
-from coordinator.accounts import Accounts
-from coordinator.acme_client import AcmeClient
-from coordinator.admission import BUDGET_WINDOW, Admission, Limits
-from coordinator.errors import CAError, PreflightFailed, RateLimited
-from coordinator.history import Event, History
-from coordinator.metrics import ORDERS_ACTIVE, ORDERS_QUEUED, SIGNS
-from coordinator.names import normalize_names
-from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase, Step
-from coordinator.peers import AgentPool, PeerInfo, Registry
-from coordinator.settings import AdmissionSettings, TimingSettings
-from coordinator.slots import SigningPaused, check_may_sign
-from coordinator.store.base import Check, Conflict, NotLeader, Op, Put, Store
-from coordinator.store.keys import Keys
-from coordinator.tokenpush import TokenPusher
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from coordinator import metrics
+from clusteracme.coordinator import metrics
 
 _log = logging.getLogger(__name__)
 

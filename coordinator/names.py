@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import idna
-
-from coordinator.errors import InvalidNames
+from clusteracme.coordinator.errors import InvalidNames
 
 # Common CA limit on identifiers per order (Let's Encrypt, and pebble's default).
 MAX_NAMES = 100

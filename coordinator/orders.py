@@ -1,7 +1,7 @@
 """The order state machine (SPEC R5, DESIGN "The order, step by step"). Pure: no I/O.
 
 An order record is what etcd holds under ``orders/<id>``; the driver
-(``coordinator.issuance``) asks :func:`next_step` what to do, performs it,
+(``clusteracme.coordinator.issuance``) asks :func:`next_step` what to do, performs it,
 and moves the record with :func:`advance`, which refuses any transition not
 in :data:`TRANSITIONS`. Because the record is saved before every external
 step, a coordinator that starts with a saved record resumes exactly where the

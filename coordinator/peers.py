@@ -19,16 +19,16 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc.aio
+from clusteracme.coordinator import records
+from clusteracme.coordinator.settings import PeerSettings
+from clusteracme.coordinator.store.base import Delete, LeaseLost, Store
+from clusteracme.coordinator.store.keys import Keys
 from cryptography import x509
 
 from clusteracme import errors, netaddr
 from clusteracme.pki import Identity, Role, identity_fingerprint
 from clusteracme.rpcutil import TLSSource, channel, error_from_rpc
 from clusteracme.v1 import agent_pb2_grpc
-from coordinator import records
-from coordinator.settings import PeerSettings
-from coordinator.store.base import Delete, LeaseLost, Store
-from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

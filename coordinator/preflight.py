@@ -17,10 +17,9 @@ import dns.exception
 import dns.name
 import dns.nameserver
 import dns.resolver
-
-from coordinator.errors import InvalidNames, PreflightFailed, ResolverFailed
-from coordinator.names import NameProblem, normalize_names
-from coordinator.orders import IPV4, IPV6, DnsAddress, ip_key
+from clusteracme.coordinator.errors import InvalidNames, PreflightFailed, ResolverFailed
+from clusteracme.coordinator.names import NameProblem, normalize_names
+from clusteracme.coordinator.orders import IPV4, IPV6, DnsAddress, ip_key
 
 __all__ = [
     "DnsAddress", "DnsResolver", "Lookup", "NameReport", "Resolution", "SlotReport", "check_dns", "preflight",

@@ -11,8 +11,9 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from clusteracme.coordinator.store.base import Conflict, Store
+
 from clusteracme.errors import Aborted
-from coordinator.store.base import Conflict, Store
 
 SCHEMA = 1
 MAX_CAS_ATTEMPTS = 20

@@ -22,10 +22,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from clusteracme.coordinator import records
+from clusteracme.coordinator.store.base import LeaseLost, Store, StoreUnavailable
+from clusteracme.coordinator.store.keys import Keys
+
 from clusteracme import errors
-from coordinator import records
-from coordinator.store.base import LeaseLost, Store, StoreUnavailable
-from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 

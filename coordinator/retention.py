@@ -51,17 +51,17 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from clusteracme.coordinator import records
+from clusteracme.coordinator.history import Event, History
+from clusteracme.coordinator.metrics import ORDERS_COMPACTED
+from clusteracme.coordinator.orders import OrderRecord, Phase
+from clusteracme.coordinator.peers import AgentPool, PeerInfo, Registry
+from clusteracme.coordinator.settings import RetentionSettings
+from clusteracme.coordinator.store.base import Check, Conflict, Delete, Entry, Op, Store
+from clusteracme.coordinator.store.keys import Keys
 
 from clusteracme import certinfo, errors
 from clusteracme.v1 import agent_pb2
-from coordinator import records
-from coordinator.history import Event, History
-from coordinator.metrics import ORDERS_COMPACTED
-from coordinator.orders import OrderRecord, Phase
-from coordinator.peers import AgentPool, PeerInfo, Registry
-from coordinator.settings import RetentionSettings
-from coordinator.store.base import Check, Conflict, Delete, Entry, Op, Store
-from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 UTC = datetime.UTC

@@ -50,21 +50,21 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from clusteracme.coordinator import records
+from clusteracme.coordinator.accounts import Accounts
+from clusteracme.coordinator.acme_client import BAD_NONCE_ATTEMPTS
+from clusteracme.coordinator.errors import CAError, PreflightFailed, RateLimited
+from clusteracme.coordinator.history import Event, History
+from clusteracme.coordinator.issuance import Issuance, slot_name, utcnow
+from clusteracme.coordinator.orders import OrderRecord, Phase
+from clusteracme.coordinator.peers import AgentPool, PeerInfo, Registry
+from clusteracme.coordinator.store.base import Check, Conflict, Delete, Put, Store
+from clusteracme.coordinator.store.keys import Keys
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from clusteracme import certinfo, errors
 from clusteracme.v1 import agent_pb2
-from coordinator import records
-from coordinator.accounts import Accounts
-from coordinator.acme_client import BAD_NONCE_ATTEMPTS
-from coordinator.errors import CAError, PreflightFailed, RateLimited
-from coordinator.history import Event, History
-from coordinator.issuance import Issuance, slot_name, utcnow
-from coordinator.orders import OrderRecord, Phase
-from coordinator.peers import AgentPool, PeerInfo, Registry
-from coordinator.store.base import Check, Conflict, Delete, Put, Store
-from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 REASONS = {"unspecified": 0, "keyCompromise": 1, "affiliationChanged": 3, "superseded": 4, "cessationOfOperation": 5}

@@ -1,7 +1,7 @@
 """The renewal scheduler (SPEC R9): the leader's loop that signs and deploys
 for peers in automatic mode, and warns for those in manual mode.
 
-Thin driver over the pure math in ``coordinator.renewal``. Everything it
+Thin driver over the pure math in ``clusteracme.coordinator.renewal``. Everything it
 decides is persisted in etcd before it acts (the slot's ``renewal`` state, the
 drawn sign opportunities under ``schedule/``), so a restarted or new leader
 carries on where the last one stopped: no opportunity is used twice, nothing
@@ -32,17 +32,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from clusteracme.coordinator import records, renewal, slots
+from clusteracme.coordinator.accounts import Accounts, ProviderBook, ProviderUnresolved
+from clusteracme.coordinator.admission import QueueFull
+from clusteracme.coordinator.deployment import INTENT, Deployment, Settled
+from clusteracme.coordinator.issuance import KEY_TYPE_LABELS, Issuance, slot_name
+from clusteracme.coordinator.metrics import (
+    AUTO_FAILURES,
+    CERT_NOT_AFTER,
+    DEPLOYS,
+    PEERS_ALIVE,
+    RENEWAL_OVERDUE,
+    forget_slots,
+)
+from clusteracme.coordinator.peers import PeerInfo, Registry
+from clusteracme.coordinator.settings import RenewalSettings
+from clusteracme.coordinator.store.base import Store
+from clusteracme.coordinator.store.keys import Keys
+
 from clusteracme import certinfo, errors
-from coordinator import records, renewal, slots
-from coordinator.accounts import Accounts, ProviderBook, ProviderUnresolved
-from coordinator.admission import QueueFull
-from coordinator.deployment import INTENT, Deployment, Settled
-from coordinator.issuance import KEY_TYPE_LABELS, Issuance, slot_name
-from coordinator.metrics import AUTO_FAILURES, CERT_NOT_AFTER, DEPLOYS, PEERS_ALIVE, RENEWAL_OVERDUE, forget_slots
-from coordinator.peers import PeerInfo, Registry
-from coordinator.settings import RenewalSettings
-from coordinator.store.base import Store
-from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 UTC = datetime.UTC

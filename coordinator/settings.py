@@ -6,8 +6,9 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clusteracme.coordinator.admission import BUDGET_WINDOW
+
 from clusteracme.rpcutil import TLSFiles
-from coordinator.admission import BUDGET_WINDOW
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,12 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
+from clusteracme.coordinator import renewal
+from clusteracme.coordinator.errors import CoordinatorError
+from clusteracme.coordinator.names import normalize_names
+
 from clusteracme import certinfo
 from clusteracme.errors import FailedPrecondition
-from coordinator import renewal
-from coordinator.errors import CoordinatorError
-from coordinator.names import normalize_names
 
 SERVER = "server"  # what `acmectl domain enable|disable PEER server` calls the server slot
 IMPORTED_PROVIDER = "manual"

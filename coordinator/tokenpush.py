@@ -24,9 +24,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from clusteracme.coordinator.peers import AgentPool, PeerInfo
+
 from clusteracme import errors
 from clusteracme.v1 import agent_pb2, common_pb2
-from coordinator.peers import AgentPool, PeerInfo
 
 Result = agent_pb2.PresentTokensResponse | agent_pb2.RemoveTokensResponse | errors.ClusterAcmeError
 BATCHING_SINCE = (0, 2)

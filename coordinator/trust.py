@@ -26,6 +26,9 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
+from clusteracme.coordinator import records
+from clusteracme.coordinator.store.base import Check, Conflict, Put, Store
+from clusteracme.coordinator.store.keys import Keys
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -33,9 +36,6 @@ from cryptography.x509 import verification
 
 from clusteracme.certinfo import cert_names, load_chain
 from clusteracme.errors import Aborted, InvalidArgument, NotFound
-from coordinator import records
-from coordinator.store.base import Check, Conflict, Put, Store
-from coordinator.store.keys import Keys
 
 # One add is one etcd transaction; etcd refuses more than 128 checks (or ops)
 # by default, so stay clearly under that rather than split (and lose atomicity).

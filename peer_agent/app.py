@@ -12,6 +12,17 @@ import ipaddress
 import logging
 
 import grpc.aio
+from clusteracme.peer_agent.certs import CertStore
+from clusteracme.peer_agent.challenges import ChallengeService
+from clusteracme.peer_agent.denylist import DENIED_FILE, AgentDenyList
+from clusteracme.peer_agent.deployer import FENCE_FILE, Deployer, FenceFloor
+from clusteracme.peer_agent.keys import KeyAccess, KeyStore
+from clusteracme.peer_agent.listening import ensure_open_files, open_files_needed
+from clusteracme.peer_agent.reload import CommandHook, SignalHook
+from clusteracme.peer_agent.rpc.servicer import AgentServicer, write_trust_bundle
+from clusteracme.peer_agent.settings import AgentSettings
+from clusteracme.peer_agent.tls_endpoint import TLSEndpoint
+from clusteracme.peer_agent.trust import BUNDLE_FILE
 from grpc_health.v1 import health_pb2
 
 from clusteracme import __version__, daemon, errors, netaddr
@@ -20,17 +31,6 @@ from clusteracme.pki import COORDINATOR_SERVER_NAME
 from clusteracme.rpcutil import ReloadingTLS, TLSSource, channel, error_from_rpc, server
 from clusteracme.v1 import agent_pb2_grpc, coordinator_pb2_grpc
 from clusteracme.v1 import coordinator_pb2 as cpb
-from peer_agent.certs import CertStore
-from peer_agent.challenges import ChallengeService
-from peer_agent.denylist import DENIED_FILE, AgentDenyList
-from peer_agent.deployer import FENCE_FILE, Deployer, FenceFloor
-from peer_agent.keys import KeyAccess, KeyStore
-from peer_agent.listening import ensure_open_files, open_files_needed
-from peer_agent.reload import CommandHook, SignalHook
-from peer_agent.rpc.servicer import AgentServicer, write_trust_bundle
-from peer_agent.settings import AgentSettings
-from peer_agent.tls_endpoint import TLSEndpoint
-from peer_agent.trust import BUNDLE_FILE
 
 log = logging.getLogger("acme-agent")
 CALL_TIMEOUT = 5.0

@@ -1,7 +1,7 @@
 """The peer's deployed certificate pairs on local disk (SPEC R8, R10).
 
 Layout per slot, next to KeyStore's ``keys/`` (``<slot>`` from
-``peer_agent.keys.slot_dirname``)::
+``clusteracme.peer_agent.keys.slot_dirname``)::
 
     slots/<slot>/certs/<serial_hex>/fullchain.pem  (0644) leaf first, then intermediates
     slots/<slot>/certs/<serial_hex>/privkey.pem    (0600) a copy of the slot's key for it
@@ -43,13 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-
-from clusteracme import certinfo
-from clusteracme.pki import open_unique_temp
-from peer_agent.errors import (
+from clusteracme.peer_agent.errors import (
     BrokenPair,
     CertificateNotCurrent,
     InvalidChain,
@@ -57,7 +51,13 @@ from peer_agent.errors import (
     NameMismatch,
     RollbackRefused,
 )
-from peer_agent.keys import KeyStore, slot_dirname
+from clusteracme.peer_agent.keys import KeyStore, slot_dirname
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from clusteracme import certinfo
+from clusteracme.pki import open_unique_temp
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class CertStore:
     """Validate, install, roll back and read the certificate pairs of every slot.
 
     Not safe for concurrent writers: the agent serializes ``install`` and
-    ``rollback`` (see ``peer_agent.deployer``). Every method blocks on disk
+    ``rollback`` (see ``clusteracme.peer_agent.deployer``). Every method blocks on disk
     I/O; async callers run them in a thread.
     """
 

@@ -10,7 +10,7 @@ strict regex, never on a decoded or normalized path, so ``..``, ``%2e%2e`` or
 
 It listens on loopback TCP, or (``external`` front mode, recommended there) on
 a Unix socket in a directory only the agent can write
-(``peer_agent.listening.unix_socket``), which the node's web server proxies to.
+(``clusteracme.peer_agent.listening.unix_socket``), which the node's web server proxies to.
 
 aiohttp is imported when a listener first starts, not with this module: it is
 the largest part of an idle agent's memory (about 12 MB resident), and in
@@ -31,9 +31,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peer_agent.errors import FrontError
-from peer_agent.listening import Acceptor, Bounds, remove_unix_socket, tcp_sockets, unix_socket
-from peer_agent.tokens import TokenStore
+from clusteracme.peer_agent.errors import FrontError
+from clusteracme.peer_agent.listening import Acceptor, Bounds, remove_unix_socket, tcp_sockets, unix_socket
+from clusteracme.peer_agent.tokens import TokenStore
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -91,7 +91,7 @@ class Listener:
     sockets and every open connection, so the port is free (``SO_REUSEADDR``)
     as soon as it returns.
 
-    Connections are accepted within ``bounds`` (``peer_agent.listening``): at
+    Connections are accepted within ``bounds`` (``clusteracme.peer_agent.listening``): at
     most ``max_connections`` at once, the rest reset on arrival; one that
     sends no complete request within ``idle_timeout`` seconds of connecting
     (or of its last answer) is closed.

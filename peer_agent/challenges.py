@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from peer_agent import challenge_server, front
-from peer_agent.challenge_server import ChallengeServer
-from peer_agent.errors import NotStarted
-from peer_agent.front import Front, FrontMode
-from peer_agent.tokens import DEFAULT_MAX_TTL, OrderTokens, TokenStore
+from clusteracme.peer_agent import challenge_server, front
+from clusteracme.peer_agent.challenge_server import ChallengeServer
+from clusteracme.peer_agent.errors import NotStarted
+from clusteracme.peer_agent.front import Front, FrontMode
+from clusteracme.peer_agent.tokens import DEFAULT_MAX_TTL, OrderTokens, TokenStore
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ servicer calls.
 It owns the order of a switch. Everything that can refuse runs before
 anything changes: the chain is validated (and, while the agent's copy of the
 trust store holds certificates, validated to one of its roots:
-``peer_agent.trust``), then loaded into fresh TLS contexts.
+``clusteracme.peer_agent.trust``), then loaded into fresh TLS contexts.
 Then the disk (the truth a restarted agent reads), then the in-process
 endpoints (one reference swap each), then the reload hooks of external
 services, which read the disk. Deploys and rollbacks run one at a time, and a
@@ -36,12 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from clusteracme.peer_agent.certs import CertStore, SlotCerts, ValidatedPair
+from clusteracme.peer_agent.errors import AgentError, EndpointError, StorageError
+from clusteracme.peer_agent.reload import CommandHook, ReloadOutcome, SignalHook
+from clusteracme.peer_agent.tls_endpoint import Contexts, ServingContext, TLSEndpoint, load_context
+from clusteracme.peer_agent.trust import check_chain
+
 from clusteracme.errors import FailedPrecondition
-from peer_agent.certs import CertStore, SlotCerts, ValidatedPair
-from peer_agent.errors import AgentError, EndpointError, StorageError
-from peer_agent.reload import CommandHook, ReloadOutcome, SignalHook
-from peer_agent.tls_endpoint import Contexts, ServingContext, TLSEndpoint, load_context
-from peer_agent.trust import check_chain
 
 log = logging.getLogger(__name__)
 

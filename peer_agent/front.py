@@ -16,7 +16,7 @@ starts and stops it); challenge GETs are forwarded, other methods on the
 challenge path get 405, everything else 404.
 
 The front holds at most ``max_connections`` connections at once (the next
-ones are reset on arrival, ``peer_agent.listening``) and closes one that has
+ones are reset on arrival, ``clusteracme.peer_agent.listening``) and closes one that has
 not sent a complete request within ``IDLE_TIMEOUT`` of connecting.
 
 The front never answers a token itself: it forwards to the challenge server
@@ -24,7 +24,7 @@ over loopback, so there is one place that knows what is served. Whether a
 token is open is asked (``is_open``) on every request, never cached.
 
 Like the challenge server, the front imports aiohttp when it first starts
-(see ``peer_agent.challenge_server``): a ``closed`` front is not listening
+(see ``clusteracme.peer_agent.challenge_server``): a ``closed`` front is not listening
 most of the time, and an agent with nothing to serve never needs it.
 """
 
@@ -36,7 +36,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from peer_agent.challenge_server import (
+from clusteracme.peer_agent.challenge_server import (
     CHALLENGE_PREFIX,
     Listener,
     challenge_token,
@@ -45,7 +45,7 @@ from peer_agent.challenge_server import (
     raw_path_only,
     text_response,
 )
-from peer_agent.listening import FORWARD_CONNECTIONS, Bounds
+from clusteracme.peer_agent.listening import FORWARD_CONNECTIONS, Bounds
 
 if TYPE_CHECKING:
     import aiohttp

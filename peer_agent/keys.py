@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clusteracme.peer_agent.errors import AgentError, InvalidSlot, UnknownKeyType
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -62,7 +63,6 @@ from clusteracme.certinfo import key_label, spki_sha256
 from clusteracme.errors import InvalidArgument
 from clusteracme.pki import write_private
 from clusteracme.v1 import common_pb2
-from peer_agent.errors import AgentError, InvalidSlot, UnknownKeyType
 
 log = logging.getLogger(__name__)
 

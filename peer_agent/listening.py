@@ -50,11 +50,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from clusteracme.peer_agent.errors import FrontError
+
 from clusteracme.errors import FailedPrecondition
-from peer_agent.errors import FrontError
 
 if TYPE_CHECKING:
-    from peer_agent.settings import AgentSettings
+    from clusteracme.peer_agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ import json
 
 import josepy as jose
 from acme import jws
+from clusteracme.peer_agent.errors import InvalidChain, KeyNotHeld
+from clusteracme.peer_agent.keys import KeyStore, RetiredKey
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from clusteracme.certinfo import spki_sha256
-from peer_agent.errors import InvalidChain, KeyNotHeld
-from peer_agent.keys import KeyStore, RetiredKey
 
 REASONS = frozenset({0, 1, 3, 4, 5})  # unspecified, keyCompromise, affiliationChanged, superseded, cessationOfOperation
 

@@ -6,8 +6,9 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clusteracme.peer_agent.listening import MAX_HANDSHAKE_TIMEOUT, check_bounds
+
 from clusteracme.rpcutil import TLSFiles
-from peer_agent.listening import MAX_HANDSHAKE_TIMEOUT, check_bounds
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ new certificate.
 An endpoint answers every request with a one-line health page naming the
 serial the connection was served, or proxies to a local ``upstream``.
 
-What a client can hold is bounded (``peer_agent.listening``): at most
+What a client can hold is bounded (``clusteracme.peer_agent.listening``): at most
 ``max_connections`` connections at once, handshakes included (the next ones
 are reset on arrival); a handshake not done within ``handshake_timeout``
 (10 s at most) is closed, and so is a connection that sends no request for
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from peer_agent.errors import EndpointError, TLSLoadError
-from peer_agent.listening import MAX_HANDSHAKE_TIMEOUT, UPSTREAM_CONNECTIONS, Acceptor, Bounds, tcp_sockets
+from clusteracme.peer_agent.errors import EndpointError, TLSLoadError
+from clusteracme.peer_agent.listening import MAX_HANDSHAKE_TIMEOUT, UPSTREAM_CONNECTIONS, Acceptor, Bounds, tcp_sockets
 
 if TYPE_CHECKING:
     import aiohttp
@@ -62,7 +62,7 @@ counted from the end of the handshake)."""
 
 
 class PairFiles(Protocol):
-    """A certificate pair as files: ``peer_agent.certs.LivePair`` fits."""
+    """A certificate pair as files: ``clusteracme.peer_agent.certs.LivePair`` fits."""
 
     @property
     def serial_hex(self) -> str: ...

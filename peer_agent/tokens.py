@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from peer_agent.errors import InvalidToken, TokenConflict
+from clusteracme.peer_agent.errors import InvalidToken, TokenConflict
 
 # RFC 8555 section 8.3: the token is base64url without padding. The upper
 # bound is ours: CAs send 43 characters; anything far longer is garbage.

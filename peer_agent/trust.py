@@ -18,12 +18,12 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
+from clusteracme.peer_agent.errors import StorageError, UntrustedChain
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509 import verification
 
 from clusteracme import certinfo
-from peer_agent.errors import StorageError, UntrustedChain
 
 BUNDLE_FILE = "trust-bundle.pem"
 """The agent's copy of the trust bundle, in its state directory."""

@@ -50,9 +50,9 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clusteracme import pki
+from clusteracme.coordinator.store.keys import Keys
 from clusteracme.localcluster.infra import Infra, InfraError, Process, free_port, tcp_check
 from clusteracme.localcluster.netns import NetNamespace
-from coordinator.store.keys import Keys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -474,7 +474,7 @@ class LocalCluster:
             replica = self.replica(index)
             if replica.process is not None and replica.process.alive:
                 raise InfraError(f"coordinator {replica.name} is already running (pid {replica.process.pid})")
-            replica.process = Process(replica.config.stem, self._python("coordinator.app", replica.config),
+            replica.process = Process(replica.config.stem, self._python("clusteracme.coordinator.app", replica.config),
                                       log_path=replica.log_path, env=self._env())
             replica.frozen = False
             started.append(replica)
@@ -599,7 +599,7 @@ class LocalCluster:
         started = []
         for index in indexes:
             agent = self.agent(index)
-            agent.process = Process(agent.peer_id, self._python("peer_agent.app", agent.config),
+            agent.process = Process(agent.peer_id, self._python("clusteracme.peer_agent.app", agent.config),
                                     log_path=self.run_dir / f"agent-{agent.peer_id}.log", env=self._env())
             started.append(agent)
         # Python start-up is CPU-bound: many agents on few cores take longer each.
@@ -631,7 +631,7 @@ class LocalCluster:
 
     def ctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run acmectl against this cluster (a real subprocess)."""
-        result = self.inside(subprocess.run, [sys.executable, "-m", "coordinator.ctl", *args], env=self.ctl_env(),
+        result = self.inside(subprocess.run, [sys.executable, "-m", "clusteracme.ctl", *args], env=self.ctl_env(),
                              capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise InfraError(f"acmectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")

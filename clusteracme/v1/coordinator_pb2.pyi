@@ -7,6 +7,88 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ListOrdersRequest(_message.Message):
+    __slots__ = ("peer_id", "slot", "state", "limit")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    slot: _common_pb2.Slot
+    state: str
+    limit: int
+    def __init__(self, peer_id: _Optional[str] = ..., slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., state: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListOrdersResponse(_message.Message):
+    __slots__ = ("orders",)
+    ORDERS_FIELD_NUMBER: _ClassVar[int]
+    orders: _containers.RepeatedCompositeFieldContainer[OrderInfo]
+    def __init__(self, orders: _Optional[_Iterable[_Union[OrderInfo, _Mapping]]] = ...) -> None: ...
+
+class BackupRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BackupManifest(_message.Message):
+    __slots__ = ("format", "prefix", "revision", "created_at", "coordinator_version", "record_schema", "entry_count", "value_bytes", "sha256", "skipped_leased", "created_by")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RECORD_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_LEASED_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    format: int
+    prefix: str
+    revision: int
+    created_at: str
+    coordinator_version: str
+    record_schema: int
+    entry_count: int
+    value_bytes: int
+    sha256: str
+    skipped_leased: int
+    created_by: str
+    def __init__(self, format: _Optional[int] = ..., prefix: _Optional[str] = ..., revision: _Optional[int] = ..., created_at: _Optional[str] = ..., coordinator_version: _Optional[str] = ..., record_schema: _Optional[int] = ..., entry_count: _Optional[int] = ..., value_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., skipped_leased: _Optional[int] = ..., created_by: _Optional[str] = ...) -> None: ...
+
+class BackupEntry(_message.Message):
+    __slots__ = ("key", "value")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: bytes
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+
+class BackupChunk(_message.Message):
+    __slots__ = ("manifest", "entries")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    manifest: BackupManifest
+    entries: _containers.RepeatedCompositeFieldContainer[BackupEntry]
+    def __init__(self, manifest: _Optional[_Union[BackupManifest, _Mapping]] = ..., entries: _Optional[_Iterable[_Union[BackupEntry, _Mapping]]] = ...) -> None: ...
+
+class RestoreChunk(_message.Message):
+    __slots__ = ("manifest", "entries")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    manifest: BackupManifest
+    entries: _containers.RepeatedCompositeFieldContainer[BackupEntry]
+    def __init__(self, manifest: _Optional[_Union[BackupManifest, _Mapping]] = ..., entries: _Optional[_Iterable[_Union[BackupEntry, _Mapping]]] = ...) -> None: ...
+
+class RestoreResponse(_message.Message):
+    __slots__ = ("entry_count", "revision", "detail")
+    ENTRY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    entry_count: int
+    revision: int
+    detail: str
+    def __init__(self, entry_count: _Optional[int] = ..., revision: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class ListCoordinatorsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

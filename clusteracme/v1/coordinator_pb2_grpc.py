@@ -214,6 +214,21 @@ class CoordinatorServiceStub:
                 request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListCoordinatorsRequest.SerializeToString,
                 response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListCoordinatorsResponse.FromString,
                 _registered_method=True)
+        self.ListOrders = channel.unary_unary(
+                '/clusteracme.v1.CoordinatorService/ListOrders',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListOrdersRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListOrdersResponse.FromString,
+                _registered_method=True)
+        self.Backup = channel.unary_stream(
+                '/clusteracme.v1.CoordinatorService/Backup',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.BackupRequest.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.BackupChunk.FromString,
+                _registered_method=True)
+        self.Restore = channel.stream_unary(
+                '/clusteracme.v1.CoordinatorService/Restore',
+                request_serializer=clusteracme_dot_v1_dot_coordinator__pb2.RestoreChunk.SerializeToString,
+                response_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.RestoreResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -458,6 +473,36 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListOrders(self, request, context):
+        """--- orders ---
+        The orders kept in etcd, newest first: every peer's, or one peer's, one
+        slot's, one state's. Any replica answers it (read from etcd).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Backup(self, request, context):
+        """--- backup and restore ---
+        Every key under the cluster's etcd prefix, read at one revision, except
+        the keys bound to a lease (elections, replica member records, peer
+        liveness: they describe running processes, not state). The first chunk
+        holds the manifest, the following ones the entries, in key order.
+        Account keys stay sealed as stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request_iterator, context):
+        """Loads a backup into the prefix. Refused unless the prefix holds no key
+        but lease-bound ones, and unless the manifest matches the entries sent
+        (count, sha256, record schema known to this coordinator). The leader only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -640,6 +685,21 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListCoordinators,
                     request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListCoordinatorsRequest.FromString,
                     response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListCoordinatorsResponse.SerializeToString,
+            ),
+            'ListOrders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOrders,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.ListOrdersRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.ListOrdersResponse.SerializeToString,
+            ),
+            'Backup': grpc.unary_stream_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.BackupRequest.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.BackupChunk.SerializeToString,
+            ),
+            'Restore': grpc.stream_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=clusteracme_dot_v1_dot_coordinator__pb2.RestoreChunk.FromString,
+                    response_serializer=clusteracme_dot_v1_dot_coordinator__pb2.RestoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1614,6 +1674,87 @@ class CoordinatorService:
             '/clusteracme.v1.CoordinatorService/ListCoordinators',
             clusteracme_dot_v1_dot_coordinator__pb2.ListCoordinatorsRequest.SerializeToString,
             clusteracme_dot_v1_dot_coordinator__pb2.ListCoordinatorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOrders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/ListOrders',
+            clusteracme_dot_v1_dot_coordinator__pb2.ListOrdersRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.ListOrdersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clusteracme.v1.CoordinatorService/Backup',
+            clusteracme_dot_v1_dot_coordinator__pb2.BackupRequest.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.BackupChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/clusteracme.v1.CoordinatorService/Restore',
+            clusteracme_dot_v1_dot_coordinator__pb2.RestoreChunk.SerializeToString,
+            clusteracme_dot_v1_dot_coordinator__pb2.RestoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,6 +21,8 @@ import logging
 from typing import Any
 
 import grpc.aio
+from clusteracme.coordinator.replicas import Replicas
+from clusteracme.coordinator.rpc.servicer import CoordinatorServicer
 
 from clusteracme import errors
 from clusteracme.failover import LEADER_ADDRESS_KEY, LEADER_NAME_KEY, NO_LEADER_MARK, READ_METHODS, STANDBY_KEY
@@ -28,8 +30,6 @@ from clusteracme.pki import Role
 from clusteracme.rpcutil import caller, rpc_method, status_code_for
 from clusteracme.v1 import coordinator_pb2, coordinator_pb2_grpc
 from clusteracme.v1 import coordinator_pb2 as pb
-from coordinator.replicas import Replicas
-from coordinator.rpc.servicer import CoordinatorServicer
 
 log = logging.getLogger(__name__)
 SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]

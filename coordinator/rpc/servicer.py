@@ -11,26 +11,26 @@ import logging
 from typing import Any
 
 import grpc.aio
+from clusteracme.coordinator import imports
+from clusteracme.coordinator.accounts import Accounts, ProviderBook, ProviderView
+from clusteracme.coordinator.alarms import AlarmBook, AlarmRecord, compare_disk
+from clusteracme.coordinator.deployment import Deployment, DeployOutcome
+from clusteracme.coordinator.history import History
+from clusteracme.coordinator.identities import Denial, DenyListView, Identities
+from clusteracme.coordinator.issuance import Issuance
+from clusteracme.coordinator.orders import DnsAddress, OrderRecord, Phase, ip_key
+from clusteracme.coordinator.peers import AgentCertificate, AgentPool, PeerInfo, Registry
+from clusteracme.coordinator.preflight import NameReport
+from clusteracme.coordinator.revocation import UNATTACHED, Revocation
+from clusteracme.coordinator.scheduler import RenewalScheduler
+from clusteracme.coordinator.slots import DomainView
+from clusteracme.coordinator.trust import TrustedCA, TrustStore
 
 from clusteracme import certinfo, errors, netaddr
 from clusteracme.pki import Identity, Role
 from clusteracme.rpcutil import certificate_sha256, client_certificate, rpc_method
 from clusteracme.v1 import agent_pb2, common_pb2, coordinator_pb2_grpc
 from clusteracme.v1 import coordinator_pb2 as pb
-from coordinator import imports
-from coordinator.accounts import Accounts, ProviderBook, ProviderView
-from coordinator.alarms import AlarmBook, AlarmRecord, compare_disk
-from coordinator.deployment import Deployment, DeployOutcome
-from coordinator.history import History
-from coordinator.identities import Denial, DenyListView, Identities
-from coordinator.issuance import Issuance
-from coordinator.orders import DnsAddress, OrderRecord, Phase, ip_key
-from coordinator.peers import AgentCertificate, AgentPool, PeerInfo, Registry
-from coordinator.preflight import NameReport
-from coordinator.revocation import UNATTACHED, Revocation
-from coordinator.scheduler import RenewalScheduler
-from coordinator.slots import DomainView
-from coordinator.trust import TrustedCA, TrustStore
 
 log = logging.getLogger(__name__)
 AGENT, OPERATOR = Role.AGENT, Role.OPERATOR

@@ -238,7 +238,7 @@ _RECONNECT_OPTIONS = [
 
 
 class EtcdStore(TransactionalStore):
-    """:class:`~coordinator.store.base.Store` on an etcd v3 cluster.
+    """:class:`~clusteracme.coordinator.store.base.Store` on an etcd v3 cluster.
 
     ``endpoints`` are ``host:port`` of the members (host names are resolved
     to IPv4 at ``connect``). TLS is on when ``ca`` is given; ``cert`` and

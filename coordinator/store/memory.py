@@ -1,4 +1,4 @@
-"""An in-memory :class:`~coordinator.store.base.Store` for unit tests.
+"""An in-memory :class:`~clusteracme.coordinator.store.base.Store` for unit tests.
 
 Same semantics as etcd (one revision counter starting at 1, leases whose keys
 vanish with a DELETE event, watches replaying history), held to it by

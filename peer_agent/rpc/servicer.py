@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc.aio
+from clusteracme.peer_agent.certs import CertStore, LivePair
+from clusteracme.peer_agent.challenges import ChallengeService
+from clusteracme.peer_agent.deployer import Deployer, DeployOutcome
+from clusteracme.peer_agent.errors import BrokenPair, InvalidChain, StorageError
+from clusteracme.peer_agent.keys import KEY_TYPES, SUBJECT_ATTRIBUTES, KeyStore, PruneResult, RetiredKey, rfc3339
+from clusteracme.peer_agent.trust import BUNDLE_FILE
 from cryptography import x509
 
 from clusteracme import __version__, certinfo
@@ -22,12 +28,6 @@ from clusteracme.pki import Identity, Role
 from clusteracme.rpcutil import DenyList, rpc_method
 from clusteracme.v1 import agent_pb2 as pb
 from clusteracme.v1 import agent_pb2_grpc, common_pb2
-from peer_agent.certs import CertStore, LivePair
-from peer_agent.challenges import ChallengeService
-from peer_agent.deployer import Deployer, DeployOutcome
-from peer_agent.errors import BrokenPair, InvalidChain, StorageError
-from peer_agent.keys import KEY_TYPES, SUBJECT_ATTRIBUTES, KeyStore, PruneResult, RetiredKey, rfc3339
-from peer_agent.trust import BUNDLE_FILE
 
 COORDINATOR = Role.COORDINATOR
 _LABEL_TO_ENUM = {label: enum for enum, (label, _) in KEY_TYPES.items()}
@@ -150,7 +150,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                              who: Identity) -> Any:
         # Imported at the first revocation: josepy and acme's JWS code are needed
         # for nothing else, and most agents never sign one.
-        from peer_agent.revocation import sign_revocation
+        from clusteracme.peer_agent.revocation import sign_revocation
 
         jws_json = await asyncio.to_thread(sign_revocation, self._keys, request.certificate_der, request.reason,
                                            request.nonce, request.url)
@@ -159,7 +159,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     @rpc_method(COORDINATOR)
     async def SetTrustBundle(self, request: pb.SetTrustBundleRequest, context: grpc.aio.ServicerContext,
                              who: Identity) -> Any:
-        # The agent's own copy first: deploys validate against it (peer_agent.trust).
+        # The agent's own copy first: deploys validate against it (clusteracme.peer_agent.trust).
         await asyncio.to_thread(write_trust_bundle, self._keys.state_dir / BUNDLE_FILE, request.bundle_pem,
                                 request.sha256)
         if self._trust_bundle_file is None:

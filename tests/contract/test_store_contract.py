@@ -24,14 +24,7 @@ import etcd3aio
 import grpc
 import grpc.aio
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-from clusteracme.errors import InvalidArgument
-from clusteracme.localcluster.infra import Etcd, free_port
-from coordinator.store.base import (
+from clusteracme.coordinator.store.base import (
     Check,
     Compacted,
     Conflict,
@@ -43,8 +36,15 @@ from coordinator.store.base import (
     StoreUnavailable,
     WatchEvent,
 )
-from coordinator.store.etcd import EtcdStore, _too_large
-from coordinator.store.memory import MemoryStore
+from clusteracme.coordinator.store.etcd import EtcdStore, _too_large
+from clusteracme.coordinator.store.memory import MemoryStore
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from clusteracme.errors import InvalidArgument
+from clusteracme.localcluster.infra import Etcd, free_port
 from tests.conftest import start_etcd
 
 pytestmark = pytest.mark.timeout(60)

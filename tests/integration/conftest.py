@@ -16,10 +16,10 @@ from typing import Any
 
 import grpc
 import pytest
+from clusteracme.coordinator.store.etcd import EtcdStore
 
 from clusteracme.localcluster.cluster import LocalCluster
 from clusteracme.v1 import agent_pb2_grpc
-from coordinator.store.etcd import EtcdStore
 
 
 def make_cluster(tmp_path_factory: pytest.TempPathFactory, name: str, **kwargs: Any) -> Iterator[LocalCluster]:
@@ -35,7 +35,7 @@ def register_account(cluster: LocalCluster) -> None:
 
 _KEYSPACE_SCRIPT = """
 import asyncio, base64, json, sys
-from coordinator.store.etcd import EtcdStore
+from clusteracme.coordinator.store.etcd import EtcdStore
 async def read():
     store = EtcdStore(sys.argv[1].split(","))
     await store.connect()

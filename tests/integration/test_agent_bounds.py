@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clusteracme.peer_agent.front import IDLE_TIMEOUT
+from clusteracme.peer_agent.listening import MAX_HANDSHAKE_TIMEOUT, open_files_needed
+from clusteracme.peer_agent.settings import AgentSettings
 
 from clusteracme.config import build
 from clusteracme.localcluster.cluster import LocalCluster, peer_address, served_serial, write_toml
 from clusteracme.localcluster.infra import free_port, tcp_check
-from peer_agent.front import IDLE_TIMEOUT
-from peer_agent.listening import MAX_HANDSHAKE_TIMEOUT, open_files_needed
-from peer_agent.settings import AgentSettings
 from tests.integration.conftest import agent_log, ctl_json, register_account
 
 pytestmark = pytest.mark.integration
@@ -193,7 +193,7 @@ def run_agent(cluster: LocalCluster, tmp_path: Path, overrides: dict[str, Any]) 
     path = tmp_path / "agent.toml"
     write_toml(path, config)
     try:
-        return subprocess.run([sys.executable, "-m", "peer_agent.app", "--config", str(path)],
+        return subprocess.run([sys.executable, "-m", "clusteracme.peer_agent.app", "--config", str(path)],
                               capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"the agent did not exit: it runs without its challenge address ({exc.stderr!r})") from None

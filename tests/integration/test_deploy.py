@@ -13,14 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clusteracme.coordinator import records
+from clusteracme.coordinator.store.etcd import EtcdStore
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from clusteracme.localcluster.cluster import LocalCluster, served_serial
-from coordinator import records
-from coordinator.store.etcd import EtcdStore
 from tests.integration.conftest import ctl_json, keyspace, make_cluster, register_account
 
 pytestmark = pytest.mark.integration

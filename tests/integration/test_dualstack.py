@@ -32,7 +32,7 @@ pytestmark = [
 ]
 
 PEERS = (1, 2, 3)
-# "challenge TOKEN requested by REMOTE (USER-AGENT) for Host H: HTTP STATUS" (peer_agent.front)
+# "challenge TOKEN requested by REMOTE (USER-AGENT) for Host H: HTTP STATUS" (clusteracme.peer_agent.front)
 _REQUEST = re.compile(r"challenge (\S+) requested by (\S+) \((.*)\) for Host \S+: HTTP (\d+)")
 
 

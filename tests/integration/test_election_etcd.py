@@ -12,10 +12,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-
-from coordinator.election import Election
-from coordinator.store.base import NotLeader
-from coordinator.store.etcd import EtcdStore
+from clusteracme.coordinator.election import Election
+from clusteracme.coordinator.store.base import NotLeader
+from clusteracme.coordinator.store.etcd import EtcdStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -25,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 LEADER_SCRIPT = """
 import asyncio, sys
-from coordinator.election import Election
-from coordinator.store.etcd import EtcdStore
+from clusteracme.coordinator.election import Election
+from clusteracme.coordinator.store.etcd import EtcdStore
 
 async def main():
     async with EtcdStore([sys.argv[1]]) as store:

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clusteracme.coordinator import records
+from clusteracme.coordinator.store.etcd import EtcdStore
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -34,8 +36,6 @@ from cryptography.x509.oid import NameOID
 from clusteracme import pki
 from clusteracme.localcluster.cluster import LocalCluster, write_toml
 from clusteracme.localcluster.infra import Etcd, free_port
-from coordinator import records
-from coordinator.store.etcd import EtcdStore
 from tests.conftest import start_etcd
 from tests.integration.conftest import ctl_json, make_cluster, record, register_account
 
@@ -79,7 +79,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def coordinator(files: dict[str, Path], name: str, etcd: dict[str, object]) -> tuple[subprocess.Popen[str], Path]:
-    """The coordinator daemon (``python -m coordinator.app``) on a config with this [etcd] table."""
+    """The coordinator daemon (``python -m clusteracme.coordinator.app``) on a config with this [etcd] table."""
     config = files["base"] / f"{name}.toml"
     write_toml(config, {
         "name": name, "listen": f"127.0.0.1:{free_port()}", "account_key_file": str(files["secret"]),
@@ -88,7 +88,7 @@ def coordinator(files: dict[str, Path], name: str, etcd: dict[str, object]) -> t
     })
     log = files["base"] / f"{name}.log"
     handle = log.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator.app", "--config", str(config)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "clusteracme.coordinator.app", "--config", str(config)], cwd=ROOT,
                             stdout=handle, stderr=subprocess.STDOUT, text=True)
     handle.close()
     return proc, log

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from clusteracme.coordinator.store.base import NotLeader
+from clusteracme.coordinator.store.etcd import EtcdStore
 
 from clusteracme.localcluster.cluster import LocalCluster
-from coordinator.store.base import NotLeader
-from coordinator.store.etcd import EtcdStore
 from tests.integration.conftest import ctl_json, keyspace, make_cluster, record, register_account, wait_for
 
 pytestmark = pytest.mark.integration
@@ -146,7 +146,7 @@ def test_b_leader_killed_during_a_rollout_leaves_no_peer_half_deployed(cluster: 
         assert ctl_json(cluster, "sign", f"peer{i}", "--wait")["succeeded"]
     signed = {i: ctl_json(cluster, "pending", "show", f"peer{i}")["certificate"]["serial_hex"] for i in (1, 2, 3)}
     old = leader(cluster)
-    rollout = subprocess.Popen([sys.executable, "-m", "coordinator.ctl", "--json", "rollout", "--all", "--batch", "1"],
+    rollout = subprocess.Popen([sys.executable, "-m", "clusteracme.ctl", "--json", "rollout", "--all", "--batch", "1"],
                                env=cluster.ctl_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: list[dict[str, Any]] = []
     try:
@@ -253,7 +253,7 @@ def test_e_status_every_200ms_across_a_leader_kill_never_fails(cluster: LocalClu
         [cluster.replica(old).endpoint, cluster.replica(other(old)).endpoint])}
 
     def status() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "coordinator.ctl", "--json", "status"], env=env,
+        return subprocess.run([sys.executable, "-m", "clusteracme.ctl", "--json", "status"], env=env,
                               capture_output=True, text=True, timeout=60)
 
     def poll() -> None:

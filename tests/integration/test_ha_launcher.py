@@ -119,7 +119,7 @@ def test_a_standby_serves_reads_redirects_commands_and_tells_its_role(cluster: L
     only_standby = {**cluster.ctl_env(), "ACMECTL_COORDINATOR": cluster.replica(standby).endpoint}
 
     def ctl(*args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "coordinator.ctl", *args], env=only_standby,
+        out = subprocess.run([sys.executable, "-m", "clusteracme.ctl", *args], env=only_standby,
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, (args, out.stderr)
         return out.stdout

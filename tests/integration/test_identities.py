@@ -99,7 +99,7 @@ def agent_call_as(cluster: LocalCluster, index: int, cert: Path, key: Path) -> g
 
 def acmectl_as(cluster: LocalCluster, cert: Path, key: Path, endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**cluster.ctl_env(), "ACMECTL_CERT": str(cert), "ACMECTL_KEY": str(key), "ACMECTL_COORDINATOR": endpoint}
-    return subprocess.run([sys.executable, "-m", "coordinator.ctl", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "clusteracme.ctl", *args], env=env, capture_output=True, text=True,
                           timeout=60)
 
 

@@ -20,10 +20,10 @@ import dns.message
 import dns.query
 import dns.rcode
 import pytest
+from clusteracme.coordinator.store.etcd import EtcdStore
 from cryptography import x509
 
 from clusteracme.localcluster.infra import LOOPBACK, Etcd, Infra, InfraError, Process
-from coordinator.store.etcd import EtcdStore
 
 pytestmark = [
     pytest.mark.integration,

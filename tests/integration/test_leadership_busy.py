@@ -5,7 +5,7 @@ lease TTLs, with a standby campaigning in another process: the lease stays
 alive on the keep-alive thread, the leader key keeps our revision, fenced
 writes still go through, and the standby never takes over. First for an
 ``Election`` alone, then for the coordinator's real start-up path
-(``coordinator.app.run``) with a real standby coordinator. And the reverse:
+(``clusteracme.coordinator.app.run``) with a real standby coordinator. And the reverse:
 a leader stopped entirely (SIGSTOP: every thread) is replaced after its TTL,
 and once it runs again it finds itself deposed and fenced off; so is a
 leader whose loop is stuck past ``timing.leader_stuck_seconds`` although its
@@ -30,16 +30,16 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from clusteracme.coordinator import app, metrics
+from clusteracme.coordinator.election import Election
+from clusteracme.coordinator.settings import CoordinatorSettings, EtcdSettings, TimingSettings, TLSSettings
+from clusteracme.coordinator.store.base import Entry, NotLeader, WatchEvent
+from clusteracme.coordinator.store.etcd import EtcdStore
+from clusteracme.coordinator.store.keys import Keys
 
 from clusteracme import pki
 from clusteracme.localcluster.cluster import write_toml
 from clusteracme.localcluster.infra import Process, free_port, tcp_check
-from coordinator import app, metrics
-from coordinator.election import Election
-from coordinator.settings import CoordinatorSettings, EtcdSettings, TimingSettings, TLSSettings
-from coordinator.store.base import Entry, NotLeader, WatchEvent
-from coordinator.store.etcd import EtcdStore
-from coordinator.store.keys import Keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -49,9 +49,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 CAMPAIGNER = """
 import asyncio, sys
-from coordinator.election import Election
-from coordinator.store.base import NotLeader
-from coordinator.store.etcd import EtcdStore
+from clusteracme.coordinator.election import Election
+from clusteracme.coordinator.store.base import NotLeader
+from clusteracme.coordinator.store.etcd import EtcdStore
 
 async def main(endpoint, key, identity, ttl):
     async with EtcdStore([endpoint]) as store:
@@ -221,7 +221,7 @@ async def test_a_stuck_leader_is_replaced_while_still_stuck_and_then_fenced_off(
     with pytest.raises(NotLeader):
         await leadership.fence(store).put_if(key + "/after-stuck", b"stale", expect_mod_revision=None)
     assert await store.get(key + "/after-stuck") is None
-    assert any(r.name == "coordinator.election" and r.levelno == logging.ERROR and "event loop has not run" in
+    assert any(r.name == "clusteracme.coordinator.election" and r.levelno == logging.ERROR and "event loop has not run" in
                r.getMessage() for r in caplog.records)
     await election.abandon()
 
@@ -335,7 +335,7 @@ async def test_the_coordinator_keeps_leadership_through_a_blocked_loop(
 
     async def acmectl(*args: str) -> str:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "coordinator.ctl", *args, env=ctl_env, cwd=ROOT,
+            sys.executable, "-m", "clusteracme.ctl", *args, env=ctl_env, cwd=ROOT,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await proc.communicate()
         assert proc.returncode == 0, err.decode()
@@ -350,7 +350,7 @@ async def test_the_coordinator_keeps_leadership_through_a_blocked_loop(
                     assert not coordinator.done(), coordinator
                     await asyncio.sleep(0.1)
             assert entry.value == b"busy-leader"
-            standby = Process("standby", [sys.executable, "-m", "coordinator.app", "--config",
+            standby = Process("standby", [sys.executable, "-m", "clusteracme.coordinator.app", "--config",
                                           str(tmp_path / "standby.toml")],
                               log_path=tmp_path / "standby.log", cwd=ROOT)
             async with asyncio.timeout(30):
@@ -371,7 +371,7 @@ async def test_the_coordinator_keeps_leadership_through_a_blocked_loop(
             assert len(json.loads(await acmectl("--json", "trust", "list"))["certificates"]) == 1
             # And it saw its own lag: in the histogram and in one warning line.
             assert lag_samples_over("2.5") >= long_lags + 1
-            assert any(r.name == "coordinator.looplag" and "event loop ran" in r.getMessage()
+            assert any(r.name == "clusteracme.coordinator.looplag" and "event loop ran" in r.getMessage()
                        for r in caplog.records)
 
             os.kill(os.getpid(), signal.SIGTERM)  # its own signal handler: the real shutdown path

@@ -33,6 +33,12 @@ import etcd3aio
 import grpc
 import grpc.aio
 import pytest
+from clusteracme.coordinator import records, renewal
+from clusteracme.coordinator.history import History
+from clusteracme.coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase
+from clusteracme.coordinator.store.base import Delete, Put, StoreUnavailable
+from clusteracme.coordinator.store.etcd import EtcdStore
+from clusteracme.coordinator.store.keys import Keys
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -43,12 +49,6 @@ from clusteracme import pki, rpcutil
 from clusteracme.localcluster.cluster import write_toml
 from clusteracme.localcluster.infra import Etcd, Process, free_port
 from clusteracme.v1 import coordinator_pb2, coordinator_pb2_grpc
-from coordinator import records, renewal
-from coordinator.history import History
-from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase
-from coordinator.store.base import Delete, Put, StoreUnavailable
-from coordinator.store.etcd import EtcdStore
-from coordinator.store.keys import Keys
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -340,7 +340,7 @@ def coordinator(filled: Filled) -> Iterator[Coordinator]:
     tls = rpcutil.TLSFiles(pki_dir / pki.CA_CERT, op_cert, op_key)
     log_path = run_dir / "coordinator.log"
     started = time.monotonic()
-    process = Process("coordinator", [sys.executable, "-m", "coordinator.app", "--config", str(config),
+    process = Process("coordinator", [sys.executable, "-m", "clusteracme.coordinator.app", "--config", str(config),
                                       "--log-level", "info"], log_path=log_path)
     try:
         deadline = started + 60

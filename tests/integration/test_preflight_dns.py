@@ -1,4 +1,4 @@
-"""coordinator.preflight against real DNS servers on loopback: the real
+"""clusteracme.coordinator.preflight against real DNS servers on loopback: the real
 pebble-challtestsrv as mock DNS, plus a tiny NXDOMAIN responder (challtestsrv
 never answers NXDOMAIN). Then ``acmectl preflight`` and the per-name
 addresses of an order on a real local cluster (IPv4; the dual-stack cluster
@@ -20,11 +20,11 @@ from typing import Any
 import dns.message
 import dns.rcode
 import pytest
+from clusteracme.coordinator.errors import InvalidNames, PreflightFailed
+from clusteracme.coordinator.orders import DnsAddress
+from clusteracme.coordinator.preflight import DnsResolver, check_dns, preflight, resolve_names
 
 from clusteracme.localcluster.cluster import LocalCluster, peer_address
-from coordinator.errors import InvalidNames, PreflightFailed
-from coordinator.orders import DnsAddress
-from coordinator.preflight import DnsResolver, check_dns, preflight, resolve_names
 from tests.integration.conftest import ctl_json, make_cluster, record, register_account
 
 pytestmark = pytest.mark.integration

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clusteracme.coordinator.store.etcd import EtcdStore
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -32,7 +33,6 @@ from cryptography.x509.oid import NameOID
 from clusteracme.certinfo import spki_sha256
 from clusteracme.localcluster.cluster import LocalCluster
 from clusteracme.localcluster.infra import Pebble
-from coordinator.store.etcd import EtcdStore
 from tests.integration.conftest import ctl_json, keyspace, make_cluster, register_account
 from tests.integration.revoke_double import RevokeDouble
 

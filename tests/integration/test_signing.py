@@ -12,12 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clusteracme.coordinator.accounts import account_binding
+from clusteracme.coordinator.secretbox import SecretBox
 from cryptography.hazmat.primitives import serialization
 
 from clusteracme.errors import FailedPrecondition
 from clusteracme.localcluster.cluster import LocalCluster, peer_address
-from coordinator.accounts import account_binding
-from coordinator.secretbox import SecretBox
 from tests.integration.conftest import agent_log, ctl_json, keyspace, make_cluster, record, register_account
 
 pytestmark = pytest.mark.integration

@@ -263,7 +263,7 @@ def test_automatic_mode_never_signs_over_an_imported_certificate_and_warns_past_
     assert slot(cluster, "peer2", domain).get("pending") is None
     assert served_serial(cluster.agent(2).tls_endpoint, domain) == serial
     warned = [line for line in (cluster.run_dir / "coordinator.log").read_text().splitlines()
-              if "coordinator.scheduler" in line and f"imported certificate {serial} passed 2/3" in line]
+              if "clusteracme.coordinator.scheduler" in line and f"imported certificate {serial} passed 2/3" in line]
     assert len(warned) == 1  # once per serial
     status = cluster.ctl("status", "peer2").stdout
     # Said once: as the slot's warning, or as its imported-aging alarm once the alarm job raised it.

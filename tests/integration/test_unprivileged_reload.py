@@ -388,7 +388,7 @@ def _stage(work: Path, cluster: LocalCluster, uid: int, nginx_port: int, coordin
                                      "include-system-site-packages = false\n")
     (venv / "bin" / "python3").symlink_to(_system_python() or "")
     (site / "clusteracme-test.pth").write_text("/opt/clusteracme/src\n/opt/clusteracme/site\n")
-    for script, module in (("acme-agent", "peer_agent.app"), ("acme-coordinator", "coordinator.app")):
+    for script, module in (("acme-agent", "clusteracme.peer_agent.app"), ("acme-coordinator", "clusteracme.coordinator.app")):
         (venv / "bin" / script).write_text(f"#!/opt/clusteracme/venv/bin/python3\nimport sys\n"
                                            f"from {module} import main\nsys.exit(main())\n")
         (venv / "bin" / script).chmod(0o755)
@@ -522,7 +522,7 @@ def test_coordinator_under_the_shipped_unit_is_ready_and_serves(
     assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"
     assert "standby" in sd.systemctl("show", "-p", "StatusText", "--value", "acme-coordinator.service").stdout
     env = {**cluster.ctl_env(), "ACMECTL_COORDINATOR": f"127.0.0.1:{port}"}
-    out = subprocess.run([sys.executable, "-m", "coordinator.ctl", "--json", "peer", "list"], env=env,
+    out = subprocess.run([sys.executable, "-m", "clusteracme.ctl", "--json", "peer", "list"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr + sd.tail()
     # A read served from etcd by this standby: the same peers the leader lists.

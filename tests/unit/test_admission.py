@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from clusteracme.coordinator.admission import BUDGET_WINDOW, Admission, Limits, QueueFull
 
 from clusteracme import errors
-from coordinator.admission import BUDGET_WINDOW, Admission, Limits, QueueFull
 
 
 def test_orders_over_the_limit_wait_in_submission_order() -> None:

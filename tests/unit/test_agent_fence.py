@@ -16,19 +16,19 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+from clusteracme.peer_agent.certs import CertStore
+from clusteracme.peer_agent.challenges import ChallengeService
+from clusteracme.peer_agent.deployer import FENCE_FILE, Deployer, FenceFloor, SupersededLeader
+from clusteracme.peer_agent.errors import StorageError
+from clusteracme.peer_agent.front import FrontMode
+from clusteracme.peer_agent.keys import KeyStore
+from clusteracme.peer_agent.reload import CommandHook
+from clusteracme.peer_agent.rpc.servicer import AgentServicer
 
 from clusteracme import pki
 from clusteracme.rpcutil import TLSFiles, channel, server
 from clusteracme.v1 import agent_pb2 as pb
 from clusteracme.v1 import agent_pb2_grpc, common_pb2
-from peer_agent.certs import CertStore
-from peer_agent.challenges import ChallengeService
-from peer_agent.deployer import FENCE_FILE, Deployer, FenceFloor, SupersededLeader
-from peer_agent.errors import StorageError
-from peer_agent.front import FrontMode
-from peer_agent.keys import KeyStore
-from peer_agent.reload import CommandHook
-from peer_agent.rpc.servicer import AgentServicer
 from tests.unit.test_cert_store import CertFactory, issue, serial_of, snapshot
 
 pytestmark = pytest.mark.timeout(60)

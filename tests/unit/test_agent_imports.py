@@ -32,7 +32,7 @@ def run(code: str) -> str:
 def test_the_agent_daemon_module_imports_no_listener_or_revocation_code() -> None:
     out = run(f"""
         import sys
-        import peer_agent.app
+        import clusteracme.peer_agent.app
         print(sorted(m for m in {LAZY!r} if m in sys.modules))
     """)
     assert out.strip() == "[]"
@@ -42,10 +42,10 @@ def test_an_idle_closed_front_agent_loads_aiohttp_at_its_first_challenge_and_ser
     out = run("""
         import asyncio, socket, sys, tempfile
         from pathlib import Path
-        from peer_agent.app import build_deployer
-        from peer_agent.challenges import ChallengeService
-        from peer_agent.keys import KeyStore
-        from peer_agent.settings import AgentSettings
+        from clusteracme.peer_agent.app import build_deployer
+        from clusteracme.peer_agent.challenges import ChallengeService
+        from clusteracme.peer_agent.keys import KeyStore
+        from clusteracme.peer_agent.settings import AgentSettings
         from clusteracme.config import build
 
         TOKEN, THUMB = "tok1", "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
@@ -80,7 +80,7 @@ def test_an_idle_closed_front_agent_loads_aiohttp_at_its_first_challenge_and_ser
 def test_a_redirect_front_listens_from_start() -> None:
     out = run("""
         import asyncio, sys
-        from peer_agent.challenges import ChallengeService
+        from clusteracme.peer_agent.challenges import ChallengeService
 
         async def main():
             service = ChallengeService("127.0.0.1", 0, "redirect")
@@ -98,7 +98,7 @@ def test_a_redirect_front_listens_from_start() -> None:
 
 def test_a_bad_proxy_upstream_is_still_refused_when_the_endpoint_is_built() -> None:
     out = run("""
-        from peer_agent.tls_endpoint import TLSEndpoint
+        from clusteracme.peer_agent.tls_endpoint import TLSEndpoint
         try:
             TLSEndpoint("127.0.0.1", 0, peer_id="p1", upstream="ftp://127.0.0.1:21/x")
         except ValueError as exc:

@@ -10,6 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clusteracme.coordinator import imports
+from clusteracme.peer_agent import keys as keys_module
+from clusteracme.peer_agent.certs import CertStore
+from clusteracme.peer_agent.errors import BrokenPair, InvalidSlot, KeyNotHeld, UnknownKeyType
+from clusteracme.peer_agent.keys import TOMBSTONE_SECONDS, InvalidSubject, KeyStore, rfc3339, validate_subject
+from clusteracme.peer_agent.revocation import sign_revocation
+from clusteracme.peer_agent.rpc.servicer import AgentServicer
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -17,13 +24,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from clusteracme import certinfo
 from clusteracme.errors import FailedPrecondition, InvalidArgument
 from clusteracme.v1 import agent_pb2, common_pb2
-from coordinator import imports
-from peer_agent import keys as keys_module
-from peer_agent.certs import CertStore
-from peer_agent.errors import BrokenPair, InvalidSlot, KeyNotHeld, UnknownKeyType
-from peer_agent.keys import TOMBSTONE_SECONDS, InvalidSubject, KeyStore, rfc3339, validate_subject
-from peer_agent.revocation import sign_revocation
-from peer_agent.rpc.servicer import AgentServicer
 from tests.unit.test_cert_store import CertFactory, issue
 
 UTC = datetime.UTC

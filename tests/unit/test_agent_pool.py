@@ -16,16 +16,16 @@ from typing import Any
 
 import grpc.aio
 import pytest
+from clusteracme.coordinator.history import History
+from clusteracme.coordinator.peers import AgentPool, PeerInfo, Registry
+from clusteracme.coordinator.retention import RetentionJob
+from clusteracme.coordinator.settings import RetentionSettings
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
 
 from clusteracme import errors, pki
 from clusteracme.rpcutil import TLSFiles, server
 from clusteracme.v1 import agent_pb2, agent_pb2_grpc
-from coordinator.history import History
-from coordinator.peers import AgentPool, PeerInfo, Registry
-from coordinator.retention import RetentionJob
-from coordinator.settings import RetentionSettings
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(60)
 

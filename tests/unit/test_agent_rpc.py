@@ -14,17 +14,17 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+from clusteracme.peer_agent.certs import CertStore
+from clusteracme.peer_agent.challenges import ChallengeService
+from clusteracme.peer_agent.deployer import Deployer
+from clusteracme.peer_agent.front import FrontMode
+from clusteracme.peer_agent.keys import KeyStore
+from clusteracme.peer_agent.rpc.servicer import AgentServicer
 
 from clusteracme import pki
 from clusteracme.rpcutil import TLSFiles, channel, server
 from clusteracme.v1 import agent_pb2 as pb
 from clusteracme.v1 import agent_pb2_grpc, common_pb2
-from peer_agent.certs import CertStore
-from peer_agent.challenges import ChallengeService
-from peer_agent.deployer import Deployer
-from peer_agent.front import FrontMode
-from peer_agent.keys import KeyStore
-from peer_agent.rpc.servicer import AgentServicer
 
 pytestmark = pytest.mark.timeout(60)
 

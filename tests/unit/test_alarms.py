@@ -16,19 +16,10 @@ import aiohttp
 import pytest
 import yarl
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
-
-from clusteracme import errors
-from clusteracme.v1 import agent_pb2, common_pb2
-from clusteracme.v1 import coordinator_pb2 as pb
-from coordinator import alarms, app, ctl, records
-from coordinator.accounts import ProviderBook
-from coordinator.alarm_webhook import Redactor, WebhookNotifier, alarm_json, safe_url
-from coordinator.alarms import (
+from clusteracme.coordinator import alarms, app, records
+from clusteracme.coordinator.accounts import ProviderBook
+from clusteracme.coordinator.alarm_webhook import Redactor, WebhookNotifier, alarm_json, safe_url
+from clusteracme.coordinator.alarms import (
     AlarmBook,
     AlarmJob,
     AlarmRecord,
@@ -42,14 +33,25 @@ from coordinator.alarms import (
     Severity,
     Step,
 )
-from coordinator.metrics import REGISTRY
-from coordinator.peers import PeerInfo, Registry
-from coordinator.rpc import servicer as rpc_servicer
-from coordinator.scheduler import RenewalScheduler
-from coordinator.settings import AlarmSettings, CoordinatorSettings, RenewalSettings
-from coordinator.store.base import Put
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
+from clusteracme.coordinator.metrics import REGISTRY
+from clusteracme.coordinator.peers import PeerInfo, Registry
+from clusteracme.coordinator.rpc import servicer as rpc_servicer
+from clusteracme.coordinator.scheduler import RenewalScheduler
+from clusteracme.coordinator.settings import AlarmSettings, CoordinatorSettings, RenewalSettings
+from clusteracme.coordinator.store.base import Put
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from clusteracme import errors
+from clusteracme.ctl import base as ctl_base
+from clusteracme.ctl import status as ctl_status
+from clusteracme.v1 import agent_pb2, common_pb2
+from clusteracme.v1 import coordinator_pb2 as pb
 
 UTC = datetime.UTC
 NOW = datetime.datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -913,7 +915,7 @@ async def test_removed_peers_lose_their_alarms_and_broken_records_are_left_alone
     await later(job, clock, 10)
     assert (await later(job, clock, 10)).raised == 1  # p2 dead, after the grace and two looks
     await registry.remove("p2")
-    with caplog.at_level(logging.WARNING, logger="coordinator.alarms"):
+    with caplog.at_level(logging.WARNING, logger="clusteracme.coordinator.alarms"):
         report = await later(job, clock)
     assert report.cleared == 3
     p2 = [records.decode(e.value) for e in await store.range(KEYS.alarms()) if "/p2/" in e.key]
@@ -974,7 +976,7 @@ async def test_the_alarm_book_lists_by_peer_and_with_cleared_ones(caplog: pytest
     assert await book.raised_by_slot("p1") == {("p1", None): recs[:1], ("p1", ""): recs[1:2]}
     # An unreadable record is skipped, and logged once, not at every call.
     await store.put_if(KEYS.alarm("expiring", "p3", None), b"{broken", expect_mod_revision=0)
-    with caplog.at_level(logging.WARNING, logger="coordinator.alarms"):
+    with caplog.at_level(logging.WARNING, logger="clusteracme.coordinator.alarms"):
         for _ in range(3):
             assert await book.list() == recs[:3]
     assert caplog.text.count("cannot be read") == 1
@@ -1104,7 +1106,7 @@ async def test_the_webhook_retries_with_jittered_backoff_and_keeps_each_alarms_o
 def test_the_webhook_alarm_is_the_apis_json(domain: str | None) -> None:
     rec = AlarmRecord("expiring", "p1", domain, "warning", "soon", "t1", "t2", active=False, updated_at="t3",
                       notified=Notified("i", "raised", "t1", "t1", "delivered", "t1"))
-    assert alarm_json(rec) == ctl._dict(rpc_servicer._alarm(rec))
+    assert alarm_json(rec) == ctl_base._dict(rpc_servicer._alarm(rec))
 
 
 async def test_alarms_are_delivered_independently() -> None:
@@ -1145,7 +1147,7 @@ async def test_the_webhook_gives_up_after_the_last_attempt(caplog: pytest.LogCap
         notifier = WebhookNotifier(webhook_settings(receiver.url, webhook_max_attempts=3), cluster="/c/",
                                    coordinator="c1")
         dropped = posts("dropped")
-        with caplog.at_level(logging.ERROR, logger="coordinator.alarm_webhook"):
+        with caplog.at_level(logging.ERROR, logger="clusteracme.coordinator.alarm_webhook"):
             notifier.notify(note_of(record), results)
             assert await notifier.wait_idle(10)
         await notifier.close()
@@ -1180,7 +1182,7 @@ async def test_a_failing_worker_gives_its_notifications_back(monkeypatch: pytest
     monkeypatch.setattr(notifier, "_deliver", broken)
     results = Results()
     raised = AlarmRecord("peer-dead", "p1", None, "critical", "dead", "t")
-    with caplog.at_level(logging.ERROR, logger="coordinator.alarm_webhook"):
+    with caplog.at_level(logging.ERROR, logger="clusteracme.coordinator.alarm_webhook"):
         notifier.notify(note_of(raised), results)
         notifier.notify(note_of(dataclasses.replace(raised, active=False, cleared_at="t2")), results)
         assert await notifier.wait_idle(5)
@@ -1202,7 +1204,7 @@ async def test_the_webhook_url_never_shows_its_secrets(monkeypatch: pytest.Monke
             raise aiohttp.InvalidURL(target)  # aiohttp puts the URL in its messages
 
     monkeypatch.setattr(notifier, "_client", Session)
-    with caplog.at_level(logging.DEBUG, logger="coordinator.alarm_webhook"):
+    with caplog.at_level(logging.DEBUG, logger="clusteracme.coordinator.alarm_webhook"):
         notifier.notify(note_of(AlarmRecord("peer-dead", "p1", None, "critical", "dead", "t")))
         assert await notifier.wait_idle(5)
     await notifier.close()
@@ -1251,7 +1253,7 @@ async def test_a_bad_webhook_ca_stops_the_coordinator_before_it_campaigns(tmp_pa
 
 
 def test_the_agents_key_slots_load_each_key_once(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from peer_agent import keys as keys_module
+    from clusteracme.peer_agent import keys as keys_module
 
     store = keys_module.KeyStore(tmp_path)
     store.generate_csr("", "a.example", [], common_pb2.KEY_TYPE_EC_P256)
@@ -1278,7 +1280,7 @@ def test_the_agents_key_slots_load_each_key_once(tmp_path: Any, monkeypatch: pyt
 # --- acmectl's human output --------------------------------------------------------------------
 
 
-class FakeCtl(ctl.Ctl):
+class FakeCtl(ctl_base.Ctl):
     def __init__(self, answers: dict[str, Any]) -> None:
         super().__init__(argparse.Namespace(json=False, timeout=5, coordinator="c:1"))
         self.answers = answers
@@ -1298,27 +1300,27 @@ CLEARED = pb.Alarm(kind="disk-mismatch", peer_id="p2", slot=common_pb2.Slot(doma
 
 async def test_alarms_table_and_status_lines(capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeCtl({"ListAlarms": pb.ListAlarmsResponse(alarms=[DEAD, EXPIRING])})
-    await ctl.cmd_alarms(fake, argparse.Namespace(peer="p1", all=False))
+    await ctl_status.cmd_alarms(fake, argparse.Namespace(peer="p1", all=False))
     assert (fake.request.peer_id, fake.request.all) == ("p1", False)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["KIND", "PEER", "SLOT", "SEVERITY", "RAISED", "DETAIL"]
     assert lines[1].split() == ["peer-dead", "p1", "-", "critical", "T1", "no", "heartbeat"]
     assert lines[2].split()[:5] == ["expiring", "p1", "server", "critical", "T2"]
 
-    await ctl.cmd_alarms(FakeCtl({"ListAlarms": pb.ListAlarmsResponse(alarms=[EXPIRING, CLEARED])}),
+    await ctl_status.cmd_alarms(FakeCtl({"ListAlarms": pb.ListAlarmsResponse(alarms=[EXPIRING, CLEARED])}),
                          argparse.Namespace(peer="", all=True))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["KIND", "PEER", "SLOT", "SEVERITY", "RAISED", "CLEARED", "DETAIL"]
     assert lines[1].split()[:6] == ["expiring", "p1", "server", "critical", "T2", "-"]
     assert lines[2].split()[:6] == ["disk-mismatch", "p2", "shop.example.com", "warning", "T3", "T4"]
 
-    await ctl.cmd_alarms(FakeCtl({"ListAlarms": pb.ListAlarmsResponse()}), argparse.Namespace(peer="", all=False))
+    await ctl_status.cmd_alarms(FakeCtl({"ListAlarms": pb.ListAlarmsResponse()}), argparse.Namespace(peer="", all=False))
     assert capsys.readouterr().out == "no alarm raised\n"
 
     status = pb.StatusResponse(peers=[pb.PeerStatus(
         peer=pb.Peer(peer_id="p1", alive=False, enabled=True), alarms=[DEAD],
         slots=[pb.SlotStatus(slot=common_pb2.Slot(), agent_matches=True, alarms=[EXPIRING])])])
-    await ctl.cmd_status(FakeCtl({"Status": status}), argparse.Namespace(peer=""))
+    await ctl_status.cmd_status(FakeCtl({"Status": status}), argparse.Namespace(peer=""))
     out = capsys.readouterr().out
     assert "p1: ALARM peer-dead (critical) since T1: no heartbeat" in out
     assert "p1 server: ALARM expiring (critical) since T2: certificate ab expires at T9" in out
@@ -1330,7 +1332,7 @@ async def test_a_multi_line_detail_keeps_the_table_whole(capsys: pytest.CaptureF
                        active=True)
     odd = pb.Alarm(kind="expiring", peer_id="p2", slot=common_pb2.Slot(domain=""), severity="warning",
                    detail="bell\x07 and\ttab", raised_at="T6", active=True)
-    await ctl.cmd_alarms(FakeCtl({"ListAlarms": pb.ListAlarmsResponse(alarms=[failing, odd])}),
+    await ctl_status.cmd_alarms(FakeCtl({"ListAlarms": pb.ListAlarmsResponse(alarms=[failing, odd])}),
                          argparse.Namespace(peer="", all=False))
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3  # the header and one line per alarm
@@ -1338,7 +1340,7 @@ async def test_a_multi_line_detail_keeps_the_table_whole(capsys: pytest.CaptureF
     assert lines[2].endswith("bell\\x07 and\\ttab")
     status = pb.StatusResponse(peers=[pb.PeerStatus(peer=pb.Peer(peer_id="p1", alive=True, enabled=True), slots=[
         pb.SlotStatus(slot=common_pb2.Slot(), agent_matches=True, alarms=[failing])])])
-    await ctl.cmd_status(FakeCtl({"Status": status}), argparse.Namespace(peer=""))
+    await ctl_status.cmd_status(FakeCtl({"Status": status}), argparse.Namespace(peer=""))
     assert "p1 server: ALARM auto-sign-failing (warning) since T5: order failed: [...]\n" in capsys.readouterr().out
 
 
@@ -1351,7 +1353,7 @@ async def test_status_says_a_renewal_warning_once(capsys: pytest.CaptureFixture[
         slot_status.alarms.extend(listed)
         status = pb.StatusResponse(peers=[pb.PeerStatus(peer=pb.Peer(peer_id="p1", alive=True, enabled=True),
                                                         slots=[slot_status])])
-        await ctl.cmd_status(FakeCtl({"Status": status}), argparse.Namespace(peer=""))
+        await ctl_status.cmd_status(FakeCtl({"Status": status}), argparse.Namespace(peer=""))
         out = capsys.readouterr().out
         assert out.count(WARNING) == 1  # the alarm's line, or (not raised yet) the plan's warning
         assert ("ALARM renewal-overdue" in out) == bool(listed)

@@ -15,16 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-from clusteracme import certinfo
-from clusteracme.errors import FailedPrecondition, InvalidArgument
-from clusteracme.v1 import common_pb2
-from peer_agent.certs import CertStore
-from peer_agent.errors import (
+from clusteracme.peer_agent.certs import CertStore
+from clusteracme.peer_agent.errors import (
     BrokenPair,
     CertificateNotCurrent,
     InvalidChain,
@@ -33,7 +25,15 @@ from peer_agent.errors import (
     NameMismatch,
     RollbackRefused,
 )
-from peer_agent.keys import KeyStore
+from clusteracme.peer_agent.keys import KeyStore
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from clusteracme import certinfo
+from clusteracme.errors import FailedPrecondition, InvalidArgument
+from clusteracme.v1 import common_pb2
 
 DAY = datetime.timedelta(days=1)
 
@@ -417,7 +417,7 @@ def test_staging_is_private_and_removed(tmp_path: Path, store: CertStore, keys: 
 
 
 def test_the_atomic_write_never_follows_or_reuses_a_planted_temp_name(tmp_path: Path) -> None:
-    from peer_agent.certs import _write_atomic
+    from clusteracme.peer_agent.certs import _write_atomic
 
     victim = tmp_path / "victim"
     victim.write_bytes(b"untouched")

@@ -14,12 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
-
-from peer_agent.challenge_server import ChallengeServer
-from peer_agent.challenges import EXPIRY_TASK_NAME, ChallengeService
-from peer_agent.errors import FrontError, InvalidToken, NotStarted, TokenConflict
-from peer_agent.front import Front, FrontMode
-from peer_agent.tokens import TokenStore
+from clusteracme.peer_agent.challenge_server import ChallengeServer
+from clusteracme.peer_agent.challenges import EXPIRY_TASK_NAME, ChallengeService
+from clusteracme.peer_agent.errors import FrontError, InvalidToken, NotStarted, TokenConflict
+from clusteracme.peer_agent.front import Front, FrontMode
+from clusteracme.peer_agent.tokens import TokenStore
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -574,7 +573,7 @@ def batch_tokens(n: int) -> dict[str, str]:
 
 def challenge_server_starts(caplog: pytest.LogCaptureFixture) -> int:
     return sum(1 for r in caplog.records
-               if r.name == "peer_agent.challenge_server" and r.getMessage().startswith("challenge server listening"))
+               if r.name == "clusteracme.peer_agent.challenge_server" and r.getMessage().startswith("challenge server listening"))
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
@@ -743,7 +742,7 @@ async def test_ipv6_any_next_to_ipv4_addresses_is_ipv6_only_and_both_bind() -> N
 
 @needs_ipv6
 async def test_the_remote_address_of_an_ipv6_request_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "peer_agent.front")
+    caplog.set_level(logging.INFO, "clusteracme.peer_agent.front")
     service, port = await open_service(("127.0.0.1", "::1"), FrontMode.CLOSED)
     try:
         await get_token_at("::1", port)
@@ -794,10 +793,11 @@ async def test_an_ipv6_address_in_use_is_named_in_brackets() -> None:
 
 
 def test_front_hosts_default_to_host_and_registration_announces_the_specific_ones() -> None:
+    from clusteracme.peer_agent.app import registration
+    from clusteracme.peer_agent.settings import AgentSettings
+
     from clusteracme.config import build
     from clusteracme.errors import InvalidArgument
-    from peer_agent.app import registration
-    from peer_agent.settings import AgentSettings
 
     def settings(front: dict[str, object], **data: object) -> AgentSettings:
         return build(AgentSettings, {"peer_id": "p1", "listen": "10.0.0.5:7444", "front": front, **data})

@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 
 import pytest
+from clusteracme.coordinator.settings import CoordinatorSettings
+from clusteracme.peer_agent.settings import AgentSettings
 
 from clusteracme.config import apply_overrides, build, load_toml
 from clusteracme.daemon import load_settings
 from clusteracme.errors import InvalidArgument
-from coordinator.settings import CoordinatorSettings
-from peer_agent.settings import AgentSettings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "config"
 

@@ -15,18 +15,18 @@ from typing import Any
 
 import grpc.aio
 import pytest
+from clusteracme.coordinator import issuance, records
+from clusteracme.coordinator.deployment import Deployment
+from clusteracme.coordinator.history import History
+from clusteracme.coordinator.peers import AgentPool, PeerInfo, Registry, endpoint_problem
+from clusteracme.coordinator.settings import CoordinatorSettings, PeerSettings
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
 
 from clusteracme import errors, pki
 from clusteracme.config import build
 from clusteracme.rpcutil import TLSFiles, server
 from clusteracme.v1 import agent_pb2, agent_pb2_grpc
-from coordinator import issuance, records
-from coordinator.deployment import Deployment
-from coordinator.history import History
-from coordinator.peers import AgentPool, PeerInfo, Registry, endpoint_problem
-from coordinator.settings import CoordinatorSettings, PeerSettings
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -124,9 +124,10 @@ def test_allowed_networks_are_checked_at_start() -> None:
 async def test_the_shipped_agent_example_registers_with_the_shipped_coordinator_example() -> None:
     """deploy/config/agent.toml verifies on 10.0.0.31:443, not one of its
     public addresses: deploy/config/coordinator.toml allows 10.0.0.0/8."""
+    from clusteracme.peer_agent.app import registration
+    from clusteracme.peer_agent.settings import AgentSettings
+
     from clusteracme.config import load_toml
-    from peer_agent.app import registration
-    from peer_agent.settings import AgentSettings
 
     deploy = Path(__file__).resolve().parents[2] / "deploy" / "config"
     coordinator = build(CoordinatorSettings, load_toml(deploy / "coordinator.toml"))
@@ -410,7 +411,7 @@ def test_the_bound_fits_a_key_authorization() -> None:
 
 
 def test_link_local_and_unspecified_are_refused_even_as_the_peers_own_address() -> None:
-    from coordinator.peers import endpoint_problem
+    from clusteracme.coordinator.peers import endpoint_problem
 
     for endpoint, own in (("169.254.169.254:80", "169.254.169.254"), ("[fe80::1]:80", "fe80::1"),
                           ("[::ffff:0.0.0.0]:80", "::ffff:0.0.0.0")):

@@ -20,18 +20,18 @@ import datetime
 from typing import Any
 
 import pytest
+from clusteracme.coordinator import records
+from clusteracme.coordinator.alarms import compare_disk
+from clusteracme.coordinator.deployment import INTENT, Deployment, Settled
+from clusteracme.coordinator.history import History
+from clusteracme.coordinator.peers import PeerInfo
+from clusteracme.coordinator.scheduler import RenewalScheduler
+from clusteracme.coordinator.settings import RenewalSettings
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
 
 from clusteracme import errors
 from clusteracme.v1 import agent_pb2, common_pb2
-from coordinator import records
-from coordinator.alarms import compare_disk
-from coordinator.deployment import INTENT, Deployment, Settled
-from coordinator.history import History
-from coordinator.peers import PeerInfo
-from coordinator.scheduler import RenewalScheduler
-from coordinator.settings import RenewalSettings
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
 
 KEYS = Keys("/t/")
 T0 = datetime.datetime(2026, 5, 4, 10, 0, tzinfo=datetime.UTC)

@@ -19,13 +19,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
+from clusteracme.coordinator.election import Election, KeepAliveStore, Leadership
+from clusteracme.coordinator.settings import CoordinatorSettings, TimingSettings
+from clusteracme.coordinator.store.base import Entry, LeaseLost, NotLeader, StoreUnavailable, WatchEvent
+from clusteracme.coordinator.store.memory import MemoryStore
 
 from clusteracme.config import build
 from clusteracme.errors import InvalidArgument
-from coordinator.election import Election, KeepAliveStore, Leadership
-from coordinator.settings import CoordinatorSettings, TimingSettings
-from coordinator.store.base import Entry, LeaseLost, NotLeader, StoreUnavailable, WatchEvent
-from coordinator.store.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -383,7 +383,7 @@ async def test_a_store_that_cannot_open_its_own_connection_needs_a_factory(store
 
 
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "coordinator.election" and r.levelno >= logging.ERROR]
+    return [r.getMessage() for r in caplog.records if r.name == "clusteracme.coordinator.election" and r.levelno >= logging.ERROR]
 
 
 async def lead_on_thread_safe_lease(lease: ThreadSafeLease, stuck_after: float) -> tuple[Election, Leadership]:

@@ -9,12 +9,12 @@ import logging
 from pathlib import Path
 
 import pytest
+from clusteracme.coordinator import app
+from clusteracme.coordinator.settings import CoordinatorSettings, EtcdSettings
+from clusteracme.coordinator.store.etcd import EtcdStore
 
 from clusteracme import errors
 from clusteracme.config import build
-from coordinator import app
-from coordinator.settings import CoordinatorSettings, EtcdSettings
-from coordinator.store.etcd import EtcdStore
 
 
 def settings(**etcd: object) -> CoordinatorSettings:

@@ -22,11 +22,14 @@ import grpc.aio
 import pytest
 
 from clusteracme import errors, failover, pki, rpcutil
+from clusteracme.ctl import base as ctl_base
+from clusteracme.ctl import deploys as ctl_deploys
+from clusteracme.ctl import main as ctl_main
+from clusteracme.ctl import peers as ctl_peers
 from clusteracme.failover import Kind, ReplicaClient, classify
 from clusteracme.rpcutil import TLSFiles, server
 from clusteracme.v1 import coordinator_pb2 as pb
 from clusteracme.v1 import coordinator_pb2_grpc
-from coordinator import ctl
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -688,14 +691,14 @@ def acmectl_args(pki_dir: Path, coordinators: str, *rest: str) -> list[str]:
 def test_acmectl_refuses_a_bad_coordinator_list(pki_dir: Path, coordinators: str, said: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:
-        ctl.main(acmectl_args(pki_dir, coordinators, "status"))
+        ctl_main.main(acmectl_args(pki_dir, coordinators, "status"))
     assert caught.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("acmectl: --coordinator (or ACMECTL_COORDINATOR): ") and said in err
 
 
 async def run_acmectl(args: list[str]) -> None:
-    await ctl._run(ctl.parser().parse_args(args))
+    await ctl_main._run(ctl_main.parser().parse_args(args))
 
 
 async def test_acmectl_commands_go_through_the_list(cluster: Cluster, pki_dir: Path,
@@ -712,7 +715,7 @@ async def test_acmectl_coordinators(cluster: Cluster, pki_dir: Path, capsys: pyt
     c2 = await cluster.start("c2")
     await run_acmectl(acmectl_args(pki_dir, f"{closed_port()},{c2.address}", "coordinators"))
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ctl.COORDINATORS_HEADER
+    assert lines[0].split() == ctl_peers.COORDINATORS_HEADER
     assert lines[1].split() == ["c1", "127.0.0.1:7443", "leader", "1.2.0", "2026-12-02T09:00:05Z"]
     assert lines[2].split() == ["c2", "*", "127.0.0.1:7444", "standby", "1.2.0", "2026-12-02T09:00:01Z"]
     assert lines[3] == f"* answered: c2 at {c2.address}"
@@ -723,7 +726,7 @@ async def test_acmectl_coordinators(cluster: Cluster, pki_dir: Path, capsys: pyt
 
 def test_acmectl_parses_without_a_coordinator_until_one_is_needed() -> None:
     # pki commands never reach a coordinator: a bad ACMECTL_COORDINATOR does not stop them.
-    fake = ctl.Ctl(argparse.Namespace(coordinator="not an endpoint", ca=None, cert=None, key=None))
+    fake = ctl_base.Ctl(argparse.Namespace(coordinator="not an endpoint", ca=None, cert=None, key=None))
     assert fake.answered_last is None
     with pytest.raises(errors.InvalidArgument):
         _ = fake.client
@@ -750,7 +753,7 @@ PLAN = {"p1": ["planned", "deploying", "reloading", "verifying", "verified"], "p
     ({"p2": ["planned", "deploying", "reloading"]}, False, "under way: p2 (reloading)"),
 ])
 def test_rollout_where(stages: dict[str, list[str]], rollback_on_failure: bool, said: str) -> None:
-    where = ctl._rollout_where({**PLAN, **stages}, rollback_on_failure=rollback_on_failure)
+    where = ctl_deploys._rollout_where({**PLAN, **stages}, rollback_on_failure=rollback_on_failure)
     assert said in where
     assert "not touched: p5" in where and "p4 (skipped)" in where
     assert where.endswith("; run the rollout again for the rest")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from coordinator import history
-from coordinator.history import Event, History
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
+from clusteracme.coordinator import history
+from clusteracme.coordinator.history import Event, History
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
 
 
 async def test_events_are_listed_newest_first_and_trimmed(monkeypatch) -> None:  # type: ignore[no-untyped-def]

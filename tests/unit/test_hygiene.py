@@ -20,22 +20,25 @@ from typing import Any
 
 import grpc
 import pytest
+from clusteracme.coordinator import names, preflight, records
+from clusteracme.coordinator.accounts import Accounts
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
+from clusteracme.peer_agent import keys as agent_keys
+from clusteracme.peer_agent import tokens
+from clusteracme.peer_agent.challenge_server import CHALLENGE_PREFIX, challenge_token
+from clusteracme.peer_agent.errors import AgentError
 from cryptography import x509
 
 from clusteracme import certinfo, netaddr, pki
+from clusteracme.ctl import base as ctl_base
+from clusteracme.ctl import main as ctl_main
+from clusteracme.ctl import providers as ctl_providers
 from clusteracme.errors import AlreadyExists, InvalidArgument, NotFound
 from clusteracme.safetext import safe_message, terminal_safe
 from clusteracme.v1 import common_pb2
 from clusteracme.v1 import coordinator_pb2 as pb
 from clusteracme.v1 import coordinator_pb2_grpc as pb_grpc
-from coordinator import ctl, names, preflight, records
-from coordinator.accounts import Accounts
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
-from peer_agent import keys as agent_keys
-from peer_agent import tokens
-from peer_agent.challenge_server import CHALLENGE_PREFIX, challenge_token
-from peer_agent.errors import AgentError
 
 # --- fullmatch: "valid" passes, "valid\n" is refused, for every validator -------------------
 
@@ -236,7 +239,7 @@ def test_terminal_safe_escapes_every_control_and_keeps_newlines_only_when_asked(
 
 def test_safe_message_reaches_nested_and_repeated_strings() -> None:
     msg = pb.ListAlarmsResponse(alarms=[pb.Alarm(kind=HOSTILE, detail=HOSTILE, slot=common_pb2.Slot(domain=HOSTILE))])
-    clean = safe_message(msg, ctl.MULTILINE_FIELDS)
+    clean = safe_message(msg, ctl_base.MULTILINE_FIELDS)
     (alarm,) = clean.alarms
     assert _no_controls(alarm.kind, newlines=False) and _no_controls(alarm.slot.domain, newlines=False)
     assert alarm.detail.count("\n") == 1 and _no_controls(alarm.detail, newlines=True)  # kept: _one_line cuts it
@@ -312,7 +315,7 @@ async def hostile(tmp_path: Path) -> AsyncIterator[tuple[HostileCoordinator, dic
 
 async def acmectl(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     """The real acmectl, as a process; stdout and stderr exactly as a terminal would get them."""
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "coordinator.ctl", "--timeout", "10", *args,
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "clusteracme.ctl", "--timeout", "10", *args,
                                                 env=env, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -363,10 +366,10 @@ async def test_eab_key_from_a_file_or_the_environment_reaches_the_coordinator(
     code, out, err = await acmectl(env, *base, "--eab-hmac-key-file", str(key_file))
     assert code == 0, err
     assert "\\x1b[8m" in out and "\x1b" not in out
-    code, _, err = await acmectl({**env, ctl.EAB_KEY_ENV: "fromEnv_123\n"}, *base)
+    code, _, err = await acmectl({**env, ctl_base.EAB_KEY_ENV: "fromEnv_123\n"}, *base)
     assert code == 0, err
     # The file wins over the environment, as every flag does.
-    code, _, err = await acmectl({**env, ctl.EAB_KEY_ENV: "fromEnv_123"}, *base, "--eab-hmac-key-file", str(key_file))
+    code, _, err = await acmectl({**env, ctl_base.EAB_KEY_ENV: "fromEnv_123"}, *base, "--eab-hmac-key-file", str(key_file))
     assert code == 0, err
     assert [(r.eab_kid, r.eab_hmac_key) for r in servicer.registered] == [
         ("kid-1", "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajV_-"), ("kid-1", "fromEnv_123"),
@@ -379,15 +382,15 @@ def _eab_args(**given: Any) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def _env(value: str | None) -> Iterator[None]:
-    old = os.environ.pop(ctl.EAB_KEY_ENV, None)
+    old = os.environ.pop(ctl_base.EAB_KEY_ENV, None)
     if value is not None:
-        os.environ[ctl.EAB_KEY_ENV] = value
+        os.environ[ctl_base.EAB_KEY_ENV] = value
     try:
         yield
     finally:
-        os.environ.pop(ctl.EAB_KEY_ENV, None)
+        os.environ.pop(ctl_base.EAB_KEY_ENV, None)
         if old is not None:
-            os.environ[ctl.EAB_KEY_ENV] = old
+            os.environ[ctl_base.EAB_KEY_ENV] = old
 
 
 @pytest.mark.parametrize(("given", "env", "message"), [
@@ -412,17 +415,17 @@ def test_eab_key_refusals_are_specific(tmp_path: Path, given: dict[str, str], en
     (tmp_path / "DIRECTORY").mkdir()
     if "eab_hmac_key_file" in given:
         given = {**given, "eab_hmac_key_file": str(tmp_path / given["eab_hmac_key_file"])}
-    with _env(env), pytest.raises(ctl.CtlError, match=message):
-        ctl._eab_hmac_key(_eab_args(**given))
+    with _env(env), pytest.raises(ctl_base.CtlError, match=message):
+        ctl_providers._eab_hmac_key(_eab_args(**given))
 
 
 def test_a_refused_eab_key_stops_acmectl_before_any_call(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     (tmp_path / "empty").write_bytes(b"")
     with _env(None), pytest.raises(SystemExit) as exit_:
         # 127.0.0.1:9 and missing TLS files: any attempt to call would fail differently.
-        ctl.main(["--coordinator", "127.0.0.1:9", "account", "register", "--provider", "p", "--email",
+        ctl_main.main(["--coordinator", "127.0.0.1:9", "account", "register", "--provider", "p", "--email",
                   "ops@a.example", "--agree-tos", "--eab-kid", "k", "--eab-hmac-key-file", str(tmp_path / "empty")])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"acmectl: the EAB MAC key file {tmp_path / 'empty'} is empty\n"
     with _env(None):
-        assert ctl._eab_hmac_key(_eab_args(eab_kid="")) == ""  # no EAB at all: nothing asked
+        assert ctl_providers._eab_hmac_key(_eab_args(eab_kid="")) == ""  # no EAB at all: nothing asked

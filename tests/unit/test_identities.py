@@ -23,6 +23,11 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from clusteracme.coordinator import records
+from clusteracme.coordinator.identities import Denial, DenyListView, Identities, denial_for, load_certificate
+from clusteracme.coordinator.peers import AgentCertificate, PeerInfo, Registry
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -31,11 +36,6 @@ from clusteracme.pki import Identity, Role, identity_fingerprint
 from clusteracme.rpcutil import DeniedSet, ReloadingTLS, TLSFiles, channel, rpc_method, server
 from clusteracme.v1 import coordinator_pb2 as pb
 from clusteracme.v1 import coordinator_pb2_grpc
-from coordinator import records
-from coordinator.identities import Denial, DenyListView, Identities, denial_for, load_certificate
-from coordinator.peers import AgentCertificate, PeerInfo, Registry
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -345,7 +345,7 @@ def test_issue_takes_its_own_name_and_others(tmp_path: Path) -> None:
 def _acmectl(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACMECTL_")}
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "-m", "coordinator.ctl", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "clusteracme.ctl", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=60)
 
 
@@ -395,7 +395,7 @@ async def test_reloading_follows_a_file_change_without_a_signal(ca_dir: Path, tm
 
 
 async def test_the_agents_copy_of_the_deny_list_survives_a_restart(tmp_path: Path) -> None:
-    from peer_agent.denylist import AgentDenyList
+    from clusteracme.peer_agent.denylist import AgentDenyList
     path = tmp_path / "denied-certificates"
     first = AgentDenyList(path)
     assert first.fingerprints() == [] and not path.exists()
@@ -419,7 +419,7 @@ class _Reloaded:
 
 
 async def test_the_agent_pool_opens_new_channels_after_a_reload(ca_dir: Path) -> None:
-    from coordinator.peers import AgentPool
+    from clusteracme.coordinator.peers import AgentPool
     issued = ca_dir / "issued"
     source = _Reloaded(TLSFiles(ca_dir / "ca.pem", issued / "coordinator-c1.pem", issued / "coordinator-c1.key"))
     pool = AgentPool(source, timeout=5)

@@ -18,6 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clusteracme.coordinator import imports, records
+from clusteracme.coordinator.history import History
+from clusteracme.coordinator.issuance import Issuance
+from clusteracme.coordinator.orders import OrderRecord, Phase
+from clusteracme.coordinator.rpc.servicer import CoordinatorServicer
+from clusteracme.coordinator.settings import TimingSettings
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
+from clusteracme.peer_agent.certs import CertStore
+from clusteracme.peer_agent.errors import InvalidChain
+from clusteracme.peer_agent.keys import KeyStore
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -26,19 +37,11 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
 from clusteracme import certinfo, errors
+from clusteracme.ctl import base as ctl_base
+from clusteracme.ctl import csr as ctl_csr
+from clusteracme.ctl import main as ctl_main
 from clusteracme.v1 import agent_pb2, common_pb2
 from clusteracme.v1 import coordinator_pb2 as pb
-from coordinator import ctl, imports, records
-from coordinator.history import History
-from coordinator.issuance import Issuance
-from coordinator.orders import OrderRecord, Phase
-from coordinator.rpc.servicer import CoordinatorServicer
-from coordinator.settings import TimingSettings
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
-from peer_agent.certs import CertStore
-from peer_agent.errors import InvalidChain
-from peer_agent.keys import KeyStore
 
 NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
@@ -550,7 +553,7 @@ async def test_create_csr_saves_subject_and_provider_and_rotation_keeps_them() -
 
 
 # --- acmectl's human output ------------------------------------------------------
-class FakeCtl(ctl.Ctl):
+class FakeCtl(ctl_base.Ctl):
     def __init__(self, answers: dict[str, Any]) -> None:
         super().__init__(argparse.Namespace(json=False, timeout=5, coordinator="c:1"))
         self.answers = answers
@@ -568,13 +571,13 @@ CSR_INFO = pb.CSRInfo(peer_id="p1", names=["www.example.com"], key_type="ec-p256
 
 async def test_csr_show_output(capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeCtl({"GetCSR": CSR_INFO})
-    await ctl.cmd_csr(fake, argparse.Namespace(csr_cmd="show", peer="p1", domain=None, pem=False))
+    await ctl_csr.cmd_csr(fake, argparse.Namespace(csr_cmd="show", peer="p1", domain=None, pem=False))
     lines = capsys.readouterr().out.splitlines()
     assert lines[:4] == ["CSR of peer p1", f"  {'subject:':13} C=FR,O=Acme,CN=www.example.com",
                          f"  {'  O:':13} Acme", f"  {'  C:':13} FR"]
     assert f"  {'key sha256:':13} {'ab' * 32}" in lines
     assert lines[-1] == f"  {'provider:':13} - (none saved: the cluster default applies)"
-    await ctl.cmd_csr(fake, argparse.Namespace(csr_cmd="show", peer="p1", domain=None, pem=True))
+    await ctl_csr.cmd_csr(fake, argparse.Namespace(csr_cmd="show", peer="p1", domain=None, pem=True))
     assert capsys.readouterr().out == "-----BEGIN X-----\n"
 
 
@@ -582,19 +585,19 @@ async def test_csr_create_sends_the_subject_and_refuses_empty_values(capsys: pyt
     fake = FakeCtl({"CreateCSR": CSR_INFO})
     args = dict(csr_cmd="create", peer="p1", domain=None, cn="www.example.com", san=[], key_type="ec-p256",
                 org="Acme", ou=None, locality=None, state=None, country="fr", provider="pebble")
-    await ctl.cmd_csr(fake, argparse.Namespace(**args))
+    await ctl_csr.cmd_csr(fake, argparse.Namespace(**args))
     sent = fake.requests[0]
     assert (sent.subject.organization, sent.subject.country, sent.provider) == ("Acme", "fr", "pebble")
     assert "C=FR,O=Acme" in capsys.readouterr().out
     with pytest.raises(errors.InvalidArgument, match="--ou is empty"):
-        await ctl.cmd_csr(fake, argparse.Namespace(**{**args, "ou": ""}))
+        await ctl_csr.cmd_csr(fake, argparse.Namespace(**{**args, "ou": ""}))
 
 
 async def test_pending_show_output_for_an_import(capsys: pytest.CaptureFixture[str]) -> None:
     p = pb.PendingCertificate(peer_id="p1", provider="manual", imported=True, requested_subject="O=Acme,CN=x",
                               certificate=common_pb2.CertificateSummary(subject="CN=x", serial_hex="1f"),
                               chain_pem="-----BEGIN CERTIFICATE-----\n")
-    await ctl.cmd_pending(FakeCtl({"GetPending": p}), argparse.Namespace(pending_cmd="show", peer="p1", domain=None,
+    await ctl_csr.cmd_pending(FakeCtl({"GetPending": p}), argparse.Namespace(pending_cmd="show", peer="p1", domain=None,
                                                                           pem=False))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "pending certificate of peer p1"
@@ -931,10 +934,10 @@ def test_the_agent_refuses_a_serial_it_cannot_file(tmp_path: Path, ca: CA, seria
 async def test_json_wins_over_pem_for_csr_show_and_pending_show(capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeCtl({"GetCSR": CSR_INFO, "GetPending": pb.PendingCertificate(peer_id="p1", chain_pem="CHAIN")})
     fake.args.json = True
-    await ctl.cmd_csr(fake, argparse.Namespace(csr_cmd="show", peer="p1", domain=None, pem=True))
+    await ctl_csr.cmd_csr(fake, argparse.Namespace(csr_cmd="show", peer="p1", domain=None, pem=True))
     shown = json.loads(capsys.readouterr().out)
     assert shown["csr_pem"] == CSR_INFO.csr_pem and shown["public_key_sha256"] == "ab" * 32
-    await ctl.cmd_pending(fake, argparse.Namespace(pending_cmd="show", peer="p1", domain=None, pem=True))
+    await ctl_csr.cmd_pending(fake, argparse.Namespace(pending_cmd="show", peer="p1", domain=None, pem=True))
     shown = json.loads(capsys.readouterr().out)
     assert (shown["peer_id"], shown["chain_pem"]) == ("p1", "CHAIN")
 
@@ -945,7 +948,7 @@ async def test_pending_import_refuses_a_large_file_before_reading_it(tmp_path: P
     fake = FakeCtl({})
     for path in (str(big), "/dev/zero"):
         with pytest.raises(errors.InvalidArgument, match=f"the certificate file {path} is larger than 64 KiB"):
-            await ctl.cmd_pending(fake, argparse.Namespace(pending_cmd="import", peer="p1", domain=None, file=path))
+            await ctl_csr.cmd_pending(fake, argparse.Namespace(pending_cmd="import", peer="p1", domain=None, file=path))
     assert fake.requests == []
 
 
@@ -953,7 +956,7 @@ async def test_csr_create_without_subject_says_the_csr_has_none(capsys: pytest.C
     plain = pb.CSRInfo(peer_id="p1", names=["www.example.com"], key_type="ec-p256", csr_pem="PEM\n",
                        subject_text="CN=www.example.com", provider="pebble")
     fake = FakeCtl({"CreateCSR": plain})
-    await ctl.cmd_csr(fake, argparse.Namespace(csr_cmd="create", peer="p1", domain=None, cn="www.example.com", san=[],
+    await ctl_csr.cmd_csr(fake, argparse.Namespace(csr_cmd="create", peer="p1", domain=None, cn="www.example.com", san=[],
                                                key_type="ec-p256", org=None, ou=None, locality=None, state=None,
                                                country=None, provider=None))
     assert fake.requests[0].subject == common_pb2.CsrSubject() and fake.requests[0].provider == ""
@@ -965,7 +968,7 @@ async def test_csr_create_without_subject_says_the_csr_has_none(capsys: pytest.C
 
 def test_csr_create_help_states_the_rule(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        ctl.parser().parse_args(["csr", "create", "--help"])
+        ctl_main.parser().parse_args(["csr", "create", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "the new CSR has exactly the attributes given here (none given: none" in text
     assert "a key rotation repeats the saved ones" in text and "left out, the slot keeps its saved provider" in text

@@ -19,12 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clusteracme.peer_agent.certs import CertStore
+from clusteracme.peer_agent.keys import KeyAccess, KeyStore
+from clusteracme.peer_agent.settings import AgentSettings
 
 from clusteracme.config import build
 from clusteracme.errors import InvalidArgument
-from peer_agent.certs import CertStore
-from peer_agent.keys import KeyAccess, KeyStore
-from peer_agent.settings import AgentSettings
 from tests.unit.test_cert_store import CertFactory, issue
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,7 +171,7 @@ def test_an_agent_not_in_the_group_is_refused_before_anything_changes(state_dir:
         pytest.skip("needs a system python of this minor version that nobody may run")
     group = _other_group()
     code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-            "from peer_agent.keys import KeyAccess\n"
+            "from clusteracme.peer_agent.keys import KeyAccess\n"
             "KeyAccess.of_group(sys.argv[3])\n")
     result = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
                              python, "-c", code, str(ROOT), str(site), group.gr_name],

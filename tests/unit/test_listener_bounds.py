@@ -24,6 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from clusteracme.peer_agent.challenges import ChallengeService
+from clusteracme.peer_agent.errors import FrontError
+from clusteracme.peer_agent.front import IDLE_TIMEOUT, Front, FrontMode
+from clusteracme.peer_agent.listening import (
+    FORWARD_CONNECTIONS,
+    RESERVED_FILES,
+    ensure_open_files,
+    open_files_needed,
+    unix_socket,
+)
+from clusteracme.peer_agent.settings import AgentSettings
+from clusteracme.peer_agent.tls_endpoint import TLSEndpoint, build_contexts
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -31,18 +43,6 @@ from cryptography.x509.oid import NameOID
 
 from clusteracme.config import build
 from clusteracme.errors import FailedPrecondition, InvalidArgument
-from peer_agent.challenges import ChallengeService
-from peer_agent.errors import FrontError
-from peer_agent.front import IDLE_TIMEOUT, Front, FrontMode
-from peer_agent.listening import (
-    FORWARD_CONNECTIONS,
-    RESERVED_FILES,
-    ensure_open_files,
-    open_files_needed,
-    unix_socket,
-)
-from peer_agent.settings import AgentSettings
-from peer_agent.tls_endpoint import TLSEndpoint, build_contexts
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -419,7 +419,7 @@ def test_the_socket_directory_goes_to_the_web_servers_group(tmp_path: Path) -> N
 
 OUT_OF_FILES = """
 import asyncio, resource, socket
-from peer_agent.front import Front, FrontMode
+from clusteracme.peer_agent.front import Front, FrontMode
 
 async def main():
     front = Front("127.0.0.1", 0, FrontMode.REDIRECT, upstream_port=lambda: None, max_connections=1000)

@@ -8,9 +8,8 @@ import re
 import time
 
 import pytest
-
-from coordinator import metrics
-from coordinator.looplag import LoopLagMonitor
+from clusteracme.coordinator import metrics
+from clusteracme.coordinator.looplag import LoopLagMonitor
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -24,7 +23,7 @@ class FakeClock:
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "coordinator.looplag" and r.levelno == logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == "clusteracme.coordinator.looplag" and r.levelno == logging.WARNING]
 
 
 async def test_a_blocked_loop_shows_as_lag_in_the_histogram(caplog: pytest.LogCaptureFixture) -> None:
@@ -61,7 +60,7 @@ def test_warnings_are_rate_limited_and_count_what_they_held_back(caplog: pytest.
     clock = FakeClock()
     samples: list[float] = []
     monitor = LoopLagMonitor(warn_after=0.5, warn_every=30, observe=samples.append, clock=clock)
-    caplog.set_level(logging.WARNING, logger="coordinator.looplag")
+    caplog.set_level(logging.WARNING, logger="clusteracme.coordinator.looplag")
 
     monitor.record(0.2)
     monitor.record(-0.001)  # a timer may fire a hair early: no negative lag

@@ -1,12 +1,12 @@
-"""coordinator.names: which names may be ordered and the form they leave in."""
+"""clusteracme.coordinator.names: which names may be ordered and the form they leave in."""
 
 from __future__ import annotations
 
 import pytest
+from clusteracme.coordinator.errors import InvalidNames
+from clusteracme.coordinator.names import MAX_NAMES, NameProblem, normalize_names
 
 from clusteracme.errors import InvalidArgument
-from coordinator.errors import InvalidNames
-from coordinator.names import MAX_NAMES, NameProblem, normalize_names
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,8 @@ import dataclasses
 import json
 
 import pytest
-
-from coordinator import orders
-from coordinator.orders import AcmeStatus, Authz, DnsAddress, OrderRecord, PeerProgress, Phase, Step
+from clusteracme.coordinator import orders
+from clusteracme.coordinator.orders import AcmeStatus, Authz, DnsAddress, OrderRecord, PeerProgress, Phase, Step
 
 
 def rec(**changes: object) -> OrderRecord:
@@ -231,7 +230,7 @@ def test_keys_of_a_newer_version_are_ignored(caplog: pytest.LogCaptureFixture) -
     data["some_new_field"] = {"x": 1}
     data["peers"][0]["new_peer_field"] = 1
     data["authorizations"][0]["new_authz_field"] = "y"
-    with caplog.at_level("DEBUG", logger="coordinator.orders"):
+    with caplog.at_level("DEBUG", logger="clusteracme.coordinator.orders"):
         back = OrderRecord.from_json(data)
         OrderRecord.from_json(data)
     assert back.peers == (PeerProgress("peer1"),) and back.authorizations[0].name == "a.example"

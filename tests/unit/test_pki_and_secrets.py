@@ -7,10 +7,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from clusteracme.coordinator.secretbox import SecretBox
 from cryptography import x509
 
 from clusteracme import errors, pki, rpcutil
-from coordinator.secretbox import SecretBox
 
 
 def test_identities_parse_and_refuse() -> None:
@@ -53,7 +53,7 @@ def test_every_error_kind_maps_to_a_specific_status() -> None:
     }
     for cls, code in cases.items():
         assert rpcutil.status_code_for(cls("x")) is code
-    from coordinator.errors import CAError, InvalidNames, PreflightFailed, RateLimited
+    from clusteracme.coordinator.errors import CAError, InvalidNames, PreflightFailed, RateLimited
     assert rpcutil.status_code_for(InvalidNames([])) is grpc.StatusCode.INVALID_ARGUMENT
     assert rpcutil.status_code_for(PreflightFailed([])) is grpc.StatusCode.FAILED_PRECONDITION
     assert rpcutil.status_code_for(CAError("x")) is grpc.StatusCode.FAILED_PRECONDITION

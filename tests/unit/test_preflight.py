@@ -10,12 +10,15 @@ import argparse
 from typing import Any
 
 import pytest
+from clusteracme.coordinator import preflight
+from clusteracme.coordinator.orders import DnsAddress
+from clusteracme.coordinator.preflight import Lookup, NameReport, Resolution, check_dns, resolve_names
 
 from clusteracme import errors
+from clusteracme.ctl import base as ctl_base
+from clusteracme.ctl import main as ctl_main
+from clusteracme.ctl import orders as ctl_orders
 from clusteracme.v1 import coordinator_pb2 as pb
-from coordinator import ctl, preflight
-from coordinator.orders import DnsAddress
-from coordinator.preflight import Lookup, NameReport, Resolution, check_dns, resolve_names
 
 PEERS = {
     "peer1": ["127.0.0.2", "2001:db8::2"],
@@ -124,7 +127,7 @@ async def test_preflight_raises_with_the_family() -> None:
 
 
 # --- acmectl ------------------------------------------------------------------------
-class FakeCtl(ctl.Ctl):
+class FakeCtl(ctl_base.Ctl):
     def __init__(self, answers: dict[str, Any], *, json: bool = False) -> None:
         super().__init__(argparse.Namespace(json=json, timeout=5, coordinator="c:1"))
         self.answers = answers
@@ -149,7 +152,7 @@ def report(ok: bool) -> pb.PreflightReport:
 
 async def test_acmectl_preflight_prints_each_address_and_its_peer(capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeCtl({"Preflight": report(ok=True)})
-    await ctl.cmd_preflight(fake, argparse.Namespace(peer="peer1", domain="www.x.example"))
+    await ctl_orders.cmd_preflight(fake, argparse.Namespace(peer="peer1", domain="www.x.example"))
     assert fake.requests[0][1] == pb.PreflightRequest(peer_id="peer1", slot={"domain": "www.x.example"})
     assert capsys.readouterr().out.splitlines() == [
         "preflight of peer peer1 (domain www.x.example): ok",
@@ -163,7 +166,7 @@ async def test_acmectl_preflight_prints_each_address_and_its_peer(capsys: pytest
 async def test_acmectl_preflight_fails_when_an_order_would_be_refused(
         as_json: bool, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(errors.FailedPrecondition) as caught:
-        await ctl.cmd_preflight(FakeCtl({"Preflight": report(ok=False)}, json=as_json),
+        await ctl_orders.cmd_preflight(FakeCtl({"Preflight": report(ok=False)}, json=as_json),
                                 argparse.Namespace(peer="peer1", domain=""))
     assert caught.value.message == ("a sign would be refused: v6.x.example: resolves to 2001:db8::9 (IPv6, AAAA), "
                                     "which is not a registered peer")
@@ -184,7 +187,7 @@ async def test_acmectl_preflight_reports_the_signs_own_refusals(capsys: pytest.C
                 "peer peer1 already has a pending certificate (serial ab); deploy it or discard it first"]
     refused = pb.PreflightReport(names=[*(pb.NameReport(problem=x) for x in refusals), *r.names], ok=False)
     with pytest.raises(errors.FailedPrecondition) as caught:
-        await ctl.cmd_preflight(FakeCtl({"Preflight": refused}), argparse.Namespace(peer="peer1", domain=""))
+        await ctl_orders.cmd_preflight(FakeCtl({"Preflight": refused}), argparse.Namespace(peer="peer1", domain=""))
     assert caught.value.message == "a sign would be refused: " + "; ".join(refusals)
     assert capsys.readouterr().out.splitlines() == [
         "preflight of peer peer1: a sign would be refused: 2 precondition(s) not met",
@@ -194,29 +197,29 @@ async def test_acmectl_preflight_reports_the_signs_own_refusals(capsys: pytest.C
         "    A 127.0.0.2 -> peer1",
         "    AAAA 2001:db8::2 -> peer1, edge",
     ]
-    (commands,) = [x for x in ctl.parser()._actions if isinstance(x, argparse._SubParsersAction)]
+    (commands,) = [x for x in ctl_main.parser()._actions if isinstance(x, argparse._SubParsersAction)]
     (help_line,) = [x.help for x in commands._choices_actions if x.dest == "preflight"]
     assert help_line.startswith("a sign's dry run") and "exit status 4 when a sign would be refused" in help_line
 
 
 def test_acmectl_preflight_is_a_command() -> None:
-    args = ctl.parser().parse_args(["preflight", "peer1", "--domain", "www.x.example"])
-    assert ctl.COMMANDS[args.cmd] is ctl.cmd_preflight and args.domain == "www.x.example"
+    args = ctl_main.parser().parse_args(["preflight", "peer1", "--domain", "www.x.example"])
+    assert ctl_main.COMMANDS[args.cmd] is ctl_orders.cmd_preflight and args.domain == "www.x.example"
 
 
 def test_order_lines_show_the_addresses_of_each_name() -> None:
     o = pb.OrderInfo(order_id="o1", peer_id="peer1", phase="done", dns=report(ok=True).names)
-    assert ctl._order_lines(o)[1:] == [
+    assert ctl_orders._order_lines(o)[1:] == [
         "  dns www.x.example:",
         "    A 127.0.0.2 -> peer1",
         "    AAAA 2001:db8::2 -> peer1, edge",
     ]
     # --force: DNS was not read, nothing to show.
-    assert ctl._order_lines(pb.OrderInfo(order_id="o1", phase="done")) == ["order o1 for peer : done"]
+    assert ctl_orders._order_lines(pb.OrderInfo(order_id="o1", phase="done")) == ["order o1 for peer : done"]
     # A record from before the addresses were kept: the peers DNS pointed the name at.
     old = pb.OrderInfo(order_id="o1", phase="done", dns=[pb.NameReport(
         name="www.x.example", addresses=[pb.DnsAddress(peer_ids=["peer1", "edge"])])])
-    assert ctl._order_lines(old)[1:] == ["  dns www.x.example:", "    -> peer1, edge (addresses not recorded)"]
+    assert ctl_orders._order_lines(old)[1:] == ["  dns www.x.example:", "    -> peer1, edge (addresses not recorded)"]
 
 
 # --- review of c160f12 (issue 10, item 11): IPv4-mapped AAAA, zone ids ----------------------
@@ -272,8 +275,9 @@ class _AgentCall:
 
 
 def _servicer() -> Any:
+    from clusteracme.coordinator.rpc.servicer import CoordinatorServicer
+
     from clusteracme.rpcutil import DeniedSet
-    from coordinator.rpc.servicer import CoordinatorServicer
     servicer = object.__new__(CoordinatorServicer)
     servicer.deny_list = DeniedSet()  # type: ignore[attr-defined]
     servicer._registry, servicer._trust = _Registry(), _Trust()  # type: ignore[attr-defined]
@@ -283,7 +287,7 @@ def _servicer() -> Any:
 
 
 async def _register(servicer: Any, addresses: list[str], http_front: str) -> Any:
-    from coordinator.rpc.servicer import CoordinatorServicer
+    from clusteracme.coordinator.rpc.servicer import CoordinatorServicer
     register = CoordinatorServicer.RegisterPeer.__wrapped__  # type: ignore[attr-defined]
     who = argparse.Namespace(name="peer1", common_name="agent:peer1")
     await register(servicer, pb.RegisterPeerRequest(
@@ -305,7 +309,7 @@ async def test_a_front_advertised_outside_the_addresses_is_warned_about_once(
     a host that is none of the peer's addresses is worth a warning, once per
     change of the registration (agents register again after every restart)."""
     servicer = _servicer()
-    with caplog.at_level("WARNING", logger="coordinator.rpc.servicer"):
+    with caplog.at_level("WARNING", logger="clusteracme.coordinator.rpc.servicer"):
         await _register(servicer, ["127.0.0.2"], "127.0.0.2:80")  # one of its addresses: fine
         await _register(servicer, ["127.0.0.2", "::ffff:10.0.0.9"], "10.0.0.9:80")  # mapped: the same address
         assert not caplog.records

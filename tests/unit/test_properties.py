@@ -13,6 +13,13 @@ import string
 import unicodedata
 
 import pytest
+from clusteracme.coordinator import imports, names
+from clusteracme.coordinator.errors import InvalidNames
+from clusteracme.peer_agent import tokens
+from clusteracme.peer_agent.challenge_server import CHALLENGE_PREFIX, MAX_RAW_PATH, challenge_token
+from clusteracme.peer_agent.errors import AgentError, InvalidToken
+from clusteracme.peer_agent.front import host_without_port
+from clusteracme.peer_agent.keys import SUBJECT_ATTRIBUTES, validate_subject
 from cryptography import x509
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -21,13 +28,6 @@ from clusteracme import netaddr
 from clusteracme.errors import InvalidArgument
 from clusteracme.pki import Identity, Role
 from clusteracme.safetext import terminal_safe
-from coordinator import imports, names
-from coordinator.errors import InvalidNames
-from peer_agent import tokens
-from peer_agent.challenge_server import CHALLENGE_PREFIX, MAX_RAW_PATH, challenge_token
-from peer_agent.errors import AgentError, InvalidToken
-from peer_agent.front import host_without_port
-from peer_agent.keys import SUBJECT_ATTRIBUTES, validate_subject
 
 # Derandomized: the same examples on every run, so a test run never fails
 # on a new random counterexample unrelated to the change under test (run

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from clusteracme.peer_agent.app import registration
+from clusteracme.peer_agent.settings import AgentSettings
 
 from clusteracme import netaddr
 from clusteracme.config import build
 from clusteracme.errors import InvalidArgument
-from peer_agent.app import registration
-from peer_agent.settings import AgentSettings
 
 
 def settings(**data: object) -> AgentSettings:
@@ -58,9 +58,10 @@ def test_good_endpoints() -> None:
 def test_shipped_example_builds_a_deployer_and_announces_its_endpoints(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from pathlib import Path
 
+    from clusteracme.peer_agent.app import build_deployer, tls_endpoints
+    from clusteracme.peer_agent.keys import KeyStore
+
     from clusteracme.config import load_toml
-    from peer_agent.app import build_deployer, tls_endpoints
-    from peer_agent.keys import KeyStore
 
     example = build(AgentSettings, {**load_toml(Path(__file__).resolve().parents[2] / "deploy/config/agent.toml"),
                                     "state_dir": str(tmp_path)})

@@ -12,8 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
-from peer_agent.reload import MAX_OUTPUT, CommandHook, SignalHook
+from clusteracme.peer_agent.reload import MAX_OUTPUT, CommandHook, SignalHook
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""coordinator.renewal: renewal due times, ARI, signing opportunities, deploy slots."""
+"""clusteracme.coordinator.renewal: renewal due times, ARI, signing opportunities, deploy slots."""
 
 from __future__ import annotations
 
@@ -9,13 +9,7 @@ from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-from clusteracme.errors import InvalidArgument
-from coordinator.renewal import (
+from clusteracme.coordinator.renewal import (
     WEEKDAYS,
     AriWindow,
     Due,
@@ -34,6 +28,12 @@ from coordinator.renewal import (
     pick_in_window,
     renewal_due,
 )
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from clusteracme.errors import InvalidArgument
 
 PARIS = ZoneInfo("Europe/Paris")
 NEW_YORK = ZoneInfo("America/New_York")

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clusteracme.coordinator import metrics
+from clusteracme.coordinator.replicas import LEADER, STANDBY, Replicas
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
 from prometheus_client import Gauge
 
 from clusteracme import daemon, errors
-from coordinator import metrics
-from coordinator.replicas import LEADER, STANDBY, Replicas
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
 
 KEYS = Keys("/t/")
 

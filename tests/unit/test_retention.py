@@ -17,6 +17,18 @@ from zoneinfo import ZoneInfo
 import grpc
 import grpc.aio
 import pytest
+from clusteracme.coordinator import history as history_module
+from clusteracme.coordinator import records, renewal, retention
+from clusteracme.coordinator.history import Event, History
+from clusteracme.coordinator.metrics import ORDERS_COMPACTED
+from clusteracme.coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase
+from clusteracme.coordinator.peers import AgentPool, PeerInfo, Registry
+from clusteracme.coordinator.retention import RetentionJob
+from clusteracme.coordinator.scheduler import RenewalScheduler
+from clusteracme.coordinator.settings import CoordinatorSettings, RenewalSettings, RetentionSettings
+from clusteracme.coordinator.store.base import Check, Committed, Delete, Entry, NotLeader, Op, Put
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,18 +40,6 @@ from clusteracme.config import build
 from clusteracme.errors import InvalidArgument, NotFound, Unavailable
 from clusteracme.rpcutil import TLSFiles
 from clusteracme.v1 import agent_pb2, common_pb2
-from coordinator import history as history_module
-from coordinator import records, renewal, retention
-from coordinator.history import Event, History
-from coordinator.metrics import ORDERS_COMPACTED
-from coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase
-from coordinator.peers import AgentPool, PeerInfo, Registry
-from coordinator.retention import RetentionJob
-from coordinator.scheduler import RenewalScheduler
-from coordinator.settings import CoordinatorSettings, RenewalSettings, RetentionSettings
-from coordinator.store.base import Check, Committed, Delete, Entry, NotLeader, Op, Put
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
 
 UTC = datetime.UTC
 NOW = datetime.datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -217,7 +217,7 @@ async def test_the_job_compacts_old_ended_orders_into_history_and_prunes_schedul
     pool = FakePool()
     before = ORDERS_COMPACTED._value.get()
 
-    with caplog.at_level(logging.INFO, logger="coordinator.retention"):
+    with caplog.at_level(logging.INFO, logger="clusteracme.coordinator.retention"):
         report = await job(store, registry, pool).run_once()
 
     assert sorted(await order_ids(store)) == ["future", "guarded", "pointed", "running", "uncleaned", "young"]
@@ -302,7 +302,7 @@ async def test_orders_ending_in_a_crowded_millisecond_jump_past_its_events(caplo
                          history.put_at(earlier, seq - 1),
                          history.put_at(later, int(NOW.timestamp()) * 1_000_000_000)])  # today's: the head
     await put_orders(store, *recs)
-    with caplog.at_level(logging.WARNING, logger="coordinator.retention"):
+    with caplog.at_level(logging.WARNING, logger="clusteracme.coordinator.retention"):
         report = await job(store, registry).run_once()
     assert report.orders_compacted == 3 and await order_ids(store) == [] and "gave up" not in caplog.text
     listed = [key for key, _ in await history.list("p1")]
@@ -593,7 +593,7 @@ async def test_every_alive_peer_prunes_with_the_keys_etcd_names_for_it(caplog: p
         "p5": rpc_error(grpc.StatusCode.UNIMPLEMENTED, "Method not found!"),
         "p6": rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused"),
     })
-    with caplog.at_level(logging.DEBUG, logger="coordinator.retention"):
+    with caplog.at_level(logging.DEBUG, logger="clusteracme.coordinator.retention"):
         report = await job(store, registry, pool, key_retention_seconds=86400.5).run_once()
 
     assert sorted(peer for peer, _, _ in pool.calls) == ["p1", "p5", "p6"]
@@ -614,14 +614,14 @@ async def test_every_alive_peer_prunes_with_the_keys_etcd_names_for_it(caplog: p
 
     caplog.clear()
     pool.answers["p1"] = agent_pb2.PruneKeysResponse(retired=[retired_key(old)])
-    with caplog.at_level(logging.INFO, logger="coordinator.retention"):
+    with caplog.at_level(logging.INFO, logger="clusteracme.coordinator.retention"):
         again = await job(store, registry, pool).run_once()
     assert again.keys_waiting == 1
     # a new job (a new leader) reports what is waiting once; the same job does not repeat itself
     same = job(store, registry, pool)
     await same.run_once()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="coordinator.retention"):
+    with caplog.at_level(logging.INFO, logger="clusteracme.coordinator.retention"):
         await same.run_once()
     assert "peer p1 retired" not in caplog.text
 
@@ -678,7 +678,7 @@ async def test_a_peer_holding_keys_of_a_slot_etcd_does_not_know_is_left_alone(
 
     pool = KeyPool({}, {"p1": agent_slots("", "shop.example.com", "old.example.com"),
                         "p2": agent_slots("", "shop.example.com")})
-    with caplog.at_level(logging.WARNING, logger="coordinator.retention"):
+    with caplog.at_level(logging.WARNING, logger="clusteracme.coordinator.retention"):
         report = await job(store, registry, pool).run_once()
     assert sorted(pool.status_calls) == ["p1", "p2"]
     assert [peer for peer, _, _ in pool.calls] == ["p2"] and report.key_peers_skipped == 1
@@ -699,7 +699,7 @@ async def test_one_bad_peer_never_stops_the_others_nor_the_job(caplog: pytest.Lo
         Put(KEYS.cert("p4", "server"), slot(csr=good)),
     ])
     pool = KeyPool({"p3": RuntimeError("a bug in a reply")})
-    with caplog.at_level(logging.WARNING, logger="coordinator.retention"):
+    with caplog.at_level(logging.WARNING, logger="clusteracme.coordinator.retention"):
         report = await job(store, registry, pool).run_once()
     assert sorted(peer for peer, _, _ in pool.calls) == ["p3", "p4"]
     assert report.key_peers_skipped == 3

@@ -5,13 +5,13 @@ from __future__ import annotations
 import datetime
 
 import pytest
+from clusteracme.coordinator.revocation import load_certificates
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from clusteracme.errors import InvalidArgument
-from coordinator.revocation import load_certificates
 
 
 def cert(ca: bool) -> x509.Certificate:

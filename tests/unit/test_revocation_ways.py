@@ -28,25 +28,27 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from clusteracme.coordinator import history, records, revocation
+from clusteracme.coordinator.errors import CAError, RateLimited
+from clusteracme.coordinator.history import History
+from clusteracme.coordinator.issuance import Issuance, utcnow
+from clusteracme.coordinator.orders import OrderRecord, Phase
+from clusteracme.coordinator.peers import PeerInfo
+from clusteracme.coordinator.preflight import Lookup
+from clusteracme.coordinator.revocation import UNATTACHED, Revocation
+from clusteracme.coordinator.settings import TimingSettings
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from clusteracme import certinfo, errors
+from clusteracme.ctl import base as ctl_base
+from clusteracme.ctl import trust as ctl_trust
 from clusteracme.v1 import agent_pb2, common_pb2
 from clusteracme.v1 import coordinator_pb2 as pb
-from coordinator import ctl, history, records, revocation
-from coordinator.errors import CAError, RateLimited
-from coordinator.history import History
-from coordinator.issuance import Issuance, utcnow
-from coordinator.orders import OrderRecord, Phase
-from coordinator.peers import PeerInfo
-from coordinator.preflight import Lookup
-from coordinator.revocation import UNATTACHED, Revocation
-from coordinator.settings import TimingSettings
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
 
 NAME = "www.example.test"
 KEYS = Keys("/t/")
@@ -951,7 +953,7 @@ async def test_unattached_copies_outlive_a_peers_history_bound(world: World,
 async def test_ctl_prints_the_refused_ways(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
     deadlines = []
 
-    class FakeCtl(ctl.Ctl):
+    class FakeCtl(ctl_base.Ctl):
         async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
             deadlines.append(timeout)
             return pb.RevokeResponse(serial_hex="ab", provider="pebble", authorization="a new order for the same names",
@@ -961,7 +963,7 @@ async def test_ctl_prints_the_refused_ways(capsys: pytest.CaptureFixture[str], t
     path = tmp_path / "c.pem"
     path.write_text("x")
     fake = FakeCtl(argparse.Namespace(json=False, timeout=5, coordinator="c:1"))
-    await ctl.cmd_revoke(fake, argparse.Namespace(certfile=str(path), provider="pebble", reason="superseded",
+    await ctl_trust.cmd_revoke(fake, argparse.Namespace(certfile=str(path), provider="pebble", reason="superseded",
                                                   force=False))
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["certificate ab revoked at provider pebble (reason superseded)",
@@ -971,7 +973,7 @@ async def test_ctl_prints_the_refused_ways(capsys: pytest.CaptureFixture[str], t
 
 
 async def test_ctl_says_the_revocation_goes_on_after_its_deadline(tmp_path: Any) -> None:
-    class FakeCtl(ctl.Ctl):
+    class FakeCtl(ctl_base.Ctl):
         async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
             raise errors.DeadlineExceeded("coordinator c:1: did not answer in time")
 
@@ -979,5 +981,5 @@ async def test_ctl_says_the_revocation_goes_on_after_its_deadline(tmp_path: Any)
     path.write_text("x")
     fake = FakeCtl(argparse.Namespace(json=False, timeout=1200, coordinator="c:1"))
     with pytest.raises(errors.DeadlineExceeded, match="the revocation goes on at the coordinator"):
-        await ctl.cmd_revoke(fake, argparse.Namespace(certfile=str(path), provider="", reason="superseded",
+        await ctl_trust.cmd_revoke(fake, argparse.Namespace(certfile=str(path), provider="", reason="superseded",
                                                       force=False))

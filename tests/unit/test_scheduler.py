@@ -12,20 +12,20 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from clusteracme.coordinator import records, renewal, slots
+from clusteracme.coordinator.accounts import Accounts, ProviderUnresolved
+from clusteracme.coordinator.metrics import REGISTRY
+from clusteracme.coordinator.peers import PeerInfo
+from clusteracme.coordinator.scheduler import RenewalScheduler
+from clusteracme.coordinator.settings import RenewalSettings
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from clusteracme.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
-from coordinator import records, renewal, slots
-from coordinator.accounts import Accounts, ProviderUnresolved
-from coordinator.metrics import REGISTRY
-from coordinator.peers import PeerInfo
-from coordinator.scheduler import RenewalScheduler
-from coordinator.settings import RenewalSettings
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
 
 NOW = datetime.datetime(2026, 3, 28, 22, 30, tzinfo=datetime.UTC)  # the evening before Paris springs forward
 
@@ -367,7 +367,7 @@ async def test_an_imported_certificate_is_never_renewed_automatically_and_warns_
                       settings=RenewalSettings(period_seconds=PERIOD, fraction=0.5))
     if auto:
         await h.scheduler.set_schedule("p1", "", {"auto": True, "time": "now"})
-    caplog.set_level(logging.INFO, logger="coordinator.scheduler")
+    caplog.set_level(logging.INFO, logger="clusteracme.coordinator.scheduler")
     plan = await h.plan()
     assert plan.warning == ""  # not "renewal due ... turn on automatic mode": no advice for an imported certificate
     assert plan.paused == (slots.PAUSED_IMPORTED if auto else "") and plan.next_sign_opportunity is None

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import josepy as jose
 import pytest
+from clusteracme.coordinator import records
+from clusteracme.coordinator.accounts import Accounts, ProviderRecordChanged, account_binding
+from clusteracme.coordinator.acme_client import AcmeClient, generate_account_key
+from clusteracme.coordinator.secretbox import BindingChanged, SecretBox, is_legacy
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from clusteracme import errors
-from coordinator import records
-from coordinator.accounts import Accounts, ProviderRecordChanged, account_binding
-from coordinator.acme_client import AcmeClient, generate_account_key
-from coordinator.secretbox import BindingChanged, SecretBox, is_legacy
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
 
 KEYS = Keys("/t/")
 DIRECTORY = "https://ca.test/dir"

@@ -20,19 +20,19 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from clusteracme.coordinator import issuance as issuance_module
+from clusteracme.coordinator import orders, records
+from clusteracme.coordinator.history import History
+from clusteracme.coordinator.issuance import Issuance
+from clusteracme.coordinator.orders import AcmeStatus, Authz, DnsAddress, OrderRecord, PeerProgress, Phase
+from clusteracme.coordinator.peers import PeerInfo
+from clusteracme.coordinator.preflight import Lookup
+from clusteracme.coordinator.rpc.servicer import order_info
+from clusteracme.coordinator.settings import AdmissionSettings, TimingSettings
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
 
 from clusteracme import errors
-from coordinator import issuance as issuance_module
-from coordinator import orders, records
-from coordinator.history import History
-from coordinator.issuance import Issuance
-from coordinator.orders import AcmeStatus, Authz, DnsAddress, OrderRecord, PeerProgress, Phase
-from coordinator.peers import PeerInfo
-from coordinator.preflight import Lookup
-from coordinator.rpc.servicer import order_info
-from coordinator.settings import AdmissionSettings, TimingSettings
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
 
 KEYS = Keys("/t/")
 CONNECTIONS = 2  # admission.self_check_connections_per_peer: per address now

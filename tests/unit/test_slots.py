@@ -9,17 +9,22 @@ import datetime
 from typing import Any
 
 import pytest
+from clusteracme.coordinator import orders, records, slots
+from clusteracme.coordinator.accounts import Accounts, ProviderBook, ProviderUnresolved
+from clusteracme.coordinator.acme_client import OrderView
+from clusteracme.coordinator.errors import CAError
+from clusteracme.coordinator.orders import AcmeStatus, Phase, Step
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
 
+from clusteracme.ctl import csr as ctl_csr
+from clusteracme.ctl import main as ctl_main
+from clusteracme.ctl import providers as ctl_providers
+from clusteracme.ctl import slots as ctl_slots
+from clusteracme.ctl import status as ctl_status
 from clusteracme.errors import FailedPrecondition, InvalidArgument, NotFound
 from clusteracme.v1 import common_pb2
 from clusteracme.v1 import coordinator_pb2 as pb
-from coordinator import ctl, orders, records, slots
-from coordinator.accounts import Accounts, ProviderBook, ProviderUnresolved
-from coordinator.acme_client import OrderView
-from coordinator.errors import CAError
-from coordinator.orders import AcmeStatus, Phase, Step
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
 from tests.unit import test_revocation_ways as ways  # the real Issuance, its CA, agents and DNS faked
 from tests.unit.test_ctl_output import FakeCtl
 
@@ -107,19 +112,19 @@ async def test_acmectl_domain_list_schedule_and_providers_output(capsys: pytest.
         pb.DomainSlot(slot=common_pb2.Slot(domain="b.example"), acme_enabled=False, names="b.example", days_left=-1,
                       mode="manual", provider="alpha", paused=""),
     ])
-    await ctl.cmd_domain(FakeCtl({"ListDomains": domains}), argparse.Namespace(domain_cmd="list", peer="p1"))
+    await ctl_slots.cmd_domain(FakeCtl({"ListDomains": domains}), argparse.Namespace(domain_cmd="list", peer="p1"))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["SLOT", "ACME", "NAMES", "ACTIVE"]
     assert lines[1].split()[:6] == ["server", "on", "a.example", "ab", "60", "auto"]
     assert lines[2].split()[:7] == ["b.example", "OFF", "b.example", "-", "-", "manual", "alpha"]
     disabled = pb.DomainSlot(slot=common_pb2.Slot(domain="b.example"), acme_enabled=False, active_serial="cd")
-    await ctl.cmd_domain(FakeCtl({"SetDomainAcme": disabled}),
+    await ctl_slots.cmd_domain(FakeCtl({"SetDomainAcme": disabled}),
                          argparse.Namespace(domain_cmd="disable", peer="p1", domain="b.example"))
     assert "ACME disabled for domain b.example on peer p1" in capsys.readouterr().out
     info = pb.ScheduleInfo(peer_id="p1", auto=True, days="all", time="now", tz="UTC", key_policy="rotate",
                            paused=slots.PAUSED_PEER, provider="pebble")
     known = pb.ListProvidersResponse(providers=[pb.Provider(name="pebble", account_url="https://p/acct/1")])
-    await ctl.cmd_schedule(FakeCtl({"SetSchedule": info, "ListProviders": known}), argparse.Namespace(
+    await ctl_slots.cmd_schedule(FakeCtl({"SetSchedule": info, "ListProviders": known}), argparse.Namespace(
         schedule_cmd="set", peer="p1", domain="", auto="on", days=None, time=None, tz=None, key_policy=None,
         provider="pebble"))
     out = capsys.readouterr().out
@@ -127,22 +132,22 @@ async def test_acmectl_domain_list_schedule_and_providers_output(capsys: pytest.
     status = pb.StatusResponse(peers=[pb.PeerStatus(peer=pb.Peer(peer_id="p1", alive=True, enabled=True), slots=[
         pb.SlotStatus(slot=common_pb2.Slot(domain="b.example"), acme_enabled=False,
                       schedule=pb.ScheduleInfo(auto=True, paused=slots.PAUSED_DOMAIN))])])
-    await ctl.cmd_status(FakeCtl({"Status": status}), argparse.Namespace(peer=""))
+    await ctl_status.cmd_status(FakeCtl({"Status": status}), argparse.Namespace(peer=""))
     out = capsys.readouterr().out
     assert "off (slot)" in out and "auto (paused)" in out and "p1 b.example: paused: ACME disabled for this domain" in out
     providers = pb.ListProvidersResponse(default_provider="beta", providers=[
         pb.Provider(name="alpha", directory_url="https://a/dir"),
         pb.Provider(name="beta", directory_url="https://b/dir", is_default=True)])
-    await ctl.cmd_provider(FakeCtl({"ListProviders": providers}), argparse.Namespace(provider_cmd="list"))
+    await ctl_providers.cmd_provider(FakeCtl({"ListProviders": providers}), argparse.Namespace(provider_cmd="list"))
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
     assert rows["PROVIDER"][1] == "DEFAULT" and rows["beta"][1] == "yes" and rows["alpha"][1] != "yes"
-    await ctl.cmd_provider(FakeCtl({"SetDefaultProvider": providers}),
+    await ctl_providers.cmd_provider(FakeCtl({"SetDefaultProvider": providers}),
                            argparse.Namespace(provider_cmd="default", name="beta", clear=False))
     assert "cluster default provider: beta" in capsys.readouterr().out
 
 
 def test_acmectl_parses_the_new_commands() -> None:
-    p = ctl.parser()
+    p = ctl_main.parser()
     a: Any = p.parse_args(["domain", "disable", "p1", "server"])
     assert (a.cmd, a.domain_cmd, a.peer, a.domain) == ("domain", "disable", "p1", "server")
     a = p.parse_args(["schedule", "set", "p1", "--provider", "default"])
@@ -267,15 +272,15 @@ async def test_acmectl_notes_a_chosen_provider_without_an_account(capsys: pytest
         pb.Provider(name="alpha", directory_url="https://a/dir", account_url="https://a/acct/1"),
         pb.Provider(name="gamma", directory_url="https://g/dir", is_default=True)])
     note = "(no account yet: acmectl account register --provider gamma)"
-    await ctl.cmd_provider(FakeCtl({"SetDefaultProvider": providers}),
+    await ctl_providers.cmd_provider(FakeCtl({"SetDefaultProvider": providers}),
                            argparse.Namespace(provider_cmd="default", name="gamma", clear=False))
     assert note in capsys.readouterr().out
     info = pb.ScheduleInfo(peer_id="p1", days="all", time="now", tz="UTC", key_policy="rotate")
-    await ctl.cmd_schedule(FakeCtl({"SetSchedule": info, "ListProviders": providers}), argparse.Namespace(
+    await ctl_slots.cmd_schedule(FakeCtl({"SetSchedule": info, "ListProviders": providers}), argparse.Namespace(
         schedule_cmd="set", peer="p1", domain="", auto=None, days=None, time=None, tz=None, key_policy=None,
         provider="gamma"))
     assert f"provider gamma saved with the slot {note}" in capsys.readouterr().out
-    await ctl.cmd_schedule(FakeCtl({"SetSchedule": info, "ListProviders": providers}), argparse.Namespace(
+    await ctl_slots.cmd_schedule(FakeCtl({"SetSchedule": info, "ListProviders": providers}), argparse.Namespace(
         schedule_cmd="set", peer="p1", domain="", auto=None, days=None, time=None, tz=None, key_policy=None,
         provider="alpha"))
     assert "no account yet" not in capsys.readouterr().out
@@ -283,9 +288,9 @@ async def test_acmectl_notes_a_chosen_provider_without_an_account(capsys: pytest
                      subject_text="CN=a.example", provider="gamma")
     args = dict(csr_cmd="create", peer="p1", domain=None, cn="a.example", san=[], key_type="ec-p256", org=None,
                 ou=None, locality=None, state=None, country=None)
-    await ctl.cmd_csr(FakeCtl({"CreateCSR": csr, "ListProviders": providers}),
+    await ctl_csr.cmd_csr(FakeCtl({"CreateCSR": csr, "ListProviders": providers}),
                       argparse.Namespace(**args, provider="gamma"))
     assert f"  provider: gamma (saved with the slot) {note}" in capsys.readouterr().out.splitlines()
-    await ctl.cmd_csr(FakeCtl({"CreateCSR": pb.CSRInfo(peer_id="p1", names=["a.example"], key_type="ec-p256")}),
+    await ctl_csr.cmd_csr(FakeCtl({"CreateCSR": pb.CSRInfo(peer_id="p1", names=["a.example"], key_type="ec-p256")}),
                       argparse.Namespace(**args, provider="default"))
     assert "  provider: none saved (the cluster default applies)" in capsys.readouterr().out.splitlines()

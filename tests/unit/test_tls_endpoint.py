@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from clusteracme.peer_agent.certs import CertStore, LivePair
+from clusteracme.peer_agent.deployer import Deployer, DeployOutcome
+from clusteracme.peer_agent.errors import CertificateNotCurrent, KeyNotHeld, NameMismatch, RollbackRefused, TLSLoadError
+from clusteracme.peer_agent.keys import KeyStore
+from clusteracme.peer_agent.reload import CommandHook
+from clusteracme.peer_agent.tls_endpoint import TLSEndpoint, load_context
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from peer_agent.certs import CertStore, LivePair
-from peer_agent.deployer import Deployer, DeployOutcome
-from peer_agent.errors import CertificateNotCurrent, KeyNotHeld, NameMismatch, RollbackRefused, TLSLoadError
-from peer_agent.keys import KeyStore
-from peer_agent.reload import CommandHook
-from peer_agent.tls_endpoint import TLSEndpoint, load_context
 from tests.unit.test_cert_store import DAY, CertFactory, issue, pem, serial_of, snapshot
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,4 +1,4 @@
-"""Per-peer batching of token pushes and removals (coordinator.tokenpush),
+"""Per-peer batching of token pushes and removals (clusteracme.coordinator.tokenpush),
 with a stand-in for the agent pool at its port (``call``)."""
 
 from __future__ import annotations
@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from clusteracme.coordinator.peers import PeerInfo
+from clusteracme.coordinator.tokenpush import TokenPusher, batches
+
 from clusteracme import errors
 from clusteracme.v1 import agent_pb2, common_pb2
-from coordinator.peers import PeerInfo
-from coordinator.tokenpush import TokenPusher, batches
 
 
 def peer(pid: str, version: str = "0.2.0", endpoint: str = "") -> PeerInfo:

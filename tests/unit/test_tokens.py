@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from clusteracme.peer_agent.errors import AgentError, InvalidToken, TokenConflict
+from clusteracme.peer_agent.tokens import TokenStore
 
 from clusteracme.errors import AlreadyExists, InvalidArgument
-from peer_agent.errors import AgentError, InvalidToken, TokenConflict
-from peer_agent.tokens import TokenStore
 
 THUMB = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
 T1, T2, T3 = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA", "tok_2", "tok-3"

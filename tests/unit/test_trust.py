@@ -11,19 +11,21 @@ from datetime import UTC, datetime, timedelta
 from importlib import resources
 
 import pytest
+from clusteracme.coordinator import records
+from clusteracme.coordinator import trust as trust_module
+from clusteracme.coordinator.rpc.servicer import _trusted
+from clusteracme.coordinator.store.base import Entry
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
+from clusteracme.coordinator.trust import TrustStore
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from clusteracme.ctl import main as ctl_main
+from clusteracme.ctl import trust as ctl_trust
 from clusteracme.errors import InvalidArgument, NotFound
-from coordinator import ctl, records
-from coordinator import trust as trust_module
-from coordinator.rpc.servicer import _trusted
-from coordinator.store.base import Entry
-from coordinator.store.keys import Keys
-from coordinator.store.memory import MemoryStore
-from coordinator.trust import TrustStore
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 YEAR = timedelta(days=365)
@@ -467,14 +469,14 @@ async def test_type_root_or_intermediate(trust: TrustStore, pki: Pki) -> None:
 
 async def test_acmectl_trust_table(trust: TrustStore, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
     added = await trust.add(pki.root.pem + pki.intermediate.pem)
-    ctl._trust_rows([_trusted(added[0]), _trusted(replace(added[1], added=False))], add=True)
+    ctl_trust._trust_rows([_trusted(added[0]), _trusted(replace(added[1], added=False))], add=True)
     header, root_row, inter_row = capsys.readouterr().out.splitlines()
     assert header.split() == ["TYPE", "SUBJECT", "ISSUER", "NOT", "AFTER", "SHA256"]
     assert root_row.split() == ["root", "CN=Test", "Root", "CN=Test", "Root", added[0].not_after[:19], pki.root.sha256]
     assert inter_row.split()[:5] == ["intermediate", "CN=Test", "Intermediate", "CN=Test", "Root"]
     assert f"{pki.intermediate.sha256}  (already trusted)" in inter_row
     # A listing has no such remark.
-    ctl._trust_rows([_trusted(c) for c in await trust.list()])
+    ctl_trust._trust_rows([_trusted(c) for c in await trust.list()])
     assert "already" not in capsys.readouterr().out
 
 
@@ -482,6 +484,6 @@ def test_acmectl_trust_add_takes_exactly_one_of_file_and_preset(capsys: pytest.C
     # Refused before any connection is made.
     for argv in (["trust", "add"], ["trust", "add", "roots.pem", "--preset", "letsencrypt"]):
         with pytest.raises(SystemExit) as exit_info:
-            ctl.main(argv)
+            ctl_main.main(argv)
         assert exit_info.value.code == 2
         assert "exactly one of FILE and --preset NAME" in capsys.readouterr().err

@@ -1,0 +1,3 @@
+from clusteracme.ctl.main import main
+
+main()

@@ -1,0 +1,150 @@
+"""acmectl's shared parts: the client (:class:`Ctl`), output, files, errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from clusteracme import errors, pki
+from clusteracme.failover import READ_METHODS, ReplicaClient, parse_endpoints
+from clusteracme.rpcutil import TLSFiles
+from clusteracme.safetext import safe_message, terminal_safe
+from clusteracme.v1 import common_pb2
+from clusteracme.v1 import coordinator_pb2 as pb
+
+KEY_TYPES = {
+    "ec-p256": common_pb2.KEY_TYPE_EC_P256,
+    "ec-p384": common_pb2.KEY_TYPE_EC_P384,
+    "rsa-2048": common_pb2.KEY_TYPE_RSA_2048,
+    "rsa-3072": common_pb2.KEY_TYPE_RSA_3072,
+    "rsa-4096": common_pb2.KEY_TYPE_RSA_4096,
+}
+
+
+EAB_KEY_ENV = "ACMECTL_EAB_HMAC_KEY"
+
+
+EAB_KEY_FILE_MAX = 4096
+
+
+MULTILINE_FIELDS = ("clusteracme.v1.Alarm.detail",)  # shown by _one_line: its first line; *_pem fields keep lines too
+
+
+EXIT_CODES = {errors.InvalidArgument: 2, errors.NotFound: 3, errors.FailedPrecondition: 4, errors.Unavailable: 5}
+
+
+class CtlError(Exception):
+    pass
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    rows = [[terminal_safe(str(c)) for c in row] for row in rows]  # one line per row, whatever a cell holds
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _dict(msg: Any) -> dict[str, Any]:
+    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+class Ctl:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._client: ReplicaClient | None = None
+
+    @property
+    def client(self) -> ReplicaClient:
+        """The coordinator replicas of --coordinator, checked on first use (``pki`` needs none)."""
+        if self._client is None:
+            a = self.args
+            endpoints = parse_endpoints(a.coordinator, "--coordinator (or ACMECTL_COORDINATOR)")
+            missing = [n for n, v in (("--ca", a.ca), ("--cert", a.cert), ("--key", a.key)) if not v]
+            if missing:
+                raise CtlError("missing " + ", ".join(missing) + " (or ACMECTL_CA/ACMECTL_CERT/ACMECTL_KEY)")
+            self._client = ReplicaClient(TLSFiles(Path(a.ca), Path(a.cert), Path(a.key)), endpoints,
+                                         pki.COORDINATOR_SERVER_NAME)
+        return self._client
+
+    async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        return self.shown(await self.client.unary(method, request, read=method in READ_METHODS,
+                                                  timeout=timeout or self.args.timeout))
+
+    def shown(self, msg: Any) -> Any:
+        """An answer as it may be printed: for human output, a copy whose
+        strings have their control characters escaped (remote text never
+        drives the terminal); ``--json`` output is escaped by json.dumps."""
+        return msg if self.args.json else safe_message(msg, MULTILINE_FIELDS)
+
+    @property
+    def answered_last(self) -> str | None:
+        """The endpoint of the replica that answered last (None before any call)."""
+        return self._client.answered_last if self._client is not None else None
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    def out(self, msg: Any, human: Callable[[], None]) -> None:
+        if self.args.json:
+            print(json.dumps(_dict(msg), indent=2))
+        else:
+            human()
+
+
+def _no_account_note(name: str, providers: list[Any]) -> str:
+    """" (no account yet: ...)" when the provider just chosen cannot sign yet
+    (it is accepted all the same: the account may be registered next)."""
+    if not name or any(p.name == name and p.account_url for p in providers):
+        return ""
+    return f" (no account yet: acmectl account register --provider {name})"
+
+
+async def _provider_note(ctl: Ctl, name: str) -> str:
+    """``_no_account_note`` for a provider given on the command line ("" for
+    none or "default": nothing is saved then). Best effort: asked after the
+    change succeeded, so a failed lookup never turns it into an error."""
+    if not name or name == "default":
+        return ""
+    try:
+        r = await ctl.call("ListProviders", pb.ListProvidersRequest())
+    except Exception:  # noqa: BLE001 (the command succeeded; only its note is missing)
+        return ""
+    return _no_account_note(name, list(r.providers))
+
+
+# --- CSR, sign, orders, pending -----------------------------------------------------
+def _slot(a: argparse.Namespace) -> common_pb2.Slot:
+    return common_pb2.Slot(domain=getattr(a, "domain", "") or "")
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CtlError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+def _read_small_file(path: str, what: str, limit: int) -> bytes:
+    """A file of at most ``limit`` bytes; a larger one is refused after
+    reading ``limit`` + 1 bytes, never read in full."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise CtlError(f"cannot read the {what} {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise errors.InvalidArgument(f"the {what} {path} is larger than {limit // 1024} KiB; not a certificate chain")
+    return data
+
+
+def _one_line(text: str) -> str:
+    """A detail (an automatic sign's last error may span lines) on one line:
+    its first line, control characters escaped, " [...]" when more follows."""
+    first, _, rest = text.strip().partition("\n")
+    return terminal_safe(first.rstrip("\r")) + (" [...]" if rest.strip() else "")
