@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from google.protobuf.json_format import MessageToDict
 
 from clusteracme import errors, pki
@@ -17,6 +18,8 @@ from clusteracme.safetext import safe_message, terminal_safe
 from clusteracme.v1 import common_pb2
 from clusteracme.v1 import coordinator_pb2 as pb
 
+OUTPUT_FORMATS = ("table", "wide", "json", "yaml")  # -o/--output; --json is -o json
+
 KEY_TYPES = {
     "ec-p256": common_pb2.KEY_TYPE_EC_P256,
     "ec-p384": common_pb2.KEY_TYPE_EC_P384,
@@ -24,16 +27,9 @@ KEY_TYPES = {
     "rsa-3072": common_pb2.KEY_TYPE_RSA_3072,
     "rsa-4096": common_pb2.KEY_TYPE_RSA_4096,
 }
-
-
 EAB_KEY_ENV = "ACMECTL_EAB_HMAC_KEY"
-
-
 EAB_KEY_FILE_MAX = 4096
-
-
 MULTILINE_FIELDS = ("clusteracme.v1.Alarm.detail",)  # shown by _one_line: its first line; *_pem fields keep lines too
-
 
 EXIT_CODES = {errors.InvalidArgument: 2, errors.NotFound: 3, errors.FailedPrecondition: 4, errors.Unavailable: 5}
 
@@ -42,10 +38,10 @@ class CtlError(Exception):
     pass
 
 
-def _print_table(rows: list[list[str]], header: list[str]) -> None:
+def _print_table(rows: list[list[str]], header: list[str], *, no_headers: bool = False) -> None:
     rows = [[terminal_safe(str(c)) for c in row] for row in rows]  # one line per row, whatever a cell holds
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    for row in [header, *rows]:
+    for row in rows if no_headers else [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
@@ -79,7 +75,34 @@ class Ctl:
         """An answer as it may be printed: for human output, a copy whose
         strings have their control characters escaped (remote text never
         drives the terminal); ``--json`` output is escaped by json.dumps."""
-        return msg if self.args.json else safe_message(msg, MULTILINE_FIELDS)
+        return msg if self.machine else safe_message(msg, MULTILINE_FIELDS)
+
+    @property
+    def output(self) -> str:
+        """One of OUTPUT_FORMATS (-o; --json is -o json)."""
+        return getattr(self.args, "output", None) or ("json" if getattr(self.args, "json", False) else "table")
+
+    @property
+    def machine(self) -> bool:
+        """JSON or YAML output: the answer as data, no human sentences on stdout."""
+        return self.output in ("json", "yaml")
+
+    def table(self, msg: Any, header: list[str], rows: list[list[str]], *, wide_header: list[str] | None = None,
+              wide_rows: list[list[str]] | None = None, empty: str | None = None) -> None:
+        """A listing: the answer as JSON/YAML, or a table (``-o wide``: the
+        wide columns when given), headers left out with --no-headers; ``empty``
+        is printed instead of an empty table (not with --no-headers)."""
+        if self.machine:
+            self.out(msg, lambda: None)
+            return
+        if self.output == "wide" and wide_header is not None and wide_rows is not None:
+            header, rows = wide_header, wide_rows
+        no_headers = bool(getattr(self.args, "no_headers", False))
+        if not rows and empty is not None:
+            if not no_headers:
+                print(empty)
+            return
+        _print_table(rows, header, no_headers=no_headers)
 
     @property
     def answered_last(self) -> str | None:
@@ -91,8 +114,10 @@ class Ctl:
             await self._client.close()
 
     def out(self, msg: Any, human: Callable[[], None]) -> None:
-        if self.args.json:
+        if self.output == "json":
             print(json.dumps(_dict(msg), indent=2))
+        elif self.output == "yaml":
+            print(yaml.safe_dump(_dict(msg), sort_keys=False, allow_unicode=False), end="")
         else:
             human()
 

@@ -35,7 +35,7 @@ def _csr_lines(r: Any) -> None:
 async def cmd_csr(ctl: Ctl, a: argparse.Namespace) -> None:
     if a.csr_cmd == "show":
         r = await ctl.call("GetCSR", pb.GetCSRRequest(peer_id=a.peer, slot=_slot(a)))
-        if a.pem and not ctl.args.json:  # --json wins, as for pending show: the JSON holds csr_pem
+        if a.pem and not ctl.machine:  # --json wins, as for pending show: the JSON holds csr_pem
             print(r.csr_pem, end="")  # just the PEM, for any CA: acmectl csr show PEER --pem > peer.csr
             return
         ctl.out(r, lambda: _csr_lines(r))
@@ -52,7 +52,7 @@ async def cmd_csr(ctl: Ctl, a: argparse.Namespace) -> None:
     r = await ctl.call("CreateCSR", pb.CreateCSRRequest(
         peer_id=a.peer, slot=_slot(a), common_name=a.cn, sans=a.san, key_type=KEY_TYPES[a.key_type],
         subject=common_pb2.CsrSubject(**subject), provider=a.provider or ""), timeout=60)
-    note = "" if ctl.args.json else await _provider_note(ctl, a.provider or "")
+    note = "" if ctl.machine else await _provider_note(ctl, a.provider or "")
 
     def human() -> None:
         print(f"CSR created on peer {r.peer_id} ({r.key_type}, key kept on the peer) for {', '.join(r.names)}")

@@ -49,7 +49,7 @@ async def cmd_rollout(ctl: Ctl, a: argparse.Namespace) -> None:
                 stages.setdefault(event.peer_id, []).append(event.stage)
             else:
                 ended = ended or event.stage in ("stopped", "done")  # every rollback it runs is behind it
-            if ctl.args.json:
+            if ctl.machine:
                 print(json.dumps(_dict(event)), flush=True)
             else:
                 who = f"{event.peer_id}: " if event.peer_id else ""

@@ -23,7 +23,7 @@ import os
 import sys
 
 from clusteracme import errors, pki
-from clusteracme.ctl.base import EAB_KEY_ENV, EXIT_CODES, KEY_TYPES, Ctl, CtlError
+from clusteracme.ctl.base import EAB_KEY_ENV, EXIT_CODES, KEY_TYPES, OUTPUT_FORMATS, Ctl, CtlError
 from clusteracme.ctl.csr import SUBJECT_NOTE, cmd_csr, cmd_pending
 from clusteracme.ctl.deploys import cmd_deploy, cmd_rollback, cmd_rollout
 from clusteracme.ctl.orders import cmd_order, cmd_preflight, cmd_sign
@@ -47,7 +47,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default=env("ACMECTL_KEY"), help="operator key (PEM)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="deadline of each call, seconds, across replicas and retries")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-o", "--output", choices=OUTPUT_FORMATS, help="output format (default table)")
+    p.add_argument("--json", action="store_true", help="the same as -o json")
+    p.add_argument("--no-headers", action="store_true", help="tables without their header line")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("pki", help="cluster CA and mTLS certificates").add_subparsers(dest="pki_cmd", required=True)

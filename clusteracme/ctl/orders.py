@@ -60,7 +60,7 @@ async def cmd_sign(ctl: Ctl, a: argparse.Namespace) -> None:
         shown = o.phase + (f" (position {o.queue_position})" if o.queue_position else "")
         if o.phase == "queued" and not o.queue_position:
             shown = seen  # admitted already: it starts at once, nothing to say yet
-        if not a.json and shown != seen:
+        if not ctl.machine and shown != seen:
             print(f"  {shown}...", flush=True)
             seen = shown
         if time.monotonic() > deadline:

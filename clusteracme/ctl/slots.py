@@ -56,7 +56,7 @@ async def cmd_schedule(ctl: Ctl, a: argparse.Namespace) -> None:
         r = await ctl.call("SetSchedule", pb.SetScheduleRequest(
             peer_id=a.peer, slot=_slot(a), auto=a.auto or "", days=a.days or "", time=a.time or "", tz=a.tz or "",
             key_policy=a.key_policy or "", provider=a.provider or ""))
-        note = "" if ctl.args.json else await _provider_note(ctl, a.provider or "")
+        note = "" if ctl.machine else await _provider_note(ctl, a.provider or "")
 
         def human() -> None:
             _schedule_lines(r)
