@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard proto/clusteracme/v1/*.proto)
 
-.PHONY: demo demo-ha test test-unit test-integration proto bench deps clean
+.PHONY: demo demo-ha test test-unit test-integration proto bench deps dist clean
 
 demo: deps $(STAMP)
 	$(PY) -m clusteracme.localcluster demo --peers 3
@@ -36,6 +36,11 @@ bench: deps $(STAMP)
 deps:
 	@deploy/dev-deps.sh
 
+# The sdist and the wheel in dist/, the wheel built from the sdist (nothing
+# stale from the tree gets in); a node: deploy/install.sh --wheel dist/*.whl.
+dist: $(STAMP)
+	$(PY) -m build --no-isolation --outdir dist .
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -48,4 +53,4 @@ proto: $(STAMP)
 	rm -f clusteracme/v1/common_pb2_grpc.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache dist

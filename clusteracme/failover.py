@@ -52,8 +52,15 @@ nothing, or when it is a read (nothing to do twice).
   and the next call connects afresh.
 * Any other answer (a refusal, not found, ...) is the replica's answer: raised
   as our error (``rpcutil.error_from_rpc``), never retried.
-* A server stream (Rollout) follows the same rule until its first message; a
-  failure after that is raised, never retried (part of it has happened).
+* A server stream (Rollout, Backup) follows the same rule until its first
+  message; a failure after that is raised, never retried (part of it has
+  happened).
+* A client stream (Restore, a command) is opened without a message: the
+  leader accepts it by sending its response headers with ``ACCEPTED_KEY``
+  before it reads anything, while a standby's redirect or refusal ends the
+  call without reading. Until accepted, the rule above applies (the messages
+  are sent again, in full, to the next replica); once accepted, the call is
+  never sent again.
 
 How a failure is recognised: grpc 1.x reports transport failures only as the
 sentence in the status details (its debug string carries no more since 1.50).
@@ -86,7 +93,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -104,14 +111,16 @@ LEADER_NAME_KEY = "clusteracme-leader-name"
 STANDBY_KEY = "clusteracme-standby"
 # In the details of a standby's refusal while nobody leads (an election under way).
 NO_LEADER_MARK = "no coordinator leads right now"
+# Initial metadata of a client-streaming command the leader has taken: the client may send its messages.
+ACCEPTED_KEY = "clusteracme-accepted"
 
 # Methods every replica serves itself, from etcd: the reads, plus the agents'
 # RegisterPeer and Heartbeat (idempotent). They may be sent again anywhere.
 # Every other method is a command: only the leader runs it.
 READ_METHODS: frozenset[str] = frozenset({
-    "RegisterPeer", "Heartbeat", "ListProviders", "ListPeers", "GetCSR", "Preflight", "GetOrder", "GetPending",
-    "ListDomains", "GetSchedule", "TrustList", "TrustVerify", "Status", "ListEvents", "ListAlarms",
-    "ListCoordinators", "ListDenied",
+    "RegisterPeer", "Heartbeat", "ListProviders", "ListPeers", "GetCSR", "Preflight", "GetOrder", "ListOrders",
+    "GetPending", "ListDomains", "GetSchedule", "TrustList", "TrustVerify", "Status", "ListEvents", "ListAlarms",
+    "ListCoordinators", "ListDenied", "Backup",
 })
 
 # A unary read's attempt gets at most max(READ_ATTEMPT_MIN, timeout * READ_ATTEMPT_SHARE) seconds when another
@@ -285,6 +294,48 @@ class ReplicaClient:
             raise error_from_rpc(exc, f"coordinator {target}") from None
         finally:
             call.cancel()  # a no-op once the stream ended; stops it when the reader stopped early
+
+    async def client_stream(self, method: str, messages: Callable[[], Iterable[Any]], *, timeout: float) -> Any:
+        """Call the client-streaming command ``method`` with ``messages()``
+        (called once per attempt): redirected and retried like ``unary``
+        until the leader accepts the call (module docstring), before any
+        message is sent; never sent again once accepted."""
+
+        async def attempt(stub: coordinator_pb2_grpc.CoordinatorServiceStub,
+                          remaining: float) -> grpc.aio.StreamUnaryCall:
+            call = getattr(stub, method)(timeout=remaining)
+            try:
+                headers = await call.initial_metadata()
+                if not any(key == ACCEPTED_KEY for key, _ in headers or ()):
+                    await call  # refused before reading (a redirect, say): raises what the replica said
+                    raise errors.Unavailable(f"coordinator answered {method} without taking it")
+                return call
+            except BaseException:
+                call.cancel()
+                raise
+
+        # Until accepted, no message has left this process: like a read, the call may go to another replica
+        # even when a connection broke under it.
+        target, call = await self._first_answer(method, True, timeout, attempt, None)
+        try:
+            try:
+                for message in messages():
+                    await call.write(message)
+                await call.done_writing()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass  # a failed write says little ("Internal error from Core"): the call's status says what happened
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            verdict = classify(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
+            if verdict.kind is Kind.LOST:
+                raise errors.Unavailable(f"{method}: the connection to coordinator {target} broke after it took the "
+                                         f"command ({verdict.reason}); it may go on there: {CHECK_HINT}") from None
+            if verdict.kind is Kind.TIMED_OUT:
+                raise errors.DeadlineExceeded(f"{method} at coordinator {target} did not end within {timeout:g} s; "
+                                              f"it may go on there: {CHECK_HINT}") from None
+            raise error_from_rpc(exc, f"coordinator {target}") from None
+        finally:
+            call.cancel()  # a no-op once it ended; stops it when this task is cancelled
 
     async def close(self) -> None:
         channels, self._channels, self._stubs = list(self._channels.values()), {}, {}

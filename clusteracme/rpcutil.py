@@ -33,7 +33,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from clusteracme import errors
+from clusteracme import errors, logfields
 from clusteracme.pki import Identity, Role, identity_fingerprint
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,20 @@ def caller(context: grpc.aio.ServicerContext, deny_list: DenyList | None = None)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+def request_fields(request: Any) -> dict[str, str]:
+    """The log fields a request names: its ``peer_id`` (peer), ``slot``
+    (domain) and ``order_id``; none for a stream of requests."""
+    fields: dict[str, str] = {}
+    names = getattr(getattr(request, "DESCRIPTOR", None), "fields_by_name", {})
+    if "peer_id" in names and request.peer_id:
+        fields["peer"] = request.peer_id
+    if "slot" in names:
+        fields["domain"] = request.slot.domain
+    if "order_id" in names and request.order_id:
+        fields["order_id"] = request.order_id
+    return fields
+
+
 def rpc_method(*roles: Role) -> Callable[[F], F]:
     """Wrap a servicer method: refuse a denied certificate (the servicer's
     ``deny_list`` attribute, when it has one), authorise by role, map errors
@@ -154,24 +168,28 @@ def rpc_method(*roles: Role) -> Callable[[F], F]:
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                who = caller(context, getattr(self, "deny_list", None))
-                if who.role not in roles:
-                    allowed = ", ".join(r.value for r in roles)
-                    raise errors.PermissionDenied(
-                        f"{who.common_name} may not call {fn.__name__} (allowed: {allowed})"
-                    )
-                return await fn(self, request, context, who)
-            except errors.ClusterAcmeError as exc:
-                metadata = ()
-                if exc.retry_after is not None:
-                    metadata = (("retry-after", f"{exc.retry_after:.0f}"),)
-                await context.abort(status_code_for(exc), exc.message, metadata)
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                log.exception("unexpected error in %s", fn.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}; see the server log")
+            # Every line the call logs (and the tasks it starts) names the method, the caller and what it is about.
+            with logfields.log_context(rpc=fn.__name__, **request_fields(request)):
+                try:
+                    who = caller(context, getattr(self, "deny_list", None))
+                    logfields.bind(who=who.common_name)
+                    if who.role not in roles:
+                        allowed = ", ".join(r.value for r in roles)
+                        raise errors.PermissionDenied(
+                            f"{who.common_name} may not call {fn.__name__} (allowed: {allowed})"
+                        )
+                    return await fn(self, request, context, who)
+                except errors.ClusterAcmeError as exc:
+                    metadata = ()
+                    if exc.retry_after is not None:
+                        metadata = (("retry-after", f"{exc.retry_after:.0f}"),)
+                    await context.abort(status_code_for(exc), exc.message, metadata)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:
+                    log.exception("unexpected error in %s", fn.__name__)
+                    await context.abort(grpc.StatusCode.INTERNAL,
+                                        f"internal error in {fn.__name__}; see the server log")
 
         return wrapper  # type: ignore[return-value]
 

@@ -234,7 +234,7 @@ class Accounts:
 
     async def list(self) -> list[ProviderView]:
         entries = await self._store.range(self._keys.providers())
-        views = [_view(records.decode(e.value)) for e in entries]
+        views = [_view(records.decode(e.value, e.key)) for e in entries]
         self._warn_reserved(views)
         return views
 

@@ -691,7 +691,7 @@ def pending_notification(record: AlarmRecord, now: datetime.datetime | None = No
 def parse_entry(keys: Keys, entry: Entry) -> AlarmRecord:
     """The record in ``entry``; ValueError says why it cannot be read."""
     try:
-        rec = AlarmRecord.from_json(records.decode(entry.value))
+        rec = AlarmRecord.from_json(records.decode(entry.value, entry.key))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{exc.__class__.__name__}: {exc}") from exc
     try:
@@ -960,7 +960,7 @@ class AlarmJob:
                         continue  # not registered (removed): its alarms are cleared
                     domain = "" if slot_key == "server" else slot_key.removeprefix("domain/")
                     try:
-                        slot = records.decode(entry.value)
+                        slot = records.decode(entry.value, entry.key)
                         if not isinstance(slot, dict):
                             raise ValueError("not an object")
                         plan = await self._plan(entry, peer, slot, now) if needs_plan(peer, slot) else None

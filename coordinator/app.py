@@ -6,6 +6,11 @@ member record (``replicas``) and campaigns for leadership; once leader it
 resumes every order a previous leader left unfinished and then serves every
 call. Losing leadership stops the process (the supervisor restarts it as a
 standby): a coordinator that might no longer be the leader must not act.
+A restore ends the term on purpose (``term``): the replica resigns, stays
+up, and campaigns again; the next term reads everything anew. One whose
+version knows an older record schema than the cluster's (``meta/schema``:
+``records``) does not campaign: it stays a standby and says why in one log
+line; a leader raises the marker at the start of its term.
 systemd (``Type=notify``) hears ``READY=1`` once it listens and
 ``STATUS=standby`` / ``STATUS=leader``; the gRPC health service
 ``clusteracme.leader`` is SERVING on the leader only. Being busy does not lose it: the lease keep-alive has a
@@ -22,10 +27,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from clusteracme.coordinator import metrics
+from clusteracme.coordinator import metrics, records
 from clusteracme.coordinator.accounts import Accounts
 from clusteracme.coordinator.alarm_webhook import WebhookNotifier
 from clusteracme.coordinator.alarms import AlarmBook, AlarmJob
+from clusteracme.coordinator.backup import Backups, fence_token, read_fence_epoch, restore_pending
 from clusteracme.coordinator.deployment import Deployment
 from clusteracme.coordinator.election import Election, Leadership
 from clusteracme.coordinator.history import History
@@ -45,10 +51,11 @@ from clusteracme.coordinator.settings import CoordinatorSettings, TimingSettings
 from clusteracme.coordinator.store.base import Store
 from clusteracme.coordinator.store.etcd import EtcdStore
 from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.term import Term
 from clusteracme.coordinator.trust import TrustStore
 from grpc_health.v1 import health_pb2
 
-from clusteracme import __version__, daemon, errors, netaddr
+from clusteracme import __version__, daemon, errors, logfields, netaddr
 from clusteracme.daemon import Supervisor, add_health
 from clusteracme.rpcutil import ReloadingTLS, server
 from clusteracme.v1 import coordinator_pb2_grpc
@@ -101,9 +108,10 @@ class Parts:
 
 
 def build_parts(store: Store, keys: Keys, settings: CoordinatorSettings, box: SecretBox, resolver: DnsResolver,
-                pool: AgentPool, deny_view: DenyListView, fence: int = 0) -> Parts:
+                pool: AgentPool, deny_view: DenyListView, fence: int = 0, term: Term | None = None) -> Parts:
     """``fence``: the leader's fencing token, which its deploys and rollbacks
-    carry to the agents (0 for a standby's parts: a standby never deploys)."""
+    carry to the agents (0 for a standby's parts: a standby never deploys).
+    ``term``: the leader's (a restore ends it); None for a standby's parts."""
     t = settings.timing
     registry = Registry(store, keys, lease_ttl=t.lease_ttl, settings=settings.peers, pool=pool)
     accounts = Accounts(store, keys, box, acme_timeout=t.acme_timeout,
@@ -119,7 +127,8 @@ def build_parts(store: Store, keys: Keys, settings: CoordinatorSettings, box: Se
                                    TrustStore(store, keys), heartbeat_interval=t.heartbeat_interval,
                                    lease_ttl=t.lease_ttl, alarms=alarms,
                                    identities=Identities(store, keys, registry, deny_view, settings.tls.ca),
-                                   deny_list=deny_view)
+                                   deny_list=deny_view,
+                                   backups=Backups(store, keys, version=__version__, term=term))
     return Parts(registry, accounts, history, issuance, deployment, scheduler, revocation, alarms, servicer)
 
 
@@ -135,6 +144,7 @@ def advertised_address(settings: CoordinatorSettings) -> str:
 
 
 async def run(settings: CoordinatorSettings) -> int:
+    logfields.set_process_fields(replica=settings.name)  # on every line: which replica wrote it
     async with contextlib.AsyncExitStack() as cleanup:
         return await _serve(settings, cleanup)
 
@@ -173,6 +183,9 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
                         ttl=3 * t.leader_ttl)
     await replicas.announce()
     cleanup.push_async_callback(replicas.withdraw)
+    # Records newer than this version knows (README "Upgrading"): it stays a
+    # standby, never campaigns, so it never writes them in an older form.
+    refusal = records.refuse_to_lead((await records.read_marker(store, keys))[0], keys.schema_marker())
     # This replica's certificate and key: read again on SIGHUP and when the files change.
     tls = ReloadingTLS(settings.tls.files())
     tls.reload_on_sighup()
@@ -204,22 +217,36 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
     election = Election(store, keys.leader(), settings.name, ttl=t.leader_ttl, keepalive_store=store.open_replica,
                         stuck_after=t.leader_stuck_seconds)
     cleanup.push_async_callback(election.abandon)  # however this ends, the thread does not outlive it
-    log.info("coordinator %s campaigning for leadership", settings.name)
-    campaign = asyncio.ensure_future(election.campaign())
-    stop_wait = asyncio.ensure_future(sup.stopping.wait())
-    await asyncio.wait({campaign, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if refusal is None:
+        log.info("coordinator %s campaigning for leadership", settings.name)
+        campaign = asyncio.ensure_future(election.campaign())
+    else:
+        log.error("coordinator %s will not lead: %s; it stays a standby (serving the reads it can decode) until "
+                  "it is stopped", settings.name, refusal.message)
+        daemon.notify(STATUS=f"standby, refusing to lead: the cluster's records are at schema {refusal.schema}, "
+                             f"this version knows up to {refusal.known}")
+        campaign = asyncio.get_running_loop().create_future()  # never done: a standby until stopped
     leader: Parts | None = None
-    if campaign.done():
+    while True:  # one round per term: a restore ends one on purpose (``term``), the process stays up
+        stop_wait = asyncio.ensure_future(sup.stopping.wait())
+        await asyncio.wait({campaign, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not campaign.done():
+            campaign.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await campaign
+            break
         stop_wait.cancel()
         router.taking_over()
+        term = Term(sup, router)
         try:
             leader = await _lead(settings, campaign.result(), store, keys, box, resolver, pool, deny_view, notifier,
-                                 sup)
+                                 term)
         except errors.ClusterAcmeError as exc:  # e.g. etcd gone while resuming: stop, a standby takes over
             log.error("coordinator %s could not take over: %s", settings.name, exc.message)
             sup.failed = True
             sup.stopping.set()
-    if leader is not None:
+            break
+        term.attach(leader)
         router.promote(leader.servicer)
         await health.set(LEADER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         metrics.LEADER.set(1)
@@ -229,11 +256,31 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
             log.warning("coordinator %s: cannot mark its member record as leader: %s", settings.name, exc.message)
         daemon.notify(STATUS="leader")
         log.info("coordinator %s leads: serving every call", settings.name)
-        await sup.stopping.wait()
-    elif not campaign.done():
-        campaign.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await campaign
+        ending = asyncio.ensure_future(term.end_requested.wait())
+        stop_wait = asyncio.ensure_future(sup.stopping.wait())
+        await asyncio.wait({ending, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        ending.cancel()
+        stop_wait.cancel()
+        if sup.stopping.is_set():
+            break
+        # The term ends on purpose (after a restore): a standby again, then a fresh campaign; whoever
+        # wins reads the whole state anew.
+        log.info("coordinator %s ends its term (a restore wrote the state anew) and campaigns again", settings.name)
+        router.demote()
+        await health.set(LEADER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        metrics.LEADER.set(0)
+        await term.close()
+        leader = None
+        try:
+            await replicas.became_standby()
+        except errors.ClusterAcmeError as exc:
+            log.warning("coordinator %s: cannot mark its member record as standby: %s", settings.name, exc.message)
+        await election.resign()
+        term.ended.set()
+        daemon.notify(STATUS="standby")
+        if notifier is not None:  # the term closed it
+            notifier = WebhookNotifier(settings.alarms, cluster=keys.prefix, coordinator=settings.name)
+        campaign = asyncio.ensure_future(election.campaign())
 
     daemon.notify(STOPPING="1")
     await health.enter_graceful_shutdown()
@@ -260,13 +307,40 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
 
 async def _lead(settings: CoordinatorSettings, leadership: Leadership, store: EtcdStore, keys: Keys, box: SecretBox,
                 resolver: DnsResolver, pool: AgentPool, deny_view: DenyListView, notifier: WebhookNotifier | None,
-                sup: Supervisor) -> Parts:
+                term: Term) -> Parts:
     """Leading: the components on the fenced store, the previous leader's
-    orders resumed, the leader's own jobs started."""
+    orders resumed, the leader's own jobs started (in ``term``). While a cut
+    restore's marker stands, nothing is resumed nor started, and every
+    command but a restore is refused (``backup``)."""
     log.info("coordinator %s is the leader (fence revision %d)", settings.name, leadership.revision)
     t = settings.timing
     fenced = store.fenced(keys.leader(), leadership.revision)
-    parts = build_parts(fenced, keys, settings, box, resolver, pool, deny_view, fence=leadership.revision)
+    # Before any other write: a coordinator older than the cluster's records
+    # refuses (NewerRecord: it stops, and comes back as a standby that does
+    # not campaign); a newer one raises meta/schema to its own.
+    before, _ = await records.read_marker(fenced, keys)
+    marker = await records.raise_marker(fenced, keys, settings.name)
+    if before is None or before.schema != marker.schema:
+        log.info("%s raised to record schema %d (was %s)", keys.schema_marker(), marker.schema,
+                 before.schema if before else "absent")
+    # The fence agents are sent: the election revision, above every leader's before the last restore.
+    epoch = await read_fence_epoch(fenced, keys)
+    if epoch:
+        log.info("agents' leader fence %d (restore epoch %d)", fence_token(epoch, leadership.revision), epoch)
+    parts = build_parts(fenced, keys, settings, box, resolver, pool, deny_view,
+                        fence=fence_token(epoch, leadership.revision), term=term)
+
+    async def watch_leadership() -> None:
+        await leadership.lost.wait()
+        raise errors.Aborted("leadership lost")
+
+    pending = await restore_pending(fenced, keys)
+    if pending is not None:
+        log.error("coordinator %s leads but resumes nothing, runs no job and refuses every command but a restore: "
+                  "%s", settings.name, pending)
+        term.block(pending)
+        term.spawn("leadership-watch", watch_leadership())
+        return parts
     # The previous leader's queue first: commands are still redirected
     # (router) until this returns, so a sign cannot jump it (nor its
     # provider's budget).
@@ -274,20 +348,16 @@ async def _lead(settings: CoordinatorSettings, leadership: Leadership, store: Et
     if resumed:
         log.info("resumed %d unfinished order(s): %s", len(resumed), ", ".join(resumed))
 
-    async def watch_leadership() -> None:
-        await leadership.lost.wait()
-        raise errors.Aborted("leadership lost")
-
-    sup.spawn("leadership-watch", watch_leadership())
-    sup.spawn("renewal-scheduler", parts.scheduler.run())
-    sup.spawn("retention", RetentionJob(fenced, keys, parts.registry, pool, parts.history, settings.retention,
+    term.spawn("leadership-watch", watch_leadership())
+    term.spawn("renewal-scheduler", parts.scheduler.run())
+    term.spawn("retention", RetentionJob(fenced, keys, parts.registry, pool, parts.history, settings.retention,
                                         period_seconds=settings.renewal.period_seconds).run())
     # Alarms: evaluated by the leader only; the webhook (optional) never holds up the evaluation.
     if notifier is not None:
-        sup.spawn("alarm-webhook", notifier.run())
-    sup.spawn("alarms", AlarmJob(fenced, keys, parts.registry, pool, parts.scheduler, settings.alarms,
-                                 notifier=notifier, lease_ttl=t.lease_ttl,
-                                 heartbeat_interval=t.heartbeat_interval).run())
+        term.spawn("alarm-webhook", notifier.run())
+    term.spawn("alarms", AlarmJob(fenced, keys, parts.registry, pool, parts.scheduler, settings.alarms,
+                                  notifier=notifier, lease_ttl=t.lease_ttl,
+                                  heartbeat_interval=t.heartbeat_interval).run())
     return parts
 
 

@@ -38,6 +38,7 @@ import datetime
 import logging
 import ssl
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -50,7 +51,7 @@ from clusteracme.coordinator.store.base import Check, Conflict, Put, Store
 from clusteracme.coordinator.store.keys import Keys
 from cryptography import x509
 
-from clusteracme import certinfo, errors
+from clusteracme import certinfo, errors, logfields
 from clusteracme.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ class Deployment:
                 raise
             await self._record(peer_id, domain, self._deploy_change(peer_id, domain, who, reply, pending),
                                known=(slot, revision))
-            return _outcome(peer_id, domain, reply)
+            return _logged("deploy", _outcome(peer_id, domain, reply), who)
 
     def _deploy_change(self, peer_id: str, domain: str, who: str, reply: agent_pb2.AgentDeployResponse,
                        pending: dict[str, Any], note: str = "") -> Callable[[dict[str, Any]], tuple[dict[str, Any], Event]]:
@@ -278,7 +279,7 @@ class Deployment:
                 raise
             await self._record(peer_id, domain, self._rollback_change(peer_id, domain, who, reply),
                                known=(slot, revision))
-            return _outcome(peer_id, domain, reply)
+            return _logged("rollback", _outcome(peer_id, domain, reply), who)
 
     def _rollback_change(self, peer_id: str, domain: str, who: str, reply: agent_pb2.AgentDeployResponse,
                          note: str = "") -> Callable[[dict[str, Any]], tuple[dict[str, Any], Event]]:
@@ -551,6 +552,11 @@ class Deployment:
                 plan.append((known[peer_id], pending))
             else:
                 yield Progress(peer_id, "skipped", "no pending certificate")
+        # One id on every line of this rollout's deploys and rollbacks (they run in tasks started from here).
+        rollout_id = uuid.uuid4().hex[:8]
+        logfields.bind(rollout=rollout_id)
+        log.info("rollout %s of %s: %d peer(s) with a pending certificate, in batches of %d", rollout_id,
+                 slot_name(domain), len(plan), batch, extra={"event": "rollout", "who": who or None})
         for peer, pending in plan:
             yield Progress(peer.peer_id, "planned", serial_hex=pending["serial_hex"])
         for start in range(0, len(plan), batch):
@@ -579,14 +585,19 @@ class Deployment:
                         except errors.ClusterAcmeError as exc:
                             yield Progress(peer.peer_id, "failed", f"rollback failed: {exc.message}")
                 untouched = [p.peer_id for p, _ in plan[start + batch:]]
-                yield Progress("", "stopped", f"stopped after {', '.join(p.peer_id for p in failed)} failed"
-                               + (f"; not touched: {', '.join(untouched)}" if untouched else ""))
+                stopped = (f"stopped after {', '.join(p.peer_id for p in failed)} failed"
+                           + (f"; not touched: {', '.join(untouched)}" if untouched else ""))
+                log.warning("rollout %s %s", rollout_id, stopped, extra={"event": "rollout"})
+                yield Progress("", "stopped", stopped)
                 return
+        log.info("rollout %s: %d peer(s) deployed and verified", rollout_id, len(plan), extra={"event": "rollout"})
         yield Progress("", "done", f"{len(plan)} peer(s) deployed and verified")
 
     async def _deploy_and_verify(self, peer: PeerInfo, pending: dict[str, Any], domain: str,
                                  who: str) -> tuple[list[Progress], str, bool]:
-        """Deploy and verify one peer: (progress, problem or "", whether the new pair went in)."""
+        """Deploy and verify one peer: (progress, problem or "", whether the new pair went in).
+        Runs as a task of its own (``rollout`` gathers them): its lines are the peer's."""
+        logfields.bind(peer=peer.peer_id, domain=domain)
         stages: list[Progress] = []
         try:
             outcome = await self.deploy(peer.peer_id, domain, who)
@@ -602,6 +613,8 @@ class Deployment:
         stages.append(Progress(peer.peer_id, "verifying", f"TLS handshake with SNI {sni}", outcome.active_serial))
         problem = await self.verify(peer, domain, outcome.active_serial, sni)
         if problem:
+            log.warning("%s: %s not verified: %s", _label(peer.peer_id, domain), outcome.active_serial, problem,
+                        extra={"event": "verify", "serial": outcome.active_serial})
             stages.append(Progress(peer.peer_id, "failed", problem, outcome.active_serial))
             return stages, problem, True
         stages.append(Progress(peer.peer_id, "verified", f"serves {outcome.active_serial}", outcome.active_serial))
@@ -619,6 +632,16 @@ def _held(status: agent_pb2.AgentStatusResponse, domain: str) -> tuple[str, str]
     """(active, previous) serial the agent holds on disk for the slot ("" for none)."""
     return next(((c.active_serial_hex, c.previous_serial_hex) for c in status.certificates
                  if c.slot.domain == domain), ("", ""))
+
+
+def _logged(kind: str, outcome: DeployOutcome, who: str) -> DeployOutcome:
+    """One line for a recorded deploy or rollback: a warning when a reload failed."""
+    log.log(logging.INFO if outcome.ok else logging.WARNING, "%s: %s of %s done (previous %s)%s",
+            _label(outcome.peer_id, outcome.domain), kind, outcome.active_serial, outcome.previous_serial or "none",
+            f"; {outcome.error}" if outcome.error else "",
+            extra={"event": kind, "peer": outcome.peer_id, "domain": outcome.domain, "serial": outcome.active_serial,
+                   "who": who or None})
+    return outcome
 
 
 def _outcome(peer_id: str, domain: str, reply: agent_pb2.AgentDeployResponse) -> DeployOutcome:

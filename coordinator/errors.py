@@ -70,3 +70,28 @@ class CAError(CoordinatorError, FailedPrecondition):
 
 class RateLimited(CoordinatorError, Unavailable):
     """The CA answered ``rateLimited``; ``retry_after`` says when to try again."""
+
+
+# --- records in etcd (issue 13, upgrades) --------------------------------------
+
+
+class UnreadableRecord(CoordinatorError, FailedPrecondition, ValueError):
+    """A record in etcd this coordinator cannot read: not a record (damaged,
+    written by hand or by something else), or of a schema it does not know.
+    Also a ValueError: the background loops that skip and log an unreadable
+    record catch it as they catch a JSON error. ``key`` names the record."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class NewerRecord(UnreadableRecord):
+    """A record of a schema newer than this coordinator knows: written by a
+    newer clusteracme. Never written over; upgrade this coordinator.
+    ``schema`` is the record's, ``known`` the highest this version reads."""
+
+    def __init__(self, key: str, message: str, *, schema: int, known: int) -> None:
+        super().__init__(key, message)
+        self.schema = schema
+        self.known = known

@@ -74,7 +74,7 @@ class History:
         async with contextlib.aclosing(pages):
             async for page in pages:
                 for entry in page:
-                    data = records.decode(entry.value)
+                    data = records.decode(entry.value, entry.key)
                     data.pop("schema", None)
                     out.append((entry.key.rsplit("/", 1)[-1], Event(**data)))
                     if limit and len(out) >= limit:

@@ -167,7 +167,7 @@ class DenyListView:
         denied = {}
         for entry in entries:
             try:
-                denial = Denial.from_record(records.decode(entry.value))
+                denial = Denial.from_record(records.decode(entry.value, entry.key))
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("deny list: unreadable record %s (%s); skipped", entry.key, exc)
                 continue
@@ -198,7 +198,7 @@ class DenyListView:
                         log.warning("deny list: %s was deleted from etcd; no longer denied", sha)
                     continue
                 try:
-                    self.add(Denial.from_record(records.decode(event.value)))
+                    self.add(Denial.from_record(records.decode(event.value, event.key)))
                 except (ValueError, KeyError, TypeError) as exc:
                     log.error("deny list: unreadable record %s (%s); skipped", event.key, exc)
 
@@ -293,7 +293,7 @@ class Identities:
         out = []
         for entry in await self._store.range(self._keys.denials()):
             try:
-                out.append(Denial.from_record(records.decode(entry.value)))
+                out.append(Denial.from_record(records.decode(entry.value, entry.key)))
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("deny list: unreadable record %s (%s); skipped", entry.key, exc)
         return sorted(out, key=lambda d: (d.denied_at, d.sha256))

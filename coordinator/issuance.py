@@ -29,6 +29,7 @@ from clusteracme.coordinator.errors import CAError, PreflightFailed, RateLimited
 from clusteracme.coordinator.history import Event, History
 from clusteracme.coordinator.metrics import ORDERS_ACTIVE, ORDERS_QUEUED, SIGNS
 from clusteracme.coordinator.names import normalize_names
+from clusteracme.coordinator.orderlist import OrderList, OrderQuery
 from clusteracme.coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase, Step
 from clusteracme.coordinator.peers import AgentPool, PeerInfo, Registry
 from clusteracme.coordinator.settings import AdmissionSettings, TimingSettings
@@ -37,7 +38,7 @@ from clusteracme.coordinator.store.base import Check, Conflict, NotLeader, Op, P
 from clusteracme.coordinator.store.keys import Keys
 from clusteracme.coordinator.tokenpush import TokenPusher
 
-from clusteracme import __version__, certinfo, errors, netaddr
+from clusteracme import __version__, certinfo, errors, logfields, netaddr
 from clusteracme.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,29 @@ MAX_SELF_CHECK_CONNECTIONS = 512  # open self-check connections in all, at most 
 # How CAs refuse an order's "replaces" (RFC 9773): Boulder answers malformed or
 # unauthorized, RFC 9773 names alreadyReplaced; a plain 404 reads as malformed.
 REPLACES_REFUSALS = frozenset({"malformed", "unauthorized", "alreadyReplaced", "notFound"})
+
+
+def order_fields(rec: OrderRecord) -> dict[str, Any]:
+    """The log fields of an order (see ``clusteracme.logfields``): an
+    authorization-only order has no peer nor slot."""
+    slot: dict[str, Any] = {} if rec.authorize_only else {"peer": rec.peer_id, "domain": rec.domain}
+    return {"order_id": rec.order_id, **slot, "phase": rec.phase.value, "provider": rec.provider,
+            "who": rec.requested_by or None}
+
+
+def _log_phase(old: OrderRecord, new: OrderRecord) -> None:
+    """One line per phase an order enters, with the order's fields (a failure
+    as a warning, with its error)."""
+    if new.phase is old.phase:
+        return
+    logfields.bind(phase=new.phase.value)
+    failed = new.phase is Phase.FAILED
+    extra = {"event": "order-phase"}
+    if new.phase is Phase.ISSUED and new.chain_pem:
+        with contextlib.suppress(ValueError, errors.ClusterAcmeError):  # the line, never the order, goes without
+            extra["serial"] = format(certinfo.leaf(new.chain_pem).serial_number, "x")
+    log.log(logging.WARNING if failed else logging.INFO, "order %s: %s -> %s%s", new.order_id, old.phase.value,
+            new.phase.value, f": {new.error}" if failed and new.error else "", extra=extra)
 
 
 class _OrderWriter:
@@ -134,7 +158,7 @@ def _scan_orders(entries: list[Any], now: float) -> list[OrderRecord | tuple[str
     out: list[OrderRecord | tuple[str, float]] = []
     for entry in entries:
         try:
-            data = records.decode(entry.value)
+            data = records.decode(entry.value, entry.key)
             if data.get("ordered_at"):
                 at = datetime.datetime.fromisoformat(data["ordered_at"]).timestamp()
                 if now - at < BUDGET_WINDOW:
@@ -277,6 +301,7 @@ class Issuance:
         self._resolved_now: set[str] = set()  # submitted here, DNS just read: no second lookup if admitted at once
         self._peers_cache: tuple[float, list[PeerInfo]] | None = None
         self._tokens = TokenPusher(pool, ttl_seconds=timing.token_ttl, window=settings.token_batch_window)
+        self._order_list = OrderList(store, keys)
 
     async def close(self) -> None:
         """Stop every driver (their orders resume at the next leader) and let
@@ -447,6 +472,8 @@ class Issuance:
         self._admission.enqueue(rec.order_id, rec.provider, reserved=True)
         self._resolved_now.add(rec.order_id)
         self._pump()
+        log.info("order %s queued for %s%s: %s", rec.order_id, peer_id, _peer_label(domain), ", ".join(names),
+                 extra={**order_fields(rec), "event": "order-phase"})
         self.spawn(rec.order_id)
         return rec
 
@@ -515,7 +542,9 @@ class Issuance:
     def spawn(self, order_id: str) -> asyncio.Task[OrderRecord]:
         task = self._tasks.get(order_id)
         if task is None or task.done():
-            task = asyncio.create_task(self._drive(order_id), name=f"order-{order_id}")
+            # The order's lines are its own, not those of the RPC that started it (_run adds the rest).
+            task = asyncio.create_task(self._drive(order_id), name=f"order-{order_id}",
+                                       context=logfields.detached(order_id=order_id))
             self._tasks[order_id] = task
             task.add_done_callback(lambda _t: self._tasks.pop(order_id, None))
             task.add_done_callback(_retrieve)  # waiters read the record; a lost leader exits anyway
@@ -555,7 +584,8 @@ class Issuance:
         # Queued orders are admitted again in submission order.
         unfinished.sort(key=lambda r: (r.created_at, r.order_id))
         for rec in unfinished:
-            log.info("resuming order %s for %s in phase %s", rec.order_id, rec.peer_id, rec.phase.value)
+            log.info("resuming order %s for %s in phase %s", rec.order_id, rec.peer_id, rec.phase.value,
+                     extra=order_fields(rec))
             if orders.resume_point(rec).phase is Phase.QUEUED:
                 self._admission.enqueue(rec.order_id, rec.provider)
             else:
@@ -658,6 +688,10 @@ class Issuance:
                                   "after the retention period: acmectl events PEER)")
         return rec
 
+    async def list_orders(self, query: OrderQuery) -> list[OrderRecord]:
+        """The orders kept in etcd that ``query`` holds, newest first (``orderlist``)."""
+        return await self._order_list.list(query)
+
     async def refresh_authorizations(self, rec: OrderRecord) -> OrderRecord:
         """The live authorization statuses at the CA (for `acmectl order show --refresh`)."""
         client = await self._accounts.client(rec.provider)
@@ -734,6 +768,7 @@ class Issuance:
         rec = await self.get_order(order_id)
         _, revision = await records.read(self._store, self._keys.order(order_id))
         rec = orders.resume_point(rec)
+        logfields.bind(**order_fields(rec))
         writer = _OrderWriter(self._save, revision, self._writes)
         client: AcmeClient | None = None
         deadline = self._monotonic() + self._timing.order_timeout
@@ -753,6 +788,7 @@ class Issuance:
                 deadline = self._monotonic() + self._timing.order_timeout
                 self._admitted_at.setdefault(order_id, self._monotonic())
                 new = await self._admit(rec, waited)
+                _log_phase(rec, new)
                 writer.submit(rec, new)
                 await writer.flush()  # NEW is durable: see orders.DURABLE
                 rec = new
@@ -783,6 +819,7 @@ class Issuance:
                 else:
                     new = orders.advance(rec, Phase.FAILED, error=f"internal error during {step.value}: {exc}")
             new = dataclasses.replace(new, updated_at=utcnow())
+            _log_phase(rec, new)
             writer.submit(rec, new)
             if new.phase in orders.DURABLE:
                 await writer.flush()
@@ -1283,9 +1320,9 @@ class Issuance:
         else:
             raise errors.Aborted(f"peer {peer_id}{_peer_label(domain)} kept changing; nothing was imported")
         log.info("imported certificate %s for %s%s (%s)", chain.serial_hex, peer_id, _peer_label(domain),
-                 chain.describe())
+                 chain.describe(), extra={"serial": chain.serial_hex, "event": "import"})
         await self._history.trim(peer_id)
         return {**current, "pending": pending}
 
     async def slots(self, peer_id: str) -> list[dict[str, Any]]:
-        return [records.decode(e.value) for e in await self._store.range(self._keys.certs(peer_id))]
+        return [records.decode(e.value, e.key) for e in await self._store.range(self._keys.certs(peer_id))]

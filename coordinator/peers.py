@@ -25,7 +25,7 @@ from clusteracme.coordinator.store.base import Delete, LeaseLost, Store
 from clusteracme.coordinator.store.keys import Keys
 from cryptography import x509
 
-from clusteracme import errors, netaddr
+from clusteracme import __version__, errors, logfields, netaddr
 from clusteracme.pki import Identity, Role, identity_fingerprint
 from clusteracme.rpcutil import TLSSource, channel, error_from_rpc
 from clusteracme.v1 import agent_pb2_grpc
@@ -195,6 +195,28 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
+def newer_release(version: str, than: str) -> bool:
+    """Is release ``version`` ("1.2.3", "1.3.0rc1") after ``than``? By the
+    leading numbers; False when either has fewer than two (not a release
+    number: not comparable)."""
+    def release(v: str) -> tuple[int, ...]:
+        numbers = []
+        for part in v.strip().removeprefix("v").split("."):
+            digits = part[:len(part) - len(part.lstrip("0123456789"))]
+            if not digits:
+                break
+            numbers.append(int(digits))
+            if digits != part:
+                break
+        return tuple(numbers)
+
+    mine, theirs = release(version), release(than)
+    if len(mine) < 2 or len(theirs) < 2:
+        return False
+    width = max(len(mine), len(theirs))
+    return mine + (0,) * (width - len(mine)) > theirs + (0,) * (width - len(theirs))
+
+
 class Registry:
     def __init__(self, store: Store, keys: Keys, *, lease_ttl: int, settings: PeerSettings | None = None,
                  pool: AgentPool | None = None, clock: Callable[[], float] = time.monotonic) -> None:
@@ -208,6 +230,7 @@ class Registry:
         self._changes = ChangeLimit(settings.registration_changes_per_minute, clock=clock)
         self._pool = pool
         self._grandfathered: set[str] = set()  # peers warned about endpoints kept from an older version
+        self._versions_noted: dict[str, str] = {}  # peer -> the agent version last looked at
 
     def endpoint_problem(self, peer: PeerInfo, endpoint: str, what: str) -> str:
         """Why the coordinator may not dial this endpoint of the peer ("": it
@@ -280,9 +303,25 @@ class Registry:
         await records.update(self._store, self._keys.peer(info.peer_id), change)
         if wrote:
             self._changes.note(info.peer_id)
+        self._note_version(info.peer_id, info.version)
+        log.log(logging.INFO if wrote else logging.DEBUG, "peer %s registered%s: version %s, addresses %s, gRPC %s",
+                info.peer_id, "" if wrote else " (unchanged)", info.version, ", ".join(info.addresses),
+                info.grpc_endpoint, extra={"peer": info.peer_id, "event": "register"})
         if self._pool is not None:
             await self._pool.moved(info.peer_id, info.grpc_endpoint)
         await self.heartbeat(info.peer_id)
+
+    def _note_version(self, peer_id: str, version: str) -> None:
+        """Warn once per peer (again when its version changes) when its
+        agent is newer than this coordinator: it works (the agent API is
+        versioned by field presence), but coordinators are upgraded first."""
+        if self._versions_noted.get(peer_id) == version:
+            return
+        self._versions_noted[peer_id] = version
+        if newer_release(version, __version__):
+            log.warning("peer %s runs agent version %s, newer than this coordinator (clusteracme %s): upgrade the "
+                        "coordinators before the agents (README, Upgrading); what the newer agent adds waits "
+                        "for a coordinator that knows it", peer_id, version, __version__)
 
     async def _refuse_denied(self, peer_id: str, sha256: str) -> None:
         """Read from etcd, not from a replica's cached copy: a registration
@@ -301,7 +340,7 @@ class Registry:
         entry = await self._store.get(self._keys.peer(peer_id))
         if entry is None:
             raise errors.NotFound(f"peer {peer_id} is not registered")
-        data = records.decode(entry.value)
+        data = records.decode(entry.value, entry.key)
         if data.get("blocked"):
             raise errors.PermissionDenied(_blocked(peer_id, data["blocked"]))
         recorded = (data.get("certificate") or {}).get("sha256")
@@ -335,7 +374,7 @@ class Registry:
             if is_alive_key:
                 alive.add(peer_id)
             else:
-                registered.append(records.decode(entry.value))
+                registered.append(records.decode(entry.value, entry.key))
         return sorted((PeerInfo.from_record(d, d["peer_id"] in alive) for d in registered), key=lambda p: p.peer_id)
 
     async def set_enabled(self, peer_id: str, enabled: bool) -> PeerInfo:
@@ -534,6 +573,7 @@ class AgentPool:
         """Call every peer concurrently; each result is the reply or the error."""
 
         async def one(peer: PeerInfo) -> T | errors.ClusterAcmeError:
+            logfields.bind(peer=peer.peer_id)  # a task of its own (gather)
             try:
                 return await self.call(peer, what, fn)
             except errors.ClusterAcmeError as exc:

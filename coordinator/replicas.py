@@ -96,7 +96,7 @@ class Replicas:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 5.0)
         try:
-            other = Member.from_record(records.decode(entry.value)) if entry is not None else None
+            other = Member.from_record(records.peek(entry.value, entry.key)) if entry is not None else None
         except ValueError:
             other = None  # unreadable: replaced by ours
         if other is not None:
@@ -114,6 +114,11 @@ class Replicas:
 
     async def became_leader(self) -> None:
         self._record = {**self._record, "role": LEADER, "role_since": _now()}
+        await self._write()
+
+    async def became_standby(self) -> None:
+        """The term ended without the process ending (a restore: ``term``)."""
+        self._record = {**self._record, "role": STANDBY, "role_since": _now()}
         await self._write()
 
     async def _write(self) -> None:
@@ -162,7 +167,7 @@ class Replicas:
         name = entry.value.decode(errors="replace")
         record = await self._store.get(self._keys.coordinator(name)) if name else None
         try:
-            address = Member.from_record(records.decode(record.value)).address if record is not None else ""
+            address = Member.from_record(records.peek(record.value, record.key)).address if record is not None else ""
         except ValueError:
             address = ""
         return LeaderView(name, address)
@@ -175,7 +180,7 @@ class Replicas:
         members = []
         for entry in await self._store.range(self._keys.coordinators()):
             try:
-                member = Member.from_record(records.decode(entry.value))
+                member = Member.from_record(records.peek(entry.value, entry.key))
             except ValueError:
                 log.warning("ignoring an unreadable member record %s", entry.key)
                 continue

@@ -99,7 +99,7 @@ class Compaction:
 def parse_order(entry: Entry) -> OrderRecord:
     """The order record in ``entry``; ValueError says why it cannot be read."""
     try:
-        rec = OrderRecord.from_json(records.decode(entry.value))
+        rec = OrderRecord.from_json(records.decode(entry.value, entry.key))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not JSON, not an object, a field missing
         raise ValueError(f"{exc.__class__.__name__}: {exc}") from exc
     ended_at(rec)  # an order without a valid update time cannot be aged
@@ -392,7 +392,7 @@ class RetentionJob:
                 for entry in page:
                     slot = entry.key.removeprefix(prefix)
                     try:
-                        out[slot_domain(slot)] = records.decode(entry.value)
+                        out[slot_domain(slot)] = records.decode(entry.value, entry.key)
                     except (ValueError, AttributeError, TypeError) as exc:  # not JSON, not an object, another schema
                         raise ValueError(f"record {slot}: {exc}") from exc
         return out
@@ -466,7 +466,7 @@ class RetentionJob:
                 if n % _YIELD_EVERY == 0:
                     await asyncio.sleep(0)
                 try:
-                    current = records.decode(entry.value).get("current_order")
+                    current = records.decode(entry.value, entry.key).get("current_order")
                 except (ValueError, AttributeError):  # not JSON, or not an object
                     peer_id, _, slot = entry.key.removeprefix(prefix).partition("/")
                     guarded.add((peer_id, slot.removeprefix("domain/") if slot != "server" else ""))

@@ -262,7 +262,7 @@ def _scan_slots(entries: list[Any], prefix: str, target: _Target, want_issuers: 
     """One page of certs/, in a thread: a chain is parsed only when its
     serial matches, or to learn a provider's issuer not yet matched."""
     for entry in entries:
-        slot = records.decode(entry.value)
+        slot = records.decode(entry.value, entry.key)
         owner = entry.key.removeprefix(prefix).partition("/")[0]
         domain = slot.get("domain", "")
         csr = slot.get("csr") or {}
@@ -287,7 +287,7 @@ def _scan_slots(entries: list[Any], prefix: str, target: _Target, want_issuers: 
 
 def _scan_orders(entries: list[Any], target: _Target, want_issuers: bool, found: _Found) -> None:
     for entry in entries:
-        rec = records.decode(entry.value)
+        rec = records.decode(entry.value, entry.key)
         chain, provider = rec.get("chain_pem"), rec.get("provider", "")
         if not chain:
             continue

@@ -50,7 +50,7 @@ from clusteracme.coordinator.settings import RenewalSettings
 from clusteracme.coordinator.store.base import Store
 from clusteracme.coordinator.store.keys import Keys
 
-from clusteracme import certinfo, errors
+from clusteracme import certinfo, errors, logfields
 
 log = logging.getLogger(__name__)
 UTC = datetime.UTC
@@ -156,6 +156,7 @@ class RenewalScheduler:
     # --- the loop -------------------------------------------------------------
     async def run(self) -> None:
         """Tick until cancelled; one slot's trouble never stops the others."""
+        logfields.bind(who=self._identity)  # what the scheduler starts (orders, deploys) it asks for itself
         with contextlib.suppress(errors.ClusterAcmeError):
             await self._accounts.warn_reserved()  # providers named "default"/"manual" from older versions
         while True:
@@ -191,14 +192,16 @@ class RenewalScheduler:
                         seen += 1
                         # The metric's domain label: "server", or the domain of "domain/<name>".
                         slot_labels.add((peer_id, entry.key.removeprefix(f"{prefix}{peer_id}/").removeprefix("domain/")))
-                        try:
-                            await self._slot_tick(peers[peer_id], records.decode(entry.value))
-                        except errors.ClusterAcmeError as exc:
-                            log.warning("renewal of %s: %s", entry.key.removeprefix(prefix), exc.message)
-                        except Exception:
-                            # One odd slot must not stop the renewals of all the others
-                            # (nor, by killing this task, the coordinator).
-                            log.exception("renewal of %s failed unexpectedly", entry.key.removeprefix(prefix))
+                        slot_key = entry.key.removeprefix(f"{prefix}{peer_id}/")
+                        with logfields.log_context(peer=peer_id, domain=slot_key.partition("domain/")[2]):
+                            try:
+                                await self._slot_tick(peers[peer_id], records.decode(entry.value, entry.key))
+                            except errors.ClusterAcmeError as exc:
+                                log.warning("renewal of %s: %s", entry.key.removeprefix(prefix), exc.message)
+                            except Exception:
+                                # One odd slot must not stop the renewals of all the others
+                                # (nor, by killing this task, the coordinator).
+                                log.exception("renewal of %s failed unexpectedly", entry.key.removeprefix(prefix))
                         await asyncio.sleep(0)  # let RPCs and keep-alives in between slots
         finally:
             self._tick = None
@@ -399,7 +402,7 @@ class RenewalScheduler:
                                                      "last_error": exc.message})
             return
         log.info("automatic sign for %s %s: order %s (provider %s)", peer_id, domain or "server", rec.order_id,
-                 rec.provider)
+                 rec.provider, extra={"order_id": rec.order_id, "provider": rec.provider})
         await self._save_state(peer_id, domain, {"last_auto_order": rec.order_id})
 
     def _backoff(self, failures: int) -> float:
@@ -462,7 +465,8 @@ class RenewalScheduler:
             error = outcome.error
         DEPLOYS.labels(result="ok" if outcome and outcome.ok else "failed").inc()
         if outcome is not None and outcome.ok:
-            log.info("scheduled deploy on %s %s: %s is live", peer_id, domain or "server", outcome.active_serial)
+            log.info("scheduled deploy on %s %s: %s is live", peer_id, domain or "server", outcome.active_serial,
+                     extra={"serial": outcome.active_serial})
             await self._save_state(peer_id, domain, {"deploy_retry_at": ""})
             return
         retry = now + datetime.timedelta(seconds=self._settings.deploy_retry_seconds)

@@ -20,14 +20,17 @@ node by node, SPEC R14) get one call per order.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from clusteracme.coordinator.peers import AgentPool, PeerInfo
 
-from clusteracme import errors
+from clusteracme import errors, logfields
 from clusteracme.v1 import agent_pb2, common_pb2
+
+log = logging.getLogger(__name__)
 
 Result = agent_pb2.PresentTokensResponse | agent_pb2.RemoveTokensResponse | errors.ClusterAcmeError
 BATCHING_SINCE = (0, 2)
@@ -92,7 +95,9 @@ class TokenPusher:
             lane = self._lanes.setdefault((kind, peer.peer_id), _Lane())
             lane.waiting.append(item)
             if lane.sender is None or lane.sender.done():
-                lane.sender = asyncio.create_task(self._drain(kind, lane), name=f"tokens-{kind}-{peer.peer_id}")
+                # The lane carries many orders' tokens: its lines are the peer's, not its first caller's.
+                lane.sender = asyncio.create_task(self._drain(kind, lane), name=f"tokens-{kind}-{peer.peer_id}",
+                                                  context=logfields.detached(peer=peer.peer_id))
             futures[peer.peer_id] = item.done
         # asyncio.wait never cancels what it waits for: a cancelled order
         # leaves the batch that carries others alone.
@@ -152,6 +157,9 @@ class TokenPusher:
             request = agent_pb2.RemoveTokensRequest(order_ids=sorted({i.order_id for i in batch}))
             call, what = (lambda stub, kw: stub.RemoveTokens(request, **kw)), "removing tokens"
         self.calls += 1
+        order_ids = sorted({i.order_id for i in batch})
+        log.debug("%s of %d order(s) on peer %s", what, len(order_ids), peer.peer_id,
+                  extra={"order_ids": order_ids, "event": f"tokens-{kind}"})
         try:
             reply = await self._pool.call(peer, what, call)
         except errors.InvalidArgument as exc:

@@ -204,7 +204,7 @@ class TrustStore:
 
     async def _records(self) -> builtins.list[dict[str, Any]]:
         """Every record, sorted by fingerprint (the key order)."""
-        return [records.decode(e.value) for e in await self._store.range(self._keys.trusts())]
+        return [records.decode(e.value, e.key) for e in await self._store.range(self._keys.trusts())]
 
     async def add(self, pem_or_der: bytes = b"", *, preset: str = "") -> builtins.list[TrustedCA]:
         """Trust the CA certificates in ``pem_or_der``, or those of the
@@ -253,9 +253,11 @@ class TrustStore:
         upper-case, colon-separated form is accepted too)."""
         key = self._keys.trust(sha256.strip().replace(":", "").lower())
         entry = await self._store.get(key)
-        if entry is None or not await self._store.delete_if(key, expect_mod_revision=None):
+        # Read before the delete: a record this version cannot read is refused, not deleted.
+        view = _view(records.decode(entry.value, entry.key)) if entry is not None else None
+        if view is None or not await self._store.delete_if(key, expect_mod_revision=None):
             raise NotFound(f"no trusted CA certificate has the fingerprint {sha256}")
-        return _view(records.decode(entry.value))
+        return view
 
     async def bundle(self) -> tuple[str, str]:
         """(the PEM bundle of every trusted CA sorted by fingerprint, the

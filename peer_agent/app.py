@@ -25,7 +25,7 @@ from clusteracme.peer_agent.tls_endpoint import TLSEndpoint
 from clusteracme.peer_agent.trust import BUNDLE_FILE
 from grpc_health.v1 import health_pb2
 
-from clusteracme import __version__, daemon, errors, netaddr
+from clusteracme import __version__, daemon, errors, logfields, netaddr
 from clusteracme.daemon import Supervisor, add_health
 from clusteracme.pki import COORDINATOR_SERVER_NAME
 from clusteracme.rpcutil import ReloadingTLS, TLSSource, channel, error_from_rpc, server
@@ -220,6 +220,7 @@ async def _next_attempt(settings: AgentSettings, problem: str, attempt: int, fai
 async def run(settings: AgentSettings) -> int:
     if not settings.peer_id:
         raise errors.InvalidArgument("peer_id is required")
+    logfields.set_process_fields(peer=settings.peer_id)  # on every line: the agent's lines are its peer's
     sup = Supervisor()
     sup.install_signal_handlers()
     try:

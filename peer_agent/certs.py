@@ -239,7 +239,8 @@ class CertStore:
                 self._point(slot, PREVIOUS, old_active)
             self._point(slot, ACTIVE, pair.serial_hex)
             _fsync_dir(slot)
-            log.info("slot %s: certificate %s active (previous %s)", slot.name, pair.serial_hex, old_active)
+            log.info("slot %s: certificate %s active (previous %s)", slot.name, pair.serial_hex, old_active,
+                     extra={"domain": domain, "serial": pair.serial_hex, "event": "deploy"})
         self._prune(slot)
         return self._serials(slot)
 
@@ -274,7 +275,8 @@ class CertStore:
         self._point(slot, ACTIVE, target.serial_hex)
         self._point(slot, PREVIOUS, old_active)
         _fsync_dir(slot)
-        log.info("slot %s: rolled back to %s (previous %s)", slot.name, target.serial_hex, old_active)
+        log.info("slot %s: rolled back to %s (previous %s)", slot.name, target.serial_hex, old_active,
+                 extra={"domain": domain, "serial": target.serial_hex, "event": "rollback"})
         self._prune(slot)
         return self._serials(slot)
 

@@ -182,7 +182,7 @@ class ChallengeService:
             held = {order_id: self._store.held(order_id) for order_id, _ in orders}
         self._wake.set()
         for order_id, count in held.items():
-            log.info("order %s: %d challenge token(s) open", order_id, count)
+            log.info("order %s: %d challenge token(s) open", order_id, count, extra={"order_id": order_id})
         return held, open_now
 
     async def remove(self, order_id: str, tokens: list[str] | None = None) -> int:
@@ -192,7 +192,7 @@ class ChallengeService:
             released = self._store.remove(order_id, tokens)
             await self._close_if_idle()
         if released:
-            log.info("order %s: %d challenge token(s) removed", order_id, released)
+            log.info("order %s: %d challenge token(s) removed", order_id, released, extra={"order_id": order_id})
         return released
 
     async def remove_batch(self, removals: Iterable[tuple[str, list[str] | None]]) -> int:
@@ -208,7 +208,7 @@ class ChallengeService:
             open_now = self._store.live_count()
         for order_id, count in released.items():
             if count:
-                log.info("order %s: %d challenge token(s) removed", order_id, count)
+                log.info("order %s: %d challenge token(s) removed", order_id, count, extra={"order_id": order_id})
         return open_now
 
     async def purge_expired(self) -> int:

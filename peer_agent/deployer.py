@@ -287,5 +287,6 @@ class Deployer:
         for hook in self._hooks:
             outcomes.append(await hook.run())
         for outcome in outcomes:
-            log.log(logging.INFO if outcome.ok else logging.WARNING, "reload %s: %s", outcome.target, outcome.detail)
+            log.log(logging.INFO if outcome.ok else logging.WARNING, "reload %s: %s", outcome.target, outcome.detail,
+                    extra={"domain": domain, "serial": context.serial_hex, "target": outcome.target, "event": "reload"})
         return outcomes

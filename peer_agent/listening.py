@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 
 from clusteracme.peer_agent.errors import FrontError
 
+from clusteracme import logfields
 from clusteracme.errors import FailedPrecondition
 
 if TYPE_CHECKING:
@@ -198,7 +199,10 @@ class Acceptor:
         for sock in sockets:
             sock.setblocking(False)
             self._sockets.append(sock)
-            self._loops.append(loop.create_task(self._accept_loop(sock), name=f"accept {self._what}"))
+            # Started by whichever call opened the listener first (an order's PresentTokens, a Deploy):
+            # its connections are nobody's in particular, so they log without that call's fields.
+            self._loops.append(loop.create_task(self._accept_loop(sock), name=f"accept {self._what}",
+                                                context=logfields.detached()))
 
     async def close(self) -> None:
         loops, self._loops = self._loops, []

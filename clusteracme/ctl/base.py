@@ -12,6 +12,7 @@ import yaml
 from google.protobuf.json_format import MessageToDict
 
 from clusteracme import errors, pki
+from clusteracme.ctl.validate import ReadableFile
 from clusteracme.failover import READ_METHODS, ReplicaClient, parse_endpoints
 from clusteracme.rpcutil import TLSFiles
 from clusteracme.safetext import safe_message, terminal_safe
@@ -29,6 +30,7 @@ KEY_TYPES = {
 }
 EAB_KEY_ENV = "ACMECTL_EAB_HMAC_KEY"
 EAB_KEY_FILE_MAX = 4096
+TLS_FILE_MAX = 1024 * 1024  # --ca, --cert, --key: PEM files of a few KiB
 MULTILINE_FIELDS = ("clusteracme.v1.Alarm.detail",)  # shown by _one_line: its first line; *_pem fields keep lines too
 
 EXIT_CODES = {errors.InvalidArgument: 2, errors.NotFound: 3, errors.FailedPrecondition: 4, errors.Unavailable: 5}
@@ -46,6 +48,9 @@ def _print_table(rows: list[list[str]], header: list[str], *, no_headers: bool =
 
 
 def _dict(msg: Any) -> dict[str, Any]:
+    """An answer as data: a protobuf message as its JSON mapping; a dict (a local command's result) as it is."""
+    if isinstance(msg, dict):
+        return msg
     return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
@@ -56,13 +61,20 @@ class Ctl:
 
     @property
     def client(self) -> ReplicaClient:
-        """The coordinator replicas of --coordinator, checked on first use (``pki`` needs none)."""
+        """The coordinator replicas of --coordinator and the TLS files, checked
+        on first use (``main`` touches it before a command that calls runs;
+        ``pki init``, ``completion`` need none)."""
         if self._client is None:
             a = self.args
             endpoints = parse_endpoints(a.coordinator, "--coordinator (or ACMECTL_COORDINATOR)")
             missing = [n for n, v in (("--ca", a.ca), ("--cert", a.cert), ("--key", a.key)) if not v]
             if missing:
                 raise CtlError("missing " + ", ".join(missing) + " (or ACMECTL_CA/ACMECTL_CERT/ACMECTL_KEY)")
+            for option, path in (("--ca", a.ca), ("--cert", a.cert), ("--key", a.key)):
+                try:
+                    ReadableFile(f"{option} file", TLS_FILE_MAX)(path)
+                except argparse.ArgumentTypeError as exc:
+                    raise CtlError(str(exc)) from None
             self._client = ReplicaClient(TLSFiles(Path(a.ca), Path(a.cert), Path(a.key)), endpoints,
                                          pki.COORDINATOR_SERVER_NAME)
         return self._client
@@ -83,6 +95,11 @@ class Ctl:
         return getattr(self.args, "output", None) or ("json" if getattr(self.args, "json", False) else "table")
 
     @property
+    def no_headers(self) -> bool:
+        """--no-headers: tables without their header line (and without notes around them)."""
+        return bool(getattr(self.args, "no_headers", False))
+
+    @property
     def machine(self) -> bool:
         """JSON or YAML output: the answer as data, no human sentences on stdout."""
         return self.output in ("json", "yaml")
@@ -97,7 +114,7 @@ class Ctl:
             return
         if self.output == "wide" and wide_header is not None and wide_rows is not None:
             header, rows = wide_header, wide_rows
-        no_headers = bool(getattr(self.args, "no_headers", False))
+        no_headers = self.no_headers
         if not rows and empty is not None:
             if not no_headers:
                 print(empty)
@@ -164,7 +181,7 @@ def _read_small_file(path: str, what: str, limit: int) -> bytes:
     except OSError as exc:
         raise CtlError(f"cannot read the {what} {path}: {exc.strerror}") from None
     if len(data) > limit:
-        raise errors.InvalidArgument(f"the {what} {path} is larger than {limit // 1024} KiB; not a certificate chain")
+        raise errors.InvalidArgument(f"the {what} {path} is larger than {limit // 1024} KiB")
     return data
 
 

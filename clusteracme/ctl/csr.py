@@ -17,6 +17,8 @@ SUBJECT_OPTIONS = (("org", "organization", "O"), ("ou", "organizational_unit", "
                    ("state", "state", "ST"), ("country", "country", "C"))
 
 
+CSR_TIMEOUT = 60.0  # the peer makes the key: RSA 4096 on a small machine takes seconds; --timeout if longer
+
 SUBJECT_NOTE = ("The CA may drop O, OU, L, ST and C: Let's Encrypt (like every domain-validated CA) issues "
                 "certificates whose subject holds no such attribute.")
 
@@ -51,7 +53,8 @@ async def cmd_csr(ctl: Ctl, a: argparse.Namespace) -> None:
             subject[field] = value
     r = await ctl.call("CreateCSR", pb.CreateCSRRequest(
         peer_id=a.peer, slot=_slot(a), common_name=a.cn, sans=a.san, key_type=KEY_TYPES[a.key_type],
-        subject=common_pb2.CsrSubject(**subject), provider=a.provider or ""), timeout=60)
+        subject=common_pb2.CsrSubject(**subject), provider=a.provider or ""),
+        timeout=max(ctl.args.timeout, CSR_TIMEOUT))
     note = "" if ctl.machine else await _provider_note(ctl, a.provider or "")
 
     def human() -> None:

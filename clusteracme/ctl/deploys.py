@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from clusteracme import errors
-from clusteracme.ctl.base import Ctl, _dict, _slot
+from clusteracme.ctl import progress
+from clusteracme.ctl.base import Ctl, _slot
 from clusteracme.v1 import coordinator_pb2 as pb
 
 
@@ -41,26 +41,22 @@ async def cmd_rollout(ctl: Ctl, a: argparse.Namespace) -> None:
     failed = ended = False
     stages: dict[str, list[str]] = {}  # peer -> the stages it reached, in plan order
     # Sent to the leader; redirected or retried only until the first event arrives.
-    try:
-        async for raw in ctl.client.stream("Rollout", request, read=False, timeout=a.rollout_timeout):
-            event = ctl.shown(raw)
-            failed = failed or event.stage in ("failed", "stopped")
-            if event.peer_id:
-                stages.setdefault(event.peer_id, []).append(event.stage)
-            else:
-                ended = ended or event.stage in ("stopped", "done")  # every rollback it runs is behind it
-            if ctl.machine:
-                print(json.dumps(_dict(event)), flush=True)
-            else:
-                who = f"{event.peer_id}: " if event.peer_id else ""
-                serial = f" [{event.serial_hex}]" if event.serial_hex else ""
-                print(f"{who}{event.stage}{serial}" + (f" - {event.detail}" if event.detail else ""), flush=True)
-    except errors.ClusterAcmeError as exc:
-        if not stages:
-            raise
-        # The stream broke under way (the leader died, the deadline): say exactly where it stopped.
-        where = _rollout_where(stages, rollback_on_failure=a.rollback_on_failure and not ended)
-        raise type(exc)(f"{exc.message}; the rollout was cut: {where}") from None
+    with progress.RolloutWatch(progress.form(ctl.output)) as watch:
+        try:
+            async for raw in ctl.client.stream("Rollout", request, read=False, timeout=a.rollout_timeout):
+                event = ctl.shown(raw)
+                failed = failed or event.stage in ("failed", "stopped")
+                if event.peer_id:
+                    stages.setdefault(event.peer_id, []).append(event.stage)
+                else:
+                    ended = ended or event.stage in ("stopped", "done")  # every rollback it runs is behind it
+                watch.update(event)
+        except errors.ClusterAcmeError as exc:
+            if not stages:
+                raise
+            # The stream broke under way (the leader died, the deadline): say exactly where it stopped.
+            where = _rollout_where(stages, rollback_on_failure=a.rollback_on_failure and not ended)
+            raise type(exc)(f"{exc.message}; the rollout was cut: {where}") from None
     if failed:
         raise errors.FailedPrecondition("the rollout stopped at a failure (see above)")
 

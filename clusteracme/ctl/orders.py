@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import time
 from typing import Any
 
 from clusteracme import errors
-from clusteracme.ctl.base import Ctl, _slot
+from clusteracme.ctl import progress
+from clusteracme.ctl.base import Ctl, _one_line, _slot
+from clusteracme.ctl.status import ago
+from clusteracme.ctl.validate import Domain, Integer, PeerId
+from clusteracme.v1 import common_pb2
 from clusteracme.v1 import coordinator_pb2 as pb
 
 
@@ -54,20 +59,19 @@ async def cmd_sign(ctl: Ctl, a: argparse.Namespace) -> None:
         ctl.out(o, lambda: print(f"order {o.order_id} started for peer {o.peer_id} "
                                  f"(acmectl order show {o.order_id})"))
         return
-    seen = ""
-    deadline = time.monotonic() + a.wait_timeout
-    while not o.done:
-        shown = o.phase + (f" (position {o.queue_position})" if o.queue_position else "")
-        if o.phase == "queued" and not o.queue_position:
-            shown = seen  # admitted already: it starts at once, nothing to say yet
-        if not ctl.machine and shown != seen:
-            print(f"  {shown}...", flush=True)
-            seen = shown
-        if time.monotonic() > deadline:
-            raise errors.DeadlineExceeded(f"order {o.order_id} still running after {a.wait_timeout:g}s ({o.phase})")
-        await asyncio.sleep(0.2)
-        o = await ctl.call("GetOrder", pb.GetOrderRequest(order_id=o.order_id))
-    ctl.out(o, lambda: print("\n".join(_order_lines(o))))
+    how = progress.form(ctl.output)
+    with progress.OrderWatch(how) as watch:
+        deadline = watch.started + a.wait_timeout
+        watch.update(o)
+        while not o.done:
+            if time.monotonic() > deadline:
+                raise errors.DeadlineExceeded(f"order {o.order_id} still running after {a.wait_timeout:g}s "
+                                              f"({o.phase})")
+            await asyncio.sleep(0.2)
+            o = await ctl.call("GetOrder", pb.GetOrderRequest(order_id=o.order_id))
+            watch.update(o)
+    if how != progress.JSON_LINES:  # JSON lines: the last one was the order as it ended
+        ctl.out(o, lambda: print("\n".join(_order_lines(o))))
     if not o.succeeded:
         raise errors.FailedPrecondition(f"signing failed: {o.error}")
 
@@ -94,5 +98,65 @@ async def cmd_preflight(ctl: Ctl, a: argparse.Namespace) -> None:
 
 
 async def cmd_order(ctl: Ctl, a: argparse.Namespace) -> None:
+    if a.order_cmd == "list":
+        await cmd_order_list(ctl, a)
+        return
     o = await ctl.call("GetOrder", pb.GetOrderRequest(order_id=a.order_id, refresh=a.refresh))
     ctl.out(o, lambda: print("\n".join([*_order_lines(o), f"  order URL: {o.order_url or '-'}"])))
+
+
+# --- order list ----------------------------------------------------------------------
+ORDER_STATES = ("running", "queued", "succeeded", "failed")  # ListOrdersRequest.state
+ORDER_LIST_MAX = 1000  # the most orders one ListOrders answer may hold (the coordinator's limit)
+ORDER_HEADER = ["ORDER", "PEER", "SLOT", "STATE", "PROVIDER", "NAMES", "CREATED", "UPDATED", "ERROR"]
+ERROR_SHOWN = 40  # characters of an order's error in the table (-o wide: the whole first line)
+
+
+def order_list_arguments(x: argparse.ArgumentParser) -> None:
+    """The options of ``order list`` (its parser entry is in ``main.parser``)."""
+    x.add_argument("--peer", type=PeerId(), help="one peer's orders")
+    x.add_argument("--domain", type=Domain(server=True),
+                   help="one slot's orders: a domain, or 'server' for the server certificate")
+    x.add_argument("--state", choices=ORDER_STATES,
+                   help="running (queued or under way), queued (waiting for admission), succeeded or failed")
+    x.add_argument("--limit", type=Integer(0, ORDER_LIST_MAX), default=0,
+                   help=f"the newest N only, at most {ORDER_LIST_MAX} (default 0: every order kept)")
+
+
+def order_state(o: Any) -> str:
+    """succeeded, failed, queued #N, or running (phase)."""
+    if o.done:
+        return "succeeded" if o.succeeded else "failed"
+    if o.phase == "queued":
+        return f"queued #{o.queue_position}" if o.queue_position else "queued"
+    return f"running ({o.phase})"
+
+
+def _names(o: Any) -> str:
+    """The first name, and how many more: "www.example.com +2"."""
+    names = list(o.names)
+    return (names[0] + (f" +{len(names) - 1}" if len(names) > 1 else "")) if names else "-"
+
+
+def _short_error(text: str, limit: int | None = ERROR_SHOWN) -> str:
+    if not text:
+        return "-"
+    line = _one_line(text)
+    return line if limit is None or len(line) <= limit else line[:limit - 3] + "..."
+
+
+async def cmd_order_list(ctl: Ctl, a: argparse.Namespace) -> None:
+    slot = None if a.domain is None else common_pb2.Slot(domain="" if a.domain == "server" else a.domain)
+    r = await ctl.call("ListOrders", pb.ListOrdersRequest(peer_id=a.peer or "", slot=slot, state=a.state or "",
+                                                          limit=a.limit))
+    now = datetime.datetime.now(datetime.UTC)
+
+    def row(o: Any, *, wide: bool) -> list[str]:
+        if wide:
+            return [o.order_id, o.peer_id or "-", o.slot.domain or "server", order_state(o), o.provider or "-",
+                    ",".join(o.names) or "-", o.created_at or "-", o.updated_at or "-", _short_error(o.error, None)]
+        return [o.order_id, o.peer_id or "-", o.slot.domain or "server", order_state(o), o.provider or "-",
+                _names(o), ago(o.created_at, now) or "-", ago(o.updated_at, now) or "-", _short_error(o.error)]
+
+    ctl.table(r, ORDER_HEADER, [row(o, wide=False) for o in r.orders],
+              wide_header=ORDER_HEADER, wide_rows=[row(o, wide=True) for o in r.orders], empty="no order matches")

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import Any
 
-from clusteracme.ctl.base import EAB_KEY_ENV, EAB_KEY_FILE_MAX, Ctl, CtlError, _no_account_note, _print_table
+from clusteracme.ctl.base import EAB_KEY_ENV, EAB_KEY_FILE_MAX, Ctl, CtlError, _no_account_note, _read_small_file
 from clusteracme.v1 import coordinator_pb2 as pb
+
+PROVIDER_HEADER = ["PROVIDER", "DEFAULT", "DIRECTORY", "ACCOUNT", "STATUS"]
+PROVIDER_WIDE_HEADER = [*PROVIDER_HEADER, "CONTACT", "CA BUNDLE", "TERMS OF SERVICE"]
+CA_BUNDLE_MAX = 1024 * 1024  # provider add --ca-bundle: a PEM bundle of a few CAs
 
 
 # --- providers and accounts -----------------------------------------------------
-def _provider_rows(providers: list[Any]) -> None:
-    _print_table([[p.name, "yes" if p.is_default else "", p.directory_url, p.account_url or "-",
-                   p.account_status or "no account"] for p in providers],
-                 ["PROVIDER", "DEFAULT", "DIRECTORY", "ACCOUNT", "STATUS"])
+def _provider_rows(providers: list[Any], *, wide: bool = False) -> list[list[str]]:
+    return [[p.name, "yes" if p.is_default else "", p.directory_url, p.account_url or "-",
+             p.account_status or "no account",
+             *([p.contact or "-", "yes" if p.has_ca_bundle else "-", p.terms_of_service or "-"] if wide else [])]
+            for p in providers]
 
 
 async def cmd_provider(ctl: Ctl, a: argparse.Namespace) -> None:
@@ -23,16 +27,15 @@ async def cmd_provider(ctl: Ctl, a: argparse.Namespace) -> None:
         bundle = ""
         if a.ca_bundle:
             try:
-                bundle = Path(a.ca_bundle).read_text()
-            except (OSError, UnicodeDecodeError) as exc:
+                bundle = _read_small_file(a.ca_bundle, "CA bundle", CA_BUNDLE_MAX).decode()
+            except UnicodeDecodeError as exc:
                 raise CtlError(f"cannot read the CA bundle {a.ca_bundle}: {exc}") from None
         p = await ctl.call("AddProvider", pb.AddProviderRequest(name=a.name, directory_url=a.directory or "",
                                                                  ca_bundle_pem=bundle))
         ctl.out(p, lambda: print(f"provider {p.name} added: {p.directory_url}\n"
                                  f"terms of service: {p.terms_of_service or '(none published)'}"))
     elif a.provider_cmd == "default":
-        if bool(a.name) == a.clear:
-            raise CtlError("provider default takes a provider NAME, or --clear")
+        check_provider_default(a)
         r = await ctl.call("SetDefaultProvider", pb.SetDefaultProviderRequest(provider=a.name or ""))
         note = _no_account_note(r.default_provider, list(r.providers))
         ctl.out(r, lambda: print(f"cluster default provider: {r.default_provider} (signs for every slot that has "
@@ -41,7 +44,8 @@ async def cmd_provider(ctl: Ctl, a: argparse.Namespace) -> None:
                                  "only provider that has an account"))
     else:
         r = await ctl.call("ListProviders", pb.ListProvidersRequest())
-        ctl.out(r, lambda: _provider_rows(list(r.providers)))
+        ctl.table(r, PROVIDER_HEADER, _provider_rows(list(r.providers)), wide_header=PROVIDER_WIDE_HEADER,
+                  wide_rows=_provider_rows(list(r.providers), wide=True), empty="no provider yet (acmectl provider add)")
 
 
 def _eab_hmac_key(a: argparse.Namespace) -> str:
@@ -81,6 +85,17 @@ def _eab_hmac_key(a: argparse.Namespace) -> str:
         raise CtlError(f"the EAB MAC key ({source}) needs --eab-kid, the key id the CA issued with it"
                        + (f"; or unset {EAB_KEY_ENV}" if a.eab_hmac_key_file is None else ""))
     return key
+
+
+def check_provider_default(a: argparse.Namespace) -> None:
+    """Before any call (``main`` runs it): a NAME or --clear."""
+    if bool(a.name) == a.clear:
+        raise CtlError("provider default takes a provider NAME, or --clear")
+
+
+def check_account_register(a: argparse.Namespace) -> None:
+    """Before any call (``main`` runs it): the EAB MAC key and its key id, read and checked."""
+    _eab_hmac_key(a)
 
 
 async def cmd_account(ctl: Ctl, a: argparse.Namespace) -> None:

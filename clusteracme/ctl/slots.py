@@ -5,23 +5,29 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from clusteracme.ctl.base import Ctl, _print_table, _provider_note, _slot
+from clusteracme.ctl.base import Ctl, _provider_note, _slot
 from clusteracme.v1 import common_pb2
 from clusteracme.v1 import coordinator_pb2 as pb
 
+DOMAIN_HEADER = ["SLOT", "ACME", "NAMES", "ACTIVE", "DAYS LEFT", "MODE", "PROVIDER", "ISSUED BY", "PAUSED"]
+DOMAIN_WIDE_HEADER = [*DOMAIN_HEADER[:4], "NOT AFTER", *DOMAIN_HEADER[4:]]
+SCHEDULE_HEADER = ["SLOT", "MODE", "DAYS", "TIME", "TZ", "KEY POLICY", "PROVIDER", "RENEWAL DUE", "NEXT DEPLOY"]
+SCHEDULE_WIDE_HEADER = [*SCHEDULE_HEADER[:8], "WHY DUE", "NEXT SIGN", SCHEDULE_HEADER[8], "LAST SIGN", "LAST DEPLOY",
+                        "FAILURES", "RETRY AT"]
 
-def _domain_rows(slots: list[Any]) -> None:
-    _print_table([[d.slot.domain or "server", "on" if d.acme_enabled else "OFF", d.names or "-",
-                   d.active_serial or "-", str(d.days_left) if d.days_left >= 0 else "-", d.mode,
-                   d.provider or "(default)", d.active_provider or "-", d.paused or "-"] for d in slots],
-                 ["SLOT", "ACME", "NAMES", "ACTIVE", "DAYS LEFT", "MODE", "PROVIDER", "ISSUED BY", "PAUSED"])
+
+def _domain_rows(slots: list[Any], *, wide: bool = False) -> list[list[str]]:
+    return [[d.slot.domain or "server", "on" if d.acme_enabled else "OFF", d.names or "-", d.active_serial or "-",
+             *([d.active_not_after or "-"] if wide else []), str(d.days_left) if d.days_left >= 0 else "-", d.mode,
+             d.provider or "(default)", d.active_provider or "-", d.paused or "-"] for d in slots]
 
 
 async def cmd_domain(ctl: Ctl, a: argparse.Namespace) -> None:
     if a.domain_cmd == "list":
         r = await ctl.call("ListDomains", pb.ListDomainsRequest(peer_id=a.peer))
-        ctl.out(r, lambda: _domain_rows(list(r.slots)) if r.slots else
-                print(f"peer {a.peer} has no certificate slot yet (acmectl csr create {a.peer} --cn NAME)"))
+        ctl.table(r, DOMAIN_HEADER, _domain_rows(list(r.slots)), wide_header=DOMAIN_WIDE_HEADER,
+                  wide_rows=_domain_rows(list(r.slots), wide=True),
+                  empty=f"peer {a.peer} has no certificate slot yet (acmectl csr create {a.peer} --cn NAME)")
         return
     d = await ctl.call("SetDomainAcme", pb.SetDomainAcmeRequest(
         peer_id=a.peer, slot=common_pb2.Slot(domain="" if a.domain == "server" else a.domain),
@@ -51,6 +57,33 @@ def _schedule_lines(s: Any) -> None:
         print(f"  WARNING: {s.warning}")
 
 
+def _schedule_rows(slots: list[Any], *, wide: bool = False) -> list[list[str]]:
+    rows = []
+    for s in slots:
+        row = [s.slot.domain or "server", ("auto" + (" (paused)" if s.paused else "")) if s.auto else "manual", s.days,
+               s.time, s.tz, s.key_policy, s.provider or "-", s.renewal_due_at or "-"]
+        if wide:
+            row += [s.renewal_reason or "-", s.next_sign_opportunity or "-", s.next_deploy_slot or "-",
+                    f"{s.last_sign_status} {s.last_sign_at}".strip() or "-",
+                    f"{s.last_deploy_status} {s.last_deploy_at}".strip() or "-", str(s.failures), s.retry_at or "-"]
+        else:
+            row.append(s.next_deploy_slot or "-")
+        rows.append(row)
+    return rows
+
+
+def _schedule_notes(peer: str, slots: list[Any]) -> None:
+    """After the table, what a row cannot say: why a slot is paused, failures, warnings."""
+    for s in slots:
+        slot = f"{peer} {s.slot.domain or 'server'}"
+        if s.paused:
+            print(f"{slot}: paused: {s.paused}")
+        if s.failures:
+            print(f"{slot}: {s.failures} failure(s), next try not before {s.retry_at}")
+        if s.warning:
+            print(f"{slot}: WARNING: {s.warning}")
+
+
 async def cmd_schedule(ctl: Ctl, a: argparse.Namespace) -> None:
     if a.schedule_cmd == "set":
         r = await ctl.call("SetSchedule", pb.SetScheduleRequest(
@@ -66,4 +99,8 @@ async def cmd_schedule(ctl: Ctl, a: argparse.Namespace) -> None:
         ctl.out(r, human)
     else:
         r = await ctl.call("GetSchedule", pb.GetScheduleRequest(peer_id=a.peer))
-        ctl.out(r, lambda: [_schedule_lines(s) for s in r.slots] or print(f"peer {a.peer} has no certificate slot yet"))
+        slots = list(r.slots)
+        ctl.table(r, SCHEDULE_HEADER, _schedule_rows(slots), wide_header=SCHEDULE_WIDE_HEADER,
+                  wide_rows=_schedule_rows(slots, wide=True), empty=f"peer {a.peer} has no certificate slot yet")
+        if not ctl.machine and not ctl.no_headers:
+            _schedule_notes(a.peer, slots)

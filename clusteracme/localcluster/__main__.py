@@ -3,7 +3,8 @@
 Brings up etcd, pebble (+ challtestsrv as DNS), a coordinator and N agents on
 loopback, then drives the main job through acmectl exactly as an operator
 would (account, CSR on the peer, sign with every peer serving the
-challenges, pending certificate, deploy without restart, status, history),
+challenges, the orders kept, pending certificate, deploy without restart,
+status, history),
 printing each command and its output, and stops everything.
 
 ``--coordinators N --etcd-members M`` runs it highly available: N
@@ -86,6 +87,7 @@ def _demo(args: argparse.Namespace, run_dir: Path) -> None:
         step(cluster, "peer", "enable", "peer1")
         step(cluster, "csr", "create", "peer1", "--cn", NAMES[0], "--san", NAMES[1])
         step(cluster, "sign", "peer1", "--wait")
+        step(cluster, "order", "list")
         if args.ipv6:
             show_validations(cluster)
         step(cluster, "pending", "show", "peer1")

@@ -241,6 +241,8 @@ class LocalCluster:
     """Extra settings per peer index (e.g. {2: {"hooks": [...]}}), merged over the
     defaults; a table (e.g. "front") is merged key by key over the default table."""
     log_level: str = "info"
+    log_format: str = "text"
+    """The daemons' ``--log-format``: "text" or "json" (one object a line, with fields)."""
     ipv6: bool = False
     """Dual-stack: run everything in a network namespace of its own (root;
     see ``netns``) where each peer also has ``peer_ipv6_address(i)``."""
@@ -452,7 +454,8 @@ class LocalCluster:
 
     # --- processes ------------------------------------------------------------
     def _python(self, module: str, config: Path) -> list[str]:
-        return [sys.executable, "-m", module, "--config", str(config), "--log-level", self.log_level]
+        return [sys.executable, "-m", module, "--config", str(config), "--log-level", self.log_level,
+                "--log-format", self.log_format]
 
     def start_coordinator(self, index: int = 1, *, wait_leader: bool = True, timeout: float = 60) -> None:
         """Start replica ``index`` (again: same port, config and log) and wait

@@ -1,7 +1,7 @@
 """Every replica answers: the one servicer the gRPC server holds routes each call.
 
 A replica listens from the moment it starts. Until it leads, it is a
-standby: the reads (``failover.READ_METHODS``: peer list, status, order and
+standby: the reads (``failover.READ_METHODS``: peer list, status, order list and
 pending show, events, schedule show, ...) and the agents' registration and
 heartbeat are served here from etcd, by a ``CoordinatorServicer`` built on
 the unfenced store (the writes those make are compare-and-swap and
@@ -12,7 +12,15 @@ decided before the command does anything, so it is always safe to retry.
 
 Once the election is won and the previous leader's orders are resumed,
 ``promote`` hands every call to the leader's servicer (fenced store). Losing
-leadership ends the process, so there is no way back.
+leadership ends the process. A term ended on purpose (after a restore:
+``coordinator.term``) ``demote``s the router back to a standby's. During a
+restore the leader ``hold``s every other command (``UNAVAILABLE`` with the
+standby mark: nothing was done, clients try again); a leader whose term
+found a cut restore ``block``s every command but a restore
+(``FAILED_PRECONDITION``). Reads are served throughout.
+
+A client-streaming command (Restore) is routed like any other, on the
+stream's arrival: a redirect or refusal never reads a message of it.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ class ReplicaRouter(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self.deny_list = standby.deny_list
         self._leader: CoordinatorServicer | None = None
         self._won = False
+        self._held: str | None = None      # a restore under way: other commands wait
+        self._blocked: str | None = None   # a cut restore: commands refused, but a restore
 
     @property
     def leading(self) -> bool:
@@ -60,13 +70,47 @@ class ReplicaRouter(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def promote(self, leader: CoordinatorServicer) -> None:
         self._leader = leader
 
+    def demote(self) -> None:
+        """The term ended on purpose (``coordinator.term``): a standby again, campaigning."""
+        self._leader, self._won, self._held, self._blocked = None, False, None, None
+
+    def hold(self, detail: str) -> None:
+        """Until ``demote``: every command but those in flight waits (UNAVAILABLE, retried by clients)."""
+        self._held = detail
+
+    def block(self, detail: str) -> None:
+        """Until ``demote``: every command but Restore is refused with ``detail``."""
+        self._blocked = detail
+
     async def _dispatch(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if self._leader is not None:
+            if method not in READ_METHODS and (self._held is not None
+                                               or (self._blocked is not None and method != "Restore")):
+                await self._refuse(method, context)
+                return None
             return await getattr(self._leader, method)(request, context)
         if method in READ_METHODS:
             return await getattr(self._standby, method)(request, context)
         await self._redirect(method, context)
         return None
+
+    async def _refuse(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        """A command this leader does not take now (``hold``, ``block``), refused before it does anything."""
+        me = self._replicas.name
+        try:
+            who = caller(context, self.deny_list)
+            if who.role is not Role.OPERATOR:
+                raise errors.PermissionDenied(f"{who.common_name} may not call {method}")
+        except errors.ClusterAcmeError as exc:
+            await context.abort(status_code_for(exc), exc.message)
+            return
+        if self._held is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"coordinator {me} leads, and {self._held}: "
+                                f"{NO_LEADER_MARK} for other commands; try again in a few seconds",
+                                ((STANDBY_KEY, me),))
+            return
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"coordinator {me} takes no command: "
+                            f"{self._blocked}")
 
     async def _redirect(self, method: str, context: grpc.aio.ServicerContext) -> None:
         """UNAVAILABLE, with the leader's address when there is one to go to."""

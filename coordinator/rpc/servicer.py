@@ -14,10 +14,12 @@ import grpc.aio
 from clusteracme.coordinator import imports
 from clusteracme.coordinator.accounts import Accounts, ProviderBook, ProviderView
 from clusteracme.coordinator.alarms import AlarmBook, AlarmRecord, compare_disk
+from clusteracme.coordinator.backup import Backups, chunks
 from clusteracme.coordinator.deployment import Deployment, DeployOutcome
 from clusteracme.coordinator.history import History
 from clusteracme.coordinator.identities import Denial, DenyListView, Identities
 from clusteracme.coordinator.issuance import Issuance
+from clusteracme.coordinator.orderlist import OrderQuery
 from clusteracme.coordinator.orders import DnsAddress, OrderRecord, Phase, ip_key
 from clusteracme.coordinator.peers import AgentCertificate, AgentPool, PeerInfo, Registry
 from clusteracme.coordinator.preflight import NameReport
@@ -27,8 +29,10 @@ from clusteracme.coordinator.slots import DomainView
 from clusteracme.coordinator.trust import TrustedCA, TrustStore
 
 from clusteracme import certinfo, errors, netaddr
+from clusteracme.backupformat import Manifest
+from clusteracme.failover import ACCEPTED_KEY
 from clusteracme.pki import Identity, Role
-from clusteracme.rpcutil import certificate_sha256, client_certificate, rpc_method
+from clusteracme.rpcutil import MAX_MESSAGE_BYTES, certificate_sha256, client_certificate, rpc_method
 from clusteracme.v1 import agent_pb2, common_pb2, coordinator_pb2_grpc
 from clusteracme.v1 import coordinator_pb2 as pb
 
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 AGENT, OPERATOR = Role.AGENT, Role.OPERATOR
 MAX_PEER_ADDRESSES = 16
 STATUS_AGENT_TIMEOUT = 2.0
+MAX_ORDER_LIST_BYTES = MAX_MESSAGE_BYTES * 3 // 4  # an order list's answer; the rest is room for framing
 
 
 def _provider(v: ProviderView) -> pb.Provider:
@@ -94,6 +99,20 @@ def order_info(rec: OrderRecord, queue_position: int = 0) -> pb.OrderInfo:
     )
 
 
+def _order_list(infos: list[pb.OrderInfo]) -> pb.ListOrdersResponse:
+    """The answer, or ResourceExhausted when it would not fit in one gRPC
+    message (orders of 100 names on 30 peers are large): says how many of
+    the newest would."""
+    size = 0
+    for fits, info in enumerate(infos):
+        size += info.ByteSize() + 8  # the field's tag and length
+        if size > MAX_ORDER_LIST_BYTES:
+            raise errors.ResourceExhausted(
+                f"the {len(infos)} orders that match take more than the {MAX_ORDER_LIST_BYTES // 1024} KiB one "
+                f"answer holds; the newest {fits} fit: ask for at most {fits} (--limit), or filter by peer or state")
+    return pb.ListOrdersResponse(orders=infos)
+
+
 def _order_dns(rec: OrderRecord) -> list[pb.NameReport]:
     """What the preflight saw, in the names' order (a stored record's keys
     are sorted); empty with --force (DNS not read). A record from before the
@@ -143,8 +162,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, registry: Registry, accounts: Accounts, issuance: Issuance, deployment: Deployment,
                  history: History, scheduler: RenewalScheduler, pool: AgentPool, revocation: Revocation,
                  trust: TrustStore, *, heartbeat_interval: int, lease_ttl: int, alarms: AlarmBook,
-                 identities: Identities, deny_list: DenyListView) -> None:
+                 identities: Identities, deny_list: DenyListView, backups: Backups | None = None) -> None:
         self.deny_list = deny_list  # rpc_method refuses the certificates on it, at every call
+        self._backups = backups
         self._identities = identities
         self._alarms = alarms
         self._scheduler = scheduler
@@ -316,6 +336,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if request.refresh:
             rec = await self._issuance.refresh_authorizations(rec)
         return order_info(rec, self._issuance.queue_position(rec.order_id))
+
+    @rpc_method(OPERATOR)
+    async def ListOrders(self, request: pb.ListOrdersRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        query = OrderQuery.parse(request.peer_id, request.slot.domain if request.HasField("slot") else None,
+                                 request.state, request.limit)
+        found = await self._issuance.list_orders(query)
+        return _order_list([order_info(rec, self._issuance.queue_position(rec.order_id)) for rec in found])
 
     @rpc_method(OPERATOR)
     async def GetPending(self, request: pb.GetPendingRequest, context: grpc.aio.ServicerContext, who: Identity) -> Any:
@@ -510,6 +537,33 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             id=event_id, at=e.at, peer_id=e.peer_id, slot=common_pb2.Slot(domain=e.domain), who=e.who, what=e.what,
             result=e.result, serial_hex=e.serial_hex, previous_serial_hex=e.previous_serial_hex, detail=e.detail,
             certificate_pem=e.certificate_pem) for event_id, e in events])
+
+    # --- backup and restore ----------------------------------------------
+    def _backup_book(self) -> Backups:
+        if self._backups is None:
+            raise errors.FailedPrecondition("this coordinator makes no backups")
+        return self._backups
+
+    @rpc_method(OPERATOR)
+    async def Backup(self, request: pb.BackupRequest, context: grpc.aio.ServicerContext, who: Identity) -> None:
+        snapshot = await self._backup_book().snapshot(who.common_name)
+        await context.write(pb.BackupChunk(manifest=snapshot.manifest.to_pb()))
+        for run in chunks(snapshot.entries):
+            await context.write(pb.BackupChunk(entries=[pb.BackupEntry(key=k, value=v) for k, v in run]))
+
+    @rpc_method(OPERATOR)
+    async def Restore(self, request: Any, context: grpc.aio.ServicerContext, who: Identity) -> Any:
+        backups = self._backup_book()
+        # Taken: the client sends the backup only now (a redirect never got here).
+        await context.send_initial_metadata(((ACCEPTED_KEY, "1"),))
+
+        async def received() -> Any:
+            async for chunk in request:
+                yield (Manifest.from_pb(chunk.manifest) if chunk.HasField("manifest") else None,
+                       [(e.key, e.value) for e in chunk.entries])
+
+        done = await backups.restore(await backups.receive(received()), who.common_name)
+        return pb.RestoreResponse(entry_count=done.entry_count, revision=done.revision, detail=done.detail)
 
     # --- alarms ----------------------------------------------------------
     @rpc_method(OPERATOR)

@@ -17,6 +17,9 @@ DESIGN.md "State in etcd" gives it::
     alarms/<kind>/<peer>/<slot>      an alarm: raised and cleared times (slot: server, or the domain;
                                      "-" for alarms of the peer itself)
     coordinators/<name>              a running replica: address, version, role (attached to its lease)
+    meta/schema                      the record schema of the cluster (records.SchemaMarker)
+    meta/restoring                   a restore under way or cut halfway (backup.RestoreMarker)
+    meta/fence_epoch                 the epoch of the agents' leader fence, set by each restore (backup)
     leader                           election key
 
 ``peers/<peer>`` and ``peers/<peer>/alive`` share the ``peers/`` prefix (the
@@ -190,6 +193,22 @@ class Keys:
 
     def coordinators(self) -> str:
         return self._key("coordinators", "")
+
+    # meta/<name>
+    def meta(self, name: str) -> str:
+        return self._key("meta", _component("meta key", name))
+
+    def schema_marker(self) -> str:
+        """The highest record schema of the coordinators that have led (``records``)."""
+        return self.meta("schema")
+
+    def restoring(self) -> str:
+        """A restore under way, or cut before it ended (``backup``)."""
+        return self.meta("restoring")
+
+    def fence_epoch(self) -> str:
+        """The epoch of the leader fence agents are sent, set by each restore (``backup``)."""
+        return self.meta("fence_epoch")
 
     # leader
     def leader(self) -> str:

@@ -265,6 +265,22 @@ async def test_lease_revoke_deletes_its_keys(h: Harness) -> None:
     await h.store.revoke_lease(lease)  # revoking again is not an error
 
 
+async def test_ranges_tell_the_lease_of_each_key(h: Harness) -> None:
+    """What a backup leaves out (``coordinator.backup``): range_with_revision
+    and range_pages, keys only or not, give each entry's lease (0: none)."""
+    lease = await h.store.grant_lease(30)
+    await h.store.put_if(h.k("r/leased"), b"x", expect_mod_revision=0, lease=lease)
+    await h.store.put_if(h.k("r/plain"), b"y", expect_mod_revision=0)
+    entries, _ = await h.store.range_with_revision(h.k("r/"))
+    assert [(e.key, e.lease, e.value) for e in entries] == [(h.k("r/leased"), lease, b"x"), (h.k("r/plain"), 0, b"y")]
+    for keys_only in (False, True):
+        async with aclosing(h.store.range_pages(h.k("r/"), keys_only=keys_only)) as pages:
+            seen = [(e.key, e.lease, e.value) async for page in pages for e in page]
+        assert seen == [(h.k("r/leased"), lease, b"" if keys_only else b"x"),
+                        (h.k("r/plain"), 0, b"" if keys_only else b"y")]
+    await h.store.revoke_lease(lease)
+
+
 async def test_lease_expiry_deletes_its_keys(h: Harness) -> None:
     kept, dropped = h.k("kept"), h.k("dropped")
     short, renewed = await h.store.grant_lease(2), await h.store.grant_lease(2)

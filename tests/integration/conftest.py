@@ -78,7 +78,12 @@ def record(cluster: LocalCluster, key_suffix: str) -> dict[str, Any]:
 
 
 def ctl_json(cluster: LocalCluster, *args: str) -> Any:
-    return json.loads(cluster.ctl("--json", *args).stdout)
+    """acmectl's JSON answer; of JSON lines (``sign --wait`` prints the order at each change), the last one."""
+    out = cluster.ctl("--json", *args).stdout
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        return json.loads(out.strip().splitlines()[-1])
 
 
 def agent_log(cluster: LocalCluster, index: int) -> str:

@@ -11,6 +11,7 @@ import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clusteracme.coordinator import records
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from clusteracme.localcluster.cluster import LocalCluster, served_serial
-from tests.integration.conftest import ctl_json, keyspace, make_cluster, register_account
+from tests.integration.conftest import ctl_json, keyspace, make_cluster, register_account, wait_for
 
 pytestmark = pytest.mark.integration
 PREFIX = "/clusteracme/local/"
@@ -29,7 +30,8 @@ PREFIX = "/clusteracme/local/"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    for c in make_cluster(tmp_path_factory, "deploy", peers=3):
+    # JSON logs (one object a line): test_json_logs_name_the_order_the_slot_and_who_asked reads them.
+    for c in make_cluster(tmp_path_factory, "deploy", peers=3, log_format="json"):
         register_account(c)
         for i in (1, 2, 3):
             c.ctl("peer", "enable", f"peer{i}")
@@ -216,3 +218,45 @@ def test_domain_certificates_by_sni(cluster: LocalCluster) -> None:
     slots = {s["slot"]["domain"]: s for s in ctl_json(cluster, "status", "peer3")["peers"][0]["slots"]}
     assert slots["a.tenant.example"]["active_serial"] == a1 and slots["a.tenant.example"]["previous_serial"] == a2
     assert all(s["agent_matches"] for s in slots.values())
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+def test_json_logs_name_the_order_the_slot_and_who_asked(cluster: LocalCluster) -> None:
+    """Issue 13 point 5, on the real daemons of this module (``--log-format json``): the lines of an order
+    carry its id, peer, slot, phase and provider as keys; a deploy's line says who asked (the operator's
+    certificate), on the coordinator and on the agent, whose every line is its peer's."""
+    domain = "logs.tenant.example"
+    cluster.set_dns(domain, [1, 2, 3])
+    cluster.ctl("csr", "create", "peer1", "--cn", domain, "--domain", domain)
+    started = ctl_json(cluster, "sign", "peer1", "--domain", domain)
+    order = wait_for("the order to end", lambda: (o := ctl_json(cluster, "order", "show", started["order_id"]))["done"]
+                     and o)
+    assert order["succeeded"], order
+    serial = ctl_json(cluster, "pending", "show", "peer1", "--domain", domain)["certificate"]["serial_hex"]
+    cluster.ctl("deploy", "peer1", "--domain", domain)
+
+    replica = cluster.replica(1)
+    coordinator = _json_lines(replica.log_path)
+    assert coordinator and all(line["replica"] == replica.name for line in coordinator)
+    phases = [line for line in coordinator if line.get("order_id") == order["order_id"]
+              and line.get("event") == "order-phase"]
+    assert [line["phase"] for line in phases][:2] == ["queued", "new"]
+    assert {"issued", "done"} <= {line["phase"] for line in phases} and phases[-1]["phase"] == "done"
+    for line in phases:
+        assert (line["peer"], line["domain"], line["provider"], line["who"]) == \
+            ("peer1", domain, "pebble", "operator:admin"), line
+    deployed = [line for line in coordinator if line.get("event") == "deploy" and line.get("serial") == serial]
+    assert len(deployed) == 1, deployed
+    assert {k: deployed[0][k] for k in ("who", "rpc", "peer", "domain", "level")} == {
+        "who": "operator:admin", "rpc": "Deploy", "peer": "peer1", "domain": domain, "level": "info"}
+
+    agent = _json_lines(cluster.run_dir / "agent-peer1.log")
+    assert agent and all(line["peer"] == "peer1" for line in agent)
+    assert any(line.get("order_id") == order["order_id"] for line in agent)  # its challenge tokens
+    installed = [line for line in agent if line.get("event") == "deploy" and line.get("serial") == serial]
+    assert len(installed) == 1, installed
+    assert (installed[0]["domain"], installed[0]["rpc"]) == (domain, "Deploy")
+    assert installed[0]["who"].startswith("coordinator:")

@@ -184,5 +184,6 @@ def test_a_provider_budget_delays_its_orders_but_not_the_others(
     assert not still.order_url  # the CA was never asked: no rateLimited to burn
     # The operator sees the wait: order show, status, and the record in etcd.
     assert "queued (position 1 in the admission queue)" in cluster.ctl("order", "show", held.order_id).stdout
-    assert "queued (position 1)" in cluster.ctl("status", "peer3").stdout
+    assert "queued #1" in cluster.ctl("status", "peer3").stdout
+    assert "queued (position 1)" in cluster.ctl("-o", "wide", "status", "peer3").stdout
     assert record(cluster, f"orders/{held.order_id}")["phase"] == "queued"

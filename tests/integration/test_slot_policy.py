@@ -110,8 +110,10 @@ def test_automatic_mode_signs_the_first_certificate_at_the_next_opportunity_and_
     assert shown["renewal_reason"] == "no certificate deployed yet"
     opportunity = datetime.datetime.fromisoformat(shown["next_sign_opportunity"])
     assert datetime.datetime.fromisoformat(shown["next_deploy_slot"]) == deploy_at
-    human = cluster.ctl("schedule", "show", "peer1").stdout
-    assert "provider:" in human and "pebble" in human and f"next deploy slot:       {shown['next_deploy_slot']}" in human
+    human = cluster.ctl("schedule", "show", "peer1").stdout.splitlines()  # a table: a row per slot
+    assert human[0].split()[-3:] == ["DUE", "NEXT", "DEPLOY"] and "PROVIDER" in human[0]
+    row = human[1].split()
+    assert row[:2] == ["server", "auto"] and "pebble" in row and row[-1] == shown["next_deploy_slot"]
 
     pending = wait_for("the automatic sign", lambda: (slot(cluster, "peer1").get("pending") or {}).get("auto")
                        and slot(cluster, "peer1")["pending"])
@@ -141,7 +143,7 @@ def test_a_peer_with_acme_disabled_pauses_automatic_mode_and_resumes_when_enable
         shown = ctl_json(cluster, "schedule", "set", "peer2", "--auto", "on", "--time", "now")
         assert shown["paused"] == "ACME disabled on the peer" and not shown["next_sign_opportunity"]
         assert_paused_without_failures(cluster, "peer2", "", "ACME disabled on the peer")
-        status = cluster.ctl("status", "peer2").stdout
+        status = cluster.ctl("-o", "wide", "status", "peer2").stdout
         assert "auto (paused)" in status and "peer2 server: paused: ACME disabled on the peer" in status
         assert slot(cluster, "peer2").get("pending") is None and slot(cluster, "peer2").get("active") is None
     finally:
@@ -194,7 +196,7 @@ def test_a_domain_with_acme_disabled_is_never_signed_and_keeps_serving(cluster: 
     assert all(s["acme_enabled"] for d, s in by_slot.items() if d not in (served, fresh))
     human = cluster.ctl("domain", "list", "peer1").stdout
     assert any(line.split()[:2] == [served, "OFF"] for line in human.splitlines()), human
-    assert "off (slot)" in cluster.ctl("status", "peer1").stdout
+    assert "off (slot)" in cluster.ctl("-o", "wide", "status", "peer1").stdout
     assert served_serial(cluster.agent(1).tls_endpoint, served) == serial  # still serving what it has
 
     # Switched on again: automatic mode signs at the next opportunity, a manual sign works.

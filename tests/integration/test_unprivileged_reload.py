@@ -61,6 +61,7 @@ from clusteracme import pki
 from clusteracme.localcluster.cluster import LocalCluster, peer_address, served_serial, write_toml
 from clusteracme.localcluster.infra import free_port, tcp_check
 from tests.integration.conftest import ctl_json, register_account
+from tests.unit.test_packaging import build_wheel
 
 pytestmark = pytest.mark.integration
 
@@ -310,7 +311,7 @@ class PrivateSystemd:
                 time.sleep(0.1)
 
 
-def _stage(work: Path, cluster: LocalCluster, uid: int, nginx_port: int, coordinator_port: int) -> None:
+def _stage(work: Path, cluster: LocalCluster, uid: int, nginx_port: int, coordinator_port: int, wheel: Path) -> None:
     """The units, users, configs, keys and venv the private systemd sees."""
     units = work / "units"
     units.mkdir()
@@ -377,7 +378,7 @@ def _stage(work: Path, cluster: LocalCluster, uid: int, nginx_port: int, coordin
         os.chown(conf / name, 0, uid)
         (conf / name).chmod(0o640)
 
-    # /opt/clusteracme/venv: the system python with the repo and the test venv's packages.
+    # /opt/clusteracme/venv: the system python with the wheel and the test venv's packages.
     venv = work / "opt-upper" / "clusteracme" / "venv"
     (venv / "bin").mkdir(parents=True)
     for mount_point in ("src", "site"):
@@ -387,7 +388,11 @@ def _stage(work: Path, cluster: LocalCluster, uid: int, nginx_port: int, coordin
     (venv / "pyvenv.cfg").write_text(f"home = {Path(_system_python() or '').parent}\n"
                                      "include-system-site-packages = false\n")
     (venv / "bin" / "python3").symlink_to(_system_python() or "")
-    (site / "clusteracme-test.pth").write_text("/opt/clusteracme/src\n/opt/clusteracme/site\n")
+    # The package as a node gets it (one top-level clusteracme, coordinator/ and
+    # peer_agent/ inside); its dependencies from the test venv's site-packages.
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-compile",
+                    "--target", str(site), str(wheel)], check=True, capture_output=True, timeout=300)
+    (site / "clusteracme-test.pth").write_text("/opt/clusteracme/site\n")
     for script, module in (("acme-agent", "clusteracme.peer_agent.app"), ("acme-coordinator", "clusteracme.coordinator.app")):
         (venv / "bin" / script).write_text(f"#!/opt/clusteracme/venv/bin/python3\nimport sys\n"
                                            f"from {module} import main\nsys.exit(main())\n")
@@ -420,7 +425,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalClust
         register_account(cluster)
         nginx_endpoint = f"{peer_address(1)}:{free_port()}"
         coordinator_port = free_port()
-        _stage(work, cluster, _free_id(), int(nginx_endpoint.rsplit(":", 1)[1]), coordinator_port)
+        _stage(work, cluster, _free_id(), int(nginx_endpoint.rsplit(":", 1)[1]), coordinator_port,
+               build_wheel(run_dir / "wheel"))
         sd = PrivateSystemd(work)
         try:
             sd.boot()

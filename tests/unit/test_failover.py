@@ -215,7 +215,7 @@ def test_read_methods_are_the_services_reads() -> None:
     assert failover.READ_METHODS <= methods
     commands = {"AddProvider", "RegisterAccount", "SetDefaultProvider", "SetPeerEnabled", "RemovePeer", "CreateCSR",
                 "Sign", "DiscardPending", "ImportPending", "SetDomainAcme", "Deploy", "Rollback", "Rollout",
-                "SetSchedule", "Revoke", "TrustAdd", "TrustRemove", "BlockPeer", "RevokeIdentity"}
+                "SetSchedule", "Revoke", "TrustAdd", "TrustRemove", "BlockPeer", "RevokeIdentity", "Restore"}
     assert methods - failover.READ_METHODS == commands  # a new method must be sorted into one or the other
 
 

@@ -134,7 +134,9 @@ async def test_acmectl_domain_list_schedule_and_providers_output(capsys: pytest.
                       schedule=pb.ScheduleInfo(auto=True, paused=slots.PAUSED_DOMAIN))])])
     await ctl_status.cmd_status(FakeCtl({"Status": status}), argparse.Namespace(peer=""))
     out = capsys.readouterr().out
-    assert "off (slot)" in out and "auto (paused)" in out and "p1 b.example: paused: ACME disabled for this domain" in out
+    row = out.splitlines()[1].split()
+    assert row[2] == "off" and row[-2:] == ["paused", "-"]  # ACME (-o wide: "off (slot)"), MODE, NEXT
+    assert "p1 b.example: paused: ACME disabled for this domain" in out
     providers = pb.ListProvidersResponse(default_provider="beta", providers=[
         pb.Provider(name="alpha", directory_url="https://a/dir"),
         pb.Provider(name="beta", directory_url="https://b/dir", is_default=True)])

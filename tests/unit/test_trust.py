@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from importlib import resources
+from pathlib import Path
 
 import pytest
 from clusteracme.coordinator import records
@@ -25,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from clusteracme.ctl import main as ctl_main
 from clusteracme.ctl import trust as ctl_trust
+from clusteracme.ctl.base import _print_table
 from clusteracme.errors import InvalidArgument, NotFound
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
@@ -469,20 +471,25 @@ async def test_type_root_or_intermediate(trust: TrustStore, pki: Pki) -> None:
 
 async def test_acmectl_trust_table(trust: TrustStore, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
     added = await trust.add(pki.root.pem + pki.intermediate.pem)
-    ctl_trust._trust_rows([_trusted(added[0]), _trusted(replace(added[1], added=False))], add=True)
+    _print_table(ctl_trust._trust_rows([_trusted(added[0]), _trusted(replace(added[1], added=False))], add=True),
+                 ctl_trust.TRUST_HEADER)
     header, root_row, inter_row = capsys.readouterr().out.splitlines()
     assert header.split() == ["TYPE", "SUBJECT", "ISSUER", "NOT", "AFTER", "SHA256"]
     assert root_row.split() == ["root", "CN=Test", "Root", "CN=Test", "Root", added[0].not_after[:19], pki.root.sha256]
     assert inter_row.split()[:5] == ["intermediate", "CN=Test", "Intermediate", "CN=Test", "Root"]
     assert f"{pki.intermediate.sha256}  (already trusted)" in inter_row
     # A listing has no such remark.
-    ctl_trust._trust_rows([_trusted(c) for c in await trust.list()])
-    assert "already" not in capsys.readouterr().out
+    assert not any("already" in cell for row in ctl_trust._trust_rows([_trusted(c) for c in await trust.list()])
+                   for cell in row)
 
 
-def test_acmectl_trust_add_takes_exactly_one_of_file_and_preset(capsys: pytest.CaptureFixture[str]) -> None:
-    # Refused before any connection is made.
-    for argv in (["trust", "add"], ["trust", "add", "roots.pem", "--preset", "letsencrypt"]):
+def test_acmectl_trust_add_takes_exactly_one_of_file_and_preset(capsys: pytest.CaptureFixture[str],
+                                                                tmp_path: Path) -> None:
+    # Refused before any connection is made (and before the connection settings are looked at). FILE exists: a
+    # missing one is refused first, while the line is parsed.
+    roots = tmp_path / "roots.pem"
+    roots.write_bytes(b"")
+    for argv in (["trust", "add"], ["trust", "add", str(roots), "--preset", "letsencrypt"]):
         with pytest.raises(SystemExit) as exit_info:
             ctl_main.main(argv)
         assert exit_info.value.code == 2
