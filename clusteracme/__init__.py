@@ -4,4 +4,4 @@ The generated gRPC stubs live in ``clusteracme.v1`` (regenerate with
 ``make proto``); PKI, mutual-TLS and error-mapping helpers live beside them.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
