@@ -27,6 +27,7 @@ import clusteracme
 from clusteracme import logfields
 from clusteracme.config import apply_overrides, build, load_toml
 from clusteracme.errors import ClusterAcmeError
+from clusteracme.safetext import terminal_safe
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,9 @@ def priority(level: int) -> int:
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, then the
-    line's fields (``clusteracme.logfields``) as keys, then ``exc`` (the
-    traceback, newlines escaped: still one line)."""
+    line's fields (``clusteracme.logfields``) as keys, any other name it
+    carries under ``extra``, then ``exc`` (the traceback, newlines escaped:
+    still one line)."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -63,13 +65,19 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     """``TIME LEVEL LOGGER: message [name=value ...]``: the fields the
-    message does not already say (``logfields.text_suffix``) after it."""
+    message does not already say (``logfields.text_suffix``) after it.
+
+    The line is one line: its control characters are escaped
+    (``terminal_safe``: a newline as ``\\n``), since a message quotes remote
+    text (an agent's error sentence, a CA's problem detail) that could
+    otherwise forge a line of its own, and a journal entry. A traceback
+    (``exc_info``, ``stack_info``) follows on lines of its own, as ever."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return super().formatMessage(record) + logfields.text_suffix(record, record.message)
+        return terminal_safe(super().formatMessage(record)) + logfields.text_suffix(record, record.message)
 
 
 class PriorityPrefix(logging.Formatter):

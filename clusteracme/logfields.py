@@ -31,6 +31,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import math
 import re
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
@@ -49,19 +50,24 @@ FIELDS: Mapping[str, str] = MappingProxyType({
            "for an order or a scheduled deploy, who started it",
     "rpc": "the gRPC method being served",
     "serial": "a certificate serial number (hex)",
-    "event": "what happened, for lines that record an outcome: deploy, rollback, reload, register, order-phase, "
-             "rollout",
+    "event": "what happened, for lines that record an outcome: order-phase, deploy, rollback, verify, rollout, "
+             "reload, register, import, tokens-present/tokens-remove (debug)",
     "rollout": "the id of one acmectl rollout, on every line of its deploys",
     "target": "a reload target on an agent (tls ADDRESS, command ..., signal ...)",
     "replica": "the coordinator replica that wrote the line (its name)",
 })
-"""The field names, stable across versions, with what each holds."""
+"""The field names, stable across versions, with what each holds. Only these
+are keys of a JSON line; any other name a line carries (a library's own
+``extra=``, such as aiohttp's access log with its request's headers) goes
+under :data:`EXTRA`, as JSON-safe values, and is left out of a text line."""
+
+EXTRA = "extra"
+"""The key of the object holding a line's names that are not :data:`FIELDS`."""
 
 MAX_VALUE = 512
 """Longest string value written (longer ones are cut, with "..."): a field
 from a request must not turn one line into a megabyte."""
 
-_ORDER = {name: rank for rank, name in enumerate(FIELDS)}
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 _context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("clusteracme_log_fields", default=_EMPTY)
 _process: dict[str, Any] = {}
@@ -132,7 +138,9 @@ def current() -> dict[str, Any]:
 
 
 def _value(value: Any) -> Any:
-    if isinstance(value, bool | int | float) or value is None:
+    """``value`` as JSON can hold it: a number, a string (``str()`` of
+    anything else, cut at :data:`MAX_VALUE`), a list of those."""
+    if isinstance(value, bool | int) or value is None or (isinstance(value, float) and math.isfinite(value)):
         return value
     if isinstance(value, list | tuple | set | frozenset):
         return [_value(v) for v in value][:64]
@@ -142,17 +150,18 @@ def _value(value: Any) -> Any:
 
 def fields_of(record: logging.LogRecord) -> dict[str, Any]:
     """The process's fields, the context's, then the record's extra= (where
-    a None value is no value: it leaves the context's)."""
+    a None value is no value: it leaves the context's): the names of
+    :data:`FIELDS` in its order (lines read alike whatever set them first),
+    then any other name under :data:`EXTRA`, sorted."""
     fields = current()
     for name, value in vars(record).items():
         if name not in _STANDARD and not name.startswith("_") and value is not None:
             fields[name] = value
-    # In FIELDS' order, then any other name: lines read alike whatever set them first.
-    return {name: _value(fields[name]) for name in sorted(fields, key=_rank) if fields[name] is not None}
-
-
-def _rank(name: str) -> tuple[int, str]:
-    return (_ORDER.get(name, len(_ORDER)), name)
+    out = {name: _value(fields[name]) for name in FIELDS if fields.get(name) is not None}
+    other = {name: _value(fields[name]) for name in sorted(fields) if name not in FIELDS and fields[name] is not None}
+    if other:
+        out[EXTRA] = other
+    return out
 
 
 class ContextFilter(logging.Filter):
@@ -178,14 +187,15 @@ def text_suffix(record: logging.LogRecord, message: str) -> str:
     """The fields for a text line: `` [name=value ...]``, or "".
 
     Left out: empty values, the process's own fields (the log file or unit
-    says which process it is), and values the message already says as a word
+    says which process it is), names other than :data:`FIELDS` (a JSON line's
+    :data:`EXTRA`), and values the message already says as a word
     of its own (``order 1a2b...: ...`` needs no ``order_id=1a2b...``). A
     value other than a plain word is quoted, its control characters escaped:
     a field from a request cannot forge a line."""
     process = _process
     parts = []
     for name, value in record_fields(record).items():
-        if value == "" or value == [] or process.get(name, _EMPTY) == value:
+        if name == EXTRA or value == "" or value == [] or process.get(name, _EMPTY) == value:
             continue
         text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
         if _said(text, message):

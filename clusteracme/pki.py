@@ -33,6 +33,8 @@ from clusteracme.errors import AlreadyExists, InvalidArgument, NotFound
 COORDINATOR_SERVER_NAME = "coordinator.clusteracme"
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
+CA_NAME = "{} cluster CA"  # the CA certificate's common name, of --cluster
+MAX_CLUSTER_NAME = 64 - len(CA_NAME.format(""))  # X.509 caps a common name at 64 characters
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # fullmatch: "$" would take "name\n"
 
 
@@ -194,7 +196,9 @@ def init_ca(directory: Path, *, cluster: str = "clusteracme", days: int = 3650) 
     if cert_path.exists() or (directory / CA_KEY).exists():
         raise AlreadyExists(f"a cluster CA already exists in {directory}; refusing to overwrite it")
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{cluster} cluster CA")])
+    if not cluster or len(cluster) > MAX_CLUSTER_NAME or not cluster.isprintable():
+        raise InvalidArgument(f"the cluster name is 1 to {MAX_CLUSTER_NAME} printable characters")
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_NAME.format(cluster))])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()

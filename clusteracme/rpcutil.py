@@ -148,12 +148,13 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 def request_fields(request: Any) -> dict[str, str]:
     """The log fields a request names: its ``peer_id`` (peer), ``slot``
-    (domain) and ``order_id``; none for a stream of requests."""
+    (domain; only when set: "" is the server slot, an unset slot none) and
+    ``order_id``; none for a stream of requests."""
     fields: dict[str, str] = {}
     names = getattr(getattr(request, "DESCRIPTOR", None), "fields_by_name", {})
     if "peer_id" in names and request.peer_id:
         fields["peer"] = request.peer_id
-    if "slot" in names:
+    if "slot" in names and request.HasField("slot"):
         fields["domain"] = request.slot.domain
     if "order_id" in names and request.order_id:
         fields["order_id"] = request.order_id

@@ -31,7 +31,7 @@ from clusteracme.coordinator import metrics, records
 from clusteracme.coordinator.accounts import Accounts
 from clusteracme.coordinator.alarm_webhook import WebhookNotifier
 from clusteracme.coordinator.alarms import AlarmBook, AlarmJob
-from clusteracme.coordinator.backup import Backups, fence_token, read_fence_epoch, restore_pending
+from clusteracme.coordinator.backup import Backups, LiveAgentFences, fence_token, read_fence_epoch, restore_pending
 from clusteracme.coordinator.deployment import Deployment
 from clusteracme.coordinator.election import Election, Leadership
 from clusteracme.coordinator.history import History
@@ -128,7 +128,8 @@ def build_parts(store: Store, keys: Keys, settings: CoordinatorSettings, box: Se
                                    lease_ttl=t.lease_ttl, alarms=alarms,
                                    identities=Identities(store, keys, registry, deny_view, settings.tls.ca),
                                    deny_list=deny_view,
-                                   backups=Backups(store, keys, version=__version__, term=term))
+                                   backups=Backups(store, keys, version=__version__, term=term,
+                                                   agent_fences=LiveAgentFences(registry, pool) if term is not None else None))
     return Parts(registry, accounts, history, issuance, deployment, scheduler, revocation, alarms, servicer)
 
 

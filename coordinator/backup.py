@@ -11,10 +11,15 @@ chunks of at most ``CHUNK_BYTES``.
 
 A **restore** loads a backup into an empty prefix; the leader does it:
 
-1. The whole backup is received and checked before anything is written:
-   its manifest against its entries (``clusteracme.backupformat``), its
-   record schema against the one this coordinator knows, no lease-bound key
-   among them.
+1. One restore at a time: a second one is refused before a byte of it is
+   read. The whole backup is received and checked before anything is
+   written: each entry as it arrives against the manifest
+   (``clusteracme.backupformat``: key, order, counts; keys and values
+   together at most ``MAX_RESTORE_BYTES``), then the digest, the record
+   schema against the one this coordinator knows, no lease-bound key among
+   them. A replica older than this one listed under ``coordinators/``
+   refuses the restore: it would ignore the marker below, and could lead a
+   half-restored cluster if the restore were cut.
 2. The prefix must be empty but for keys the running processes write by
    themselves into an empty prefix (``replaceable``): lease-bound keys, the
    peers' registrations (an agent whose heartbeat finds no record registers
@@ -28,7 +33,9 @@ A **restore** loads a backup into an empty prefix; the leader does it:
    who, when.
 4. The entries are written in transactions of at most ``TXN_OPS`` keys and
    ``TXN_BYTES`` bytes, each key create-only (or replacing a replaceable key
-   at the revision it was read at), through the leader's fenced store.
+   at the revision it was read at, read again and retried for up to
+   ``REPLACE_DEADLINE`` while an agent or a status read keeps writing it),
+   through the leader's fenced store.
 5. The last transaction deletes the marker and sets ``meta/fence_epoch``
    (below). Then the leader ends its term (resigns) so that a fresh term, on
    this replica or another, reads everything anew: providers, accounts,
@@ -47,9 +54,14 @@ A leader's etcd fence is its election key's revision; a restore into a new
 etcd cluster starts revisions low again. So the token sent to agents is
 ``fence_token(epoch, revision)`` = ``epoch * 2**32 + revision``, where the
 epoch (``meta/fence_epoch``, 0 when absent) is set by every restore to the
-seconds since 2025-01-01 UTC (at least one more than the backup's): a
-leader after a restore outranks every leader before it, whatever the new
-etcd's revisions, without touching the agents. Measured: advancing etcd's
+seconds since 2025-01-01 UTC, and at least one more than the backup's, than
+the prefix's, and than the epoch of the highest fence each live agent
+reports (asked for up to ``AGENT_FENCE_TIMEOUT``). So a leader after a
+restore outranks every leader the backup, the etcd and the agents that
+answered had seen, whatever the new etcd's revisions, without touching the
+agents; an agent that did not answer (named in the log) and saw a higher
+epoch (a restore by a replica whose clock ran ahead) refuses this leader's
+deploys until a restore asks it. Measured: advancing etcd's
 revision instead costs one transaction per revision (about 6,500 per second
 on a local etcd), so minutes to hours for a cluster that has run for years.
 """
@@ -60,16 +72,19 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from clusteracme.coordinator import records
+from clusteracme.coordinator.peers import AgentPool, PeerInfo, Registry, newer_release
+from clusteracme.coordinator.replicas import Member
 from clusteracme.coordinator.store.base import Check, Conflict, Delete, Entry, Op, Put, Store
 from clusteracme.coordinator.store.keys import Keys
 
 from clusteracme import errors
-from clusteracme.backupformat import FORMAT, Digest, Manifest, check_entries, key_problem
+from clusteracme.backupformat import FORMAT, Digest, EntriesCheck, Manifest, check_entries, key_problem
+from clusteracme.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +97,21 @@ TXN_BYTES = 512 * 1024
 """Keys and values per restore transaction: a third of etcd's default
 ``--max-request-bytes`` (1.5 MiB); a larger value goes alone."""
 MAX_RESTORE_BYTES = 512 * 1024 * 1024
-"""The most value bytes a restore takes (it holds the whole backup while it
-checks it): far above a cluster's state, far below etcd's 2 GiB quota."""
+"""The most key and value bytes a restore takes (it holds the whole backup
+while it checks it): far above a cluster's state, far below etcd's 2 GiB quota."""
 MAX_RESTORE_ENTRIES = 2_000_000
 """The most entries a restore takes: a fleet of a thousand peers keeps under a million keys."""
-REPLACE_ATTEMPTS = 5
-"""Tries of one transaction whose replaceable keys changed under it."""
+REPLACE_DEADLINE = 30.0
+"""How long one replaceable key may keep changing under a restore's
+transaction (an agent's registration, a status read's draw) before the
+restore gives up; each conflict is tried again after REPLACE_PAUSE, doubled
+up to REPLACE_PAUSE_MAX."""
+REPLACE_PAUSE = 0.05
+REPLACE_PAUSE_MAX = 1.0
+AGENT_FENCE_TIMEOUT = 3.0
+"""How long a restore's last step waits for the live agents to say the
+highest leader fence they have seen; one that does not answer is named in
+the log and the restore goes on."""
 EPOCH_ORIGIN = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
 EPOCH_SHIFT = 32
 """Revisions a fence epoch has room for (2**32): decades of a cluster's writes."""
@@ -102,9 +126,54 @@ def fence_token(epoch: int, revision: int) -> int:
     return (epoch << EPOCH_SHIFT) + revision
 
 
+def clock_epoch(now: datetime.datetime) -> int:
+    """The seconds since EPOCH_ORIGIN: the epoch a restore sets when the clocks agree."""
+    return int((now - EPOCH_ORIGIN).total_seconds())
+
+
 def next_epoch(now: datetime.datetime, after: int) -> int:
     """The epoch a restore sets: seconds since EPOCH_ORIGIN, and above ``after``."""
-    return max(int((now - EPOCH_ORIGIN).total_seconds()), after + 1)
+    return max(clock_epoch(now), after + 1)
+
+
+AgentFences = Callable[[], Awaitable[tuple[dict[str, int], dict[str, str]]]]
+"""Asks the live agents for the highest leader fence each has seen: ({peer:
+fence}, {peer: why it did not answer}), within a short deadline; never
+raises for an agent."""
+
+
+class LiveAgentFences:
+    """:data:`AgentFences` over the registry's live peers and the agent pool:
+    ``Status`` with no fence of its own (it raises no agent's floor)."""
+
+    def __init__(self, registry: Registry, pool: AgentPool, timeout: float = AGENT_FENCE_TIMEOUT) -> None:
+        self._registry = registry
+        self._pool = pool
+        self._timeout = timeout
+
+    async def __call__(self) -> tuple[dict[str, int], dict[str, str]]:
+        peers = [p for p in await self._registry.list() if p.alive]
+        request = agent_pb2.AgentStatusRequest()
+
+        async def one(peer: PeerInfo) -> tuple[str, int | None, str]:
+            try:
+                status = await asyncio.wait_for(
+                    self._pool.call(peer, "restore fence", lambda stub, kw: stub.Status(request, **kw),
+                                    timeout=self._timeout), self._timeout)
+            except TimeoutError:
+                return peer.peer_id, None, f"no answer within {self._timeout:g} s"
+            except errors.ClusterAcmeError as exc:
+                return peer.peer_id, None, exc.message
+            return peer.peer_id, status.leader_fence, ""
+
+        fences: dict[str, int] = {}
+        silent: dict[str, str] = {}
+        for peer_id, fence, why in await asyncio.gather(*(one(p) for p in peers)):
+            if fence is None:
+                silent[peer_id] = why
+            else:
+                fences[peer_id] = fence
+        return fences, silent
 
 
 def _peer_key(keys: Keys, key: str) -> bool | None:
@@ -266,12 +335,14 @@ class Backups:
     store and term) of the cluster under ``keys.prefix``."""
 
     def __init__(self, store: Store, keys: Keys, *, version: str, term: TermControl | None = None,
-                 clock: Callable[[], datetime.datetime] = _now) -> None:
+                 clock: Callable[[], datetime.datetime] = _now, agent_fences: AgentFences | None = None) -> None:
+        """``agent_fences``: asked by a restore's last step (None: no agents to ask)."""
         self._store = store
         self._keys = keys
         self._version = version
         self._term = term
         self._clock = clock
+        self._agent_fences = agent_fences
         self._restoring = False  # one restore at a time (the term pause holds other commands, not a second one)
 
     # --- backup ------------------------------------------------------------
@@ -309,9 +380,12 @@ class Backups:
     # --- restore -----------------------------------------------------------
     async def receive(self, stream: AsyncIterator[tuple[Manifest | None, Sequence[tuple[str, bytes]]]]) -> Snapshot:
         """The backup a client sends: the manifest in the first message only,
-        entries after it; refused (InvalidArgument) past what the manifest
-        announces or MAX_RESTORE_BYTES, before more is read."""
+        entries after it, each checked as it arrives (``EntriesCheck``: key,
+        order, counts) and the digest at the end; refused (InvalidArgument)
+        at the first bad entry, past what the manifest announces, or past
+        MAX_RESTORE_BYTES of keys and values, before more is read."""
         manifest: Manifest | None = None
+        check: EntriesCheck | None = None
         entries: list[tuple[str, bytes]] = []
         size = 0
         async for header, batch in stream:
@@ -323,22 +397,31 @@ class Backups:
                     raise errors.InvalidArgument(
                         f"the backup holds {manifest.entry_count} entries and {manifest.value_bytes} value bytes, more "
                         f"than a restore takes ({MAX_RESTORE_ENTRIES} entries, {MAX_RESTORE_BYTES} bytes)")
+                check = EntriesCheck(manifest)
             elif header is not None:
                 raise errors.InvalidArgument("the restore sent a second manifest")
-            entries.extend(batch)
-            size += sum(len(v) for _, v in batch)
-            if len(entries) > manifest.entry_count or size > manifest.value_bytes:
-                raise errors.InvalidArgument(f"the restore sent more than its manifest announces "
-                                             f"({manifest.entry_count} entries, {manifest.value_bytes} value bytes)")
-        if manifest is None:
+            assert check is not None
+            for key, value in batch:
+                size += len(key.encode()) + len(value)
+                if size > MAX_RESTORE_BYTES:
+                    raise errors.InvalidArgument(f"the backup's keys and values pass {MAX_RESTORE_BYTES} bytes, more "
+                                                 "than a restore takes")
+                check.add(key, value)
+                entries.append((key, value))
+        if manifest is None or check is None:
             raise errors.InvalidArgument("the restore sent nothing")
+        check.finish()
         return Snapshot(manifest, entries)
 
     def check(self, backup: Snapshot) -> None:
         """InvalidArgument / FailedPrecondition unless the backup can be
         restored here (nothing is read from the store)."""
+        check_entries(backup.manifest, backup.entries)
+        self._check_content(backup)
+
+    def _check_content(self, backup: Snapshot) -> None:
+        """``check`` but the entries against the manifest (``receive`` checked those)."""
         manifest = backup.manifest
-        check_entries(manifest, backup.entries)
         schema = manifest.record_schema
         for key, value in backup.entries:
             absolute = self._keys.prefix + key
@@ -359,29 +442,54 @@ class Backups:
                 "): restore it with a coordinator at least as new")
 
     async def restore(self, backup: Snapshot, who: str) -> RestoreResult:
-        """Load a checked backup into the prefix (module docstring); the
-        leader's term ends afterwards, whatever the outcome once it was paused."""
+        """Load a backup into the prefix (module docstring); the leader's
+        term ends afterwards, whatever the outcome once it was paused."""
+        term = self._claim()
+        try:
+            self.check(backup)
+            return await self._restore(backup, who, term)
+        finally:
+            self._restoring = False
+
+    async def restore_stream(self, stream: AsyncIterator[tuple[Manifest | None, Sequence[tuple[str, bytes]]]],
+                             who: str, *, taken: Callable[[], Awaitable[None]] | None = None) -> RestoreResult:
+        """``restore`` of the backup a client sends (``receive``). This
+        leader's one restore slot is claimed first: a second restore is
+        refused before ``taken`` (the client told to send) and before a byte
+        of it is read."""
+        term = self._claim()
+        try:
+            if taken is not None:
+                await taken()
+            backup = await self.receive(stream)
+            self._check_content(backup)
+            return await self._restore(backup, who, term)
+        finally:
+            self._restoring = False
+
+    def _claim(self) -> TermControl:
         if self._term is None:
             raise errors.FailedPrecondition("only the leader restores a backup")
         if self._restoring:
-            raise errors.FailedPrecondition("a restore is already under way on this leader")
-        self.check(backup)
+            raise errors.FailedPrecondition("a restore is already under way on this leader: wait for it to end "
+                                            "(the coordinator's log shows it)")
         self._restoring = True
-        try:
-            return await self._restore(backup, who, self._term)
-        finally:
-            self._restoring = False
+        return self._term
 
     async def _restore(self, backup: Snapshot, who: str, term: TermControl) -> RestoreResult:
         m = backup.manifest
         wanted = dict(backup.entries)
+        await self._refuse_older_replicas()
         await self._survey(m, wanted, values=False)  # refuse a non-empty prefix before stopping anything
         what = (f"backup {m.sha256[:16]} ({m.entry_count} entries, {m.value_bytes} value bytes, made {m.created_at} "
                 f"at revision {m.revision} of {m.prefix} by {m.created_by})")
         log.warning("restore of %s into %s started by %s: stopping this leader's work", what, self._keys.prefix, who)
         started = time.monotonic()
-        await term.pause(f"a restore of {what} is under way")
         try:
+            # Inside the try: a pause cut (client gone, deadline) or failed still ends the term, which
+            # releases the commands it holds (``term``).
+            await term.pause(f"a restore of {what} is under way")
+            await self._refuse_older_replicas()  # one may have started meanwhile
             current, marker_revision = await self._survey(m, wanted, values=True)
             if not marker_revision:
                 marker = RestoreMarker(m.sha256, m.entry_count, self._clock().isoformat(timespec="seconds"), who,
@@ -410,6 +518,25 @@ class Backups:
         detail += (f"; coordinator {leader} leads again" if leader else
                    f"; no coordinator leads yet after {LEADER_WAIT:g} s (acmectl coordinators shows the replicas)")
         return RestoreResult(m.entry_count, len(todo), revision, detail)
+
+    async def _refuse_older_replicas(self) -> None:
+        """FailedPrecondition while a replica older than this one runs: it
+        does not know ``meta/restoring``, and leading after a cut restore it
+        would take commands on a half-restored state."""
+        older = []
+        for entry in await self._store.range(self._keys.coordinators()):
+            try:
+                member = Member.from_record(records.peek(entry.value, entry.key))
+            except ValueError:
+                older.append(f"{entry.key.removeprefix(self._keys.coordinators())} (unreadable record)")
+                continue
+            if newer_release(self._version, member.version):
+                older.append(f"{member.name} ({member.version})")
+        if older:
+            raise errors.FailedPrecondition(
+                f"coordinator replicas older than this one ({self._version}) are running: {_shown(older)}; they do "
+                "not know a cut restore's marker and could lead a half-restored cluster: upgrade them (or stop "
+                "them) before restoring; nothing was done")
 
     async def _serving_leader(self) -> str | None:
         """Once a fresh term takes commands, its leader's name (None after
@@ -467,9 +594,12 @@ class Backups:
 
     async def _write(self, batch: Sequence[tuple[str, bytes]], current: dict[str, Entry]) -> None:
         """One transaction: each key created, or a replaceable key replaced
-        at the revision it was read at (read again when it moved)."""
+        at the revision it was read at (read again when it moved, and tried
+        again after a short pause, for up to REPLACE_DEADLINE per key)."""
         prefix = self._keys.prefix
-        for attempt in range(1, REPLACE_ATTEMPTS + 1):
+        moving_since: dict[str, float] = {}  # replaceable key -> when it first moved under this batch
+        pause = REPLACE_PAUSE
+        while True:
             checks = []
             for rel, _ in batch:
                 seen = current.get(prefix + rel)
@@ -480,11 +610,19 @@ class Backups:
             except Conflict as exc:
                 moved = sorted(exc.keys)
                 fixed = [k for k in moved if not replaceable(self._keys, k)]
-                if fixed or attempt == REPLACE_ATTEMPTS:
+                now = time.monotonic()
+                busy = [k for k in moved if now - moving_since.setdefault(k, now) >= REPLACE_DEADLINE]
+                if fixed or busy:
+                    why = ("(something else writes into the prefix)" if fixed else
+                           f"(written again and again for {REPLACE_DEADLINE:g} s: an agent registering in a loop, "
+                           "or status reads)")
                     raise errors.Aborted(
-                        f"{_shown([k.removeprefix(prefix) for k in (fixed or moved)])} changed during the restore "
-                        "(something else writes into the prefix); nothing of this batch was written: find the "
-                        "writer, then run the restore again with the same file to finish it") from None
+                        f"{_shown([k.removeprefix(prefix) for k in (fixed or busy)])} changed during the restore "
+                        f"{why}; nothing of this batch was written: find the writer, then run the restore again "
+                        "with the same file to finish it") from None
+                log.debug("restore: %s changed meanwhile; replacing it again", _shown(moved))
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, REPLACE_PAUSE_MAX)
                 for key in moved:  # written meanwhile by an agent's registration or a status read: replace it again
                     entry = await self._store.get(key)
                     if entry is None:
@@ -492,18 +630,44 @@ class Backups:
                     else:
                         current[key] = entry
 
+    async def _agent_epochs(self) -> dict[str, int]:
+        """{"agent <peer>": the epoch of the highest leader fence it has
+        seen} for the live agents that answer; the others are named in a
+        warning (the restore goes on: they refuse this leader's deploys only
+        if they saw a higher epoch than every other source)."""
+        if self._agent_fences is None:
+            return {}
+        try:
+            fences, silent = await self._agent_fences()
+        except (errors.ClusterAcmeError, ValueError) as exc:
+            reason = exc.message if isinstance(exc, errors.ClusterAcmeError) else str(exc)
+            log.warning("restore: cannot list the live agents to ask their leader fence (%s); the fence epoch is "
+                        "set from the clock, the backup and etcd only", reason)
+            return {}
+        if silent:
+            log.warning("restore: %d live agent(s) did not say their leader fence: %s; the fence epoch is set "
+                        "without them (one that saw a higher epoch refuses this leader's deploys until the next "
+                        "restore)", len(silent), "; ".join(f"{p}: {why}" for p, why in sorted(silent.items())))
+        return {f"agent {peer}": fence >> EPOCH_SHIFT for peer, fence in fences.items()}
+
     async def _finish(self, wanted: dict[str, bytes], marker_revision: int, who: str,
                       sha256: str) -> tuple[int, int]:
         """Delete the marker and set the new fence epoch, in one
         transaction; the store revision after it and the epoch."""
         key = self._keys.fence_epoch()
         rel = key.removeprefix(self._keys.prefix)
-        previous = _epoch_of(wanted[rel], rel) if rel in wanted else 0
+        seen = {"the backup": _epoch_of(wanted[rel], rel) if rel in wanted else 0}
         existing = await self._store.get(key)
         if existing is not None:
-            previous = max(previous, _epoch_of(existing.value, key))
+            seen[key] = _epoch_of(existing.value, key)
+        seen.update(await self._agent_epochs())
         now = self._clock()
-        epoch = next_epoch(now, previous)
+        source, after = max(seen.items(), key=lambda item: item[1])
+        if clock_epoch(now) < after:
+            log.warning("this coordinator's clock (%s, epoch %d) is behind the fence epoch %d of %s: the clocks of "
+                        "the replicas disagree (check NTP); the restore sets epoch %d, one above it",
+                        now.isoformat(timespec="seconds"), clock_epoch(now), after, source, after + 1)
+        epoch = next_epoch(now, after)
         record = {"epoch": epoch, "set_at": now.isoformat(timespec="seconds"), "set_by": who, "backup_sha256": sha256}
         ops: list[Op] = [Delete(self._keys.restoring()), Put(key, records.encode(record))]
         checks = [Check(self._keys.restoring(), marker_revision),

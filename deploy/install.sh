@@ -6,18 +6,21 @@
 # Documentation= points at; then it prints what is left to do (keys, configs,
 # systemctl enable). Running it again changes nothing unless the package
 # changed; an existing config is never touched (the shipped one is kept next
-# to it as NAME.example).
+# to it as NAME.example). It starts and restarts nothing: after an upgrade,
+# the steps it prints begin with the restart of the units that are running.
 #
 #   install.sh --role agent|coordinator|both [--prefix DIR] [--wheel FILE]
 #              [--python PYTHON] [--no-user]
 #
 # Where the package comes from: --wheel FILE; else the source checkout this
-# script is in (a wheel is built from a copy of it, so the checkout is left
-# as it was); else, when this is the copy inside an installed package, that
-# package, if it is installed in PREFIX/venv (`python -m clusteracme.deploy
-# install ...` runs it). The venv's pip reads PIP_* from the environment:
+# script is in (a wheel is built from a copy of its SHIPPED parts, so the
+# checkout is left as it was); else, when this is the copy inside an
+# installed package, that package, if it is installed in PREFIX/venv
+# (`python -m clusteracme.deploy install ...` runs it). The venv's pip reads PIP_* from the environment:
 # PIP_INDEX_URL for a mirror, PIP_NO_INDEX=1 with PIP_FIND_LINKS=DIR for a
-# node without network.
+# node without network. The dependencies are installed before the package
+# replaces the one in the venv: when pip cannot have them, the venv's
+# package is left as it was.
 #
 # DESTDIR=DIR stages the whole tree under DIR (packaging, tests): no user, no
 # chown (this host's ids mean nothing there), no systemctl, and the venv's
@@ -34,6 +37,10 @@ ROLE=
 WHEEL=
 PYTHON=python3
 MAKE_USER=1
+# What the wheel is made of, in a source checkout: pyproject's package-dir
+# folders, pyproject.toml and its readme (tests/unit/test_packaging.py).
+SHIPPED=(clusteracme coordinator peer_agent deploy pyproject.toml README.md)
+UNITS=(acme-coordinator.service acme-agent.service)
 
 usage() {
   cat <<EOF
@@ -133,6 +140,7 @@ if [[ ! -e $DVENV/bin/python ]]; then
 fi
 
 changes=0
+PACKAGE_CHANGED=0
 did() { echo "  $*"; changes=$((changes + 1)); }
 TMP=$(mktemp -d)
 trap 'rm -rf -- "$TMP"' EXIT
@@ -169,14 +177,21 @@ fi
 own() { # OWNER PATH
   if ((CHOWN)); then chown -h -- "$1" "$2"; fi
 }
-ensure_dir() { # MODE OWNER PATH: created when missing
+ensure_dir() { # MODE OWNER PATH: created when missing, with MODE and OWNER;
+  # one that exists is left as it is (PREFIX=/usr/local, share/: not ours)
   local path=$DESTDIR$3
   if [[ ! -d $path ]]; then
     mkdir -p -- "$path"
+    chmod -- "$1" "$path"
+    own "$2" "$path"
     did "$3/"
   fi
-  chmod -- "$1" "$path"
-  own "$2" "$path"
+}
+own_dir() { # MODE OWNER PATH: a directory of clusteracme's own: created when
+  # missing; its mode and owner set every time
+  ensure_dir "$@"
+  chmod -- "$1" "$DESTDIR$3"
+  own "$2" "$DESTDIR$3"
 }
 put() { # MODE OWNER SOURCE PATH
   local path=$DESTDIR$4 tmp
@@ -207,10 +222,37 @@ case $SOURCE in
   checkout*)
     # Built from a copy: a build in the checkout leaves build/ and *.egg-info
     # there (root's), and a stale build/lib would ship modules since removed.
+    # A copy of the SHIPPED parts alone, their regular files: whatever else a
+    # working tree holds (a venv, logs being written, sockets, files coming
+    # and going) has no part in the wheel, and tar fails on a file that
+    # changes while it reads it. A file gone since it was listed is skipped.
     src=${SOURCE#checkout }
     mkdir "$TMP/src"
-    tar -C "$src" --exclude='./.*' --exclude=./build --exclude=./dist --exclude='*.egg-info' \
-      --exclude=__pycache__ --exclude=./tests --exclude=./bench -cf - . | tar -C "$TMP/src" -xf -
+    "$PYTHON_BIN" -I -B - "$src" "$TMP/src" "${SHIPPED[@]}" <<'PY' || fail "copying the sources from $src failed"
+import os, shutil, sys
+src, dest, parts = sys.argv[1], sys.argv[2], sys.argv[3:]
+def skipped(name):
+    return name.startswith(".") or name == "__pycache__" or name.endswith((".pyc", ".egg-info"))
+for part in parts:
+    top = os.path.join(src, part)
+    if os.path.isfile(top):
+        shutil.copy2(top, os.path.join(dest, part))
+        continue
+    if not os.path.isdir(top):
+        sys.exit(f"install.sh: {top} is missing: {src} is not a whole clusteracme checkout")
+    for directory, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if not skipped(d)]
+        target = os.path.join(dest, os.path.relpath(directory, src))
+        os.makedirs(target, exist_ok=True)
+        for name in files:
+            path = os.path.join(directory, name)
+            if skipped(name) or not os.path.isfile(path):  # a socket, a fifo: nothing to build from
+                continue
+            try:
+                shutil.copy2(path, os.path.join(target, name))
+            except FileNotFoundError:
+                pass  # gone since it was listed: an editor's temporary file
+PY
     # Offline when --python already has setuptools 77+ (a developer's venv),
     # else pip fetches the build requirements into an isolated environment.
     if "$PYTHON_BIN" -I -B -c 'import importlib.metadata as m, sys
@@ -229,12 +271,22 @@ esac
 if [[ -n $WHEEL ]]; then
   stamp=$DVENV/$NAME-wheel.sha256
   if [[ ! -f $stamp || $(<"$stamp") != "$WHEEL_ID" ]]; then
-    # The package itself even at the same version number (a rebuilt wheel),
-    # then whatever it depends on that is missing.
-    "$DVENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "$WHEEL" >&2
-    "$DVENV/bin/python" -m pip install --quiet "$WHEEL" >&2
+    # What the package depends on first, with the package when its version
+    # differs: pip resolves and fetches everything before it installs
+    # anything, and installs a dependency before what needs it. When a
+    # dependency cannot be had (offline, a mirror without it) the package in
+    # the venv is not replaced: no new code without what it needs.
+    "$DVENV/bin/python" -m pip install --quiet "$WHEEL" >&2 ||
+      fail "pip could not install $(basename -- "$WHEEL") with its dependencies (its messages above):" \
+        "the package in $VENV was not replaced. Without network: PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR," \
+        "DIR holding what 'pip download -d DIR $(basename -- "$WHEEL")' fetches elsewhere"
+    # Then the package itself, even at the same version number (a rebuilt
+    # wheel, which pip left alone above); its dependencies are all there.
+    "$DVENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "$WHEEL" >&2 ||
+      fail "pip could not reinstall $(basename -- "$WHEEL") (its messages above)"
     echo "$WHEEL_ID" >"$stamp"
     did "$VENV/: $(basename -- "$WHEEL")"
+    PACKAGE_CHANGED=1
   fi
 fi
 if [[ -n $DESTDIR ]]; then
@@ -270,13 +322,13 @@ ASSETS_ON_NODE=$ASSETS
   >"$TMP/README.md"
 ensure_dir 0755 root:root "$PREFIX/share"
 ensure_dir 0755 root:root "$PREFIX/share/doc"
-ensure_dir 0755 root:root "$PREFIX/share/doc/$NAME"
+own_dir 0755 root:root "$PREFIX/share/doc/$NAME"
 put 0644 root:root "$TMP/README.md" "$PREFIX/share/doc/$NAME/README.md"
 
 # --- /etc/clusteracme ----------------------------------------------------------
 ETC=/etc/$NAME
-ensure_dir 0750 "root:$NAME" "$ETC"
-ensure_dir 0750 "root:$NAME" "$ETC/pki"
+own_dir 0750 "root:$NAME" "$ETC"
+own_dir 0750 "root:$NAME" "$ETC/pki"
 roles=()
 [[ $ROLE == coordinator || $ROLE == both ]] && roles+=(coordinator)
 [[ $ROLE == agent || $ROLE == both ]] && roles+=(agent)
@@ -287,13 +339,12 @@ for role in "${roles[@]}"; do
   fi
 done
 if [[ $ROLE != agent ]]; then
-  ensure_dir 0750 "root:$NAME" "$ETC/etcd"   # the etcd client pair coordinator.toml names
+  own_dir 0750 "root:$NAME" "$ETC/etcd"   # the etcd client pair coordinator.toml names
 fi
 if [[ $ROLE != coordinator ]]; then
-  # The unit's StateDirectory= (systemd makes it too, at the first start).
-  if [[ ! -d $DESTDIR/var/lib/$NAME-agent ]]; then
-    ensure_dir 0700 "$NAME:$NAME" "/var/lib/$NAME-agent"
-  fi
+  # The unit's StateDirectory= (systemd makes it too, at the first start,
+  # and sees to its owner at every start): made when missing, else left alone.
+  ensure_dir 0700 "$NAME:$NAME" "/var/lib/$NAME-agent"
   # The agent's user may reload nginx.service through systemd, nothing else.
   [[ -n $DESTDIR || -x /usr/lib/polkit-1/polkitd ]] ||
     echo "note: polkitd is not installed; the nginx reload rule takes effect once it is"
@@ -303,16 +354,32 @@ fi
 
 # --- the units ---------------------------------------------------------------
 units=()
+changed_units=()
 units_before=$changes
 for role in "${roles[@]}"; do
   unit=acme-$role.service
   sed "s|$DEFAULT_PREFIX/|$PREFIX/|g" "$ASSETS/systemd/$unit" >"$TMP/$unit"
+  before=$changes
   put 0644 root:root "$TMP/$unit" "/etc/systemd/system/$unit"
   units+=("$unit")
+  [[ $changes == "$before" ]] || changed_units+=("$unit")
 done
 if [[ -z $DESTDIR && $changes != "$units_before" && -d /run/systemd/system ]]; then
   systemctl daemon-reload
   echo "  (systemctl daemon-reload)"
+fi
+# A running daemon keeps the code and the unit it started with. The units
+# of this venv (either role's: they share it) that are active and whose
+# package or unit file changed above are restarted by the operator, when it
+# suits the cluster (one coordinator replica, one peer at a time).
+restart=()
+if [[ -z $DESTDIR && -d /run/systemd/system ]]; then
+  for unit in "${UNITS[@]}"; do
+    if { ((PACKAGE_CHANGED)) || [[ " ${changed_units[*]} " == *" $unit "* ]]; } &&
+      grep -qsF -- "$VENV/bin/" "/etc/systemd/system/$unit" && systemctl is-active --quiet "$unit"; then
+      restart+=("$unit")
+    fi
+  done
 fi
 
 if ((changes == 0)); then
@@ -329,6 +396,9 @@ next() { # the first line numbered, the others below it
 }
 echo
 echo "Next steps${DESTDIR:+ (on the node, once the tree is there)}:"
+if ((${#restart[@]})); then
+  next "restart what still runs the old code or unit (nothing was restarted):" "systemctl restart ${restart[*]}"
+fi
 if [[ -n $DESTDIR ]]; then
   next "create the user and give it its files:" \
     "useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin $NAME" \

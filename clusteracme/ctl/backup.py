@@ -8,16 +8,19 @@ coordinator streams the backup:
 - one line per entry, in key order: ``{"key": "<relative key>", "value":
   "<base64>"}``;
 - the last line ``{"end": {"entries": N, "file_sha256": "<hex>"}}``: the
-  SHA-256 of every byte before that line, so a change anywhere in the file
-  (the manifest too, which the entries' digest does not cover) is seen.
+  SHA-256 of every byte before that line, so damage anywhere in the file
+  (the manifest too, which the entries' digest does not cover) or a cut is
+  seen. Not a deliberate edit: whoever can edit the file can compute both
+  digests again (the file is no signature).
 
 It holds the whole cluster state, account keys included (sealed: they are
 useless without the coordinators' key file), so it is written 0600, through a
 temporary file in the same directory renamed into place once complete and
-checked, and never over an existing file unless ``--force``. ``restore``
-reads and checks the whole file (size, lines, both digests, the manifest
-against the entries) before it calls anything, and refuses a damaged or
-changed file with one sentence (exit status 2).
+checked, and never over an existing file unless ``--force`` (a symlink
+there, dangling or not, counts as one: ``--force`` replaces the link, never
+its target). ``restore`` reads and checks the whole file (size, lines, both
+digests, the manifest against the entries) before it calls anything, and
+refuses a damaged or changed file with one sentence (exit status 2).
 """
 
 from __future__ import annotations
@@ -163,9 +166,10 @@ class BackupWriter:
     def __init__(self, path: str, *, force: bool) -> None:
         self.path = Path(path)
         self.force = force
-        if self.path.exists() and not force:
+        # lexists: a symlink (dangling too) is a file there; --force replaces the link, never what it names.
+        if os.path.lexists(self.path) and not force:
             raise CtlError(f"{path} exists; give --force to replace it")
-        if self.path.is_dir():
+        if self.path.is_dir() and not self.path.is_symlink():
             raise CtlError(f"{path} is a directory")
         try:
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from google.protobuf.json_format import MessageToDict
 
 from clusteracme import errors, pki
@@ -54,6 +57,33 @@ def _dict(msg: Any) -> dict[str, Any]:
     return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+def _pem_certificates(option: str, path: str) -> list[x509.Certificate]:
+    try:
+        certificates = x509.load_pem_x509_certificates(_read_small_file(path, f"{option} file", TLS_FILE_MAX))
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise CtlError(f"the {option} file {terminal_safe(path)} holds no PEM certificate")
+    return certificates
+
+
+def check_tls_files(ca: str, cert: str, key: str) -> None:
+    """The TLS files hold what they should, before gRPC is given them (its
+    C core would log each failure on stderr, then every call fail as
+    unavailable): certificates in PEM in --ca and --cert, an unencrypted PEM
+    private key in --key, and that key the one of --cert's certificate."""
+    _pem_certificates("--ca", ca)
+    leaf = _pem_certificates("--cert", cert)[0]
+    try:
+        private = serialization.load_pem_private_key(_read_small_file(key, "--key file", TLS_FILE_MAX), None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise CtlError(f"the --key file {terminal_safe(key)} holds no unencrypted PEM private key") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise CtlError(f"the --key file {terminal_safe(key)} is not the key of the --cert file "
+                       f"{terminal_safe(cert)}'s certificate")
+
+
 class Ctl:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -75,6 +105,7 @@ class Ctl:
                     ReadableFile(f"{option} file", TLS_FILE_MAX)(path)
                 except argparse.ArgumentTypeError as exc:
                     raise CtlError(str(exc)) from None
+            check_tls_files(a.ca, a.cert, a.key)
             self._client = ReplicaClient(TLSFiles(Path(a.ca), Path(a.cert), Path(a.key)), endpoints,
                                          pki.COORDINATOR_SERVER_NAME)
         return self._client

@@ -16,7 +16,8 @@ list of the coordinator replicas (like etcdctl's ``--endpoints``): every call
 goes to whichever replica takes it, following a standby's redirect to the
 leader (``clusteracme.failover`` holds the rule: what is retried where).
 Every call has one deadline, ``--timeout``, across those retries. Errors
-print one human sentence on stderr and exit non-zero; ``--json`` prints
+print one human sentence on stderr and exit non-zero; ``--json`` (the same
+as ``-o json``: the last of the two on the line wins) prints
 machine-readable output instead of tables.
 
 Everything the coordinator answers is remote text (a CA's problem details,
@@ -68,8 +69,11 @@ from clusteracme.ctl.trust import (
 from clusteracme.ctl.validate import (
     UNATTACHED,
     Choice,
+    ClusterName,
     Domain,
+    Hostname,
     Integer,
+    LocalPath,
     PeerId,
     PeerList,
     ReadableFile,
@@ -97,6 +101,21 @@ class CtlParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        # First of all: an argument that is not UTF-8 reaches Python as surrogate escapes (PEP 383), which no
+        # request, file name or printed line can carry.
+        for value in sys.argv[1:] if args is None else args:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                try:
+                    raw = value.encode("utf-8", "surrogateescape")  # the bytes given
+                except UnicodeEncodeError:
+                    raw = value.encode("utf-8", "backslashreplace")
+                cut = raw if len(raw) <= 60 else raw[:60] + b"..."
+                self.error(f"an argument is not valid UTF-8: {cut!r}; give every argument as UTF-8 text")
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         # Named with the command: "acmectl: events --limit: ...", "acmectl: peer: the following arguments ...".
@@ -127,7 +146,9 @@ def global_options() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
                                    f"{DEFAULT_TIMEOUT:g}; more than 0, at most {DAY:g})")),
         (("-o", "--output"), dict(choices=OUTPUT_FORMATS, help="output format: table (default), wide (every "
                                                                "column), json or yaml (the answer as data)")),
-        (("--json",), dict(action="store_true", help="the same as -o json")),
+        # The same destination as -o: whichever of the two comes last on the line wins.
+        (("--json",), dict(action="store_const", const="json", dest="output",
+                           help="the same as -o json (of -o and --json, the last on the line wins)")),
         (("--no-headers",), dict(action="store_true", help="listings without their header line (and notes)")),
     ]
 
@@ -191,22 +212,24 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pki", help="the cluster CA, mTLS certificates, the deny list").add_subparsers(
         dest="pki_cmd", required=True)
     x = s.add_parser("init", help="create the cluster CA (refuses to overwrite one)")
-    x.add_argument("dir", help="directory of the new cluster CA (keep it offline)")
-    x.add_argument("--cluster", default="clusteracme", help="the cluster's name, in the CA certificate's subject "
-                                                             "(default clusteracme)")
+    x.add_argument("dir", type=LocalPath("CA directory"), help="directory of the new cluster CA (keep it offline)")
+    x.add_argument("--cluster", default="clusteracme", type=ClusterName(), metavar="NAME",
+                   help=f"the cluster's name, in the CA certificate's subject (default clusteracme; 1 to "
+                        f"{pki.MAX_CLUSTER_NAME} printable characters)")
     x = s.add_parser("issue", help="issue a certificate for a coordinator, agent or operator")
-    x.add_argument("dir", help="directory of the cluster CA")
+    x.add_argument("dir", type=LocalPath("CA directory"), help="directory of the cluster CA")
     x.add_argument("--role", required=True, choices=[r.value for r in pki.Role], help="what the identity is")
     x.add_argument("--name", required=True, type=PeerId(), metavar="NAME",
                    help="the identity's name (an agent's: its peer id); " + PeerId.RULE)
     x.add_argument("--ip", action="append", default=[], help="IP address SAN (repeatable)")
-    x.add_argument("--dns", action="append", default=[],
-                   help="DNS name SAN (repeatable); never a name of another identity (coordinator.clusteracme, "
-                        "X.agent.clusteracme, ...)")
-    x.add_argument("--out", default=".", help="output directory (default: the current directory); never the CA's "
-                                              "directory: the pair is copied to the node, the CA key is not")
+    x.add_argument("--dns", action="append", default=[], type=Hostname(), metavar="NAME",
+                   help="DNS name SAN (repeatable; " + Hostname.RULE + "); never a name of another identity "
+                        "(coordinator.clusteracme, X.agent.clusteracme, ...)")
+    x.add_argument("--out", default=".", type=LocalPath("output directory"), metavar="DIR",
+                   help="output directory (default: the current directory); never the CA's directory: the pair is "
+                        "copied to the node, the CA key is not")
     x = s.add_parser("secret", help="create the account-key encryption key file")
-    x.add_argument("file", help="the new key file (mode 0600; refuses to overwrite one)")
+    x.add_argument("file", type=LocalPath("key file"), help="the new key file (mode 0600; refuses to overwrite one)")
     x = s.add_parser("revoke", help="deny a cluster certificate (operator, coordinator or agent; PEM or DER, issued "
                                     "by the cluster CA): every coordinator and agent refuses it from then on")
     x.add_argument("certfile", type=ReadableFile("certificate file", CERTIFICATE_FILE_MAX),
@@ -329,8 +352,10 @@ def parser() -> argparse.ArgumentParser:
         x.add_argument("--domain", type=Domain(), help="a domain (SNI) slot instead of the server certificate")
 
     x = sub.add_parser("rollout", help="deploy pending certificates peer by peer, verifying each by a TLS handshake")
-    x.add_argument("--peers", type=PeerList(), metavar="P,...", help="comma-separated peer ids, in order")
-    x.add_argument("--all", action="store_true", help="every peer with a pending certificate")
+    which = x.add_mutually_exclusive_group(required=True)  # exactly one: refused before the call otherwise
+    which.add_argument("--peers", type=PeerList(), metavar="P,...",
+                       help="comma-separated peer ids, in order, each once (or --all)")
+    which.add_argument("--all", action="store_true", help="every peer with a pending certificate (or --peers)")
     x.add_argument("--batch", type=Integer(1, MAX_BATCH), default=1, metavar="N",
                    help=f"peers deployed at once (default 1, at most {MAX_BATCH})")
     x.add_argument("--rollback-on-failure", action="store_true",
@@ -419,7 +444,8 @@ def parser() -> argparse.ArgumentParser:
                                    "but the lease-bound ones: elections, replicas, liveness) to FILE, with a "
                                    "manifest. Account keys stay sealed. Keep FILE with the account-key secret file "
                                    "and the cluster CA (README: Backup and restore).")
-    x.add_argument("file", help="the backup file to write (refused if it exists, unless --force)")
+    x.add_argument("file", type=LocalPath("backup file"),
+                   help="the backup file to write (refused if it exists, unless --force)")
     x.add_argument("--force", action="store_true", help="replace FILE if it exists")
     x = sub.add_parser("restore", help="load a backup FILE into the cluster's empty etcd prefix; the leader then "
                                        "steps down and a fresh term reads it",
@@ -446,7 +472,16 @@ COMMANDS = {"provider": cmd_provider, "account": cmd_account, "peer": cmd_peer, 
             "preflight": cmd_preflight, "coordinators": cmd_coordinators, "version": cmd_version,
             "completion": cmd_completion, "backup": cmd_backup, "restore": cmd_restore}
 # Commands that never call the coordinator; every other has its connection settings checked before it runs.
-LOCAL = {("pki", "init"), ("pki", "issue"), ("pki", "secret"), ("completion", None), ("version", None)}
+# A second word "--FLAG": the command is local when given that flag (restore --check only reads FILE).
+LOCAL = {("pki", "init"), ("pki", "issue"), ("pki", "secret"), ("completion", None), ("version", None),
+         ("restore", "--check")}
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away (| head)
+
+
+def is_local(args: argparse.Namespace) -> bool:
+    word = getattr(args, f"{args.cmd}_cmd", None)
+    flags = {f"--{name.replace('_', '-')}" for name, value in vars(args).items() if value is True}
+    return (args.cmd, word) in LOCAL or any((args.cmd, flag) in LOCAL for flag in flags)
 
 
 async def _run(args: argparse.Namespace) -> None:
@@ -454,7 +489,7 @@ async def _run(args: argparse.Namespace) -> None:
     try:
         if getattr(args, "precheck", None) is not None:
             args.precheck(args)  # what one argument's type cannot check alone (FILE or --preset, ...)
-        if (args.cmd, getattr(args, f"{args.cmd}_cmd", None)) not in LOCAL:
+        if not is_local(args):
             ctl.client  # noqa: B018 (--coordinator and the TLS files, checked before the command's first call)
         if args.cmd == "pki":
             await cmd_pki(ctl, args)
@@ -471,6 +506,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         asyncio.run(_run(args))
+        sys.stdout.flush()  # here, so that a closed pipe is caught below rather than at exit
+    except BrokenPipeError:
+        _quiet_stdout()
+        sys.exit(EXIT_BROKEN_PIPE)
     except errors.ClusterAcmeError as exc:
         # The sentence may come from the coordinator, a CA or a peer: one line, control characters escaped.
         print(f"acmectl: {terminal_safe(exc.message)}", file=sys.stderr)
@@ -480,6 +519,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader went away (``acmectl ... | head -1``): the rest of the
+    output, and Python's flush at exit, go to /dev/null instead of a
+    BrokenPipeError traceback (the Python documentation's recipe, "Note on
+    SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a file descriptor (a test's StringIO): replace the stream instead
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (stdout, until the process ends)
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

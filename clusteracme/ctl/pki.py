@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
-from clusteracme import pki
+from clusteracme import errors, pki
 from clusteracme.ctl.base import Ctl, _one_line, _read_small_file
 from clusteracme.v1 import coordinator_pb2 as pb
 
 DENIED_HEADER = ["IDENTITY", "SERIAL", "NOT AFTER", "DENIED AT", "BY", "REASON", "SHA256"]
 CERTIFICATE_FILE_MAX = 64 * 1024  # pki revoke: one certificate, PEM or DER
+_TEMP = re.compile(r"\.(.+)\.[0-9a-f]{16}\.tmp")  # pki.open_unique_temp's names
 
 
 # --- pki (init, issue, secret: local files; revoke, denied: the coordinator) ----------
@@ -28,6 +30,32 @@ def _denied_line(d: Any) -> str:
 
 
 async def cmd_pki(ctl: Ctl, a: argparse.Namespace) -> None:
+    if a.pki_cmd not in ("init", "issue", "secret"):
+        await _pki(ctl, a)
+        return
+    # Local files: what the system refuses (a directory that cannot be made, a FIFO as --out, a CA file that is
+    # not one) is one sentence, as every other error.
+    try:
+        await _pki(ctl, a)
+    except BrokenPipeError:
+        raise  # stdout closed (| head): main ends quietly
+    except OSError as exc:
+        raise errors.ClusterAcmeError(f"pki {a.pki_cmd}: {_os_error(exc)}") from None
+    except ValueError as exc:
+        raise errors.InvalidArgument(f"pki {a.pki_cmd}: {' '.join(str(exc).split())}") from None
+
+
+def _os_error(exc: OSError) -> str:
+    """"PATH: reason"; a key file's temp file (pki.open_unique_temp) named as the file it was for."""
+    path = exc.filename
+    if path is not None and (temp := _TEMP.fullmatch(Path(path).name)):
+        path = str(Path(path).parent / temp[1])
+    # mkdir(exist_ok=True) refuses with EEXIST only what is there and not a directory.
+    reason = "exists and is not a directory" if isinstance(exc, FileExistsError) else exc.strerror or str(exc)
+    return f"{path}: {reason}" if path is not None else reason
+
+
+async def _pki(ctl: Ctl, a: argparse.Namespace) -> None:
     # init, issue, secret: local files; -o json/yaml prints what was written, as data.
     if a.pki_cmd == "init":
         path = pki.init_ca(Path(a.dir), cluster=a.cluster)

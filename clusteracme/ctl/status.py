@@ -2,8 +2,10 @@
 
 ``status`` prints one row per certificate slot in at most ``STATUS_WIDTH``
 columns: serials cut to their first hex digits, times relative to now ("3h"
-ago, "in 5h"), the slot and then the peer id shortened in the middle when a
-row would still be too wide; ``-o wide`` shows everything whole. Days left
+ago, "in 5h"), the last sign and deploy as short words (``ok 3h``,
+``FAIL 2d``, ``rb-FAIL 12d``: SIGN_WORDS, DEPLOY_WORDS), the slot and then
+the peer id shortened in the middle when a row would still be too wide;
+``-o wide`` shows everything whole. Days left
 are coloured on a terminal only (red under ``RED_DAYS``, yellow once the
 renewal point is passed) and never when ``NO_COLOR`` is set. The rendering
 is pure (:func:`status_lines`: the answer and a clock in, lines out) so a
@@ -71,6 +73,12 @@ MIN_SHRUNK = 10  # ... but never below this many characters
 SERIAL_SHOWN = 7  # hex digits of a serial in the table, as git abbreviates a commit (-o wide: all)
 RED_DAYS = 7
 RED, YELLOW, RESET = "\x1b[31m", "\x1b[33m", "\x1b[0m"
+# LAST SIGN and LAST DEPLOY in the default table: a short word for the coordinator's status, then the age
+# (README "Status" lists them; -o wide shows the statuses whole). Failures in capitals.
+SIGN_WORDS = {"valid": "ok", "failed": "FAIL", "running": "run"}  # and "queued (position N)": "queued #N"
+DEPLOY_WORDS = {"ok": "ok", "failed": "FAIL", "interrupted": "intr", "rolled back": "rb", "rollback failed": "rb-FAIL",
+                "rollback interrupted": "rb-intr"}
+STATUS_WORD_MAX = 7  # characters of a status not listed above (a newer coordinator's), cut
 _FRACTION = re.compile(r"(\d+)/(\d+) of the lifetime|(\d+(?:\.\d+)?)% of the lifetime")
 
 
@@ -133,12 +141,17 @@ def days_left(not_after: str, now: datetime.datetime) -> int | None:
 
 
 def two_thirds_point(s: Any) -> datetime.datetime | None:
-    """When 2/3 of the active certificate's lifetime is reached. Status has
-    no not_before: the lifetime is worked out from the renewal point when the
-    coordinator placed it at a fraction of the lifetime ("2/3 of the
-    lifetime", "75% of the lifetime"); when the CA's renewal information
-    placed it (ARI), the renewal point itself stands in."""
-    end, due = _when(s.active_not_after), _when(s.schedule.renewal_due_at)
+    """When 2/3 of the active certificate's lifetime is reached: exactly,
+    from active_not_before and active_not_after. From a coordinator that does
+    not send active_not_before (older than this field), estimated: the
+    lifetime is worked out from the renewal point when the coordinator placed
+    it at a fraction of the lifetime ("2/3 of the lifetime", "75% of the
+    lifetime"); when the CA's renewal information placed it (ARI), the
+    renewal point itself stands in."""
+    end, start = _when(s.active_not_after), _when(s.active_not_before) if s.active_not_before else None
+    if end is not None and start is not None and start < end:
+        return start + (end - start) * 2 / 3
+    due = _when(s.schedule.renewal_due_at)
     if end is None or due is None:
         return None
     m = _FRACTION.match(s.schedule.renewal_reason)
@@ -166,6 +179,12 @@ def _short(text: str, keep: int, ellipsis: str) -> str:
     return text if len(text) <= keep + len(ellipsis) else text[:keep] + ellipsis
 
 
+def _serial(serial: str, ellipsis: str) -> str:
+    """A serial cut to SERIAL_SHOWN + 1 characters, its ellipsis included (ASCII "...": 2 hex digits fewer, so the
+    column is as wide either way), "-" for none."""
+    return _short(serial, SERIAL_SHOWN + 1 - len(ellipsis), ellipsis) or "-"
+
+
 def _middle(text: str, width: int, ellipsis: str) -> str:
     """``text`` in ``width`` characters, cut in the middle (the end of a domain and of a peer id tell most)."""
     if len(text) <= width:
@@ -179,20 +198,24 @@ def _liveness(p: Any) -> str:
     return "BLOCKED" if p.blocked else "alive" if p.alive else "DEAD"
 
 
-def _last_sign(s: Any, now: datetime.datetime) -> str:
+def _word(status: str, words: dict[str, str], ellipsis: str) -> str:
+    """A status as its short word (SIGN_WORDS, DEPLOY_WORDS); one not known here cut to a few characters."""
+    return words.get(status) or _short(status, STATUS_WORD_MAX - len(ellipsis), ellipsis)
+
+
+def _last_sign(s: Any, now: datetime.datetime, ellipsis: str = "…") -> str:
     if not s.last_sign_status:
         return "-"
     queued = re.fullmatch(r"queued \(position (\d+)\)", s.last_sign_status)
     if queued:  # waiting for admission: its place says more than its age
         return f"queued #{queued[1]}"
-    return f"{s.last_sign_status} {ago(s.last_sign_at, now)}".strip()
+    return f"{_word(s.last_sign_status, SIGN_WORDS, ellipsis)} {ago(s.last_sign_at, now)}".strip()
 
 
-def _last_deploy(s: Any, now: datetime.datetime) -> str:
+def _last_deploy(s: Any, now: datetime.datetime, ellipsis: str = "…") -> str:
     if not s.last_deploy_status:
         return "-"
-    status = "rollback" if s.last_deploy_status == "rolled back" else s.last_deploy_status
-    return f"{status} {ago(s.last_deploy_at, now)}".strip()
+    return f"{_word(s.last_deploy_status, DEPLOY_WORDS, ellipsis)} {ago(s.last_deploy_at, now)}".strip()
 
 
 def _next(sched: Any, now: datetime.datetime) -> str:
@@ -212,9 +235,10 @@ def _row(p: Any, s: Any, now: datetime.datetime, ellipsis: str) -> list[str]:
     sched = s.schedule
     days = days_left(s.active_not_after, now)
     return [p.peer_id, _liveness(p), _acme(p, s), s.slot.domain or "server",
-            _short(s.active_serial, SERIAL_SHOWN, ellipsis) or "-", "-" if days is None else str(days),
-            _short(s.pending_serial, SERIAL_SHOWN, ellipsis) or "-", _last_sign(s, now),
-            _last_deploy(s, now), ("paused" if sched.paused else "auto") if sched.auto else "manual", _next(sched, now)]
+            _serial(s.active_serial, ellipsis), "-" if days is None else str(days),
+            _serial(s.pending_serial, ellipsis), _last_sign(s, now, ellipsis),
+            _last_deploy(s, now, ellipsis), ("paused" if sched.paused else "auto") if sched.auto else "manual",
+            _next(sched, now)]
 
 
 def _wide_row(p: Any, s: Any, now: datetime.datetime) -> list[str]:
@@ -266,7 +290,8 @@ def _render(header: Sequence[str], rows: list[list[str]], colors: dict[tuple[int
 def status_lines(r: Any, now: datetime.datetime, *, wide: bool = False, color: bool = False,
                  no_headers: bool = False, ellipsis: str = "…", width: int = STATUS_WIDTH) -> list[str]:
     """The status table and, under it, the alarms, errors, disagreements and
-    warnings of each peer and slot: what ``acmectl status`` prints."""
+    warnings of each peer and slot: what ``acmectl status`` prints
+    (``no_headers``: the rows alone, no header line and no notes)."""
     header = STATUS_WIDE_HEADER if wide else STATUS_HEADER
     rows: list[list[str]] = []
     colors: dict[tuple[int, int], str] = {}
@@ -284,6 +309,8 @@ def status_lines(r: Any, now: datetime.datetime, *, wide: bool = False, color: b
     if not wide:
         rows = _fit(header, rows, width, ellipsis)
     lines = _render(header, rows, colors, no_headers=no_headers)
+    if no_headers:
+        return lines  # the rows alone, as every listing (scripts read them)
     for ps in r.peers:
         for x in ps.alarms:
             lines.append(f"{ps.peer.peer_id}: {_alarm_line(x)}")

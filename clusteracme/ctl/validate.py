@@ -106,6 +106,10 @@ class PeerList:
                                              "commas")
         for item in items:
             self.one(item)
+        twice = sorted({item for item in items if items.count(item) > 1})
+        if twice:
+            raise argparse.ArgumentTypeError(f"{shown(value)} names {', '.join(twice)} more than once; give each "
+                                             "peer id once")
         return value
 
 
@@ -175,6 +179,63 @@ class Choice:
         if value not in self.choices:
             raise argparse.ArgumentTypeError(f"unknown {self.what} {shown(value)}; choose one of "
                                              + ", ".join(self.choices))
+        return value
+
+
+class LocalPath:
+    """A path of a local file or directory acmectl writes (``pki init DIR``,
+    ``backup FILE``): not empty (``''`` would mean the current directory),
+    no NUL character. Whether it can be written is known when it is."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.__name__ = what
+
+    def __call__(self, value: str) -> str:
+        if not value:
+            raise argparse.ArgumentTypeError(f"the {self.what} path is empty")
+        if "\x00" in value:
+            raise argparse.ArgumentTypeError(f"the {self.what} path {shown(value)} holds a NUL character")
+        return value
+
+
+class ClusterName:
+    """The cluster's name in its CA certificate's common name ("NAME cluster
+    CA", at most 64 characters in X.509): 1 to ``pki.MAX_CLUSTER_NAME``
+    printable characters."""
+
+    def __init__(self) -> None:
+        self.high = pki.MAX_CLUSTER_NAME
+        self.__name__ = "cluster name"
+
+    def __call__(self, value: str) -> str:
+        if not value or len(value) > self.high or not value.isprintable():
+            raise argparse.ArgumentTypeError(f"{shown(value)} is not a cluster name: 1 to {self.high} printable "
+                                             "characters (no control character)")
+        return value
+
+
+class Hostname:
+    """A DNS name for a certificate's subject alternative names, in ASCII
+    (an internationalized name as its A-label, xn--...): labels of letters,
+    digits and '-' (not first nor last), 1 to 63 characters each, at most 253
+    in all; a leading ``*.`` (wildcard) and a final dot taken."""
+
+    RULE = "ASCII letters, digits, '-' and dots, labels of 1 to 63 characters, at most 253 in all"
+    _LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?")
+
+    def __init__(self) -> None:
+        self.__name__ = "DNS name"
+
+    def __call__(self, value: str) -> str:
+        name = value[:-1] if value.endswith(".") else value
+        labels = name.split(".")
+        if labels[0] == "*" and len(labels) > 1:
+            labels = labels[1:]
+        if (not name or len(name) > MAX_DOMAIN_CHARS
+                or not all(len(label) <= 63 and self._LABEL.fullmatch(label) for label in labels)):
+            raise argparse.ArgumentTypeError(f"{shown(value)} is not a DNS name ({self.RULE}; an internationalized "
+                                             "name as its xn-- form)")
         return value
 
 

@@ -736,7 +736,7 @@ class StatusRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
 
 class SlotStatus(_message.Message):
-    __slots__ = ("slot", "csr_names", "csr_created_at", "pending_serial", "pending_not_after", "last_sign_status", "last_sign_at", "last_sign_error", "current_order", "active_serial", "active_not_after", "previous_serial", "last_deploy_status", "last_deploy_at", "last_deploy_error", "agent_matches", "agent_state", "schedule", "acme_enabled", "active_provider", "alarms")
+    __slots__ = ("slot", "csr_names", "csr_created_at", "pending_serial", "pending_not_after", "last_sign_status", "last_sign_at", "last_sign_error", "current_order", "active_serial", "active_not_after", "previous_serial", "last_deploy_status", "last_deploy_at", "last_deploy_error", "agent_matches", "agent_state", "schedule", "acme_enabled", "active_provider", "alarms", "active_not_before")
     SLOT_FIELD_NUMBER: _ClassVar[int]
     CSR_NAMES_FIELD_NUMBER: _ClassVar[int]
     CSR_CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -758,6 +758,7 @@ class SlotStatus(_message.Message):
     ACME_ENABLED_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     ALARMS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     slot: _common_pb2.Slot
     csr_names: str
     csr_created_at: str
@@ -779,7 +780,8 @@ class SlotStatus(_message.Message):
     acme_enabled: bool
     active_provider: str
     alarms: _containers.RepeatedCompositeFieldContainer[Alarm]
-    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., csr_names: _Optional[str] = ..., csr_created_at: _Optional[str] = ..., pending_serial: _Optional[str] = ..., pending_not_after: _Optional[str] = ..., last_sign_status: _Optional[str] = ..., last_sign_at: _Optional[str] = ..., last_sign_error: _Optional[str] = ..., current_order: _Optional[str] = ..., active_serial: _Optional[str] = ..., active_not_after: _Optional[str] = ..., previous_serial: _Optional[str] = ..., last_deploy_status: _Optional[str] = ..., last_deploy_at: _Optional[str] = ..., last_deploy_error: _Optional[str] = ..., agent_matches: _Optional[bool] = ..., agent_state: _Optional[str] = ..., schedule: _Optional[_Union[ScheduleInfo, _Mapping]] = ..., acme_enabled: _Optional[bool] = ..., active_provider: _Optional[str] = ..., alarms: _Optional[_Iterable[_Union[Alarm, _Mapping]]] = ...) -> None: ...
+    active_not_before: str
+    def __init__(self, slot: _Optional[_Union[_common_pb2.Slot, _Mapping]] = ..., csr_names: _Optional[str] = ..., csr_created_at: _Optional[str] = ..., pending_serial: _Optional[str] = ..., pending_not_after: _Optional[str] = ..., last_sign_status: _Optional[str] = ..., last_sign_at: _Optional[str] = ..., last_sign_error: _Optional[str] = ..., current_order: _Optional[str] = ..., active_serial: _Optional[str] = ..., active_not_after: _Optional[str] = ..., previous_serial: _Optional[str] = ..., last_deploy_status: _Optional[str] = ..., last_deploy_at: _Optional[str] = ..., last_deploy_error: _Optional[str] = ..., agent_matches: _Optional[bool] = ..., agent_state: _Optional[str] = ..., schedule: _Optional[_Union[ScheduleInfo, _Mapping]] = ..., acme_enabled: _Optional[bool] = ..., active_provider: _Optional[str] = ..., alarms: _Optional[_Iterable[_Union[Alarm, _Mapping]]] = ..., active_not_before: _Optional[str] = ...) -> None: ...
 
 class PeerStatus(_message.Message):
     __slots__ = ("peer", "slots", "alarms")

@@ -58,6 +58,17 @@ def _domain_slot(v: DomainView) -> pb.DomainSlot:
         provider=v.provider, active_provider=v.active_provider, paused=v.paused)
 
 
+def active_not_before(active: dict[str, Any]) -> str:
+    """The slot's active certificate's notBefore (ISO 8601), read from its
+    chain (the record keeps only not_after); "" without one, or unreadable."""
+    if not active.get("chain_pem"):
+        return ""
+    try:
+        return certinfo.leaf(active["chain_pem"]).not_valid_before_utc.isoformat()
+    except errors.InvalidArgument:
+        return ""
+
+
 def _peer(p: PeerInfo) -> pb.Peer:
     return pb.Peer(
         peer_id=p.peer_id, addresses=p.addresses, grpc_endpoint=p.grpc_endpoint, http_front=p.http_front,
@@ -554,15 +565,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @rpc_method(OPERATOR)
     async def Restore(self, request: Any, context: grpc.aio.ServicerContext, who: Identity) -> Any:
         backups = self._backup_book()
-        # Taken: the client sends the backup only now (a redirect never got here).
-        await context.send_initial_metadata(((ACCEPTED_KEY, "1"),))
+
+        async def taken() -> None:  # the client sends the backup only now (a redirect never got here)
+            await context.send_initial_metadata(((ACCEPTED_KEY, "1"),))
 
         async def received() -> Any:
             async for chunk in request:
                 yield (Manifest.from_pb(chunk.manifest) if chunk.HasField("manifest") else None,
                        [(e.key, e.value) for e in chunk.entries])
 
-        done = await backups.restore(await backups.receive(received()), who.common_name)
+        # The restore slot is claimed before ``taken``: a second restore is refused unread.
+        done = await backups.restore_stream(received(), who.common_name, taken=taken)
         return pb.RestoreResponse(entry_count=done.entry_count, revision=done.revision, detail=done.detail)
 
     # --- alarms ----------------------------------------------------------
@@ -615,6 +628,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     last_sign_at=last.get("at", ""), last_sign_error=last.get("error", ""),
                     current_order=slot.get("current_order") or "",
                     active_serial=active.get("serial_hex", ""), active_not_after=active.get("not_after", ""),
+                    active_not_before=active_not_before(active),
                     previous_serial=previous.get("serial_hex", ""), last_deploy_status=deployed.get("status", ""),
                     last_deploy_at=deployed.get("at", ""), last_deploy_error=deployed.get("error", ""),
                     agent_matches=matches, agent_state=agent_state,

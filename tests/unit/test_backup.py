@@ -4,9 +4,11 @@ ports; the real etcd, processes and agents: tests/integration/test_backup_restor
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import json
+import logging
 import os
 import stat
 from collections.abc import AsyncIterator, Sequence
@@ -16,14 +18,18 @@ from typing import Any
 import pytest
 from clusteracme.coordinator import backup, records
 from clusteracme.coordinator.backup import Backups, Snapshot, chunks, fence_token, next_epoch
+from clusteracme.coordinator.peers import PeerInfo
 from clusteracme.coordinator.store.base import Check, Op, Put
 from clusteracme.coordinator.store.keys import Keys
 from clusteracme.coordinator.store.memory import MemoryStore
+from clusteracme.coordinator.term import Term
 
 from clusteracme import errors
 from clusteracme.backupformat import FORMAT, Manifest, check_entries, entries_sha256
 from clusteracme.ctl import backup as ctlbackup
 from clusteracme.ctl.base import CtlError
+from clusteracme.daemon import Supervisor
+from clusteracme.v1 import agent_pb2
 
 KEYS = Keys("/c/")
 NOW = datetime.datetime(2026, 5, 1, 12, 0, tzinfo=datetime.UTC)
@@ -109,6 +115,17 @@ def test_an_existing_file_is_kept_unless_forced(tmp_path: Path) -> None:
         write_file(path, ENTRIES)
     assert path.read_text() == "precious"
     write_file(path, ENTRIES, force=True)
+    assert ctlbackup.read_backup(str(path))[1] == ENTRIES
+
+
+def test_a_dangling_symlink_is_an_existing_file_replaced_only_with_force_and_never_followed(tmp_path: Path) -> None:
+    path, target = tmp_path / "b.jsonl", tmp_path / "elsewhere.jsonl"
+    path.symlink_to(target)  # dangling: Path.exists() says False
+    with pytest.raises(CtlError, match="exists; give --force"):
+        write_file(path, ENTRIES)
+    assert path.is_symlink() and not target.exists()
+    write_file(path, ENTRIES, force=True)
+    assert not path.is_symlink() and not target.exists()  # the link replaced, not followed
     assert ctlbackup.read_backup(str(path))[1] == ENTRIES
 
 
@@ -351,7 +368,7 @@ async def test_what_a_restore_receives_is_bounded_by_its_manifest() -> None:
         await books.receive(stream((None, ENTRIES)))
     with pytest.raises(errors.InvalidArgument, match="second manifest"):
         await books.receive(stream((m, []), (m, [])))
-    with pytest.raises(errors.InvalidArgument, match="more than its manifest announces"):
+    with pytest.raises(errors.InvalidArgument, match="more than its manifest"):
         await books.receive(stream((m, ENTRIES), (None, [("zz", b"")])))
     with pytest.raises(errors.InvalidArgument, match="sent nothing"):
         await books.receive(stream())
@@ -383,3 +400,210 @@ def test_the_fence_token_after_a_restore_outranks_every_token_before_it() -> Non
     assert fence_token(next_epoch(NOW, epoch), 1) > fence_token(epoch, 2**32 - 1)  # same second: still above
     assert fence_token(epoch, 3) < 2**63  # fits the agents' uint64 (and an int64) for decades
     assert next_epoch(NOW + datetime.timedelta(days=365 * 60), 0) << 32 < 2**63
+
+
+# --- the restore's term, stream, replicas, fence epoch and busy keys (review fixes) ---------------------
+
+
+class Parts:
+    """The leader's parts a real Term stops: deploys in flight never go idle (a slow pause)."""
+
+    class Part:
+        async def close(self) -> None:
+            pass
+
+        async def wait_idle(self) -> None:
+            await asyncio.Event().wait()
+
+    def __init__(self) -> None:
+        self.issuance, self.revocation, self.deployment = self.Part(), self.Part(), self.Part()
+
+
+class HoldingRouter:
+    def __init__(self) -> None:
+        self.held: str | None = None
+
+    def hold(self, detail: str) -> None:
+        self.held = detail
+
+    def block(self, detail: str) -> None:
+        pass
+
+
+async def test_a_restore_cancelled_during_its_pause_ends_the_term() -> None:
+    """The client gone (Ctrl-C, deadline) while the term waits for deploys to go idle: the term still
+    ends, so the commands it holds are not refused for ever."""
+    snap, store, router = await source_backup(), MemoryStore(), HoldingRouter()
+    term = Term(Supervisor(), router)
+    term.attach(Parts())  # type: ignore[arg-type]
+    restoring = asyncio.create_task(Backups(store, KEYS, version="1", term=term).restore(snap, "operator:admin"))
+    while router.held is None:
+        await asyncio.sleep(0.01)
+    restoring.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await restoring
+    assert term.end_requested.is_set()
+    assert await ours(store) == {}
+
+
+async def test_a_pause_that_fails_ends_the_term() -> None:
+    class FailingPause(FakeTerm):
+        async def pause(self, reason: str) -> None:
+            raise errors.Unavailable("etcd gone while stopping the work")
+
+    snap, store = await source_backup(), MemoryStore()
+    term = FailingPause(store)
+    with pytest.raises(errors.Unavailable, match="etcd gone"):
+        await restorer(store, term).restore(snap, "operator:admin")
+    assert term.requested == 1 and await ours(store) == {}
+
+
+async def messages(*batches: tuple[Manifest | None, list[tuple[str, bytes]]],
+                   read: list[int]) -> AsyncIterator[tuple[Manifest | None, list[tuple[str, bytes]]]]:
+    """A restore's messages; ``read`` counts those taken."""
+    for batch in batches:
+        read.append(1)
+        yield batch
+
+
+async def test_a_bad_entry_is_refused_as_it_arrives_before_the_rest_is_read() -> None:
+    store = MemoryStore()
+    books = restorer(store, FakeTerm(store))
+    m, read = manifest_for(ENTRIES), []
+    with pytest.raises(errors.InvalidArgument, match="strictly ascending"):
+        await books.receive(messages((m, []), (None, [ENTRIES[1], ENTRIES[0]]), (None, ENTRIES[2:]), read=read))
+    assert len(read) == 2  # the third message was never asked for
+    bad = [("a\x00b", b"")]
+    with pytest.raises(errors.InvalidArgument, match="NUL"):
+        await books.receive(messages((manifest_for(bad), bad), read=[]))
+
+
+async def test_key_bytes_count_against_the_restore_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backup, "MAX_RESTORE_BYTES", 1000)
+    store = MemoryStore()
+    entries = [(f"k{i}/" + "x" * 300, b"") for i in range(5)]  # no value bytes at all: 1500 key bytes
+    read: list[int] = []
+    with pytest.raises(errors.InvalidArgument, match="keys and values pass 1000 bytes"):
+        await restorer(store, FakeTerm(store)).receive(
+            messages((manifest_for(entries), []), *((None, [e]) for e in entries), read=read))
+    assert len(read) == 5  # the manifest and four entries (1212 key bytes): the fifth entry never read
+
+
+async def test_a_second_restore_is_refused_before_a_byte_of_it_is_read() -> None:
+    snap, store = await source_backup(), MemoryStore()
+    books = restorer(store, FakeTerm(store))
+    go = asyncio.Event()
+
+    async def slow() -> AsyncIterator[tuple[Manifest | None, Sequence[tuple[str, bytes]]]]:
+        yield snap.manifest, []
+        await go.wait()
+        yield None, snap.entries
+
+    first = asyncio.create_task(books.restore_stream(slow(), "operator:admin"))
+    await asyncio.sleep(0.01)  # the first is reading its stream
+    read: list[int] = []
+    told: list[int] = []
+
+    async def taken() -> None:
+        told.append(1)
+
+    with pytest.raises(errors.FailedPrecondition, match="already under way"):
+        await books.restore_stream(messages((snap.manifest, snap.entries), read=read), "operator:admin", taken=taken)
+    assert read == [] and told == []
+    go.set()
+    assert (await first).entry_count == len(ENTRIES)
+
+
+async def test_a_restore_is_refused_while_an_older_replica_runs() -> None:
+    snap, store = await source_backup(), MemoryStore()
+    lease = await store.grant_lease(60)
+    for name, version in (("c1", "0.3.0"), ("c2", "0.3.0"), ("c0", "0.2.9")):
+        await store.put_if(KEYS.coordinator(name), records.encode({"name": name, "version": version}),
+                           expect_mod_revision=None, lease=lease)
+    term = FakeTerm(store)
+    with pytest.raises(errors.FailedPrecondition, match=r"older than this one \(0\.3\.0\).*c0 \(0\.2\.9\)"):
+        await Backups(store, KEYS, version="0.3.0", term=term).restore(snap, "operator:admin")
+    assert await ours(store) == {} and not term.paused and not term.requested
+    await store.delete_if(KEYS.coordinator("c0"), expect_mod_revision=None)  # upgraded (or stopped): the restore goes
+    await Backups(store, KEYS, version="0.3.0", term=term, clock=lambda: NOW).restore(snap, "operator:admin")
+    assert (await ours(store))["certs/p1/server"] == dict(ENTRIES)["certs/p1/server"]
+
+
+async def test_the_fence_epoch_outranks_what_the_live_agents_saw_whatever_this_clock_says(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A replica whose clock ran an hour ahead restored first (the agents saw its epoch); this one's clock
+    is right and its backup older: the epoch still goes above the agents'."""
+    ahead = next_epoch(NOW + datetime.timedelta(hours=1), 0)
+    asked: list[int] = []
+
+    async def agent_fences() -> tuple[dict[str, int], dict[str, str]]:
+        asked.append(1)
+        return {"p1": fence_token(ahead, 7), "p2": fence_token(0, 900)}, {"p3": "no answer within 3 s"}
+
+    snap, store = await source_backup(), MemoryStore()
+    books = Backups(store, KEYS, version="1", term=FakeTerm(store), clock=lambda: NOW, agent_fences=agent_fences)
+    with caplog.at_level(logging.WARNING, logger=backup.__name__):
+        await books.restore(snap, "operator:admin")
+    epoch = json.loads((await ours(store))["meta/fence_epoch"])["epoch"]
+    assert asked == [1] and epoch == ahead + 1
+    assert fence_token(epoch, 1) > fence_token(ahead, 2**32 - 1)
+    logged = caplog.text
+    assert "p3: no answer within 3 s" in logged and "clock" in logged and "agent p1" in logged
+
+
+async def test_live_agent_fences_asks_the_live_agents_and_names_those_that_do_not_answer() -> None:
+    def peer(peer_id: str, alive: bool) -> PeerInfo:
+        return PeerInfo(peer_id, (), f"{peer_id}:1", "", "redirect", "1", True, "", alive)
+
+    class Registry:
+        async def list(self) -> list[PeerInfo]:
+            return [peer("p1", True), peer("p2", True), peer("p3", True), peer("p4", False)]
+
+    class Pool:
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        async def call(self, p: PeerInfo, what: str, fn: Any, timeout: float | None = None) -> Any:
+            self.asked.append(p.peer_id)
+            if p.peer_id == "p2":
+                await asyncio.Event().wait()  # hangs: the deadline answers for it
+            if p.peer_id == "p3":
+                raise errors.Unavailable(f"peer {p.peer_id}: connection refused")
+            return agent_pb2.AgentStatusResponse(leader_fence=fence_token(5, 3))
+
+    pool = Pool()
+    fences, silent = await backup.LiveAgentFences(Registry(), pool, timeout=0.2)()  # type: ignore[arg-type]
+    assert fences == {"p1": fence_token(5, 3)} and sorted(pool.asked) == ["p1", "p2", "p3"]
+    assert silent == {"p2": "no answer within 0.2 s", "p3": "peer p3: connection refused"}
+
+
+class Registering(MemoryStore):
+    """An agent that registers again before each of the restore's transactions (``times``; -1: for ever)."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.times = times
+        self.n = 0
+
+    async def txn(self, checks: Sequence[Check], ops: Sequence[Op]) -> int:
+        if self.times and any(o.key == KEYS.peer("p1") for o in ops if isinstance(o, Put)):
+            self.times -= 1
+            self.n += 1
+            await super().put_if(KEYS.peer("p1"), records.encode({"peer_id": "p1", "n": self.n}),
+                                 expect_mod_revision=None)
+        return await super().txn(checks, ops)
+
+
+async def test_a_replaceable_key_written_again_and_again_is_replaced_until_a_deadline(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backup, "REPLACE_PAUSE", 0.001, raising=False)
+    snap, store = await source_backup(), Registering(times=12)
+    await restorer(store, FakeTerm(store)).restore(snap, "operator:admin")
+    assert (await ours(store))["peers/p1"] == dict(ENTRIES)["peers/p1"] and store.times == 0
+
+    monkeypatch.setattr(backup, "REPLACE_DEADLINE", 0.1)
+    snap, store = await source_backup(), Registering(times=-1)
+    term = FakeTerm(store)
+    with pytest.raises(errors.Aborted, match="peers/p1 changed during the restore .*again and again"):
+        await restorer(store, term).restore(snap, "operator:admin")
+    assert term.requested == 1

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from clusteracme.ctl import peers as ctl_peers
 from clusteracme.ctl import pki as ctl_pki
 from clusteracme.ctl import providers as ctl_providers
 from clusteracme.ctl import slots as ctl_slots
+from clusteracme.ctl import status as ctl_status
 from clusteracme.ctl import trust as ctl_trust
 from clusteracme.v1 import coordinator_pb2 as pb
 from tests.unit import ctlfake
@@ -80,7 +82,7 @@ def test_every_subcommand_takes_the_global_options_without_resetting_them() -> N
 @pytest.mark.parametrize("argv", [
     ["--json", "peer", "list"], ["peer", "--json", "list"], ["peer", "list", "--json"], ["peer", "list", "-o", "json"],
     ["-o", "json", "peer", "list"], ["--output=json", "peer", "list", "--timeout", "5"],
-    ["peer", "list", "-o", "wide", "--timeout", "5", "--json"],  # --json after -o wide: -o wins (kubectl: last -o)
+    ["peer", "list", "--json", "--timeout", "5", "-o", "wide"],  # of -o and --json, the last on the line wins
 ])
 def test_global_flags_in_every_position(env: ctlfake.Running, argv: list[str]) -> None:
     out = ok(argv)
@@ -104,7 +106,7 @@ def test_a_later_position_overrides_only_when_given() -> None:
     assert p.parse_args(["--timeout", "7", "peer", "list", "--timeout", "9"]).timeout == 9.0
     assert p.parse_args(["peer", "list"]).timeout == ctl_main.DEFAULT_TIMEOUT
     a = p.parse_args(["-o", "yaml", "--no-headers", "peer", "list", "--coordinator", "10.0.0.1:7443"])
-    assert (a.output, a.no_headers, a.json, a.coordinator) == ("yaml", True, False, "10.0.0.1:7443")
+    assert (a.output, a.no_headers, a.coordinator) == ("yaml", True, "10.0.0.1:7443")
     a = p.parse_args(["--coordinator", "10.0.0.1:7443", "csr", "create", "edge-1", "--cn", "a.example", "--key",
                       "op.key", "--key-type", "rsa-2048"])
     assert (a.coordinator, a.key, a.key_type) == ("10.0.0.1:7443", "op.key", "rsa-2048")
@@ -273,3 +275,133 @@ async def test_csr_create_waits_for_the_peer_or_the_longer_timeout(given: float,
     (create,) = [c for w, c, _ in ctl_main.subcommands(ctl_main.parser()) if w == ("csr", "create")]
     assert f"It waits up to {ctl_csr.CSR_TIMEOUT:g} s (a key made on a slow peer) or --timeout if longer" in " ".join(
         str(create.description).split())
+
+
+# --- review of issue 13 -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("argv", "wide"), [
+    (["-o", "wide", "status", "--json"], False), (["--json", "status", "-o", "wide"], True),
+    (["status", "-o", "wide", "--json"], False), (["status", "--json", "-o", "wide"], True),
+    (["--json", "-o", "wide", "status"], True), (["-o", "wide", "--json", "status"], False),
+    (["-o", "yaml", "status", "--json"], False), (["--json", "status", "--output=yaml"], None),
+])
+def test_the_last_of_o_and_json_wins_wherever_each_is(env: ctlfake.Running, argv: list[str],
+                                                       wide: bool | None) -> None:
+    out = ok(argv)
+    if wide is None:
+        assert yaml.safe_load(out)["peers"][0]["peer"]["peer_id"] == "edge-1"
+    elif wide:
+        assert out.splitlines()[0].split() == _words(ctl_status.STATUS_WIDE_HEADER)
+    else:
+        assert json.loads(out)["peers"][0]["peer"]["peer_id"] == "edge-1"
+
+
+def test_non_utf8_bytes_on_the_real_command_line(env: ctlfake.Running) -> None:
+    """The issue's line, as bytes a shell passes ($'\\xff'): refused in one line, exit 2, nothing called."""
+    before = sum(env.calls.values())
+    done = subprocess.run([str(BIN / "acmectl"), "--coordinator", env.endpoint, "peer", "block", "edge-1",
+                           "--reason", b"\xff"], capture_output=True, env=env.env, timeout=60)
+    assert (done.returncode, done.stdout) == (2, b"")
+    assert done.stderr == b"acmectl: an argument is not valid UTF-8: b'\\xff'; give every argument as UTF-8 text\n"
+    assert sum(env.calls.values()) == before
+
+
+def test_a_garbage_certificate_is_one_line_without_grpc_logs(env: ctlfake.Running, tmp_path: Path) -> None:
+    """Checked before gRPC is given the files: its C core would log several lines on stderr (fd 2), then exit 5."""
+    (tmp_path / "garbage.pem").write_text("garbage\n")
+    done = subprocess.run([str(BIN / "acmectl"), "peer", "list", "--cert", str(tmp_path / "garbage.pem")],
+                          capture_output=True, text=True, env=env.env, timeout=60)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"acmectl: the --cert file {tmp_path / 'garbage.pem'} holds no PEM certificate\n"
+
+
+@pytest.mark.parametrize("buffering", [1, -1], ids=["line-buffered", "block-buffered"])
+@pytest.mark.parametrize("argv", [["peer", "list", "-o", "json"], ["status"], ["pki", "init", "CA", "--json"]])
+def test_a_closed_pipe_ends_quietly(env: ctlfake.Running, argv: list[str], buffering: int, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """acmectl ... | head -1: the reader went away. Line-buffered, the command's own print meets the closed pipe
+    (sign --wait -o json flushes each line); block-buffered, the flush at the end does."""
+    monkeypatch.chdir(tmp_path)
+    read, write = os.pipe()
+    os.close(read)
+    err = io.StringIO()
+    with open(write, "w", buffering=buffering) as stream, contextlib.redirect_stdout(stream), \
+            contextlib.redirect_stderr(err), pytest.raises(SystemExit) as ended:
+        ctl_main.main(argv)
+    assert (ended.value.code, err.getvalue()) == (ctl_main.EXIT_BROKEN_PIPE, "")
+
+
+def test_a_closed_pipe_as_a_process(env: ctlfake.Running) -> None:
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([str(BIN / "acmectl"), "peer", "list", "-o", "yaml"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, env=env.env, timeout=60)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
+@pytest.fixture
+def no_connection(fake: ctlfake.Running) -> Iterator[None]:
+    with ctlfake.environ({k: v for k, v in fake.env.items() if not k.startswith("ACMECTL_")}):
+        yield
+
+
+def test_restore_check_is_local(no_connection: None, tmp_path: Path) -> None:
+    """restore FILE --check only reads FILE: no --ca/--cert/--key needed; without --check they are."""
+    from tests.unit.test_backup import ENTRIES, write_file
+
+    path = write_file(tmp_path / "cluster.backup", ENTRIES)
+    out = ok(["restore", str(path), "--check"])
+    assert out.startswith(f"{path}: a complete backup of /c/ at revision 42") and "4 entries" in out
+    code, out, err = run(["restore", str(path)])
+    assert (code, out) == (2, "") and err.startswith("acmectl: missing --ca")
+
+
+def _pki_lines(tmp_path: Path) -> list[tuple[list[str], int, str]]:
+    ca, fifo, bad_ca = tmp_path / "ca", tmp_path / "fifo", tmp_path / "bad-ca"
+    os.mkfifo(fifo)
+    bad_ca.mkdir()
+    (bad_ca / "ca.pem").write_text("garbage\n")
+    (bad_ca / "ca.key").write_text("garbage\n")
+    issue = ["pki", "issue", str(ca), "--role", "agent", "--name", "p1"]
+    return [
+        (["pki", "init", "/dev/null"], 1, "acmectl: pki init: /dev/null: exists and is not a directory\n"),
+        (["pki", "init", "/proc/nope/x"], 1, "acmectl: pki init: /proc/nope: No such file or directory\n"),
+        (["pki", "init", str(tmp_path / "d"), "--cluster", "x" * 300], 2, "acmectl: pki init --cluster: "),
+        (["pki", "init", str(tmp_path / "d"), "--cluster", ""], 2, "acmectl: pki init --cluster: '' is not a "),
+        (["pki", "init", str(tmp_path / "d"), "--cluster", "a\x1b[2Jb"], 2, "acmectl: pki init --cluster: "),
+        (["pki", "init", ""], 2, "acmectl: pki init DIR: the CA directory path is empty\n"),
+        ([*issue, "--dns", "\u00e9.com"], 2, "acmectl: pki issue --dns: '\u00e9.com' is not a DNS name"),
+        ([*issue, "--dns", "a" * 64 + ".com"], 2, "acmectl: pki issue --dns: "),
+        ([*issue, "--dns", ".".join(["abcdefgh"] * 30)], 2, "acmectl: pki issue --dns: "),
+        ([*issue, "--dns", ""], 2, "acmectl: pki issue --dns: '' is not a DNS name"),
+        ([*issue, "--out", str(fifo)], 1, f"acmectl: pki issue: {fifo}: exists and is not a directory\n"),
+        ([*issue, "--out", "/dev/null/x"], 1, "acmectl: pki issue: /dev/null/x: Not a directory\n"),
+        ([*issue, "--out", ""], 2, "acmectl: pki issue --out: the output directory path is empty\n"),
+        (["pki", "issue", "/dev/null", "--role", "agent", "--name", "p1", "--out", str(tmp_path / "o")], 1,
+         "acmectl: pki issue: /dev/null/ca.pem: Not a directory\n"),
+        (["pki", "issue", str(bad_ca), "--role", "agent", "--name", "p1", "--out", str(tmp_path / "o")], 2,
+         "acmectl: pki issue: "),
+        (["pki", "secret", "/proc/nope"], 1, "acmectl: pki secret: /proc/nope: No such file or directory\n"),
+        (["pki", "secret", ""], 2, "acmectl: pki secret FILE: the key file path is empty\n"),
+    ]
+
+
+def test_local_pki_commands_fail_in_one_line(no_connection: None, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bad input: exit 2 before anything is written; what the system refuses: exit 1. One line, no traceback."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # pki init '' wrote the CA here
+    ok(["pki", "init", str(tmp_path / "ca")])
+    for argv, code, said in _pki_lines(tmp_path):
+        got, out, err = run(argv)
+        assert (got, out) == (code, ""), (argv, got, out, err)
+        assert err.startswith(said) and err.count("\n") == 1 and err.endswith("\n"), (argv, err)
+        assert "\x1b" not in err
+    assert list(work.iterdir()) == [] and not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
+    # Names that are fine: a wildcard, a final dot, upper case, an A-label; a cluster name with a blank.
+    ok(["pki", "issue", str(tmp_path / "ca"), "--role", "agent", "--name", "p1", "--out", str(tmp_path / "p1"),
+        "--dns", "*.Edge.example.com.", "--dns", "xn--caf-dma.example", "--dns", "a" * 63 + ".example"])
+    ok(["pki", "init", str(tmp_path / "d2"), "--cluster", "prod east " + "x" * 43])

@@ -113,6 +113,12 @@ def valid(action: argparse.Action, files: dict[str, Path]) -> str:
         return kind.choices[0]
     if isinstance(kind, validate.ReadableFile):
         return str(files["small"])
+    if isinstance(kind, validate.LocalPath):
+        return str(files["root"] / "new")
+    if isinstance(kind, validate.ClusterName):
+        return "prod cluster"
+    if isinstance(kind, validate.Hostname):
+        return "node-1.example.com"
     if action.choices:
         return str(list(action.choices)[0])
     return "x"
@@ -123,13 +129,16 @@ def line(words: tuple[str, ...], p: argparse.ArgumentParser, files: dict[str, Pa
     """A command line for the leaf: its required arguments with valid values; ``bad``: one argument given this value
     instead (an option as --opt=VALUE, so a value that starts with '-' is still its value)."""
     argv = list(words)
+    # One of each required group of alternatives (rollout --peers or --all): its first, unless the bad one is in it.
+    chosen = [g._group_actions[0] for g in p._mutually_exclusive_groups
+              if g.required and (bad is None or bad[0] not in g._group_actions)]
     for a in p._actions:
         if not a.option_strings or isinstance(a, argparse._HelpAction):
             continue
         if bad is not None and a is bad[0]:
             argv.append(f"{a.option_strings[-1]}={bad[1]}")
-        elif a.required:
-            argv += [a.option_strings[-1], valid(a, files)]
+        elif a.required or a in chosen:
+            argv += [a.option_strings[-1]] + ([] if a.nargs == 0 else [valid(a, files)])
     for a in p._actions:
         if a.option_strings:
             continue
@@ -184,7 +193,8 @@ def bad_values(action: argparse.Action, files: dict[str, Path]) -> st.SearchStra
                          st.sampled_from(["", "nan", "inf", "-inf", "NaN", "1e999", "5s", "1,5", "0x10", "1_0", " 5",
                                           "0", "-0", "\u0663"]))
     if isinstance(kind, validate.PeerList):
-        return st.one_of(st.sampled_from(["", ",", "edge-1,", ",edge-1", "edge-1,,edge-2"]),
+        return st.one_of(st.sampled_from(["", ",", "edge-1,", ",edge-1", "edge-1,,edge-2", "edge-1,edge-1",
+                                          "edge-1,edge-2,edge-1"]),
                          bad_values(argparse.Action([], "p", type=validate.PeerId()), files).map("edge-1,{}".format))
     if isinstance(kind, validate.PeerId):
         return st.one_of(
@@ -206,6 +216,19 @@ def bad_values(action: argparse.Action, files: dict[str, Path]) -> st.SearchStra
     if isinstance(kind, validate.ReadableFile):
         return st.sampled_from(["", str(files["dir"]), str(files["missing"]), str(files["fifo"]), "/dev/zero",
                                 str(files["root"] / f"big-{kind.limit}")])
+    if isinstance(kind, validate.LocalPath):
+        return st.sampled_from(["", "a\x00b"])
+    if isinstance(kind, validate.ClusterName):
+        return st.one_of(st.just(""), _with_one(BLANKS_AND_CONTROLS[1:]),
+                         st.text(NAME_CHARS, min_size=kind.high + 1, max_size=300))
+    if isinstance(kind, validate.Hostname):
+        label = st.text(string.ascii_lowercase, min_size=1, max_size=8)
+        return st.one_of(
+            st.sampled_from(["", ".", "a..b", "-a.com", "a-.com", "a.*.com", "**.com", "a_b.com", "\u00e9.com",
+                             "xn--\u00e9.com", "a.com..", "a b.com"]),
+            _with_one([*BLANKS_AND_CONTROLS, "/", "@", ":", "\u00e9", "\u0131"], string.ascii_lowercase + "."),
+            st.text(string.ascii_lowercase, min_size=64, max_size=300).map("{}.com".format),  # a label over 63
+            st.lists(label, min_size=32, max_size=60).map(".".join).filter(lambda v: len(v) > 253))
     if isinstance(kind, validate.Choice) or (kind is None and action.choices):
         choices = kind.choices if isinstance(kind, validate.Choice) else action.choices
         return st.text(max_size=12).filter(lambda v: v not in choices)
@@ -242,8 +265,8 @@ def test_every_leaf_takes_its_valid_line(words: tuple[str, ...], files: dict[str
     argv = line(words, p, files)
     args = ctl_main.parser().parse_args(argv)
     assert args.cmd == words[0]
-    args = ctl_main.parser().parse_args([*argv, "--timeout", "7", "-o", "wide", "--no-headers", "--json"])
-    assert (args.timeout, args.output, args.no_headers, args.json) == (7.0, "wide", True, True)
+    args = ctl_main.parser().parse_args([*argv, "--timeout", "7", "--json", "--no-headers", "-o", "wide"])
+    assert (args.timeout, args.output, args.no_headers) == (7.0, "wide", True)
 
 
 def test_a_valid_line_does_call(fake: ctlfake.Running, cached_parser: None) -> None:
@@ -322,3 +345,59 @@ def test_cases_were_found() -> None:
     for expected in ("events --limit", "rollout --batch", "rollout --peers", "status --timeout", "peer list -o/--output",
                      "pending import FILE", "domain enable DOMAIN", "trust remove SHA256", "csr create --key-type"):
         assert expected in ids, sorted(ids)
+
+
+# --- review of issue 13: input that reached a call, or a traceback --------------------------------------------------
+def test_an_argument_that_is_not_utf8_is_refused_first(fake: ctlfake.Running, cached_parser: None) -> None:
+    """sys.argv holds undecodable bytes as surrogate escapes (PEP 383): $'\\xff' arrives as '\\udcff'."""
+    assert_refused(["peer", "block", "edge-1", "--reason", "\udcff"], fake,
+                   names="acmectl: an argument is not valid UTF-8: b'\\xff'; give every argument as UTF-8 text\n")
+    assert_refused(["--coordinator", "127.0.0.1:9", "peer", "block", "p1", "--reason", "caf\udcc3"], fake)
+    assert_refused(["pki", "init", "ca-\udcff"], fake, names="not valid UTF-8")  # even a local command
+    assert_refused(["--bogus\udcff", "status"], fake, names="not valid UTF-8")  # before anything else
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["rollout"], "acmectl: rollout: one of the arguments --peers --all is required\n"),
+    (["rollout", "--batch", "2"], "acmectl: rollout: one of the arguments --peers --all is required\n"),
+    (["rollout", "--all", "--peers", "edge-1"], "acmectl: rollout --peers: not allowed with argument --all\n"),
+    (["rollout", "--peers", "edge-1", "--all"], "acmectl: rollout --all: not allowed with argument --peers\n"),
+    (["rollout", "--peers", "edge-1,edge-1"], "acmectl: rollout --peers: 'edge-1,edge-1' names edge-1 more than "
+                                              "once; give each peer id once\n"),
+    (["backup", ""], "acmectl: backup FILE: the backup file path is empty\n"),
+])
+def test_rollout_and_backup_lines_refused_before_the_call(argv: list[str], said: str, fake: ctlfake.Running,
+                                                          cached_parser: None) -> None:
+    assert_refused(argv, fake)
+    assert run(argv)[2] == said
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    d = tmp_path_factory.mktemp("tls")
+    (d / "garbage.pem").write_text("not PEM at all\n")
+    other = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (d / "other.key").write_bytes(other)
+    return {"garbage": d / "garbage.pem", "other": d / "other.key"}
+
+
+def test_tls_files_are_parsed_before_any_call(fake: ctlfake.Running, tls_files: dict[str, Path],
+                                              files: dict[str, Path], cached_parser: None) -> None:
+    """Contents, not just readable files: a certificate in --ca and --cert, a key in --key, the key of --cert."""
+    garbage, other = str(tls_files["garbage"]), str(tls_files["other"])
+    cert, key = fake.env["ACMECTL_CERT"], fake.env["ACMECTL_KEY"]
+    for given_, said in ((["--cert", garbage], f"acmectl: the --cert file {garbage} holds no PEM certificate\n"),
+                         (["--cert", key], f"acmectl: the --cert file {key} holds no PEM certificate\n"),
+                         (["--ca", str(files["small"])], f"acmectl: the --ca file {files['small']} holds no PEM "
+                                                         "certificate\n"),
+                         (["--key", garbage], f"acmectl: the --key file {garbage} holds no unencrypted PEM private "
+                                              "key\n"),
+                         (["--key", cert], f"acmectl: the --key file {cert} holds no unencrypted PEM private key\n"),
+                         (["--key", other], f"acmectl: the --key file {other} is not the key of the --cert file "
+                                            f"{cert}'s certificate\n")):
+        assert_refused(["peer", "list", *given_], fake)
+        assert run(["status", *given_])[2] == said

@@ -4,7 +4,10 @@ the agent's state directory, the units, the polkit rule, the README the units
 point at), the units checked there by ``systemd-analyze verify --root``, a
 second run (and the copy of install.sh inside the installed package) changing
 nothing, an edited config kept, another ``--prefix`` followed by the units,
-and bad arguments refused before anything is made.
+a checkout with a busy working tree, shared directories (``--prefix
+/usr/local``) left as they were, an upgrade whose dependencies cannot be had
+leaving the venv as it was, the restart of running units left to the
+operator, and bad arguments refused before anything is made.
 
 Offline and without root: the venv is made by this interpreter (``python -m
 venv`` installs pip from python's bundled copy), the wheel is built here
@@ -18,18 +21,24 @@ chown of a real install are not run here: they would change this host.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import threading
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.unit.test_packaging import build_wheel
+from tests.unit.test_packaging import build_wheel, source_copy
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SH = ROOT / "deploy" / "install.sh"
@@ -55,10 +64,16 @@ needs_analyze = pytest.mark.skipif(ANALYZE is None or not Path("/lib/systemd/sys
                                           "systemd) are needed")
 
 
-def install(destdir: Path, *args: str, script: Path = INSTALL_SH) -> subprocess.CompletedProcess[str]:
-    """install.sh ARGS with this interpreter as --python (ARGS may override it)."""
-    env = {**os.environ, "DESTDIR": str(destdir), "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1",
-           "PYTHONDONTWRITEBYTECODE": "1"}
+def install(destdir: Path, *args: str, script: Path = INSTALL_SH,
+            deps: bool = False) -> subprocess.CompletedProcess[str]:
+    """install.sh ARGS with this interpreter as --python (ARGS may override
+    it), offline; ``deps``: pip looks for the dependencies (and finds none)."""
+    env = {**os.environ, "DESTDIR": str(destdir), "PIP_NO_INDEX": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("PIP_FIND_LINKS", None)
+    if deps:
+        env.pop("PIP_NO_DEPS", None)
+    else:
+        env["PIP_NO_DEPS"] = "1"
     argv = [BASH or "bash", str(script), "--python", sys.executable, *args]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
@@ -86,6 +101,52 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.lstat().st_mode)
 
 
+def release(wheel: Path, out: Path, version: str = "99.0") -> Path:
+    """``wheel`` as another release of clusteracme: ``version``, with one
+    module more (``clusteracme/_release.py``), its RECORD rewritten."""
+    new_info = f"clusteracme-{version}.dist-info"
+    target = out / f"clusteracme-{version}-py3-none-any.whl"
+    records = []
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
+        old_info = next(n for n in src.namelist() if n.endswith(".dist-info/METADATA")).split("/")[0]
+        items = [(info, src.read(info)) for info in src.infolist() if not info.filename.endswith("/RECORD")]
+        items.append((zipfile.ZipInfo("clusteracme/_release.py"), f"VERSION = {version!r}\n".encode()))
+        for info, data in items:
+            name = info.filename.replace(old_info + "/", new_info + "/")
+            if name == f"{new_info}/METADATA":
+                data = b"".join(f"Version: {version}\n".encode() if line.startswith(b"Version: ") else line
+                                for line in data.splitlines(keepends=True))
+            copy = zipfile.ZipInfo(name, info.date_time)
+            copy.external_attr = info.external_attr or (0o644 << 16)
+            dst.writestr(copy, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            records.append(f"{name},sha256={digest},{len(data)}")
+        records.append(f"{new_info}/RECORD,,")
+        dst.writestr(f"{new_info}/RECORD", "\n".join(records) + "\n")
+    return target
+
+
+@contextmanager
+def busy_log(path: Path) -> Iterator[None]:
+    """A log being written (a daemon's, a test run's) in the working tree."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * 20_000_000)
+    stop = threading.Event()
+
+    def append() -> None:
+        with path.open("ab", buffering=0) as f:
+            while not stop.wait(0.0005):
+                f.write(b"a line\n")
+
+    writer = threading.Thread(target=append, daemon=True)
+    writer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        writer.join()
+
+
 @dataclass
 class Staged:
     root: Path
@@ -109,9 +170,21 @@ def staged(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Staged:
 
 @pytest.fixture(scope="module")
 def from_checkout(tmp_path_factory: pytest.TempPathFactory) -> Staged:
-    """The agent alone, from the source checkout (no --wheel), at another prefix."""
+    """The agent alone, from a source checkout (no --wheel), at another
+    prefix. The checkout is this one's shipped parts in a busy working tree:
+    caches, a socket and a fifo, a venv, a log being written."""
+    checkout = source_copy(tmp_path_factory.mktemp("checkout") / "clusteracme")
+    (checkout / "clusteracme" / "__pycache__").mkdir(exist_ok=True)
+    (checkout / "clusteracme" / "__pycache__" / "junk.cpython-311.pyc").write_bytes(b"junk")
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    (checkout / "tests").mkdir()
+    os.mkfifo(checkout / "tests" / "fifo")
+    os.mkfifo(checkout / "clusteracme" / "fifo")
     root = tmp_path_factory.mktemp("checkout-root")
-    result = install(root, "--role", "agent", "--prefix", "/srv/acme", "--no-user")
+    with socket.socket(socket.AF_UNIX) as sock, busy_log(checkout / "localcluster" / "coordinator.log"):
+        sock.bind(str(checkout / "clusteracme" / "agent.sock"))
+        result = install(root, "--role", "agent", "--prefix", "/srv/acme", "--no-user",
+                         script=checkout / "deploy" / "install.sh")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return Staged(root, result.stdout, snapshot(root))
 
@@ -215,6 +288,49 @@ def test_from_a_checkout_at_another_prefix_for_the_agent_alone(from_checkout: St
         assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
 
 
+def test_directories_not_its_own_keep_their_mode_its_own_get_theirs(wheel: Path, tmp_path: Path) -> None:
+    """--prefix /usr/local: /usr/local, share/ and share/doc/ exist (Debian's
+    are 2775 root:staff) and are left as they are; share/doc/clusteracme/
+    and /etc/clusteracme/ are its own, made or put right."""
+    root = tmp_path / "root"
+    shared = [root / "usr" / "local", root / "usr" / "local" / "share", root / "usr" / "local" / "share" / "doc"]
+    for path in shared:
+        path.mkdir(parents=True)
+        path.chmod(0o2775)
+    (root / "etc" / "clusteracme").mkdir(parents=True)
+    (root / "etc" / "clusteracme").chmod(0o777)
+    result = install(root, "--role", "agent", "--prefix", "/usr/local", "--wheel", str(wheel))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [mode(path) for path in shared] == [0o2775] * 3
+    assert mode(root / "usr" / "local" / "share" / "doc" / "clusteracme") & 0o777 == 0o755
+    assert mode(root / "etc" / "clusteracme") == 0o750
+    made = [line.strip() for line in result.stdout.splitlines() if line.startswith("  /usr/") and line.endswith("/")]
+    assert made == ["/usr/local/share/doc/clusteracme/"], made
+
+
+def test_an_upgrade_whose_dependencies_cannot_be_had_leaves_the_venv_as_it_was(staged: Staged, wheel: Path,
+                                                                                tmp_path: Path) -> None:
+    """Offline (PIP_NO_INDEX, no PIP_FIND_LINKS), a new release whose
+    dependencies the venv lacks: install.sh fails saying so and how to give
+    them, and the venv still holds the release it had, unchanged."""
+    root = tmp_path / "root"
+    shutil.copytree(staged.root, root, symlinks=True)
+    before = snapshot(root)
+    newer = release(wheel, tmp_path)
+    result = install(root, "--role", "both", "--wheel", str(newer), deps=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("install.sh: pip could not install clusteracme-99.0-py3-none-any.whl with its "
+                           "dependencies") and "was not replaced" in last and "PIP_FIND_LINKS" in last, last
+    assert snapshot(root) == before
+    site = root / "opt" / "clusteracme" / "venv" / "lib" / PYVER / "site-packages"
+    assert not (site / "clusteracme" / "_release.py").exists() and not (site / "clusteracme-99.0.dist-info").exists()
+    # The same release with its dependencies left alone (PIP_NO_DEPS, as the other tests) goes in.
+    upgraded = install(root, "--role", "both", "--wheel", str(newer))
+    assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+    assert (site / "clusteracme" / "_release.py").is_file() and (site / "clusteracme-99.0.dist-info").is_dir()
+
+
 def test_an_edited_config_is_kept_and_the_example_follows_the_package(from_checkout: Staged) -> None:
     root = from_checkout.root
     config = root / "etc" / "clusteracme" / "agent.toml"
@@ -265,7 +381,7 @@ def test_a_relative_destdir_is_refused(tmp_path: Path) -> None:
 
 # --- a real install (no DESTDIR), in a mount namespace of the test's own ------
 
-REAL_INSTALL = """\
+OVERLAYS = """\
 set -euo pipefail
 W=$1 INSTALL=$2 WHEEL=$3 PY=$4
 for d in etc opt varlib; do mkdir -p "$W/$d-upper" "$W/$d-work"; done
@@ -273,6 +389,8 @@ for d in etc opt varlib; do mkdir -p "$W/$d-upper" "$W/$d-work"; done
   mount -t overlay overlay -o "lowerdir=/opt,upperdir=$W/opt-upper,workdir=$W/opt-work" /opt &&
   mount -t overlay overlay -o "lowerdir=/var/lib,upperdir=$W/varlib-upper,workdir=$W/varlib-work" /var/lib &&
   mount -t tmpfs -o mode=0755 tmpfs /run; } || exit 97   # /run: no systemd here, nothing to daemon-reload
+"""
+REAL_INSTALL = OVERLAYS + """\
 bash "$INSTALL" --role both --wheel "$WHEEL" --python "$PY" >"$W/first.out"
 bash "$INSTALL" --role both --wheel "$WHEEL" --python "$PY" >"$W/second.out"
 getent passwd clusteracme >"$W/passwd"
@@ -328,3 +446,54 @@ def test_a_real_install_creates_the_user_and_gives_it_its_files(wheel: Path, tmp
     }
     assert (tmp_path / "opt-upper" / "clusteracme" / "venv" / "bin" / "acme-agent").read_text().startswith(
         "#!/opt/clusteracme/venv/bin/python\n")
+
+
+# systemd "runs" (/run/systemd/system exists) and systemctl is a stand-in: it
+# logs its arguments and says the units in $W/active are active.
+UPGRADES = OVERLAYS + """\
+NEWER=$5
+mkdir -p /run/systemd/system "$W/bin"
+cat >"$W/bin/systemctl" <<EOF
+#!/bin/bash
+echo "\\$*" >>"$W/systemctl.log"
+if [[ \\$1 == is-active ]]; then grep -qxF -- "\\${@: -1}" "$W/active"; fi
+EOF
+chmod +x "$W/bin/systemctl"
+export PATH=$W/bin:$PATH
+run() { bash "$INSTALL" --role both --python "$PY" "$@"; }
+: >"$W/active"
+run --wheel "$WHEEL" >"$W/1.out"                       # a first install: nothing running
+echo acme-agent.service >"$W/active"
+run --wheel "$WHEEL" >"$W/2.out"                       # nothing changed
+run --wheel "$NEWER" >"$W/3.out"                       # a new release under a running agent
+echo acme-coordinator.service >>"$W/active"
+echo "# edited" >>/etc/systemd/system/acme-coordinator.service
+run --wheel "$NEWER" >"$W/4.out"                       # the coordinator's unit put back
+"""
+
+
+@pytest.mark.skipif(_why_no_real_install() is not None, reason=_why_no_real_install() or "")
+def test_after_an_upgrade_the_running_units_are_to_be_restarted_by_the_operator(wheel: Path, tmp_path: Path) -> None:
+    """A real install under a (stand-in) systemd: when the package or a
+    unit changed and the unit is active, the steps begin with its
+    ``systemctl restart``; install.sh itself restarts nothing."""
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("DESTDIR", None)
+    newer = release(wheel, tmp_path)
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", BASH or "bash", "-c", UPGRADES,
+                             "upgrades", str(tmp_path), str(INSTALL_SH), str(wheel), sys.executable, str(newer)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode == 97 or "unshare failed" in result.stderr:
+        pytest.skip(f"no private mounts here: {result.stderr.strip()[-300:]}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = [(tmp_path / f"{n}.out").read_text() for n in (1, 2, 3, 4)]
+    assert "(systemctl daemon-reload)" in out[0] and "systemctl restart" not in out[0]
+    assert "nothing to change" in out[1] and "systemctl restart" not in out[1]
+    assert "clusteracme-99.0-py3-none-any.whl" in out[2]
+    assert "  1. restart what still runs the old code or unit (nothing was restarted):\n" \
+           "     systemctl restart acme-agent.service\n" in out[2]
+    assert "acme-coordinator.service" in out[3] and "(systemctl daemon-reload)" in out[3]
+    assert [line.strip() for line in out[3].splitlines() if "systemctl restart" in line] == [
+        "systemctl restart acme-coordinator.service"]
+    calls = (tmp_path / "systemctl.log").read_text().splitlines()
+    assert {call.split()[0] for call in calls} == {"daemon-reload", "is-active"}, calls

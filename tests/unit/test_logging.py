@@ -20,7 +20,8 @@ import pytest
 
 from clusteracme import daemon, logfields
 from clusteracme.pki import Identity, Role
-from clusteracme.rpcutil import rpc_method
+from clusteracme.rpcutil import error_from_rpc, rpc_method
+from clusteracme.v1 import common_pb2
 from clusteracme.v1 import coordinator_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +148,26 @@ def test_process_fields_are_on_every_line_but_not_repeated_in_text(as_json: Capt
     assert as_text.lines()[0].endswith("INFO " + as_text.log.name + ": listening")
 
 
+def test_only_the_documented_fields_are_keys_anything_else_is_under_extra(as_json: Captured,
+                                                                         as_text: Captured) -> None:
+    """aiohttp's access log puts its request's headers on the record (a
+    mapping, not JSON); names a context or a call sets that are not FIELDS
+    go under "extra", as JSON values; the text line leaves them out."""
+    headers = {"Host": "peer1", "User-Agent": "curl/8"}
+    for captured in (as_json, as_text):
+        with logfields.log_context(peer="peer1", attempt=3):
+            captured.log.info("GET /", extra={"request_header": headers, "remote_address": "192.0.2.1",
+                                              "ratio": float("nan"), "event": "reload"})
+    line, = as_json.json()
+    assert set(line) == {"ts", "level", "logger", "msg", "peer", "event", "extra"}
+    assert line["extra"] == {"attempt": 3, "ratio": "nan", "remote_address": "192.0.2.1",
+                             "request_header": str(headers)}
+    assert as_text.lines()[0].endswith(": GET / [peer=peer1 event=reload]")
+    # a name of FIELDS is never shadowed from extra=, and the extra object is only there when needed
+    as_json.log.info("plain", extra={"serial": "ab"})
+    assert "extra" not in as_json.json()[1]
+
+
 def test_long_values_are_cut(as_json: Captured) -> None:
     as_json.log.info("x", extra={"domain": "a" * 5000})
     assert len(as_json.json()[0]["domain"]) == logfields.MAX_VALUE + 3
@@ -177,6 +198,28 @@ def test_a_text_field_cannot_forge_a_line(as_text: Captured) -> None:
     lines = as_text.lines()
     assert len(lines) == 1
     assert '[peer="evil\\n2024-01-01 00:00:00,000 INFO x: forged \\u001b[2J"]' in lines[0]
+
+
+def test_a_text_message_cannot_forge_a_line_and_a_traceback_keeps_its_lines(as_text: Captured) -> None:
+    """An agent's error sentence (``error_from_rpc``) quoted in the message,
+    with a newline and a forged line after it: escaped, one line (one
+    journal entry). The traceback of ``log.exception`` still follows on its
+    own lines."""
+    forged = "disk full\n2026-01-01 00:00:00,000 ERROR clusteracme.coordinator.app: forged\r\x1b[2J"
+    failed = error_from_rpc(grpc.aio.AioRpcError(grpc.StatusCode.FAILED_PRECONDITION, grpc.aio.Metadata(),
+                                                 grpc.aio.Metadata(), details=forged), "peer1")
+    as_text.log.warning("deploy to %s failed: %s", "peer1", failed.message, extra={"domain": "www.example"})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        as_text.log.exception("problem detail: %s", "urn:x\nsecond")
+    warning, crashed, *traceback = as_text.lines()
+    assert TEXT_LINE.fullmatch(warning) and TEXT_LINE.fullmatch(crashed)
+    assert warning.endswith(": deploy to peer1 failed: peer1: disk full\\n2026-01-01 00:00:00,000 ERROR "
+                            "clusteracme.coordinator.app: forged\\r\\x1b[2J [domain=www.example]")
+    assert crashed.endswith(": problem detail: urn:x\\nsecond")
+    assert traceback[0] == "Traceback (most recent call last):" and traceback[-1] == "ValueError: boom"
+    assert not any(TEXT_LINE.fullmatch(line) for line in traceback)
 
 
 def test_a_traceback_stays_one_json_line(as_json: Captured) -> None:
@@ -352,8 +395,27 @@ def test_every_rpc_line_names_the_method_the_caller_and_the_slot(as_json: Captur
     assert set(between) == {"ts", "level", "logger", "msg"}
 
 
+def test_an_unset_slot_is_no_domain_the_server_slot_is_an_empty_one(as_json: Captured) -> None:
+    servicer = Servicer(as_json.log)
+
+    async def calls() -> None:
+        for request in (pb.DeployRequest(peer_id="peer1"),                                # every slot
+                        pb.DeployRequest(peer_id="peer1", slot=common_pb2.Slot(domain=""))):  # the server slot
+            wire = type(request).FromString(request.SerializeToString())
+            assert await servicer.Deploy(wire, FakeContext("operator:alice")) == "ok"
+
+    asyncio.run(calls())
+    unset, _, server, _ = as_json.json()
+    assert "domain" not in unset and unset["peer"] == "peer1"
+    assert server["domain"] == "" and server["peer"] == "peer1"
+
+
 def test_the_documented_fields_are_in_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Logs"):]
     for name in logfields.FIELDS:
         assert f"`{name}`" in section, name
+    # every event value the README lists, FIELDS describes (and the other way round)
+    row = next(line for line in section.splitlines() if line.startswith("| `event` |"))
+    assert set(re.findall(r"`([a-z-]+)`", row.split("|")[2])) == set(
+        re.findall(r"[a-z]+(?:-[a-z]+)*", logfields.FIELDS["event"].split(":", 1)[1])) - {"debug"}

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
@@ -30,6 +32,9 @@ VERSION = PYPROJECT["project"]["version"]
 DIST_INFO = f"clusteracme-{VERSION}.dist-info"
 # Folders at the top of the repository that are not part of the product.
 NOT_SHIPPED = {"tests", "bench", "build", "dist"}
+# What the wheel is built from: pyproject's package-dir folders, pyproject.toml
+# and its readme (deploy/install.sh's SHIPPED; a test checks both).
+SHIPPED = ("clusteracme", "coordinator", "peer_agent", "deploy", "pyproject.toml", "README.md")
 FOLDER_NAMES = ("coordinator", "peer_agent")  # installed as clusteracme.<name> only
 ENTRY_POINTS = {"acme-coordinator": "clusteracme.coordinator.app:main",
                 "acme-agent": "clusteracme.peer_agent.app:main",
@@ -43,15 +48,28 @@ def _skipped(path: Path) -> bool:
             or (len(rel) > 1 and rel[0] in NOT_SHIPPED))
 
 
-def source_copy(dest: Path) -> Path:
-    """The repository without its venv, VCS data and build leftovers: a build
-    in the checkout would leave build/ there, and a stale build/lib would
-    ship modules removed since."""
+def _copy_file(src: str, dst: str) -> str:
+    try:
+        return shutil.copy2(src, dst)
+    except FileNotFoundError:
+        return dst  # gone since it was listed (an editor's temporary file)
+
+
+def source_copy(dest: Path, root: Path = ROOT) -> Path:
+    """The SHIPPED parts of the repository at ``root``, their regular files
+    but caches and hidden ones: a build in the checkout would leave build/
+    there (and a stale build/lib would ship modules removed since), and the
+    rest of a working tree (a venv, logs being written, sockets, files
+    coming and going) has no part in the wheel."""
     def ignore(directory: str, names: list[str]) -> set[str]:
-        top = Path(directory) == ROOT
-        return {n for n in names if n == "__pycache__" or n.endswith(".egg-info")
-                or (top and (n.startswith(".") or n in NOT_SHIPPED))}
-    shutil.copytree(ROOT, dest, ignore=ignore, symlinks=True)
+        return {n for n in names if n.startswith(".") or n == "__pycache__" or n.endswith((".pyc", ".egg-info"))
+                or not (os.path.isfile(os.path.join(directory, n)) or os.path.isdir(os.path.join(directory, n)))}
+    dest.mkdir(parents=True)
+    for part in SHIPPED:
+        if (root / part).is_dir():
+            shutil.copytree(root / part, dest / part, ignore=ignore, copy_function=_copy_file)
+        else:
+            shutil.copy2(root / part, dest / part)
     return dest
 
 
@@ -104,6 +122,37 @@ def folder_of(package: str) -> Path:
             rest = package[len(mapped_package):].strip(".")
             return ROOT / mapped / rest.replace(".", "/")
     return ROOT / package.replace(".", "/")
+
+
+def test_the_source_copy_holds_the_shipped_parts_alone(tmp_path: Path) -> None:
+    """A working tree with a venv, build leftovers, caches, a log and a
+    socket of a running process, a fifo: the copy has the SHIPPED files."""
+    tree = tmp_path / "tree"
+    shipped = ["clusteracme/__init__.py", "clusteracme/v1/x_pb2.py", "coordinator/__init__.py",
+               "peer_agent/__init__.py", "deploy/install.sh", "deploy/systemd/acme-agent.service",
+               "pyproject.toml", "README.md"]
+    junk = ["clusteracme/__pycache__/x.cpython-311.pyc", "clusteracme/.x.py.swp", "clusteracme.egg-info/PKG-INFO",
+            "build/lib/clusteracme/removed.py", ".venv/bin/python", "notes/run.log", "tests/test_x.py",
+            "proto/x.proto", "Makefile"]
+    for rel in shipped + junk:
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(rel)
+    os.mkfifo(tree / "notes" / "fifo")
+    os.mkfifo(tree / "clusteracme" / "fifo")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tree / "clusteracme" / "agent.sock"))
+        copy = source_copy(tmp_path / "copy", root=tree)
+    found = sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if not p.is_dir())
+    assert found == sorted(shipped)
+    assert all((copy / rel).read_text() == rel for rel in shipped)
+
+
+def test_the_shipped_parts_are_what_pyproject_builds_from() -> None:
+    """SHIPPED here and in install.sh: pyproject's package-dir folders,
+    pyproject.toml and its readme, nothing else."""
+    assert set(SHIPPED) == {*PACKAGE_DIR.values(), "pyproject.toml", PYPROJECT["project"]["readme"]}
+    line = re.search(r"^SHIPPED=\((.*)\)$", (ROOT / "deploy" / "install.sh").read_text(), re.M)
+    assert line is not None and tuple(line.group(1).split()) == SHIPPED
 
 
 def test_the_wheel_holds_the_clusteracme_package_alone(names: set[str], unpacked: Path) -> None:

@@ -6,17 +6,23 @@ it, and once a leader took it, it is never sent again."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
+from clusteracme.coordinator import records
+from clusteracme.coordinator.backup import Backups
 from clusteracme.coordinator.replicas import LeaderView
 from clusteracme.coordinator.rpc.router import ReplicaRouter
+from clusteracme.coordinator.rpc.servicer import CoordinatorServicer
+from clusteracme.coordinator.store.keys import Keys
+from clusteracme.coordinator.store.memory import MemoryStore
 
 from clusteracme import errors, failover, pki
+from clusteracme.backupformat import FORMAT, Manifest, entries_sha256
 from clusteracme.failover import ReplicaClient
 from clusteracme.rpcutil import TLSFiles, server
 from clusteracme.v1 import coordinator_pb2 as pb
@@ -168,3 +174,66 @@ async def test_a_restore_the_leader_took_is_never_sent_again(nodes: tuple[Node, 
     with pytest.raises(errors.FailedPrecondition, match="the prefix is not empty"):
         await client.client_stream("Restore", messages, timeout=5)
     assert messages.made == 1 and leader.leader.read == [5]
+
+
+KEYS = Keys("/r/")
+
+
+class GatedTerm:
+    """A leader's term whose pause waits for ``release``; ending it elects c1 (its record says it leads)."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self.pausing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def pause(self, reason: str) -> None:
+        self.pausing.set()
+        await self.release.wait()
+
+    async def end(self) -> None:
+        lease = await self.store.grant_lease(60)
+        await self.store.put_if(KEYS.leader(), b"c1", expect_mod_revision=None, lease=lease)
+        await self.store.put_if(KEYS.coordinator("c1"), records.encode({"name": "c1", "role": "leader"}),
+                                expect_mod_revision=None, lease=lease)
+
+    def request_end(self) -> None:
+        pass
+
+
+def backup_messages(made: list[int]) -> Callable[[], Iterator[pb.RestoreChunk]]:
+    entries = [("certs/p1/server", b'{"schema":1}'), ("trust/" + "a" * 64, b"")]
+    manifest = Manifest(format=FORMAT, prefix=KEYS.prefix, revision=9, created_at="2026-05-01T12:00:00+00:00",
+                        coordinator_version="1", record_schema=1, entry_count=len(entries),
+                        value_bytes=sum(len(v) for _, v in entries), sha256=entries_sha256(entries),
+                        skipped_leased=0, created_by="operator:op")
+
+    def messages() -> Iterator[pb.RestoreChunk]:
+        made.append(1)
+        yield pb.RestoreChunk(manifest=manifest.to_pb())
+        yield pb.RestoreChunk(entries=[pb.BackupEntry(key=k, value=v) for k, v in entries])
+
+    return messages
+
+
+async def test_a_second_restore_is_refused_before_its_client_sends_a_byte(
+        nodes: tuple[Node, Node], client: ReplicaClient) -> None:
+    """The real servicer and Backups: the leader's one restore slot is claimed before the call is taken."""
+    _, leader = nodes
+    store = MemoryStore()
+    term = GatedTerm(store)
+    servicer = CoordinatorServicer(
+        *(None,) * 9, heartbeat_interval=1, lease_ttl=1, alarms=None, identities=None,  # type: ignore[arg-type]
+        deny_list=None, backups=Backups(store, KEYS, version="1", term=term))  # type: ignore[arg-type]
+    leader.router.demote()
+    leader.router.promote(servicer)
+    first_made: list[int] = []
+    first = asyncio.create_task(client.client_stream("Restore", backup_messages(first_made), timeout=10))
+    await asyncio.wait_for(term.pausing.wait(), 10)
+    second_made: list[int] = []
+    with pytest.raises(errors.FailedPrecondition, match="a restore is already under way on this leader"):
+        await client.client_stream("Restore", backup_messages(second_made), timeout=5)
+    assert second_made == []  # refused before it was taken: not a message sent
+    term.release.set()
+    answer = await first
+    assert answer.entry_count == 2 and "coordinator c1 leads again" in answer.detail and first_made == [1]

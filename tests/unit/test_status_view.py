@@ -128,7 +128,7 @@ def test_long_names_are_cut_in_the_middle_only_as_much_as_needed() -> None:
     # With room to spare nothing is cut, and ASCII-only output gets "...".
     roomy = ctl_status.status_lines(CLUSTER, NOW, width=200, ellipsis="...")
     assert [line.split()[3] for line in roomy[1:9]][2] == "checkout.shop.example.com"
-    assert f"{SERIAL[:7]}..." in roomy[1]
+    assert f"{SERIAL[:5]}..." in roomy[1]  # ASCII: the serial's column as wide as with "…"
     # A peer id longer than the slots is cut first.
     long_peer = pb.StatusResponse(peers=[peer("edge-frankfurt-rack-12-node-03", CLUSTER.peers[0].slots)])
     lines = ctl_status.status_lines(long_peer, NOW)
@@ -139,7 +139,7 @@ def test_long_names_are_cut_in_the_middle_only_as_much_as_needed() -> None:
 def test_relative_times_and_the_next_event() -> None:
     row = ctl_status.status_lines(CLUSTER, NOW)[2].split()  # edge-fra-01 shop.example.com
     assert row[:7] == ["edge-fra-01", "alive", "on", "shop.example.com", f"{SERIAL[:7]}…", "5", f"{PENDING[:7]}…"]
-    assert row[7:] == ["valid", "3h", "ok", "85d", "auto", "deploy", "14h"]
+    assert row[7:] == ["ok", "3h", "ok", "85d", "auto", "deploy", "14h"]  # sign "valid" 3h ago: "ok 3h"
     rows = [line.split() for line in ctl_status.status_lines(CLUSTER, NOW)[1:9]]
     assert rows[0][-2:] == ["sign", "30d"]  # edge-fra-01 server
     assert rows[5][7:] == ["queued", "#2", "-", "manual", "-"]  # edge-sin-01 api.shop.example.com
@@ -262,3 +262,92 @@ async def test_events_and_alarms_are_tables(capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out.split()[:2] == ["peer-dead", "edge-ams-01"]
     await ctl_status.cmd_alarms(ctl({"ListAlarms": pb.ListAlarmsResponse()}, output="json"), alarm_args)
     assert json.loads(capsys.readouterr().out) == {"alarms": []}
+
+
+# --- review of issue 13: the widest rows, the short words, --no-headers, the exact 2/3 point -------------------------
+def widest_cluster() -> pb.StatusResponse:
+    """Every column of the default table at its widest realistic value: long peer ids and slots (cut), a 398-day
+    certificate, the queue at its default bound (admission.max_queued_orders 2000), a rollback that failed a year
+    ago, a paused slot whose next deploy is two days away."""
+    worst = slot("www.checkout.shop.example.com", days=397, lifetime=398, pending_serial=PENDING,
+                 pending_not_after=at(days=398), last_sign_status="queued (position 2000)", last_sign_at=at(days=-1),
+                 last_deploy_status="rollback interrupted", last_deploy_at=at(days=-365),
+                 schedule={"auto": True, "paused": "the peer is dead", "next_deploy_slot": at(hours=47, minutes=59)})
+    failed = slot("static.example.org", days=100, last_sign_status="failed", last_sign_at=at(days=-365),
+                  last_deploy_status="rollback failed", last_deploy_at=at(days=-364),
+                  schedule={"auto": False, "next_sign_opportunity": at(days=265)})
+    unknown = slot("shop.example.com", days=50, last_sign_status="a status of a newer coordinator",
+                   last_sign_at=at(days=-300), last_deploy_status="another new status", last_deploy_at=at(days=-300))
+    return pb.StatusResponse(peers=[
+        peer("edge-frankfurt-rack-12-node-03", [worst, failed, unknown], alive=False),
+        peer("edge-node-01", [slot("www.example.com", days=30, last_sign_status="failed", last_sign_at=at(days=-12),
+                                   last_deploy_status="rollback failed", last_deploy_at=at(days=-12),
+                                   schedule={"auto": True, "paused": "sign failing",
+                                             "next_deploy_slot": at(hours=20)})]),
+        peer("edge-blocked-node-99", [], blocked="blocked by operator:admin"),
+    ])
+
+
+@pytest.mark.parametrize("ellipsis", ["…", "..."])
+def test_the_widest_realistic_rows_fit_120_columns(ellipsis: str) -> None:
+    lines = ctl_status.status_lines(widest_cluster(), NOW, ellipsis=ellipsis)
+    table = lines[:5]
+    assert all(len(line) <= ctl_status.STATUS_WIDTH for line in table), max(table, key=len)
+    assert [line.split()[7:9] for line in table[1:3]] == [["queued", "#2000"], ["FAIL", "365d"]]
+    assert "rb-intr 365d" in table[1] and "rb-FAIL 364d" in table[2] and "rb-FAIL 12d" in table[4]
+    # A status this acmectl does not know is cut to 7 characters, never widening the table.
+    kept = 7 - len(ellipsis)
+    assert f"{'a status'[:kept]}{ellipsis} 300d  {'another'[:kept]}{ellipsis} 300d" in table[3]
+    # The issue's row (122 to 124 columns before): the short words, the serial in 8 characters either way.
+    assert table[4].split()[1:] == ["alive", "on", table[4].split()[3], SERIAL[:8 - len(ellipsis)] + ellipsis, "30",
+                                    "-", "FAIL", "12d", "rb-FAIL", "12d", "paused", "deploy", "20h"]
+
+
+def test_the_short_words_cover_every_status_the_coordinator_writes() -> None:
+    """coordinator/issuance.py (last_sign) and deployment.py (last_deploy) write these."""
+    assert set(ctl_status.SIGN_WORDS) == {"valid", "failed", "running"}
+    assert set(ctl_status.DEPLOY_WORDS) == {"ok", "failed", "interrupted", "rolled back", "rollback failed",
+                                            "rollback interrupted"}
+    words = [*ctl_status.SIGN_WORDS.values(), *ctl_status.DEPLOY_WORDS.values()]
+    assert all(len(w) <= ctl_status.STATUS_WORD_MAX for w in words)
+    for status, word in ctl_status.DEPLOY_WORDS.items():
+        shown = ctl_status._last_deploy(slot(last_deploy_status=status, last_deploy_at=at(hours=-3)), NOW)
+        assert shown == f"{word} 3h"
+
+
+async def test_no_headers_leaves_out_the_notes(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    full = ctl_status.status_lines(CLUSTER, NOW)
+    rows = ctl_status.status_lines(CLUSTER, NOW, no_headers=True)
+    assert rows == full[1:9]  # the eight rows, not the alarm, error, agent and pause lines under them
+    monkeypatch.setattr(ctl_status, "now", lambda: NOW)
+    await ctl_status.cmd_status(ctl({"Status": CLUSTER}, no_headers=True), argparse.Namespace(peer=""))
+    assert capsys.readouterr().out.splitlines() == rows
+
+
+ARI = "the CA's renewal information (ARI)"
+
+
+@pytest.mark.parametrize(("days", "ari_due", "color"), [
+    (29, 5, ctl_status.YELLOW),   # 61 of 90 days gone: past 2/3, though ARI renews only in 5 days
+    (31, -3, ""),                 # 59 of 90 days gone: not yet 2/3, though ARI's renewal point has passed
+    (30.5, 10, ""), (29.5, -10, ctl_status.YELLOW),
+])
+def test_days_color_is_exact_with_the_certificates_not_before(days: float, ari_due: float, color: str) -> None:
+    s = slot(days=days, active_not_before=at(days=days - 90),
+             schedule={"renewal_due_at": at(days=ari_due), "renewal_reason": ARI})
+    assert ctl_status.days_color(s, NOW) == color
+    assert ctl_status.two_thirds_point(s) == NOW + datetime.timedelta(days=days - 30)
+
+
+def test_the_coordinator_sends_the_active_certificates_not_before(tmp_path: Path) -> None:
+    from clusteracme.coordinator.rpc import servicer
+    from cryptography import x509
+
+    from clusteracme import pki
+
+    chain = pki.init_ca(tmp_path).read_text()
+    assert servicer.active_not_before({"chain_pem": chain, "not_after": "x"}) == \
+        x509.load_pem_x509_certificate(chain.encode()).not_valid_before_utc.isoformat()
+    assert servicer.active_not_before({}) == servicer.active_not_before({"chain_pem": "garbage"}) == ""
+    assert "active_not_before" in pb.SlotStatus.DESCRIPTOR.fields_by_name
