@@ -64,7 +64,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from clusteracme.coordinator import records
-from clusteracme.coordinator.metrics import ALARM
+from clusteracme.coordinator.metrics import ALARM, SLOT_DISK_MATCHES
 from clusteracme.coordinator.peers import PeerInfo, Registry
 from clusteracme.coordinator.settings import AlarmSettings
 from clusteracme.coordinator.slots import acme_enabled, imported_aging, is_imported
@@ -233,6 +233,9 @@ class Evaluation:
     conditions: dict[AlarmId, Condition] = field(default_factory=dict)
     unknown: set[AlarmId] = field(default_factory=set)
     unknown_slots: set[tuple[str, str]] = field(default_factory=set)
+    disk_matches: dict[tuple[str, str], bool] = field(default_factory=dict)
+    """(peer, domain) -> whether the agent's disk agrees with etcd, for the
+    slots whose disk was compared and not in flux (the metric)."""
 
     def add(self, conditions: Iterable[Condition]) -> None:
         for c in conditions:
@@ -358,6 +361,7 @@ class Evaluator:
         previous = slot.get("previous") or {}
         matches, agent_state = compare_disk(active, previous, on_disk, domain, None)
         if matches:
+            self.result.disk_matches[(peer.peer_id, domain)] = True
             return
         deployed = _parse((slot.get("last_deploy") or {}).get("at"))
         settling = deployed is not None and (self.now - deployed).total_seconds() < self.disk_settle_seconds
@@ -366,6 +370,7 @@ class Evaluator:
         if slot.get("current_order") or slot.get("deploying") or settling:
             unknown(Kind.DISK_MISMATCH)  # in flux: neither raised nor cleared
             return
+        self.result.disk_matches[(peer.peer_id, domain)] = False
         hold = self.disk_settle_seconds if _in_flight_shape(slot, on_disk.get(domain)) else 0.0
         add(Kind.DISK_MISMATCH, Severity.WARNING,
             f"etcd has active {active.get('serial_hex') or '-'}, previous {previous.get('serial_hex') or '-'}; "
@@ -878,6 +883,8 @@ class AlarmJob:
             evaluator.peer(peer)
         report.slots = await self._evaluate_slots(peers, evaluator, now)
         evaluation = evaluator.result
+        for (peer_id, domain), matches in evaluation.disk_matches.items():
+            SLOT_DISK_MATCHES.labels(peer=peer_id, domain=slot_label(domain)).set(1 if matches else 0)
         existing, revisions = await self._existing()
         self._suspects = confirm(evaluation, existing, self._suspects, now)
         changes = reconcile(existing, evaluation, now, retention_seconds=self._settings.cleared_retention_seconds)

@@ -53,6 +53,7 @@ from clusteracme.coordinator.store.etcd import EtcdStore
 from clusteracme.coordinator.store.keys import Keys
 from clusteracme.coordinator.term import Term
 from clusteracme.coordinator.trust import TrustStore
+from clusteracme.coordinator.web import app as web_app
 from grpc_health.v1 import health_pb2
 
 from clusteracme import __version__, daemon, errors, logfields, netaddr
@@ -169,6 +170,7 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
     # setting stops every replica at start, not each one once it leads.
     notifier = (WebhookNotifier(settings.alarms, cluster=keys.prefix, coordinator=settings.name)
                 if settings.alarms.webhook_url else None)
+    page = web_app.StatusPage(settings) if settings.web_listen else None  # a bad address or token: exit 2, first
     store = etcd_store(settings)
     await store.connect()
     cleanup.push_async_callback(store.close)  # last: everything below is stopped before it
@@ -207,6 +209,8 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
     metrics.LEADER.set(0)
     if settings.metrics_listen:
         cleanup.push_async_callback((await metrics.serve(settings.metrics_listen)).cleanup)
+    if page is not None:  # the status page: every replica, reading as the router does
+        cleanup.push_async_callback((await page.start(tls, deny_view, lambda: router.reads)).cleanup)
     sup.spawn("member-record", replicas.run())
     sup.spawn("loop-lag", LoopLagMonitor(warn_after=t.loop_lag_warning).run())
     log.info("coordinator %s serving on %s (port %d) as a standby; advertised as %s", settings.name,
@@ -270,6 +274,9 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
         router.demote()
         await health.set(LEADER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         metrics.LEADER.set(0)
+        # The leader's per-peer, per-slot and alarm series go with the term: a standby exports none of them.
+        metrics.forget_slots(set(), peers=())
+        metrics.ALARM.clear()
         await term.close()
         leader = None
         try:

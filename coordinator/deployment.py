@@ -39,12 +39,12 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from clusteracme.coordinator import records
+from clusteracme.coordinator import metrics, records
 from clusteracme.coordinator.history import Event, History
 from clusteracme.coordinator.peers import AgentPool, PeerInfo, Registry
 from clusteracme.coordinator.store.base import Check, Conflict, Put, Store
@@ -173,11 +173,13 @@ class Deployment:
         while self._running:
             await asyncio.wait(set(self._running))
 
-    async def deploy(self, peer_id: str, domain: str, who: str) -> DeployOutcome:
-        return await self._shielded(self._deploy(peer_id, domain, who))
+    async def deploy(self, peer_id: str, domain: str, who: str, *, trigger: str = "manual") -> DeployOutcome:
+        """``trigger`` (manual, rollout, scheduled) labels the deploy's count in the metrics."""
+        return await self._shielded(self._deploy(peer_id, domain, who, trigger))
 
-    async def rollback(self, peer_id: str, domain: str, who: str) -> DeployOutcome:
-        return await self._shielded(self._rollback(peer_id, domain, who))
+    async def rollback(self, peer_id: str, domain: str, who: str, *, trigger: str = "manual") -> DeployOutcome:
+        """``trigger`` (manual, rollout) labels the rollback's count in the metrics."""
+        return await self._shielded(self._rollback(peer_id, domain, who, trigger))
 
     async def _shielded(self, work: Awaitable[DeployOutcome]) -> DeployOutcome:
         """Once the agent is asked, its answer must reach etcd: a caller that
@@ -188,7 +190,7 @@ class Deployment:
         task.add_done_callback(self._running.discard)
         return await asyncio.shield(task)
 
-    async def _deploy(self, peer_id: str, domain: str, who: str) -> DeployOutcome:
+    async def _deploy(self, peer_id: str, domain: str, who: str, trigger: str) -> DeployOutcome:
         async with self._turn(peer_id, domain):
             peer = await self._registry.get(peer_id)
 
@@ -199,18 +201,20 @@ class Deployment:
                 return str(pending["serial_hex"])
 
             slot, revision = await self._intend(peer, domain, "deploy", who, target)
-            pending = slot["pending"]
-            request = agent_pb2.AgentDeployRequest(slot=common_pb2.Slot(domain=domain), chain_pem=pending["chain_pem"],
-                                                   expected_names=_names(pending), leader_fence=self._fence)
-            try:
-                reply = await self._pool.call(peer, "deploying", lambda stub, kw: stub.Deploy(request, **kw),
-                                              timeout=DEPLOY_TIMEOUT)
-            except errors.ClusterAcmeError as exc:
-                await self._after_unanswered(peer_id, domain, exc)
-                raise
-            await self._record(peer_id, domain, self._deploy_change(peer_id, domain, who, reply, pending),
-                               known=(slot, revision))
-            return _logged("deploy", _outcome(peer_id, domain, reply), who)
+            with _counted("deploy", trigger) as count:
+                pending = slot["pending"]
+                request = agent_pb2.AgentDeployRequest(slot=common_pb2.Slot(domain=domain),
+                                                       chain_pem=pending["chain_pem"], expected_names=_names(pending),
+                                                       leader_fence=self._fence)
+                try:
+                    reply = await self._pool.call(peer, "deploying", lambda stub, kw: stub.Deploy(request, **kw),
+                                                  timeout=DEPLOY_TIMEOUT)
+                except errors.ClusterAcmeError as exc:
+                    await self._after_unanswered(peer_id, domain, exc)
+                    raise
+                await self._record(peer_id, domain, self._deploy_change(peer_id, domain, who, reply, pending),
+                                   known=(slot, revision))
+                return count(_logged("deploy", _outcome(peer_id, domain, reply), who))
 
     def _deploy_change(self, peer_id: str, domain: str, who: str, reply: agent_pb2.AgentDeployResponse,
                        pending: dict[str, Any], note: str = "") -> Callable[[dict[str, Any]], tuple[dict[str, Any], Event]]:
@@ -248,7 +252,7 @@ class Deployment:
 
         return change
 
-    async def _rollback(self, peer_id: str, domain: str, who: str) -> DeployOutcome:
+    async def _rollback(self, peer_id: str, domain: str, who: str, trigger: str) -> DeployOutcome:
         async with self._turn(peer_id, domain):
             peer = await self._registry.get(peer_id)
 
@@ -259,27 +263,29 @@ class Deployment:
                 return str(slot["previous"]["serial_hex"])  # type: ignore[index]
 
             slot, revision = await self._intend(peer, domain, "rollback", who, target)
-            active, previous = slot["active"], slot["previous"]
-            request = agent_pb2.AgentRollbackRequest(slot=common_pb2.Slot(domain=domain),
-                                                     expected_active_serial_hex=active["serial_hex"],
-                                                     leader_fence=self._fence)
-            try:
+            with _counted("rollback", trigger) as count:
+                active, previous = slot["active"], slot["previous"]
+                request = agent_pb2.AgentRollbackRequest(slot=common_pb2.Slot(domain=domain),
+                                                         expected_active_serial_hex=active["serial_hex"],
+                                                         leader_fence=self._fence)
                 try:
-                    reply = await self._pool.call(peer, "rolling back", lambda stub, kw: stub.Rollback(request, **kw),
-                                                  timeout=DEPLOY_TIMEOUT)
-                except errors.FailedPrecondition:
-                    # Maybe it already happened and only the answer was lost: the
-                    # agent's disk tells.
-                    if not await self._agent_holds(peer, domain, previous["serial_hex"], active["serial_hex"]):
-                        raise
-                    reply = agent_pb2.AgentDeployResponse(active_serial_hex=previous["serial_hex"],
-                                                          previous_serial_hex=active["serial_hex"])
-            except errors.ClusterAcmeError as exc:
-                await self._after_unanswered(peer_id, domain, exc)
-                raise
-            await self._record(peer_id, domain, self._rollback_change(peer_id, domain, who, reply),
-                               known=(slot, revision))
-            return _logged("rollback", _outcome(peer_id, domain, reply), who)
+                    try:
+                        reply = await self._pool.call(peer, "rolling back",
+                                                      lambda stub, kw: stub.Rollback(request, **kw),
+                                                      timeout=DEPLOY_TIMEOUT)
+                    except errors.FailedPrecondition:
+                        # Maybe it already happened and only the answer was lost: the
+                        # agent's disk tells.
+                        if not await self._agent_holds(peer, domain, previous["serial_hex"], active["serial_hex"]):
+                            raise
+                        reply = agent_pb2.AgentDeployResponse(active_serial_hex=previous["serial_hex"],
+                                                              previous_serial_hex=active["serial_hex"])
+                except errors.ClusterAcmeError as exc:
+                    await self._after_unanswered(peer_id, domain, exc)
+                    raise
+                await self._record(peer_id, domain, self._rollback_change(peer_id, domain, who, reply),
+                                   known=(slot, revision))
+                return count(_logged("rollback", _outcome(peer_id, domain, reply), who))
 
     def _rollback_change(self, peer_id: str, domain: str, who: str, reply: agent_pb2.AgentDeployResponse,
                          note: str = "") -> Callable[[dict[str, Any]], tuple[dict[str, Any], Event]]:
@@ -578,7 +584,7 @@ class Deployment:
                     # refused deploy changed nothing, so there is nothing to undo.
                     if rollback_on_failure and peer.peer_id in installed:
                         try:
-                            back = await self.rollback(peer.peer_id, domain, who)
+                            back = await self.rollback(peer.peer_id, domain, who, trigger="rollout")
                             yield Progress(peer.peer_id, "rolled-back",
                                            "previous certificate restored" + (f" ({back.error})" if back.error else ""),
                                            back.active_serial)
@@ -600,7 +606,7 @@ class Deployment:
         logfields.bind(peer=peer.peer_id, domain=domain)
         stages: list[Progress] = []
         try:
-            outcome = await self.deploy(peer.peer_id, domain, who)
+            outcome = await self.deploy(peer.peer_id, domain, who, trigger="rollout")
         except errors.ClusterAcmeError as exc:
             stages.append(Progress(peer.peer_id, "failed", f"deploy refused: {exc.message}", pending["serial_hex"]))
             return stages, exc.message, False
@@ -626,6 +632,24 @@ class Deployment:
         prefix = self._keys.certs(peer_id)
         claimed = {e.key.removeprefix(prefix).removeprefix("domain/") for e in await self._store.range(prefix)}
         return next((n for n in names if n not in claimed), names[0])
+
+
+@contextlib.contextmanager
+def _counted(kind: str, trigger: str) -> Iterator[Callable[[DeployOutcome], DeployOutcome]]:
+    """Count a deploy or rollback once the agent is to be asked (its intent
+    saved): by the outcome passed to the function yielded, as failed when
+    none is (the agent refused or did not answer, etcd refused the record).
+    A switch refused before (nothing to deploy, no such peer) is no deploy."""
+    counted: list[DeployOutcome] = []
+
+    def count(outcome: DeployOutcome) -> DeployOutcome:
+        counted.append(outcome)
+        return outcome
+
+    try:
+        yield count
+    finally:
+        metrics.count_switch(kind, trigger, bool(counted) and counted[0].ok)
 
 
 def _held(status: agent_pb2.AgentStatusResponse, domain: str) -> tuple[str, str]:

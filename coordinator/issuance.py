@@ -21,13 +21,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-from clusteracme.coordinator import imports, orders, preflight, records
+from clusteracme.coordinator import imports, metrics, orders, preflight, records
 from clusteracme.coordinator.accounts import Accounts
 from clusteracme.coordinator.acme_client import AcmeClient
 from clusteracme.coordinator.admission import BUDGET_WINDOW, Admission, Limits
 from clusteracme.coordinator.errors import CAError, PreflightFailed, RateLimited
 from clusteracme.coordinator.history import Event, History
-from clusteracme.coordinator.metrics import ORDERS_ACTIVE, ORDERS_QUEUED, SIGNS
+from clusteracme.coordinator.metrics import ORDERS_ACTIVE, ORDERS_QUEUED
 from clusteracme.coordinator.names import normalize_names
 from clusteracme.coordinator.orderlist import OrderList, OrderQuery
 from clusteracme.coordinator.orders import AcmeStatus, Authz, OrderRecord, PeerProgress, Phase, Step
@@ -244,6 +244,20 @@ async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | Non
             return body
         body += chunk
     return None
+
+
+def _observe_end(old: OrderRecord, new: OrderRecord) -> None:
+    """The order's duration, once, when it ends: the certificate stored
+    (issued; done for an authorization-only order) or failed. Cleanup after
+    that is not the order's wait."""
+    ended = (Phase.ISSUED, Phase.DONE, Phase.FAILED)
+    if new.phase in ended and old.phase not in ended:
+        try:
+            seconds = (datetime.datetime.fromisoformat(new.updated_at)
+                       - datetime.datetime.fromisoformat(new.created_at)).total_seconds()
+        except ValueError:
+            return  # a record without its times (older schema): nothing to measure
+        metrics.observe_order(seconds, succeeded=new.phase is not Phase.FAILED)
 
 
 def utcnow() -> str:
@@ -839,7 +853,9 @@ class Issuance:
         ops: list[Op] = [Put(self._keys.order(new.order_id), records.encode(new.to_json()))]
         checks = [Check(self._keys.order(new.order_id), revision)]
         if new.authorize_only:  # no slot, no certificate: the record alone tells the story
-            return await self._store.txn(checks=checks, ops=ops)
+            revision = await self._store.txn(checks=checks, ops=ops)
+            _observe_end(old, new)
+            return revision
         slot_key = self._keys.cert(new.peer_id, slot_name(new.domain))
         issued = new.phase is Phase.ISSUED and old.phase is not Phase.ISSUED
         failed = new.phase is Phase.FAILED and old.phase is not Phase.FAILED
@@ -865,8 +881,9 @@ class Issuance:
                     serial_hex=slot["pending"]["serial_hex"] if issued else "", detail=new.error or new.order_url,
                 )))
         revision = await self._store.txn(checks=checks, ops=ops)
+        _observe_end(old, new)
         if issued or failed:
-            SIGNS.labels(result="ok" if issued else "failed").inc()
+            metrics.count_sign(auto=new.auto, issued=issued)
             await self._history.trim(new.peer_id)
         return revision
 

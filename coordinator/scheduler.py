@@ -38,10 +38,11 @@ from clusteracme.coordinator.admission import QueueFull
 from clusteracme.coordinator.deployment import INTENT, Deployment, Settled
 from clusteracme.coordinator.issuance import KEY_TYPE_LABELS, Issuance, slot_name
 from clusteracme.coordinator.metrics import (
-    AUTO_FAILURES,
     CERT_NOT_AFTER,
-    DEPLOYS,
+    CONSECUTIVE_FAILURES,
+    PEER_ALIVE,
     PEERS_ALIVE,
+    RENEWAL_DUE,
     RENEWAL_OVERDUE,
     forget_slots,
 )
@@ -176,6 +177,8 @@ class RenewalScheduler:
         started = time.monotonic()
         peers = {p.peer_id: p for p in await self._registry.list()}
         PEERS_ALIVE.set(sum(p.alive for p in peers.values()))
+        for peer in peers.values():
+            PEER_ALIVE.labels(peer=peer.peer_id).set(1 if peer.alive else 0)
         prefix = self._keys.all_certs()
         seen = 0
         slot_labels: set[tuple[str, str]] = set()
@@ -207,7 +210,7 @@ class RenewalScheduler:
             self._tick = None
         # A whole tick saw every slot there is: the series of the others
         # (a removed peer, a deleted slot) go.
-        forget_slots(slot_labels)
+        forget_slots(slot_labels, peers)
         elapsed = time.monotonic() - started
         level = logging.INFO if self._ticks == 0 or elapsed >= SLOW_TICK_SECONDS else logging.DEBUG
         log.log(level, "renewal scheduler: tick over %d slot(s) of %d peer(s) took %.3fs", seen, len(peers), elapsed)
@@ -229,12 +232,17 @@ class RenewalScheduler:
         schedule = {**DEFAULT_SCHEDULE, **(slot.get("schedule") or {})}
         active, pending = slot.get("active"), slot.get("pending")
         state = await self._account_finished_order(peer_id, domain, slot)
-        AUTO_FAILURES.labels(**labels).set(state.get("failures", 0))
+        CONSECUTIVE_FAILURES.labels(**labels).set(state.get("failures", 0))
         if active:
             CERT_NOT_AFTER.labels(**labels).set(_parse(active["not_after"]).timestamp())  # type: ignore[union-attr]
         # Asked first: a paused slot reads no renewal information and no opportunity.
         paused, provider = await self._pause_of(peer, slot) if schedule["auto"] else ("", "")
         due = await self._due(peer_id, domain, slot, now, fetch_ari=not paused)
+        if active and due is not None:
+            RENEWAL_DUE.labels(**labels).set(due.at.timestamp())
+        else:  # no certificate in service (the due time of a first sign is no renewal point)
+            with contextlib.suppress(KeyError):
+                RENEWAL_DUE.remove(labels["peer"], labels["domain"])
         aging = _aging(slot, now)
         if aging is not None and state.get("warned_imported") != aging.serial_hex:
             log.warning("%s %s: %s", peer_id, labels["domain"], aging.warning())
@@ -457,13 +465,12 @@ class RenewalScheduler:
         if now < slot_at or (not_before and now < not_before):
             return
         try:
-            outcome = await self._deployment.deploy(peer_id, domain, self._identity)
+            outcome = await self._deployment.deploy(peer_id, domain, self._identity, trigger="scheduled")
         except errors.ClusterAcmeError as exc:
             outcome = None
             error = exc.message
         else:
             error = outcome.error
-        DEPLOYS.labels(result="ok" if outcome and outcome.ok else "failed").inc()
         if outcome is not None and outcome.ok:
             log.info("scheduled deploy on %s %s: %s is live", peer_id, domain or "server", outcome.active_serial,
                      extra={"serial": outcome.active_serial})

@@ -340,6 +340,14 @@ class CoordinatorSettings:
     key is refused (see README "Security model")."""
     metrics_listen: str = ""
     """host:port serving Prometheus metrics at /metrics over HTTP; empty: off."""
+    web_listen: str = ""
+    """host:port of the read-only web status page (``coordinator.web``),
+    HTTPS with this replica's ``tls.cert`` and ``tls.key``; empty: off. Every
+    replica can serve it (a standby reads etcd)."""
+    web_token_file: Path | None = None
+    """A file holding the status page's read-only bearer token (one line, at
+    least 16 characters, read again when it changes); without it, only an
+    operator client certificate of the cluster CA gets in."""
     tls: TLSSettings = field(default_factory=TLSSettings)
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     timing: TimingSettings = field(default_factory=TimingSettings)

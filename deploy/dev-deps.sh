@@ -19,7 +19,16 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 { command -v systemd-analyze >/dev/null 2>&1 && [[ -x /lib/systemd/systemd ]]; } || need+=(systemd)
 [[ -x /usr/lib/polkit-1/polkitd ]] || need+=(polkitd)
+# Headless Chromium and its WebDriver, from Debian: tests/integration/test_web.py
+# drives the status page in a real browser through Selenium with these paths
+# (a browser downloaded by selenium-manager or Playwright cannot work offline).
+[[ -x /usr/bin/chromium ]] || need+=(chromium)
+[[ -x /usr/bin/chromedriver ]] || need+=(chromium-driver)
 { command -v dbus-daemon >/dev/null 2>&1 || [[ -x /usr/bin/dbus-daemon ]]; } || need+=(dbus-daemon)
+# promtool (Debian ships it in the prometheus package): the shipped alert rules
+# are checked and unit-tested with `promtool check rules` / `promtool test
+# rules` (tests/unit/test_alerts.py). The server itself is not used.
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 
 if ((${#need[@]} == 0)); then
   exit 0
@@ -35,8 +44,9 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 echo "installing system packages: ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
-# Keep the packages' own services (etcd on :2379, nginx on :80) from being
-# started by the install: the tests run their own instances on free ports.
+# Keep the packages' own services (etcd on :2379, nginx on :80, prometheus on
+# :9090) from being started by the install: the tests run their own instances
+# on free ports (and need no Prometheus server, only promtool).
 policy=/usr/sbin/policy-rc.d
 if [[ ! -e $policy ]]; then
   printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null

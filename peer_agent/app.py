@@ -1,8 +1,8 @@
 """acme-agent: the peer agent daemon (one per node).
 
 Starts the challenge service (port-80 front, localhost challenge server), the
-mTLS gRPC server the coordinator dials, and a registration + heartbeat loop
-towards the coordinator replicas.
+mTLS gRPC server the coordinator dials, a registration + heartbeat loop
+towards the coordinator replicas and, with ``metrics_listen``, /metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from clusteracme.peer_agent.denylist import DENIED_FILE, AgentDenyList
 from clusteracme.peer_agent.deployer import FENCE_FILE, Deployer, FenceFloor
 from clusteracme.peer_agent.keys import KeyAccess, KeyStore
 from clusteracme.peer_agent.listening import ensure_open_files, open_files_needed
+from clusteracme.peer_agent.metrics import MetricsServer
 from clusteracme.peer_agent.reload import CommandHook, SignalHook
 from clusteracme.peer_agent.rpc.servicer import AgentServicer, write_trust_bundle
 from clusteracme.peer_agent.settings import AgentSettings
@@ -244,6 +245,9 @@ async def run(settings: AgentSettings) -> int:
         raise errors.FailedPrecondition(f"keys.group: cannot set the access of {exc.filename}: "
                                         f"{exc.strerror or exc}") from exc
     deployer = build_deployer(settings, keys)
+    metrics_server = MetricsServer(settings.metrics_listen) if settings.metrics_listen else None
+    if metrics_server is not None:
+        await metrics_server.start()  # first: an address it cannot take stops the agent before anything listens
     await challenges.start()
     await deployer.start()  # serve what is on disk: a restarted agent comes back as it was
     # The agent's certificate and key: read again on SIGHUP and when the files change.
@@ -262,6 +266,8 @@ async def run(settings: AgentSettings) -> int:
         await srv.stop(grace=None)
         await challenges.stop()
         await deployer.stop()
+        if metrics_server is not None:
+            await metrics_server.stop()
         raise
     await srv.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -274,6 +280,8 @@ async def run(settings: AgentSettings) -> int:
     await srv.stop(grace=2)
     await challenges.stop()
     await deployer.stop()
+    if metrics_server is not None:
+        await metrics_server.stop()
     return 1 if sup.failed else 0
 
 

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clusteracme.peer_agent import metrics
 from clusteracme.peer_agent.errors import FrontError
 from clusteracme.peer_agent.listening import Acceptor, Bounds, remove_unix_socket, tcp_sockets, unix_socket
 from clusteracme.peer_agent.tokens import TokenStore
@@ -117,6 +118,7 @@ class Listener:
         idle_timeout: float = 5.0,
         unix_path: Path | None = None,
         unix_group: str = "",
+        on_refused: Callable[[], None] | None = None,
     ) -> None:
         hosts = (host,) if isinstance(host, str) else tuple(host)
         if not hosts and unix_path is None:
@@ -128,6 +130,7 @@ class Listener:
         self._bounds = bounds
         self._unix_path = unix_path
         self._unix_group = unix_group
+        self._on_refused = on_refused
         self._limits: dict[str, Any] = {
             "max_line_size": max_line_size,
             "max_field_size": max_field_size,
@@ -174,7 +177,7 @@ class Listener:
 
         sockets = self._unix_sockets() if self._unix_path is not None else self._tcp_sockets()
         server = web.Server(self._handler, **self._limits)
-        acceptor = Acceptor(self._what, self._bounds, server)
+        acceptor = Acceptor(self._what, self._bounds, server, on_refused=self._on_refused)
         acceptor.start(sockets)
         self._server, self._acceptor = server, acceptor
         self._port = sockets[0].getsockname()[1] if self._unix_path is None else 0
@@ -258,11 +261,16 @@ class ChallengeServer:
 
     Only loopback addresses are accepted: the outside world reaches tokens
     through the port-80 front (or the node's web server), never directly.
+
+    Every token answered is counted (``metrics.TOKENS_SERVED``); with
+    ``count_requests`` (``external`` front mode, where it is what the node's
+    web server forwards the outside world to) every request is counted by
+    outcome too, as the front counts its own.
     """
 
     def __init__(self, store: TokenStore, host: str = "127.0.0.1", port: int = 0, *,
                  socket_path: Path | None = None, socket_group: str = "",
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, count_requests: bool = False) -> None:
         try:
             loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:
@@ -273,10 +281,12 @@ class ChallengeServer:
             )
         self._store = store
         self.host = host
+        self._count_requests = count_requests
         self._listener = Listener(
             self._handle, host, port, what="challenge server",
             max_line_size=1024, max_field_size=1024, max_headers=32,
             bounds=Bounds(max_connections), unix_path=socket_path, unix_group=socket_group,
+            on_refused=metrics.count_front_refused if count_requests else None,
         )
 
     @property
@@ -298,6 +308,14 @@ class ChallengeServer:
         await self._listener.stop()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        response = self._answer(request)
+        if response.status == 200:
+            metrics.count_token_served()
+        if self._count_requests:
+            metrics.count_front_answer(response.status)
+        return response
+
+    def _answer(self, request: web.BaseRequest) -> web.Response:
         if request.method != "GET":
             return method_not_allowed()
         token = challenge_token(raw_path_only(request))

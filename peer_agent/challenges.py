@@ -79,6 +79,7 @@ class ChallengeService:
         self._server = ChallengeServer(
             self._store, challenge_host, challenge_port, socket_path=challenge_socket,
             socket_group=challenge_socket_group, max_connections=challenge_max_connections,
+            count_requests=mode is FrontMode.EXTERNAL,  # then it is the front (behind the web server)
         )
         self._front = Front(
             front_hosts, front_port, mode,

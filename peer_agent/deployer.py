@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from clusteracme.peer_agent import metrics
 from clusteracme.peer_agent.certs import CertStore, SlotCerts, ValidatedPair
 from clusteracme.peer_agent.errors import AgentError, EndpointError, StorageError
 from clusteracme.peer_agent.reload import CommandHook, ReloadOutcome, SignalHook
@@ -179,6 +180,9 @@ class Deployer:
             for endpoint in self._endpoints:
                 endpoint.swap(self._contexts)
                 await endpoint.start()
+            metrics.expect_reload_targets([f"tls {endpoint.address}" for endpoint in self._endpoints]
+                                          + [hook.target for hook in self._hooks])
+            self._show_served()
 
     async def stop(self) -> None:
         async with self._lock:
@@ -256,6 +260,10 @@ class Deployer:
         task.add_done_callback(ended)
         return await asyncio.shield(task)
 
+    def _show_served(self) -> None:
+        """The certificate gauge as the endpoints serve now (series of slots gone are removed)."""
+        metrics.show_served({endpoint.address: endpoint.contexts.expiry_by_sni() for endpoint in self._endpoints})
+
     def _load_staged(self, pair: ValidatedPair) -> ServingContext:
         with self._certs.staged(pair) as files:
             return load_context(files)
@@ -284,8 +292,11 @@ class Deployer:
             except EndpointError as exc:
                 ok, detail = False, exc.message
             outcomes.append(ReloadOutcome(f"tls {endpoint.address}", ok, detail, time.monotonic() - started))
+            metrics.count_reload(outcomes[-1].target, ok)
+        self._show_served()
         for hook in self._hooks:
             outcomes.append(await hook.run())
+            metrics.count_reload(hook.target, outcomes[-1].ok)  # its outcome's target may name a pid
         for outcome in outcomes:
             log.log(logging.INFO if outcome.ok else logging.WARNING, "reload %s: %s", outcome.target, outcome.detail,
                     extra={"domain": domain, "serial": context.serial_hex, "target": outcome.target, "event": "reload"})

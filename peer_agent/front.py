@@ -19,6 +19,10 @@ The front holds at most ``max_connections`` connections at once (the next
 ones are reset on arrival, ``clusteracme.peer_agent.listening``) and closes one that has
 not sent a complete request within ``IDLE_TIMEOUT`` of connecting.
 
+Every answer, and every connection reset at the cap, is counted by outcome
+(``clusteracme.peer_agent.metrics.FRONT_REQUESTS``: served, redirected,
+not_found...).
+
 The front never answers a token itself: it forwards to the challenge server
 over loopback, so there is one place that knows what is served. Whether a
 token is open is asked (``is_open``) on every request, never cached.
@@ -36,6 +40,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from clusteracme.peer_agent import metrics
 from clusteracme.peer_agent.challenge_server import (
     CHALLENGE_PREFIX,
     Listener,
@@ -118,7 +123,7 @@ class Front:
         self._listener = Listener(
             self._handle, hosts, port, what=f"port-80 front ({mode.value})",
             max_line_size=4096, max_field_size=8190, max_headers=64,
-            bounds=Bounds(max_connections), idle_timeout=IDLE_TIMEOUT,
+            bounds=Bounds(max_connections), idle_timeout=IDLE_TIMEOUT, on_refused=metrics.count_front_refused,
         )
 
     @property
@@ -165,6 +170,11 @@ class Front:
             await session.close()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        response = await self._answer(request)
+        metrics.count_front_answer(response.status)  # by what was done, never by what was asked
+        return response
+
+    async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
         if self.mode is FrontMode.REDIRECT:
             return await self._handle_redirect(request)
         raw_path = raw_path_only(request)

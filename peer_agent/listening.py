@@ -72,6 +72,9 @@ once (forwards beyond wait for one)."""
 UPSTREAM_CONNECTIONS = 100
 """The most connections a proxying TLS endpoint holds to its upstream at
 once (requests beyond wait for one)."""
+METRICS_MAX_CONNECTIONS = 16
+"""Connections the metrics listener (``metrics_listen``) holds at once: a
+scraper keeps one."""
 ACCEPT_PAUSE = 0.5
 """How long an accept loop waits after the process or the system ran out of
 descriptors (the pending connection stays queued in the kernel)."""
@@ -167,8 +170,10 @@ class Acceptor:
     """
 
     def __init__(self, what: str, bounds: Bounds, protocol_factory: ProtocolFactory,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, *,
+                 on_refused: Callable[[], None] | None = None) -> None:
         self._what = what
+        self._on_refused = on_refused  # told of each connection reset at the cap (a metric)
         self._bounds = bounds
         self._factory = protocol_factory
         self._ssl = ssl_context
@@ -260,6 +265,8 @@ class Acceptor:
             pass
         conn.close()
         self._refused += 1
+        if self._on_refused is not None:
+            self._on_refused()
         self._unreported += 1
         now = time.monotonic()
         if now - self._reported_at >= _REPORT_EVERY:
@@ -444,6 +451,8 @@ def open_files_needed(settings: AgentSettings) -> tuple[int, str]:
     if settings.endpoints:
         parts["TLS endpoints"] = sum(e.max_connections + (UPSTREAM_CONNECTIONS if e.upstream else 0)
                                      for e in settings.endpoints)
+    if settings.metrics_listen:
+        parts["metrics"] = METRICS_MAX_CONNECTIONS
     parts["the agent's own"] = RESERVED_FILES
     return sum(parts.values()), ", ".join(f"{name} {count}" for name, count in parts.items())
 

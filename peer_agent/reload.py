@@ -53,9 +53,14 @@ class SignalHook:
         self.signal_name = name
         self.pid_file = pid_file
 
+    @property
+    def target(self) -> str:
+        """What it reloads, from its configuration alone (a metric's label)."""
+        return f"signal {self.signal_name} to pid file {self.pid_file}"
+
     async def run(self) -> ReloadOutcome:
         started = time.monotonic()
-        target = f"signal {self.signal_name} to pid file {self.pid_file}"
+        target = self.target
 
         def outcome(ok: bool, detail: str) -> ReloadOutcome:
             return ReloadOutcome(target, ok, detail, time.monotonic() - started)
@@ -92,9 +97,14 @@ class CommandHook:
         self.argv = tuple(argv)
         self.timeout = timeout
 
+    @property
+    def target(self) -> str:
+        """What it runs (a metric's label)."""
+        return f"command {shlex.join(self.argv)}"
+
     async def run(self) -> ReloadOutcome:
         started = time.monotonic()
-        target = f"command {shlex.join(self.argv)}"
+        target = self.target
 
         def outcome(ok: bool, detail: str) -> ReloadOutcome:
             return ReloadOutcome(target, ok, detail, time.monotonic() - started)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from clusteracme.peer_agent.listening import MAX_HANDSHAKE_TIMEOUT, check_bounds
 
+from clusteracme import netaddr
 from clusteracme.rpcutil import TLSFiles
 
 
@@ -185,3 +186,11 @@ class AgentSettings:
     verify_endpoints: tuple[str, ...] = ()
     """More host:port TLS endpoints serving this peer's certificates (e.g. a
     local nginx on :443), announced for rollout verification."""
+    metrics_listen: str = ""
+    """host:port serving Prometheus metrics at /metrics over plain HTTP (e.g.
+    "10.0.0.31:9465"; the series: ``clusteracme.peer_agent.metrics``); empty:
+    off. At most 16 connections at once."""
+
+    def __post_init__(self) -> None:
+        if self.metrics_listen:  # checked as the coordinator's: exit 2 before anything starts
+            netaddr.split_bind(self.metrics_listen, "metrics_listen")

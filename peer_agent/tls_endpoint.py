@@ -21,10 +21,12 @@ are reset on arrival); a handshake not done within ``handshake_timeout``
 ``IDLE_TIMEOUT``.
 
 The certificate half of this module (contexts, SNI choice) needs only
-``ssl``. aiohttp, the largest part of an idle agent's memory, is imported
-when an endpoint starts listening (at start-up when a certificate is already
-deployed, else at the first deploy), so an agent with nothing to serve does
-not carry it; the request handlers run only after that.
+``ssl``, and ``cryptography`` (loaded by the agent anyway) to read each
+context's expiry for the agent's metrics. aiohttp, the largest part of an
+idle agent's memory, is imported when an endpoint starts listening (at
+start-up when a certificate is already deployed, else at the first deploy),
+so an agent with nothing to serve does not carry it; the request handlers run
+only after that.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from clusteracme.peer_agent.errors import EndpointError, TLSLoadError
 from clusteracme.peer_agent.listening import MAX_HANDSHAKE_TIMEOUT, UPSTREAM_CONNECTIONS, Acceptor, Bounds, tcp_sockets
+from cryptography import x509
 
 if TYPE_CHECKING:
     import aiohttp
@@ -74,9 +77,11 @@ class PairFiles(Protocol):
 
 class ServingContext(ssl.SSLContext):
     """A server context for one slot's pair; it remembers the serial it
-    serves, so a connection can say which certificate it got."""
+    serves, so a connection can say which certificate it got, and its expiry."""
 
     serial_hex: str = ""
+    not_after: float = 0.0
+    """Unix time, read from the leaf it loaded."""
 
 
 def load_context(pair: PairFiles) -> ServingContext:
@@ -88,6 +93,11 @@ def load_context(pair: PairFiles) -> ServingContext:
     except (ssl.SSLError, OSError) as exc:
         raise TLSLoadError(f"the TLS library cannot load certificate {pair.serial_hex}: {exc}") from exc
     context.serial_hex = pair.serial_hex
+    try:  # the first certificate of the file it loaded: what a handshake gets
+        leaf = x509.load_pem_x509_certificate(pair.fullchain.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise TLSLoadError(f"cannot read the expiry of certificate {pair.serial_hex}: {exc}") from exc
+    context.not_after = leaf.not_valid_after_utc.timestamp()
     return context
 
 
@@ -118,6 +128,16 @@ class Contexts:
     @property
     def serials(self) -> dict[str, str]:
         return {domain: context.serial_hex for domain, context in self.by_domain.items()}
+
+    def expiry_by_sni(self) -> dict[str, float]:
+        """The expiry (unix time) of what a handshake gets, per SNI name:
+        each domain slot's name, and "" for the default (no SNI, or a name
+        no slot has); empty when nothing is served."""
+        default = self.choose(None)
+        out = {domain: context.not_after for domain, context in self.by_domain.items() if domain}
+        if default is not None:
+            out[""] = default.not_after
+        return out
 
 
 def build_contexts(pairs: Mapping[str, PairFiles]) -> Contexts:

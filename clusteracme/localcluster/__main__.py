@@ -5,7 +5,11 @@ loopback, then drives the main job through acmectl exactly as an operator
 would (account, CSR on the peer, sign with every peer serving the
 challenges, the orders kept, pending certificate, deploy without restart,
 status, history),
-printing each command and its output, and stops everything.
+printing each command and its output, and stops everything. Every replica
+serves the web status page (its URLs and token file are printed first); at
+the end headless Chromium takes a screenshot of it, ``status-page.png``,
+which stays in the run directory (a temporary one is emptied of everything
+else) when the demo is done.
 
 ``--coordinators N --etcd-members M`` runs it highly available: N
 coordinator replicas (one leads, the others stand by and answer too) on an
@@ -29,10 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from clusteracme.localcluster import browser
 from clusteracme.localcluster.cluster import LocalCluster, peer_address, peer_ipv6_address, served_serial
 from clusteracme.localcluster.netns import unavailable_reason
 
 NAMES = ("www.demo.example", "api.demo.example")
+SCREENSHOT = "status-page.png"
 
 
 def step(cluster: LocalCluster, *args: str) -> None:
@@ -52,7 +58,18 @@ def demo(args: argparse.Namespace) -> None:
         print(f"== logs and state kept in {run_dir}", flush=True)
         raise
     if not args.run_dir:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        # The temporary run dir goes, but for the status page's screenshot (no keys or state are left behind).
+        for entry in run_dir.iterdir():
+            if entry.name == SCREENSHOT:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if not any(run_dir.iterdir()):
+            run_dir.rmdir()
+    if (run_dir / SCREENSHOT).exists():
+        print(f"== the status page's screenshot is kept at {run_dir / SCREENSHOT}", flush=True)
 
 
 def _plural(count: int, one: str, many: str) -> str:
@@ -67,7 +84,7 @@ def _demo(args: argparse.Namespace, run_dir: Path) -> None:
           flush=True)
     started = time.monotonic()
     with LocalCluster(run_dir, peers=args.peers, front_mode=args.front_mode, ipv6=args.ipv6,
-                      coordinators=args.coordinators, etcd_members=args.etcd_members) as cluster:
+                      coordinators=args.coordinators, etcd_members=args.etcd_members, web=True) as cluster:
         peers = range(1, args.peers + 1)
         addresses = [f"{peer_address(i)} + {peer_ipv6_address(i)}" if args.ipv6 else peer_address(i) for i in peers]
         if cluster.netns is not None:
@@ -75,6 +92,8 @@ def _demo(args: argparse.Namespace, run_dir: Path) -> None:
         print(f"== cluster up in {time.monotonic() - started:.1f}s; peers on " + ", ".join(addresses)
               + f", port-80 fronts on port {cluster.front_port}", flush=True)
         show_etcd_members(cluster)
+        print("== status page: " + ", ".join(r.web_url or "" for r in cluster.replicas)
+              + f" (log in with the token in {cluster.web_token_file}, or an operator certificate)", flush=True)
         step(cluster, "coordinators")
         for name in NAMES:
             cluster.set_dns(name, peers)
@@ -97,8 +116,30 @@ def _demo(args: argparse.Namespace, run_dir: Path) -> None:
               f"serial {cluster.inside(served_serial, agent.tls_endpoint, NAMES[0])}", flush=True)
         step(cluster, "status")
         step(cluster, "events", "peer1")
+        screenshot_status_page(cluster)
         print("\n== stopping the cluster", flush=True)
     print("== demo finished", flush=True)
+
+
+def screenshot_status_page(cluster: LocalCluster) -> None:
+    """A PNG of the status page as headless Chromium shows it, in the run dir;
+    without Chromium (or with a dual-stack cluster, whose pages live inside
+    its namespace), says so and goes on."""
+    out = cluster.run_dir / SCREENSHOT
+    reason = browser.unavailable_reason()
+    if reason is None and cluster.netns is not None:
+        reason = "the dual-stack cluster's status page is inside its network namespace"
+    if reason is not None:
+        print(f"\n== no screenshot of the status page: {reason}", flush=True)
+        return
+    url = cluster.replicas[0].web_url or ""
+    try:
+        browser.screenshot(url, cluster.web_token_file.read_text().strip(),
+                           [cluster.pki_dir / f"coordinator-{r.name}.pem" for r in cluster.replicas], out)
+    except Exception as exc:  # the demo goes on without its picture
+        print(f"\n== no screenshot of the status page: {exc}", flush=True)
+        return
+    print(f"\n== status page {url} as headless Chromium shows it: {out}", flush=True)
 
 
 def show_etcd_members(cluster: LocalCluster) -> None:

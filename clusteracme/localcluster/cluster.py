@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import ssl
@@ -180,6 +181,8 @@ class Replica:
     log_path: Path
     metrics_port: int | None = None
     """Set when the cluster was made with ``coordinator_metrics=True``."""
+    web_port: int | None = None
+    """Set when the cluster was made with ``web=True`` (the status page)."""
     process: Process | None = None
     frozen: bool = False
     """SIGSTOPped by ``freeze_coordinator`` (and not thawed since)."""
@@ -192,6 +195,11 @@ class Replica:
     def metrics_url(self) -> str | None:
         """``http://127.0.0.1:<port>/metrics`` of this replica, or None without metrics."""
         return None if self.metrics_port is None else f"http://{COORDINATOR_HOST}:{self.metrics_port}/metrics"
+
+    @property
+    def web_url(self) -> str | None:
+        """``https://127.0.0.1:<port>/``: this replica's status page, or None without ``web=True``."""
+        return None if self.web_port is None else f"https://{COORDINATOR_HOST}:{self.web_port}/"
 
     @property
     def running(self) -> bool:
@@ -220,10 +228,17 @@ class Agent:
     process: Process | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     """The launcher's config for this agent before any overrides."""
+    metrics_port: int | None = None
+    """Set when the cluster was made with ``agent_metrics=True``."""
 
     @property
     def tls_endpoint(self) -> str:
         return f"{self.address}:{self.tls_port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://<address>:<port>/metrics`` of this agent, or None without metrics."""
+        return None if self.metrics_port is None else f"http://{self.address}:{self.metrics_port}/metrics"
 
 
 @dataclass
@@ -252,6 +267,11 @@ class LocalCluster:
     """How many members the etcd cluster has."""
     coordinator_metrics: bool = False
     """Give every replica a free ``metrics_listen`` port (``Replica.metrics_url``)."""
+    web: bool = False
+    """Serve the status page on every replica (``Replica.web_url``), with
+    the token in ``web_token_file`` (operator certificates work too)."""
+    agent_metrics: bool = False
+    """Give every agent a free ``metrics_listen`` port (``Agent.metrics_url``)."""
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir).resolve()
@@ -272,7 +292,8 @@ class LocalCluster:
         # One replica keeps the file names of the single-coordinator days.
         stem = "coordinator" if self.coordinators == 1 else f"coordinator-c{index}"
         return Replica(index, f"c{index}", free_port(), self.run_dir / f"{stem}.toml", self.run_dir / f"{stem}.log",
-                       metrics_port=free_port() if self.coordinator_metrics else None)
+                       metrics_port=free_port() if self.coordinator_metrics else None,
+                       web_port=free_port() if self.web else None)
 
     # --- lifecycle ---------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -353,6 +374,8 @@ class LocalCluster:
             pki.init_ca(self.pki_dir, cluster="localcluster")
             pki.issue(self.pki_dir, pki.Identity(pki.Role.OPERATOR, "admin"), out_dir=self.pki_dir)
             pki.create_secret(self.run_dir / "account-key.secret")
+        if self.web and not self.web_token_file.exists():
+            pki.write_private(self.web_token_file, secrets.token_urlsafe(32).encode() + b"\n")
         for replica in self.replicas:
             if not self._replica_tls(replica)[0].exists():
                 pki.issue(self.pki_dir, pki.Identity(pki.Role.COORDINATOR, replica.name), out_dir=self.pki_dir,
@@ -392,14 +415,27 @@ class LocalCluster:
         self.replicas[0].process = process
 
     @property
+    def web_token_file(self) -> Path:
+        """The status page's bearer token (``web=True``): ``<run_dir>/web-token``, mode 0600."""
+        return self.run_dir / "web-token"
+
+    @property
     def metrics_urls(self) -> list[str]:
         """Every replica's metrics URL (``coordinator_metrics=True``; else empty)."""
         return [r.metrics_url for r in self.replicas if r.metrics_url is not None]
+
+    @property
+    def agent_metrics_urls(self) -> list[str]:
+        """Every agent's metrics URL (``agent_metrics=True``; else empty)."""
+        return [a.metrics_url for a in self.agents if a.metrics_url is not None]
 
     def _write_coordinator_config(self, replica: Replica) -> None:
         assert self.infra is not None
         cert, key = self._replica_tls(replica)
         metrics = {} if replica.metrics_port is None else {"metrics_listen": f"{COORDINATOR_HOST}:{replica.metrics_port}"}
+        if replica.web_port is not None:
+            metrics |= {"web_listen": f"{COORDINATOR_HOST}:{replica.web_port}",
+                        "web_token_file": str(self.web_token_file)}
         write_toml(replica.config, {
             "name": replica.name,
             "listen": replica.endpoint,
@@ -417,7 +453,7 @@ class LocalCluster:
         peer_id, address = f"peer{index}", peer_address(index)
         cert, key = pki.issue(self.pki_dir, pki.Identity(pki.Role.AGENT, peer_id), out_dir=self.pki_dir, ips=[address])
         agent = Agent(index, peer_id, address, free_port(), free_port(), self.run_dir / f"agent-{peer_id}.toml",
-                      self.run_dir / "agents" / peer_id)
+                      self.run_dir / "agents" / peer_id, metrics_port=free_port() if self.agent_metrics else None)
         addresses = [address]
         if self.netns is not None:
             addresses.append(peer_ipv6_address(index))
@@ -435,6 +471,8 @@ class LocalCluster:
             # The agent's own HTTPS endpoint: deployed certificates go live here.
             "endpoints": [{"listen": agent.tls_endpoint}],
         }
+        if agent.metrics_port is not None:
+            defaults["metrics_listen"] = f"{address}:{agent.metrics_port}"
         agent.defaults = defaults
         self.write_agent_config(index, {}, agent)
         return agent

@@ -63,6 +63,11 @@ class ReplicaRouter(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def leading(self) -> bool:
         return self._leader is not None
 
+    @property
+    def reads(self) -> CoordinatorServicer:
+        """The servicer reads go to now (the web status page reads through it)."""
+        return self._leader if self._leader is not None else self._standby
+
     def taking_over(self) -> None:
         """The election is won; the previous leader's orders are being resumed."""
         self._won = True

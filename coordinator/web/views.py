@@ -1,0 +1,282 @@
+"""The status page's HTTP side: the pages (server-rendered Jinja2, autoescaped,
+no script), the access check in front of them, the login form and the
+headers every answer carries.
+
+The data comes from the coordinator's read methods (``Reads``: Status,
+ListOrders, GetOrder, ListEvents, ListAlarms), the answers acmectl gets;
+nothing here writes. GET and HEAD only, but for the login form's POST (which
+sets a cookie and changes no cluster state) and logout's."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.resources
+import logging
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any, Protocol
+
+import jinja2
+from aiohttp import web
+from clusteracme.coordinator.web import auth
+from clusteracme.coordinator.web.svg import Bar, timeline_svg
+
+from clusteracme import errors
+from clusteracme.rpcutil import DenyList
+from clusteracme.v1 import coordinator_pb2 as pb
+
+log = logging.getLogger(__name__)
+UTC = datetime.UTC
+ORDERS_SHOWN = 100
+EVENTS_SHOWN = 100
+INDEX_REFRESH = 30
+ORDER_REFRESH = 2
+MAX_NEXT = 2000
+
+CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+                           "frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",  # not no-referrer: the login POST would carry "Origin: null"
+    "Cache-Control": "no-store",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+PUBLIC = frozenset({"/healthz", "/login", "/logout", "/static/style.css"})
+"""Paths served without credentials (the login form needs its stylesheet)."""
+_visitor: ContextVar[auth.Visitor | None] = ContextVar("web_visitor", default=None)
+"""Who the request being answered is from (set by the access check; each request runs in a task of its own)."""
+POSTS = frozenset({"/login", "/logout"})
+"""The only paths that take a POST; neither changes cluster state."""
+
+
+class Reads(Protocol):
+    """The coordinator's read methods: ``await reads("Status", pb.StatusRequest())``
+    gives the answer acmectl gets; errors are our ``ClusterAcmeError``s
+    (NotFound for an unknown peer or order, InvalidArgument for a bad id)."""
+
+    def __call__(self, method: str, request: Any) -> Awaitable[Any]: ...
+
+
+# --- times as the tables show them ----------------------------------------------------------
+def when(text: str) -> datetime.datetime | None:
+    """A time the coordinator wrote (ISO 8601), aware; None when empty or unreadable."""
+    try:
+        at = datetime.datetime.fromisoformat(text)
+    except (ValueError, TypeError):
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def span(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 2 * 86400:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+def days_left(not_after: str, now: datetime.datetime) -> int | None:
+    """Whole days until ``not_after`` (0 once expired); None without a certificate."""
+    end = when(not_after) if not_after else None
+    return None if end is None else max(0, int((end - now).total_seconds() // 86400))
+
+
+def days_class(slot: Any, now: datetime.datetime, fraction: float) -> str:
+    """CSS class of a slot's days left: "bad" within a week, "warn" past the renewal point."""
+    days = days_left(slot.active_not_after, now)
+    if days is None:
+        return ""
+    if days < 7:
+        return "bad"
+    start, end = when(slot.active_not_before), when(slot.active_not_after)
+    if start is not None and end is not None and now >= start + (end - start) * fraction:
+        return "warn"
+    return "ok"
+
+
+class Clock(Protocol):
+    def __call__(self) -> datetime.datetime: ...
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(UTC)
+
+
+# --- the site -------------------------------------------------------------------------------
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("clusteracme.coordinator.web", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env
+
+
+class Site:
+    """The pages of one replica. ``token`` gives the bearer token in force
+    (None: no token file); ``client_der`` the verified client certificate of
+    a request (None without one)."""
+
+    def __init__(self, reads: Reads, *, replica: str, token: Callable[[], bytes | None],
+                 deny_list: DenyList | None, client_der: Callable[[web.Request], bytes | None],
+                 fraction: float = 2 / 3, clock: Clock = utc_now) -> None:
+        self._reads = reads
+        self._replica = replica
+        self._token = token
+        self._deny_list = deny_list
+        self._client_der = client_der
+        self._fraction = fraction
+        self._clock = clock
+        self._env = _environment()
+        self._css = importlib.resources.files("clusteracme.coordinator.web").joinpath("static/style.css").read_bytes()
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._guard], client_max_size=8192)
+        app.on_response_prepare.append(_security_headers)
+        app.router.add_get("/", self.index)
+        app.router.add_get("/peers/{peer_id}", self.peer)
+        app.router.add_get("/orders", self.orders)
+        app.router.add_get("/orders/{order_id}", self.order)
+        app.router.add_get("/timeline", self.timeline)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/static/style.css", self.style)
+        app.router.add_get("/login", self.login_form)
+        app.router.add_post("/login", self.login)
+        app.router.add_post("/logout", self.logout)
+        return app
+
+    # --- rendering ---------------------------------------------------------------------------
+    def render(self, template: str, *, status: int = 200, refresh: int = 0, **context: Any) -> web.Response:
+        now = self._clock()
+        fraction = self._fraction
+        html = self._env.get_template(template).render(
+            replica=self._replica, now=now, refresh=refresh, visitor=_visitor.get(),
+            days_left=lambda text: days_left(text, now), days_class=lambda s: days_class(s, now, fraction),
+            ago=lambda text: (span((now - at).total_seconds()) + " ago") if (at := when(text)) else (text or "-"),
+            until=lambda text: ("now" if at <= now else "in " + span((at - now).total_seconds()))
+            if (at := when(text)) else (text or "-"),
+            **context)
+        return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+
+    def _error(self, request: web.Request, exc: errors.ClusterAcmeError) -> web.Response:
+        status = 404 if isinstance(exc, errors.NotFound) else 400 if isinstance(exc, errors.InvalidArgument) else 503
+        return self.render("error.html", status=status, title=f"{status}", message=exc.message)
+
+    async def _read(self, method: str, request: Any) -> Any:
+        return await self._reads(method, request)
+
+    # --- access ----------------------------------------------------------------------------
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD") and not (request.method == "POST" and request.path in POSTS):
+            return web.Response(status=405, text="405: the status page is read-only\n",
+                                headers={"Allow": "GET, HEAD, POST" if request.path in POSTS else "GET, HEAD"})
+        _visitor.set(None)  # requests on one kept-alive connection may share a task: nothing carried over
+        if request.path not in PUBLIC:
+            try:
+                _visitor.set(auth.decide(
+                    client_der=self._client_der(request), authorization=request.headers.get("Authorization", ""),
+                    cookie=request.cookies.get(auth.COOKIE, ""), token=self._token(),
+                    deny_list=self._deny_list, now=self._clock().timestamp()))
+            except errors.PermissionDenied as exc:
+                return self._refused(request, exc)
+        try:
+            return await handler(request)
+        except errors.ClusterAcmeError as exc:
+            return self._error(request, exc)
+
+    def _refused(self, request: web.Request, exc: errors.PermissionDenied) -> web.Response:
+        """403 for a client certificate that may not read; else 401 with the login form."""
+        if self._client_der(request) is not None:
+            return self.render("error.html", status=403, title="403", message=exc.message)
+        response = self.render("login.html", status=401, message=exc.message, next=request.path_qs,
+                               token_login=self._token() is not None)
+        response.headers["WWW-Authenticate"] = 'Bearer realm="clusteracme"'
+        return response
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def style(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._css, content_type="text/css", charset="utf-8")
+
+    async def login_form(self, request: web.Request) -> web.Response:
+        return self.render("login.html", message="", next=_local(request.query.get("next", "/")),
+                           token_login=self._token() is not None)
+
+    async def login(self, request: web.Request) -> web.Response:
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != f"{request.scheme}://{request.host}":
+            return self.render("error.html", status=403, title="403", message="a login from another site")
+        form = await request.post()
+        given, target = str(form.get("token", "")), _local(str(form.get("next", "/")))
+        token = self._token()
+        if token is None or not auth.token_matches(given, token):
+            message = "wrong token" if token is not None else "this coordinator has no web_token_file"
+            log.warning("status page: refused a login from %s: %s", request.remote, message)
+            return self.render("login.html", status=401, message=message, next=target, token_login=token is not None)
+        response = web.Response(status=303, headers={"Location": target})
+        response.set_cookie(auth.COOKIE, auth.session_value(token, self._clock().timestamp()), max_age=auth.SESSION_SECONDS,
+                            path="/", secure=True, httponly=True, samesite="Strict")
+        return response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        response = web.Response(status=303, headers={"Location": "/login"})
+        response.del_cookie(auth.COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
+        return response
+
+    # --- pages -----------------------------------------------------------------------------
+    async def index(self, request: web.Request) -> web.Response:
+        status = await self._read("Status", pb.StatusRequest())
+        return self.render("index.html", refresh=INDEX_REFRESH, peers=status.peers)
+
+    async def peer(self, request: web.Request) -> web.Response:
+        peer_id = request.match_info["peer_id"]
+        status = await self._read("Status", pb.StatusRequest(peer_id=peer_id))
+        events = await self._read("ListEvents", pb.ListEventsRequest(peer_id=peer_id, limit=EVENTS_SHOWN))
+        alarms = await self._read("ListAlarms", pb.ListAlarmsRequest(peer_id=peer_id, all=True))
+        orders = await self._read("ListOrders", pb.ListOrdersRequest(peer_id=peer_id, limit=20))
+        return self.render("peer.html", refresh=INDEX_REFRESH, p=status.peers[0], events=events.events,
+                           alarms=alarms.alarms, orders=orders.orders)
+
+    async def orders(self, request: web.Request) -> web.Response:
+        found = await self._read("ListOrders", pb.ListOrdersRequest(limit=ORDERS_SHOWN))
+        return self.render("orders.html", refresh=INDEX_REFRESH, orders=found.orders)
+
+    async def order(self, request: web.Request) -> web.Response:
+        o = await self._read("GetOrder", pb.GetOrderRequest(order_id=request.match_info["order_id"]))
+        return self.render("order.html", refresh=0 if o.done else ORDER_REFRESH, o=o)
+
+    async def timeline(self, request: web.Request) -> web.Response:
+        status = await self._read("Status", pb.StatusRequest())
+        bars = timeline_bars(status)
+        return self.render("timeline.html", refresh=INDEX_REFRESH, bars=bars,
+                           svg=timeline_svg(bars, self._clock(), self._fraction))
+
+
+def timeline_bars(status: Any) -> list[Bar]:
+    """One bar per active certificate whose lifetime the status gives."""
+    bars = []
+    for p in status.peers:
+        for s in p.slots:
+            start, end = when(s.active_not_before), when(s.active_not_after)
+            if s.active_serial and start is not None and end is not None:
+                bars.append(Bar(f"{p.peer.peer_id} / {s.slot.domain or 'server'}", s.active_serial, start, end,
+                                href=f"/peers/{p.peer.peer_id}"))
+    return bars
+
+
+def _local(target: str) -> str:
+    """Where a login may send the browser: a path on this site, else "/"."""
+    if (not target.startswith("/") or target.startswith("//") or "\\" in target or len(target) > MAX_NEXT
+            or any(ord(c) < 0x21 for c in target)):
+        return "/"
+    return target
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers[name] = value
