@@ -6,7 +6,9 @@ Shared by the coordinator (pending certificates, CSR checks) and the agent
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -110,3 +112,49 @@ def summarize(cert: x509.Certificate) -> Summary:
         public_key_sha256=spki_sha256(cert.public_key()),
         sha256_fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
     )
+
+
+# --- where a certificate stands in its lifetime (acmectl status and the status page) -------------
+_FRACTION = re.compile(r"(\d+)/(\d+) of the lifetime|(\d+(?:\.\d+)?)% of the lifetime")
+
+
+def iso_time(text: str) -> datetime.datetime | None:
+    """A time the coordinator wrote (ISO 8601), aware (UTC when it names no
+    zone); None when empty or unreadable."""
+    try:
+        at = datetime.datetime.fromisoformat(text)
+    except (ValueError, TypeError):
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=datetime.UTC)
+
+
+def two_thirds_of(not_before: datetime.datetime, not_after: datetime.datetime) -> datetime.datetime:
+    """The point 2/3 of the way through a lifetime: the issue's "renewal is
+    due" rule for showing a certificate in yellow."""
+    return not_before + (not_after - not_before) * 2 / 3
+
+
+def two_thirds_point(not_before: str, not_after: str, renewal_due_at: str = "",
+                     renewal_reason: str = "") -> datetime.datetime | None:
+    """When 2/3 of the active certificate's lifetime is reached (past it,
+    ``acmectl status`` and the status page show the days left in yellow):
+    exactly, from its notBefore and notAfter. Without a notBefore (from a
+    coordinator older than that field), estimated: the lifetime is worked out
+    from the renewal point when the coordinator placed it at a fraction of
+    the lifetime ("2/3 of the lifetime", "75% of the lifetime"); when the
+    CA's renewal information placed it (ARI), the renewal point itself
+    stands in. None without a notAfter."""
+    end, start = iso_time(not_after), iso_time(not_before) if not_before else None
+    if end is not None and start is not None and start < end:
+        return two_thirds_of(start, end)
+    due = iso_time(renewal_due_at)
+    if end is None or due is None:
+        return None
+    m = _FRACTION.match(renewal_reason)
+    if m is None:
+        return due
+    fraction = int(m[1]) / int(m[2]) if m[1] else float(m[3]) / 100
+    if not 0 < fraction < 1:
+        return due
+    lifetime = (end - due) / (1 - fraction)
+    return end - lifetime / 3

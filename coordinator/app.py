@@ -274,10 +274,8 @@ async def _serve(settings: CoordinatorSettings, cleanup: contextlib.AsyncExitSta
         router.demote()
         await health.set(LEADER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         metrics.LEADER.set(0)
-        # The leader's per-peer, per-slot and alarm series go with the term: a standby exports none of them.
-        metrics.forget_slots(set(), peers=())
-        metrics.ALARM.clear()
         await term.close()
+        metrics.end_term()
         leader = None
         try:
             await replicas.became_standby()

@@ -159,6 +159,18 @@ def forget_slots(keep: set[tuple[str, str]], peers: Collection[str] | None = Non
     return removed
 
 
+def end_term() -> None:
+    """A leader's term ended (it is a standby again): its per-peer, per-slot
+    and alarm series go and its work gauges read 0, so that a standby exports
+    only ``clusteracme_leader``, ``clusteracme_build_info``, counters and
+    histograms, and these gauges at 0. Called once the term's jobs stopped
+    (none sets a gauge again)."""
+    forget_slots(set(), peers=())
+    ALARM.clear()
+    for gauge in (PEERS_ALIVE, ORDERS_ACTIVE, ORDERS_QUEUED):
+        gauge.set(0)
+
+
 async def serve(listen: str) -> web.AppRunner:
     """Start the /metrics HTTP endpoint; returns the runner to clean up."""
     host, port = netaddr.split_bind(listen, "metrics_listen")

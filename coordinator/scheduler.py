@@ -44,6 +44,7 @@ from clusteracme.coordinator.metrics import (
     PEERS_ALIVE,
     RENEWAL_DUE,
     RENEWAL_OVERDUE,
+    count_sign,
     forget_slots,
 )
 from clusteracme.coordinator.peers import PeerInfo, Registry
@@ -406,6 +407,7 @@ class RenewalScheduler:
             retry_at = now + datetime.timedelta(seconds=self._backoff(failures))
             log.warning("automatic sign for %s %s could not start (%s); failure %d, next try after %s",
                         peer_id, domain or "server", exc.message, failures, _iso(retry_at))
+            count_sign(auto=True, issued=False)  # a failed automatic sign, though no order was made
             await self._save_state(peer_id, domain, {"failures": failures, "retry_at": _iso(retry_at),
                                                      "last_error": exc.message})
             return

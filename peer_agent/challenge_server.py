@@ -308,7 +308,12 @@ class ChallengeServer:
         await self._listener.stop()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        response = self._answer(request)
+        try:
+            response = self._answer(request)
+        except Exception:
+            if self._count_requests:
+                metrics.count_front_answer(500)  # aiohttp answers 500 (and logs it): outcome "error"
+            raise
         if response.status == 200:
             metrics.count_token_served()
         if self._count_requests:

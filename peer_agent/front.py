@@ -170,7 +170,11 @@ class Front:
             await session.close()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        response = await self._answer(request)
+        try:
+            response = await self._answer(request)
+        except Exception:
+            metrics.count_front_answer(500)  # aiohttp answers 500 (and logs it): outcome "error"
+            raise
         metrics.count_front_answer(response.status)  # by what was done, never by what was asked
         return response
 

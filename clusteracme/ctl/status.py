@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from clusteracme import certinfo
 from clusteracme.ctl.base import Ctl, _one_line
 from clusteracme.safetext import terminal_safe
 from clusteracme.v1 import coordinator_pb2 as pb
@@ -79,7 +80,6 @@ SIGN_WORDS = {"valid": "ok", "failed": "FAIL", "running": "run"}  # and "queued 
 DEPLOY_WORDS = {"ok": "ok", "failed": "FAIL", "interrupted": "intr", "rolled back": "rb", "rollback failed": "rb-FAIL",
                 "rollback interrupted": "rb-intr"}
 STATUS_WORD_MAX = 7  # characters of a status not listed above (a newer coordinator's), cut
-_FRACTION = re.compile(r"(\d+)/(\d+) of the lifetime|(\d+(?:\.\d+)?)% of the lifetime")
 
 
 def use_color(stream: Any = None) -> bool:
@@ -141,27 +141,10 @@ def days_left(not_after: str, now: datetime.datetime) -> int | None:
 
 
 def two_thirds_point(s: Any) -> datetime.datetime | None:
-    """When 2/3 of the active certificate's lifetime is reached: exactly,
-    from active_not_before and active_not_after. From a coordinator that does
-    not send active_not_before (older than this field), estimated: the
-    lifetime is worked out from the renewal point when the coordinator placed
-    it at a fraction of the lifetime ("2/3 of the lifetime", "75% of the
-    lifetime"); when the CA's renewal information placed it (ARI), the
-    renewal point itself stands in."""
-    end, start = _when(s.active_not_after), _when(s.active_not_before) if s.active_not_before else None
-    if end is not None and start is not None and start < end:
-        return start + (end - start) * 2 / 3
-    due = _when(s.schedule.renewal_due_at)
-    if end is None or due is None:
-        return None
-    m = _FRACTION.match(s.schedule.renewal_reason)
-    if m is None:
-        return due
-    fraction = int(m[1]) / int(m[2]) if m[1] else float(m[3]) / 100
-    if not 0 < fraction < 1:
-        return due
-    lifetime = (end - due) / (1 - fraction)
-    return end - lifetime / 3
+    """When 2/3 of the slot's active certificate's lifetime is reached (the
+    rule the status page shares: ``certinfo.two_thirds_point``)."""
+    return certinfo.two_thirds_point(s.active_not_before, s.active_not_after, s.schedule.renewal_due_at,
+                                     s.schedule.renewal_reason)
 
 
 def days_color(s: Any, now: datetime.datetime) -> str:

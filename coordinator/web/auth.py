@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import math
 import os
 import string
 from dataclasses import dataclass
@@ -24,9 +26,12 @@ from clusteracme import errors
 from clusteracme.pki import Identity, Role, identity_fingerprint
 from clusteracme.rpcutil import DenyList
 
+log = logging.getLogger(__name__)
 COOKIE = "clusteracme_session"
 SESSION_SECONDS = 12 * 3600
 """A login lasts this long (the cookie's Max-Age and the expiry it signs)."""
+CLOCK_SKEW = 300
+"""A cookie made by a replica whose clock runs up to this many seconds ahead is accepted."""
 MIN_TOKEN_CHARS = 16
 MAX_TOKEN_CHARS = 4096
 _TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + string.punctuation)
@@ -47,7 +52,7 @@ def check_token(text: str, where: str) -> bytes:
     token = text.strip()
     if len(token) < MIN_TOKEN_CHARS:
         raise errors.InvalidArgument(f"web_token_file {where}: the token has {len(token)} characters; give at least "
-                                     f"{MIN_TOKEN_CHARS} (e.g. `openssl rand -hex 32 > {where}`)")
+                                     f"{MIN_TOKEN_CHARS} (e.g. `(umask 077; openssl rand -hex 32 > {where})`)")
     if len(token) > MAX_TOKEN_CHARS:
         raise errors.InvalidArgument(f"web_token_file {where}: the token is longer than {MAX_TOKEN_CHARS} characters")
     if not set(token) <= _TOKEN_CHARS:
@@ -57,37 +62,53 @@ def check_token(text: str, where: str) -> bytes:
 
 class TokenFile:
     """``web_token_file``, read at start (a bad file stops the start) and
-    again whenever its stat changes; a later unreadable or bad file keeps the
-    token in use (the error is kept in ``problem``)."""
+    again whenever its stat changes. A later missing, unreadable, bad or
+    group/other-accessible file turns token access off (``token()`` is None:
+    bearer tokens and session cookies refused, certificates still work) until
+    a good file returns; each change is logged once (``problem`` holds the
+    reason while access is off)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.problem: str | None = None
         self._stamp = self._stat()
-        self._token = self._read()
+        self._token: bytes | None = self._read()
 
     def _stat(self) -> object:
         try:
             st = os.stat(self.path)
         except OSError:
             return None
-        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode
 
     def _read(self) -> bytes:
         try:
-            text = self.path.read_text(encoding="ascii")
+            with open(self.path, encoding="ascii") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                text = f.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise errors.InvalidArgument(f"web_token_file {self.path}: cannot read it ({exc})") from None
+        if mode & 0o077:
+            raise errors.InvalidArgument(f"web_token_file {self.path}: it is open to group or others "
+                                         f"(mode {mode & 0o777:o}); chmod 600 it")
         return check_token(text, str(self.path))
 
-    def token(self) -> bytes:
+    def token(self) -> bytes | None:
+        """The token in force, None while token access is off."""
         stamp = self._stat()
         if stamp != self._stamp:
             self._stamp = stamp
             try:
-                self._token, self.problem = self._read(), None
+                token = self._read()
             except errors.InvalidArgument as exc:
-                self.problem = exc.message
+                self._token, self.problem = None, exc.message
+                log.warning("status page: token access is off until the token file is good again: %s", exc.message)
+            else:
+                if self._token is None:
+                    log.info("status page: token access is on again (%s is good)", self.path)
+                elif token != self._token:
+                    log.info("status page: a new token from %s (every session ended)", self.path)
+                self._token, self.problem = token, None
         return self._token
 
 
@@ -122,7 +143,7 @@ def session_valid(value: str, token: bytes, now: float) -> bool:
     if not dot or not expires_text.isascii() or not expires_text.isdigit() or len(expires_text) > 12:
         return False
     expires = int(expires_text)
-    if not now < expires <= now + SESSION_SECONDS + 60:  # 60 s: replicas' clocks differ a little
+    if not now < expires <= now + SESSION_SECONDS + CLOCK_SKEW:
         return False
     return hmac.compare_digest(mac.encode("ascii", "replace"), _session_mac(token, expires).encode())
 
@@ -150,6 +171,10 @@ def certificate_visitor(der: bytes, deny_list: DenyList | None) -> Visitor:
     return Visitor(who.common_name, "certificate")
 
 
+NO_TOKEN = ("token access is off on this coordinator (no web_token_file, or it is missing or bad: see its log): "
+            "use an operator certificate")
+
+
 def decide(*, client_der: bytes | None, authorization: str, cookie: str, token: bytes | None,
            deny_list: DenyList | None, now: float) -> Visitor:
     """Who the request is from, or PermissionDenied saying why not. A client
@@ -162,10 +187,59 @@ def decide(*, client_der: bytes | None, authorization: str, cookie: str, token: 
         if given is None:
             raise errors.PermissionDenied("the Authorization header is not `Bearer <token>`")
         if token is None:
-            raise errors.PermissionDenied("this coordinator has no web_token_file: use an operator certificate")
+            raise errors.PermissionDenied(NO_TOKEN)
         if not token_matches(given, token):
             raise errors.PermissionDenied("wrong token")
         return Visitor("token", "token")
-    if cookie and token is not None and session_valid(cookie, token, now):
+    if cookie and token is None:
+        raise errors.PermissionDenied(NO_TOKEN)
+    if cookie and session_valid(cookie, token, now):
         return Visitor("token (session)", "session")
     raise errors.PermissionDenied("no credentials (an operator client certificate, a bearer token or a login)")
+
+
+@dataclass
+class _Window:
+    since: float
+    """When this address's current minute began (its first failure in it)."""
+    failures: int
+    unlogged: int
+    """Failed or refused logins of the address not in a log line yet."""
+
+
+class LoginFailures:
+    """Failed logins per client address, counted over one-minute windows that
+    start at an address's first failure. Of a window, only the first failure
+    is logged, with how many went unlogged in the one before (at most one
+    warning per address per minute); after ``limit`` failures further logins
+    from the address are refused (``retry_after``) until its window ends.
+    At most ``max_addresses`` are remembered (the oldest windows forgotten
+    first). Pure: time is an argument."""
+
+    def __init__(self, *, limit: int = 10, window: float = 60.0, max_addresses: int = 4096) -> None:
+        self.limit, self.window, self.max_addresses = limit, window, max_addresses
+        self._by: dict[str, _Window] = {}  # in the order the windows began
+
+    def retry_after(self, address: str, now: float) -> int:
+        """0 when a login from ``address`` is taken now; else how many seconds
+        until it is (and the refusal is counted for the next log line)."""
+        w = self._by.get(address)
+        if w is None or now - w.since >= self.window or w.failures < self.limit:
+            return 0
+        w.unlogged += 1
+        return max(1, math.ceil(w.since + self.window - now))
+
+    def failed(self, address: str, now: float) -> int | None:
+        """Count a failed login. None: log nothing; else log it now, saying
+        how many earlier ones (this number) went unlogged."""
+        w = self._by.get(address)
+        if w is not None and now - w.since < self.window:
+            w.failures += 1
+            w.unlogged += 1
+            return None
+        earlier = w.unlogged if w is not None else 0
+        self._by.pop(address, None)
+        self._by[address] = _Window(since=now, failures=1, unlogged=0)
+        while len(self._by) > self.max_addresses:
+            del self._by[next(iter(self._by))]
+        return earlier

@@ -1,6 +1,7 @@
 """The expiry timeline as an SVG drawing, built on the server (no script):
 one bar per certificate from notBefore to notAfter, a line at "now" and a
-mark at the renewal point (``renewal.fraction`` of the lifetime). Every
+mark at the renewal point (``renewal.fraction`` of the lifetime); a bar is
+yellow past 2/3 of its lifetime, as ``acmectl status`` shows it. Every
 label is escaped; the drawing uses presentation attributes only (the page's
 Content-Security-Policy allows no inline style)."""
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from html import escape
 
 from markupsafe import Markup
+
+from clusteracme.certinfo import two_thirds_of
 
 WIDTH = 1000
 LABEL_WIDTH = 230
@@ -32,11 +35,11 @@ class Bar:
     href: str = ""
 
 
-def _color(bar: Bar, now: datetime.datetime, fraction: float) -> str:
+def _color(bar: Bar, now: datetime.datetime) -> str:
     if now >= bar.not_after or (bar.not_after - now) < datetime.timedelta(days=RED_DAYS):
         return "#c0392b"  # expired or within a week of it
-    if now >= bar.not_before + (bar.not_after - bar.not_before) * fraction:
-        return "#d4a017"  # past the renewal point
+    if now >= two_thirds_of(bar.not_before, bar.not_after):
+        return "#d4a017"  # past 2/3 of the lifetime (acmectl status's yellow: certinfo.two_thirds_point)
     return "#2e8b57"
 
 
@@ -93,7 +96,7 @@ def timeline_svg(bars: list[Bar], now: datetime.datetime, fraction: float = 2 / 
             text = f'<a href="{escape(bar.href)}">{text}</a>'
         out.append(f'<g class="bar" data-serial="{escape(bar.serial)}"><title>{title}</title>{text}'
                    f'<rect x="{x0}" y="{y + 5}" width="{max(1.0, round(x1 - x0, 1))}" height="{ROW_HEIGHT - 10}" '
-                   f'rx="3" fill="{_color(bar, now, fraction)}"/>'
+                   f'rx="3" fill="{_color(bar, now)}"/>'
                    f'<line x1="{renew}" y1="{y + 2}" x2="{renew}" y2="{y + ROW_HEIGHT - 2}" stroke="#333" '
                    f'stroke-width="2" stroke-dasharray="3,2"/>'
                    f'<text x="{x1 + 4}" y="{y + 17}" font-size="11" fill="#333">'

@@ -9,9 +9,11 @@ sets a cookie and changes no cluster state) and logout's."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import importlib.resources
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, Protocol
@@ -21,7 +23,7 @@ from aiohttp import web
 from clusteracme.coordinator.web import auth
 from clusteracme.coordinator.web.svg import Bar, timeline_svg
 
-from clusteracme import errors
+from clusteracme import certinfo, errors
 from clusteracme.rpcutil import DenyList
 from clusteracme.v1 import coordinator_pb2 as pb
 
@@ -32,6 +34,11 @@ EVENTS_SHOWN = 100
 INDEX_REFRESH = 30
 ORDER_REFRESH = 2
 MAX_NEXT = 2000
+STATUS_CACHE_SECONDS = 5.0
+"""A Status answer (a fan-out to every live agent) serves the pages that show it for this long."""
+MAX_RENDERS = 4
+"""Pages answered at once; one more is told 503 with Retry-After (the status page must not load the coordinator)."""
+BUSY_RETRY_AFTER = 5
 
 CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
                            "frame-ancestors 'none'; base-uri 'none'")
@@ -86,17 +93,57 @@ def days_left(not_after: str, now: datetime.datetime) -> int | None:
     return None if end is None else max(0, int((end - now).total_seconds() // 86400))
 
 
-def days_class(slot: Any, now: datetime.datetime, fraction: float) -> str:
-    """CSS class of a slot's days left: "bad" within a week, "warn" past the renewal point."""
+def days_class(slot: Any, now: datetime.datetime) -> str:
+    """CSS class of a slot's days left: "bad" within a week, "warn" past 2/3
+    of the lifetime (the rule of ``acmectl status``: ``certinfo.two_thirds_point``)."""
     days = days_left(slot.active_not_after, now)
     if days is None:
         return ""
     if days < 7:
         return "bad"
-    start, end = when(slot.active_not_before), when(slot.active_not_after)
-    if start is not None and end is not None and now >= start + (end - start) * fraction:
-        return "warn"
-    return "ok"
+    point = certinfo.two_thirds_point(slot.active_not_before, slot.active_not_after, slot.schedule.renewal_due_at,
+                                      slot.schedule.renewal_reason)
+    return "warn" if point is not None and now >= point else "ok"
+
+
+class SharedStatus:
+    """The whole-cluster Status answer for ``/``, ``/timeline`` and the peer
+    pages: kept ``ttl`` seconds (from when it was asked for), and asked for
+    once however many pages want it meanwhile (they share the call in
+    flight). A failed call is not kept: the next page asks again. A page
+    that goes away does not cancel the call the others wait for."""
+
+    def __init__(self, reads: Reads, *, ttl: float = STATUS_CACHE_SECONDS,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._reads = reads
+        self._ttl = ttl
+        self._monotonic = monotonic
+        self._answer: Any = None
+        self._asked_at = 0.0
+        self._pending: asyncio.Future[Any] | None = None
+
+    async def get(self) -> Any:
+        if self._answer is not None and self._monotonic() - self._asked_at < self._ttl:
+            return self._answer
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._ask())
+            self._pending.add_done_callback(_retrieve)
+        return await asyncio.shield(self._pending)
+
+    async def _ask(self) -> Any:
+        asked_at = self._monotonic()
+        try:
+            answer = await self._reads("Status", pb.StatusRequest())
+        finally:
+            self._pending = None
+        self._answer, self._asked_at = answer, asked_at
+        return answer
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark the shared call's error seen (every page waiting for it may have gone)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class Clock(Protocol):
@@ -121,8 +168,14 @@ class Site:
 
     def __init__(self, reads: Reads, *, replica: str, token: Callable[[], bytes | None],
                  deny_list: DenyList | None, client_der: Callable[[web.Request], bytes | None],
-                 fraction: float = 2 / 3, clock: Clock = utc_now) -> None:
+                 fraction: float = 2 / 3, clock: Clock = utc_now, max_renders: int = MAX_RENDERS,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._reads = reads
+        self._status = SharedStatus(reads, monotonic=monotonic)
+        self._max_renders = max_renders
+        self._rendering = 0
+        self._monotonic = monotonic
+        self._login_failures = auth.LoginFailures()
         self._replica = replica
         self._token = token
         self._deny_list = deny_list
@@ -131,6 +184,11 @@ class Site:
         self._clock = clock
         self._env = _environment()
         self._css = importlib.resources.files("clusteracme.coordinator.web").joinpath("static/style.css").read_bytes()
+
+    @property
+    def rendering(self) -> int:
+        """Pages being answered now (at most ``max_renders``)."""
+        return self._rendering
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=8192)
@@ -150,10 +208,9 @@ class Site:
     # --- rendering ---------------------------------------------------------------------------
     def render(self, template: str, *, status: int = 200, refresh: int = 0, **context: Any) -> web.Response:
         now = self._clock()
-        fraction = self._fraction
         html = self._env.get_template(template).render(
             replica=self._replica, now=now, refresh=refresh, visitor=_visitor.get(),
-            days_left=lambda text: days_left(text, now), days_class=lambda s: days_class(s, now, fraction),
+            days_left=lambda text: days_left(text, now), days_class=lambda s: days_class(s, now),
             ago=lambda text: (span((now - at).total_seconds()) + " ago") if (at := when(text)) else (text or "-"),
             until=lambda text: ("now" if at <= now else "in " + span((at - now).total_seconds()))
             if (at := when(text)) else (text or "-"),
@@ -183,6 +240,18 @@ class Site:
                     deny_list=self._deny_list, now=self._clock().timestamp()))
             except errors.PermissionDenied as exc:
                 return self._refused(request, exc)
+            if self._rendering >= self._max_renders:
+                return web.Response(status=503, text="503: the status page is busy; try again in a few seconds\n",
+                                    headers={"Retry-After": str(BUSY_RETRY_AFTER)})
+            self._rendering += 1
+            try:
+                return await self._answer(request, handler)
+            finally:
+                self._rendering -= 1
+        return await self._answer(request, handler)
+
+    async def _answer(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
         try:
             return await handler(request)
         except errors.ClusterAcmeError as exc:
@@ -208,15 +277,23 @@ class Site:
                            token_login=self._token() is not None)
 
     async def login(self, request: web.Request) -> web.Response:
-        origin = request.headers.get("Origin")
-        if origin is not None and origin != f"{request.scheme}://{request.host}":
+        if _foreign(request):
             return self.render("error.html", status=403, title="403", message="a login from another site")
+        address = request.remote or "?"
+        wait = self._login_failures.retry_after(address, self._monotonic())
+        if wait:
+            return web.Response(status=429, text=f"429: too many failed logins from {address}; try again in {wait} s\n",
+                                headers={"Retry-After": str(wait)})
         form = await request.post()
         given, target = str(form.get("token", "")), _local(str(form.get("next", "/")))
         token = self._token()
         if token is None or not auth.token_matches(given, token):
-            message = "wrong token" if token is not None else "this coordinator has no web_token_file"
-            log.warning("status page: refused a login from %s: %s", request.remote, message)
+            message = "wrong token" if token is not None else "token access is off on this coordinator"
+            earlier = self._login_failures.failed(address, self._monotonic())
+            if earlier is not None:
+                log.warning("status page: refused a login from %s: %s%s", address, message,
+                            f" (and {earlier} more from it in the minute before, not logged one by one)"
+                            if earlier else "")
             return self.render("login.html", status=401, message=message, next=target, token_login=token is not None)
         response = web.Response(status=303, headers={"Location": target})
         response.set_cookie(auth.COOKIE, auth.session_value(token, self._clock().timestamp()), max_age=auth.SESSION_SECONDS,
@@ -224,22 +301,26 @@ class Site:
         return response
 
     async def logout(self, request: web.Request) -> web.Response:
+        if _foreign(request):
+            return self.render("error.html", status=403, title="403", message="a logout from another site")
         response = web.Response(status=303, headers={"Location": "/login"})
         response.del_cookie(auth.COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
         return response
 
     # --- pages -----------------------------------------------------------------------------
     async def index(self, request: web.Request) -> web.Response:
-        status = await self._read("Status", pb.StatusRequest())
+        status = await self._status.get()
         return self.render("index.html", refresh=INDEX_REFRESH, peers=status.peers)
 
     async def peer(self, request: web.Request) -> web.Response:
         peer_id = request.match_info["peer_id"]
-        status = await self._read("Status", pb.StatusRequest(peer_id=peer_id))
+        found = [p for p in (await self._status.get()).peers if p.peer.peer_id == peer_id]
+        if not found:  # added since the shared answer, or unknown (NotFound): ask for this one
+            found = list((await self._read("Status", pb.StatusRequest(peer_id=peer_id))).peers)
         events = await self._read("ListEvents", pb.ListEventsRequest(peer_id=peer_id, limit=EVENTS_SHOWN))
         alarms = await self._read("ListAlarms", pb.ListAlarmsRequest(peer_id=peer_id, all=True))
         orders = await self._read("ListOrders", pb.ListOrdersRequest(peer_id=peer_id, limit=20))
-        return self.render("peer.html", refresh=INDEX_REFRESH, p=status.peers[0], events=events.events,
+        return self.render("peer.html", refresh=INDEX_REFRESH, p=found[0], events=events.events,
                            alarms=alarms.alarms, orders=orders.orders)
 
     async def orders(self, request: web.Request) -> web.Response:
@@ -251,7 +332,7 @@ class Site:
         return self.render("order.html", refresh=0 if o.done else ORDER_REFRESH, o=o)
 
     async def timeline(self, request: web.Request) -> web.Response:
-        status = await self._read("Status", pb.StatusRequest())
+        status = await self._status.get()
         bars = timeline_bars(status)
         return self.render("timeline.html", refresh=INDEX_REFRESH, bars=bars,
                            svg=timeline_svg(bars, self._clock(), self._fraction))
@@ -270,11 +351,18 @@ def timeline_bars(status: Any) -> list[Bar]:
 
 
 def _local(target: str) -> str:
-    """Where a login may send the browser: a path on this site, else "/"."""
+    """Where a login may send the browser: a path on this site in printable
+    ASCII (a Location header holds nothing else), else "/"."""
     if (not target.startswith("/") or target.startswith("//") or "\\" in target or len(target) > MAX_NEXT
-            or any(ord(c) < 0x21 for c in target)):
+            or any(not 0x21 <= ord(c) <= 0x7E for c in target)):
         return "/"
     return target
+
+
+def _foreign(request: web.Request) -> bool:
+    """Does the request say it comes from a page of another site (its Origin)?"""
+    origin = request.headers.get("Origin")
+    return origin is not None and origin != f"{request.scheme}://{request.host}"
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -33,28 +33,51 @@ NAMES = {i: f"www.p{i}.metrics.example" for i in (1, 2, 3)}
 # --- the README's tables ---------------------------------------------------------------------
 
 
-def readme_tables() -> dict[str, dict[str, str]]:
-    """The "Metrics" section's tables: {table heading: {exposed name: type}}."""
+def readme_rows() -> dict[str, dict[str, tuple[str, frozenset[str]]]]:
+    """The "Metrics" section's tables: {table heading: {exposed name: (type, label names)}}."""
     text = README.read_text()
     section = re.search(r"^## Metrics\n(.*?)(?=^## )", text, re.M | re.S)
     assert section, "README.md has no \"## Metrics\" section"
-    tables: dict[str, dict[str, str]] = {}
+    tables: dict[str, dict[str, tuple[str, frozenset[str]]]] = {}
     heading = ""
     for line in section.group(1).splitlines():
         if line.startswith("### "):
             heading = line.removeprefix("### ").strip()
             tables[heading] = {}
-        row = re.match(r"^\|\s*`(clusteracme_\w+)`\s*\|\s*(\w+)", line)
+        row = re.match(r"^\|\s*`(clusteracme_\w+)`\s*\|\s*(\w+)\s*\|([^|]*)\|", line)
         if row:
             assert heading, f"a metric row outside a table heading: {line}"
-            tables[heading][row.group(1)] = row.group(2)
+            tables[heading][row.group(1)] = (row.group(2), label_names(row.group(3)))
     return tables
+
+
+def label_names(cell: str) -> frozenset[str]:
+    """The label names of a table's "labels" cell: "peer, domain", "-",
+    "trigger (`manual`: ...), result (...)", "outcome: `served` (200, ...), `not_found` ..."."""
+    while (stripped := re.sub(r"\([^()]*\)", "", cell)) != cell:
+        cell = stripped
+    names = (part.partition(":")[0].strip() for part in cell.split(","))
+    return frozenset(n for n in names if re.fullmatch(r"[a-z_]+", n))
+
+
+def readme_tables() -> dict[str, dict[str, str]]:
+    """{table heading: {exposed name: type}}."""
+    return {heading: {name: kind for name, (kind, _) in rows.items()} for heading, rows in readme_rows().items()}
 
 
 def exposed(families: dict[str, Any]) -> dict[str, str]:
     """{name as the README lists it (counters with _total): type} of the clusteracme_* families."""
     return {f"{name}_total" if f.type == "counter" else name: f.type
             for name, f in families.items() if name.startswith("clusteracme_")}
+
+
+def exposed_labels(families: dict[str, Any]) -> dict[str, frozenset[str]]:
+    """{name as the README lists it: label names of its samples} (a histogram's ``le`` aside) of
+    the clusteracme_* families that have at least one sample: a labelled family with no series
+    yet is registered, not exposed."""
+    return {f"{name}_total" if f.type == "counter" else name:
+            frozenset(label for sample in f.samples for label in sample.labels if label != "le")
+            for name, f in families.items() if name.startswith("clusteracme_") and f.samples}
 
 
 # --- scraping ----------------------------------------------------------------------------------
@@ -177,6 +200,18 @@ def test_every_agent_metric_in_the_readme_is_exposed_and_every_exposed_one_is_in
     assert documented, "README.md lists no agent metric"
     for index, families in scenario.agents.items():
         assert exposed(families) == documented, f"agent peer{index}"
+
+
+def test_every_metric_in_the_readme_has_series_with_the_labels_its_table_names(scenario: Scenario) -> None:
+    """Not only registered: each documented family has samples in the scenario,
+    with exactly the label names of the table's "labels" column."""
+    tables = readme_rows()
+    scraped = [("Coordinator metrics", "coordinator", scenario.after),
+               *(("Agent metrics", f"agent peer{i}", families) for i, families in scenario.agents.items())]
+    for heading, who, families in scraped:
+        documented = {name: labels for name, (_, labels) in tables[heading].items()}
+        assert documented, heading
+        assert exposed_labels(families) == documented, who
 
 
 def test_every_family_has_its_help_text(scenario: Scenario) -> None:

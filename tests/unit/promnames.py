@@ -45,3 +45,17 @@ def metric_names(expr: str) -> set[str]:
     """The clusteracme_* metric names a PromQL expression reads (string
     literals, i.e. label values, left out)."""
     return set(_NAME.findall(_STRING.sub('""', expr)))
+
+
+LEADER_FILTER = "and on (job, instance) (max_over_time(clusteracme_leader[{}]) == 1)"
+"""How the rules and the dashboard keep the series of the replicas that led
+within a window: a restarted leader is back at once as a standby exporting
+``clusteracme_leader 0``, and its last values must still bridge the gap to the
+new leader's first series."""
+LEADER_ONLY = frozenset({
+    "clusteracme_certificate_not_after_seconds", "clusteracme_renewal_due_seconds", "clusteracme_renewal_overdue",
+    "clusteracme_renewal_consecutive_failures", "clusteracme_slot_disk_matches", "clusteracme_peer_alive",
+    "clusteracme_alarm", "clusteracme_peers_alive", "clusteracme_orders_active", "clusteracme_orders_queued"})
+"""The leader's series (a standby exports none, or 0)."""
+BAD_LOW = ("clusteracme_certificate_not_after_seconds", "clusteracme_slot_disk_matches", "clusteracme_peer_alive")
+"""Per-peer or per-slot gauges whose low value is the problem: the replicas are merged with min."""

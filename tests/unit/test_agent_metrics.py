@@ -159,6 +159,33 @@ async def test_a_forward_the_challenge_server_does_not_take_is_counted_unavailab
     assert tokens(after) == tokens(before)
 
 
+async def test_an_answer_that_fails_unexpectedly_is_counted_error(scrape: Scrape) -> None:
+    """A bug in the answer path: aiohttp answers 500; the front, and the
+    challenge server where it counts requests, count it as ``error``."""
+    from clusteracme.peer_agent.challenge_server import ChallengeServer
+
+    def broken(*_: object) -> int:
+        raise RuntimeError("a bug")
+
+    class BrokenStore:
+        get = broken
+
+    front = Front(HOST, free_port(), FrontMode.CLOSED, upstream_port=broken, is_open=lambda _: True)
+    server = ChallengeServer(BrokenStore(), HOST, free_port(), count_requests=True)  # type: ignore[arg-type]
+    front_port = await front.start()
+    server_port = await server.start()
+    try:
+        before = await scrape()
+        assert (await request(front_port, PATH))[0] == 500
+        assert (await request(server_port, PATH))[0] == 500
+        after = await scrape()
+    finally:
+        await front.stop()
+        await server.stop()
+    assert front_deltas(before, after) == {"error": 2}
+    assert tokens(after) == tokens(before)
+
+
 async def test_connections_reset_at_the_fronts_cap_are_counted_refused(scrape: Scrape) -> None:
     front = Front(HOST, free_port(), FrontMode.REDIRECT, upstream_port=lambda: None, max_connections=1)
     port = await front.start()

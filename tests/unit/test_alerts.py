@@ -7,11 +7,21 @@ a runbook in the README."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import yaml
 
-from tests.unit.promnames import PROMTOOL, ROOT, exposed_names, metric_names, needs_promtool
+from tests.unit.promnames import (
+    BAD_LOW,
+    LEADER_FILTER,
+    LEADER_ONLY,
+    PROMTOOL,
+    ROOT,
+    exposed_names,
+    metric_names,
+    needs_promtool,
+)
 
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
@@ -68,3 +78,23 @@ def test_every_alert_has_a_severity_a_summary_and_a_runbook_in_the_readme() -> N
         assert {"summary", "description", "runbook"} <= rule["annotations"].keys(), rule["alert"]
         assert f"`{rule['alert']}`" in section, f"{rule['alert']}: no runbook in README 'Alerts and dashboard'"
         assert rule["alert"] in rule["annotations"]["runbook"]
+
+
+def test_the_leaders_series_are_read_where_a_replica_led_lately_and_merged_towards_the_bad_value() -> None:
+    """Each read of a leader-only series is bridged (last_over_time) and kept
+    where a replica led within the same window (max_over_time of
+    clusteracme_leader: the *last* value of a restarted leader is 0 at once);
+    an expiry, "disk matches" and "peer alive" merge with min, so a dead
+    leader's last good value cannot hide what the new leader reports."""
+    for rule in _rules():
+        expr = " ".join(rule["expr"].split())
+        assert "last_over_time(clusteracme_leader" not in expr, rule["alert"]
+        for name in metric_names(expr) & LEADER_ONLY:
+            reads = re.findall(rf"last_over_time\({name}(?:{{[^}}]*}})?\[(\w+)\]\) (and on [^\n]*?== 1\))", expr)
+            assert reads, f"{rule['alert']}: {name} read without last_over_time"
+            for window, kept in reads:
+                assert kept == LEADER_FILTER.format(window), f"{rule['alert']}: {name}: {kept}"
+            if name in BAD_LOW:
+                assert re.search(rf"min by \([^)]*\) \( last_over_time\({name}\[", expr), f"{rule['alert']}: {name}"
+            else:
+                assert not re.search(rf"min by \([^)]*\) \( last_over_time\({name}\[", expr), rule["alert"]

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import yaml
 
-from tests.unit.promnames import PROMTOOL, ROOT, exposed_names, metric_names, needs_promtool
+from tests.unit.promnames import (
+    BAD_LOW,
+    LEADER_FILTER,
+    LEADER_ONLY,
+    PROMTOOL,
+    ROOT,
+    exposed_names,
+    metric_names,
+    needs_promtool,
+)
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "clusteracme.json"
 # What Grafana puts in place of the dashboard's variables before it queries.
@@ -121,3 +130,16 @@ def test_every_panel_query_parses_as_promql(tmp_path: Path) -> None:
     result = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+def test_the_leaders_series_are_read_as_the_alert_rules_read_them() -> None:
+    """The rules' leader filter (deploy/prometheus/alerts.yml) and merge: min
+    of an expiry and of liveness, where a replica led within 5 minutes."""
+    for where, expr in _exprs(_dashboard()):
+        leader_only = metric_names(expr) & LEADER_ONLY
+        if not leader_only or where.startswith("variable"):  # a variable lists label values: no merge
+            continue
+        assert LEADER_FILTER.format("5m") in expr, where
+        assert "(clusteracme_leader == 1)" not in expr, where
+        for name in leader_only & set(BAD_LOW):
+            assert re.search(rf"min by \([^)]*\) \({name}\b", expr), where

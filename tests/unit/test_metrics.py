@@ -274,3 +274,32 @@ async def test_the_alarm_job_sets_whether_the_disk_matches_only_where_it_asked_t
     await al.later(job, clock, 30)
     assert REGISTRY.get_sample_value("clusteracme_slot_disk_matches", {"peer": "md2", "domain": "server"}) == 1.0
     metrics.forget_slots(set(), ())
+
+
+async def test_an_automatic_sign_that_fails_before_its_order_exists_counts_as_a_failed_scheduled_sign() -> None:
+    """Each failure the consecutive-failures gauge counts is in signs_total too."""
+    from tests.unit import test_scheduler as ts
+
+    h, _ = await ts.renewal_due_harness("alpha")
+    h.issuance.refuse = errors.Unavailable("the agent did not make the new key")
+    plan = await h.plan()
+    h.clock.now = plan.next_sign_opportunity  # type: ignore[assignment]
+    before = value("clusteracme_signs_total", trigger="scheduled", result="failed")
+    await h.scheduler.tick()
+    assert (await h.slot())["renewal"]["failures"] == 1 and h.issuance.signs == []
+    assert value("clusteracme_signs_total", trigger="scheduled", result="failed") == before + 1
+
+
+def test_the_end_of_a_term_leaves_only_what_a_standby_exports() -> None:
+    """README: a standby exports its leader flag, build info and counters;
+    the leader's work gauges read 0 and its per-peer, per-slot and alarm series go."""
+    for gauge in metrics.SLOT_GAUGES:
+        gauge.labels(peer="me1", domain="server").set(1)
+    metrics.PEER_ALIVE.labels(peer="me1").set(1)
+    metrics.ALARM.labels(kind="peer-dead", peer="me1", domain="").set(1)
+    for gauge in (metrics.PEERS_ALIVE, metrics.ORDERS_ACTIVE, metrics.ORDERS_QUEUED):
+        gauge.set(3)
+    metrics.end_term()
+    assert slot_series("me1") == {}
+    for name in ("clusteracme_peers_alive", "clusteracme_orders_active", "clusteracme_orders_queued"):
+        assert value(name) == 0.0 and REGISTRY.get_sample_value(name) == 0.0, name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import re
 import socket
 import ssl
@@ -24,11 +25,12 @@ from clusteracme.coordinator.settings import CoordinatorSettings
 from clusteracme.coordinator.web import auth
 from clusteracme.coordinator.web.app import READS, ServicerReads, StatusPage
 from clusteracme.coordinator.web.svg import Bar, timeline_svg
-from clusteracme.coordinator.web.views import Site, days_left, timeline_bars
+from clusteracme.coordinator.web.views import Site, days_class, days_left, timeline_bars
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from clusteracme import errors, pki
+from clusteracme import certinfo, errors, pki
+from clusteracme.ctl import status as ctl_status
 from clusteracme.rpcutil import DeniedSet, ReloadingTLS, TLSFiles, rpc_method
 from clusteracme.v1 import common_pb2
 from clusteracme.v1 import coordinator_pb2 as pb
@@ -71,22 +73,52 @@ def test_the_token_compare_takes_the_token_only() -> None:
 def test_a_bad_token_file_is_refused_with_the_reason(tmp_path: Path, text: str, fragment: str) -> None:
     path = tmp_path / "token"
     path.write_text(text)
+    path.chmod(0o600)
     with pytest.raises(errors.InvalidArgument, match=re.escape(fragment)):
         auth.TokenFile(path)
     with pytest.raises(errors.InvalidArgument, match="cannot read it"):
         auth.TokenFile(tmp_path / "missing")
 
 
-def test_the_token_file_is_read_again_when_it_changes_and_a_bad_one_keeps_the_last(tmp_path: Path) -> None:
+def write_token(path: Path, text: str, mode: int = 0o600) -> None:
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def test_a_token_file_open_to_group_or_others_stops_the_start(tmp_path: Path) -> None:
     path = tmp_path / "token"
-    path.write_text(TOKEN.decode() + "\n")
+    for mode in (0o644, 0o640, 0o604, 0o660):
+        write_token(path, TOKEN.decode() + "\n", mode)
+        with pytest.raises(errors.InvalidArgument, match=f"open to group or others \\(mode {mode:o}\\); chmod 600 it"):
+            auth.TokenFile(path)
+    write_token(path, TOKEN.decode() + "\n", 0o400)
+    assert auth.TokenFile(path).token() == TOKEN
+
+
+def test_a_missing_or_bad_token_file_turns_token_access_off_until_a_good_one_returns(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=auth.__name__)
+    path = tmp_path / "token"
+    write_token(path, TOKEN.decode() + "\n")
     tokens = auth.TokenFile(path)
     assert tokens.token() == TOKEN
-    path.write_text("another-token-of-enough-length\n")
-    assert tokens.token() == b"another-token-of-enough-length"
-    path.write_text("short\n")
-    assert tokens.token() == b"another-token-of-enough-length"
-    assert tokens.problem is not None and "at least 16" in tokens.problem
+    write_token(path, "another-token-of-enough-length\n")
+    assert tokens.token() == b"another-token-of-enough-length" and tokens.problem is None
+    bad: list[tuple[Any, str]] = [(lambda: write_token(path, "short\n"), "at least 16"),
+                                  (path.unlink, "cannot read it"),
+                                  (lambda: write_token(path, TOKEN.decode() + "\n", 0o644), "chmod 600 it")]
+    for spoil, reason in bad:
+        caplog.clear()
+        spoil()
+        for _ in range(3):  # looked at on every request: logged once per change of the file
+            assert tokens.token() is None
+        assert tokens.problem is not None and reason in tokens.problem
+        warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "token access is off" in warnings[0].getMessage(), caplog.text
+        assert reason in warnings[0].getMessage()
+        write_token(path, "another-token-of-enough-length\n")
+        assert tokens.token() == b"another-token-of-enough-length" and tokens.problem is None
+        assert "token access is on again" in caplog.text
 
 
 def test_the_session_cookie_is_an_hmac_that_expires_not_the_token() -> None:
@@ -103,6 +135,10 @@ def test_the_session_cookie_is_an_hmac_that_expires_not_the_token() -> None:
     assert not auth.session_valid(far, TOKEN, now)
     for junk in ("", ".", "abc", "12.", "١٢٣.ab", f"{expires}"):
         assert not auth.session_valid(junk, TOKEN, now)
+    # A replica whose clock runs ahead by up to CLOCK_SKEW (5 minutes) makes cookies the others take.
+    assert auth.CLOCK_SKEW == 300
+    assert auth.session_valid(auth.session_value(TOKEN, now + 290), TOKEN, now)
+    assert not auth.session_valid(auth.session_value(TOKEN, now + 310), TOKEN, now)
 
 
 def test_only_an_operator_certificate_not_denied_gets_in(pki_dir: Path) -> None:
@@ -315,6 +351,206 @@ async def test_a_client_certificate_decides_alone(site: Any, pki_dir: Path) -> N
     assert response.status == 403 and "may not read the status page" in await response.text()
 
 
+class GatedReads(FakeReads):
+    """FakeReads whose whole-cluster Status waits for ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def __call__(self, method: str, request: Any) -> Any:
+        if method == "Status" and not request.peer_id:
+            self.calls.append((method, request))
+            await self.gate.wait()
+            return _status()
+        return await super().__call__(method, request)
+
+    def status_calls(self) -> int:
+        return sum(1 for method, _ in self.calls if method == "Status")
+
+
+async def serve(site: Site) -> TestClient:
+    client = TestClient(TestServer(site.app()))
+    await client.start_server()
+    return client
+
+
+async def until(check: Any) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("never")
+
+
+async def test_the_pages_share_one_status_call_in_flight_and_keep_its_answer_5_seconds() -> None:
+    reads, clock = GatedReads(), {"t": 1000.0}
+    site = Site(reads, replica="c1", token=lambda: TOKEN, deny_list=None, client_der=lambda r: None, clock=lambda: NOW,
+                monotonic=lambda: clock["t"])
+    client = await serve(site)
+    try:
+        pages = [asyncio.ensure_future(client.get(path, headers=BEARER)) for path in ("/", "/timeline", "/peers/peer1")]
+        await until(lambda: site.rendering == 3)
+        assert reads.status_calls() == 1  # one fan-out to the agents for the three pages
+        reads.gate.set()
+        for page in pages:
+            response = await page
+            assert response.status == 200 and "abc123" in await response.text()
+        for path in ("/", "/timeline", "/peers/peer1"):  # within 5 s: the answer kept
+            assert (await client.get(path, headers=BEARER)).status == 200
+        assert reads.status_calls() == 1
+        clock["t"] += 5.1
+        assert (await client.get("/", headers=BEARER)).status == 200
+        assert reads.status_calls() == 2
+        # An unknown peer is asked for by itself (a NotFound, not an empty page).
+        response = await client.get("/peers/nobody", headers=BEARER)
+        assert response.status == 404 and "no peer nobody" in await response.text()
+    finally:
+        await client.close()
+
+
+async def test_a_failed_status_call_is_not_kept() -> None:
+    calls: list[str] = []
+
+    async def reads(method: str, request: Any) -> Any:
+        calls.append(method)
+        if len(calls) == 1:
+            raise errors.Unavailable("etcd is away")
+        return _status()
+
+    client = await serve(Site(reads, replica="c1", token=lambda: TOKEN, deny_list=None, client_der=lambda r: None,
+                              clock=lambda: NOW, monotonic=lambda: 1000.0))
+    try:
+        response = await client.get("/", headers=BEARER)
+        assert response.status == 503 and "etcd is away" in await response.text()
+        assert (await client.get("/", headers=BEARER)).status == 200
+        assert calls == ["Status", "Status"]
+    finally:
+        await client.close()
+
+
+async def test_more_pages_at_once_than_the_cap_are_told_503_with_retry_after() -> None:
+    reads = GatedReads()
+    site = Site(reads, replica="c1", token=lambda: TOKEN, deny_list=None, client_der=lambda r: None, clock=lambda: NOW,
+                max_renders=4)
+    client = await serve(site)
+    try:
+        pages = [asyncio.ensure_future(client.get("/", headers=BEARER)) for _ in range(4)]
+        await until(lambda: site.rendering == 4)
+        busy = await client.get("/timeline", headers=BEARER)
+        assert busy.status == 503 and busy.headers["Retry-After"] == "5"
+        assert "busy" in await busy.text()
+        # Not counted: the health check, the stylesheet, the login form; a visitor without credentials gets the 401.
+        assert (await client.get("/healthz")).status == 200
+        assert (await client.get("/login")).status == 200
+        assert (await client.get("/orders")).status == 401
+        reads.gate.set()
+        assert [(await page).status for page in pages] == [200] * 4
+        assert site.rendering == 0
+        assert (await client.get("/timeline", headers=BEARER)).status == 200
+    finally:
+        await client.close()
+
+
+async def test_the_login_goes_only_to_a_printable_ascii_local_path(site: Any) -> None:
+    client, _, _ = site
+    for given, location in (("/\x7f", "/"), ("/é", "/"), ("/a b", "/"), ("/\u2028", "/"),
+                            ("https://evil.example/", "/"), ("/orders?x=1&y=%7F", "/orders?x=1&y=%7F"),
+                            ("/peers/peer1", "/peers/peer1")):
+        response = await client.post("/login", data={"token": TOKEN.decode(), "next": given}, allow_redirects=False)
+        assert response.status == 303 and response.headers["Location"] == location, given
+    # Urlencoded as the form sends it: %7F decodes to DEL.
+    response = await client.post("/login", data=f"token={TOKEN.decode()}&next=/%7F", allow_redirects=False,
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status == 303 and response.headers["Location"] == "/"
+    response = await client.get("/login?next=/%7F")
+    assert response.status == 200 and 'name="next" value="/"' in await response.text()
+
+
+async def test_failed_logins_are_logged_once_a_minute_and_limited_per_address(caplog: pytest.LogCaptureFixture) -> None:
+    clock = {"t": 1000.0}
+    client = await serve(Site(FakeReads(), replica="c1", token=lambda: TOKEN, deny_list=None,
+                              client_der=lambda r: None, clock=lambda: NOW, monotonic=lambda: clock["t"]))
+
+    async def log_in(token: str) -> aiohttp.ClientResponse:
+        return await client.post("/login", data={"token": token, "next": "/"}, allow_redirects=False)
+
+    try:
+        for _ in range(10):
+            assert (await log_in("wrong-wrong-wrong-wrong")).status == 401
+            clock["t"] += 1
+        refused = await log_in(TOKEN.decode())  # the 11th in the minute: refused, even with the token
+        assert refused.status == 429 and refused.headers["Retry-After"] == "50"
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "refused a login from 127.0.0.1: wrong token" in warnings[0]
+        clock["t"] += 50  # the minute is over
+        assert (await log_in("wrong-wrong-wrong-wrong")).status == 401
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 2 and "and 10 more from it in the minute before" in warnings[1]
+        assert (await log_in(TOKEN.decode())).status == 303
+    finally:
+        await client.close()
+
+
+def test_login_failures_remember_a_bounded_number_of_addresses() -> None:
+    failures = auth.LoginFailures(limit=2, window=60, max_addresses=3)
+    for i in range(10):
+        assert failures.failed(f"10.0.0.{i}", 0.0) == 0
+    assert len(failures._by) == 3
+    assert failures.failed("10.0.0.9", 1.0) is None and failures.retry_after("10.0.0.9", 1.0) == 59
+    assert failures.retry_after("10.0.0.9", 60.0) == 0 and failures.retry_after("10.0.0.1", 1.0) == 0
+
+
+async def test_a_logout_from_another_site_is_refused(site: Any) -> None:
+    client, _, _ = site
+    foreign = await client.post("/logout", headers={"Origin": "https://evil.example"}, allow_redirects=False)
+    assert foreign.status == 403 and "Set-Cookie" not in foreign.headers
+    own = await client.post("/logout", headers={"Origin": str(client.make_url("")).rstrip("/")}, allow_redirects=False)
+    assert own.status == 303 and auth.COOKIE in own.headers["Set-Cookie"]
+    assert (await client.post("/logout", allow_redirects=False)).status == 303  # no Origin: a same-site form
+
+
+async def test_a_deleted_or_bad_token_file_refuses_the_old_token_and_its_cookies(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    write_token(path, TOKEN.decode() + "\n")
+    tokens = auth.TokenFile(path)
+    client = await serve(Site(FakeReads(), replica="c1", token=tokens.token, deny_list=None,
+                              client_der=lambda r: None, clock=lambda: NOW))
+    try:
+        login = await client.post("/login", data={"token": TOKEN.decode()}, allow_redirects=False)
+        cookie = {auth.COOKIE: login.cookies[auth.COOKIE].value}
+        assert (await client.get("/", cookies=cookie)).status == 200
+        for spoil in (path.unlink, lambda: write_token(path, "short\n"),
+                      lambda: write_token(path, TOKEN.decode() + "\n", 0o644)):
+            spoil()
+            assert (await client.get("/", headers=BEARER)).status == 401
+            refused = await client.get("/", cookies=cookie)
+            assert refused.status == 401 and "token access is off" in await refused.text()
+            login = await client.post("/login", data={"token": TOKEN.decode()}, allow_redirects=False)
+            assert login.status == 401 and auth.COOKIE not in login.cookies
+            write_token(path, TOKEN.decode() + "\n")  # good again: the same token, its cookies work again
+            assert (await client.get("/", cookies=cookie)).status == 200
+    finally:
+        await client.close()
+
+
+async def test_days_left_turn_yellow_past_two_thirds_of_the_lifetime_whatever_the_renewal_fraction() -> None:
+    # April 1 .. June 30, now June 1: past 2/3 (May 31), before a 0.9 renewal point: yellow, as acmectl shows it.
+    client = await serve(Site(FakeReads(), replica="c1", token=lambda: TOKEN, deny_list=None,
+                              client_der=lambda r: None, clock=lambda: NOW, fraction=0.9))
+    try:
+        body = await (await client.get("/", headers=BEARER)).text()
+        assert '<td class="days warn">29</td>' in body
+        svg = await (await client.get("/timeline", headers=BEARER)).text()
+        assert 'data-serial="abc123"' in svg and 'fill="#d4a017"' in svg.split('data-serial="abc123"')[1]
+    finally:
+        await client.close()
+    slot = _status().peers[0].slots[0]
+    assert certinfo.two_thirds_point(slot.active_not_before, slot.active_not_after) == ctl_status.two_thirds_point(slot) \
+        == datetime.datetime(2026, 5, 31, 8, 0, tzinfo=datetime.UTC)
+    assert (days_class(slot, NOW - datetime.timedelta(days=2)), days_class(slot, NOW)) == ("ok", "warn")
+
+
 def test_the_status_page_reads_only_through_wrapped_read_methods() -> None:
     for method in READS:
         assert hasattr(getattr(CoordinatorServicer, method), "__wrapped__"), method
@@ -376,7 +612,7 @@ def _free_port() -> int:
 async def test_the_page_is_served_over_tls_with_the_replicas_pair_reloaded(pki_dir: Path, tmp_path: Path) -> None:
     server_dir = tmp_path / "server"
     cert, key = pki.issue(pki_dir, pki.Identity(pki.Role.COORDINATOR, "c1"), out_dir=server_dir, ips=["127.0.0.1"])
-    (tmp_path / "token").write_text(TOKEN.decode() + "\n")
+    write_token(tmp_path / "token", TOKEN.decode() + "\n")
     port = _free_port()
     settings = CoordinatorSettings(name="c1", web_listen=f"127.0.0.1:{port}", web_token_file=tmp_path / "token")
     tls = ReloadingTLS(TLSFiles(pki_dir / "ca.pem", cert, key))
@@ -418,6 +654,6 @@ async def test_the_page_is_served_over_tls_with_the_replicas_pair_reloaded(pki_d
 def test_a_bad_web_listen_or_token_file_stops_the_start(tmp_path: Path) -> None:
     with pytest.raises(errors.InvalidArgument, match="web_listen"):
         StatusPage(CoordinatorSettings(web_listen="nowhere"))
-    (tmp_path / "token").write_text("short\n")
+    write_token(tmp_path / "token", "short\n")
     with pytest.raises(errors.InvalidArgument, match="at least 16"):
         StatusPage(CoordinatorSettings(web_listen="127.0.0.1:8443", web_token_file=tmp_path / "token"))
