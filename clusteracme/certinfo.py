@@ -128,6 +128,18 @@ def iso_time(text: str) -> datetime.datetime | None:
     return at if at.tzinfo is not None else at.replace(tzinfo=datetime.UTC)
 
 
+def age(seconds: float) -> str:
+    """A duration the way kubectl shows an age: 45s, 12m, 5h (up to two days), 12d."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 2 * 86400:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
 def two_thirds_of(not_before: datetime.datetime, not_after: datetime.datetime) -> datetime.datetime:
     """The point 2/3 of the way through a lifetime: the issue's "renewal is
     due" rule for showing a certificate in yellow."""

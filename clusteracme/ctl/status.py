@@ -99,44 +99,23 @@ def ellipsis_for(stream: Any = None) -> str:
     return "…"
 
 
-def _when(text: str) -> datetime.datetime | None:
-    """A time the coordinator sent (ISO 8601), aware; None when empty or unreadable."""
-    try:
-        at = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return at if at.tzinfo is not None else at.replace(tzinfo=datetime.UTC)
-
-
-def _span(seconds: float) -> str:
-    """A duration the way kubectl shows an age: 45s, 12m, 5h (up to two days), 12d."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 2 * 86400:
-        return f"{s // 3600}h"
-    return f"{s // 86400}d"
-
-
 def ago(text: str, now: datetime.datetime) -> str:
     """How long before ``now`` the coordinator's time ``text`` was: "3h" (``text`` itself when unreadable)."""
-    at = _when(text)
-    return _span((now - at).total_seconds()) if at else text
+    at = certinfo.iso_time(text)
+    return certinfo.age((now - at).total_seconds()) if at else text
 
 
 def _until(text: str, now: datetime.datetime) -> str:
     """How long after ``now`` the coordinator's time ``text`` is: "14h", or "now" once passed."""
-    at = _when(text)
+    at = certinfo.iso_time(text)
     if at is None:
         return text
-    return "now" if at <= now else _span((at - now).total_seconds())
+    return "now" if at <= now else certinfo.age((at - now).total_seconds())
 
 
 def days_left(not_after: str, now: datetime.datetime) -> int | None:
     """Whole days until ``not_after`` (0 once expired, as ``domain list``); None without a certificate."""
-    end = _when(not_after) if not_after else None
+    end = certinfo.iso_time(not_after) if not_after else None
     return None if end is None else max(0, int((end - now).total_seconds() // 86400))
 
 

@@ -67,29 +67,9 @@ class Reads(Protocol):
 
 
 # --- times as the tables show them ----------------------------------------------------------
-def when(text: str) -> datetime.datetime | None:
-    """A time the coordinator wrote (ISO 8601), aware; None when empty or unreadable."""
-    try:
-        at = datetime.datetime.fromisoformat(text)
-    except (ValueError, TypeError):
-        return None
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-
-
-def span(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 2 * 86400:
-        return f"{s // 3600}h"
-    return f"{s // 86400}d"
-
-
 def days_left(not_after: str, now: datetime.datetime) -> int | None:
     """Whole days until ``not_after`` (0 once expired); None without a certificate."""
-    end = when(not_after) if not_after else None
+    end = certinfo.iso_time(not_after) if not_after else None
     return None if end is None else max(0, int((end - now).total_seconds() // 86400))
 
 
@@ -211,9 +191,10 @@ class Site:
         html = self._env.get_template(template).render(
             replica=self._replica, now=now, refresh=refresh, visitor=_visitor.get(),
             days_left=lambda text: days_left(text, now), days_class=lambda s: days_class(s, now),
-            ago=lambda text: (span((now - at).total_seconds()) + " ago") if (at := when(text)) else (text or "-"),
-            until=lambda text: ("now" if at <= now else "in " + span((at - now).total_seconds()))
-            if (at := when(text)) else (text or "-"),
+            ago=lambda text: (certinfo.age((now - at).total_seconds()) + " ago")
+            if (at := certinfo.iso_time(text)) else (text or "-"),
+            until=lambda text: ("now" if at <= now else "in " + certinfo.age((at - now).total_seconds()))
+            if (at := certinfo.iso_time(text)) else (text or "-"),
             **context)
         return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
 
@@ -343,7 +324,7 @@ def timeline_bars(status: Any) -> list[Bar]:
     bars = []
     for p in status.peers:
         for s in p.slots:
-            start, end = when(s.active_not_before), when(s.active_not_after)
+            start, end = certinfo.iso_time(s.active_not_before), certinfo.iso_time(s.active_not_after)
             if s.active_serial and start is not None and end is not None:
                 bars.append(Bar(f"{p.peer.peer_id} / {s.slot.domain or 'server'}", s.active_serial, start, end,
                                 href=f"/peers/{p.peer.peer_id}"))
