@@ -29,6 +29,9 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 # are checked and unit-tested with `promtool check rules` / `promtool test
 # rules` (tests/unit/test_alerts.py). The server itself is not used.
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# bash and zsh: tests/unit/test_ctl_completion.py loads `acmectl completion bash|zsh`
+# in both shells (bash is always there; zsh is not on a minimal Debian).
+command -v zsh >/dev/null 2>&1 || need+=(zsh)
 
 if ((${#need[@]} == 0)); then
   exit 0
