@@ -29,20 +29,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from clusteracme.peer_agent.listening import METRICS_MAX_CONNECTIONS, Bounds
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    disable_created_metrics,
-    generate_latest,
-)
 
 from clusteracme import __version__, netaddr
-
-# No <name>_created series beside each counter (as on the coordinator): the README lists every exposed
-# family, and a scrape of the agent shows only those.
-disable_created_metrics()
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -93,65 +81,118 @@ class ReloadResult(enum.Enum):
     FAILED = "failed"
 
 
-REGISTRY = CollectorRegistry()
-TOKENS_SERVED = Counter("clusteracme_agent_tokens_served_total",
-                        "Challenge requests the challenge server answered with an open token's key authorization",
-                        registry=REGISTRY)
-FRONT_REQUESTS = Counter("clusteracme_agent_front_requests_total",
-                         "Requests to the port-80 front (in external mode: to the challenge server), by outcome: "
-                         "served, not_found, redirected, method_not_allowed, bad_request, unavailable, "
-                         "refused (reset at max_connections), error",
-                         ["outcome"], registry=REGISTRY)
-RELOADS = Counter("clusteracme_agent_reloads_total",
-                  "Reload targets run after a deploy or rollback (tls <endpoint>, the hooks), by result: ok, failed",
-                  ["target", "result"], registry=REGISTRY)
-CERTIFICATE_NOT_AFTER = Gauge("clusteracme_agent_certificate_not_after_seconds",
-                              "Expiry (unix time) of the certificate a TLS endpoint serves to a handshake with this "
-                              "SNI name (sni=\"\": without SNI or with an unknown name)",
-                              ["endpoint", "sni"], registry=REGISTRY)
-BUILD_INFO = Gauge("clusteracme_agent_build_info", "Always 1; the labels tell the version this agent runs",
-                   ["version"], registry=REGISTRY)
-BUILD_INFO.labels(version=__version__).set(1)
-for _outcome in FrontOutcome:  # every outcome exposed from the start: rate() needs the zero
-    FRONT_REQUESTS.labels(outcome=_outcome.value)
+class _Metrics:
+    """The registry and its families. Made on first use (:func:`_made`), not
+    at import: prometheus_client brings http.server, wsgiref, urllib and email
+    with it (about 1.3 MiB), which an idle agent without ``metrics_listen``
+    never needs (SPEC R19's idle-agent budget)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+
+        # No <name>_created series beside each counter (as on the coordinator): the README lists every
+        # exposed family, and a scrape of the agent shows only those.
+        disable_created_metrics()
+        self.REGISTRY = CollectorRegistry()
+        self.TOKENS_SERVED = Counter(
+            "clusteracme_agent_tokens_served_total",
+            "Challenge requests the challenge server answered with an open token's key authorization",
+            registry=self.REGISTRY)
+        self.FRONT_REQUESTS = Counter(
+            "clusteracme_agent_front_requests_total",
+            "Requests to the port-80 front (in external mode: to the challenge server), by outcome: "
+            "served, not_found, redirected, method_not_allowed, bad_request, unavailable, "
+            "refused (reset at max_connections), error",
+            ["outcome"], registry=self.REGISTRY)
+        self.RELOADS = Counter(
+            "clusteracme_agent_reloads_total",
+            "Reload targets run after a deploy or rollback (tls <endpoint>, the hooks), by result: ok, failed",
+            ["target", "result"], registry=self.REGISTRY)
+        self.CERTIFICATE_NOT_AFTER = Gauge(
+            "clusteracme_agent_certificate_not_after_seconds",
+            "Expiry (unix time) of the certificate a TLS endpoint serves to a handshake with this "
+            "SNI name (sni=\"\": without SNI or with an unknown name)",
+            ["endpoint", "sni"], registry=self.REGISTRY)
+        self.BUILD_INFO = Gauge("clusteracme_agent_build_info", "Always 1; the labels tell the version this agent runs",
+                                ["version"], registry=self.REGISTRY)
+        self.BUILD_INFO.labels(version=__version__).set(1)
+        for outcome in FrontOutcome:  # every outcome exposed from the start: rate() needs the zero
+            self.FRONT_REQUESTS.labels(outcome=outcome.value)
+
+
+_metrics: _Metrics | None = None
+_reload_targets: list[str] = []
+_served: dict[tuple[str, str], float] = {}
+_FAMILIES = ("REGISTRY", "TOKENS_SERVED", "FRONT_REQUESTS", "RELOADS", "CERTIFICATE_NOT_AFTER", "BUILD_INFO")
+
+
+def _made() -> _Metrics:
+    """The metrics, made now if they were not (with what was recorded before)."""
+    global _metrics
+    if _metrics is None:
+        _metrics = _Metrics()
+        _apply_reload_targets(_metrics)
+        _apply_served(_metrics)
+    return _metrics
+
+
+def __getattr__(name: str) -> object:  # REGISTRY, TOKENS_SERVED, ...: made on first access
+    if name in _FAMILIES:
+        return getattr(_made(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def count_front_answer(status: int) -> None:
     """Count one answered request by its HTTP status."""
-    FRONT_REQUESTS.labels(outcome=_BY_STATUS.get(status, FrontOutcome.ERROR).value).inc()
+    _made().FRONT_REQUESTS.labels(outcome=_BY_STATUS.get(status, FrontOutcome.ERROR).value).inc()
 
 
 def count_front_refused() -> None:
     """Count one connection reset on arrival at the front's cap."""
-    FRONT_REQUESTS.labels(outcome=FrontOutcome.REFUSED.value).inc()
+    _made().FRONT_REQUESTS.labels(outcome=FrontOutcome.REFUSED.value).inc()
 
 
 def count_token_served() -> None:
-    TOKENS_SERVED.inc()
+    _made().TOKENS_SERVED.inc()
 
 
 def expect_reload_targets(targets: list[str]) -> None:
     """Expose both results of every configured reload target at 0 (before
-    the first deploy), so an increase is seen from the first one."""
-    for target in targets:
+    the first deploy), so an increase is seen from the first one. Kept until
+    the metrics are made, if they are not yet."""
+    _reload_targets[:] = targets
+    if _metrics is not None:
+        _apply_reload_targets(_metrics)
+
+
+def _apply_reload_targets(m: _Metrics) -> None:
+    for target in _reload_targets:
         for result in ReloadResult:
-            RELOADS.labels(target=target, result=result.value)
+            m.RELOADS.labels(target=target, result=result.value)
 
 
 def count_reload(target: str, ok: bool) -> None:
-    RELOADS.labels(target=target, result=(ReloadResult.OK if ok else ReloadResult.FAILED).value).inc()
+    _made().RELOADS.labels(target=target, result=(ReloadResult.OK if ok else ReloadResult.FAILED).value).inc()
 
 
 def show_served(expiry: Mapping[str, Mapping[str, float]]) -> None:
     """Make the certificate gauge exactly ``expiry``: endpoint -> SNI name
     ("" the default) -> not-after (unix time). Series of endpoints and names
-    not in it (a slot no longer on disk) are removed."""
-    wanted = {(endpoint, sni): value for endpoint, by_sni in expiry.items() for sni, value in by_sni.items()}
-    present = {(s.labels["endpoint"], s.labels["sni"]) for m in CERTIFICATE_NOT_AFTER.collect() for s in m.samples}
-    for labels in present - wanted.keys():
-        CERTIFICATE_NOT_AFTER.remove(*labels)
-    for (endpoint, sni), value in wanted.items():
-        CERTIFICATE_NOT_AFTER.labels(endpoint=endpoint, sni=sni).set(value)
+    not in it (a slot no longer on disk) are removed. Kept until the metrics
+    are made, if they are not yet."""
+    global _served
+    _served = {(endpoint, sni): value for endpoint, by_sni in expiry.items() for sni, value in by_sni.items()}
+    if _metrics is not None:
+        _apply_served(_metrics)
+
+
+def _apply_served(m: _Metrics) -> None:
+    gauge = m.CERTIFICATE_NOT_AFTER
+    present = {(s.labels["endpoint"], s.labels["sni"]) for family in gauge.collect() for s in family.samples}
+    for labels in present - _served.keys():
+        gauge.remove(*labels)
+    for (endpoint, sni), value in _served.items():
+        gauge.labels(endpoint=endpoint, sni=sni).set(value)
 
 
 async def _handle(request: web.BaseRequest) -> web.StreamResponse:
@@ -162,7 +203,9 @@ async def _handle(request: web.BaseRequest) -> web.StreamResponse:
         return not_found()
     if request.method not in ("GET", "HEAD"):
         return method_not_allowed()
-    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return web.Response(body=generate_latest(_made().REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 class MetricsServer:
@@ -173,6 +216,7 @@ class MetricsServer:
         # here, not at the top: the challenge server counts into this module
         from clusteracme.peer_agent.challenge_server import Listener
 
+        _made()
         host, port = netaddr.split_bind(listen, "metrics_listen")
         self._listener = Listener(
             _handle, host, port, what="metrics listener",
