@@ -226,6 +226,20 @@ T = TypeVar("T")
 Attempt = Callable[[coordinator_pb2_grpc.CoordinatorServiceStub, float], Awaitable[T]]
 
 
+def _after_start(exc: grpc.aio.AioRpcError, method: str, target: str, timeout: float,
+                 broke: str) -> errors.ClusterAcmeError:
+    """The error of a call that ended after the coordinator took it (it may
+    go on there, so it is never sent again): ``broke`` says what broke when
+    the connection was lost."""
+    verdict = classify(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
+    if verdict.kind is Kind.LOST:
+        return errors.Unavailable(f"{broke} ({verdict.reason}); it may go on there: {CHECK_HINT}")
+    if verdict.kind is Kind.TIMED_OUT:
+        return errors.DeadlineExceeded(f"{method} at coordinator {target} did not end within {timeout:g} s; "
+                                       f"it may go on there: {CHECK_HINT}")
+    return error_from_rpc(exc, f"coordinator {target}")
+
+
 class ReplicaClient:
     """Calls CoordinatorService methods on whichever replica takes them.
 
@@ -284,14 +298,9 @@ class ReplicaClient:
                 yield message
                 message = await call.read()
         except grpc.aio.AioRpcError as exc:
-            verdict = classify(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
-            if verdict.kind is Kind.LOST:
-                raise errors.Unavailable(f"the connection to coordinator {target} broke during {method}, after it "
-                                         f"started ({verdict.reason}); it may go on there: {CHECK_HINT}") from None
-            if verdict.kind is Kind.TIMED_OUT:
-                raise errors.DeadlineExceeded(f"{method} at coordinator {target} did not end within {timeout:g} s; "
-                                              f"it may go on there: {CHECK_HINT}") from None
-            raise error_from_rpc(exc, f"coordinator {target}") from None
+            raise _after_start(exc, method, target, timeout,
+                               f"the connection to coordinator {target} broke during {method}, after it started") \
+                from None
         finally:
             call.cancel()  # a no-op once the stream ended; stops it when the reader stopped early
 
@@ -326,14 +335,9 @@ class ReplicaClient:
                 pass  # a failed write says little ("Internal error from Core"): the call's status says what happened
             return await call
         except grpc.aio.AioRpcError as exc:
-            verdict = classify(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
-            if verdict.kind is Kind.LOST:
-                raise errors.Unavailable(f"{method}: the connection to coordinator {target} broke after it took the "
-                                         f"command ({verdict.reason}); it may go on there: {CHECK_HINT}") from None
-            if verdict.kind is Kind.TIMED_OUT:
-                raise errors.DeadlineExceeded(f"{method} at coordinator {target} did not end within {timeout:g} s; "
-                                              f"it may go on there: {CHECK_HINT}") from None
-            raise error_from_rpc(exc, f"coordinator {target}") from None
+            raise _after_start(exc, method, target, timeout,
+                               f"{method}: the connection to coordinator {target} broke after it took the command") \
+                from None
         finally:
             call.cancel()  # a no-op once it ended; stops it when this task is cancelled
 

@@ -23,6 +23,7 @@ rich markup.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import sys
@@ -147,7 +148,7 @@ def _phase_line(o: Any, seen: str) -> str:
     return seen if o.phase == "queued" and not o.queue_position else shown
 
 
-class _Watch:
+class _Watch(abc.ABC):
     """The output of one progress: a live view on a terminal, lines otherwise."""
 
     def __init__(self, how: str, *, stream: TextIO | None = None, transient: bool,
@@ -180,8 +181,9 @@ class _Watch:
     def elapsed(self) -> float:
         return self.clock() - self.started
 
+    @abc.abstractmethod
     def _view(self) -> RenderableType:
-        raise NotImplementedError
+        """The live view of what is watched now."""
 
     def _line(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
