@@ -111,7 +111,26 @@ AlarmId = tuple[str, str, "str | None"]
 
 
 def _iso(when: datetime.datetime) -> str:
+    """A time in an alarm's detail text (to the second)."""
     return when.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _event_time(when: datetime.datetime) -> str:
+    """When an event of an alarm happened (raised_at, updated_at,
+    cleared_at): to the millisecond, as the webhook's ``sent_at``."""
+    return when.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def _stamp(now: datetime.datetime, after: str) -> str:
+    """The time of an alarm's next event: ``now``, or one millisecond past
+    ``after`` (the time of its last event) when ``now`` is not later (the
+    same millisecond, or a clock stepped back). Every event of an alarm thus
+    has its own time, so its version and its notification id differ from
+    the last event's: a clear in the same second as its raise is still news."""
+    last = _parse(after)
+    if last is not None and now <= last:
+        now = last + datetime.timedelta(milliseconds=1)
+    return _event_time(now)
 
 
 def _parse(text: Any) -> datetime.datetime | None:
@@ -554,15 +573,17 @@ def advance(record: AlarmRecord | None, step: Step, condition: Condition | None,
         return None
     if step is Step.CLEAR:
         assert record is not None
-        return dataclasses.replace(record, cleared_at=_iso(now), active=False)
+        return dataclasses.replace(record, cleared_at=_stamp(now, version(record)), active=False)
     if condition is None:
         raise IllegalTransition(f"{step.value} needs the condition")
     if step is Step.UPDATE:
         assert record is not None
         return dataclasses.replace(record, severity=condition.severity.value, detail=condition.detail,
-                                   updated_at=_iso(now))
+                                   updated_at=_stamp(now, version(record)))
+    # Raised anew after a clear: a raised_at past the clear (a new alarm, a new id).
+    raised_at = _event_time(now) if record is None else _stamp(now, version(record))
     return AlarmRecord(condition.kind.value, condition.peer_id, condition.domain, condition.severity.value,
-                       condition.detail, _iso(now))
+                       condition.detail, raised_at)
 
 
 @dataclass(frozen=True)
@@ -675,7 +696,8 @@ def pending_notification(record: AlarmRecord, now: datetime.datetime | None = No
     raised and cleared more than ``STALE_CLEAR`` before ``now`` without any
     notification (a webhook configured since) is history, not news: nothing."""
     done = record.notified
-    if done is not None and done.raised_at == record.raised_at and done.version == version(record):
+    if (done is not None and done.raised_at == record.raised_at and done.version == version(record)
+            and (record.active or done.event == "cleared")):
         return None
     if not record.active:
         cleared = _parse(record.cleared_at)

@@ -44,8 +44,15 @@ def _alarm_slot(x: Any) -> str:
     return (x.slot.domain or "server") if x.HasField("slot") else "-"
 
 
+def _second(text: str) -> str:
+    """An alarm's event time (stored to the millisecond) to the second, for
+    tables and lines; ``-o json`` keeps it whole."""
+    at = certinfo.iso_time(text)
+    return at.isoformat(timespec="seconds") if at is not None else text
+
+
 def _alarm_line(x: Any) -> str:
-    return f"ALARM {x.kind} ({x.severity}) since {x.raised_at}: {_one_line(x.detail)}"
+    return f"ALARM {x.kind} ({x.severity}) since {_second(x.raised_at)}: {_one_line(x.detail)}"
 
 
 async def cmd_alarms(ctl: Ctl, a: argparse.Namespace) -> None:
@@ -53,8 +60,8 @@ async def cmd_alarms(ctl: Ctl, a: argparse.Namespace) -> None:
     ``--json`` or the clusteracme_alarm metric)."""
     r = await ctl.call("ListAlarms", pb.ListAlarmsRequest(peer_id=a.peer or "", all=a.all))
     header = ["KIND", "PEER", "SLOT", "SEVERITY", "RAISED", *(["CLEARED"] if a.all else []), "DETAIL"]
-    rows = [[x.kind, x.peer_id, _alarm_slot(x), x.severity, x.raised_at, *([x.cleared_at or "-"] if a.all else []),
-             _one_line(x.detail)] for x in r.alarms]
+    rows = [[x.kind, x.peer_id, _alarm_slot(x), x.severity, _second(x.raised_at),
+             *([_second(x.cleared_at) or "-"] if a.all else []), _one_line(x.detail)] for x in r.alarms]
     # -o wide: the clear time always, and the whole detail on one line.
     wide_rows = [[x.kind, x.peer_id, _alarm_slot(x), x.severity, x.raised_at, x.cleared_at or "-",
                   terminal_safe(x.detail.strip())] for x in r.alarms]

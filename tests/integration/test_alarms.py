@@ -124,6 +124,11 @@ def parse(at: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(at)
 
 
+def shown(at: str) -> str:
+    """An event time (to the millisecond) as tables and status lines show it: to the second."""
+    return parse(at).isoformat(timespec="seconds")
+
+
 def sign_and_deploy(cluster: LocalCluster, peer: int, name: str) -> str:
     order = ctl_json(cluster, "sign", f"peer{peer}", "--wait")
     assert order["succeeded"], order
@@ -155,7 +160,8 @@ def test_a_dead_peer_is_raised_then_cleared_with_times_in_etcd_status_metric_and
     assert parse(dead["raised_at"]) >= stopped_at.replace(microsecond=0)
     table = cluster.ctl("alarms").stdout
     assert re.search(r"^KIND\s+PEER\s+SLOT\s+SEVERITY\s+RAISED\s+DETAIL$", table, re.M)
-    assert re.search(rf"^peer-dead\s+peer3\s+-\s+critical\s+{re.escape(dead['raised_at'])}\s+no heartbeat", table, re.M)
+    assert re.search(rf"^peer-dead\s+peer3\s+-\s+critical\s+{re.escape(shown(dead['raised_at']))}\s+no heartbeat",
+                     table, re.M)
     assert find(alarms(cluster, "--peer", "peer1"), "peer-dead", "peer3", None) is None
     # In etcd, with its raise time.
     stored = record(cluster, "alarms/peer-dead/peer3/-")
@@ -164,7 +170,7 @@ def test_a_dead_peer_is_raised_then_cleared_with_times_in_etcd_status_metric_and
     # In status (json and text).
     [peer3] = ctl_json(cluster, "status", "peer3")["peers"]
     assert [a["kind"] for a in peer3["alarms"]] == ["peer-dead"]
-    assert f"peer3: ALARM peer-dead (critical) since {dead['raised_at']}" in cluster.ctl("status").stdout
+    assert f"peer3: ALARM peer-dead (critical) since {shown(dead['raised_at'])}" in cluster.ctl("status").stdout
     # As a metric.
     assert metric(cluster, "peer-dead", "peer3", "") == "1.0"
     # To the webhook: its first POST was answered 500 and tried again.
@@ -186,8 +192,8 @@ def test_a_dead_peer_is_raised_then_cleared_with_times_in_etcd_status_metric_and
     assert parse(kept["cleared_at"]) >= parse(kept["raised_at"])
     table = cluster.ctl("alarms", "--all").stdout
     assert re.search(r"^KIND\s+PEER\s+SLOT\s+SEVERITY\s+RAISED\s+CLEARED\s+DETAIL$", table, re.M)
-    assert re.search(rf"^peer-dead\s+peer3\s+-\s+critical\s+{re.escape(kept['raised_at'])}\s+"
-                     rf"{re.escape(kept['cleared_at'])}\s+", table, re.M)
+    assert re.search(rf"^peer-dead\s+peer3\s+-\s+critical\s+{re.escape(shown(kept['raised_at']))}\s+"
+                     rf"{re.escape(shown(kept['cleared_at']))}\s+", table, re.M)
     stored = record(cluster, "alarms/peer-dead/peer3/-")
     assert (stored["active"], stored["raised_at"], stored["cleared_at"]) == (False, kept["raised_at"],
                                                                              kept["cleared_at"])
@@ -213,7 +219,8 @@ def test_a_certificate_close_to_expiry_is_raised(cluster: LocalCluster, receiver
     [peer1] = ctl_json(cluster, "status", "peer1")["peers"]
     [server] = peer1["slots"]
     assert [a["kind"] for a in server["alarms"]] == ["expiring"] and peer1["alarms"] == []
-    assert f"peer1 server: ALARM expiring (critical) since {expiring['raised_at']}" in cluster.ctl("status").stdout
+    status = cluster.ctl("status").stdout
+    assert f"peer1 server: ALARM expiring (critical) since {shown(expiring['raised_at'])}" in status
     assert record(cluster, "alarms/expiring/peer1/server")["raised_at"] == expiring["raised_at"]
     assert metric(cluster, "expiring", "peer1", "server") == "1.0"
     [sent, *_] = wait_for("the expiring raise at the webhook", lambda: [

@@ -314,7 +314,7 @@ def test_the_lifecycle_raise_update_clear_raise_again_delete() -> None:
     assert step is Step.RAISE
     raised = alarms.advance(None, step, cond(), NOW)
     assert raised == AlarmRecord("expiring", "p1", "", "warning", "certificate ab expires at X",
-                                 "2026-03-10T12:00:00+00:00")
+                                 "2026-03-10T12:00:00.000+00:00")
     later = NOW + datetime.timedelta(minutes=5)
     assert alarms.next_step(raised, cond(), later, retention_seconds=r) is Step.NOTHING
     worse = cond(severity=Severity.CRITICAL)
@@ -325,17 +325,18 @@ def test_the_lifecycle_raise_update_clear_raise_again_delete() -> None:
     assert alarms.next_step(updated, None, later, known=False, retention_seconds=r) is Step.NOTHING
     assert alarms.next_step(updated, None, later, retention_seconds=r) is Step.CLEAR
     cleared = alarms.advance(updated, Step.CLEAR, None, later)
-    assert cleared is not None and not cleared.active and cleared.cleared_at == "2026-03-10T12:05:00+00:00"
+    # Cleared in the millisecond of the update: one millisecond after it (each event its own time).
+    assert cleared is not None and not cleared.active and cleared.cleared_at == "2026-03-10T12:05:00.001+00:00"
     assert cleared.raised_at == raised.raised_at and cleared.detail == updated.detail
     assert alarms.next_step(cleared, None, later, retention_seconds=r) is Step.NOTHING
     # Back again: a new alarm, a new raised_at.
     again_at = later + datetime.timedelta(minutes=1)
     assert alarms.next_step(cleared, cond(), again_at, retention_seconds=r) is Step.RAISE
     again = alarms.advance(cleared, Step.RAISE, cond(), again_at)
-    assert again is not None and again.active and again.raised_at == "2026-03-10T12:06:00+00:00"
+    assert again is not None and again.active and again.raised_at == "2026-03-10T12:06:00.000+00:00"
     assert again.cleared_at == ""
     # Past the retention a cleared record goes.
-    gone_at = later + datetime.timedelta(seconds=r)
+    gone_at = datetime.datetime.fromisoformat(cleared.cleared_at) + datetime.timedelta(seconds=r)
     assert alarms.next_step(cleared, None, gone_at, retention_seconds=r) is Step.DELETE
     assert alarms.advance(cleared, Step.DELETE, None, gone_at) is None
 
@@ -604,7 +605,7 @@ async def test_the_job_raises_keeps_and_clears_alarms_in_etcd() -> None:
     assert report.raised == 1 and report.active == 4
     rec = (await stored(base))["peer-dead/p3/-"]
     assert rec == {"kind": "peer-dead", "peer_id": "p3", "domain": None, "severity": "critical",
-                   "detail": rec["detail"], "raised_at": "2026-03-10T12:00:20+00:00", "cleared_at": "",
+                   "detail": rec["detail"], "raised_at": "2026-03-10T12:00:20.000+00:00", "cleared_at": "",
                    "active": True, "schema": 1}
     assert notes.events == ["raised"] * 4
     assert gauge("peer-dead", "p3", "") == 1 and gauge("expiring", "p1", "shop.example.com") == 1
@@ -633,8 +634,8 @@ async def test_the_job_raises_keeps_and_clears_alarms_in_etcd() -> None:
     assert (cleared.raised, cleared.cleared) == (0, 3)
     kept = await stored(base)
     assert kept["peer-dead/p3/-"]["active"] is False
-    assert kept["peer-dead/p3/-"]["cleared_at"] == (clock.now.isoformat())
-    assert kept["peer-dead/p3/-"]["raised_at"] == "2026-03-10T12:00:20+00:00"
+    assert kept["peer-dead/p3/-"]["cleared_at"] == clock.now.isoformat(timespec="milliseconds")
+    assert kept["peer-dead/p3/-"]["raised_at"] == "2026-03-10T12:00:20.000+00:00"
     assert notes.events[4:] == ["cleared"] * 3
     assert gauge("peer-dead", "p3", "") is None  # the series is gone, not 0
     assert gauge("renewal-overdue", "p1", "server") == 1
@@ -643,7 +644,7 @@ async def test_the_job_raises_keeps_and_clears_alarms_in_etcd() -> None:
     await kill(base, "p3")
     assert (await later(job, clock)).raised == 0
     assert (await later(job, clock)).raised == 1
-    assert (await stored(base))["peer-dead/p3/-"]["raised_at"] == clock.now.isoformat()
+    assert (await stored(base))["peer-dead/p3/-"]["raised_at"] == clock.now.isoformat(timespec="milliseconds")
     await registry.heartbeat("p3")
     assert (await later(job, clock)).cleared == 1
 
@@ -689,7 +690,7 @@ async def test_a_failed_or_ambiguous_write_loses_no_notification() -> None:
     assert (await stored(base))["expiring/p1/server"]["active"]
     assert notes.events == []  # what was written is not known yet
     report = await later(job, clock)  # read again: raised, not notified
-    assert notes.ids == ["expiring/p1/server@2026-03-10T12:00:00+00:00/raised"]
+    assert notes.ids == ["expiring/p1/server@2026-03-10T12:00:00.000+00:00/raised"]
     notes.deliver()
 
     # Renewed: the clear and the record of the delivered raise go in one write, which fails.
@@ -764,11 +765,73 @@ async def test_a_severity_change_is_sent_as_updated() -> None:
     assert report.updated == 1
     assert notes.events == ["raised", "updated"]
     note = notes.notes[1][0]
-    assert note.record.severity == "critical" and note.record.raised_at == "2026-03-10T12:00:00+00:00"
-    assert note.id == f"expiring/p1/server@2026-03-10T12:00:00+00:00/updated@{clock.now.isoformat()}"
+    assert note.record.severity == "critical" and note.record.raised_at == "2026-03-10T12:00:00.000+00:00"
+    assert note.id == f"expiring/p1/server@2026-03-10T12:00:00.000+00:00/updated@{clock.now.isoformat(timespec='milliseconds')}"
     notes.deliver()
     await later(job, clock)
     assert (await later(job, clock)).notified == 0 and len(notes.events) == 2
+
+
+@pytest.mark.parametrize("gap", [0.5, 0.0])
+async def test_a_clear_in_the_second_of_its_raise_is_still_sent(gap: float) -> None:
+    # Raised, delivered, and cleared half a second later (or at the same
+    # instant of a clock that did not move): the clear is news and the raise
+    # that comes back after it is a new alarm with a new id. (Times to the
+    # second once made the clear look told: the receiver never heard of it.)
+    base = MemoryStore()
+    registry = await setup(base, "p1")
+    clock, pool, notes = Clock(), FakePool(), Recorder()
+    await put_slot(base, "p1", slot(auto=True, active=active(5, serial="c1")))
+    pool.disks = {"p1": {"": ("c1", "")}}
+    job = make_job(base, registry, pool, clock, notes)
+    await job.run_once()
+    notes.deliver()
+    await put_slot(base, "p1", slot(auto=True, active=active(80, serial="c2"), previous={"serial_hex": "c1"}))
+    pool.disks = {"p1": {"": ("c2", "c1")}}
+    assert (await later(job, clock, gap)).cleared == 1
+    assert notes.events == ["raised", "cleared"]
+    notes.deliver()
+    rec = (await stored(base))["expiring/p1/server"]
+    assert rec["cleared_at"] > rec["raised_at"]
+    await put_slot(base, "p1", slot(auto=True, active=active(5, serial="c3"), previous={"serial_hex": "c2"}))
+    pool.disks = {"p1": {"": ("c3", "c2")}}
+    assert (await later(job, clock, gap)).raised == 1
+    assert notes.events == ["raised", "cleared", "raised"] and len(set(notes.ids)) == 3
+    notes.deliver()
+    assert (await later(job, clock, gap)).notified == 0 and len(notes.events) == 3
+    stored_again = (await stored(base))["expiring/p1/server"]
+    assert stored_again["active"] and stored_again["notified"]["id"] == notes.ids[2]
+
+
+def test_each_event_of_an_alarm_gets_its_own_time() -> None:
+    r = 3600.0
+    raised = alarms.advance(None, Step.RAISE, cond(), NOW)
+    assert raised is not None
+    updated = alarms.advance(raised, Step.UPDATE, cond(severity=Severity.CRITICAL), NOW)
+    assert updated is not None and updated.updated_at == "2026-03-10T12:00:00.001+00:00"
+    cleared = alarms.advance(updated, Step.CLEAR, None, NOW)
+    assert cleared is not None and cleared.cleared_at == "2026-03-10T12:00:00.002+00:00"
+    # A clock stepped back: still after the last event.
+    again = alarms.advance(cleared, Step.RAISE, cond(), NOW - datetime.timedelta(hours=1))
+    assert again is not None and again.raised_at == "2026-03-10T12:00:00.003+00:00"
+    ids = [alarms.notification_id(raised, "raised"), alarms.notification_id(updated, "updated"),
+           alarms.notification_id(cleared, "cleared"), alarms.notification_id(again, "raised")]
+    assert len(set(ids)) == 4
+    assert alarms.next_step(cleared, None, NOW + datetime.timedelta(seconds=r, milliseconds=2),
+                            retention_seconds=r) is Step.DELETE
+
+
+def test_a_record_of_an_older_version_cleared_in_the_second_of_its_raise_is_sent() -> None:
+    # Stored before times had milliseconds: raised_at == cleared_at, and the
+    # raise was told with that same version. The clear is still pending.
+    at = "2026-03-10T12:00:00+00:00"
+    raised = AlarmRecord("expiring", "p1", "", "warning", "soon", at)
+    told = Notified(alarms.notification_id(raised, "raised"), "raised", at, at, "delivered", at)
+    cleared = dataclasses.replace(raised, active=False, cleared_at=at, notified=told)
+    note = alarms.pending_notification(cleared, NOW)
+    assert note is not None and note.event == "cleared"
+    done = Notified(note.id, "cleared", at, note.version, "delivered", at)
+    assert alarms.pending_notification(dataclasses.replace(cleared, notified=done), NOW) is None
 
 
 class Planner:
@@ -1295,7 +1358,8 @@ DEAD = pb.Alarm(kind="peer-dead", peer_id="p1", severity="critical", detail="no 
 EXPIRING = pb.Alarm(kind="expiring", peer_id="p1", slot=common_pb2.Slot(domain=""), severity="critical",
                     detail="certificate ab expires at T9", raised_at="T2", active=True)
 CLEARED = pb.Alarm(kind="disk-mismatch", peer_id="p2", slot=common_pb2.Slot(domain="shop.example.com"),
-                   severity="warning", detail="etcd has ...", raised_at="T3", cleared_at="T4")
+                   severity="warning", detail="etcd has ...", raised_at="2026-03-10T12:00:00.118+00:00",
+                   cleared_at="2026-03-10T12:00:00.631+00:00")
 
 
 async def test_alarms_table_and_status_lines(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1312,7 +1376,9 @@ async def test_alarms_table_and_status_lines(capsys: pytest.CaptureFixture[str])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["KIND", "PEER", "SLOT", "SEVERITY", "RAISED", "CLEARED", "DETAIL"]
     assert lines[1].split()[:6] == ["expiring", "p1", "server", "critical", "T2", "-"]
-    assert lines[2].split()[:6] == ["disk-mismatch", "p2", "shop.example.com", "warning", "T3", "T4"]
+    # Tables show event times to the second; -o json keeps the milliseconds.
+    assert lines[2].split()[:6] == ["disk-mismatch", "p2", "shop.example.com", "warning",
+                                    "2026-03-10T12:00:00+00:00", "2026-03-10T12:00:00+00:00"]
 
     await ctl_status.cmd_alarms(FakeCtl({"ListAlarms": pb.ListAlarmsResponse()}), argparse.Namespace(peer="", all=False))
     assert capsys.readouterr().out == "no alarm raised\n"
