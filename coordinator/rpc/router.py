@@ -99,15 +99,22 @@ class ReplicaRouter(coordinator_pb2_grpc.CoordinatorServiceServicer):
         await self._redirect(method, context)
         return None
 
-    async def _refuse(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        """A command this leader does not take now (``hold``, ``block``), refused before it does anything."""
-        me = self._replicas.name
+    async def _operator(self, method: str, context: grpc.aio.ServicerContext) -> bool:
+        """True when the caller is an operator; otherwise the call is aborted
+        (PermissionDenied, or why its certificate is not taken) and False."""
         try:
             who = caller(context, self.deny_list)
             if who.role is not Role.OPERATOR:
                 raise errors.PermissionDenied(f"{who.common_name} may not call {method}")
         except errors.ClusterAcmeError as exc:
             await context.abort(status_code_for(exc), exc.message)
+            return False
+        return True
+
+    async def _refuse(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        """A command this leader does not take now (``hold``, ``block``), refused before it does anything."""
+        me = self._replicas.name
+        if not await self._operator(method, context):
             return
         if self._held is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"coordinator {me} leads, and {self._held}: "
@@ -121,12 +128,7 @@ class ReplicaRouter(coordinator_pb2_grpc.CoordinatorServiceServicer):
         """UNAVAILABLE, with the leader's address when there is one to go to."""
         me = self._replicas.name
         metadata: list[tuple[str, str]] = [(STANDBY_KEY, me)]
-        try:
-            who = caller(context, self.deny_list)
-            if who.role is not Role.OPERATOR:
-                raise errors.PermissionDenied(f"{who.common_name} may not call {method}")
-        except errors.ClusterAcmeError as exc:
-            await context.abort(status_code_for(exc), exc.message)
+        if not await self._operator(method, context):
             return
         try:
             leader = await self._replicas.leader()

@@ -750,13 +750,18 @@ async def test_a_full_webhook_queue_offers_the_rest_at_the_next_evaluation() -> 
                                                               "c.example.com"]
 
 
-async def test_a_severity_change_is_sent_as_updated() -> None:
+async def one_server_slot(days_left: int) -> tuple[MemoryStore, FakePool, Clock, Recorder, AlarmJob]:
+    """p1's server slot (automatic, certificate c1 with ``days_left``, on the disk too) and a job with a recorder."""
     base = MemoryStore()
     registry = await setup(base, "p1")
     clock, pool, notes = Clock(), FakePool(), Recorder()
-    await put_slot(base, "p1", slot(auto=True, active=active(10, serial="c1")))
+    await put_slot(base, "p1", slot(auto=True, active=active(days_left, serial="c1")))
     pool.disks = {"p1": {"": ("c1", "")}}
-    job = make_job(base, registry, pool, clock, notes)
+    return base, pool, clock, notes, make_job(base, registry, pool, clock, notes)
+
+
+async def test_a_severity_change_is_sent_as_updated() -> None:
+    base, pool, clock, notes, job = await one_server_slot(10)
     await job.run_once()
     notes.deliver()
     await later(job, clock)
@@ -778,12 +783,7 @@ async def test_a_clear_in_the_second_of_its_raise_is_still_sent(gap: float) -> N
     # instant of a clock that did not move): the clear is news and the raise
     # that comes back after it is a new alarm with a new id. (Times to the
     # second once made the clear look told: the receiver never heard of it.)
-    base = MemoryStore()
-    registry = await setup(base, "p1")
-    clock, pool, notes = Clock(), FakePool(), Recorder()
-    await put_slot(base, "p1", slot(auto=True, active=active(5, serial="c1")))
-    pool.disks = {"p1": {"": ("c1", "")}}
-    job = make_job(base, registry, pool, clock, notes)
+    base, pool, clock, notes, job = await one_server_slot(5)
     await job.run_once()
     notes.deliver()
     await put_slot(base, "p1", slot(auto=True, active=active(80, serial="c2"), previous={"serial_hex": "c1"}))
